@@ -1,0 +1,7 @@
+//! Types shared by every IsoCell component. No I/O happens here: a value of these types can be
+//! built, serialised and validated anywhere, and `validate()` returns a typed error that names the
+//! field at fault.
+
+pub mod vm;
+
+pub use vm::{ConsoleConfig, DriveConfig, MmioPlacement, VmConfig, VmConfigError};

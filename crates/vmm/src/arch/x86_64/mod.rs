@@ -1,0 +1,8 @@
+//! x86_64 guest setup: memory layout, CPUID, MSRs, registers, MP table and the Linux boot protocol.
+
+pub mod boot;
+pub mod cpuid;
+pub mod layout;
+pub mod mptable;
+pub mod msrs;
+pub mod regs;

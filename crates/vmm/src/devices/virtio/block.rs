@@ -1,0 +1,320 @@
+//! virtio-blk backed by a raw image file: read, write (unless read-only), flush, get-id.
+//! Every request is checked against the descriptor layout and the disk's capacity; a malformed
+//! request fails that request only.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::{read_config_bytes, VirtioDevice};
+
+/// virtio device id of a block device.
+pub const DEVICE_TYPE: u32 = 2;
+/// Size of the one request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Sector size of the virtio-blk protocol.
+pub const SECTOR_SIZE: u64 = 512;
+const HEADER_LEN: u32 = 16;
+/// Bounce buffer for file I/O; requests are copied through it in chunks of this size.
+const CHUNK: usize = 64 * 1024;
+
+/// The feature bits a block device offers.
+pub fn offered_features(read_only: bool) -> u64 {
+    let mut f = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_BLK_F_FLUSH);
+    if read_only {
+        f |= 1u64 << VIRTIO_BLK_F_RO;
+    }
+    f
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    id: String,
+    file: File,
+    read_only: bool,
+    capacity: u64,
+    config: [u8; 8],
+    buffer: Vec<u8>,
+}
+
+/// Why one request failed; the guest sees only the status byte.
+#[derive(Debug)]
+enum RequestError {
+    /// Not even a status descriptor to report through.
+    Malformed,
+    /// Report `status` to the guest.
+    Status(u32),
+}
+
+impl Block {
+    /// A device for `file` (already opened read-only or read-write as `read_only` says).
+    pub fn new(id: String, file: File, read_only: bool) -> std::io::Result<Self> {
+        let len = file.metadata()?.len();
+        let capacity = len - len % SECTOR_SIZE;
+        Ok(Block {
+            id,
+            file,
+            read_only,
+            capacity,
+            config: (capacity / SECTOR_SIZE).to_le_bytes(),
+            buffer: vec![0; CHUNK],
+        })
+    }
+
+    /// Makes written data durable; called when the VM stops.
+    pub fn flush(&self) -> std::io::Result<()> {
+        if self.read_only {
+            Ok(())
+        } else {
+            self.file.sync_data()
+        }
+    }
+
+    fn disk_range(&self, sector: u64, done: u64, len: u32) -> Result<u64, RequestError> {
+        let start = sector
+            .checked_mul(SECTOR_SIZE)
+            .and_then(|s| s.checked_add(done))
+            .ok_or(RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+        let end = start.checked_add(u64::from(len)).ok_or(RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+        if end > self.capacity {
+            return Err(RequestError::Status(VIRTIO_BLK_S_IOERR));
+        }
+        Ok(start)
+    }
+
+    /// Copies disk bytes at `offset` into guest memory at `addr`, `len` bytes.
+    fn disk_to_guest(&mut self, mem: &GuestMemoryMmap, offset: u64, addr: GuestAddress, len: u32) -> Result<(), RequestError> {
+        let mut done = 0usize;
+        let len = len as usize;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            let buf = &mut self.buffer[..n];
+            self.file.read_exact_at(buf, offset + done as u64).map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+            let at = addr.0.checked_add(done as u64).ok_or(RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+            mem.write_slice(buf, GuestAddress(at)).map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Copies guest memory at `addr` to the disk at `offset`, `len` bytes.
+    fn guest_to_disk(&mut self, mem: &GuestMemoryMmap, offset: u64, addr: GuestAddress, len: u32) -> Result<(), RequestError> {
+        let mut done = 0usize;
+        let len = len as usize;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            let buf = &mut self.buffer[..n];
+            let at = addr.0.checked_add(done as u64).ok_or(RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+            mem.read_slice(buf, GuestAddress(at)).map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+            self.file.write_all_at(buf, offset + done as u64).map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Executes one request; returns the number of bytes written into guest buffers.
+    fn execute(&mut self, mem: &GuestMemoryMmap, header: [u8; 16], data: &[Descriptor]) -> Result<u32, RequestError> {
+        let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let mut sector_bytes = [0u8; 8];
+        sector_bytes.copy_from_slice(&header[8..16]);
+        let sector = u64::from_le_bytes(sector_bytes);
+        let ioerr = RequestError::Status(VIRTIO_BLK_S_IOERR);
+        match kind {
+            VIRTIO_BLK_T_IN => {
+                let mut done = 0u64;
+                for d in data {
+                    if !d.is_write_only() {
+                        return Err(ioerr);
+                    }
+                    let offset = self.disk_range(sector, done, d.len())?;
+                    self.disk_to_guest(mem, offset, d.addr(), d.len())?;
+                    done += u64::from(d.len());
+                }
+                u32::try_from(done).map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))
+            }
+            VIRTIO_BLK_T_OUT => {
+                if self.read_only {
+                    return Err(ioerr);
+                }
+                let mut done = 0u64;
+                for d in data {
+                    if d.is_write_only() {
+                        return Err(ioerr);
+                    }
+                    let offset = self.disk_range(sector, done, d.len())?;
+                    self.guest_to_disk(mem, offset, d.addr(), d.len())?;
+                    done += u64::from(d.len());
+                }
+                Ok(0)
+            }
+            VIRTIO_BLK_T_FLUSH => self.flush().map(|_| 0).map_err(|_| ioerr),
+            VIRTIO_BLK_T_GET_ID => {
+                let d = data.first().filter(|d| d.is_write_only()).ok_or(ioerr)?;
+                let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+                let n = self.id.len().min(id.len());
+                id[..n].copy_from_slice(&self.id.as_bytes()[..n]);
+                let len = (d.len() as usize).min(id.len());
+                mem.write_slice(&id[..len], d.addr()).map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+                Ok(len as u32)
+            }
+            _ => Err(RequestError::Status(VIRTIO_BLK_S_UNSUPP)),
+        }
+    }
+
+    /// Parses and executes one descriptor chain; returns the used length.
+    fn handle_chain(&mut self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> u32 {
+        let (Some(head), Some(status)) = (descs.first(), descs.last()) else { return 0 };
+        if descs.len() < 2 || !status.is_write_only() || status.len() < 1 {
+            return 0;
+        }
+        let header = if head.is_write_only() || head.len() < HEADER_LEN {
+            Err(RequestError::Malformed)
+        } else {
+            mem.read_obj::<[u8; 16]>(head.addr()).map_err(|_| RequestError::Malformed)
+        };
+        let result = header.and_then(|h| self.execute(mem, h, &descs[1..descs.len() - 1]));
+        let (code, written) = match result {
+            Ok(n) => (VIRTIO_BLK_S_OK, n),
+            Err(RequestError::Status(s)) => (s, 0),
+            Err(RequestError::Malformed) => (VIRTIO_BLK_S_IOERR, 0),
+        };
+        match mem.write_obj(code as u8, status.addr()) {
+            Ok(()) => written.saturating_add(1),
+            Err(_) => 0,
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn offered_features(&self) -> u64 {
+        offered_features(self.read_only)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let descs: Vec<Descriptor> = chain.collect();
+            let len = self.handle_chain(mem, &descs);
+            if queue.add_used(mem, head, len).is_err() {
+                break;
+            }
+            used = true;
+        }
+        used
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::io::Write;
+
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    use super::*;
+
+    const VRING_DESC_F_NEXT: u16 = 1;
+    const VRING_DESC_F_WRITE: u16 = 2;
+
+    fn disk(bytes: &[u8], read_only: bool) -> Block {
+        let path = std::env::temp_dir().join(format!("isocell-blk-{}-{}", std::process::id(), bytes.len()));
+        File::create(&path).unwrap().write_all(bytes).unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(!read_only).open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        Block::new("disk0".into(), file, read_only).unwrap()
+    }
+
+    /// Places a request (header, data buffers, status) on a mock queue and runs the device.
+    fn run(blk: &mut Block, kind: u32, sector: u64, data: &[(u32, bool)]) -> (GuestMemoryMmap, Vec<GuestAddress>, u8) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&kind.to_le_bytes());
+        header[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&header, GuestAddress(0x10000)).unwrap();
+        let mut descs = vec![RawDescriptor::from(Descriptor::new(0x10000, 16, VRING_DESC_F_NEXT, 1))];
+        let mut addrs = Vec::new();
+        for (i, (len, write)) in data.iter().enumerate() {
+            let addr = 0x20000 + 0x10000 * i as u64;
+            addrs.push(GuestAddress(addr));
+            let flags = VRING_DESC_F_NEXT | if *write { VRING_DESC_F_WRITE } else { 0 };
+            descs.push(RawDescriptor::from(Descriptor::new(addr, *len, flags, (i + 2) as u16)));
+        }
+        descs.push(RawDescriptor::from(Descriptor::new(0xf0000, 1, VRING_DESC_F_WRITE, 0)));
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        assert!(blk.process_queue(0, &mut q, &mem));
+        let status: u8 = mem.read_obj(GuestAddress(0xf0000)).unwrap();
+        (mem, addrs, status)
+    }
+
+    #[test]
+    fn reads_and_writes_sectors() {
+        let mut image = vec![0u8; 4096];
+        image[512..1024].fill(0xab);
+        let mut blk = disk(&image, false);
+        let (mem, addrs, status) = run(&mut blk, VIRTIO_BLK_T_IN, 1, &[(512, true)]);
+        assert_eq!(status as u32, VIRTIO_BLK_S_OK);
+        let mut got = [0u8; 512];
+        mem.read_slice(&mut got, addrs[0]).unwrap();
+        assert!(got.iter().all(|b| *b == 0xab));
+
+        let (_, _, status) = run(&mut blk, VIRTIO_BLK_T_OUT, 7, &[(512, false)]);
+        assert_eq!(status as u32, VIRTIO_BLK_S_OK);
+        let (_, _, status) = run(&mut blk, VIRTIO_BLK_T_FLUSH, 0, &[]);
+        assert_eq!(status as u32, VIRTIO_BLK_S_OK);
+    }
+
+    #[test]
+    fn refuses_out_of_range_and_read_only_writes() {
+        let mut blk = disk(&[0u8; 4096], true);
+        assert_ne!(blk.offered_features() & (1 << VIRTIO_BLK_F_RO), 0);
+        let (_, _, status) = run(&mut blk, VIRTIO_BLK_T_OUT, 0, &[(512, false)]);
+        assert_eq!(status as u32, VIRTIO_BLK_S_IOERR);
+        let (_, _, status) = run(&mut blk, VIRTIO_BLK_T_IN, 8, &[(512, true)]);
+        assert_eq!(status as u32, VIRTIO_BLK_S_IOERR);
+        let (_, _, status) = run(&mut blk, VIRTIO_BLK_T_IN, u64::MAX / 2, &[(512, true)]);
+        assert_eq!(status as u32, VIRTIO_BLK_S_IOERR);
+        let (_, _, status) = run(&mut blk, 99, 0, &[]);
+        assert_eq!(status as u32, VIRTIO_BLK_S_UNSUPP);
+        // A read into a buffer the device may not write.
+        let (_, _, status) = run(&mut blk, VIRTIO_BLK_T_IN, 0, &[(512, false)]);
+        assert_eq!(status as u32, VIRTIO_BLK_S_IOERR);
+    }
+
+    #[test]
+    fn reports_id_and_capacity() {
+        let mut blk = disk(&[0u8; 4096 + 100], true);
+        let mut cap = [0u8; 8];
+        blk.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 8);
+        let (mem, addrs, status) = run(&mut blk, VIRTIO_BLK_T_GET_ID, 0, &[(20, true)]);
+        assert_eq!(status as u32, VIRTIO_BLK_S_OK);
+        let mut id = [0u8; 5];
+        mem.read_slice(&mut id, addrs[0]).unwrap();
+        assert_eq!(&id, b"disk0");
+    }
+}

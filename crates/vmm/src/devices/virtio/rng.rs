@@ -1,0 +1,77 @@
+//! virtio-rng: fills the guest's buffers from the host's /dev/urandom.
+
+use std::fs::File;
+use std::io::Read;
+
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use super::VirtioDevice;
+
+/// virtio device id of an entropy device.
+pub const DEVICE_TYPE: u32 = 4;
+/// Size of the one request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// At most this many bytes per request, however large the guest's buffers are.
+const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
+
+/// The feature bits the entropy device offers.
+pub fn offered_features() -> u64 {
+    1u64 << VIRTIO_F_VERSION_1
+}
+
+/// A virtio entropy device.
+pub struct Rng {
+    source: File,
+    buffer: Vec<u8>,
+}
+
+impl Rng {
+    /// Opens the host's entropy source.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Rng { source: File::open("/dev/urandom")?, buffer: vec![0; MAX_BYTES_PER_REQUEST] })
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn offered_features(&self) -> u64 {
+        offered_features()
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let mut total = 0usize;
+            for d in chain.filter(|d| d.is_write_only()) {
+                let n = (d.len() as usize).min(MAX_BYTES_PER_REQUEST - total);
+                if n == 0 {
+                    break;
+                }
+                let buf = &mut self.buffer[..n];
+                if self.source.read_exact(buf).is_err() || mem.write_slice(buf, d.addr()).is_err() {
+                    break;
+                }
+                total += n;
+            }
+            if queue.add_used(mem, head, total as u32).is_err() {
+                break;
+            }
+            used = true;
+        }
+        used
+    }
+}

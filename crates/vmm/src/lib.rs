@@ -1,0 +1,158 @@
+//! The IsoCell VMM: one KVM microVM per process.
+//!
+//! [`config::check`] validates everything before a VM exists; [`boot`] builds the VM (memory,
+//! irqchip, kernel, boot tables, devices, vCPUs) and runs it until it stops, returning why.
+
+pub mod arch;
+pub mod config;
+pub mod device_manager;
+pub mod devices;
+pub mod exit;
+pub mod host_check;
+pub mod report;
+pub mod timeline;
+pub mod vstate;
+
+use std::fs::File;
+use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use isocell_spec::{ConsoleConfig, VmConfig};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Kvm, VmFd};
+use linux_loader::loader::Cmdline;
+use vm_memory::GuestMemoryMmap;
+
+use arch::x86_64::{boot, mptable, regs};
+use device_manager::{DeviceKind, DeviceManager, DevicePlan};
+use exit::{ExitRequester, VmExit};
+use report::MemoryUse;
+use timeline::{Phase, Timeline};
+use vstate::vcpu::{Vcpu, VcpuContext};
+
+/// Kernel arguments every cell gets: reboot through the i8042 (which stops the VM), no panic
+/// reboot (so the panic loop's LED blink reports it), no PCI or modules, and no PS/2 devices to
+/// probe.
+pub const BASE_KERNEL_ARGS: &str =
+    "reboot=k panic=0 pci=off nomodule i8042.noaux i8042.nomux i8042.nokbd";
+
+/// Failure to build the VM; nothing has run in the guest yet.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The host check or capability check failed.
+    #[error(transparent)]
+    Host(#[from] host_check::HostError),
+    /// The VM or its memory could not be created.
+    #[error(transparent)]
+    Vm(#[from] vstate::vm::VmError),
+    /// The kernel, initrd or boot parameters could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// The boot page tables could not be written.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// A device could not be created.
+    #[error(transparent)]
+    Device(#[from] device_manager::DeviceError),
+    /// A vCPU could not be created.
+    #[error(transparent)]
+    Vcpu(#[from] vstate::vcpu::VcpuError),
+    /// A file the configuration names could not be opened any more.
+    #[error("cannot open {0}")]
+    Open(std::path::PathBuf, #[source] std::io::Error),
+    /// KVM's supported CPUID could not be read.
+    #[error("cannot read the CPUID KVM supports")]
+    Cpuid(#[source] kvm_ioctls::Error),
+}
+
+/// The full kernel command line for a configuration and its device plan.
+pub fn kernel_cmdline(config: &VmConfig, plan: &DevicePlan) -> String {
+    let mut args = vec![BASE_KERNEL_ARGS.to_owned()];
+    args.push(match config.console {
+        ConsoleConfig::Off => "8250.nr_uarts=0".to_owned(),
+        _ => "console=ttyS0".to_owned(),
+    });
+    for d in &plan.devices {
+        if let DeviceKind::VirtioBlock { root: true, read_only, guest_name, .. } = &d.kind {
+            args.push(format!("root=/dev/{guest_name} {}", if *read_only { "ro" } else { "rw" }));
+        }
+    }
+    args.extend(plan.kernel_args());
+    if !config.boot_args.is_empty() {
+        args.push(config.boot_args.clone());
+    }
+    args.join(" ")
+}
+
+/// A VM that has stopped. Its memory and KVM objects stay alive here because other vCPU threads
+/// may still be inside `KVM_RUN`; the process is expected to exit while holding this.
+pub struct StoppedVm {
+    /// Why it stopped.
+    pub exit: VmExit,
+    /// Memory use measured as it stopped.
+    pub memory: Option<MemoryUse>,
+    _kvm: Kvm,
+    _vm: VmFd,
+    _mem: GuestMemoryMmap,
+    _devices: DeviceManager,
+}
+
+/// Builds the VM described by `config` (already checked into `plan`) and runs it until it stops.
+pub fn boot(config: &VmConfig, plan: &DevicePlan, timeline: Arc<Timeline>) -> Result<StoppedVm, BuildError> {
+    let kvm = Kvm::new().map_err(|e| host_check::HostError::NoKvm(e.to_string()))?;
+    host_check::check_capabilities(&kvm)?;
+    let mem_size = config.memory_mib << 20;
+    let mem = vstate::vm::create_guest_memory(mem_size)?;
+    let vm = vstate::vm::create_vm(&kvm, &mem)?;
+
+    let mut kernel_file = File::open(&config.kernel).map_err(|e| BuildError::Open(config.kernel.clone(), e))?;
+    let kernel = boot::load_kernel(&mem, &mut kernel_file)?;
+    let initrd = match &config.initrd {
+        Some(path) => {
+            let mut f = File::open(path).map_err(|e| BuildError::Open(path.clone(), e))?;
+            Some(boot::load_initrd(&mem, mem_size, &kernel, &mut f)?)
+        }
+        None => None,
+    };
+    let mut cmdline: Cmdline = boot::new_cmdline();
+    cmdline
+        .insert_str(kernel_cmdline(config, plan))
+        .map_err(|e| BuildError::Boot(boot::BootError::Cmdline(e.to_string())))?;
+    boot::write_boot_params(&mem, mem_size, &kernel, &cmdline, initrd)?;
+    mptable::write(&mem, config.vcpus)?;
+    regs::write_boot_tables(&mem)?;
+
+    let (tx, rx) = channel();
+    let exit = ExitRequester::new(tx);
+    let devices = DeviceManager::create(plan, config, &vm, &mem, &exit, &timeline)?;
+
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(BuildError::Cpuid)?;
+    let vcpus = (0..config.vcpus)
+        .map(|i| Vcpu::new(&vm, &supported, i, config.vcpus, kernel.entry))
+        .collect::<Result<Vec<_>, _>>()?;
+    timeline.mark(Phase::VmBuilt);
+
+    let ctx = Arc::new(VcpuContext { pio: devices.pio.clone(), mmio: devices.mmio.clone(), exit });
+    for vcpu in vcpus {
+        vcpu.start(ctx.clone())?;
+    }
+
+    let mut reason = match config.max_lifetime_secs {
+        Some(secs) => match rx.recv_timeout(Duration::from_secs(secs)) {
+            Ok(e) => e,
+            Err(RecvTimeoutError::Timeout) => VmExit::LifetimeExceeded { secs },
+            Err(RecvTimeoutError::Disconnected) => VmExit::VmmError("all vCPU threads ended".into()),
+        },
+        None => rx.recv().unwrap_or_else(|_| VmExit::VmmError("all vCPU threads ended".into())),
+    };
+    timeline.mark(Phase::Exited);
+    if let Err(e) = devices.flush_disks() {
+        reason = VmExit::VmmError(format!("could not flush a disk image to the host: {e}"));
+    }
+    let memory = report::measure_self(&vstate::vm::host_ranges(&mem));
+    Ok(StoppedVm { exit: reason, memory, _kvm: kvm, _vm: vm, _mem: mem, _devices: devices })
+}

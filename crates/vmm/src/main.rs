@@ -1,0 +1,189 @@
+//! `isocell-vmm`: boots one microVM from a JSON config file and/or flags, and exits with a
+//! status that says why the VM stopped (see the exit status table in `--help`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Parser;
+use isocell_spec::VmConfig;
+use isocell_vmm::exit::{EXIT_BAD_CONFIG, EXIT_NO_HARDWARE_VIRT, EXIT_VMM_ERROR};
+use isocell_vmm::report::RunReport;
+use isocell_vmm::timeline::{Phase, Timeline};
+use isocell_vmm::{config, host_check, kernel_cmdline, BuildError};
+
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0  the guest rebooted or powered off
+  1  the VMM failed
+  2  invalid configuration or flags; no VM was created
+  3  the guest kernel panicked
+  4  the guest crashed a vCPU (triple fault, KVM internal error)
+  5  this host has no hardware virtualization behind /dev/kvm
+  6  the VM ran past --max-lifetime and was stopped";
+
+/// Boot one KVM microVM.
+#[derive(Parser, Debug)]
+#[command(name = "isocell-vmm", version, after_help = EXIT_STATUS_HELP)]
+struct Args {
+    /// JSON VM configuration; flags given as well override its values.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Guest kernel (ELF vmlinux or bzImage).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Number of vCPUs (1-32).
+    #[arg(long)]
+    cpus: Option<u64>,
+    /// Guest memory: MiB, or a size such as 256M or 2G.
+    #[arg(long)]
+    memory: Option<String>,
+    /// Extra kernel command-line arguments.
+    #[arg(long)]
+    boot_args: Option<String>,
+    /// Serial console: stdout, off or file:PATH.
+    #[arg(long)]
+    console: Option<String>,
+    /// A block device: id=ID,path=PATH[,ro][,root]. Repeat for more.
+    #[arg(long = "drive")]
+    drives: Vec<String>,
+    /// Leave out the virtio-rng device.
+    #[arg(long)]
+    no_rng: bool,
+    /// Stop the VM after this many seconds.
+    #[arg(long)]
+    max_lifetime: Option<u64>,
+    /// Write a JSON run report (exit reason, boot phases, memory) here when the VM stops.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Print the devices and kernel command line as JSON, and exit without booting.
+    #[arg(long)]
+    describe: bool,
+}
+
+fn build_config(args: &Args) -> Result<VmConfig, config::ConfigError> {
+    let mut c = match &args.config {
+        Some(path) => config::from_file(path)?,
+        None => {
+            let kernel = args.kernel.clone().ok_or_else(|| {
+                config::ConfigError::Flag("no kernel: give --kernel PATH or --config FILE".into())
+            })?;
+            VmConfig::new(kernel)
+        }
+    };
+    if let Some(k) = &args.kernel {
+        c.kernel = k.clone();
+    }
+    if let Some(i) = &args.initrd {
+        c.initrd = Some(i.clone());
+    }
+    if let Some(n) = args.cpus {
+        c.vcpus = u8::try_from(n).map_err(|_| isocell_spec::VmConfigError::VcpuCount(n))?;
+    }
+    if let Some(m) = &args.memory {
+        c.memory_mib = config::parse_memory_mib(m)?;
+    }
+    if let Some(b) = &args.boot_args {
+        c.boot_args = b.clone();
+    }
+    if let Some(con) = &args.console {
+        c.console = config::parse_console(con)?;
+    }
+    for d in &args.drives {
+        c.drives.push(config::parse_drive(d)?);
+    }
+    if args.no_rng {
+        c.rng = false;
+    }
+    if let Some(s) = args.max_lifetime {
+        c.max_lifetime_secs = Some(s);
+    }
+    Ok(c)
+}
+
+/// Prints an error with its chain of causes, once.
+fn print_error(err: &dyn std::error::Error) {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    eprintln!("isocell-vmm: error: {msg}");
+}
+
+fn run(args: Args, timeline: Arc<Timeline>) -> u8 {
+    let plan_and_config = build_config(&args).and_then(|c| config::check(&c).map(|p| (c, p)));
+    let (cfg, plan) = match plan_and_config {
+        Ok(v) => v,
+        Err(e) => {
+            print_error(&e);
+            return EXIT_BAD_CONFIG as u8;
+        }
+    };
+    if args.describe {
+        let description = serde_json::json!({
+            "vcpus": cfg.vcpus,
+            "memory_mib": cfg.memory_mib,
+            "kernel": cfg.kernel,
+            "kernel_cmdline": kernel_cmdline(&cfg, &plan),
+            "devices": plan.devices,
+        });
+        println!("{}", serde_json::to_string_pretty(&description).unwrap_or_default());
+        return 0;
+    }
+    if let Err(e) = host_check::check() {
+        print_error(&e);
+        return EXIT_NO_HARDWARE_VIRT as u8;
+    }
+    timeline.mark(Phase::ConfigChecked);
+
+    let stopped = match isocell_vmm::boot(&cfg, &plan, timeline.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            print_error(&e);
+            return match e {
+                BuildError::Host(_) => EXIT_NO_HARDWARE_VIRT as u8,
+                _ => EXIT_VMM_ERROR as u8,
+            };
+        }
+    };
+    let code = stopped.exit.code();
+    if code != 0 {
+        eprintln!("isocell-vmm: {} (exit status {code})", stopped.exit);
+    }
+    if let Some(path) = &args.report {
+        let report = RunReport {
+            exit_reason: stopped.exit.kind().to_owned(),
+            exit_detail: stopped.exit.to_string(),
+            exit_code: code,
+            vcpus: cfg.vcpus,
+            memory_mib: cfg.memory_mib,
+            phases: timeline.phases(),
+            memory: stopped.memory,
+        };
+        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, json) {
+            eprintln!("isocell-vmm: error: cannot write the report {}: {e}", path.display());
+        }
+    }
+    // Exit while `stopped` still holds guest memory: other vCPU threads may be in KVM_RUN.
+    std::process::exit(code);
+}
+
+fn main() -> ExitCode {
+    let timeline = Arc::new(Timeline::new(Instant::now()));
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_BAD_CONFIG as u8 } else { 0 });
+        }
+    };
+    ExitCode::from(run(args, timeline))
+}
