@@ -1,1 +1,11 @@
-//! placeholder
+//! IsoCell's test host: runs VMM scenarios on real KVM, directly where the machine has hardware
+//! virtualization and inside a nested host under QEMU TCG everywhere else. Used by the
+//! end-to-end tests, the benchmark, and the README's demo command.
+
+pub mod host;
+pub mod runner;
+pub mod scenario;
+pub mod stats;
+
+pub use host::{HostKind, TestHost, TestHostError};
+pub use scenario::{Scenario, Step, StepResult};

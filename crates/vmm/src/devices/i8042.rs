@@ -21,6 +21,8 @@ pub const COMMAND_PORT: u64 = 0x64;
 const STATUS_OUTPUT_FULL: u8 = 0x01;
 const STATUS_SYSTEM_FLAG: u8 = 0x04;
 const STATUS_LAST_WAS_COMMAND: u8 = 0x08;
+/// Set when the keyboard is *not* inhibited by the keylock.
+const STATUS_UNLOCKED: u8 = 0x10;
 
 const CMD_READ_CTR: u8 = 0x20;
 const CMD_WRITE_CTR: u8 = 0x60;
@@ -76,7 +78,7 @@ impl I8042 {
     }
 
     fn status(&self) -> u8 {
-        let mut s = STATUS_SYSTEM_FLAG;
+        let mut s = STATUS_SYSTEM_FLAG | STATUS_UNLOCKED;
         if !self.output.is_empty() {
             s |= STATUS_OUTPUT_FULL;
         }

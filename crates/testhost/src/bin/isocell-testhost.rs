@@ -1,0 +1,91 @@
+//! `isocell-testhost`: run the VMM, or a scenario, on real KVM (directly or in the nested host).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use isocell_testhost::{host, Scenario, Step, TestHost};
+
+/// Run IsoCell VMs on real KVM: directly where this machine has hardware virtualization, inside
+/// a QEMU TCG nested host otherwise.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Say which host scenarios would run on.
+    Info,
+    /// Run `isocell-vmm ARGS`; {bzimage}, {vmlinux}, {rootfs} and {work} are replaced with paths
+    /// on the test host. Prints the guest console and exits with the VMM's status.
+    Vmm {
+        /// Kill the VMM after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        /// Arguments for isocell-vmm.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run a scenario file and print the results as JSON.
+    Run {
+        /// Scenario JSON.
+        scenario: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("isocell-testhost: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let th = TestHost::detect()?;
+    match cli.command {
+        Cmd::Info => {
+            println!("{}", th.kind().name());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Vmm { timeout, args } => {
+            if th.kind() == isocell_testhost::HostKind::Nested {
+                eprintln!("isocell-testhost: no hardware virtualization here; running inside the nested host (QEMU TCG, 10-15x slower)");
+            }
+            let mut argv = vec!["{vmm}".to_owned()];
+            argv.extend(args);
+            let step = Step {
+                name: "vmm".into(),
+                argv,
+                timeout_secs: timeout,
+                create_files: Default::default(),
+                hash_files: vec![],
+                report_file: None,
+            };
+            let results = th.run(&Scenario { steps: vec![step] })?;
+            let r = results.into_iter().next().context("no result")?;
+            print!("{}", r.stdout);
+            eprint!("{}", r.stderr);
+            if r.timed_out {
+                eprintln!("isocell-testhost: the VMM was killed after {timeout} s");
+            }
+            if let Some(e) = &r.error {
+                eprintln!("isocell-testhost: {e}");
+            }
+            Ok(ExitCode::from(r.exit_code.and_then(|c| u8::try_from(c).ok()).unwrap_or(1)))
+        }
+        Cmd::Run { scenario } => {
+            let text = std::fs::read_to_string(&scenario).with_context(|| format!("reading {}", scenario.display()))?;
+            let scenario: Scenario = serde_json::from_str(&text).context("parsing the scenario")?;
+            let results = th.run(&scenario)?;
+            host::print_results(&results);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

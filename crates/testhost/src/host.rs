@@ -1,0 +1,341 @@
+//! The test host: where hardware KVM exists, scenarios run directly on this machine; elsewhere
+//! they run inside a nested host, Debian's kernel under QEMU TCG with emulated AMD SVM, which
+//! gives a real /dev/kvm. Either way the same runner executes the same steps and the results
+//! come back as [`StepResult`]s.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::scenario::{Scenario, StepResult};
+
+/// Failure of the test host itself (not of a step).
+#[derive(Debug, thiserror::Error)]
+pub enum TestHostError {
+    /// An input the host needs has not been built.
+    #[error("{what} is missing at {path}: {fix}")]
+    Missing {
+        /// What is missing.
+        what: &'static str,
+        /// Where it was looked for.
+        path: PathBuf,
+        /// The command that builds it.
+        fix: &'static str,
+    },
+    /// Local I/O failed.
+    #[error("{0}")]
+    Io(String),
+    /// The nested host or runner stopped before reporting every step.
+    #[error("the {host} test host reported {got} of {want} steps ({why})\n--- host console (last 60 lines) ---\n{console}")]
+    Incomplete {
+        /// "nested" or "direct".
+        host: &'static str,
+        /// Results received.
+        got: usize,
+        /// Steps in the scenario.
+        want: usize,
+        /// Why it stopped.
+        why: String,
+        /// Tail of the host console.
+        console: String,
+    },
+}
+
+/// Where the scenario runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostKind {
+    /// On this machine, which has hardware KVM.
+    Direct,
+    /// Inside the QEMU TCG nested host.
+    Nested,
+}
+
+impl HostKind {
+    /// "direct" or "nested".
+    pub fn name(self) -> &'static str {
+        match self {
+            HostKind::Direct => "direct",
+            HostKind::Nested => "nested",
+        }
+    }
+}
+
+/// The files the test host works with.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    /// The `isocell-vmm` binary.
+    pub vmm: PathBuf,
+    /// The `isocell-testhost-runner` binary.
+    pub runner: PathBuf,
+    /// Cell kernel, bzImage.
+    pub bzimage: PathBuf,
+    /// Cell kernel, ELF vmlinux.
+    pub vmlinux: PathBuf,
+    /// Base image.
+    pub rootfs: PathBuf,
+    /// Nested host kernel directory (`vmlinuz`, `modules/`).
+    pub nested_host: PathBuf,
+}
+
+/// The project root (where `build/` and `target/` live).
+pub fn project_root() -> PathBuf {
+    match std::env::var_os("ISOCELL_ROOT") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap_or_else(|_| PathBuf::from(".")),
+    }
+}
+
+fn require(path: PathBuf, what: &'static str, fix: &'static str) -> Result<PathBuf, TestHostError> {
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(TestHostError::Missing { what, path, fix })
+    }
+}
+
+impl Paths {
+    /// Finds everything under the project root (binaries: `ISOCELL_BIN_DIR`, else the release
+    /// build).
+    pub fn discover() -> Result<Self, TestHostError> {
+        let root = project_root();
+        let bin = std::env::var_os("ISOCELL_BIN_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target/x86_64-unknown-linux-gnu/release"));
+        let build = root.join("build");
+        const BUILD_BINS: &str = "run `cargo build --release --workspace --bins`";
+        Ok(Paths {
+            vmm: require(bin.join("isocell-vmm"), "isocell-vmm", BUILD_BINS)?,
+            runner: require(bin.join("isocell-testhost-runner"), "isocell-testhost-runner", BUILD_BINS)?,
+            bzimage: require(build.join("guest/bzImage"), "the cell kernel", "run guest/build-kernel.sh")?,
+            vmlinux: require(build.join("guest/vmlinux"), "the cell kernel (vmlinux)", "run guest/build-kernel.sh")?,
+            rootfs: require(build.join("guest/rootfs.ext4"), "the base image", "run guest/build-rootfs.sh")?,
+            nested_host: build.join("nested-host"),
+        })
+    }
+}
+
+/// A place to run scenarios.
+#[derive(Clone, Debug)]
+pub struct TestHost {
+    kind: HostKind,
+    paths: Paths,
+}
+
+impl TestHost {
+    /// Uses this machine if it has hardware KVM, the nested host otherwise.
+    /// `ISOCELL_TESTHOST=direct|nested` forces one.
+    pub fn detect() -> Result<Self, TestHostError> {
+        let paths = Paths::discover()?;
+        let kind = match std::env::var("ISOCELL_TESTHOST").as_deref() {
+            Ok("nested") => HostKind::Nested,
+            Ok("direct") => HostKind::Direct,
+            _ if isocell_vmm::host_check::check().is_ok() => HostKind::Direct,
+            _ => HostKind::Nested,
+        };
+        if kind == HostKind::Nested {
+            require(paths.nested_host.join("vmlinuz"), "the nested host kernel", "run scripts/prepare-nested-host.sh")?;
+        }
+        Ok(TestHost { kind, paths })
+    }
+
+    /// Where scenarios run.
+    pub fn kind(&self) -> HostKind {
+        self.kind
+    }
+
+    /// Runs `scenario`; returns one result per step, in order.
+    pub fn run(&self, scenario: &Scenario) -> Result<Vec<StepResult>, TestHostError> {
+        let tmp = TempDir::new()?;
+        match self.kind {
+            HostKind::Direct => self.run_direct(scenario, tmp.path()),
+            HostKind::Nested => self.run_nested(scenario, tmp.path()),
+        }
+    }
+
+    fn run_direct(&self, scenario: &Scenario, tmp: &Path) -> Result<Vec<StepResult>, TestHostError> {
+        let scenario_path = tmp.join("scenario.json");
+        write_json(&scenario_path, scenario)?;
+        let results = tmp.join("results.jsonl");
+        let assets = [
+            ("vmm", &self.paths.vmm),
+            ("bzimage", &self.paths.bzimage),
+            ("vmlinux", &self.paths.vmlinux),
+            ("rootfs", &self.paths.rootfs),
+        ];
+        let mut cmd = Command::new(&self.paths.runner);
+        cmd.arg("--scenario").arg(&scenario_path).arg("--results").arg(&results);
+        cmd.arg("--work").arg(tmp.join("steps")).arg("--host").arg("direct");
+        for (name, path) in assets {
+            cmd.arg("--asset").arg(format!("{name}={}", path.display()));
+        }
+        let status = cmd.status().map_err(|e| TestHostError::Io(format!("cannot run the runner: {e}")))?;
+        collect(&results, scenario, "direct", &format!("runner exited with {status}"), "")
+    }
+
+    fn run_nested(&self, scenario: &Scenario, tmp: &Path) -> Result<Vec<StepResult>, TestHostError> {
+        let initramfs = self.build_initramfs(scenario, tmp)?;
+        let console = tmp.join("console.log");
+        let results = tmp.join("results.jsonl");
+        let smp = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+        let memory = std::env::var("ISOCELL_NESTED_MEMORY_MIB").unwrap_or_else(|_| "2048".into());
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm,+npt"])
+            .args(["-smp", &smp.to_string(), "-m", &memory])
+            .args(["-nographic", "-nodefaults", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-serial")
+            .arg(format!("file:{}", results.display()))
+            .arg("-kernel")
+            .arg(self.paths.nested_host.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(&initramfs)
+            .args(["-append", "console=ttyS0 quiet panic=-1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| TestHostError::Io(format!("cannot start qemu-system-x86_64 (run scripts/install-deps.sh): {e}")))?;
+        // The nested host boots in seconds; each step has its own timeout inside it.
+        let budget: u64 = scenario.steps.iter().map(|s| s.timeout_secs + 5).sum::<u64>() + 180;
+        let start = Instant::now();
+        let why = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break format!("QEMU exited with {status}"),
+                Ok(None) if start.elapsed() > Duration::from_secs(budget) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break format!("killed after {budget} s");
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => break format!("wait failed: {e}"),
+            }
+        };
+        let console_text = std::fs::read_to_string(&console).unwrap_or_default();
+        collect(&results, scenario, "nested", &why, &console_text)
+    }
+
+    fn build_initramfs(&self, scenario: &Scenario, tmp: &Path) -> Result<PathBuf, TestHostError> {
+        let stage = tmp.join("stage");
+        let io = |e: std::io::Error| TestHostError::Io(format!("building the nested host initramfs: {e}"));
+        for dir in ["bin", "modules", "isocell/bin", "isocell/guest"] {
+            std::fs::create_dir_all(stage.join(dir)).map_err(io)?;
+        }
+        let busybox = require(PathBuf::from("/bin/busybox"), "busybox-static", "run scripts/install-deps.sh")?;
+        let text = serde_json::to_string(scenario).unwrap_or_default();
+        let mut copies = vec![
+            (busybox, stage.join("bin/busybox")),
+            (self.paths.runner.clone(), stage.join("isocell/bin/isocell-testhost-runner")),
+            (self.paths.vmm.clone(), stage.join("isocell/bin/isocell-vmm")),
+            (self.paths.bzimage.clone(), stage.join("isocell/guest/bzImage")),
+            (self.paths.rootfs.clone(), stage.join("isocell/guest/rootfs.ext4")),
+        ];
+        // The 17 MB vmlinux only travels when a step uses it.
+        if text.contains("{vmlinux}") {
+            copies.push((self.paths.vmlinux.clone(), stage.join("isocell/guest/vmlinux")));
+        }
+        for m in MODULES {
+            copies.push((self.paths.nested_host.join("modules").join(format!("{m}.ko")), stage.join(format!("modules/{m}.ko"))));
+        }
+        for (from, to) in copies {
+            std::fs::copy(&from, &to).map_err(|e| TestHostError::Io(format!("copying {}: {e}", from.display())))?;
+        }
+        std::fs::write(stage.join("isocell/scenario.json"), text).map_err(io)?;
+        let init = stage.join("init");
+        std::fs::write(&init, NESTED_INIT).map_err(io)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
+        let out = tmp.join("initramfs.cpio");
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg("cd \"$1\" && find . | cpio --quiet -o -H newc > \"$2\"")
+            .args(["sh", &stage.to_string_lossy(), &out.to_string_lossy()])
+            .status()
+            .map_err(io)?;
+        if !status.success() {
+            return Err(TestHostError::Io("cpio failed (run scripts/install-deps.sh)".into()));
+        }
+        Ok(out)
+    }
+}
+
+/// Modules that give the nested host KVM, in load order.
+const MODULES: [&str; 4] = ["irqbypass", "kvm", "ccp", "kvm-amd"];
+
+/// PID 1 of the nested host: mounts, loads KVM, hands over to the runner (which powers off).
+const NESTED_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mkdir -p /proc /sys /dev /tmp
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs -o size=80% tmpfs /tmp
+for m in irqbypass kvm ccp kvm-amd; do
+  insmod /modules/$m.ko || echo "isocell-testhost: insmod $m failed"
+done
+[ -c /dev/kvm ] || echo "isocell-testhost: /dev/kvm did not appear"
+exec /isocell/bin/isocell-testhost-runner --scenario /isocell/scenario.json \
+  --results /dev/ttyS1 --work /tmp/steps --host nested --poweroff \
+  --asset vmm=/isocell/bin/isocell-vmm --asset bzimage=/isocell/guest/bzImage \
+  --asset vmlinux=/isocell/guest/vmlinux --asset rootfs=/isocell/guest/rootfs.ext4
+"#;
+
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), TestHostError> {
+    let text = serde_json::to_string(value).map_err(|e| TestHostError::Io(e.to_string()))?;
+    std::fs::write(path, text).map_err(|e| TestHostError::Io(format!("{}: {e}", path.display())))
+}
+
+/// Reads the runner's result lines and checks every step reported.
+fn collect(
+    results: &Path,
+    scenario: &Scenario,
+    host: &'static str,
+    why: &str,
+    console: &str,
+) -> Result<Vec<StepResult>, TestHostError> {
+    let text = std::fs::read_to_string(results).unwrap_or_default();
+    let got: Vec<StepResult> =
+        text.lines().filter_map(|l| serde_json::from_str(l.trim()).ok()).collect();
+    if got.len() < scenario.steps.len() {
+        let lines: Vec<&str> = console.lines().collect();
+        return Err(TestHostError::Incomplete {
+            host,
+            got: got.len(),
+            want: scenario.steps.len(),
+            why: why.to_owned(),
+            console: lines[lines.len().saturating_sub(60)..].join("\n"),
+        });
+    }
+    Ok(got)
+}
+
+/// A temporary directory removed on drop, whatever happens.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<Self, TestHostError> {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("isocell-testhost-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path).map_err(|e| TestHostError::Io(format!("{}: {e}", path.display())))?;
+        Ok(TempDir(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes `results` as pretty JSON (for the CLI).
+pub fn print_results(results: &[StepResult]) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", serde_json::to_string_pretty(results).unwrap_or_default());
+}

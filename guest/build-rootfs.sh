@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Builds the IsoCell base image: a small ext4 root with Debian's busybox-static and the
+# scenario init in guest/rootfs/init. Cached under a key made from busybox's version and the
+# inputs, linked as build/guest/rootfs.ext4. Prints the image path on stdout.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+cache=${ISOCELL_CACHE:-$HOME/.cache/isocell}
+
+busybox=/bin/busybox
+[[ -x $busybox ]] || { echo "isocell: $busybox is missing; run scripts/install-deps.sh" >&2; exit 1; }
+bb_version=$(dpkg-query -W -f='${Version}' busybox-static)
+key=$( { echo "$bb_version"; cat "$here/rootfs/init" "$0"; } | sha256sum | cut -c1-16)
+out="$cache/rootfs/$key/rootfs.ext4"
+
+if [[ ! -f "$out" ]]; then
+  echo "isocell: building the base image (busybox $bb_version, key $key)" >&2
+  stage=$(mktemp -d "${TMPDIR:-/tmp}/isocell-rootfs.XXXXXX")
+  trap 'rm -rf "$stage"' EXIT
+  mkdir -p "$stage"/{bin,sbin,etc,proc,sys,dev,tmp,mnt,root}
+  cp "$busybox" "$stage/bin/busybox"
+  for applet in $("$busybox" --list); do
+    [[ "$applet" == busybox ]] || ln -s busybox "$stage/bin/$applet"
+  done
+  install -m 0755 "$here/rootfs/init" "$stage/sbin/init"
+  echo "root:x:0:0:root:/root:/bin/sh" >"$stage/etc/passwd"
+  echo "root:x:0:" >"$stage/etc/group"
+  mkdir -p "$(dirname "$out")"
+  rm -f "$out.tmp"
+  # Fixed timestamps and UUID keep the image reproducible for the launch measurement.
+  find "$stage" -exec touch -h -d @0 {} +
+  E2FSPROGS_FAKE_TIME=0 mkfs.ext4 -q -F -L isocell-root -U 6f1c0e2a-2b7e-4e0e-9d6e-1ce11ce11ce1 \
+    -E root_owner=0:0,hash_seed=6f1c0e2a-2b7e-4e0e-9d6e-1ce11ce11ce1 \
+    -O ^has_journal -d "$stage" "$out.tmp" 16M >&2
+  mv "$out.tmp" "$out"
+fi
+mkdir -p "$root/build/guest"
+ln -sfn "$out" "$root/build/guest/rootfs.ext4"
+echo "$out"
