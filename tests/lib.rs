@@ -1,1 +1,106 @@
-//! placeholder
+//! Shared pieces of the end-to-end tests: the batched VMM scenario (run once per test binary
+//! through the test host) and the path of the locally built VMM.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use isocell_testhost::host::Paths;
+use isocell_testhost::{Scenario, Step, StepResult, TestHost};
+
+/// Size of the data disk the guest fills in the `disk` step.
+pub const DATA_DISK_BYTES: u64 = 1 << 20;
+
+/// A VMM step: `isocell-vmm ARGS --report {work}/report.json`.
+pub fn vmm_step(name: &str, args: &[&str], timeout_secs: u64) -> Step {
+    let mut argv = vec!["{vmm}".to_owned()];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    argv.extend(["--report".to_owned(), "{work}/report.json".to_owned()]);
+    Step {
+        name: name.to_owned(),
+        argv,
+        timeout_secs,
+        create_files: BTreeMap::new(),
+        write_files: BTreeMap::new(),
+        hash_files: Vec::new(),
+        report_file: Some("{work}/report.json".to_owned()),
+    }
+}
+
+const ROOT_RO: &str = "id=root,path={rootfs},ro,root";
+
+/// Every guest-booting check of the VMM, batched so the nested host boots once.
+pub fn vmm_scenario() -> Scenario {
+    let mut steps = vec![
+        vmm_step(
+            "boot-1cpu",
+            &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--cpus", "1", "--memory", "128", "--boot-args", "isocell.scenario=report"],
+            120,
+        ),
+        vmm_step("boot-4cpu-config-file", &["--config", "{work}/vm.json"], 120),
+        vmm_step(
+            "boot-elf-vmlinux",
+            &["--kernel", "{vmlinux}", "--drive", ROOT_RO, "--console", "file:{work}/console.log", "--boot-args", "isocell.scenario=report"],
+            120,
+        ),
+        vmm_step("read-only-root", &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--boot-args", "isocell.scenario=rofs"], 120),
+        vmm_step(
+            "data-disk",
+            &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--drive", "id=data,path={work}/data.img", "--boot-args", "isocell.scenario=disk"],
+            120,
+        ),
+        vmm_step("rng", &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--boot-args", "isocell.scenario=rng"], 120),
+        vmm_step("panic", &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--boot-args", "isocell.scenario=panic"], 120),
+        vmm_step(
+            "lifetime",
+            &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--max-lifetime", "15", "--boot-args", "isocell.scenario=hang"],
+            120,
+        ),
+        vmm_step("hung-guest", &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--boot-args", "isocell.scenario=hang"], 20),
+    ];
+    steps[1].write_files.insert(
+        "{work}/vm.json".into(),
+        r#"{"kernel": "{bzimage}", "vcpus": 4, "memory_mib": 256,
+            "drives": [{"id": "root", "path": "{rootfs}", "read_only": true, "root": true}],
+            "boot_args": "isocell.scenario=report"}"#
+            .into(),
+    );
+    steps[4].create_files.insert("{work}/data.img".into(), DATA_DISK_BYTES);
+    steps[4].hash_files.push("{work}/data.img".into());
+    Scenario { steps }
+}
+
+/// The results of [`vmm_scenario`], computed once per test binary.
+pub fn vmm_results() -> &'static Result<HashMap<String, StepResult>, String> {
+    static RESULTS: OnceLock<Result<HashMap<String, StepResult>, String>> = OnceLock::new();
+    RESULTS.get_or_init(|| {
+        let host = TestHost::detect().map_err(|e| e.to_string())?;
+        eprintln!("running the VMM scenario on the {} test host", host.kind().name());
+        let results = host.run(&vmm_scenario()).map_err(|e| e.to_string())?;
+        Ok(results.into_iter().map(|r| (r.name.clone(), r)).collect())
+    })
+}
+
+/// The result of one step; panics with the test host's error if the scenario could not run.
+pub fn step(name: &str) -> &'static StepResult {
+    match vmm_results() {
+        Ok(map) => map.get(name).unwrap_or_else(|| panic!("no result for step {name}")),
+        Err(e) => panic!("the test host failed: {e}"),
+    }
+}
+
+/// The locally built `isocell-vmm`.
+pub fn local_vmm() -> PathBuf {
+    match Paths::discover() {
+        Ok(p) => p.vmm,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The locally built cell kernel.
+pub fn local_bzimage() -> PathBuf {
+    match Paths::discover() {
+        Ok(p) => p.bzimage,
+        Err(e) => panic!("{e}"),
+    }
+}

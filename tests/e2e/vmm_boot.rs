@@ -1,1 +1,183 @@
+//! End-to-end tests of `isocell-vmm`: real guests boot through the test host (directly on
+//! hardware KVM, in the nested host elsewhere); bad configurations and the host check run
+//! locally, since they must fail before any VM exists.
 
+use std::path::Path;
+use std::process::Command;
+
+use isocell_e2e::{local_bzimage, local_vmm, step, DATA_DISK_BYTES};
+use serde_json::Value;
+
+fn report(name: &str) -> &'static Value {
+    let r = step(name);
+    r.report.as_ref().unwrap_or_else(|| panic!("no VMM report\n{}", r.explain()))
+}
+
+/// The guest saw `cpus` CPUs and all of `memory_mib` in its e820 map (less the legacy hole and
+/// the first page, which the boot protocol keeps from it).
+fn assert_guest_saw(name: &str, cpus: u64, memory_mib: u64) {
+    let r = step(name);
+    assert_eq!(r.exit_code, Some(0), "{}", r.explain());
+    let g = r.guest_result();
+    assert_eq!(g["cpus"], cpus, "{}", r.explain());
+    let expected_online = if cpus == 1 { "0".to_owned() } else { format!("0-{}", cpus - 1) };
+    assert_eq!(g["online"], expected_online.as_str());
+    let e820_kb = g["mem_e820_kb"].as_u64().unwrap_or(0);
+    let configured_kb = memory_mib * 1024;
+    assert!(
+        e820_kb <= configured_kb && e820_kb >= configured_kb - 1024,
+        "guest found {e820_kb} kB of RAM for {configured_kb} kB configured\n{}",
+        r.explain()
+    );
+    let rep = report(name);
+    assert_eq!(rep["exit_reason"], "reboot");
+    assert_eq!(rep["vcpus"], cpus);
+    assert!(rep["phases"]["guest_init_us"].as_u64().is_some(), "boot timer never fired: {rep}");
+}
+
+#[test]
+fn one_vcpu_guest_sees_its_cpu_and_memory() {
+    assert_guest_saw("boot-1cpu", 1, 128);
+}
+
+#[test]
+fn four_vcpu_guest_from_a_config_file_sees_all_cpus() {
+    assert_guest_saw("boot-4cpu-config-file", 4, 256);
+}
+
+#[test]
+fn elf_vmlinux_boots_with_console_to_a_file() {
+    let r = step("boot-elf-vmlinux");
+    assert_eq!(r.exit_code, Some(0), "{}", r.explain());
+    // The console went to the file, not to stdout, so stdout has no result line.
+    assert!(r.guest_results.is_empty(), "{}", r.explain());
+    assert_eq!(report("boot-elf-vmlinux")["exit_reason"], "reboot");
+}
+
+#[test]
+fn read_only_root_refuses_writes() {
+    let r = step("read-only-root");
+    assert_eq!(r.exit_code, Some(0), "{}", r.explain());
+    let g = r.guest_result();
+    assert_eq!(g["root_write"], "refused", "{}", r.explain());
+    assert!(g["root_options"].as_str().unwrap_or("").split(',').any(|o| o == "ro"), "{g}");
+}
+
+#[test]
+fn data_disk_writes_reach_the_host_file() {
+    let r = step("data-disk");
+    assert_eq!(r.exit_code, Some(0), "{}", r.explain());
+    let g = r.guest_result();
+    assert_eq!(g["bytes"], DATA_DISK_BYTES, "{}", r.explain());
+    let guest_hash = g["sha256"].as_str().unwrap_or("");
+    assert_eq!(guest_hash.len(), 64, "{g}");
+    // Random bytes: an all-zero disk would hash differently.
+    assert_eq!(r.hashes.get("{work}/data.img").map(String::as_str), Some(guest_hash), "{}", r.explain());
+}
+
+#[test]
+fn virtio_rng_feeds_the_guest() {
+    let r = step("rng");
+    assert_eq!(r.exit_code, Some(0), "{}", r.explain());
+    let g = r.guest_result();
+    assert!(g["rng_current"].as_str().unwrap_or("").starts_with("virtio_rng"), "{}", r.explain());
+    assert_eq!(g["hwrng_bytes"], 32);
+}
+
+#[test]
+fn guest_panic_gives_exit_status_3() {
+    let r = step("panic");
+    assert_eq!(r.exit_code, Some(3), "{}", r.explain());
+    assert_eq!(report("panic")["exit_reason"], "guest_panic");
+    assert!(r.stderr.contains("panicked"), "{}", r.explain());
+}
+
+#[test]
+fn lifetime_limit_stops_a_guest_that_never_ends() {
+    let r = step("lifetime");
+    assert_eq!(r.exit_code, Some(6), "{}", r.explain());
+    assert!(!r.timed_out);
+    assert_eq!(report("lifetime")["exit_reason"], "lifetime_exceeded");
+}
+
+#[test]
+fn hung_guest_fails_at_the_bound_with_its_console() {
+    let r = step("hung-guest");
+    assert!(r.timed_out, "{}", r.explain());
+    assert_eq!(r.signal, Some(9));
+    assert!(r.explain().contains("hanging on purpose"), "{}", r.explain());
+}
+
+/// Runs the local VMM, which must refuse before creating anything.
+fn refuse(args: &[&str]) -> (i32, String) {
+    let out = Command::new(local_vmm()).args(args).output().unwrap_or_else(|e| panic!("cannot run the VMM: {e}"));
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn temp(name: &str, contents: &[u8]) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("isocell-e2e-{}-{name}", std::process::id()));
+    std::fs::write(&p, contents).unwrap_or_else(|e| panic!("{e}"));
+    p
+}
+
+#[test]
+fn bad_configurations_exit_2_with_a_clear_message() {
+    let kernel = local_bzimage();
+    let k = kernel.to_str().unwrap_or_default();
+    let not_a_kernel = temp("notkernel", b"#!/bin/sh\n");
+    let nk = not_a_kernel.to_str().unwrap_or_default();
+    let overlap = temp(
+        "overlap.json",
+        format!(
+            r#"{{"kernel": "{k}", "drives": [
+                {{"id": "a", "path": "{k}", "read_only": true, "placement": {{"mmio_base": 3489669120, "irq": 5}}}},
+                {{"id": "b", "path": "{k}", "read_only": true, "placement": {{"mmio_base": 3489669120, "irq": 6}}}}]}}"#
+        )
+        .as_bytes(),
+    );
+    let ov = overlap.to_str().unwrap_or_default();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--kernel", "/nonexistent/vmlinux"], "kernel /nonexistent/vmlinux cannot be opened"),
+        (&["--kernel", nk], "neither an ELF vmlinux nor a bzImage"),
+        (&["--kernel", k, "--drive", "id=root,path=/nonexistent.img,ro,root"], "image /nonexistent.img cannot be opened"),
+        (&["--kernel", k, "--memory", "0"], "memory_mib is 0"),
+        (&["--kernel", k, "--memory", "900G"], "MiB"),
+        (&["--kernel", k, "--cpus", "0"], "vcpus is 0"),
+        (&["--kernel", k, "--cpus", "1000"], "vcpus is 1000"),
+        (&["--config", ov], "overlap"),
+        (&["--config", "/nonexistent.json"], "cannot read the config file"),
+        (&["--kernel", k, "--drive", "path=/x"], "missing id"),
+        (&["--kernel", k, "--bogus-flag"], "--bogus-flag"),
+    ];
+    for (args, expected) in cases {
+        let (code, stderr) = refuse(args);
+        assert_eq!(code, 2, "{args:?} gave status {code}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: expected {expected:?} in: {stderr}");
+    }
+    for p in [not_a_kernel, overlap] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+#[test]
+fn a_host_without_hardware_virtualization_is_refused_at_once() {
+    let kernel = local_bzimage();
+    let started = std::time::Instant::now();
+    let (code, stderr) = refuse(&["--kernel", kernel.to_str().unwrap_or_default(), "--max-lifetime", "30"]);
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        assert_eq!(code, 5, "{stderr}");
+        assert!(stderr.contains("kvm-pvm") && stderr.contains("nested test host"), "{stderr}");
+        // "At once": long before any guest could have run into trouble.
+        assert!(started.elapsed().as_secs() < 5, "took {:?}", started.elapsed());
+    } else if isocell_vmm_host_has_virt() {
+        assert_ne!(code, 5, "a hardware-virtualization host was refused: {stderr}");
+    } else {
+        assert_eq!(code, 5, "{stderr}");
+        assert!(stderr.contains("no vmx or svm"), "{stderr}");
+    }
+}
+
+fn isocell_vmm_host_has_virt() -> bool {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    cpuinfo.split_whitespace().any(|f| f == "vmx" || f == "svm")
+}

@@ -83,6 +83,13 @@ pub fn run_step(step: &Step, assets: &Assets, work_root: &Path, host: &str) -> S
             return result;
         }
     }
+    for (path, text) in &step.write_files {
+        let path = substitute(path, assets, &work);
+        if let Err(e) = std::fs::write(&path, substitute(text, assets, &work)) {
+            result.error = Some(format!("cannot write {path}: {e}"));
+            return result;
+        }
+    }
     let argv: Vec<String> = step.argv.iter().map(|a| substitute(a, assets, &work)).collect();
     let Some((program, args)) = argv.split_first() else {
         result.error = Some("empty argv".into());
@@ -179,6 +186,7 @@ mod tests {
             argv: argv.iter().map(|s| s.to_string()).collect(),
             timeout_secs,
             create_files: BTreeMap::new(),
+            write_files: BTreeMap::new(),
             hash_files: vec![],
             report_file: None,
         }

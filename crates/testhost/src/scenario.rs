@@ -31,6 +31,9 @@ pub struct Step {
     /// Files to create before the run: path -> size in bytes (zero-filled).
     #[serde(default)]
     pub create_files: BTreeMap<String, u64>,
+    /// Text files to write before the run: path -> contents (placeholders are replaced in both).
+    #[serde(default)]
+    pub write_files: BTreeMap<String, String>,
     /// Files whose SHA-256 the result reports after the run.
     #[serde(default)]
     pub hash_files: Vec<String>,

@@ -65,6 +65,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 argv,
                 timeout_secs: timeout,
                 create_files: Default::default(),
+                write_files: Default::default(),
                 hash_files: vec![],
                 report_file: None,
             };
