@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the IsoCell base image: a small ext4 root with Debian's busybox-static and the
-# scenario init in guest/rootfs/init. Cached under a key made from busybox's version and the
-# inputs, linked as build/guest/rootfs.ext4. Prints the image path on stdout.
+# scenario init in guest/rootfs/init, and the same tree as an initramfs (cpio, init at /init).
+# Cached under a key made from busybox's version and the inputs, linked as
+# build/guest/rootfs.ext4 and build/guest/initrd.cpio. Prints the image path on stdout.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -12,8 +13,9 @@ busybox=/bin/busybox
 bb_version=$(dpkg-query -W -f='${Version}' busybox-static)
 key=$( { echo "$bb_version"; cat "$here/rootfs/init" "$0"; } | sha256sum | cut -c1-16)
 out="$cache/rootfs/$key/rootfs.ext4"
+initrd="$cache/rootfs/$key/initrd.cpio"
 
-if [[ ! -f "$out" ]]; then
+if [[ ! -f "$out" || ! -f "$initrd" ]]; then
   echo "isocell: building the base image (busybox $bb_version, key $key)" >&2
   stage=$(mktemp -d "${TMPDIR:-/tmp}/isocell-rootfs.XXXXXX")
   trap 'rm -rf "$stage"' EXIT
@@ -32,8 +34,12 @@ if [[ ! -f "$out" ]]; then
   E2FSPROGS_FAKE_TIME=0 mkfs.ext4 -q -F -L isocell-root -U 6f1c0e2a-2b7e-4e0e-9d6e-1ce11ce11ce1 \
     -E root_owner=0:0,hash_seed=6f1c0e2a-2b7e-4e0e-9d6e-1ce11ce11ce1 \
     -O ^has_journal -d "$stage" "$out.tmp" 16M >&2
+  ln -s sbin/init "$stage/init"
+  (cd "$stage" && find . | LC_ALL=C sort | cpio --quiet -o -H newc --reproducible >"$initrd.tmp")
   mv "$out.tmp" "$out"
+  mv "$initrd.tmp" "$initrd"
 fi
 mkdir -p "$root/build/guest"
 ln -sfn "$out" "$root/build/guest/rootfs.ext4"
+ln -sfn "$initrd" "$root/build/guest/initrd.cpio"
 echo "$out"

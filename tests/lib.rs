@@ -34,35 +34,40 @@ pub fn vmm_scenario() -> Scenario {
     let mut steps = vec![
         vmm_step(
             "boot-1cpu",
-            &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--cpus", "1", "--memory", "128", "--boot-args", "isocell.scenario=report"],
+            &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--cpus", "1", "--memory", "128", "--boot-args", "isocell_scenario=report"],
             120,
         ),
         vmm_step("boot-4cpu-config-file", &["--config", "{work}/vm.json"], 120),
         vmm_step(
             "boot-elf-vmlinux",
-            &["--kernel", "{vmlinux}", "--drive", ROOT_RO, "--console", "file:{work}/console.log", "--boot-args", "isocell.scenario=report"],
+            &["--kernel", "{vmlinux}", "--drive", ROOT_RO, "--console", "file:{work}/console.log", "--boot-args", "isocell_scenario=report"],
             120,
         ),
-        vmm_step("read-only-root", &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--boot-args", "isocell.scenario=rofs"], 120),
+        vmm_step("read-only-root", &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--boot-args", "isocell_scenario=rofs"], 120),
         vmm_step(
             "data-disk",
-            &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--drive", "id=data,path={work}/data.img", "--boot-args", "isocell.scenario=disk"],
+            &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--drive", "id=data,path={work}/data.img", "--boot-args", "isocell_scenario=disk"],
             120,
         ),
-        vmm_step("rng", &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--boot-args", "isocell.scenario=rng"], 120),
-        vmm_step("panic", &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--boot-args", "isocell.scenario=panic"], 120),
+        vmm_step(
+            "initrd",
+            &["--kernel", "{bzimage}", "--initrd", "{initrd}", "--memory", "96", "--boot-args", "isocell_scenario=rootfs"],
+            120,
+        ),
+        vmm_step("rng", &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--boot-args", "isocell_scenario=rng"], 120),
+        vmm_step("panic", &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--boot-args", "isocell_scenario=panic"], 120),
         vmm_step(
             "lifetime",
-            &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--max-lifetime", "15", "--boot-args", "isocell.scenario=hang"],
+            &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--max-lifetime", "15", "--boot-args", "isocell_scenario=hang"],
             120,
         ),
-        vmm_step("hung-guest", &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--boot-args", "isocell.scenario=hang"], 20),
+        vmm_step("hung-guest", &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--boot-args", "isocell_scenario=hang"], 20),
     ];
     steps[1].write_files.insert(
         "{work}/vm.json".into(),
         r#"{"kernel": "{bzimage}", "vcpus": 4, "memory_mib": 256,
             "drives": [{"id": "root", "path": "{rootfs}", "read_only": true, "root": true}],
-            "boot_args": "isocell.scenario=report"}"#
+            "boot_args": "isocell_scenario=report"}"#
             .into(),
     );
     steps[4].create_files.insert("{work}/data.img".into(), DATA_DISK_BYTES);

@@ -76,6 +76,13 @@ fn data_disk_writes_reach_the_host_file() {
 }
 
 #[test]
+fn initrd_becomes_the_root_filesystem() {
+    let r = step("initrd");
+    assert_eq!(r.exit_code, Some(0), "{}", r.explain());
+    assert_eq!(r.guest_result()["root_fstype"], "rootfs", "{}", r.explain());
+}
+
+#[test]
 fn virtio_rng_feeds_the_guest() {
     let r = step("rng");
     assert_eq!(r.exit_code, Some(0), "{}", r.explain());
@@ -180,4 +187,28 @@ fn a_host_without_hardware_virtualization_is_refused_at_once() {
 fn isocell_vmm_host_has_virt() -> bool {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     cpuinfo.split_whitespace().any(|f| f == "vmx" || f == "svm")
+}
+
+#[test]
+fn describe_lists_every_device_with_its_place() {
+    let kernel = local_bzimage();
+    let out = Command::new(local_vmm())
+        .args(["--kernel", kernel.to_str().unwrap_or_default(), "--cpus", "2", "--describe"])
+        .args(["--drive", &format!("id=root,path={},ro,root", kernel.display())])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the VMM: {e}"));
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let d: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON: {e}"));
+    let devices = d["devices"].as_array().cloned().unwrap_or_default();
+    let ids: Vec<&str> = devices.iter().filter_map(|x| x["id"].as_str()).collect();
+    assert_eq!(ids, ["serial0", "i8042", "boot_timer", "root", "rng0"]);
+    let root = &devices[3];
+    assert_eq!(root["type"], "virtio_block");
+    assert_eq!(root["read_only"], true);
+    assert_eq!(root["irq"], 5);
+    assert_eq!(root["ranges"][0]["base"], 0xd000_1000u64);
+    let features: Vec<&str> = root["features"].as_array().map(|f| f.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+    assert!(features.contains(&"VIRTIO_BLK_F_RO") && features.contains(&"VIRTIO_F_VERSION_1"), "{features:?}");
+    let cmdline = d["kernel_cmdline"].as_str().unwrap_or("");
+    assert!(cmdline.contains("virtio_mmio.device=4K@0xd0001000:5") && cmdline.contains("root=/dev/vda ro"), "{cmdline}");
 }

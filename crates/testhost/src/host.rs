@@ -74,6 +74,8 @@ pub struct Paths {
     pub vmlinux: PathBuf,
     /// Base image.
     pub rootfs: PathBuf,
+    /// Base image as an initramfs (cpio).
+    pub initrd: PathBuf,
     /// Nested host kernel directory (`vmlinuz`, `modules/`).
     pub nested_host: PathBuf,
 }
@@ -110,6 +112,7 @@ impl Paths {
             bzimage: require(build.join("guest/bzImage"), "the cell kernel", "run guest/build-kernel.sh")?,
             vmlinux: require(build.join("guest/vmlinux"), "the cell kernel (vmlinux)", "run guest/build-kernel.sh")?,
             rootfs: require(build.join("guest/rootfs.ext4"), "the base image", "run guest/build-rootfs.sh")?,
+            initrd: require(build.join("guest/initrd.cpio"), "the base initramfs", "run guest/build-rootfs.sh")?,
             nested_host: build.join("nested-host"),
         })
     }
@@ -162,6 +165,7 @@ impl TestHost {
             ("bzimage", &self.paths.bzimage),
             ("vmlinux", &self.paths.vmlinux),
             ("rootfs", &self.paths.rootfs),
+            ("initrd", &self.paths.initrd),
         ];
         let mut cmd = Command::new(&self.paths.runner);
         cmd.arg("--scenario").arg(&scenario_path).arg("--results").arg(&results);
@@ -170,18 +174,59 @@ impl TestHost {
             cmd.arg("--asset").arg(format!("{name}={}", path.display()));
         }
         let status = cmd.status().map_err(|e| TestHostError::Io(format!("cannot run the runner: {e}")))?;
-        collect(&results, scenario, "direct", &format!("runner exited with {status}"), "")
+        collect(&results, scenario, &format!("runner exited with {status}"))
     }
 
     fn run_nested(&self, scenario: &Scenario, tmp: &Path) -> Result<Vec<StepResult>, TestHostError> {
+        let mut results: Vec<StepResult> = Vec::new();
+        let mut restarts = 0;
+        loop {
+            let remaining = Scenario { steps: scenario.steps[results.len()..].to_vec() };
+            let dir = tmp.join(format!("boot{restarts}"));
+            std::fs::create_dir_all(&dir).map_err(|e| TestHostError::Io(e.to_string()))?;
+            let boot = self.boot_nested(&remaining, &dir)?;
+            let got = boot.results.len();
+            results.extend(boot.results);
+            if results.len() >= scenario.steps.len() {
+                return Ok(results);
+            }
+            // The nested host itself (not a step: those have their own timeouts) stopped
+            // making progress. This has been seen with QEMU's emulated SVM after several VMs;
+            // a fresh nested host runs the steps that are left.
+            if boot.hung && restarts < MAX_NESTED_RESTARTS {
+                restarts += 1;
+                eprintln!(
+                    "isocell-testhost: the nested host stopped responding after {got} step(s) ({}); \
+                     restarting it for the {} remaining step(s). Its console ended with:\n{}",
+                    boot.why,
+                    scenario.steps.len() - results.len(),
+                    tail_lines(&boot.console, 8)
+                );
+                continue;
+            }
+            return Err(TestHostError::Incomplete {
+                host: "nested",
+                got: results.len(),
+                want: scenario.steps.len(),
+                why: boot.why,
+                console: tail_lines(&boot.console, 60),
+            });
+        }
+    }
+
+    /// Boots one nested host for `scenario` and watches its progress.
+    fn boot_nested(&self, scenario: &Scenario, tmp: &Path) -> Result<NestedBoot, TestHostError> {
         let initramfs = self.build_initramfs(scenario, tmp)?;
         let console = tmp.join("console.log");
         let results = tmp.join("results.jsonl");
-        let smp = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+        // One CPU by default: with two, QEMU's multi-threaded TCG with emulated SVM has been
+        // seen to lock the nested host up (both CPUs in soft lockup) every few VMs. Two CPUs
+        // boot cells faster; ISOCELL_NESTED_CPUS=2 chooses them.
+        let cpus = std::env::var("ISOCELL_NESTED_CPUS").unwrap_or_else(|_| "1".into());
         let memory = std::env::var("ISOCELL_NESTED_MEMORY_MIB").unwrap_or_else(|_| "2048".into());
         let mut child = Command::new("qemu-system-x86_64")
             .args(["-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm,+npt"])
-            .args(["-smp", &smp.to_string(), "-m", &memory])
+            .args(["-smp", &cpus, "-m", &memory])
             .args(["-nographic", "-nodefaults", "-no-reboot"])
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
@@ -197,23 +242,32 @@ impl TestHost {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| TestHostError::Io(format!("cannot start qemu-system-x86_64 (run scripts/install-deps.sh): {e}")))?;
-        // The nested host boots in seconds; each step has its own timeout inside it.
-        let budget: u64 = scenario.steps.iter().map(|s| s.timeout_secs + 5).sum::<u64>() + 180;
-        let start = Instant::now();
-        let why = loop {
+        // Each step gets its own timeout inside the nested host; out here the next result must
+        // arrive within that timeout plus a margin (more for the first, which includes booting
+        // the nested host), or the nested host is considered hung.
+        let mut done = 0;
+        let mut last_progress = Instant::now();
+        let (why, hung) = loop {
+            let reported = std::fs::read_to_string(&results).map(|t| t.lines().filter(|l| !l.trim().is_empty()).count()).unwrap_or(0);
+            if reported > done {
+                done = reported;
+                last_progress = Instant::now();
+            }
+            let allowance = scenario.steps.get(done).map_or(60, |s| s.timeout_secs + 60) + if done == 0 { 120 } else { 0 };
             match child.try_wait() {
-                Ok(Some(status)) => break format!("QEMU exited with {status}"),
-                Ok(None) if start.elapsed() > Duration::from_secs(budget) => {
+                Ok(Some(status)) => break (format!("QEMU exited with {status}"), false),
+                Ok(None) if last_progress.elapsed() > Duration::from_secs(allowance) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    break format!("killed after {budget} s");
+                    break (format!("no result for {allowance} s; QEMU killed"), true);
                 }
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-                Err(e) => break format!("wait failed: {e}"),
+                Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+                Err(e) => break (format!("wait failed: {e}"), false),
             }
         };
         let console_text = std::fs::read_to_string(&console).unwrap_or_default();
-        collect(&results, scenario, "nested", &why, &console_text)
+        let text = std::fs::read_to_string(&results).unwrap_or_default();
+        Ok(NestedBoot { results: parse_results(&text), why, hung, console: console_text })
     }
 
     fn build_initramfs(&self, scenario: &Scenario, tmp: &Path) -> Result<PathBuf, TestHostError> {
@@ -234,6 +288,9 @@ impl TestHost {
         // The 17 MB vmlinux only travels when a step uses it.
         if text.contains("{vmlinux}") {
             copies.push((self.paths.vmlinux.clone(), stage.join("isocell/guest/vmlinux")));
+        }
+        if text.contains("{initrd}") {
+            copies.push((self.paths.initrd.clone(), stage.join("isocell/guest/initrd.cpio")));
         }
         for m in MODULES {
             copies.push((self.paths.nested_host.join("modules").join(format!("{m}.ko")), stage.join(format!("modules/{m}.ko"))));
@@ -260,6 +317,26 @@ impl TestHost {
     }
 }
 
+/// How many times a hung nested host is replaced before the run fails.
+const MAX_NESTED_RESTARTS: u32 = 2;
+
+/// What one nested host run produced.
+struct NestedBoot {
+    results: Vec<StepResult>,
+    why: String,
+    hung: bool,
+    console: String,
+}
+
+fn parse_results(text: &str) -> Vec<StepResult> {
+    text.lines().filter_map(|l| serde_json::from_str(l.trim()).ok()).collect()
+}
+
+fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Modules that give the nested host KVM, in load order.
 const MODULES: [&str; 4] = ["irqbypass", "kvm", "ccp", "kvm-amd"];
 
@@ -279,7 +356,8 @@ done
 exec /isocell/bin/isocell-testhost-runner --scenario /isocell/scenario.json \
   --results /dev/ttyS1 --work /tmp/steps --host nested --poweroff \
   --asset vmm=/isocell/bin/isocell-vmm --asset bzimage=/isocell/guest/bzImage \
-  --asset vmlinux=/isocell/guest/vmlinux --asset rootfs=/isocell/guest/rootfs.ext4
+  --asset vmlinux=/isocell/guest/vmlinux --asset rootfs=/isocell/guest/rootfs.ext4 \
+  --asset initrd=/isocell/guest/initrd.cpio
 "#;
 
 fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), TestHostError> {
@@ -288,24 +366,15 @@ fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), TestHost
 }
 
 /// Reads the runner's result lines and checks every step reported.
-fn collect(
-    results: &Path,
-    scenario: &Scenario,
-    host: &'static str,
-    why: &str,
-    console: &str,
-) -> Result<Vec<StepResult>, TestHostError> {
-    let text = std::fs::read_to_string(results).unwrap_or_default();
-    let got: Vec<StepResult> =
-        text.lines().filter_map(|l| serde_json::from_str(l.trim()).ok()).collect();
+fn collect(results: &Path, scenario: &Scenario, why: &str) -> Result<Vec<StepResult>, TestHostError> {
+    let got = parse_results(&std::fs::read_to_string(results).unwrap_or_default());
     if got.len() < scenario.steps.len() {
-        let lines: Vec<&str> = console.lines().collect();
         return Err(TestHostError::Incomplete {
-            host,
+            host: "direct",
             got: got.len(),
             want: scenario.steps.len(),
             why: why.to_owned(),
-            console: lines[lines.len().saturating_sub(60)..].join("\n"),
+            console: String::new(),
         });
     }
     Ok(got)

@@ -14,6 +14,7 @@ pub mod timeline;
 pub mod vstate;
 
 use std::fs::File;
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +30,7 @@ use device_manager::{DeviceKind, DeviceManager, DevicePlan};
 use exit::{ExitRequester, VmExit};
 use report::MemoryUse;
 use timeline::{Phase, Timeline};
-use vstate::vcpu::{Vcpu, VcpuContext};
+use vstate::vcpu::{register_kick_signal, stop_vcpus, ExitCounts, Vcpu, VcpuContext};
 
 /// Kernel arguments every cell gets: reboot through the i8042 (which stops the VM), no panic
 /// reboot (so the panic loop's LED blink reports it), no PCI or modules, and no PS/2 devices to
@@ -88,13 +89,15 @@ pub fn kernel_cmdline(config: &VmConfig, plan: &DevicePlan) -> String {
     args.join(" ")
 }
 
-/// A VM that has stopped. Its memory and KVM objects stay alive here because other vCPU threads
-/// may still be inside `KVM_RUN`; the process is expected to exit while holding this.
+/// A VM that has stopped: every vCPU thread has left `KVM_RUN` and ended (or, if one would not,
+/// the memory it could still touch is kept alive here until the process exits).
 pub struct StoppedVm {
     /// Why it stopped.
     pub exit: VmExit,
     /// Memory use measured as it stopped.
     pub memory: Option<MemoryUse>,
+    /// VM exits handled by the VMM, most frequent first.
+    pub exit_counts: Vec<(String, u64)>,
     _kvm: Kvm,
     _vm: VmFd,
     _mem: GuestMemoryMmap,
@@ -136,10 +139,16 @@ pub fn boot(config: &VmConfig, plan: &DevicePlan, timeline: Arc<Timeline>) -> Re
         .collect::<Result<Vec<_>, _>>()?;
     timeline.mark(Phase::VmBuilt);
 
-    let ctx = Arc::new(VcpuContext { pio: devices.pio.clone(), mmio: devices.mmio.clone(), exit });
-    for vcpu in vcpus {
-        vcpu.start(ctx.clone())?;
-    }
+    let exit_counts = ExitCounts::default();
+    let ctx = Arc::new(VcpuContext {
+        pio: devices.pio.clone(),
+        mmio: devices.mmio.clone(),
+        exit,
+        exit_counts: exit_counts.clone(),
+        stopping: AtomicBool::new(false),
+    });
+    register_kick_signal()?;
+    let threads = vcpus.into_iter().map(|v| v.start(ctx.clone())).collect::<Result<Vec<_>, _>>()?;
 
     let mut reason = match config.max_lifetime_secs {
         Some(secs) => match rx.recv_timeout(Duration::from_secs(secs)) {
@@ -150,9 +159,17 @@ pub fn boot(config: &VmConfig, plan: &DevicePlan, timeline: Arc<Timeline>) -> Re
         None => rx.recv().unwrap_or_else(|_| VmExit::VmmError("all vCPU threads ended".into())),
     };
     timeline.mark(Phase::Exited);
+    let stuck = stop_vcpus(&ctx, threads, Duration::from_secs(2));
+    if stuck > 0 && reason.code() == exit::EXIT_OK {
+        reason = VmExit::VmmError(format!("{stuck} vCPU thread(s) did not stop"));
+    }
     if let Err(e) = devices.flush_disks() {
         reason = VmExit::VmmError(format!("could not flush a disk image to the host: {e}"));
     }
     let memory = report::measure_self(&vstate::vm::host_ranges(&mem));
-    Ok(StoppedVm { exit: reason, memory, _kvm: kvm, _vm: vm, _mem: mem, _devices: devices })
+    Ok(StoppedVm {
+        exit: reason,
+        memory,
+        exit_counts: exit_counts.sorted(),
+        _kvm: kvm, _vm: vm, _mem: mem, _devices: devices })
 }

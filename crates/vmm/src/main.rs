@@ -166,14 +166,14 @@ fn run(args: Args, timeline: Arc<Timeline>) -> u8 {
             memory_mib: cfg.memory_mib,
             phases: timeline.phases(),
             memory: stopped.memory,
+            exit_counts: stopped.exit_counts.iter().take(20).cloned().collect(),
         };
         let json = serde_json::to_string_pretty(&report).unwrap_or_default();
         if let Err(e) = std::fs::write(path, json) {
             eprintln!("isocell-vmm: error: cannot write the report {}: {e}", path.display());
         }
     }
-    // Exit while `stopped` still holds guest memory: other vCPU threads may be in KVM_RUN.
-    std::process::exit(code);
+    code as u8
 }
 
 fn main() -> ExitCode {

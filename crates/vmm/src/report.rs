@@ -22,6 +22,8 @@ pub struct RunReport {
     pub phases: Phases,
     /// Memory use, measured from `/proc/self/smaps` just before the VMM exits.
     pub memory: Option<MemoryUse>,
+    /// VM exits the VMM handled, by kind and address, most frequent first (at most 20).
+    pub exit_counts: Vec<(String, u64)>,
 }
 
 /// Resident memory of the VMM process, split into guest memory and everything else.

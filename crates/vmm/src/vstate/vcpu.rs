@@ -2,11 +2,15 @@
 //! exits are dispatched to the buses; anything that ends the VM is reported through the exit
 //! channel, never by panicking.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::x86_64::{cpuid, msrs, regs};
 use crate::devices::Bus;
@@ -46,6 +50,61 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     /// Where stop requests go.
     pub exit: ExitRequester,
+    /// VM exits counted by kind and address, for profiling.
+    pub exit_counts: ExitCounts,
+    /// Set when the VM is stopping; vCPU threads leave their loop when they see it.
+    pub stopping: AtomicBool,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler of the signal that kicks vCPU threads out of `KVM_RUN`.
+pub fn register_kick_signal() -> Result<(), VcpuError> {
+    register_signal_handler(SIGRTMIN(), kick_handler)
+        .map_err(|e| VcpuError::Spawn(0, std::io::Error::from_raw_os_error(e.errno())))
+}
+
+/// Stops the vCPU threads: marks the VM as stopping and signals each thread until it has left
+/// `KVM_RUN` and ended. Returns how many threads did not end within `patience`.
+pub fn stop_vcpus(ctx: &VcpuContext, threads: Vec<JoinHandle<()>>, patience: Duration) -> usize {
+    ctx.stopping.store(true, Ordering::SeqCst);
+    let start = std::time::Instant::now();
+    let mut left = threads;
+    while !left.is_empty() && start.elapsed() < patience {
+        let (done, running): (Vec<_>, Vec<_>) = left.into_iter().partition(|t| t.is_finished());
+        for t in done {
+            let _ = t.join();
+        }
+        for t in &running {
+            // The signal interrupts KVM_RUN (EINTR); a thread between two runs sees `stopping`.
+            let _ = t.kill(SIGRTMIN());
+        }
+        left = running;
+        if !left.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    left.len()
+}
+
+/// Counts of VM exits that reached the VMM, by kind and address.
+#[derive(Clone, Debug, Default)]
+pub struct ExitCounts(Arc<Mutex<HashMap<(&'static str, u64), u64>>>);
+
+impl ExitCounts {
+    fn add(&self, kind: &'static str, addr: u64) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry((kind, addr)).or_default() += 1;
+    }
+
+    /// The counts, most frequent first, as `("pio_in 0x71", n)`.
+    pub fn sorted(&self) -> Vec<(String, u64)> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<(String, u64)> =
+            map.iter().map(|((kind, addr), n)| (format!("{kind} {addr:#x}"), *n)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v
+    }
 }
 
 impl Vcpu {
@@ -72,7 +131,7 @@ impl Vcpu {
     }
 
     fn run(mut self, ctx: &VcpuContext) {
-        loop {
+        while !ctx.stopping.load(Ordering::SeqCst) {
             if let Some(exit) = self.run_once(ctx) {
                 ctx.exit.request(exit);
                 return;
@@ -85,6 +144,7 @@ impl Vcpu {
         let index = self.index;
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
+                ctx.exit_counts.add("pio_in", u64::from(port));
                 if !ctx.pio.read(u64::from(port), data) {
                     // Nothing there: the floating bus reads all ones.
                     data.fill(0xff);
@@ -92,16 +152,19 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                ctx.exit_counts.add("pio_out", u64::from(port));
                 ctx.pio.write(u64::from(port), data);
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                ctx.exit_counts.add("mmio_read", addr);
                 if !ctx.mmio.read(addr, data) {
                     data.fill(0xff);
                 }
                 None
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ctx.exit_counts.add("mmio_write", addr);
                 ctx.mmio.write(addr, data);
                 None
             }

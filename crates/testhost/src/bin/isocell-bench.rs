@@ -1,0 +1,160 @@
+//! `isocell-bench`: boots the cell kernel repeatedly through the test host and reports the boot
+//! phases and the VMM's memory overhead (median, min, max) as JSON. Not a test: timings are
+//! never asserted, only recorded with the machine they ran on.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use isocell_testhost::host::project_root;
+use isocell_testhost::stats::{summarize, Summary};
+use isocell_testhost::{HostKind, Scenario, Step, StepResult, TestHost};
+use serde_json::{json, Value};
+
+/// Firecracker's full boot cycle with our kernel in the nested host (shared/design), in ms.
+const FIRECRACKER_NESTED_CYCLE_MS: f64 = 2100.0;
+/// Target: a full cycle at most this fraction of Firecracker's.
+const CYCLE_TARGET_RATIO: f64 = 0.8;
+/// Target: VMM memory overhead, KiB.
+const OVERHEAD_TARGET_KIB: f64 = 3.0 * 1024.0;
+
+/// Measure VMM boot phases and memory overhead.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Measured runs (one extra warm-up run is discarded).
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// vCPUs per VM.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 128)]
+    memory: u64,
+    /// Where to write the JSON results.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn boot_step(i: usize, args: &Args) -> Step {
+    let argv = [
+        "{vmm}",
+        "--kernel",
+        "{vmlinux}",
+        "--drive",
+        "id=root,path={rootfs},ro,root",
+        "--console",
+        "off",
+        "--cpus",
+        &args.cpus.to_string(),
+        "--memory",
+        &args.memory.to_string(),
+        "--boot-args",
+        "isocell_scenario=quiet",
+        "--report",
+        "{work}/report.json",
+    ];
+    Step {
+        name: format!("boot-{i}"),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        timeout_secs: 120,
+        create_files: Default::default(),
+        write_files: Default::default(),
+        hash_files: vec![],
+        report_file: Some("{work}/report.json".into()),
+    }
+}
+
+fn ms(us: Option<u64>) -> Option<f64> {
+    us.map(|v| v as f64 / 1000.0)
+}
+
+fn series(results: &[StepResult], f: impl Fn(&StepResult) -> Option<f64>) -> Option<Summary> {
+    summarize(&results.iter().filter_map(f).collect::<Vec<_>>())
+}
+
+fn phase(r: &StepResult, name: &str) -> Option<u64> {
+    r.report.as_ref()?.get("phases")?.get(name)?.as_u64()
+}
+
+fn memory(r: &StepResult, name: &str) -> Option<f64> {
+    r.report.as_ref()?.get("memory")?.get(name)?.as_f64()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_default()
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let host = TestHost::detect()?;
+    eprintln!("isocell-bench: {} runs + 1 warm-up on the {} test host", args.runs, host.kind().name());
+    let steps = (0..=args.runs).map(|i| boot_step(i, &args)).collect();
+    let results = host.run(&Scenario { steps })?;
+    let measured: Vec<StepResult> = results.into_iter().skip(1).collect();
+    if let Some(bad) = measured.iter().find(|r| r.exit_code != Some(0)) {
+        bail!("a benchmark boot failed:\n{}", bad.explain());
+    }
+
+    let full_cycle = series(&measured, |r| Some(r.wall_us as f64 / 1000.0));
+    let overhead = series(&measured, |r| memory(r, "vmm_overhead_kib"));
+    let mut out = json!({
+        "benchmark": "vmm-boot",
+        "host": host.kind().name(),
+        "host_cpu": cpu_model(),
+        "runs": measured.len(),
+        "vcpus": args.cpus,
+        "memory_mib": args.memory,
+        "kernel": "vmlinux, ELF (guest/build-kernel.sh)",
+        "console": "off",
+        "full_cycle_ms": full_cycle,
+        "vm_built_ms": series(&measured, |r| ms(phase(r, "vm_built_us"))),
+        "guest_init_ms": series(&measured, |r| ms(phase(r, "guest_init_us"))),
+        "vmm_exit_ms": series(&measured, |r| ms(phase(r, "exit_us"))),
+        "vmm_overhead_kib": overhead,
+        "guest_rss_kib": series(&measured, |r| memory(r, "guest_rss_kib")),
+    });
+    let mut targets = json!({ "vmm_overhead_kib_max": OVERHEAD_TARGET_KIB });
+    if host.kind() == HostKind::Nested {
+        // The Firecracker reference was measured in the nested host; on hardware compare
+        // against Firecracker run on the same machine instead.
+        targets["full_cycle_ms_max"] = Value::from(FIRECRACKER_NESTED_CYCLE_MS * CYCLE_TARGET_RATIO);
+        targets["firecracker_full_cycle_ms"] = Value::from(FIRECRACKER_NESTED_CYCLE_MS);
+    }
+    out["targets"] = targets;
+    out["samples"] = measured
+        .iter()
+        .map(|r| json!({ "wall_us": r.wall_us, "phases": r.report.as_ref().and_then(|v| v.get("phases")), "memory": r.report.as_ref().and_then(|v| v.get("memory")) }))
+        .collect();
+
+    let path = args.out.unwrap_or_else(|| project_root().join("build/bench/vmm-boot.json"));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&out)?).with_context(|| format!("writing {}", path.display()))?;
+
+    let row = |label: &str, s: Option<Summary>, unit: &str| match s {
+        Some(s) => println!("{label:<28} median {:>9.1} {unit}  min {:>9.1}  max {:>9.1}  (n={})", s.median, s.min, s.max, s.n),
+        None => println!("{label:<28} not measured"),
+    };
+    println!("IsoCell VMM boot benchmark, {} host ({})", host.kind().name(), cpu_model());
+    row("full cycle (spawn -> exit)", full_cycle, "ms");
+    row("VM built", series(&measured, |r| ms(phase(r, "vm_built_us"))), "ms");
+    row("guest init (boot timer)", series(&measured, |r| ms(phase(r, "guest_init_us"))), "ms");
+    row("VM stopped", series(&measured, |r| ms(phase(r, "exit_us"))), "ms");
+    row("VMM overhead (RSS - guest)", overhead, "KiB");
+    if let (Some(c), HostKind::Nested) = (full_cycle, host.kind()) {
+        println!(
+            "full cycle vs Firecracker in the nested host: {:.2}x (target <= {CYCLE_TARGET_RATIO})",
+            c.median / FIRECRACKER_NESTED_CYCLE_MS
+        );
+    }
+    println!("results: {}", path.display());
+    Ok(())
+}
