@@ -72,7 +72,12 @@ fn data_disk_writes_reach_the_host_file() {
     let guest_hash = g["sha256"].as_str().unwrap_or("");
     assert_eq!(guest_hash.len(), 64, "{g}");
     // Random bytes: an all-zero disk would hash differently.
-    assert_eq!(r.hashes.get("{work}/data.img").map(String::as_str), Some(guest_hash), "{}", r.explain());
+    assert_eq!(
+        r.hashes.get("{work}/data.img").map(String::as_str),
+        Some(guest_hash),
+        "{}",
+        r.explain()
+    );
 }
 
 #[test]
@@ -117,7 +122,10 @@ fn hung_guest_fails_at_the_bound_with_its_console() {
 
 /// Runs the local VMM, which must refuse before creating anything.
 fn refuse(args: &[&str]) -> (i32, String) {
-    let out = Command::new(local_vmm()).args(args).output().unwrap_or_else(|e| panic!("cannot run the VMM: {e}"));
+    let out = Command::new(local_vmm())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the VMM: {e}"));
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -146,7 +154,10 @@ fn bad_configurations_exit_2_with_a_clear_message() {
     let cases: &[(&[&str], &str)] = &[
         (&["--kernel", "/nonexistent/vmlinux"], "kernel /nonexistent/vmlinux cannot be opened"),
         (&["--kernel", nk], "neither an ELF vmlinux nor a bzImage"),
-        (&["--kernel", k, "--drive", "id=root,path=/nonexistent.img,ro,root"], "image /nonexistent.img cannot be opened"),
+        (
+            &["--kernel", k, "--drive", "id=root,path=/nonexistent.img,ro,root"],
+            "image /nonexistent.img cannot be opened",
+        ),
         (&["--kernel", k, "--memory", "0"], "memory_mib is 0"),
         (&["--kernel", k, "--memory", "900G"], "MiB"),
         (&["--kernel", k, "--cpus", "0"], "vcpus is 0"),
@@ -170,7 +181,8 @@ fn bad_configurations_exit_2_with_a_clear_message() {
 fn a_host_without_hardware_virtualization_is_refused_at_once() {
     let kernel = local_bzimage();
     let started = std::time::Instant::now();
-    let (code, stderr) = refuse(&["--kernel", kernel.to_str().unwrap_or_default(), "--max-lifetime", "30"]);
+    let (code, stderr) =
+        refuse(&["--kernel", kernel.to_str().unwrap_or_default(), "--max-lifetime", "30"]);
     if Path::new("/sys/module/kvm_pvm").exists() {
         assert_eq!(code, 5, "{stderr}");
         assert!(stderr.contains("kvm-pvm") && stderr.contains("nested test host"), "{stderr}");
@@ -207,8 +219,18 @@ fn describe_lists_every_device_with_its_place() {
     assert_eq!(root["read_only"], true);
     assert_eq!(root["irq"], 5);
     assert_eq!(root["ranges"][0]["base"], 0xd000_1000u64);
-    let features: Vec<&str> = root["features"].as_array().map(|f| f.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
-    assert!(features.contains(&"VIRTIO_BLK_F_RO") && features.contains(&"VIRTIO_F_VERSION_1"), "{features:?}");
+    let features: Vec<&str> = root["features"]
+        .as_array()
+        .map(|f| f.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        features.contains(&"VIRTIO_BLK_F_RO") && features.contains(&"VIRTIO_F_VERSION_1"),
+        "{features:?}"
+    );
     let cmdline = d["kernel_cmdline"].as_str().unwrap_or("");
-    assert!(cmdline.contains("virtio_mmio.device=4K@0xd0001000:5") && cmdline.contains("root=/dev/vda ro"), "{cmdline}");
+    assert!(
+        cmdline.contains("virtio_mmio.device=4K@0xd0001000:5")
+            && cmdline.contains("root=/dev/vda ro"),
+        "{cmdline}"
+    );
 }

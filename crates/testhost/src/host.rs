@@ -84,7 +84,10 @@ pub struct Paths {
 pub fn project_root() -> PathBuf {
     match std::env::var_os("ISOCELL_ROOT") {
         Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap_or_else(|_| PathBuf::from(".")),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .canonicalize()
+            .unwrap_or_else(|_| PathBuf::from(".")),
     }
 }
 
@@ -108,11 +111,31 @@ impl Paths {
         const BUILD_BINS: &str = "run `cargo build --release --workspace --bins`";
         Ok(Paths {
             vmm: require(bin.join("isocell-vmm"), "isocell-vmm", BUILD_BINS)?,
-            runner: require(bin.join("isocell-testhost-runner"), "isocell-testhost-runner", BUILD_BINS)?,
-            bzimage: require(build.join("guest/bzImage"), "the cell kernel", "run guest/build-kernel.sh")?,
-            vmlinux: require(build.join("guest/vmlinux"), "the cell kernel (vmlinux)", "run guest/build-kernel.sh")?,
-            rootfs: require(build.join("guest/rootfs.ext4"), "the base image", "run guest/build-rootfs.sh")?,
-            initrd: require(build.join("guest/initrd.cpio"), "the base initramfs", "run guest/build-rootfs.sh")?,
+            runner: require(
+                bin.join("isocell-testhost-runner"),
+                "isocell-testhost-runner",
+                BUILD_BINS,
+            )?,
+            bzimage: require(
+                build.join("guest/bzImage"),
+                "the cell kernel",
+                "run guest/build-kernel.sh",
+            )?,
+            vmlinux: require(
+                build.join("guest/vmlinux"),
+                "the cell kernel (vmlinux)",
+                "run guest/build-kernel.sh",
+            )?,
+            rootfs: require(
+                build.join("guest/rootfs.ext4"),
+                "the base image",
+                "run guest/build-rootfs.sh",
+            )?,
+            initrd: require(
+                build.join("guest/initrd.cpio"),
+                "the base initramfs",
+                "run guest/build-rootfs.sh",
+            )?,
             nested_host: build.join("nested-host"),
         })
     }
@@ -137,7 +160,11 @@ impl TestHost {
             _ => HostKind::Nested,
         };
         if kind == HostKind::Nested {
-            require(paths.nested_host.join("vmlinuz"), "the nested host kernel", "run scripts/prepare-nested-host.sh")?;
+            require(
+                paths.nested_host.join("vmlinuz"),
+                "the nested host kernel",
+                "run scripts/prepare-nested-host.sh",
+            )?;
         }
         Ok(TestHost { kind, paths })
     }
@@ -156,7 +183,11 @@ impl TestHost {
         }
     }
 
-    fn run_direct(&self, scenario: &Scenario, tmp: &Path) -> Result<Vec<StepResult>, TestHostError> {
+    fn run_direct(
+        &self,
+        scenario: &Scenario,
+        tmp: &Path,
+    ) -> Result<Vec<StepResult>, TestHostError> {
         let scenario_path = tmp.join("scenario.json");
         write_json(&scenario_path, scenario)?;
         let results = tmp.join("results.jsonl");
@@ -173,11 +204,16 @@ impl TestHost {
         for (name, path) in assets {
             cmd.arg("--asset").arg(format!("{name}={}", path.display()));
         }
-        let status = cmd.status().map_err(|e| TestHostError::Io(format!("cannot run the runner: {e}")))?;
+        let status =
+            cmd.status().map_err(|e| TestHostError::Io(format!("cannot run the runner: {e}")))?;
         collect(&results, scenario, &format!("runner exited with {status}"))
     }
 
-    fn run_nested(&self, scenario: &Scenario, tmp: &Path) -> Result<Vec<StepResult>, TestHostError> {
+    fn run_nested(
+        &self,
+        scenario: &Scenario,
+        tmp: &Path,
+    ) -> Result<Vec<StepResult>, TestHostError> {
         let mut results: Vec<StepResult> = Vec::new();
         let mut restarts = 0;
         loop {
@@ -241,19 +277,26 @@ impl TestHost {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| TestHostError::Io(format!("cannot start qemu-system-x86_64 (run scripts/install-deps.sh): {e}")))?;
+            .map_err(|e| {
+                TestHostError::Io(format!(
+                    "cannot start qemu-system-x86_64 (run scripts/install-deps.sh): {e}"
+                ))
+            })?;
         // Each step gets its own timeout inside the nested host; out here the next result must
         // arrive within that timeout plus a margin (more for the first, which includes booting
         // the nested host), or the nested host is considered hung.
         let mut done = 0;
         let mut last_progress = Instant::now();
         let (why, hung) = loop {
-            let reported = std::fs::read_to_string(&results).map(|t| t.lines().filter(|l| !l.trim().is_empty()).count()).unwrap_or(0);
+            let reported = std::fs::read_to_string(&results)
+                .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
+                .unwrap_or(0);
             if reported > done {
                 done = reported;
                 last_progress = Instant::now();
             }
-            let allowance = scenario.steps.get(done).map_or(60, |s| s.timeout_secs + 60) + if done == 0 { 120 } else { 0 };
+            let allowance = scenario.steps.get(done).map_or(60, |s| s.timeout_secs + 60)
+                + if done == 0 { 120 } else { 0 };
             match child.try_wait() {
                 Ok(Some(status)) => break (format!("QEMU exited with {status}"), false),
                 Ok(None) if last_progress.elapsed() > Duration::from_secs(allowance) => {
@@ -272,11 +315,17 @@ impl TestHost {
 
     fn build_initramfs(&self, scenario: &Scenario, tmp: &Path) -> Result<PathBuf, TestHostError> {
         let stage = tmp.join("stage");
-        let io = |e: std::io::Error| TestHostError::Io(format!("building the nested host initramfs: {e}"));
+        let io = |e: std::io::Error| {
+            TestHostError::Io(format!("building the nested host initramfs: {e}"))
+        };
         for dir in ["bin", "modules", "isocell/bin", "isocell/guest"] {
             std::fs::create_dir_all(stage.join(dir)).map_err(io)?;
         }
-        let busybox = require(PathBuf::from("/bin/busybox"), "busybox-static", "run scripts/install-deps.sh")?;
+        let busybox = require(
+            PathBuf::from("/bin/busybox"),
+            "busybox-static",
+            "run scripts/install-deps.sh",
+        )?;
         let text = serde_json::to_string(scenario).unwrap_or_default();
         let mut copies = vec![
             (busybox, stage.join("bin/busybox")),
@@ -293,10 +342,14 @@ impl TestHost {
             copies.push((self.paths.initrd.clone(), stage.join("isocell/guest/initrd.cpio")));
         }
         for m in MODULES {
-            copies.push((self.paths.nested_host.join("modules").join(format!("{m}.ko")), stage.join(format!("modules/{m}.ko"))));
+            copies.push((
+                self.paths.nested_host.join("modules").join(format!("{m}.ko")),
+                stage.join(format!("modules/{m}.ko")),
+            ));
         }
         for (from, to) in copies {
-            std::fs::copy(&from, &to).map_err(|e| TestHostError::Io(format!("copying {}: {e}", from.display())))?;
+            std::fs::copy(&from, &to)
+                .map_err(|e| TestHostError::Io(format!("copying {}: {e}", from.display())))?;
         }
         std::fs::write(stage.join("isocell/scenario.json"), text).map_err(io)?;
         let init = stage.join("init");
@@ -366,7 +419,11 @@ fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), TestHost
 }
 
 /// Reads the runner's result lines and checks every step reported.
-fn collect(results: &Path, scenario: &Scenario, why: &str) -> Result<Vec<StepResult>, TestHostError> {
+fn collect(
+    results: &Path,
+    scenario: &Scenario,
+    why: &str,
+) -> Result<Vec<StepResult>, TestHostError> {
     let got = parse_results(&std::fs::read_to_string(results).unwrap_or_default());
     if got.len() < scenario.steps.len() {
         return Err(TestHostError::Incomplete {
@@ -387,8 +444,10 @@ impl TempDir {
     fn new() -> Result<Self, TestHostError> {
         static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("isocell-testhost-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&path).map_err(|e| TestHostError::Io(format!("{}: {e}", path.display())))?;
+        let path =
+            std::env::temp_dir().join(format!("isocell-testhost-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path)
+            .map_err(|e| TestHostError::Io(format!("{}: {e}", path.display())))?;
         Ok(TempDir(path))
     }
 

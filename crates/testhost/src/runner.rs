@@ -140,7 +140,8 @@ pub fn run_step(step: &Step, assets: &Assets, work_root: &Path, host: &str) -> S
     result.guest_results = guest_results(&result.stdout);
     if let Some(report) = &step.report_file {
         let path = substitute(report, assets, &work);
-        result.report = std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok());
+        result.report =
+            std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok());
     }
     for path in &step.hash_files {
         let full = substitute(path, assets, &work);
@@ -197,7 +198,11 @@ mod tests {
         let root = std::env::temp_dir().join(format!("isocell-runner-{}", std::process::id()));
         let mut s = step(
             "write",
-            &["/bin/sh", "-c", "echo 'ISOCELL-RESULT {\"x\": 1}'; echo err >&2; printf abc > {work}/f; exit 3"],
+            &[
+                "/bin/sh",
+                "-c",
+                "echo 'ISOCELL-RESULT {\"x\": 1}'; echo err >&2; printf abc > {work}/f; exit 3",
+            ],
             30,
         );
         s.hash_files = vec!["{work}/f".into()];
@@ -225,6 +230,9 @@ mod tests {
     fn substitutes_assets() {
         let mut a = Assets::new();
         a.insert("vmm".into(), "/x/isocell-vmm".into());
-        assert_eq!(substitute("{vmm} --report {work}/r", &a, Path::new("/w")), "/x/isocell-vmm --report /w/r");
+        assert_eq!(
+            substitute("{vmm} --report {work}/r", &a, Path::new("/w")),
+            "/x/isocell-vmm --report /w/r"
+        );
     }
 }

@@ -76,10 +76,11 @@ pub fn parse_memory_mib(s: &str) -> Result<u64, ConfigError> {
     } else {
         (t, 1)
     };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| ConfigError::Flag(format!("--memory {s:?}: give MiB as a number, or a size like 256M or 2G")))
+    num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).ok_or_else(|| {
+        ConfigError::Flag(format!(
+            "--memory {s:?}: give MiB as a number, or a size like 256M or 2G"
+        ))
+    })
 }
 
 /// Parses `--console`: `stdout`, `off` or `file:PATH`.
@@ -96,7 +97,9 @@ pub fn parse_console(s: &str) -> Result<ConsoleConfig, ConfigError> {
 
 /// Parses `--drive id=ID,path=PATH[,ro][,root]`.
 pub fn parse_drive(s: &str) -> Result<DriveConfig, ConfigError> {
-    let bad = |why: &str| ConfigError::Flag(format!("--drive {s:?}: {why}; expected id=ID,path=PATH[,ro][,root]"));
+    let bad = |why: &str| {
+        ConfigError::Flag(format!("--drive {s:?}: {why}; expected id=ID,path=PATH[,ro][,root]"))
+    };
     let (mut id, mut path, mut read_only, mut root) = (None, None, false, false);
     for part in s.split(',') {
         match part.split_once('=') {
@@ -133,16 +136,19 @@ pub fn check(config: &VmConfig) -> Result<DevicePlan, ConfigError> {
             return Err(ConfigError::MemoryExceedsHost(config.memory_mib, host));
         }
     }
-    let mut kernel = File::open(&config.kernel).map_err(|e| ConfigError::Kernel(config.kernel.clone(), e))?;
-    KernelFormat::detect(&mut kernel).map_err(|_| ConfigError::KernelFormat(config.kernel.clone()))?;
+    let mut kernel =
+        File::open(&config.kernel).map_err(|e| ConfigError::Kernel(config.kernel.clone(), e))?;
+    KernelFormat::detect(&mut kernel)
+        .map_err(|_| ConfigError::KernelFormat(config.kernel.clone()))?;
     if let Some(initrd) = &config.initrd {
         File::open(initrd).map_err(|e| ConfigError::Initrd(initrd.clone(), e))?;
     }
     for d in &config.drives {
         let mode = if d.read_only { "read-only" } else { "read-write" };
-        let file = OpenOptions::new().read(true).write(!d.read_only).open(&d.path).map_err(|err| {
-            ConfigError::Drive { id: d.id.clone(), path: d.path.clone(), mode, err }
-        })?;
+        let file =
+            OpenOptions::new().read(true).write(!d.read_only).open(&d.path).map_err(|err| {
+                ConfigError::Drive { id: d.id.clone(), path: d.path.clone(), mode, err }
+            })?;
         let meta = file.metadata().map_err(|err| ConfigError::Drive {
             id: d.id.clone(),
             path: d.path.clone(),
@@ -150,10 +156,18 @@ pub fn check(config: &VmConfig) -> Result<DevicePlan, ConfigError> {
             err,
         })?;
         if !meta.is_file() {
-            return Err(ConfigError::DriveImage(d.id.clone(), d.path.clone(), "is not a regular file"));
+            return Err(ConfigError::DriveImage(
+                d.id.clone(),
+                d.path.clone(),
+                "is not a regular file",
+            ));
         }
         if meta.len() < 512 {
-            return Err(ConfigError::DriveImage(d.id.clone(), d.path.clone(), "is smaller than one 512-byte sector"));
+            return Err(ConfigError::DriveImage(
+                d.id.clone(),
+                d.path.clone(),
+                "is smaller than one 512-byte sector",
+            ));
         }
     }
     if let ConsoleConfig::File(p) = &config.console {
@@ -194,7 +208,8 @@ mod tests {
         let mut c = VmConfig::new("/nonexistent/vmlinux");
         let e = check(&c).unwrap_err().to_string();
         assert!(e.contains("/nonexistent/vmlinux") && e.contains("build-kernel.sh"), "{e}");
-        let not_kernel = std::env::temp_dir().join(format!("isocell-notkernel-{}", std::process::id()));
+        let not_kernel =
+            std::env::temp_dir().join(format!("isocell-notkernel-{}", std::process::id()));
         std::fs::write(&not_kernel, b"hello").unwrap();
         c.kernel = not_kernel.clone();
         let e = check(&c).unwrap_err().to_string();

@@ -203,14 +203,18 @@ impl DevicePlan {
                 features: feature_names(block::DEVICE_TYPE, block::offered_features(d.read_only)),
                 queue_sizes: vec![block::QUEUE_SIZE],
             };
-            virtio.push((PlannedDevice { id: d.id.clone(), kind, ranges: vec![], irq: None }, d.placement));
+            virtio.push((
+                PlannedDevice { id: d.id.clone(), kind, ranges: vec![], irq: None },
+                d.placement,
+            ));
         }
         if config.rng {
             let kind = DeviceKind::VirtioRng {
                 features: feature_names(rng::DEVICE_TYPE, rng::offered_features()),
                 queue_sizes: vec![rng::QUEUE_SIZE],
             };
-            virtio.push((PlannedDevice { id: "rng0".into(), kind, ranges: vec![], irq: None }, None));
+            virtio
+                .push((PlannedDevice { id: "rng0".into(), kind, ranges: vec![], irq: None }, None));
         }
 
         for (dev, placement) in &mut virtio {
@@ -236,13 +240,16 @@ impl DevicePlan {
             }
             let taken_range = |base: u64, devs: &[PlannedDevice]| {
                 devs.iter().flat_map(|d| &d.ranges).any(|r| {
-                    r.space == AddressSpace::Mmio && base < r.base + r.len && r.base < base + MMIO_WINDOW_LEN
+                    r.space == AddressSpace::Mmio
+                        && base < r.base + r.len
+                        && r.base < base + MMIO_WINDOW_LEN
                 })
             };
             while taken_range(next_base, &devices) {
                 next_base += MMIO_WINDOW_LEN;
             }
-            let irq = VIRTIO_IRQS.iter().copied().find(|irq| devices.iter().all(|d| d.irq != Some(*irq)));
+            let irq =
+                VIRTIO_IRQS.iter().copied().find(|irq| devices.iter().all(|d| d.irq != Some(*irq)));
             let (Some(irq), true) = (irq, next_base + MMIO_WINDOW_LEN <= DEVICE_WINDOW_END) else {
                 return Err(PlacementError::Exhausted(dev.id.clone()));
             };
@@ -319,9 +326,11 @@ impl DeviceManager {
         for planned in &plan.devices {
             let id = &planned.id;
             let irqfd = |irq: u32| -> Result<EventFd, DeviceError> {
-                let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| DeviceError::Irq(id.clone(), e))?;
-                vm.register_irqfd(&evt, irq)
-                    .map_err(|e| DeviceError::Irq(id.clone(), std::io::Error::from_raw_os_error(e.errno())))?;
+                let evt =
+                    EventFd::new(EFD_NONBLOCK).map_err(|e| DeviceError::Irq(id.clone(), e))?;
+                vm.register_irqfd(&evt, irq).map_err(|e| {
+                    DeviceError::Irq(id.clone(), std::io::Error::from_raw_os_error(e.errno()))
+                })?;
                 Ok(evt)
             };
             let device: SharedDevice = match &planned.kind {
@@ -343,7 +352,9 @@ impl DeviceManager {
                         .write(!read_only)
                         .open(path)
                         .map_err(|e| DeviceError::Backing(id.clone(), path.clone(), e))?;
-                    let keep = file.try_clone().map_err(|e| DeviceError::Backing(id.clone(), path.clone(), e))?;
+                    let keep = file
+                        .try_clone()
+                        .map_err(|e| DeviceError::Backing(id.clone(), path.clone(), e))?;
                     let blk = Block::new(id.clone(), file, *read_only)
                         .map_err(|e| DeviceError::Backing(id.clone(), path.clone(), e))?;
                     let irq = planned.irq.unwrap_or_default();
@@ -357,7 +368,8 @@ impl DeviceManager {
                     t
                 }
                 DeviceKind::VirtioRng { .. } => {
-                    let rng = Rng::new().map_err(|e| DeviceError::Backing(id.clone(), "/dev/urandom".into(), e))?;
+                    let rng = Rng::new()
+                        .map_err(|e| DeviceError::Backing(id.clone(), "/dev/urandom".into(), e))?;
                     let irq = planned.irq.unwrap_or_default();
                     let t = MmioTransport::new(Box::new(rng), mem.clone(), irqfd(irq)?)
                         .map_err(|e| DeviceError::Queue(id.clone(), e.to_string()))?;
@@ -369,7 +381,8 @@ impl DeviceManager {
                     AddressSpace::Pio => &mut pio,
                     AddressSpace::Mmio => &mut mmio,
                 };
-                bus.insert(r.base, r.len, device.clone()).map_err(|e| DeviceError::Bus(id.clone(), e))?;
+                bus.insert(r.base, r.len, device.clone())
+                    .map_err(|e| DeviceError::Bus(id.clone(), e))?;
             }
         }
         Ok(DeviceManager { pio: Arc::new(pio), mmio: Arc::new(mmio), blocks, block_files })
@@ -438,7 +451,10 @@ mod tests {
         let p = MmioPlacement { mmio_base: 0xd000_2000, irq: 5 };
         c.drives = vec![drive("a", Some(p)), drive("b", Some(MmioPlacement { irq: 6, ..p }))];
         assert!(matches!(DevicePlan::new(&c), Err(PlacementError::Overlap(..))));
-        c.drives = vec![drive("a", Some(p)), drive("b", Some(MmioPlacement { mmio_base: 0xd000_3000, ..p }))];
+        c.drives = vec![
+            drive("a", Some(p)),
+            drive("b", Some(MmioPlacement { mmio_base: 0xd000_3000, ..p })),
+        ];
         assert!(matches!(DevicePlan::new(&c), Err(PlacementError::IrqConflict(..))));
         c.drives = vec![drive("a", Some(MmioPlacement { mmio_base: DEVICE_WINDOW_START, irq: 5 }))];
         let e = DevicePlan::new(&c).unwrap_err();

@@ -98,10 +98,4 @@ mod tests {
         // A flag name inside another word does not count.
         assert_eq!(classify(false, "flags\t: vmx_ept"), Err(HostError::NoHardwareVirt));
     }
-
-    #[test]
-    fn this_machine_is_classified() {
-        // Whatever this machine is, the check answers rather than hanging or panicking.
-        let _ = check();
-    }
 }

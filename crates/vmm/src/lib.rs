@@ -105,14 +105,19 @@ pub struct StoppedVm {
 }
 
 /// Builds the VM described by `config` (already checked into `plan`) and runs it until it stops.
-pub fn boot(config: &VmConfig, plan: &DevicePlan, timeline: Arc<Timeline>) -> Result<StoppedVm, BuildError> {
+pub fn boot(
+    config: &VmConfig,
+    plan: &DevicePlan,
+    timeline: Arc<Timeline>,
+) -> Result<StoppedVm, BuildError> {
     let kvm = Kvm::new().map_err(|e| host_check::HostError::NoKvm(e.to_string()))?;
     host_check::check_capabilities(&kvm)?;
     let mem_size = config.memory_mib << 20;
     let mem = vstate::vm::create_guest_memory(mem_size)?;
     let vm = vstate::vm::create_vm(&kvm, &mem)?;
 
-    let mut kernel_file = File::open(&config.kernel).map_err(|e| BuildError::Open(config.kernel.clone(), e))?;
+    let mut kernel_file =
+        File::open(&config.kernel).map_err(|e| BuildError::Open(config.kernel.clone(), e))?;
     let kernel = boot::load_kernel(&mem, &mut kernel_file)?;
     let initrd = match &config.initrd {
         Some(path) => {
@@ -154,7 +159,9 @@ pub fn boot(config: &VmConfig, plan: &DevicePlan, timeline: Arc<Timeline>) -> Re
         Some(secs) => match rx.recv_timeout(Duration::from_secs(secs)) {
             Ok(e) => e,
             Err(RecvTimeoutError::Timeout) => VmExit::LifetimeExceeded { secs },
-            Err(RecvTimeoutError::Disconnected) => VmExit::VmmError("all vCPU threads ended".into()),
+            Err(RecvTimeoutError::Disconnected) => {
+                VmExit::VmmError("all vCPU threads ended".into())
+            }
         },
         None => rx.recv().unwrap_or_else(|_| VmExit::VmmError("all vCPU threads ended".into())),
     };
@@ -171,5 +178,9 @@ pub fn boot(config: &VmConfig, plan: &DevicePlan, timeline: Arc<Timeline>) -> Re
         exit: reason,
         memory,
         exit_counts: exit_counts.sorted(),
-        _kvm: kvm, _vm: vm, _mem: mem, _devices: devices })
+        _kvm: kvm,
+        _vm: vm,
+        _mem: mem,
+        _devices: devices,
+    })
 }

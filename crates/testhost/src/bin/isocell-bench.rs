@@ -84,7 +84,11 @@ fn memory(r: &StepResult, name: &str) -> Option<f64> {
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default()
 }
 
@@ -94,7 +98,11 @@ fn main() -> Result<()> {
         bail!("--runs must be at least 1");
     }
     let host = TestHost::detect()?;
-    eprintln!("isocell-bench: {} runs + 1 warm-up on the {} test host", args.runs, host.kind().name());
+    eprintln!(
+        "isocell-bench: {} runs + 1 warm-up on the {} test host",
+        args.runs,
+        host.kind().name()
+    );
     let steps = (0..=args.runs).map(|i| boot_step(i, &args)).collect();
     let results = host.run(&Scenario { steps })?;
     let measured: Vec<StepResult> = results.into_iter().skip(1).collect();
@@ -124,7 +132,8 @@ fn main() -> Result<()> {
     if host.kind() == HostKind::Nested {
         // The Firecracker reference was measured in the nested host; on hardware compare
         // against Firecracker run on the same machine instead.
-        targets["full_cycle_ms_max"] = Value::from(FIRECRACKER_NESTED_CYCLE_MS * CYCLE_TARGET_RATIO);
+        targets["full_cycle_ms_max"] =
+            Value::from(FIRECRACKER_NESTED_CYCLE_MS * CYCLE_TARGET_RATIO);
         targets["firecracker_full_cycle_ms"] = Value::from(FIRECRACKER_NESTED_CYCLE_MS);
     }
     out["targets"] = targets;
@@ -137,10 +146,14 @@ fn main() -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    std::fs::write(&path, serde_json::to_string_pretty(&out)?).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&out)?)
+        .with_context(|| format!("writing {}", path.display()))?;
 
     let row = |label: &str, s: Option<Summary>, unit: &str| match s {
-        Some(s) => println!("{label:<28} median {:>9.1} {unit}  min {:>9.1}  max {:>9.1}  (n={})", s.median, s.min, s.max, s.n),
+        Some(s) => println!(
+            "{label:<28} median {:>9.1} {unit}  min {:>9.1}  max {:>9.1}  (n={})",
+            s.median, s.min, s.max, s.n
+        ),
         None => println!("{label:<28} not measured"),
     };
     println!("IsoCell VMM boot benchmark, {} host ({})", host.kind().name(), cpu_model());

@@ -46,11 +46,13 @@ fn main() -> Result<()> {
 }
 
 fn run(args: &Args) -> Result<()> {
-    let text = std::fs::read_to_string(&args.scenario).with_context(|| format!("reading {}", args.scenario.display()))?;
+    let text = std::fs::read_to_string(&args.scenario)
+        .with_context(|| format!("reading {}", args.scenario.display()))?;
     let scenario: Scenario = serde_json::from_str(&text).context("parsing the scenario")?;
     let mut assets = Assets::new();
     for a in &args.assets {
-        let (name, path) = a.split_once('=').with_context(|| format!("--asset {a:?} is not NAME=PATH"))?;
+        let (name, path) =
+            a.split_once('=').with_context(|| format!("--asset {a:?} is not NAME=PATH"))?;
         assets.insert(name.to_owned(), PathBuf::from(path));
     }
     let mut out = std::fs::OpenOptions::new()

@@ -82,7 +82,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::from(r.exit_code.and_then(|c| u8::try_from(c).ok()).unwrap_or(1)))
         }
         Cmd::Run { scenario } => {
-            let text = std::fs::read_to_string(&scenario).with_context(|| format!("reading {}", scenario.display()))?;
+            let text = std::fs::read_to_string(&scenario)
+                .with_context(|| format!("reading {}", scenario.display()))?;
             let scenario: Scenario = serde_json::from_str(&text).context("parsing the scenario")?;
             let results = th.run(&scenario)?;
             host::print_results(&results);

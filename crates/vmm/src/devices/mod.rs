@@ -99,6 +99,7 @@ fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'sta
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     struct Probe(Vec<(u64, u64, u8)>);
@@ -115,7 +116,7 @@ mod tests {
     fn routes_and_refuses_overlaps() {
         let dev: SharedDevice = Arc::new(Mutex::new(Probe(Vec::new())));
         let mut bus = Bus::new();
-        bus.insert(0x100, 0x10, dev.clone()).unwrap_or_default();
+        bus.insert(0x100, 0x10, dev.clone()).unwrap();
         assert!(bus.insert(0x10f, 1, dev.clone()).is_err());
         assert!(bus.insert(0xf8, 0x10, dev.clone()).is_err());
         assert!(bus.insert(0x200, 0, dev.clone()).is_err());

@@ -109,9 +109,16 @@ impl ExitCounts {
 
 impl Vcpu {
     /// Creates vCPU `index` of `count` and programs CPUID, MSRs, registers, FPU and LAPIC.
-    pub fn new(vm: &VmFd, supported: &CpuId, index: u8, count: u8, entry: u64) -> Result<Self, VcpuError> {
+    pub fn new(
+        vm: &VmFd,
+        supported: &CpuId,
+        index: u8,
+        count: u8,
+        entry: u64,
+    ) -> Result<Self, VcpuError> {
         let fd = vm.create_vcpu(u64::from(index)).map_err(|e| VcpuError::Create(index, e))?;
-        let cpuid = cpuid::for_vcpu(supported, index, count).map_err(|e| VcpuError::Cpuid(index, format!("{e:?}")))?;
+        let cpuid = cpuid::for_vcpu(supported, index, count)
+            .map_err(|e| VcpuError::Cpuid(index, format!("{e:?}")))?;
         fd.set_cpuid2(&cpuid).map_err(|e| VcpuError::Cpuid(index, e.to_string()))?;
         msrs::setup_msrs(&fd).map_err(|e| VcpuError::Msrs(index, e))?;
         regs::setup_regs(&fd, entry).map_err(|e| VcpuError::Regs(index, e))?;
@@ -174,18 +181,26 @@ impl Vcpu {
                     Some(VmExit::Reboot)
                 }
                 kvm_bindings::KVM_SYSTEM_EVENT_CRASH => Some(VmExit::GuestPanic),
-                other => Some(VmExit::KvmFailure { vcpu: index, detail: format!("system event {other}") }),
+                other => Some(VmExit::KvmFailure {
+                    vcpu: index,
+                    detail: format!("system event {other}"),
+                }),
             },
             Ok(VcpuExit::Hlt) => None,
             Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VmExit::KvmFailure {
                 vcpu: index,
-                detail: format!("KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"),
+                detail: format!(
+                    "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
+                ),
             }),
             Ok(VcpuExit::InternalError) => Some(VmExit::KvmFailure {
                 vcpu: index,
                 detail: "KVM internal error (the guest state could not be emulated)".into(),
             }),
-            Ok(other) => Some(VmExit::KvmFailure { vcpu: index, detail: format!("unexpected exit {other:?}") }),
+            Ok(other) => Some(VmExit::KvmFailure {
+                vcpu: index,
+                detail: format!("unexpected exit {other:?}"),
+            }),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
             Err(e) => Some(VmExit::VmmError(format!("KVM_RUN failed on vCPU {index}: {e}"))),
         }

@@ -31,9 +31,9 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, VmError> {
 pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(|e| VmError::Kvm("create a VM", e))?;
     for (slot, region) in mem.iter().enumerate() {
-        let host = region.get_host_address(vm_memory::MemoryRegionAddress(0)).map_err(|_| {
-            VmError::Kvm("map guest memory", kvm_ioctls::Error::new(libc::EFAULT))
-        })?;
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| VmError::Kvm("map guest memory", kvm_ioctls::Error::new(libc::EFAULT)))?;
         let region = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,

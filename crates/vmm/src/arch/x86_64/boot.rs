@@ -22,7 +22,9 @@ pub enum BootError {
     #[error("could not read the kernel image")]
     ReadKernel(#[source] std::io::Error),
     /// The kernel is neither an ELF vmlinux nor a bzImage.
-    #[error("the kernel is neither an ELF vmlinux nor a bzImage (no ELF magic, no 'HdrS' at 0x202)")]
+    #[error(
+        "the kernel is neither an ELF vmlinux nor a bzImage (no ELF magic, no 'HdrS' at 0x202)"
+    )]
     UnknownKernelFormat,
     /// linux-loader refused the kernel.
     #[error("could not load the kernel into guest memory")]
@@ -148,8 +150,10 @@ pub fn write_boot_params(
     cmdline: &Cmdline,
     initrd: Option<InitrdPlacement>,
 ) -> Result<(), BootError> {
-    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
-    let cmdline_len = cmdline.as_cstring().map_err(|e| BootError::Cmdline(e.to_string()))?.as_bytes().len();
+    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), cmdline)
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let cmdline_len =
+        cmdline.as_cstring().map_err(|e| BootError::Cmdline(e.to_string()))?.as_bytes().len();
 
     let mut params = boot_params::default();
     if let Some(header) = kernel.setup_header {

@@ -90,7 +90,11 @@ pub fn normalize(entries: &[kvm_cpuid_entry2], index: u8, count: u8) -> Vec<kvm_
 }
 
 /// Builds the CPUID for one vCPU from what KVM supports.
-pub fn for_vcpu(supported: &CpuId, index: u8, count: u8) -> Result<CpuId, vmm_sys_util::fam::Error> {
+pub fn for_vcpu(
+    supported: &CpuId,
+    index: u8,
+    count: u8,
+) -> Result<CpuId, vmm_sys_util::fam::Error> {
     CpuId::from_entries(&normalize(supported.as_slice(), index, count))
 }
 
@@ -112,7 +116,8 @@ mod tests {
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
         assert_ne!(l1.ecx & LEAF1_ECX_HYPERVISOR, 0);
         assert_ne!(l1.edx & LEAF1_EDX_HTT, 0);
-        let core = out.iter().find(|e| e.function == 0xb && e.index == 1).copied().unwrap_or_default();
+        let core =
+            out.iter().find(|e| e.function == 0xb && e.index == 1).copied().unwrap_or_default();
         assert_eq!((core.eax, core.ebx, core.ecx >> 8, core.edx), (2, 4, LEVEL_CORE, 3));
     }
 

@@ -65,7 +65,16 @@ pub fn build(base: u64, cpus: u8) -> Result<Vec<u8>, MptableError> {
     count += 1;
     for irq in 0..IOAPIC_PINS as u8 {
         // ISA IRQ n arrives on IO-APIC pin n; polarity and trigger conform to the ISA bus.
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, irq, ioapic_id, irq]);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            irq,
+            ioapic_id,
+            irq,
+        ]);
         count += 1;
     }
     // LINT0 of every local APIC takes ExtINT (the PIC), LINT1 takes NMI.

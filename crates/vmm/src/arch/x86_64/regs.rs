@@ -73,7 +73,8 @@ fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
 /// Writes the GDT, an empty IDT and identity page tables for the first 1 GiB (2 MiB pages).
 pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
     for (i, entry) in GDT.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(GDT_ADDR + 8 * i as u64)).map_err(RegsError::GuestMemory)?;
+        mem.write_obj(*entry, GuestAddress(GDT_ADDR + 8 * i as u64))
+            .map_err(RegsError::GuestMemory)?;
     }
     mem.write_obj(0u64, GuestAddress(IDT_ADDR)).map_err(RegsError::GuestMemory)?;
     // PML4[0] -> PDPT, PDPT[0] -> PD, PD[i] -> 2 MiB page i (present, writable, huge).

@@ -7,7 +7,8 @@ use std::os::unix::fs::FileExt;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::desc::split::Descriptor;
@@ -83,7 +84,8 @@ impl Block {
             .checked_mul(SECTOR_SIZE)
             .and_then(|s| s.checked_add(done))
             .ok_or(RequestError::Status(VIRTIO_BLK_S_IOERR))?;
-        let end = start.checked_add(u64::from(len)).ok_or(RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+        let end =
+            start.checked_add(u64::from(len)).ok_or(RequestError::Status(VIRTIO_BLK_S_IOERR))?;
         if end > self.capacity {
             return Err(RequestError::Status(VIRTIO_BLK_S_IOERR));
         }
@@ -91,37 +93,62 @@ impl Block {
     }
 
     /// Copies disk bytes at `offset` into guest memory at `addr`, `len` bytes.
-    fn disk_to_guest(&mut self, mem: &GuestMemoryMmap, offset: u64, addr: GuestAddress, len: u32) -> Result<(), RequestError> {
+    fn disk_to_guest(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        addr: GuestAddress,
+        len: u32,
+    ) -> Result<(), RequestError> {
         let mut done = 0usize;
         let len = len as usize;
         while done < len {
             let n = (len - done).min(CHUNK);
             let buf = &mut self.buffer[..n];
-            self.file.read_exact_at(buf, offset + done as u64).map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
-            let at = addr.0.checked_add(done as u64).ok_or(RequestError::Status(VIRTIO_BLK_S_IOERR))?;
-            mem.write_slice(buf, GuestAddress(at)).map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+            self.file
+                .read_exact_at(buf, offset + done as u64)
+                .map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+            let at =
+                addr.0.checked_add(done as u64).ok_or(RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+            mem.write_slice(buf, GuestAddress(at))
+                .map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
             done += n;
         }
         Ok(())
     }
 
     /// Copies guest memory at `addr` to the disk at `offset`, `len` bytes.
-    fn guest_to_disk(&mut self, mem: &GuestMemoryMmap, offset: u64, addr: GuestAddress, len: u32) -> Result<(), RequestError> {
+    fn guest_to_disk(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        addr: GuestAddress,
+        len: u32,
+    ) -> Result<(), RequestError> {
         let mut done = 0usize;
         let len = len as usize;
         while done < len {
             let n = (len - done).min(CHUNK);
             let buf = &mut self.buffer[..n];
-            let at = addr.0.checked_add(done as u64).ok_or(RequestError::Status(VIRTIO_BLK_S_IOERR))?;
-            mem.read_slice(buf, GuestAddress(at)).map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
-            self.file.write_all_at(buf, offset + done as u64).map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+            let at =
+                addr.0.checked_add(done as u64).ok_or(RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+            mem.read_slice(buf, GuestAddress(at))
+                .map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+            self.file
+                .write_all_at(buf, offset + done as u64)
+                .map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
             done += n;
         }
         Ok(())
     }
 
     /// Executes one request; returns the number of bytes written into guest buffers.
-    fn execute(&mut self, mem: &GuestMemoryMmap, header: [u8; 16], data: &[Descriptor]) -> Result<u32, RequestError> {
+    fn execute(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        header: [u8; 16],
+        data: &[Descriptor],
+    ) -> Result<u32, RequestError> {
         let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let mut sector_bytes = [0u8; 8];
         sector_bytes.copy_from_slice(&header[8..16]);
@@ -162,7 +189,8 @@ impl Block {
                 let n = self.id.len().min(id.len());
                 id[..n].copy_from_slice(&self.id.as_bytes()[..n]);
                 let len = (d.len() as usize).min(id.len());
-                mem.write_slice(&id[..len], d.addr()).map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+                mem.write_slice(&id[..len], d.addr())
+                    .map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
                 Ok(len as u32)
             }
             _ => Err(RequestError::Status(VIRTIO_BLK_S_UNSUPP)),
@@ -240,7 +268,9 @@ mod tests {
     const VRING_DESC_F_WRITE: u16 = 2;
 
     fn disk(bytes: &[u8], read_only: bool) -> Block {
-        let path = std::env::temp_dir().join(format!("isocell-blk-{}-{}", std::process::id(), bytes.len()));
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("isocell-blk-{}-{n}", std::process::id()));
         File::create(&path).unwrap().write_all(bytes).unwrap();
         let file = std::fs::OpenOptions::new().read(true).write(!read_only).open(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
@@ -248,14 +278,20 @@ mod tests {
     }
 
     /// Places a request (header, data buffers, status) on a mock queue and runs the device.
-    fn run(blk: &mut Block, kind: u32, sector: u64, data: &[(u32, bool)]) -> (GuestMemoryMmap, Vec<GuestAddress>, u8) {
+    fn run(
+        blk: &mut Block,
+        kind: u32,
+        sector: u64,
+        data: &[(u32, bool)],
+    ) -> (GuestMemoryMmap, Vec<GuestAddress>, u8) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let vq = MockSplitQueue::new(&mem, 16);
         let mut header = [0u8; 16];
         header[..4].copy_from_slice(&kind.to_le_bytes());
         header[8..].copy_from_slice(&sector.to_le_bytes());
         mem.write_slice(&header, GuestAddress(0x10000)).unwrap();
-        let mut descs = vec![RawDescriptor::from(Descriptor::new(0x10000, 16, VRING_DESC_F_NEXT, 1))];
+        let mut descs =
+            vec![RawDescriptor::from(Descriptor::new(0x10000, 16, VRING_DESC_F_NEXT, 1))];
         let mut addrs = Vec::new();
         for (i, (len, write)) in data.iter().enumerate() {
             let addr = 0x20000 + 0x10000 * i as u64;

@@ -40,8 +40,11 @@ impl MmioTransport {
         mem: GuestMemoryMmap,
         irq: EventFd,
     ) -> Result<Self, virtio_queue::Error> {
-        let queues =
-            device.queue_max_sizes().iter().map(|max| Queue::new(*max)).collect::<Result<_, _>>()?;
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|max| Queue::new(*max))
+            .collect::<Result<_, _>>()?;
         Ok(MmioTransport {
             device,
             mem,
@@ -62,7 +65,8 @@ impl MmioTransport {
 
     /// Queue setup is only allowed between FEATURES_OK and DRIVER_OK, as the spec says.
     fn queue_config_allowed(&self) -> bool {
-        self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0
+        self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0
     }
 
     fn reset(&mut self) {
@@ -146,17 +150,14 @@ impl MmioTransport {
         match offset {
             VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_select = value,
             VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_select = value,
-            VIRTIO_MMIO_DRIVER_FEATURES => {
-                if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
-                    match self.driver_features_select {
-                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
-                        1 => {
-                            self.driver_features =
-                                (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
-                        }
-                        _ => {}
-                    }
-                }
+            // Features are fixed once FEATURES_OK is set.
+            VIRTIO_MMIO_DRIVER_FEATURES if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 => {
+                let (low, high) = (self.driver_features & 0xffff_ffff, self.driver_features >> 32);
+                self.driver_features = match self.driver_features_select {
+                    0 => (high << 32) | u64::from(value),
+                    1 => (u64::from(value) << 32) | low,
+                    _ => self.driver_features,
+                };
             }
             VIRTIO_MMIO_QUEUE_SEL => self.queue_select = value,
             VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(value),
@@ -245,7 +246,7 @@ mod tests {
         assert_eq!(read32(&mut t, VIRTIO_MMIO_DEVICE_ID), 4);
         write32(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
         assert_eq!(read32(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), 1); // VERSION_1
-        // Narrow register reads return nothing useful, and never panic.
+                                                                    // Narrow register reads return nothing useful, and never panic.
         let mut b = [0u8; 1];
         t.read(0, 0, &mut b);
         assert_eq!(b, [0]);
