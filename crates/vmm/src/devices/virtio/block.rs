@@ -46,6 +46,18 @@ pub struct Block {
     buffer: Vec<u8>,
 }
 
+/// Any failure while moving data becomes an I/O error status for the guest.
+fn io_error<E>(_: E) -> RequestError {
+    RequestError::Status(VIRTIO_BLK_S_IOERR)
+}
+
+/// Which way a data transfer goes.
+#[derive(Clone, Copy)]
+enum Direction {
+    DiskToGuest,
+    GuestToDisk,
+}
+
 /// Why one request failed; the guest sees only the status byte.
 #[derive(Debug)]
 enum RequestError {
@@ -92,51 +104,34 @@ impl Block {
         Ok(start)
     }
 
-    /// Copies disk bytes at `offset` into guest memory at `addr`, `len` bytes.
-    fn disk_to_guest(
+    /// Copies `len` bytes between the disk at `offset` and guest memory at `addr`, through
+    /// the bounce buffer.
+    fn copy(
         &mut self,
         mem: &GuestMemoryMmap,
+        direction: Direction,
         offset: u64,
         addr: GuestAddress,
         len: u32,
     ) -> Result<(), RequestError> {
-        let mut done = 0usize;
         let len = len as usize;
+        let mut done = 0usize;
         while done < len {
             let n = (len - done).min(CHUNK);
             let buf = &mut self.buffer[..n];
-            self.file
-                .read_exact_at(buf, offset + done as u64)
-                .map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
-            let at =
+            let disk_at = offset + done as u64;
+            let guest_at =
                 addr.0.checked_add(done as u64).ok_or(RequestError::Status(VIRTIO_BLK_S_IOERR))?;
-            mem.write_slice(buf, GuestAddress(at))
-                .map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// Copies guest memory at `addr` to the disk at `offset`, `len` bytes.
-    fn guest_to_disk(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        offset: u64,
-        addr: GuestAddress,
-        len: u32,
-    ) -> Result<(), RequestError> {
-        let mut done = 0usize;
-        let len = len as usize;
-        while done < len {
-            let n = (len - done).min(CHUNK);
-            let buf = &mut self.buffer[..n];
-            let at =
-                addr.0.checked_add(done as u64).ok_or(RequestError::Status(VIRTIO_BLK_S_IOERR))?;
-            mem.read_slice(buf, GuestAddress(at))
-                .map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
-            self.file
-                .write_all_at(buf, offset + done as u64)
-                .map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))?;
+            match direction {
+                Direction::DiskToGuest => {
+                    self.file.read_exact_at(buf, disk_at).map_err(io_error)?;
+                    mem.write_slice(buf, GuestAddress(guest_at)).map_err(io_error)?;
+                }
+                Direction::GuestToDisk => {
+                    mem.read_slice(buf, GuestAddress(guest_at)).map_err(io_error)?;
+                    self.file.write_all_at(buf, disk_at).map_err(io_error)?;
+                }
+            }
             done += n;
         }
         Ok(())
@@ -162,7 +157,7 @@ impl Block {
                         return Err(ioerr);
                     }
                     let offset = self.disk_range(sector, done, d.len())?;
-                    self.disk_to_guest(mem, offset, d.addr(), d.len())?;
+                    self.copy(mem, Direction::DiskToGuest, offset, d.addr(), d.len())?;
                     done += u64::from(d.len());
                 }
                 u32::try_from(done).map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR))
@@ -177,7 +172,7 @@ impl Block {
                         return Err(ioerr);
                     }
                     let offset = self.disk_range(sector, done, d.len())?;
-                    self.guest_to_disk(mem, offset, d.addr(), d.len())?;
+                    self.copy(mem, Direction::GuestToDisk, offset, d.addr(), d.len())?;
                     done += u64::from(d.len());
                 }
                 Ok(0)
