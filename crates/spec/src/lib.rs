@@ -4,4 +4,4 @@
 
 pub mod vm;
 
-pub use vm::{ConsoleConfig, DriveConfig, MmioPlacement, VmConfig, VmConfigError};
+pub use vm::{ConsoleConfig, DriveConfig, MmioPlacement, VmConfig, VmConfigError, VsockConfig};

@@ -17,6 +17,11 @@ pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 pub const MAX_DRIVES: usize = 8;
 /// Longest extra kernel command line, in bytes (the boot protocol allows 2 KiB in all).
 pub const MAX_BOOT_ARGS_LEN: usize = 1024;
+/// Longest vsock socket path: `sun_path` holds 108 bytes, and guest-initiated connections use
+/// `PATH_PORT` (up to 11 more bytes).
+pub const MAX_VSOCK_PATH_LEN: usize = 96;
+/// The host's vsock context id, as the guest addresses it.
+pub const VSOCK_HOST_CID: u64 = 2;
 
 /// Everything needed to build and boot one microVM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +53,21 @@ pub struct VmConfig {
     /// Stop the VM after this many seconds of wall-clock time (none: no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lifetime_secs: Option<u64>,
+    /// A virtio-vsock device, with its host side as Unix sockets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A virtio-vsock device whose host side is Unix sockets ("hybrid vsock"): the host connects to
+/// `uds_path` and writes `CONNECT PORT\n` to reach guest port PORT; a guest connection to host
+/// port P reaches the socket listening at `uds_path` + `_P`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more; 0-2 are reserved).
+    pub guest_cid: u64,
+    /// Unix socket the VMM listens on for host-initiated connections; must not exist yet.
+    pub uds_path: PathBuf,
 }
 
 /// Where the 8250 serial console's output goes.
@@ -124,6 +144,12 @@ pub enum VmConfigError {
     /// The extra command line is too long or has characters the kernel cannot take.
     #[error("boot_args is invalid: {0}")]
     BootArgs(&'static str),
+    /// The vsock context id is reserved or out of range.
+    #[error("vsock guest_cid is {0}: use a number from 3 to 4294967294")]
+    VsockCid(u64),
+    /// The vsock socket path is empty or too long for a Unix socket.
+    #[error("vsock uds_path {0:?} must be a non-empty path of at most {MAX_VSOCK_PATH_LEN} bytes")]
+    VsockPath(PathBuf),
     /// Lifetime limit of zero.
     #[error("max_lifetime_secs is 0: omit it for no limit, or give a positive number of seconds")]
     ZeroLifetime,
@@ -154,6 +180,7 @@ impl VmConfig {
             drives: Vec::new(),
             rng: true,
             max_lifetime_secs: None,
+            vsock: None,
         }
     }
 
@@ -201,6 +228,15 @@ impl VmConfig {
         }
         if self.max_lifetime_secs == Some(0) {
             return Err(VmConfigError::ZeroLifetime);
+        }
+        if let Some(v) = &self.vsock {
+            if !(3..u64::from(u32::MAX)).contains(&v.guest_cid) {
+                return Err(VmConfigError::VsockCid(v.guest_cid));
+            }
+            let len = v.uds_path.as_os_str().len();
+            if len == 0 || len > MAX_VSOCK_PATH_LEN {
+                return Err(VmConfigError::VsockPath(v.uds_path.clone()));
+            }
         }
         Ok(())
     }
@@ -275,6 +311,17 @@ mod tests {
         assert_eq!(c.validate(), Err(VmConfigError::TwoRoots("r1".into(), "r2".into())));
         c.drives = (0..9).map(|i| drive(&format!("d{i}"))).collect();
         assert_eq!(c.validate(), Err(VmConfigError::TooManyDrives(9)));
+    }
+
+    #[test]
+    fn vsock_is_checked() {
+        let mut c = VmConfig::new("k");
+        c.vsock = Some(VsockConfig { guest_cid: 2, uds_path: "/tmp/v.sock".into() });
+        assert_eq!(c.validate(), Err(VmConfigError::VsockCid(2)));
+        c.vsock = Some(VsockConfig { guest_cid: 3, uds_path: "/x".repeat(60).into() });
+        assert!(matches!(c.validate(), Err(VmConfigError::VsockPath(_))));
+        c.vsock = Some(VsockConfig { guest_cid: 3, uds_path: "/tmp/v.sock".into() });
+        c.validate().unwrap();
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use isocell_spec::{ConsoleConfig, DriveConfig, VmConfig, VmConfigError};
+use isocell_spec::{ConsoleConfig, DriveConfig, VmConfig, VmConfigError, VsockConfig};
 
 use crate::arch::x86_64::boot::KernelFormat;
 use crate::device_manager::{DevicePlan, PlacementError};
@@ -58,6 +58,9 @@ pub enum ConfigError {
     /// The console file cannot be created.
     #[error("console file {0} cannot be created ({1})")]
     Console(PathBuf, std::io::Error),
+    /// The vsock socket path cannot be used.
+    #[error("vsock uds_path {0}: {1}")]
+    VsockPath(PathBuf, &'static str),
 }
 
 /// Reads a JSON config file.
@@ -93,6 +96,26 @@ pub fn parse_console(s: &str) -> Result<ConsoleConfig, ConfigError> {
             _ => Err(ConfigError::Flag(format!("--console {s:?}: use stdout, off or file:PATH"))),
         },
     }
+}
+
+/// Parses `--vsock cid=CID,uds=PATH`.
+pub fn parse_vsock(s: &str) -> Result<VsockConfig, ConfigError> {
+    let bad =
+        |why: &str| ConfigError::Flag(format!("--vsock {s:?}: {why}; expected cid=CID,uds=PATH"));
+    let (mut cid, mut path) = (None, None);
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("cid", v)) => {
+                cid = Some(v.parse::<u64>().map_err(|_| bad("cid is not a number"))?)
+            }
+            Some(("uds", v)) => path = Some(PathBuf::from(v)),
+            _ => return Err(bad(&format!("unknown part {part:?}"))),
+        }
+    }
+    Ok(VsockConfig {
+        guest_cid: cid.ok_or_else(|| bad("missing cid"))?,
+        uds_path: path.ok_or_else(|| bad("missing uds"))?,
+    })
 }
 
 /// Parses `--drive id=ID,path=PATH[,ro][,root]`.
@@ -173,6 +196,19 @@ pub fn check(config: &VmConfig) -> Result<DevicePlan, ConfigError> {
     if let ConsoleConfig::File(p) = &config.console {
         File::create(p).map_err(|e| ConfigError::Console(p.clone(), e))?;
     }
+    if let Some(v) = &config.vsock {
+        let path = &v.uds_path;
+        if path.symlink_metadata().is_ok() {
+            return Err(ConfigError::VsockPath(
+                path.clone(),
+                "already exists; remove it or choose another path",
+            ));
+        }
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            return Err(ConfigError::VsockPath(path.clone(), "its directory does not exist"));
+        }
+    }
     Ok(plan)
 }
 
@@ -201,6 +237,10 @@ mod tests {
         assert_eq!(parse_console("file:/tmp/c").unwrap(), ConsoleConfig::File("/tmp/c".into()));
         assert!(parse_console("file:").is_err());
         assert!(parse_console("tty").is_err());
+        let v = parse_vsock("cid=3,uds=/run/x/v.sock").unwrap();
+        assert_eq!((v.guest_cid, v.uds_path.to_str()), (3, Some("/run/x/v.sock")));
+        assert!(parse_vsock("cid=x,uds=/a").is_err());
+        assert!(parse_vsock("uds=/a").is_err());
     }
 
     #[test]

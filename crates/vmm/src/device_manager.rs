@@ -20,6 +20,7 @@ use crate::devices::serial::{SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::virtio::block::{self, Block};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::rng::{self, Rng};
+use crate::devices::virtio::vsock::{self, Vsock};
 use crate::devices::virtio::{feature_names, MMIO_WINDOW_LEN};
 use crate::devices::{Bus, BusOverlap, SharedDevice};
 use crate::exit::ExitRequester;
@@ -130,6 +131,17 @@ pub enum DeviceKind {
         /// Maximum size of each queue.
         queue_sizes: Vec<u16>,
     },
+    /// virtio-vsock over virtio-mmio, with Unix sockets on the host side.
+    VirtioVsock {
+        /// The guest's context id.
+        guest_cid: u64,
+        /// Host socket for host-initiated connections; guest-initiated ones go to `PATH_PORT`.
+        uds_path: PathBuf,
+        /// Feature bits offered to the driver.
+        features: Vec<String>,
+        /// Maximum size of each queue.
+        queue_sizes: Vec<u16>,
+    },
     /// virtio-rng over virtio-mmio.
     VirtioRng {
         /// Feature bits offered to the driver.
@@ -161,7 +173,8 @@ pub struct DevicePlan {
 }
 
 impl DevicePlan {
-    /// Plans the devices for `config`: fixed legacy devices, then each drive, then the RNG.
+    /// Plans the devices for `config`: fixed legacy devices, then each drive, the vsock device
+    /// and the RNG.
     pub fn new(config: &VmConfig) -> Result<Self, PlacementError> {
         let output = match config.console {
             ConsoleConfig::Stdout => "stdout",
@@ -206,6 +219,18 @@ impl DevicePlan {
             virtio.push((
                 PlannedDevice { id: d.id.clone(), kind, ranges: vec![], irq: None },
                 d.placement,
+            ));
+        }
+        if let Some(v) = &config.vsock {
+            let kind = DeviceKind::VirtioVsock {
+                guest_cid: v.guest_cid,
+                uds_path: v.uds_path.clone(),
+                features: feature_names(vsock::DEVICE_TYPE, vsock::offered_features()),
+                queue_sizes: vec![vsock::QUEUE_SIZE; 3],
+            };
+            virtio.push((
+                PlannedDevice { id: "vsock0".into(), kind, ranges: vec![], irq: None },
+                None,
             ));
         }
         if config.rng {
@@ -266,7 +291,12 @@ impl DevicePlan {
     /// The virtio-mmio devices, in the order the guest must probe them.
     pub fn virtio_devices(&self) -> impl Iterator<Item = &PlannedDevice> {
         self.devices.iter().filter(|d| {
-            matches!(d.kind, DeviceKind::VirtioBlock { .. } | DeviceKind::VirtioRng { .. })
+            matches!(
+                d.kind,
+                DeviceKind::VirtioBlock { .. }
+                    | DeviceKind::VirtioVsock { .. }
+                    | DeviceKind::VirtioRng { .. }
+            )
         })
     }
 
@@ -309,6 +339,7 @@ pub struct DeviceManager {
     pub mmio: Arc<Bus>,
     blocks: Vec<Arc<Mutex<MmioTransport>>>,
     block_files: Vec<File>,
+    socket_paths: Vec<PathBuf>,
 }
 
 impl DeviceManager {
@@ -322,7 +353,7 @@ impl DeviceManager {
         timeline: &Arc<Timeline>,
     ) -> Result<Self, DeviceError> {
         let (mut pio, mut mmio) = (Bus::new(), Bus::new());
-        let (mut blocks, mut block_files) = (Vec::new(), Vec::new());
+        let (mut blocks, mut block_files, mut socket_paths) = (Vec::new(), Vec::new(), Vec::new());
         for planned in &plan.devices {
             let id = &planned.id;
             let irqfd = |irq: u32| -> Result<EventFd, DeviceError> {
@@ -367,6 +398,19 @@ impl DeviceManager {
                     }
                     t
                 }
+                DeviceKind::VirtioVsock { guest_cid, uds_path, .. } => {
+                    let dev = Vsock::new(*guest_cid, uds_path)
+                        .map_err(|e| DeviceError::Backing(id.clone(), uds_path.clone(), e))?;
+                    socket_paths.push(uds_path.clone());
+                    let epoll = dev.epoll();
+                    let irq = planned.irq.unwrap_or_default();
+                    let t = MmioTransport::new(Box::new(dev), mem.clone(), irqfd(irq)?)
+                        .map_err(|e| DeviceError::Queue(id.clone(), e.to_string()))?;
+                    let t = Arc::new(Mutex::new(t));
+                    vsock::spawn_event_thread(t.clone(), epoll)
+                        .map_err(|e| DeviceError::Backing(id.clone(), uds_path.clone(), e))?;
+                    t
+                }
                 DeviceKind::VirtioRng { .. } => {
                     let rng = Rng::new()
                         .map_err(|e| DeviceError::Backing(id.clone(), "/dev/urandom".into(), e))?;
@@ -385,7 +429,13 @@ impl DeviceManager {
                     .map_err(|e| DeviceError::Bus(id.clone(), e))?;
             }
         }
-        Ok(DeviceManager { pio: Arc::new(pio), mmio: Arc::new(mmio), blocks, block_files })
+        Ok(DeviceManager {
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            blocks,
+            block_files,
+            socket_paths,
+        })
     }
 
     /// Makes every write the guest made to a writable disk durable.
@@ -394,6 +444,13 @@ impl DeviceManager {
             f.sync_all()?;
         }
         Ok(())
+    }
+
+    /// Removes the Unix socket files the devices created on the host.
+    pub fn remove_host_sockets(&self) {
+        for p in &self.socket_paths {
+            let _ = std::fs::remove_file(p);
+        }
     }
 
     /// Number of block devices.

@@ -170,6 +170,7 @@ pub fn boot(
     if stuck > 0 && reason.code() == exit::EXIT_OK {
         reason = VmExit::VmmError(format!("{stuck} vCPU thread(s) did not stop"));
     }
+    devices.remove_host_sockets();
     if let Err(e) = devices.flush_disks() {
         reason = VmExit::VmmError(format!("could not flush a disk image to the host: {e}"));
     }

@@ -51,6 +51,10 @@ struct Args {
     /// A block device: id=ID,path=PATH[,ro][,root]. Repeat for more.
     #[arg(long = "drive")]
     drives: Vec<String>,
+    /// A virtio-vsock device: cid=CID,uds=PATH (PATH must not exist; guest connections to host
+    /// port P go to PATH_P).
+    #[arg(long)]
+    vsock: Option<String>,
     /// Leave out the virtio-rng device.
     #[arg(long)]
     no_rng: bool,
@@ -95,6 +99,9 @@ fn build_config(args: &Args) -> Result<VmConfig, config::ConfigError> {
     }
     for d in &args.drives {
         c.drives.push(config::parse_drive(d)?);
+    }
+    if let Some(v) = &args.vsock {
+        c.vsock = Some(config::parse_vsock(v)?);
     }
     if args.no_rng {
         c.rng = false;

@@ -233,7 +233,8 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(queue) = queues.get_mut(index) else { return false };
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -297,7 +298,7 @@ mod tests {
         descs.push(RawDescriptor::from(Descriptor::new(0xf0000, 1, VRING_DESC_F_WRITE, 0)));
         vq.add_desc_chains(&descs, 0).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
-        assert!(blk.process_queue(0, &mut q, &mem));
+        assert!(blk.process_queue(0, std::slice::from_mut(&mut q), &mem));
         let status: u8 = mem.read_obj(GuestAddress(0xf0000)).unwrap();
         (mem, addrs, status)
     }

@@ -111,14 +111,34 @@ impl MmioTransport {
         {
             return;
         }
-        let Some(queue) = self.queues.get_mut(index as usize) else { return };
-        if !queue.ready() {
+        if !self.queues.get(index as usize).is_some_and(|q| q.ready()) {
             return;
         }
-        let used = self.device.process_queue(index as usize, queue, &self.mem);
+        let used = self.device.process_queue(index as usize, &mut self.queues, &self.mem);
+        self.signal_used(used);
+    }
+
+    /// Lets the device act on its host-side backend (from the device's event thread).
+    pub fn process_backend(&mut self) {
+        let active = self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && self.status & VIRTIO_CONFIG_S_FAILED == 0;
+        let used = self.device.process_backend(active, &mut self.queues, &self.mem);
+        self.signal_used(used);
+    }
+
+    fn signal_used(&mut self, used: bool) {
         // Without EVENT_IDX this honours the driver's NO_INTERRUPT flag; on a malformed ring
         // we interrupt anyway and let the driver look.
-        if used && queue.needs_notification(&self.mem).unwrap_or(true) {
+        if !used {
+            return;
+        }
+        let mem = &self.mem;
+        let wanted = self
+            .queues
+            .iter_mut()
+            .filter(|q| q.ready())
+            .any(|q| q.needs_notification(mem).unwrap_or(true));
+        if wanted {
             self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
             // Failing to signal only delays the guest; nothing to do about it here.
             let _ = self.irq.write(1);

@@ -3,6 +3,7 @@
 pub mod block;
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -22,9 +23,20 @@ pub trait VirtioDevice: Send {
     fn offered_features(&self) -> u64;
     /// Reads the device-specific configuration space.
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Handles the buffers the driver made available on queue `index`; returns whether any
-    /// buffer was returned to the driver (so an interrupt may be due).
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// Handles the buffers the driver made available on queue `index` (of `queues`, all the
+    /// device's queues); returns whether any buffer was returned to the driver (so an interrupt
+    /// may be due).
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
+    /// Handles work from the device's host-side backend (called from its event thread);
+    /// `active` says whether the driver has set the device up, so queues may be used.
+    fn process_backend(
+        &mut self,
+        _active: bool,
+        _queues: &mut [Queue],
+        _mem: &GuestMemoryMmap,
+    ) -> bool {
+        false
+    }
 }
 
 /// Reads `data.len()` bytes of a config space held as bytes; out-of-range bytes read as zero.

@@ -1,0 +1,741 @@
+//! The host side of virtio-vsock as Unix sockets ("hybrid vsock", the model Firecracker
+//! documents): guest stream connections are spliced onto Unix stream sockets.
+//!
+//! - host-initiated: a host process connects to `uds_path` and writes `CONNECT PORT\n`; the VMM
+//!   asks the guest for a connection to PORT and, once the guest accepts, answers `OK LOCAL\n`
+//!   on the socket, after which bytes flow both ways. A refusal closes the socket.
+//! - guest-initiated: a guest connection to host port P is connected to the socket listening at
+//!   `uds_path` + `_P`; if nobody listens there the guest gets a reset.
+//!
+//! Everything the guest sends is untrusted. Each connection buffers at most [`CONN_BUF_SIZE`]
+//! bytes towards the host (the credit the guest is given; a guest that sends beyond it is reset),
+//! control packets waiting for guest receive buffers are capped, and connections are capped: a
+//! flooding or malformed guest only loses its own connections.
+//!
+//! This type knows nothing of virtqueues: the device moves [`Header`]s and payloads between it
+//! and the guest's queues. The sockets are registered with an epoll set that the device's event
+//! thread waits on.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+/// The host's context id.
+pub const HOST_CID: u64 = isocell_spec::vm::VSOCK_HOST_CID;
+/// `VIRTIO_VSOCK_TYPE_STREAM`, the only socket type supported.
+pub const TYPE_STREAM: u16 = 1;
+/// Packet operations (virtio spec 5.10.6).
+pub mod op {
+    /// Connection request.
+    pub const REQUEST: u16 = 1;
+    /// Connection accepted.
+    pub const RESPONSE: u16 = 2;
+    /// Connection reset or refused.
+    pub const RST: u16 = 3;
+    /// The sender will receive and/or send no more.
+    pub const SHUTDOWN: u16 = 4;
+    /// Payload.
+    pub const RW: u16 = 5;
+    /// The sender's buffer space changed.
+    pub const CREDIT_UPDATE: u16 = 6;
+    /// The sender asks for a credit update.
+    pub const CREDIT_REQUEST: u16 = 7;
+}
+const SHUTDOWN_RCV: u32 = 1;
+const SHUTDOWN_SEND: u32 = 2;
+
+/// Bytes buffered per connection towards the host, advertised to the guest as its credit.
+pub const CONN_BUF_SIZE: u32 = 256 * 1024;
+/// Most connections at once; more are refused with a reset.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Most host sockets that have connected but not yet sent their `CONNECT` line.
+const MAX_PENDING_HOST: usize = 16;
+/// Most control packets waiting for guest receive buffers; more are dropped.
+const MAX_CONTROL_PACKETS: usize = 1024;
+/// Longest `CONNECT PORT\n` line.
+const MAX_CONNECT_LINE: usize = 32;
+/// Host-side ports for host-initiated connections are allocated from here up.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Epoll token of the listening socket; connection tokens start above it.
+const LISTENER_TOKEN: u64 = 0;
+
+/// A vsock packet header, in host byte order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct Header {
+    pub src_cid: u64,
+    pub dst_cid: u64,
+    pub src_port: u32,
+    pub dst_port: u32,
+    pub len: u32,
+    pub type_: u16,
+    pub op: u16,
+    pub flags: u32,
+    pub buf_alloc: u32,
+    pub fwd_cnt: u32,
+}
+
+/// A connection is named by its host-side and guest-side ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    local_port: u32,
+    peer_port: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Host-initiated; the request went to the guest and no answer came yet.
+    Connecting,
+    /// Data flows.
+    Established,
+}
+
+struct Conn {
+    stream: UnixStream,
+    token: u64,
+    state: State,
+    /// Bytes for the host socket not yet written, oldest first.
+    to_host: VecDeque<u8>,
+    /// The first `uncounted` bytes of `to_host` are ours (the `OK` line), not guest credit.
+    uncounted: usize,
+    /// Guest bytes delivered to the host socket (wrapping, as the protocol counts).
+    fwd_cnt: u32,
+    /// The guest's receive buffer size and how much of what we sent it has consumed.
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    /// Bytes sent to the guest (wrapping).
+    rx_cnt: u32,
+    /// The host socket may have bytes to read (cleared when a read would block).
+    host_readable: bool,
+    /// The host socket reached end of file or failed; it is out of the epoll set.
+    host_done: bool,
+    /// The host socket hung up; it is out of the epoll set, but may still hold bytes to read.
+    hung_up: bool,
+    guest_send_shut: bool,
+    guest_rcv_shut: bool,
+    credit_update_due: bool,
+    /// Events currently registered for the socket.
+    interest: EventSet,
+}
+
+impl Conn {
+    fn new(stream: UnixStream, token: u64, state: State, peer: &Header) -> Self {
+        Conn {
+            stream,
+            token,
+            state,
+            to_host: VecDeque::new(),
+            uncounted: 0,
+            fwd_cnt: 0,
+            peer_buf_alloc: peer.buf_alloc,
+            peer_fwd_cnt: peer.fwd_cnt,
+            rx_cnt: 0,
+            host_readable: false,
+            host_done: false,
+            hung_up: false,
+            guest_send_shut: false,
+            guest_rcv_shut: false,
+            credit_update_due: false,
+            interest: EventSet::empty(),
+        }
+    }
+
+    /// How many more bytes the guest can take on this connection.
+    fn peer_credit(&self) -> u32 {
+        let in_flight = self.rx_cnt.wrapping_sub(self.peer_fwd_cnt);
+        self.peer_buf_alloc.saturating_sub(in_flight)
+    }
+
+    fn wants_to_read(&self) -> bool {
+        self.state == State::Established && !self.host_done && !self.guest_rcv_shut
+    }
+
+    fn wanted_interest(&self) -> EventSet {
+        let mut set = EventSet::empty();
+        if self.wants_to_read() && !self.host_readable {
+            set |= EventSet::IN;
+        }
+        if !self.to_host.is_empty() {
+            set |= EventSet::OUT;
+        }
+        set
+    }
+
+    /// Writes what it can of `to_host`. `Err` means the socket is broken.
+    fn flush(&mut self) -> std::io::Result<()> {
+        while !self.to_host.is_empty() {
+            let (front, _) = self.to_host.as_slices();
+            match self.stream.write(front) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.to_host.drain(..n);
+                    let ours = n.min(self.uncounted);
+                    self.uncounted -= ours;
+                    let before = self.fwd_cnt;
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add((n - ours) as u32);
+                    // Tell the guest about freed space once a quarter of its window opened up.
+                    if self.fwd_cnt.wrapping_sub(before) > 0
+                        && self.to_host.len() <= (CONN_BUF_SIZE / 4) as usize
+                    {
+                        self.credit_update_due = true;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.guest_send_shut {
+            let _ = self.stream.shutdown(Shutdown::Write);
+        }
+        Ok(())
+    }
+}
+
+struct PendingHost {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+/// All vsock connections of one VM and the host sockets behind them.
+pub struct Muxer {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    epoll: Arc<Epoll>,
+    conns: HashMap<Key, Conn>,
+    tokens: HashMap<u64, Key>,
+    pending: HashMap<u64, PendingHost>,
+    control: VecDeque<(Key, u16, u32)>,
+    next_token: u64,
+    next_local_port: u32,
+}
+
+impl Muxer {
+    /// Binds the listening socket at `uds_path` (which must not exist).
+    pub fn new(guest_cid: u64, uds_path: &Path) -> std::io::Result<Self> {
+        let listener = UnixListener::bind(uds_path)?;
+        listener.set_nonblocking(true)?;
+        let epoll = Arc::new(Epoll::new()?);
+        epoll.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+        )?;
+        Ok(Muxer {
+            guest_cid,
+            uds_path: uds_path.to_owned(),
+            listener,
+            epoll,
+            conns: HashMap::new(),
+            tokens: HashMap::new(),
+            pending: HashMap::new(),
+            control: VecDeque::new(),
+            next_token: LISTENER_TOKEN + 1,
+            next_local_port: FIRST_LOCAL_PORT,
+        })
+    }
+
+    /// The epoll set holding every socket; readable when [`Muxer::poll`] has work.
+    pub fn epoll(&self) -> Arc<Epoll> {
+        self.epoll.clone()
+    }
+
+    /// Handles whatever the host sockets have ready, without blocking.
+    pub fn poll(&mut self) {
+        let mut events = [EpollEvent::default(); 32];
+        let n = match self.epoll.wait(0, &mut events) {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        for ev in &events[..n] {
+            let token = ev.data();
+            let set = ev.event_set();
+            if token == LISTENER_TOKEN {
+                self.accept_host();
+            } else if self.pending.contains_key(&token) {
+                self.read_connect_line(token);
+            } else if let Some(key) = self.tokens.get(&token).copied() {
+                self.host_event(key, set);
+            }
+        }
+    }
+
+    /// Handles one packet the guest sent. Nothing the guest sends can fail here: bad packets are
+    /// dropped or answered with a reset.
+    pub fn guest_packet(&mut self, h: &Header, data: &[u8]) {
+        // A packet claiming another source or aimed elsewhere is not ours to route.
+        if h.src_cid != self.guest_cid || h.dst_cid != HOST_CID {
+            return;
+        }
+        let key = Key { local_port: h.dst_port, peer_port: h.src_port };
+        if h.type_ != TYPE_STREAM {
+            if h.op != op::RST {
+                self.queue_control(key, op::RST, 0);
+            }
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            match h.op {
+                op::REQUEST => self.guest_connect(key, h),
+                op::RST => {}
+                _ => self.queue_control(key, op::RST, 0),
+            }
+            return;
+        };
+        conn.peer_buf_alloc = h.buf_alloc;
+        conn.peer_fwd_cnt = h.fwd_cnt;
+        let mut reset = false;
+        match (h.op, conn.state) {
+            (op::RESPONSE, State::Connecting) => {
+                conn.state = State::Established;
+                let line = format!("OK {}\n", key.local_port);
+                conn.uncounted += line.len();
+                conn.to_host.extend(line.as_bytes());
+                reset = conn.flush().is_err();
+            }
+            (op::RW, State::Established) => {
+                let buffered = conn.to_host.len() - conn.uncounted;
+                if conn.guest_send_shut || buffered + data.len() > CONN_BUF_SIZE as usize {
+                    // Data after its own shutdown, or beyond the credit it was given.
+                    reset = true;
+                } else {
+                    conn.to_host.extend(data);
+                    reset = conn.flush().is_err();
+                }
+            }
+            (op::CREDIT_UPDATE, _) => {}
+            (op::CREDIT_REQUEST, _) => conn.credit_update_due = true,
+            (op::SHUTDOWN, _) => {
+                conn.guest_send_shut |= h.flags & SHUTDOWN_SEND != 0;
+                conn.guest_rcv_shut |= h.flags & SHUTDOWN_RCV != 0;
+                if conn.guest_send_shut && conn.guest_rcv_shut {
+                    // Fully shut: deliver what we can and end the connection.
+                    let _ = conn.flush();
+                    reset = true;
+                } else {
+                    reset = conn.flush().is_err();
+                }
+            }
+            (op::RST, _) => {
+                self.remove(key);
+                return;
+            }
+            _ => reset = true,
+        }
+        if reset {
+            self.reset(key);
+        } else {
+            self.sync_interest(key);
+        }
+    }
+
+    /// Whether [`Muxer::next_packet`] would produce something.
+    pub fn has_packet(&self) -> bool {
+        !self.control.is_empty()
+            || self.conns.values().any(|c| {
+                c.credit_update_due || (c.host_readable && c.wants_to_read() && c.peer_credit() > 0)
+            })
+    }
+
+    /// The next packet for the guest, with up to `buf.len()` payload bytes written to `buf`.
+    pub fn next_packet(&mut self, buf: &mut [u8]) -> Option<Header> {
+        if let Some((key, op, flags)) = self.control.pop_front() {
+            return Some(self.header(key, op, flags, 0));
+        }
+        let keys: Vec<Key> = self.conns.keys().copied().collect();
+        for key in keys {
+            let Some(conn) = self.conns.get_mut(&key) else { continue };
+            let credit = conn.peer_credit() as usize;
+            if conn.host_readable && conn.wants_to_read() && credit > 0 && !buf.is_empty() {
+                let want = buf.len().min(credit);
+                match conn.stream.read(&mut buf[..want]) {
+                    Ok(0) => self.host_finished(key),
+                    Ok(n) => {
+                        conn.rx_cnt = conn.rx_cnt.wrapping_add(n as u32);
+                        return Some(self.header(key, op::RW, 0, n as u32));
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        conn.host_readable = false;
+                        self.sync_interest(key);
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => self.reset(key),
+                }
+                if let Some((key, op, flags)) = self.control.pop_front() {
+                    return Some(self.header(key, op, flags, 0));
+                }
+            }
+            if let Some(conn) = self.conns.get(&key) {
+                if conn.credit_update_due {
+                    return Some(self.header(key, op::CREDIT_UPDATE, 0, 0));
+                }
+            }
+        }
+        None
+    }
+
+    /// Number of open connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn header(&mut self, key: Key, op: u16, flags: u32, len: u32) -> Header {
+        let fwd_cnt = match self.conns.get_mut(&key) {
+            Some(c) => {
+                c.credit_update_due = false;
+                c.fwd_cnt
+            }
+            None => 0,
+        };
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: key.local_port,
+            dst_port: key.peer_port,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: CONN_BUF_SIZE,
+            fwd_cnt,
+        }
+    }
+
+    fn queue_control(&mut self, key: Key, op: u16, flags: u32) {
+        if self.control.len() < MAX_CONTROL_PACKETS {
+            self.control.push_back((key, op, flags));
+        }
+    }
+
+    fn token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    fn guest_connect(&mut self, key: Key, h: &Header) {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            self.queue_control(key, op::RST, 0);
+            return;
+        }
+        let mut path = OsString::from(self.uds_path.as_os_str());
+        path.push(format!("_{}", key.local_port));
+        let stream = match UnixStream::connect(&path) {
+            Ok(s) if s.set_nonblocking(true).is_ok() => s,
+            _ => {
+                self.queue_control(key, op::RST, 0);
+                return;
+            }
+        };
+        let token = self.token();
+        if self.register(stream.as_raw_fd(), token, EventSet::IN).is_err() {
+            self.queue_control(key, op::RST, 0);
+            return;
+        }
+        let mut conn = Conn::new(stream, token, State::Established, h);
+        conn.interest = EventSet::IN;
+        self.conns.insert(key, conn);
+        self.tokens.insert(token, key);
+        self.queue_control(key, op::RESPONSE, 0);
+    }
+
+    fn accept_host(&mut self) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            if self.pending.len() >= MAX_PENDING_HOST || stream.set_nonblocking(true).is_err() {
+                continue; // dropped: the host peer sees the socket close
+            }
+            let token = self.token();
+            if self.register(stream.as_raw_fd(), token, EventSet::IN).is_ok() {
+                self.pending.insert(token, PendingHost { stream, line: Vec::new() });
+            }
+        }
+    }
+
+    /// Reads a pending host socket's `CONNECT PORT\n` one byte at a time, so nothing after the
+    /// line is consumed.
+    fn read_connect_line(&mut self, token: u64) {
+        let Some(p) = self.pending.get_mut(&token) else { return };
+        let mut byte = [0u8; 1];
+        let port = loop {
+            match p.stream.read(&mut byte) {
+                Ok(1) if byte[0] == b'\n' => break parse_connect(&p.line),
+                Ok(1) if p.line.len() < MAX_CONNECT_LINE => p.line.push(byte[0]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                _ => break None, // EOF, error or an over-long line
+            }
+        };
+        let Some(p) = self.pending.remove(&token) else { return };
+        let Some(peer_port) = port.filter(|_| self.conns.len() < MAX_CONNECTIONS) else {
+            self.deregister(p.stream.as_raw_fd());
+            return;
+        };
+        let local_port = self.allocate_local_port();
+        let key = Key { local_port, peer_port };
+        let conn = Conn::new(p.stream, token, State::Connecting, &Header::default());
+        self.conns.insert(key, conn);
+        self.tokens.insert(token, key);
+        self.sync_interest(key);
+        self.queue_control(key, op::REQUEST, 0);
+    }
+
+    fn allocate_local_port(&mut self) -> u32 {
+        loop {
+            let port = self.next_local_port;
+            self.next_local_port = self.next_local_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            if !self.conns.keys().any(|k| k.local_port == port) {
+                return port;
+            }
+        }
+    }
+
+    fn host_event(&mut self, key: Key, set: EventSet) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP) {
+            conn.host_readable = true;
+        }
+        if set.contains(EventSet::OUT) && conn.flush().is_err() {
+            self.reset(key);
+            return;
+        }
+        if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
+            if conn.state == State::Connecting {
+                self.reset(key);
+                return;
+            }
+            // Hang-ups repeat until the socket leaves the epoll set; what is left to read is
+            // still read by `next_packet`, which then reports the end to the guest.
+            conn.host_readable = true;
+            conn.hung_up = true;
+            let fd = conn.stream.as_raw_fd();
+            let finished = !conn.wants_to_read();
+            self.deregister(fd);
+            if finished {
+                self.host_finished(key);
+            }
+            return;
+        }
+        self.sync_interest(key);
+    }
+
+    /// The host side will send nothing more: tell the guest, which answers with a reset.
+    fn host_finished(&mut self, key: Key) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        let fd = conn.stream.as_raw_fd();
+        let registered = !conn.host_done && !conn.hung_up;
+        conn.host_done = true;
+        conn.host_readable = false;
+        if registered {
+            self.deregister(fd);
+        }
+        self.queue_control(key, op::SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
+    }
+
+    fn sync_interest(&mut self, key: Key) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        if conn.host_done || conn.hung_up {
+            return;
+        }
+        let want = conn.wanted_interest();
+        if want != conn.interest {
+            let ev = EpollEvent::new(want, conn.token);
+            if self.epoll.ctl(ControlOperation::Modify, conn.stream.as_raw_fd(), ev).is_ok() {
+                conn.interest = want;
+            }
+        }
+    }
+
+    fn register(&self, fd: RawFd, token: u64, set: EventSet) -> std::io::Result<()> {
+        self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(set, token))
+    }
+
+    fn deregister(&self, fd: RawFd) {
+        let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+    }
+
+    fn remove(&mut self, key: Key) {
+        if let Some(conn) = self.conns.remove(&key) {
+            self.tokens.remove(&conn.token);
+            if !conn.host_done && !conn.hung_up {
+                self.deregister(conn.stream.as_raw_fd());
+            }
+        }
+    }
+
+    fn reset(&mut self, key: Key) {
+        self.remove(key);
+        self.queue_control(key, op::RST, 0);
+    }
+}
+
+fn parse_connect(line: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(line).ok()?;
+    let port = text.trim_end_matches('\r').strip_prefix("CONNECT ")?;
+    port.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::os::unix::net::UnixListener;
+    use std::time::Duration;
+
+    use super::*;
+
+    const CID: u64 = 3;
+
+    fn temp_path(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("isocell-vsock-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("v.sock")
+    }
+
+    fn from_guest(op: u16, local: u32, peer: u32, len: u32) -> Header {
+        Header {
+            src_cid: CID,
+            dst_cid: HOST_CID,
+            src_port: peer,
+            dst_port: local,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc: 64 * 1024,
+            fwd_cnt: 0,
+        }
+    }
+
+    fn drain(m: &mut Muxer) -> Vec<(Header, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        for _ in 0..100 {
+            m.poll();
+            while let Some(h) = m.next_packet(&mut buf) {
+                out.push((h, buf[..h.len as usize].to_vec()));
+            }
+            if !out.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        out
+    }
+
+    #[test]
+    fn guest_connects_to_a_host_listener_and_data_flows_both_ways() {
+        let path = temp_path("guest");
+        let mut m = Muxer::new(CID, &path).unwrap();
+        let listener = UnixListener::bind(format!("{}_1024", path.display())).unwrap();
+        m.guest_packet(&from_guest(op::REQUEST, 1024, 5000, 0), &[]);
+        let (mut host, _) = listener.accept().unwrap();
+        let pkts = drain(&mut m);
+        assert_eq!(pkts[0].0.op, op::RESPONSE);
+        assert_eq!((pkts[0].0.src_port, pkts[0].0.dst_port), (1024, 5000));
+
+        m.guest_packet(&from_guest(op::RW, 1024, 5000, 5), b"hello");
+        let mut got = [0u8; 5];
+        host.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+
+        host.write_all(b"world").unwrap();
+        let pkts = drain(&mut m);
+        assert_eq!(pkts[0].0.op, op::RW);
+        assert_eq!(pkts[0].1, b"world");
+        assert_eq!(pkts[0].0.fwd_cnt, 5);
+
+        drop(host);
+        let pkts = drain(&mut m);
+        assert_eq!(pkts.last().unwrap().0.op, op::SHUTDOWN);
+        m.guest_packet(&from_guest(op::RST, 1024, 5000, 0), &[]);
+        assert_eq!(m.connection_count(), 0);
+    }
+
+    #[test]
+    fn host_connects_to_a_guest_port() {
+        let path = temp_path("host");
+        let mut m = Muxer::new(CID, &path).unwrap();
+        let mut host = UnixStream::connect(&path).unwrap();
+        host.write_all(b"CONNECT 52\n").unwrap();
+        let pkts = drain(&mut m);
+        let req = pkts[0].0;
+        assert_eq!((req.op, req.dst_port, req.dst_cid), (op::REQUEST, 52, CID));
+        let mut resp = from_guest(op::RESPONSE, req.src_port, 52, 0);
+        resp.flags = 0;
+        m.guest_packet(&resp, &[]);
+        let mut line = [0u8; 14];
+        host.read_exact(&mut line).unwrap();
+        assert_eq!(&line, format!("OK {}\n", req.src_port).as_bytes());
+        m.guest_packet(&from_guest(op::RW, req.src_port, 52, 3), b"abc");
+        let mut got = [0u8; 3];
+        host.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"abc");
+    }
+
+    #[test]
+    fn refusals_and_hostile_packets() {
+        let path = temp_path("hostile");
+        let mut m = Muxer::new(CID, &path).unwrap();
+        // Nobody listens on port 7: reset.
+        m.guest_packet(&from_guest(op::REQUEST, 7, 1, 0), &[]);
+        assert_eq!(drain(&mut m)[0].0.op, op::RST);
+        // Spoofed source: dropped silently.
+        let mut spoof = from_guest(op::REQUEST, 7, 1, 0);
+        spoof.src_cid = 99;
+        m.guest_packet(&spoof, &[]);
+        assert!(!m.has_packet());
+        // Data for a connection that does not exist: reset.
+        m.guest_packet(&from_guest(op::RW, 9, 9, 1), b"x");
+        assert_eq!(drain(&mut m)[0].0.op, op::RST);
+        // A datagram type: reset.
+        let mut dgram = from_guest(op::REQUEST, 9, 9, 0);
+        dgram.type_ = 2;
+        m.guest_packet(&dgram, &[]);
+        assert_eq!(drain(&mut m)[0].0.op, op::RST);
+        // A host that sends garbage instead of CONNECT is dropped.
+        let mut host = UnixStream::connect(&path).unwrap();
+        host.write_all(b"HELLO\n").unwrap();
+        for _ in 0..20 {
+            m.poll();
+        }
+        let mut b = [0u8; 1];
+        host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        assert_eq!(host.read(&mut b).unwrap(), 0);
+        // Control packets waiting for buffers are capped.
+        for i in 0..5000 {
+            m.guest_packet(&from_guest(op::RW, 100, i, 0), &[]);
+        }
+        assert_eq!(m.control.len(), MAX_CONTROL_PACKETS);
+    }
+
+    #[test]
+    fn a_guest_exceeding_its_credit_is_reset() {
+        let path = temp_path("credit");
+        let mut m = Muxer::new(CID, &path).unwrap();
+        let _listener = UnixListener::bind(format!("{}_5", path.display())).unwrap();
+        m.guest_packet(&from_guest(op::REQUEST, 5, 1, 0), &[]);
+        let _ = drain(&mut m);
+        // Nobody reads the host side: the socket buffer fills, then our buffer, then reset.
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..64 {
+            m.guest_packet(&from_guest(op::RW, 5, 1, chunk.len() as u32), &chunk);
+            if m.connection_count() == 0 {
+                break;
+            }
+        }
+        assert_eq!(m.connection_count(), 0);
+        assert_eq!(m.control.back().map(|c| c.1), Some(op::RST));
+    }
+}
