@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds the IsoCell base image: a small ext4 root with Debian's busybox-static and the
-# scenario init in guest/rootfs/init, and the same tree as an initramfs (cpio, init at /init).
-# Cached under a key made from busybox's version and the inputs, linked as
-# build/guest/rootfs.ext4 and build/guest/initrd.cpio. Prints the image path on stdout.
+# Builds the IsoCell base image: a small ext4 root with Debian's busybox-static, the agent
+# (isocell-agent, the cells' PID 1, at /sbin/init) and the VMM test scenarios' init
+# (guest/rootfs/init, at /sbin/scenario-init), and the same tree as an initramfs (cpio, with
+# /init the scenario init). Cached under a key made from busybox's version and the inputs,
+# linked as build/guest/rootfs.ext4 and build/guest/initrd.cpio. Prints the image path.
+# The agent must be built first: cargo build --release -p isocell-agent.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -10,8 +12,10 @@ cache=${ISOCELL_CACHE:-$HOME/.cache/isocell}
 
 busybox=/bin/busybox
 [[ -x $busybox ]] || { echo "isocell: $busybox is missing; run scripts/install-deps.sh" >&2; exit 1; }
+agent=${ISOCELL_AGENT:-$root/target/x86_64-unknown-linux-gnu/release/isocell-agent}
+[[ -x $agent ]] || { echo "isocell: $agent is missing; run cargo build --release -p isocell-agent" >&2; exit 1; }
 bb_version=$(dpkg-query -W -f='${Version}' busybox-static)
-key=$( { echo "$bb_version"; cat "$here/rootfs/init" "$0"; } | sha256sum | cut -c1-16)
+key=$( { echo "$bb_version"; cat "$here/rootfs/init" "$0" "$agent"; } | sha256sum | cut -c1-16)
 out="$cache/rootfs/$key/rootfs.ext4"
 initrd="$cache/rootfs/$key/initrd.cpio"
 
@@ -19,12 +23,13 @@ if [[ ! -f "$out" || ! -f "$initrd" ]]; then
   echo "isocell: building the base image (busybox $bb_version, key $key)" >&2
   stage=$(mktemp -d "${TMPDIR:-/tmp}/isocell-rootfs.XXXXXX")
   trap 'rm -rf "$stage"' EXIT
-  mkdir -p "$stage"/{bin,sbin,etc,proc,sys,dev,tmp,mnt,root}
+  mkdir -p "$stage"/{bin,sbin,etc,proc,sys,dev,tmp,mnt,root,run}
   cp "$busybox" "$stage/bin/busybox"
   for applet in $("$busybox" --list); do
     [[ "$applet" == busybox ]] || ln -s busybox "$stage/bin/$applet"
   done
-  install -m 0755 "$here/rootfs/init" "$stage/sbin/init"
+  install -m 0755 "$agent" "$stage/sbin/init"
+  install -m 0755 "$here/rootfs/init" "$stage/sbin/scenario-init"
   echo "root:x:0:0:root:/root:/bin/sh" >"$stage/etc/passwd"
   echo "root:x:0:" >"$stage/etc/group"
   mkdir -p "$(dirname "$out")"
@@ -33,8 +38,8 @@ if [[ ! -f "$out" || ! -f "$initrd" ]]; then
   find "$stage" -exec touch -h -d @0 {} +
   E2FSPROGS_FAKE_TIME=0 mkfs.ext4 -q -F -L isocell-root -U 6f1c0e2a-2b7e-4e0e-9d6e-1ce11ce11ce1 \
     -E root_owner=0:0,hash_seed=6f1c0e2a-2b7e-4e0e-9d6e-1ce11ce11ce1 \
-    -O ^has_journal -d "$stage" "$out.tmp" 16M >&2
-  ln -s sbin/init "$stage/init"
+    -O ^has_journal -d "$stage" "$out.tmp" 24M >&2
+  ln -s sbin/scenario-init "$stage/init"
   (cd "$stage" && find . | LC_ALL=C sort | cpio --quiet -o -H newc --reproducible >"$initrd.tmp")
   mv "$out.tmp" "$out"
   mv "$initrd.tmp" "$initrd"

@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# The main job, end to end: build whatever is missing, then boot a cell from the base image that
-# prints a greeting and stops. Runs on hardware KVM directly, or inside the nested test host
-# where this machine has none (and says so).
+# The main job, end to end: build whatever is missing, then run a command in a cell with
+# `isocell run` and show its output. Runs on hardware KVM directly, or inside the nested test
+# host where this machine has none (and says so).
+#   scripts/run-cell.sh                      # a greeting from inside a cell
+#   scripts/run-cell.sh -- uname -a          # any command
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 scripts/build-all.sh
 [[ -f "$HOME/.cargo/env" ]] && . "$HOME/.cargo/env"
 
+[[ "${1:-}" == "--" ]] && shift
+if [[ $# -eq 0 ]]; then
+  set -- sh -c 'echo "Hello from cell $(cat /proc/sys/kernel/random/uuid | cut -c1-8): Linux $(uname -r), $(nproc) vCPU, $(awk "/MemTotal/ {print int(\$2/1024)}" /proc/meminfo) MiB"'
+fi
 bin=target/x86_64-unknown-linux-gnu/release
-args=(--cpus 2 --memory 128 --boot-args "isocell_scenario=greet quiet")
-printf '\n==> booting a cell\n' >&2
+printf '\n==> isocell run -- %s\n' "$*" >&2
 if [[ "$("$bin/isocell-testhost" info)" == direct ]]; then
-  exec "$bin/isocell-vmm" --kernel build/guest/bzImage --drive "id=root,path=build/guest/rootfs.ext4,ro,root" "${args[@]}"
+  exec "$bin/isocell" run -- "$@"
 else
-  exec "$bin/isocell-testhost" vmm -- --kernel '{bzimage}' --drive 'id=root,path={rootfs},ro,root' "${args[@]}"
+  exec "$bin/isocell-testhost" isocell -- run -- "$@"
 fi

@@ -44,7 +44,7 @@ pub fn vmm_scenario() -> Scenario {
                 "--memory",
                 "128",
                 "--boot-args",
-                "isocell_scenario=report",
+                "init=/sbin/scenario-init isocell_scenario=report",
             ],
             120,
         ),
@@ -59,13 +59,20 @@ pub fn vmm_scenario() -> Scenario {
                 "--console",
                 "file:{work}/console.log",
                 "--boot-args",
-                "isocell_scenario=report",
+                "init=/sbin/scenario-init isocell_scenario=report",
             ],
             120,
         ),
         vmm_step(
             "read-only-root",
-            &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--boot-args", "isocell_scenario=rofs"],
+            &[
+                "--kernel",
+                "{bzimage}",
+                "--drive",
+                ROOT_RO,
+                "--boot-args",
+                "init=/sbin/scenario-init isocell_scenario=rofs",
+            ],
             120,
         ),
         vmm_step(
@@ -78,7 +85,7 @@ pub fn vmm_scenario() -> Scenario {
                 "--drive",
                 "id=data,path={work}/data.img",
                 "--boot-args",
-                "isocell_scenario=disk",
+                "init=/sbin/scenario-init isocell_scenario=disk",
             ],
             120,
         ),
@@ -92,18 +99,32 @@ pub fn vmm_scenario() -> Scenario {
                 "--memory",
                 "96",
                 "--boot-args",
-                "isocell_scenario=rootfs",
+                "init=/sbin/scenario-init isocell_scenario=rootfs",
             ],
             120,
         ),
         vmm_step(
             "rng",
-            &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--boot-args", "isocell_scenario=rng"],
+            &[
+                "--kernel",
+                "{bzimage}",
+                "--drive",
+                ROOT_RO,
+                "--boot-args",
+                "init=/sbin/scenario-init isocell_scenario=rng",
+            ],
             120,
         ),
         vmm_step(
             "panic",
-            &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--boot-args", "isocell_scenario=panic"],
+            &[
+                "--kernel",
+                "{bzimage}",
+                "--drive",
+                ROOT_RO,
+                "--boot-args",
+                "init=/sbin/scenario-init isocell_scenario=panic",
+            ],
             120,
         ),
         vmm_step(
@@ -116,13 +137,20 @@ pub fn vmm_scenario() -> Scenario {
                 "--max-lifetime",
                 "15",
                 "--boot-args",
-                "isocell_scenario=hang",
+                "init=/sbin/scenario-init isocell_scenario=hang",
             ],
             120,
         ),
         vmm_step(
             "hung-guest",
-            &["--kernel", "{bzimage}", "--drive", ROOT_RO, "--boot-args", "isocell_scenario=hang"],
+            &[
+                "--kernel",
+                "{bzimage}",
+                "--drive",
+                ROOT_RO,
+                "--boot-args",
+                "init=/sbin/scenario-init isocell_scenario=hang",
+            ],
             20,
         ),
     ];
@@ -130,7 +158,7 @@ pub fn vmm_scenario() -> Scenario {
         "{work}/vm.json".into(),
         r#"{"kernel": "{bzimage}", "vcpus": 4, "memory_mib": 256,
             "drives": [{"id": "root", "path": "{rootfs}", "read_only": true, "root": true}],
-            "boot_args": "isocell_scenario=report"}"#
+            "boot_args": "init=/sbin/scenario-init isocell_scenario=report"}"#
             .into(),
     );
     steps[4].create_files.insert("{work}/data.img".into(), DATA_DISK_BYTES);

@@ -20,6 +20,11 @@ pub const MAX_BOOT_ARGS_LEN: usize = 1024;
 /// Longest vsock socket path: `sun_path` holds 108 bytes, and guest-initiated connections use
 /// `PATH_PORT` (up to 11 more bytes).
 pub const MAX_VSOCK_PATH_LEN: usize = 96;
+/// Guest-physical address of the boot-timer register: the guest writes [`BOOT_TIMER_MAGIC`]
+/// there once its init is running, and the VMM records the time.
+pub const BOOT_TIMER_ADDR: u64 = 0xd000_0000;
+/// The byte that marks "init is running" on the boot timer.
+pub const BOOT_TIMER_MAGIC: u8 = 123;
 /// The host's vsock context id, as the guest addresses it.
 pub const VSOCK_HOST_CID: u64 = 2;
 

@@ -66,6 +66,8 @@ impl HostKind {
 pub struct Paths {
     /// The `isocell-vmm` binary.
     pub vmm: PathBuf,
+    /// The `isocell` command line (finds `isocell-vmm` next to itself).
+    pub isocell: PathBuf,
     /// The `isocell-testhost-runner` binary.
     pub runner: PathBuf,
     /// Cell kernel, bzImage.
@@ -111,6 +113,7 @@ impl Paths {
         const BUILD_BINS: &str = "run `cargo build --release --workspace --bins`";
         Ok(Paths {
             vmm: require(bin.join("isocell-vmm"), "isocell-vmm", BUILD_BINS)?,
+            isocell: require(bin.join("isocell"), "isocell", BUILD_BINS)?,
             runner: require(
                 bin.join("isocell-testhost-runner"),
                 "isocell-testhost-runner",
@@ -193,6 +196,7 @@ impl TestHost {
         let results = tmp.join("results.jsonl");
         let assets = [
             ("vmm", &self.paths.vmm),
+            ("isocell", &self.paths.isocell),
             ("bzimage", &self.paths.bzimage),
             ("vmlinux", &self.paths.vmlinux),
             ("rootfs", &self.paths.rootfs),
@@ -331,11 +335,12 @@ impl TestHost {
             (busybox, stage.join("bin/busybox")),
             (self.paths.runner.clone(), stage.join("isocell/bin/isocell-testhost-runner")),
             (self.paths.vmm.clone(), stage.join("isocell/bin/isocell-vmm")),
+            (self.paths.isocell.clone(), stage.join("isocell/bin/isocell")),
             (self.paths.bzimage.clone(), stage.join("isocell/guest/bzImage")),
             (self.paths.rootfs.clone(), stage.join("isocell/guest/rootfs.ext4")),
         ];
         // The 17 MB vmlinux only travels when a step uses it.
-        if text.contains("{vmlinux}") {
+        if text.contains("{vmlinux}") || text.contains("{isocell}") {
             copies.push((self.paths.vmlinux.clone(), stage.join("isocell/guest/vmlinux")));
         }
         if text.contains("{initrd}") {
@@ -406,9 +411,10 @@ for m in irqbypass kvm ccp kvm-amd; do
   insmod /modules/$m.ko || echo "isocell-testhost: insmod $m failed"
 done
 [ -c /dev/kvm ] || echo "isocell-testhost: /dev/kvm did not appear"
+export ISOCELL_KERNEL=/isocell/guest/vmlinux ISOCELL_IMAGE=/isocell/guest/rootfs.ext4
 exec /isocell/bin/isocell-testhost-runner --scenario /isocell/scenario.json \
   --results /dev/ttyS1 --work /tmp/steps --host nested --poweroff \
-  --asset vmm=/isocell/bin/isocell-vmm --asset bzimage=/isocell/guest/bzImage \
+  --asset vmm=/isocell/bin/isocell-vmm --asset isocell=/isocell/bin/isocell --asset bzimage=/isocell/guest/bzImage \
   --asset vmlinux=/isocell/guest/vmlinux --asset rootfs=/isocell/guest/rootfs.ext4 \
   --asset initrd=/isocell/guest/initrd.cpio
 "#;

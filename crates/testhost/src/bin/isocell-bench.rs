@@ -50,7 +50,7 @@ fn boot_step(i: usize, args: &Args) -> Step {
         "--memory",
         &args.memory.to_string(),
         "--boot-args",
-        "isocell_scenario=quiet",
+        "init=/sbin/scenario-init isocell_scenario=quiet",
         "--report",
         "{work}/report.json",
     ];

@@ -30,6 +30,16 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run `isocell ARGS` (for example `run -- echo hi`); the cell kernel and base image are
+    /// the project's. Prints its output and exits with its status.
+    Isocell {
+        /// Kill it after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Arguments for isocell.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Run a scenario file and print the results as JSON.
     Run {
         /// Scenario JSON.
@@ -54,33 +64,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", th.kind().name());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Vmm { timeout, args } => {
-            if th.kind() == isocell_testhost::HostKind::Nested {
-                eprintln!("isocell-testhost: no hardware virtualization here; running inside the nested host (QEMU TCG, 10-15x slower)");
-            }
-            let mut argv = vec!["{vmm}".to_owned()];
-            argv.extend(args);
-            let step = Step {
-                name: "vmm".into(),
-                argv,
-                timeout_secs: timeout,
-                create_files: Default::default(),
-                write_files: Default::default(),
-                hash_files: vec![],
-                report_file: None,
-            };
-            let results = th.run(&Scenario { steps: vec![step] })?;
-            let r = results.into_iter().next().context("no result")?;
-            print!("{}", r.stdout);
-            eprint!("{}", r.stderr);
-            if r.timed_out {
-                eprintln!("isocell-testhost: the VMM was killed after {timeout} s");
-            }
-            if let Some(e) = &r.error {
-                eprintln!("isocell-testhost: {e}");
-            }
-            Ok(ExitCode::from(r.exit_code.and_then(|c| u8::try_from(c).ok()).unwrap_or(1)))
-        }
+        Cmd::Vmm { timeout, args } => run_one(&th, "vmm", timeout, args),
+        Cmd::Isocell { timeout, args } => run_one(&th, "isocell", timeout, args),
         Cmd::Run { scenario } => {
             let text = std::fs::read_to_string(&scenario)
                 .with_context(|| format!("reading {}", scenario.display()))?;
@@ -90,4 +75,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Runs `{program} ARGS` as one step on the test host, prints what it printed and returns its
+/// exit status.
+fn run_one(th: &TestHost, program: &str, timeout: u64, args: Vec<String>) -> Result<ExitCode> {
+    if th.kind() == isocell_testhost::HostKind::Nested {
+        eprintln!("isocell-testhost: no hardware virtualization here; running inside the nested host (QEMU TCG, 10-15x slower)");
+    }
+    let mut argv = vec![format!("{{{program}}}")];
+    argv.extend(args);
+    let step = Step {
+        name: program.into(),
+        argv,
+        timeout_secs: timeout,
+        create_files: Default::default(),
+        write_files: Default::default(),
+        hash_files: vec![],
+        report_file: None,
+    };
+    let results = th.run(&Scenario { steps: vec![step] })?;
+    let r = results.into_iter().next().context("no result")?;
+    print!("{}", r.stdout);
+    eprint!("{}", r.stderr);
+    if r.timed_out {
+        eprintln!("isocell-testhost: {program} was killed after {timeout} s");
+    }
+    if let Some(e) = &r.error {
+        eprintln!("isocell-testhost: {e}");
+    }
+    Ok(ExitCode::from(r.exit_code.and_then(|c| u8::try_from(c).ok()).unwrap_or(1)))
 }

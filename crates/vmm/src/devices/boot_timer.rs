@@ -7,7 +7,7 @@ use super::BusDevice;
 use crate::timeline::{Phase, Timeline};
 
 /// The byte the guest writes.
-pub const BOOT_TIMER_MAGIC: u8 = 123;
+pub const BOOT_TIMER_MAGIC: u8 = isocell_spec::vm::BOOT_TIMER_MAGIC;
 /// Size of the device's MMIO window.
 pub const BOOT_TIMER_LEN: u64 = 0x1000;
 

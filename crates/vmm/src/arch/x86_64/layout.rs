@@ -26,8 +26,8 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO gap.
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
-/// The VMM's own MMIO device window inside the gap.
-pub const DEVICE_WINDOW_START: u64 = 0xd000_0000;
+/// The VMM's own MMIO device window inside the gap; the boot timer sits at its start.
+pub const DEVICE_WINDOW_START: u64 = isocell_spec::vm::BOOT_TIMER_ADDR;
 /// End of the device window (the IO-APIC sits just above it).
 pub const DEVICE_WINDOW_END: u64 = 0xfec0_0000;
 /// IO-APIC registers.

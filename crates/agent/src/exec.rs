@@ -1,0 +1,216 @@
+//! Running the host's command: spawned directly (no shell), in its own process group, with its
+//! output streamed back as it comes. As PID 1 the agent also reaps every orphan in the cell.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+
+use isocell_proto::{ExecRequest, ExitStatus, Message, MAX_CHUNK};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::Link;
+
+/// PATH for commands when the host gives none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Children whose exit someone waits for, by pid. Spawning and reaping both hold this lock, so
+/// the reaper never takes a child that `Command::spawn` is still waiting on itself.
+struct Reaper {
+    waiting: Mutex<HashMap<i32, Sender<ExitStatus>>>,
+    wake: Mutex<Option<Sender<()>>>,
+}
+
+fn reaper() -> &'static Reaper {
+    static REAPER: OnceLock<Reaper> = OnceLock::new();
+    REAPER.get_or_init(|| Reaper { waiting: Mutex::new(HashMap::new()), wake: Mutex::new(None) })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Starts the thread that reaps every child and orphan of PID 1.
+pub fn start_reaper() {
+    let (tx, rx) = channel::<()>();
+    *lock(&reaper().wake) = Some(tx);
+    let _ = std::thread::Builder::new().name("reaper".into()).spawn(move || reap_forever(rx));
+}
+
+fn reap_forever(wake: Receiver<()>) {
+    loop {
+        // Wait for some child to become a zombie without reaping it yet.
+        match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::ECHILD) => {
+                // No children at all: sleep until a spawn says there is one.
+                if wake.recv().is_err() {
+                    return;
+                }
+                continue;
+            }
+            Err(_) => continue,
+        }
+        let mut waiting = lock(&reaper().waiting);
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    if let Some(tx) = waiting.remove(&pid.as_raw()) {
+                        let _ = tx.send(ExitStatus::Code(code));
+                    }
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    if let Some(tx) = waiting.remove(&pid.as_raw()) {
+                        let _ = tx.send(ExitStatus::Signal(sig as i32));
+                    }
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// A running command.
+pub struct Running {
+    pid: i32,
+    stdin: Option<ChildStdin>,
+    finisher: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Sends `signal` to the command's whole process group.
+    pub fn signal(&self, signal: i32) {
+        if let Ok(sig) = Signal::try_from(signal) {
+            let _ = kill(Pid::from_raw(-self.pid), sig);
+        }
+    }
+
+    /// Writes to the command's standard input (ignored once it is closed).
+    pub fn write_stdin(&mut self, data: &[u8]) {
+        use std::io::Write;
+        if let Some(s) = &mut self.stdin {
+            if s.write_all(data).is_err() {
+                self.stdin = None;
+            }
+        }
+    }
+
+    /// Closes the command's standard input.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Whether the command has exited and everything about it was sent.
+    pub fn finished(&self) -> bool {
+        self.finisher.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Waits until everything about the command was sent.
+    pub fn wait_sent(&mut self) {
+        if let Some(h) = self.finisher.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Spawns the command; on success `Started` has been sent, and `Exited` follows after all of
+/// its output. On failure the error is returned for an `ExecFailed` reply.
+pub fn spawn(req: &ExecRequest, link: &Arc<Link>) -> Result<Running, std::io::Error> {
+    let Some(program) = req.argv.first() else {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"));
+    };
+    let cwd = req.cwd.as_deref().unwrap_or("/");
+    if !std::path::Path::new(cwd).is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotADirectory,
+            format!("working directory {cwd} does not exist in the cell"),
+        ));
+    }
+    let mut cmd = Command::new(program);
+    cmd.args(&req.argv[1..]).env_clear();
+    if !req.env.iter().any(|(k, _)| k == "PATH") {
+        cmd.env("PATH", DEFAULT_PATH);
+    }
+    if !req.env.iter().any(|(k, _)| k == "HOME") {
+        cmd.env("HOME", if req.uid == 0 { "/root" } else { "/" });
+    }
+    cmd.envs(req.env.iter().map(|(k, v)| (k, v)));
+    cmd.current_dir(cwd);
+    cmd.uid(req.uid).gid(req.gid).process_group(0);
+    cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() });
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+
+    let (tx, rx) = channel();
+    let mut child: Child = {
+        let mut waiting = lock(&reaper().waiting);
+        let child = cmd.spawn()?;
+        waiting.insert(child.id() as i32, tx);
+        child
+    };
+    if let Some(wake) = &*lock(&reaper().wake) {
+        let _ = wake.send(());
+    }
+    let pid = child.id() as i32;
+    link.send(&Message::Started { pid: child.id() });
+
+    let out = child.stdout.take().map(|s| pump(s, link.clone(), Message::Stdout));
+    let err = child.stderr.take().map(|s| pump(s, link.clone(), Message::Stderr));
+    let stdin = child.stdin.take();
+    let link = link.clone();
+    let finisher = std::thread::Builder::new().name("finisher".into()).spawn(move || {
+        let status = rx.recv().unwrap_or(ExitStatus::Code(-1));
+        // The command is gone; whatever it left running in its group goes with it, so that its
+        // output pipes close and the exit is reported now rather than never.
+        let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+        for h in [out, err].into_iter().flatten() {
+            let _ = h.join();
+        }
+        link.send(&Message::Exited(status));
+    })?;
+    // `child` is not waited on here: the reaper owns all waiting.
+    drop(child);
+    Ok(Running { pid, stdin, finisher: Some(finisher) })
+}
+
+fn pump(
+    mut source: impl Read + Send + 'static,
+    link: Arc<Link>,
+    wrap: fn(Vec<u8>) -> Message,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; MAX_CHUNK];
+        loop {
+            match source.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if !link.send(&wrap(buf[..n].to_vec())) {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    })
+}
+
+/// Turns a spawn error into the protocol's reply.
+pub fn failure_message(err: &std::io::Error, program: &str) -> Message {
+    let errno = err.raw_os_error().unwrap_or(match err.kind() {
+        std::io::ErrorKind::NotADirectory => libc::ENOTDIR,
+        _ => libc::EINVAL,
+    });
+    let message = match errno {
+        libc::ENOENT => format!("{program}: command not found"),
+        libc::EACCES => format!("{program}: permission denied"),
+        libc::ENOTDIR if err.raw_os_error().is_none() => err.to_string(),
+        _ => format!("{program}: {err}"),
+    };
+    Message::ExecFailed { errno, message }
+}

@@ -1,0 +1,97 @@
+//! Finding what a cell is made of: the VMM binary, the cell kernel and the base image. Explicit
+//! flags win, then environment variables, then the project's build directory.
+
+use std::path::{Path, PathBuf};
+
+/// Where the built guest artefacts live, relative to the project root.
+const GUEST_DIR: &str = "build/guest";
+
+/// The project's `build/guest` directory: `ISOCELL_GUEST_DIR`, else found above the running
+/// binary (`target/<triple>/release/isocell`) or the current directory.
+fn guest_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("ISOCELL_GUEST_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe().ok();
+    let cwd = std::env::current_dir().ok();
+    let starts = exe.iter().chain(cwd.iter());
+    for start in starts {
+        for dir in start.ancestors() {
+            let candidate = dir.join(GUEST_DIR);
+            if candidate.is_dir() {
+                return Some(candidate);
+            }
+        }
+    }
+    None
+}
+
+fn find(flag: Option<&Path>, env: &str, file: &str, what: &str) -> Result<PathBuf, String> {
+    let path = match (flag, std::env::var_os(env)) {
+        (Some(p), _) => p.to_owned(),
+        (None, Some(p)) => PathBuf::from(p),
+        (None, None) => match guest_dir() {
+            Some(d) => d.join(file),
+            None => {
+                return Err(format!(
+                    "{what} not found: no {GUEST_DIR} directory above this program or the current \
+                     directory. Build it with scripts/build-all.sh, or give its path with the flag \
+                     or {env}"
+                ))
+            }
+        },
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{what} {} does not exist. Build it with scripts/build-all.sh (or guest/build-kernel.sh \
+             and guest/build-rootfs.sh), or give another path",
+            path.display()
+        ))
+    }
+}
+
+/// The cell kernel (`--kernel`, `ISOCELL_KERNEL`, or `build/guest/vmlinux`).
+pub fn kernel(flag: Option<&Path>) -> Result<PathBuf, String> {
+    find(flag, "ISOCELL_KERNEL", "vmlinux", "the cell kernel")
+}
+
+/// The root image (`IMAGE`/`--image`, `ISOCELL_IMAGE`, or `build/guest/rootfs.ext4`).
+pub fn image(flag: Option<&Path>) -> Result<PathBuf, String> {
+    find(flag, "ISOCELL_IMAGE", "rootfs.ext4", "the base image")
+}
+
+/// The VMM: `ISOCELL_VMM`, else `isocell-vmm` next to this program.
+pub fn vmm() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("ISOCELL_VMM") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let vmm = exe.with_file_name("isocell-vmm");
+    if vmm.is_file() {
+        Ok(vmm)
+    } else {
+        Err(format!(
+            "{} does not exist; build it with `cargo build --release --workspace --bins` or set ISOCELL_VMM",
+            vmm.display()
+        ))
+    }
+}
+
+/// The directory that holds one subdirectory per running cell: `ISOCELL_RUN_DIR`, else
+/// `$XDG_RUNTIME_DIR/isocell`, else `/run/isocell`, else `/tmp/isocell-UID`.
+pub fn run_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("ISOCELL_RUN_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return Path::new(&d).join("isocell");
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if uid == 0 && Path::new("/run").is_dir() {
+        return PathBuf::from("/run/isocell");
+    }
+    std::env::temp_dir().join(format!("isocell-{uid}"))
+}

@@ -1,0 +1,473 @@
+//! The body encoding of a [`Message`].
+//!
+//! A body is one tag byte, then the fields in order:
+//!
+//! | field | encoding |
+//! |---|---|
+//! | `u16`, `u32`, `u64`, `i32` | little-endian, fixed width |
+//! | `bool` | one byte, 0 or 1 |
+//! | bytes, `String` | `u32` length, then the bytes (strings are UTF-8) |
+//! | `Option<T>` | one byte, 0 (none) or 1 followed by the value |
+//! | `Vec<T>` | `u32` count, then the items |
+//! | [`ExitStatus`], [`EntryKind`] | a tag byte, then the fields |
+//!
+//! Every value has exactly one encoding, and nothing may follow the message.
+
+use crate::message::{EntryKind, ExecRequest, ExitStatus, Message};
+use crate::MAX_FRAME_LEN;
+
+/// Why a frame body is not a valid message.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The body ends in the middle of a field (or a length or count points past its end).
+    #[error("message body ends early")]
+    Truncated,
+    /// The first byte names no message.
+    #[error("unknown message tag {0}")]
+    UnknownTag(u8),
+    /// A frame is larger than the protocol allows.
+    #[error("frame body of {len} bytes exceeds the limit of {max}")]
+    TooLong {
+        /// Length of the frame body.
+        len: usize,
+        /// The limit, [`MAX_FRAME_LEN`].
+        max: usize,
+    },
+    /// A string field is not UTF-8.
+    #[error("string field is not valid UTF-8")]
+    BadUtf8,
+    /// Bytes are left after a complete message.
+    #[error("{0} bytes left after the message")]
+    TrailingBytes(usize),
+    /// A bool, option or enum tag byte has a value it may not have; names the field kind.
+    #[error("invalid {0} byte")]
+    BadValue(&'static str),
+}
+
+/// Message tags, the first byte of a body.
+mod tag {
+    pub const HELLO: u8 = 1;
+    pub const WELCOME: u8 = 2;
+    pub const EXEC: u8 = 3;
+    pub const STDIN: u8 = 4;
+    pub const STDIN_EOF: u8 = 5;
+    pub const SIGNAL: u8 = 6;
+    pub const STDOUT: u8 = 7;
+    pub const STDERR: u8 = 8;
+    pub const STARTED: u8 = 9;
+    pub const EXEC_FAILED: u8 = 10;
+    pub const EXITED: u8 = 11;
+    pub const PUT_FILE: u8 = 12;
+    pub const MAKE_DIR: u8 = 13;
+    pub const GET_PATH: u8 = 14;
+    pub const ENTRY: u8 = 15;
+    pub const DATA: u8 = 16;
+    pub const DATA_END: u8 = 17;
+    pub const DONE: u8 = 18;
+    pub const ERROR: u8 = 19;
+    pub const SHUTDOWN: u8 = 20;
+}
+
+/// Appends the body of `msg` to `out`.
+///
+/// # Panics
+///
+/// If a single string or byte field, or a list, holds more than `u32::MAX` elements.
+pub(crate) fn encode_body(msg: &Message, out: &mut Vec<u8>) {
+    let mut w = Writer(out);
+    match msg {
+        Message::Hello { version, agent } => {
+            w.u8(tag::HELLO);
+            w.u16(*version);
+            w.bytes(agent.as_bytes());
+        }
+        Message::Welcome { version } => {
+            w.u8(tag::WELCOME);
+            w.u16(*version);
+        }
+        Message::Exec(req) => {
+            w.u8(tag::EXEC);
+            w.len(req.argv.len());
+            for arg in &req.argv {
+                w.bytes(arg.as_bytes());
+            }
+            w.len(req.env.len());
+            for (key, value) in &req.env {
+                w.bytes(key.as_bytes());
+                w.bytes(value.as_bytes());
+            }
+            match &req.cwd {
+                None => w.u8(0),
+                Some(cwd) => {
+                    w.u8(1);
+                    w.bytes(cwd.as_bytes());
+                }
+            }
+            w.u32(req.uid);
+            w.u32(req.gid);
+            w.u8(u8::from(req.stdin));
+        }
+        Message::Stdin(data) => {
+            w.u8(tag::STDIN);
+            w.bytes(data);
+        }
+        Message::StdinEof => w.u8(tag::STDIN_EOF),
+        Message::Signal(signal) => {
+            w.u8(tag::SIGNAL);
+            w.i32(*signal);
+        }
+        Message::Stdout(data) => {
+            w.u8(tag::STDOUT);
+            w.bytes(data);
+        }
+        Message::Stderr(data) => {
+            w.u8(tag::STDERR);
+            w.bytes(data);
+        }
+        Message::Started { pid } => {
+            w.u8(tag::STARTED);
+            w.u32(*pid);
+        }
+        Message::ExecFailed { errno, message } => {
+            w.u8(tag::EXEC_FAILED);
+            w.i32(*errno);
+            w.bytes(message.as_bytes());
+        }
+        Message::Exited(status) => {
+            w.u8(tag::EXITED);
+            let (kind, value) = match *status {
+                ExitStatus::Code(code) => (0, code),
+                ExitStatus::Signal(signal) => (1, signal),
+            };
+            w.u8(kind);
+            w.i32(value);
+        }
+        Message::PutFile { path, mode, size } => {
+            w.u8(tag::PUT_FILE);
+            w.bytes(path.as_bytes());
+            w.u32(*mode);
+            w.u64(*size);
+        }
+        Message::MakeDir { path, mode } => {
+            w.u8(tag::MAKE_DIR);
+            w.bytes(path.as_bytes());
+            w.u32(*mode);
+        }
+        Message::GetPath { path } => {
+            w.u8(tag::GET_PATH);
+            w.bytes(path.as_bytes());
+        }
+        Message::Entry { path, kind, mode, size } => {
+            w.u8(tag::ENTRY);
+            w.bytes(path.as_bytes());
+            w.u8(match kind {
+                EntryKind::File => 0,
+                EntryKind::Dir => 1,
+            });
+            w.u32(*mode);
+            w.u64(*size);
+        }
+        Message::Data(data) => {
+            w.u8(tag::DATA);
+            w.bytes(data);
+        }
+        Message::DataEnd => w.u8(tag::DATA_END),
+        Message::Done => w.u8(tag::DONE),
+        Message::Error { message } => {
+            w.u8(tag::ERROR);
+            w.bytes(message.as_bytes());
+        }
+        Message::Shutdown => w.u8(tag::SHUTDOWN),
+    }
+}
+
+/// Decodes one frame body (without the length prefix). Total: never panics; allocation bounded
+/// by `body.len()`.
+pub fn decode(body: &[u8]) -> Result<Message, DecodeError> {
+    if body.len() > MAX_FRAME_LEN {
+        return Err(DecodeError::TooLong { len: body.len(), max: MAX_FRAME_LEN });
+    }
+    let mut r = Reader(body);
+    let msg = match r.u8()? {
+        tag::HELLO => Message::Hello { version: r.u16()?, agent: r.string()? },
+        tag::WELCOME => Message::Welcome { version: r.u16()? },
+        tag::EXEC => {
+            // Each argument takes at least its 4-byte length, each variable two of them.
+            let argc = r.count(4)?;
+            let mut argv = Vec::with_capacity(argc);
+            for _ in 0..argc {
+                argv.push(r.string()?);
+            }
+            let envc = r.count(8)?;
+            let mut env = Vec::with_capacity(envc);
+            for _ in 0..envc {
+                env.push((r.string()?, r.string()?));
+            }
+            let cwd = match r.u8()? {
+                0 => None,
+                1 => Some(r.string()?),
+                _ => return Err(DecodeError::BadValue("option")),
+            };
+            Message::Exec(ExecRequest {
+                argv,
+                env,
+                cwd,
+                uid: r.u32()?,
+                gid: r.u32()?,
+                stdin: r.bool()?,
+            })
+        }
+        tag::STDIN => Message::Stdin(r.bytes()?.to_vec()),
+        tag::STDIN_EOF => Message::StdinEof,
+        tag::SIGNAL => Message::Signal(r.i32()?),
+        tag::STDOUT => Message::Stdout(r.bytes()?.to_vec()),
+        tag::STDERR => Message::Stderr(r.bytes()?.to_vec()),
+        tag::STARTED => Message::Started { pid: r.u32()? },
+        tag::EXEC_FAILED => Message::ExecFailed { errno: r.i32()?, message: r.string()? },
+        tag::EXITED => Message::Exited(match r.u8()? {
+            0 => ExitStatus::Code(r.i32()?),
+            1 => ExitStatus::Signal(r.i32()?),
+            _ => return Err(DecodeError::BadValue("exit status kind")),
+        }),
+        tag::PUT_FILE => Message::PutFile { path: r.string()?, mode: r.u32()?, size: r.u64()? },
+        tag::MAKE_DIR => Message::MakeDir { path: r.string()?, mode: r.u32()? },
+        tag::GET_PATH => Message::GetPath { path: r.string()? },
+        tag::ENTRY => Message::Entry {
+            path: r.string()?,
+            kind: match r.u8()? {
+                0 => EntryKind::File,
+                1 => EntryKind::Dir,
+                _ => return Err(DecodeError::BadValue("entry kind")),
+            },
+            mode: r.u32()?,
+            size: r.u64()?,
+        },
+        tag::DATA => Message::Data(r.bytes()?.to_vec()),
+        tag::DATA_END => Message::DataEnd,
+        tag::DONE => Message::Done,
+        tag::ERROR => Message::Error { message: r.string()? },
+        tag::SHUTDOWN => Message::Shutdown,
+        unknown => return Err(DecodeError::UnknownTag(unknown)),
+    };
+    match r.0.len() {
+        0 => Ok(msg),
+        left => Err(DecodeError::TrailingBytes(left)),
+    }
+}
+
+/// Appends encoded fields to a buffer.
+struct Writer<'a>(&'a mut Vec<u8>);
+
+impl Writer<'_> {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+
+    fn i32(&mut self, v: i32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+
+    /// A length or count, as `u32`.
+    fn len(&mut self, len: usize) {
+        self.u32(u32::try_from(len).expect("protocol field longer than u32::MAX"));
+    }
+
+    fn bytes(&mut self, v: &[u8]) {
+        self.len(v.len());
+        self.0.extend_from_slice(v);
+    }
+}
+
+/// Takes fields off the front of a body; every read is bounds-checked.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if n > self.0.len() {
+            return Err(DecodeError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let (head, rest) = self.0.split_first_chunk::<N>().ok_or(DecodeError::Truncated)?;
+        self.0 = rest;
+        Ok(*head)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(u8::from_le_bytes(self.array()?))
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn i32(&mut self) -> Result<i32, DecodeError> {
+        Ok(i32::from_le_bytes(self.array()?))
+    }
+
+    fn bool(&mut self) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DecodeError::BadValue("bool")),
+        }
+    }
+
+    /// A length-prefixed byte string, borrowed from the body (checked before any copy).
+    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let len = self.u32()? as usize;
+        self.take(len)
+    }
+
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let bytes = self.bytes()?;
+        std::str::from_utf8(bytes).map(str::to_owned).map_err(|_| DecodeError::BadUtf8)
+    }
+
+    /// A list count, refused if the rest of the body cannot hold that many items of at least
+    /// `min_item_len` bytes each, so preallocating it is bounded by the body length.
+    fn count(&mut self, min_item_len: usize) -> Result<usize, DecodeError> {
+        let count = self.u32()? as usize;
+        if count.saturating_mul(min_item_len) > self.0.len() {
+            return Err(DecodeError::Truncated);
+        }
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::{encode, samples};
+
+    fn body(msg: &Message) -> Vec<u8> {
+        encode(msg)[4..].to_vec()
+    }
+
+    #[test]
+    fn every_sample_round_trips() {
+        for msg in samples::all() {
+            assert_eq!(decode(&body(&msg)), Ok(msg));
+        }
+    }
+
+    #[test]
+    fn fields_have_the_documented_layout() {
+        let msg = Message::Hello { version: 1, agent: "a".into() };
+        assert_eq!(body(&msg), [tag::HELLO, 1, 0, 1, 0, 0, 0, b'a']);
+        let msg = Message::Exited(ExitStatus::Signal(9));
+        assert_eq!(body(&msg), [tag::EXITED, 1, 9, 0, 0, 0]);
+    }
+
+    #[test]
+    fn truncated_bodies_are_refused() {
+        for msg in samples::all() {
+            let body = body(&msg);
+            for end in 0..body.len() {
+                assert_eq!(
+                    decode(&body[..end]),
+                    Err(DecodeError::Truncated),
+                    "{msg:?} cut at {end}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_tags_are_refused() {
+        assert_eq!(decode(&[0]), Err(DecodeError::UnknownTag(0)));
+        assert_eq!(decode(&[21]), Err(DecodeError::UnknownTag(21)));
+        assert_eq!(decode(&[255, 1, 2]), Err(DecodeError::UnknownTag(255)));
+    }
+
+    #[test]
+    fn bad_utf8_is_refused() {
+        let body = [tag::GET_PATH, 2, 0, 0, 0, 0xc3, 0x28];
+        assert_eq!(decode(&body), Err(DecodeError::BadUtf8));
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        assert_eq!(decode(&[tag::DONE, 0, 0]), Err(DecodeError::TrailingBytes(2)));
+        let mut long = body(&Message::Started { pid: 1 });
+        long.push(0);
+        assert_eq!(decode(&long), Err(DecodeError::TrailingBytes(1)));
+    }
+
+    #[test]
+    fn bad_bool_option_and_enum_bytes_are_refused() {
+        let exec = Message::Exec(ExecRequest {
+            argv: vec![],
+            env: vec![],
+            cwd: None,
+            uid: 0,
+            gid: 0,
+            stdin: false,
+        });
+        let mut bad_bool = body(&exec);
+        *bad_bool.last_mut().unwrap() = 2;
+        assert_eq!(decode(&bad_bool), Err(DecodeError::BadValue("bool")));
+        let mut bad_option = body(&exec);
+        bad_option[9] = 7; // after tag, argc and envc
+        assert_eq!(decode(&bad_option), Err(DecodeError::BadValue("option")));
+        assert_eq!(
+            decode(&[tag::EXITED, 2, 0, 0, 0, 0]),
+            Err(DecodeError::BadValue("exit status kind"))
+        );
+        let entry = [tag::ENTRY, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(decode(&entry), Err(DecodeError::BadValue("entry kind")));
+    }
+
+    #[test]
+    fn huge_lengths_and_counts_are_refused_before_allocating() {
+        // A 4 GiB string in a 5-byte body.
+        assert_eq!(decode(&[tag::DATA, 0xff, 0xff, 0xff, 0xff]), Err(DecodeError::Truncated));
+        // 4 G arguments: refused by the count check, not by running out mid-loop.
+        let mut exec = vec![tag::EXEC, 0xff, 0xff, 0xff, 0xff];
+        exec.extend_from_slice(&[0; 64]);
+        assert_eq!(decode(&exec), Err(DecodeError::Truncated));
+        // Two env pairs need at least 16 bytes; 15 are there.
+        let mut env = vec![tag::EXEC, 0, 0, 0, 0, 2, 0, 0, 0];
+        env.extend_from_slice(&[0; 15]);
+        assert_eq!(decode(&env), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn oversize_bodies_are_refused() {
+        let msg = Message::Data(vec![0; MAX_FRAME_LEN]);
+        let body = body(&msg);
+        assert_eq!(body.len(), MAX_FRAME_LEN + 5);
+        assert_eq!(
+            decode(&body),
+            Err(DecodeError::TooLong { len: MAX_FRAME_LEN + 5, max: MAX_FRAME_LEN })
+        );
+        let fits = Message::Data(vec![0; MAX_FRAME_LEN - 5]);
+        assert_eq!(decode(&self::body(&fits)), Ok(fits));
+    }
+}

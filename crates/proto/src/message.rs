@@ -1,0 +1,148 @@
+//! The messages host and agent exchange, and the values they carry.
+
+/// One protocol message. The comment on each variant says who sends it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Agent → host, the first frame: the agent's protocol version and name.
+    Hello {
+        /// Protocol version the agent speaks.
+        version: u16,
+        /// Agent name and version, for logs.
+        agent: String,
+    },
+    /// Host → agent, the reply to `Hello`.
+    Welcome {
+        /// Protocol version the host speaks.
+        version: u16,
+    },
+    /// Host → agent: start a command.
+    Exec(ExecRequest),
+    /// Host → agent: bytes for the running command's stdin.
+    Stdin(Vec<u8>),
+    /// Host → agent: close the running command's stdin.
+    StdinEof,
+    /// Host → agent: send this signal to the running command.
+    Signal(i32),
+    /// Agent → host: bytes the command wrote to stdout.
+    Stdout(Vec<u8>),
+    /// Agent → host: bytes the command wrote to stderr.
+    Stderr(Vec<u8>),
+    /// Agent → host: the command is running.
+    Started {
+        /// Its process id inside the cell.
+        pid: u32,
+    },
+    /// Agent → host: the command could not start.
+    ExecFailed {
+        /// The `errno` of the failed call.
+        errno: i32,
+        /// What failed, for people.
+        message: String,
+    },
+    /// Agent → host: the command ended.
+    Exited(ExitStatus),
+    /// Host → agent: write a file; `Data` chunks follow, then `DataEnd`.
+    PutFile {
+        /// Absolute path inside the cell.
+        path: String,
+        /// Permission bits.
+        mode: u32,
+        /// Total size of the data that follows, in bytes.
+        size: u64,
+    },
+    /// Host → agent: create a directory.
+    MakeDir {
+        /// Absolute path inside the cell.
+        path: String,
+        /// Permission bits.
+        mode: u32,
+    },
+    /// Host → agent: send a file or directory tree back. Reply: `Entry` (files followed by
+    /// `Data`* `DataEnd`) for each entry, then `Done`; or `Error`.
+    GetPath {
+        /// Absolute path inside the cell.
+        path: String,
+    },
+    /// Agent → host: one entry of a `GetPath` reply; a file is followed by `Data`* `DataEnd`.
+    Entry {
+        /// Path of the entry inside the cell.
+        path: String,
+        /// File or directory.
+        kind: EntryKind,
+        /// Permission bits.
+        mode: u32,
+        /// Size in bytes (0 for directories).
+        size: u64,
+    },
+    /// Either way: a chunk of file contents.
+    Data(Vec<u8>),
+    /// Either way: the end of a file's contents.
+    DataEnd,
+    /// Either way: generic success reply.
+    Done,
+    /// Either way: generic failure reply.
+    Error {
+        /// What failed, for people.
+        message: String,
+    },
+    /// Host → agent: power the cell off.
+    Shutdown,
+}
+
+/// A command to run in the cell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecRequest {
+    /// Program and arguments; `argv[0]` is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// The whole environment, in order.
+    pub env: Vec<(String, String)>,
+    /// Working directory (none: the agent's default).
+    pub cwd: Option<String>,
+    /// User id to run as.
+    pub uid: u32,
+    /// Group id to run as.
+    pub gid: u32,
+    /// Whether the host will send `Stdin`; if not, stdin is `/dev/null`.
+    pub stdin: bool,
+}
+
+/// How a command ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal with this number killed it.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// Shell convention: the exit code, or 128 + the signal number (saturating).
+    pub fn shell_code(&self) -> i32 {
+        match *self {
+            Self::Code(code) => code,
+            Self::Signal(signal) => signal.saturating_add(128),
+        }
+    }
+}
+
+/// The kind of a `GetPath` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ExitStatus;
+
+    #[test]
+    fn shell_code_follows_the_shell() {
+        assert_eq!(ExitStatus::Code(0).shell_code(), 0);
+        assert_eq!(ExitStatus::Code(3).shell_code(), 3);
+        assert_eq!(ExitStatus::Signal(9).shell_code(), 137);
+        assert_eq!(ExitStatus::Signal(i32::MAX).shell_code(), i32::MAX);
+    }
+}

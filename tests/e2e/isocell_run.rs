@@ -1,0 +1,271 @@
+//! End-to-end tests of `isocell run`: each boots real cells with the agent through the test
+//! host (directly on hardware KVM, in the nested host elsewhere). All cell runs are batched into
+//! one scenario so the nested host boots once for this file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use isocell_testhost::{HostKind, Scenario, Step, StepResult, TestHost};
+
+/// A step running a shell command line on the test host ({isocell} and {work} are replaced).
+fn shell(name: &str, script: &str, timeout_secs: u64) -> Step {
+    Step {
+        name: name.to_owned(),
+        argv: vec!["sh".into(), "-c".into(), script.to_owned()],
+        timeout_secs,
+        create_files: BTreeMap::new(),
+        write_files: BTreeMap::new(),
+        hash_files: Vec::new(),
+        report_file: None,
+    }
+}
+
+fn scenario() -> Scenario {
+    let run = "ISOCELL_RUN_DIR={work}/run {isocell} run";
+    let mut echo =
+        shell("echo", &format!("{run} --report {{work}}/run.json -- echo hello-from-a-cell"), 120);
+    echo.report_file = Some("{work}/run.json".into());
+    let mut big = shell(
+        "big-output",
+        &format!(
+            "{run} -- sh -c 'head -c 16777216 /dev/urandom > /tmp/big; sha256sum /tmp/big >&2; cat /tmp/big' > {{work}}/big.out"
+        ),
+        300,
+    );
+    big.hash_files = vec!["{work}/big.out".into()];
+    let mut input = shell(
+        "input",
+        &format!(
+            "head -c 3000000 /dev/urandom > {{work}}/in.bin && mkdir -p {{work}}/tree/sub && echo nested-file > {{work}}/tree/sub/f.txt && \
+             {run} --input {{work}}/in.bin:/data/in.bin --input {{work}}/tree:/data/tree -- sh -c 'sha256sum /data/in.bin; cat /data/tree/sub/f.txt'"
+        ),
+        180,
+    );
+    input.hash_files = vec!["{work}/in.bin".into()];
+    let mut output = shell(
+        "output",
+        &format!(
+            "mkdir -p {{work}}/od && {run} --output /tmp/out.bin:{{work}}/out.bin --output /tmp/od:{{work}}/od/tree -- \
+             sh -c 'head -c 2000000 /dev/urandom > /tmp/out.bin; mkdir -p /tmp/od/deep; echo deep-file > /tmp/od/deep/x.txt; sha256sum /tmp/out.bin' \
+             && cat {{work}}/od/tree/deep/x.txt"
+        ),
+        180,
+    );
+    output.hash_files = vec!["{work}/out.bin".into()];
+    Scenario {
+        steps: vec![
+            echo,
+            shell("exit-42", &format!("{run} -- sh -c 'exit 42'"), 120),
+            shell("streams", &format!("{run} -- sh -c 'echo to-stdout; echo to-stderr >&2'"), 120),
+            big,
+            input,
+            output,
+            shell(
+                "timeout",
+                &format!(
+                    "{run} --timeout 3 -- sleep 1000; echo status=$?; \
+                     echo leftover_vmms=$(ps -o args | grep -c '^[^ ]*isocell-vm[m]'); \
+                     echo leftover_files=$(ls -A {{work}}/run | wc -l)"
+                ),
+                180,
+            ),
+            shell(
+                "ephemeral",
+                &format!(
+                    "{run} -- sh -c 'echo secret > /persist.txt && cat /persist.txt' && \
+                     {run} -- sh -c 'if [ -e /persist.txt ]; then echo present; else echo absent; fi'"
+                ),
+                180,
+            ),
+            shell(
+                "concurrent",
+                &format!(
+                    "({run} -- echo one > {{work}}/a; echo $? > {{work}}/a.rc) & \
+                     ({run} -- echo two > {{work}}/b; echo $? > {{work}}/b.rc) & wait; \
+                     echo a=$(cat {{work}}/a) $(cat {{work}}/a.rc) b=$(cat {{work}}/b) $(cat {{work}}/b.rc); \
+                     echo leftover_files=$(ls -A {{work}}/run | wc -l)"
+                ),
+                240,
+            ),
+            shell("not-found", &format!("{run} -- no-such-command --flag"), 120),
+            shell(
+                "agent-silent",
+                &format!(
+                    "{run} --boot-timeout 15 --kernel-args 'init=/sbin/scenario-init isocell_scenario=hang' -- true"
+                ),
+                120,
+            ),
+        ],
+    }
+}
+
+fn results() -> &'static Result<HashMap<String, StepResult>, String> {
+    static RESULTS: OnceLock<Result<HashMap<String, StepResult>, String>> = OnceLock::new();
+    RESULTS.get_or_init(|| {
+        let host = TestHost::detect().map_err(|e| e.to_string())?;
+        eprintln!("running the isocell run scenario on the {} test host", host.kind().name());
+        let results = host.run(&scenario()).map_err(|e| e.to_string())?;
+        Ok(results.into_iter().map(|r| (r.name.clone(), r)).collect())
+    })
+}
+
+fn step(name: &str) -> &'static StepResult {
+    match results() {
+        Ok(map) => map.get(name).unwrap_or_else(|| panic!("no result for step {name}")),
+        Err(e) => panic!("the test host failed: {e}"),
+    }
+}
+
+fn ok(name: &str) -> &'static StepResult {
+    let r = step(name);
+    assert_eq!(r.exit_code, Some(0), "{}", r.explain());
+    r
+}
+
+/// The first word of the first line that contains `path` (a `sha256sum` line).
+fn hash_in(text: &str, path: &str) -> String {
+    text.lines()
+        .find(|l| l.contains(path))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn echo_runs_in_a_cell_and_reports_its_phases() {
+    let r = ok("echo");
+    assert_eq!(r.stdout.trim(), "hello-from-a-cell", "{}", r.explain());
+    let report = r.report.as_ref().unwrap_or_else(|| panic!("no report\n{}", r.explain()));
+    for phase in ["prepare_ms", "boot_ms", "agent_ready_ms", "exec_ms", "teardown_ms", "total_ms"] {
+        assert!(report["phases"][phase].as_f64().is_some(), "{phase} missing: {report}");
+    }
+    assert_eq!(report["vmm"]["exit_reason"], "reboot", "{report}");
+    assert!(report["vmm"]["phases"]["guest_init_us"].as_u64().is_some(), "{report}");
+}
+
+#[test]
+fn exit_code_is_propagated() {
+    let r = step("exit-42");
+    assert_eq!(r.exit_code, Some(42), "{}", r.explain());
+}
+
+#[test]
+fn stdout_and_stderr_are_kept_apart() {
+    let r = ok("streams");
+    assert_eq!(r.stdout.trim(), "to-stdout", "{}", r.explain());
+    assert!(r.stderr.contains("to-stderr") && !r.stderr.contains("to-stdout"), "{}", r.explain());
+}
+
+#[test]
+fn sixteen_mib_of_output_arrive_intact() {
+    let r = ok("big-output");
+    let inside = hash_in(&r.stderr, "/tmp/big");
+    assert_eq!(inside.len(), 64, "{}", r.explain());
+    assert_eq!(r.hashes.get("{work}/big.out"), Some(&inside), "{}", r.explain());
+}
+
+#[test]
+fn input_files_and_trees_arrive_intact() {
+    let r = ok("input");
+    let inside = hash_in(&r.stdout, "/data/in.bin");
+    assert_eq!(r.hashes.get("{work}/in.bin"), Some(&inside), "{}", r.explain());
+    assert!(r.stdout.contains("nested-file"), "{}", r.explain());
+}
+
+#[test]
+fn output_files_and_trees_come_back_intact() {
+    let r = ok("output");
+    let inside = hash_in(&r.stdout, "/tmp/out.bin");
+    assert_eq!(r.hashes.get("{work}/out.bin"), Some(&inside), "{}", r.explain());
+    assert!(r.stdout.contains("deep-file"), "{}", r.explain());
+}
+
+#[test]
+fn timeout_kills_the_command_and_leaves_nothing_behind() {
+    let r = ok("timeout");
+    assert!(r.stdout.contains("status=124"), "{}", r.explain());
+    assert!(r.stdout.contains("leftover_vmms=0"), "{}", r.explain());
+    assert!(r.stdout.contains("leftover_files=0"), "{}", r.explain());
+    assert!(r.stderr.contains("--timeout"), "{}", r.explain());
+}
+
+#[test]
+fn writes_do_not_survive_the_cell() {
+    let r = ok("ephemeral");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines, ["secret", "absent"], "{}", r.explain());
+}
+
+#[test]
+fn two_cells_at_once_both_succeed() {
+    let r = ok("concurrent");
+    assert!(r.stdout.contains("a=one 0 b=two 0"), "{}", r.explain());
+    assert!(r.stdout.contains("leftover_files=0"), "{}", r.explain());
+}
+
+#[test]
+fn a_missing_command_exits_127() {
+    let r = step("not-found");
+    assert_eq!(r.exit_code, Some(127), "{}", r.explain());
+    assert!(r.stderr.contains("no-such-command: command not found"), "{}", r.explain());
+}
+
+#[test]
+fn a_silent_agent_fails_at_the_boot_timeout_with_the_console() {
+    let r = step("agent-silent");
+    assert_eq!(r.exit_code, Some(125), "{}", r.explain());
+    assert!(r.stderr.contains("did not come up within 15 s"), "{}", r.explain());
+    assert!(r.stderr.contains("hanging on purpose"), "console tail missing\n{}", r.explain());
+}
+
+fn local_isocell(args: &[&str]) -> std::process::Output {
+    let paths = isocell_testhost::host::Paths::discover().unwrap_or_else(|e| panic!("{e}"));
+    Command::new(paths.isocell)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run isocell: {e}"))
+}
+
+#[test]
+fn a_missing_kernel_names_the_build_command() {
+    let out = local_isocell(&["run", "--kernel", "/nonexistent/vmlinux", "--", "true"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("/nonexistent/vmlinux does not exist") && err.contains("scripts/build-all.sh"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_options_are_refused_before_any_cell_exists() {
+    for (args, needle) in [
+        (&["run", "--cpus", "0", "--", "true"][..], "--cpus 0"),
+        (&["run", "--env", "NOEQUALS", "--", "true"][..], "expected NAME=VALUE"),
+        (&["run", "--input", "/nonexistent/in", "--", "true"][..], "does not exist on this host"),
+        (&["run", "--workdir", "relative", "--", "true"][..], "absolute"),
+        (&["run", "--"][..], "COMMAND"),
+    ] {
+        let out = local_isocell(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn no_hardware_virtualization_is_refused_with_what_to_do() {
+    let host = TestHost::detect().unwrap_or_else(|e| panic!("{e}"));
+    if host.kind() != HostKind::Nested {
+        eprintln!("this host has hardware virtualization; nothing to refuse");
+        return;
+    }
+    let out = local_isocell(&["run", "--", "true"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("hardware virtualization") && err.contains("scripts/run-cell.sh"),
+        "{err}"
+    );
+}
