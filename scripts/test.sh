@@ -14,5 +14,5 @@ step "cargo clippy"
 cargo clippy --all-targets --workspace --quiet -- -D warnings
 step "tests (unit and end-to-end)"
 cargo test --release --workspace
-step "benchmark (figures in build/bench/vmm-boot.json)"
+step "benchmark (figures in build/bench/vmm-boot.json and isocell-run.json)"
 target/x86_64-unknown-linux-gnu/release/isocell-bench --runs 10

@@ -187,11 +187,12 @@ fn main() {
         log("must run as PID 1 inside a cell");
         std::process::exit(2);
     }
+    // First thing: init is running (the kernel has mounted /dev already).
+    signal_boot_timer();
     if let Err(e) = mounts::set_up() {
         log(&e);
         power_off();
     }
-    signal_boot_timer();
     exec::start_reaper();
     if let Some(stream) = connect() {
         if let Err(e) = serve(stream) {

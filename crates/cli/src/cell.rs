@@ -4,6 +4,7 @@
 
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -40,8 +41,34 @@ pub struct Cell {
     pub id: String,
     dir: PathBuf,
     vmm: Option<Child>,
+    /// Readable when the VMM has exited (a pidfd), so waits block instead of polling: in the
+    /// nested host every wake-up is paid for by the guest's vCPU.
+    vmm_exited: Option<OwnedFd>,
     agent_listener: UnixListener,
     vmm_status: Option<ExitStatus>,
+}
+
+/// A pidfd for `pid`, readable once the process exits.
+fn pidfd(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; it touches
+    // no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    let fd = RawFd::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: `fd` was just returned by pidfd_open and nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits until one of `fds` is readable or `timeout` passes; returns which were readable.
+fn wait_readable(fds: &[RawFd], timeout: Duration) -> Vec<bool> {
+    let mut polls: Vec<libc::pollfd> =
+        fds.iter().map(|fd| libc::pollfd { fd: *fd, events: libc::POLLIN, revents: 0 }).collect();
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `polls` is a valid array of `polls.len()` pollfd structs that outlives the call.
+    let n = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, ms) };
+    if n <= 0 {
+        return vec![false; fds.len()];
+    }
+    polls.iter().map(|p| p.revents != 0).collect()
 }
 
 fn random_id() -> String {
@@ -111,7 +138,8 @@ impl Cell {
         let vmm = cmd
             .spawn()
             .map_err(|e| cleanup(format!("cannot start {}: {e}", spec.vmm.display())))?;
-        Ok(Cell { id, dir, vmm: Some(vmm), agent_listener, vmm_status: None })
+        let vmm_exited = pidfd(vmm.id());
+        Ok(Cell { id, dir, vmm: Some(vmm), vmm_exited, agent_listener, vmm_status: None })
     }
 
     /// Waits for the agent to connect, for at most `timeout`; `interrupted` is polled to give
@@ -141,14 +169,18 @@ impl Cell {
             if interrupted() {
                 return Err("interrupted while the cell was booting".into());
             }
-            if start.elapsed() > timeout {
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
                 return Err(format!(
                     "the agent did not come up within {} s{}",
                     timeout.as_secs(),
                     self.diagnostics()
                 ));
             }
-            std::thread::sleep(Duration::from_millis(2));
+            // Wake for the agent, the VMM's exit, or every 100 ms to look at `interrupted`.
+            let mut fds = vec![self.agent_listener.as_raw_fd()];
+            fds.extend(self.vmm_exited.as_ref().map(|f| f.as_raw_fd()));
+            wait_readable(&fds, left.min(Duration::from_millis(100)));
         }
     }
 
@@ -183,11 +215,20 @@ impl Cell {
     /// Waits up to `grace` for the VMM to exit by itself, then kills it. Returns its status.
     pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
         let start = Instant::now();
-        while start.elapsed() < grace {
+        loop {
             if let Some(s) = self.try_wait_vmm() {
                 return Some(s);
             }
-            std::thread::sleep(Duration::from_millis(2));
+            let left = grace.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            match &self.vmm_exited {
+                Some(fd) => {
+                    wait_readable(&[fd.as_raw_fd()], left);
+                }
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
         }
         self.kill();
         self.vmm_status

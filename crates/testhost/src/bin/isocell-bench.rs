@@ -1,6 +1,7 @@
 //! `isocell-bench`: boots the cell kernel repeatedly through the test host and reports the boot
-//! phases and the VMM's memory overhead (median, min, max) as JSON. Not a test: timings are
-//! never asserted, only recorded with the machine they ran on.
+//! phases and the VMM's memory overhead, then runs `isocell run -- true` repeatedly and reports
+//! its phases (median, min, max) as JSON. Not a test: timings are never asserted, only recorded
+//! with the machine they ran on. Both series run in the same test host, so they compare.
 
 use std::path::PathBuf;
 
@@ -15,6 +16,8 @@ use serde_json::{json, Value};
 const FIRECRACKER_NESTED_CYCLE_MS: f64 = 2100.0;
 /// Target: a full cycle at most this fraction of Firecracker's.
 const CYCLE_TARGET_RATIO: f64 = 0.8;
+/// Target: `isocell run -- true` at most this multiple of the bare VMM boot cycle.
+const RUN_TARGET_RATIO: f64 = 1.3;
 /// Target: VMM memory overhead, KiB.
 const OVERHEAD_TARGET_KIB: f64 = 3.0 * 1024.0;
 
@@ -31,9 +34,41 @@ struct Args {
     /// Guest memory, MiB.
     #[arg(long, default_value_t = 128)]
     memory: u64,
-    /// Where to write the JSON results.
+    /// Directory for the JSON results (`vmm-boot.json`, `isocell-run.json`).
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+/// Phases `isocell run --report` records, in order.
+const RUN_PHASES: [&str; 6] =
+    ["prepare_ms", "boot_ms", "agent_ready_ms", "exec_ms", "teardown_ms", "total_ms"];
+
+fn run_step(i: usize, args: &Args) -> Step {
+    let argv = [
+        "{isocell}",
+        "run",
+        "--cpus",
+        &args.cpus.to_string(),
+        "--memory",
+        &args.memory.to_string(),
+        "--report",
+        "{work}/run.json",
+        "--",
+        "true",
+    ];
+    Step {
+        name: format!("run-{i}"),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        timeout_secs: 180,
+        create_files: Default::default(),
+        write_files: Default::default(),
+        hash_files: vec![],
+        report_file: Some("{work}/run.json".into()),
+    }
+}
+
+fn run_phase(r: &StepResult, name: &str) -> Option<f64> {
+    r.report.as_ref()?.get("phases")?.get(name)?.as_f64()
 }
 
 fn boot_step(i: usize, args: &Args) -> Step {
@@ -103,12 +138,16 @@ fn main() -> Result<()> {
         args.runs,
         host.kind().name()
     );
-    let steps = (0..=args.runs).map(|i| boot_step(i, &args)).collect();
+    let mut steps: Vec<Step> = (0..=args.runs).map(|i| boot_step(i, &args)).collect();
+    steps.extend((0..=args.runs).map(|i| run_step(i, &args)));
     let results = host.run(&Scenario { steps })?;
-    let measured: Vec<StepResult> = results.into_iter().skip(1).collect();
-    if let Some(bad) = measured.iter().find(|r| r.exit_code != Some(0)) {
-        bail!("a benchmark boot failed:\n{}", bad.explain());
+    if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
+        bail!("a benchmark step failed:\n{}", bad.explain());
     }
+    let (boots, runs): (Vec<StepResult>, Vec<StepResult>) =
+        results.into_iter().partition(|r| r.name.starts_with("boot-"));
+    let measured: Vec<StepResult> = boots.into_iter().skip(1).collect();
+    let measured_runs: Vec<StepResult> = runs.into_iter().skip(1).collect();
 
     let full_cycle = series(&measured, |r| Some(r.wall_us as f64 / 1000.0));
     let overhead = series(&measured, |r| memory(r, "vmm_overhead_kib"));
@@ -142,12 +181,36 @@ fn main() -> Result<()> {
         .map(|r| json!({ "wall_us": r.wall_us, "phases": r.report.as_ref().and_then(|v| v.get("phases")), "memory": r.report.as_ref().and_then(|v| v.get("memory")) }))
         .collect();
 
-    let path = args.out.unwrap_or_else(|| project_root().join("build/bench/vmm-boot.json"));
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let run_total = series(&measured_runs, |r| Some(r.wall_us as f64 / 1000.0));
+    let mut run_out = json!({
+        "benchmark": "isocell-run-true",
+        "host": host.kind().name(),
+        "host_cpu": cpu_model(),
+        "runs": measured_runs.len(),
+        "vcpus": args.cpus,
+        "memory_mib": args.memory,
+        "command": "isocell run -- true (console to a file, quiet)",
+        "wall_ms": run_total,
+        "vmm_boot_full_cycle_ms": full_cycle,
+        "targets": { "wall_ms_max_ratio_to_vmm_boot": RUN_TARGET_RATIO },
+        "guest_init_ms": series(&measured_runs, |r| {
+            r.report.as_ref()?.get("vmm")?.get("phases")?.get("guest_init_us")?.as_f64().map(|v| v / 1000.0)
+        }),
+    });
+    for p in RUN_PHASES {
+        run_out[p] = json!(series(&measured_runs, |r| run_phase(r, p)));
     }
+    run_out["samples"] =
+        measured_runs.iter().map(|r| json!({ "wall_us": r.wall_us, "report": r.report })).collect();
+
+    let dir = args.out.unwrap_or_else(|| project_root().join("build/bench"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("vmm-boot.json");
     std::fs::write(&path, serde_json::to_string_pretty(&out)?)
         .with_context(|| format!("writing {}", path.display()))?;
+    let run_path = dir.join("isocell-run.json");
+    std::fs::write(&run_path, serde_json::to_string_pretty(&run_out)?)
+        .with_context(|| format!("writing {}", run_path.display()))?;
 
     let row = |label: &str, s: Option<Summary>, unit: &str| match s {
         Some(s) => println!(
@@ -168,6 +231,21 @@ fn main() -> Result<()> {
             c.median / FIRECRACKER_NESTED_CYCLE_MS
         );
     }
-    println!("results: {}", path.display());
+    println!("\n`isocell run -- true`, same host");
+    row("wall (spawn -> exit)", run_total, "ms");
+    for p in RUN_PHASES {
+        row(
+            &format!("  {}", p.trim_end_matches("_ms")),
+            series(&measured_runs, |r| run_phase(r, p)),
+            "ms",
+        );
+    }
+    if let (Some(r), Some(c)) = (run_total, full_cycle) {
+        println!(
+            "isocell run vs bare VMM boot cycle: {:.2}x (target <= {RUN_TARGET_RATIO})",
+            r.median / c.median
+        );
+    }
+    println!("results: {} and {}", path.display(), run_path.display());
     Ok(())
 }
