@@ -71,6 +71,15 @@ fn scenario() -> Scenario {
                 180,
             ),
             shell(
+                "interrupt",
+                &format!(
+                    "{run} -- sleep 1000 & pid=$!; sleep 10; kill -INT $pid; wait $pid; echo status=$?; \
+                     echo leftover_vmms=$(ps -o args | grep -c '^[^ ]*isocell-vm[m]'); \
+                     echo leftover_files=$(ls -A {{work}}/run | wc -l)"
+                ),
+                180,
+            ),
+            shell(
                 "ephemeral",
                 &format!(
                     "{run} -- sh -c 'echo secret > /persist.txt && cat /persist.txt' && \
@@ -188,6 +197,14 @@ fn timeout_kills_the_command_and_leaves_nothing_behind() {
     assert!(r.stdout.contains("leftover_vmms=0"), "{}", r.explain());
     assert!(r.stdout.contains("leftover_files=0"), "{}", r.explain());
     assert!(r.stderr.contains("--timeout"), "{}", r.explain());
+}
+
+#[test]
+fn ctrl_c_tears_the_cell_down_and_leaves_nothing_behind() {
+    let r = ok("interrupt");
+    assert!(r.stdout.contains("status=130"), "{}", r.explain());
+    assert!(r.stdout.contains("leftover_vmms=0"), "{}", r.explain());
+    assert!(r.stdout.contains("leftover_files=0"), "{}", r.explain());
 }
 
 #[test]

@@ -488,6 +488,23 @@ mod tests {
     }
 
     #[test]
+    fn vsock_is_planned_between_drives_and_rng() {
+        let mut c = VmConfig::new("k");
+        c.drives = vec![drive("root", None)];
+        c.vsock =
+            Some(isocell_spec::VsockConfig { guest_cid: 3, uds_path: "/tmp/x/v.sock".into() });
+        let plan = DevicePlan::new(&c).unwrap();
+        let ids: Vec<_> = plan.devices.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["serial0", "i8042", "boot_timer", "root", "vsock0", "rng0"]);
+        assert_eq!(plan.kernel_args().len(), 3);
+        let json = serde_json::to_value(&plan).unwrap();
+        let vsock = &json["devices"][4];
+        assert_eq!(vsock["type"], "virtio_vsock");
+        assert_eq!(vsock["guest_cid"], 3);
+        assert_eq!(vsock["queue_sizes"], serde_json::json!([256, 256, 256]));
+    }
+
+    #[test]
     fn pinned_devices_keep_their_place_and_others_avoid_it() {
         let mut c = VmConfig::new("k");
         let pin = MmioPlacement { mmio_base: 0xd000_1000, irq: 5 };
