@@ -2,6 +2,10 @@
 //! built, serialised and validated anywhere, and `validate()` returns a typed error that names the
 //! field at fault.
 
+pub mod cell;
+pub mod host;
 pub mod vm;
 
+pub use cell::{CellSpec, Classification, Constraints};
+pub use host::HostProfile;
 pub use vm::{ConsoleConfig, DriveConfig, MmioPlacement, VmConfig, VmConfigError, VsockConfig};

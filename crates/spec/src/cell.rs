@@ -1,0 +1,147 @@
+//! The cell spec: what a user asks to run and under which constraints, as a TOML file
+//! (`isocell run --spec FILE`). Command-line flags map onto the same fields.
+//!
+//! ```toml
+//! command = ["python3", "/job/run.py"]
+//! cpus = 2
+//! memory = "512M"
+//! timeout_secs = 600
+//! env = { MODE = "batch" }
+//!
+//! [constraints]
+//! jurisdictions = ["EU"]            # the host's jurisdiction must be one of these
+//! classification = "confidential"   # public | internal | confidential | restricted
+//! image_digests = ["sha256:..."]    # the root image must have one of these digests
+//! max_lifetime_secs = 3600
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+
+use serde::{Deserialize, Serialize};
+
+/// How sensitive the data a cell handles is, lowest first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Classification {
+    /// Public data.
+    #[default]
+    Public,
+    /// Internal to the organisation.
+    Internal,
+    /// Confidential (personal data, for example).
+    Confidential,
+    /// Restricted (health records, classified data).
+    Restricted,
+}
+
+impl Classification {
+    /// The name used in files, flags and policies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Classification::Public => "public",
+            Classification::Internal => "internal",
+            Classification::Confidential => "confidential",
+            Classification::Restricted => "restricted",
+        }
+    }
+
+    /// Parses a name as written in files and flags.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Public, Self::Internal, Self::Confidential, Self::Restricted]
+            .into_iter()
+            .find(|c| c.as_str() == s)
+    }
+}
+
+/// Rules a cell must be admitted under.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Constraints {
+    /// Jurisdictions the cell may run in (empty: any).
+    #[serde(default)]
+    pub jurisdictions: Vec<String>,
+    /// Classification of the data the cell handles.
+    #[serde(default)]
+    pub classification: Classification,
+    /// Allowed root image digests, `sha256:HEX` (empty: any).
+    #[serde(default)]
+    pub image_digests: Vec<String>,
+    /// The longest the cell may live, in seconds.
+    #[serde(default)]
+    pub max_lifetime_secs: Option<u64>,
+}
+
+/// A cell spec file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellSpec {
+    /// Root image (relative paths are relative to the spec file).
+    #[serde(default)]
+    pub image: Option<PathBuf>,
+    /// Cell kernel.
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    /// The command and its arguments.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// vCPUs.
+    #[serde(default)]
+    pub cpus: Option<u64>,
+    /// Guest memory, such as "512M".
+    #[serde(default)]
+    pub memory: Option<String>,
+    /// Environment of the command.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory in the cell.
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Limit on the command's run time, seconds.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// Admission constraints.
+    #[serde(default)]
+    pub constraints: Constraints,
+}
+
+impl CellSpec {
+    /// Parses a spec file's text; relative image and kernel paths are resolved against `base`
+    /// (the file's directory).
+    pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
+        let mut spec: CellSpec = toml::from_str(text).map_err(|e| e.to_string())?;
+        for p in [&mut spec.image, &mut spec.kernel].into_iter().flatten() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn parses_a_full_spec_and_refuses_unknown_keys() {
+        let spec: CellSpec = toml::from_str(
+            r#"
+            command = ["echo", "hi"]
+            memory = "512M"
+            env = { A = "1" }
+            [constraints]
+            jurisdictions = ["EU"]
+            classification = "restricted"
+            max_lifetime_secs = 60
+            "#,
+        )
+        .unwrap();
+        assert_eq!(spec.command, ["echo", "hi"]);
+        assert_eq!(spec.constraints.classification, Classification::Restricted);
+        assert!(toml::from_str::<CellSpec>("comand = []").is_err());
+        assert!(toml::from_str::<CellSpec>("[constraints]\nclassification = \"secret\"").is_err());
+    }
+}
