@@ -18,7 +18,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-
 use serde::{Deserialize, Serialize};
 
 /// How sensitive the data a cell handles is, lowest first.
