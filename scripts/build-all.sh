@@ -22,11 +22,11 @@ step "Debian packages"
 scripts/install-deps.sh
 step "cell kernel (cached after the first build)"
 guest/build-kernel.sh >/dev/null
+step "release binaries (the agent goes into the base image)"
+cargo build --release --workspace --bins --quiet
 step "base image"
 guest/build-rootfs.sh >/dev/null
 if [[ -e /sys/module/kvm_pvm ]] || ! grep -qwE 'vmx|svm' /proc/cpuinfo; then
   step "nested test host kernel (this machine has no hardware virtualization)"
   scripts/prepare-nested-host.sh >/dev/null
 fi
-step "release binaries"
-cargo build --release --workspace --bins --quiet
