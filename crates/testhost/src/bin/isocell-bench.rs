@@ -56,14 +56,19 @@ fn run_step(i: usize, args: &Args) -> Step {
         "--",
         "true",
     ];
+    measured_step(format!("run-{i}"), &argv, 180, "{work}/run.json")
+}
+
+/// A step that writes a JSON report the benchmark reads.
+fn measured_step(name: String, argv: &[&str], timeout_secs: u64, report: &str) -> Step {
     Step {
-        name: format!("run-{i}"),
+        name,
         argv: argv.iter().map(|s| s.to_string()).collect(),
-        timeout_secs: 180,
+        timeout_secs,
         create_files: Default::default(),
         write_files: Default::default(),
         hash_files: vec![],
-        report_file: Some("{work}/run.json".into()),
+        report_file: Some(report.into()),
     }
 }
 
@@ -89,15 +94,7 @@ fn boot_step(i: usize, args: &Args) -> Step {
         "--report",
         "{work}/report.json",
     ];
-    Step {
-        name: format!("boot-{i}"),
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        timeout_secs: 120,
-        create_files: Default::default(),
-        write_files: Default::default(),
-        hash_files: vec![],
-        report_file: Some("{work}/report.json".into()),
-    }
+    measured_step(format!("boot-{i}"), &argv, 120, "{work}/report.json")
 }
 
 fn ms(us: Option<u64>) -> Option<f64> {
