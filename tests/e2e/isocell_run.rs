@@ -22,7 +22,8 @@ fn shell(name: &str, script: &str, timeout_secs: u64) -> Step {
 }
 
 fn scenario() -> Scenario {
-    let run = "ISOCELL_RUN_DIR={work}/run {isocell} run";
+    let run = "ISOCELL_RUN_DIR={work}/run ISOCELL_STATE_DIR={work}/state {isocell} run";
+    let isocell = "ISOCELL_STATE_DIR={work}/state {isocell}";
     let mut echo =
         shell("echo", &format!("{run} --report {{work}}/run.json -- echo hello-from-a-cell"), 120);
     echo.report_file = Some("{work}/run.json".into());
@@ -98,6 +99,17 @@ fn scenario() -> Scenario {
                 240,
             ),
             shell("not-found", &format!("{run} -- no-such-command --flag"), 120),
+            shell(
+                "evidence",
+                &format!(
+                    "{run} --report {{work}}/r.json -- true && \
+                     {isocell} audit verify && \
+                     for f in {{work}}/state/cells/*/launch.json {{work}}/state/cells/*/exit.json; do {isocell} receipt verify $f || exit 9; done && \
+                     cat {{work}}/state/cells/*/exit.json && \
+                     {isocell} audit show | grep -o '\"kind\":\"[a-z_]*\"' | tr '\\n' ' '"
+                ),
+                120,
+            ),
             shell(
                 "agent-silent",
                 &format!(
@@ -219,6 +231,21 @@ fn two_cells_at_once_both_succeed() {
     let r = ok("concurrent");
     assert!(r.stdout.contains("a=one 0 b=two 0"), "{}", r.explain());
     assert!(r.stdout.contains("leftover_files=0"), "{}", r.explain());
+}
+
+#[test]
+fn a_run_leaves_verifiable_receipts_and_a_complete_audit_trail() {
+    let r = ok("evidence");
+    assert!(r.stdout.contains("audit log OK"), "{}", r.explain());
+    assert_eq!(r.stdout.matches("receipt OK").count(), 2, "{}", r.explain());
+    for check in ["vmm_process_gone", "guest_memory_released", "cell_files_removed"] {
+        assert!(r.stdout.contains(&format!("\"{check}\": true")), "{check}\n{}", r.explain());
+    }
+    let kinds = r.stdout.lines().last().unwrap_or_default();
+    for kind in ["admission", "create", "start", "exec", "exit", "teardown", "checkpoint"] {
+        let needle = format!("\"kind\":\"{kind}\"");
+        assert!(kinds.contains(&needle), "{kind} missing from {kinds}\n{}", r.explain());
+    }
 }
 
 #[test]

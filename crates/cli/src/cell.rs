@@ -13,14 +13,13 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use isocell_proto::AGENT_PORT;
+use isocell_spec::{ConsoleConfig, DriveConfig, VmConfig, VsockConfig};
 
 /// The guest's vsock context id; each VMM has its own vsock namespace, so every cell uses 3.
 const GUEST_CID: u64 = 3;
 
 /// What a cell is built from.
 pub struct CellSpec<'a> {
-    /// The VMM binary.
-    pub vmm: &'a Path,
     /// Cell kernel.
     pub kernel: &'a Path,
     /// Root image, attached read-only.
@@ -31,14 +30,69 @@ pub struct CellSpec<'a> {
     pub memory_mib: u64,
     /// Extra kernel arguments.
     pub kernel_args: &'a str,
-    /// Hard limit on the VM's life, as a last resort.
+    /// Hard limit on the VM's life.
     pub max_lifetime_secs: Option<u64>,
+}
+
+/// The directory of cell `id` under `run_dir`.
+pub fn cell_dir(run_dir: &Path, id: &str) -> PathBuf {
+    run_dir.join(id)
+}
+
+/// The exact VM configuration the VMM of cell `id` is started with.
+pub fn vm_config(run_dir: &Path, id: &str, spec: &CellSpec) -> VmConfig {
+    let dir = cell_dir(run_dir, id);
+    let mut c = VmConfig::new(spec.kernel);
+    c.vcpus = spec.cpus;
+    c.memory_mib = spec.memory_mib;
+    c.boot_args = format!("quiet {}", spec.kernel_args).trim_end().to_owned();
+    c.console = ConsoleConfig::File(dir.join("console.log"));
+    c.drives = vec![DriveConfig {
+        id: "root".into(),
+        path: spec.image.to_owned(),
+        read_only: true,
+        root: true,
+        placement: None,
+    }];
+    c.vsock = Some(VsockConfig { guest_cid: GUEST_CID, uds_path: dir.join("vsock.sock") });
+    c.max_lifetime_secs = spec.max_lifetime_secs;
+    c
+}
+
+/// What the launch measurement sees of a configuration: per-cell paths (its sockets and
+/// console under the cell's directory) become `{cell}/...`, so two launches of the same thing
+/// measure the same.
+pub fn measured_config(config: &VmConfig, run_dir: &Path, id: &str) -> serde_json::Value {
+    let prefix = cell_dir(run_dir, id).to_string_lossy().into_owned();
+    let mut v = serde_json::to_value(config).unwrap_or_default();
+    fn walk(v: &mut serde_json::Value, prefix: &str) {
+        match v {
+            serde_json::Value::String(s) if s.starts_with(prefix) => {
+                *s = format!("{{cell}}{}", &s[prefix.len()..]);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(|x| walk(x, prefix)),
+            serde_json::Value::Object(o) => o.values_mut().for_each(|x| walk(x, prefix)),
+            _ => {}
+        }
+    }
+    walk(&mut v, &prefix);
+    v
+}
+
+/// Teardown facts, each checked rather than assumed.
+#[derive(Debug, serde::Serialize)]
+pub struct TeardownChecks {
+    /// The VMM process has exited and was reaped (its pidfd reports it gone).
+    pub vmm_process_gone: bool,
+    /// The VMM's address space, and with it guest memory, is released (the pidfd no longer
+    /// refers to a live or zombie process).
+    pub guest_memory_released: bool,
+    /// The cell's run directory (sockets, console log, VM config, reports) no longer exists.
+    pub cell_files_removed: bool,
 }
 
 /// A running (or stopped) cell.
 pub struct Cell {
-    /// Random id, also the name of its directory.
-    pub id: String,
     dir: PathBuf,
     vmm: Option<Child>,
     /// Readable when the VMM has exited (a pidfd), so waits block instead of polling: in the
@@ -58,6 +112,22 @@ fn pidfd(pid: u32) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The two teardown facts about the VMM (process gone, address space released) as the kernel
+/// reports them through its pidfd: signal 0
+/// fails with ESRCH once the process has exited, and its fdinfo shows `Pid: -1` once it has been
+/// reaped and its memory freed.
+fn pidfd_checks(fd: &OwnedFd) -> (bool, bool) {
+    // SAFETY: pidfd_send_signal with signal 0 only checks the target; null info is allowed.
+    let r = unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), 0, std::ptr::null::<u8>(), 0)
+    };
+    let gone = r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    let fdinfo =
+        fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap_or_default();
+    let released = fdinfo.lines().any(|l| l.split_whitespace().eq(["Pid:", "-1"]));
+    (gone, released)
+}
+
 /// Waits until one of `fds` is readable or `timeout` passes; returns which were readable.
 fn wait_readable(fds: &[RawFd], timeout: Duration) -> Vec<bool> {
     let mut polls: Vec<libc::pollfd> =
@@ -71,7 +141,8 @@ fn wait_readable(fds: &[RawFd], timeout: Duration) -> Vec<bool> {
     polls.iter().map(|p| p.revents != 0).collect()
 }
 
-fn random_id() -> String {
+/// A new random cell id (12 hex digits).
+pub fn new_id() -> String {
     let mut bytes = [0u8; 6];
     if File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_err() {
         let nanos = std::time::SystemTime::now()
@@ -83,20 +154,20 @@ fn random_id() -> String {
 }
 
 impl Cell {
-    /// Creates the cell's directory under `run_dir`, listens for the agent and starts the VMM.
-    pub fn start(run_dir: &Path, spec: &CellSpec) -> Result<Cell, String> {
+    /// Creates the cell's directory under `run_dir`, listens for the agent and starts `vmm`
+    /// with `config` (from [`vm_config`]).
+    pub fn start(run_dir: &Path, id: &str, vmm: &Path, config: &VmConfig) -> Result<Cell, String> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(run_dir)
             .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
-        let id = random_id();
-        let dir = run_dir.join(&id);
+        let id = id.to_owned();
+        let dir = cell_dir(run_dir, &id);
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let vsock = dir.join("vsock.sock");
         // The agent dials host port AGENT_PORT; the VMM connects that to `vsock.sock_PORT`.
         let agent_path = dir.join(format!("vsock.sock_{AGENT_PORT}"));
         let cleanup = |e: String| {
@@ -109,18 +180,13 @@ impl Cell {
         let vmm_log = File::create(dir.join("vmm.log"))
             .map_err(|e| cleanup(format!("cannot create the VMM log: {e}")))?;
 
-        let mut cmd = Command::new(spec.vmm);
-        cmd.arg("--kernel").arg(spec.kernel);
-        cmd.arg("--cpus").arg(spec.cpus.to_string());
-        cmd.arg("--memory").arg(spec.memory_mib.to_string());
-        cmd.arg("--drive").arg(format!("id=root,path={},ro,root", spec.image.display()));
-        cmd.arg("--vsock").arg(format!("cid={GUEST_CID},uds={}", vsock.display()));
-        cmd.arg("--console").arg(format!("file:{}", dir.join("console.log").display()));
-        cmd.arg("--boot-args").arg(format!("quiet {}", spec.kernel_args).trim_end());
+        let config_path = dir.join("vm.json");
+        let json = serde_json::to_string_pretty(config).map_err(|e| cleanup(e.to_string()))?;
+        fs::write(&config_path, json)
+            .map_err(|e| cleanup(format!("cannot write {}: {e}", config_path.display())))?;
+        let mut cmd = Command::new(vmm);
+        cmd.arg("--config").arg(&config_path);
         cmd.arg("--report").arg(dir.join("vmm-report.json"));
-        if let Some(secs) = spec.max_lifetime_secs {
-            cmd.arg("--max-lifetime").arg(secs.to_string());
-        }
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(vmm_log);
         // Its own process group keeps a terminal's Ctrl-C for us (we tear the cell down in
         // order); the parent-death signal takes the VMM down if we die without tearing down.
@@ -135,11 +201,10 @@ impl Cell {
                 Ok(())
             });
         }
-        let vmm = cmd
-            .spawn()
-            .map_err(|e| cleanup(format!("cannot start {}: {e}", spec.vmm.display())))?;
+        let vmm =
+            cmd.spawn().map_err(|e| cleanup(format!("cannot start {}: {e}", vmm.display())))?;
         let vmm_exited = pidfd(vmm.id());
-        Ok(Cell { id, dir, vmm: Some(vmm), vmm_exited, agent_listener, vmm_status: None })
+        Ok(Cell { dir, vmm: Some(vmm), vmm_exited, agent_listener, vmm_status: None })
     }
 
     /// Waits for the agent to connect, for at most `timeout`; `interrupted` is polled to give
@@ -238,6 +303,26 @@ impl Cell {
         if let Some(mut child) = self.vmm.take() {
             let _ = child.kill();
             self.vmm_status = child.wait().ok();
+        }
+    }
+
+    /// The VMM's process id, while it runs.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vmm.as_ref().map(Child::id)
+    }
+
+    /// Ends the cell (killing a VMM still running), removes its directory and checks both.
+    pub fn teardown(mut self) -> TeardownChecks {
+        self.kill();
+        let _ = fs::remove_dir_all(&self.dir);
+        let (gone, released) = match &self.vmm_exited {
+            Some(fd) => pidfd_checks(fd),
+            None => (self.vmm_status.is_some(), self.vmm_status.is_some()),
+        };
+        TeardownChecks {
+            vmm_process_gone: gone && self.vmm.is_none(),
+            guest_memory_released: released,
+            cell_files_removed: !self.dir.exists(),
         }
     }
 

@@ -10,11 +10,15 @@ pub const NOT_FOUND: u8 = 127;
 /// The command ran past `--timeout` and was killed (as `timeout(1)` reports it).
 pub const TIMED_OUT: u8 = 124;
 
+/// Admission policy denied the cell; nothing was started (the `EX_NOPERM` of sysexits.h).
+pub const DENIED: u8 = 77;
+
 /// The exit status table shown in `--help`.
 pub const TABLE: &str = "\
 Exit status:
   N        the command's own exit status
   128+N    the command was killed by signal N
+  77       the admission policy denied the cell; nothing was started
   124      the command ran past --timeout and was killed
   125      isocell failed (bad options, missing kernel or image, no hardware virtualization,
            the cell did not boot, or an --input/--output copy failed)

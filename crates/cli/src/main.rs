@@ -6,9 +6,12 @@
 
 mod agent_link;
 mod cell;
+mod evidence;
 mod exit;
+mod inspect;
 mod locate;
 mod run;
+mod state;
 mod transfer;
 
 use std::path::{Path, PathBuf};
@@ -29,17 +32,26 @@ struct Cli {
 enum Command {
     /// Boot a cell, run COMMAND in it, stream its output, destroy the cell.
     #[command(after_help = exit::TABLE)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// This host's profile (identity, jurisdiction, signing key).
+    #[command(subcommand)]
+    Host(inspect::HostCmd),
+    /// The audit log: show it, or verify it offline with the host's public key.
+    #[command(subcommand)]
+    Audit(inspect::AuditCmd),
+    /// Cell receipts.
+    #[command(subcommand)]
+    Receipt(inspect::ReceiptCmd),
 }
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// vCPUs (1-32).
-    #[arg(long, default_value_t = 1)]
-    cpus: u64,
-    /// Guest memory: MiB, or a size such as 512M or 2G.
-    #[arg(long, default_value = "256M")]
-    memory: String,
+    /// vCPUs (1-32) [default: the spec's, else 1].
+    #[arg(long)]
+    cpus: Option<u64>,
+    /// Guest memory: MiB, or a size such as 512M or 2G [default: the spec's, else 256M].
+    #[arg(long)]
+    memory: Option<String>,
     /// Environment variable for the command, K=V. Repeat for more.
     #[arg(short, long = "env", value_name = "K=V")]
     env: Vec<String>,
@@ -75,14 +87,32 @@ struct RunArgs {
     /// Extra kernel command-line arguments for the cell (for debugging a cell or an image).
     #[arg(long, value_name = "ARGS")]
     kernel_args: Option<String>,
+    /// A cell spec (TOML): resources, image, command, constraints. Flags override it.
+    #[arg(long, value_name = "FILE")]
+    spec: Option<PathBuf>,
+    /// Allowed jurisdiction for the cell (repeatable); the host's must be one of them.
+    #[arg(long = "jurisdiction", value_name = "NAME")]
+    jurisdictions: Vec<String>,
+    /// Data classification: public, internal, confidential or restricted.
+    #[arg(long)]
+    classification: Option<String>,
+    /// Allowed root image digest, sha256:HEX (repeatable).
+    #[arg(long = "allow-image-digest", value_name = "DIGEST")]
+    image_digests: Vec<String>,
+    /// The longest the cell may live, in seconds (enforced by the VMM).
+    #[arg(long, value_name = "SECS")]
+    max_lifetime: Option<u64>,
+    /// An admission policy file (Cedar) to add to the default and the state directory's.
+    #[arg(long = "policy", value_name = "FILE")]
+    policies: Vec<PathBuf>,
     /// Write a JSON report of the run (phases, VMM boot timeline, memory) here.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
     /// Root image to boot (same as --image).
     #[arg(value_name = "IMAGE")]
     image_arg: Option<PathBuf>,
-    /// The command and its arguments, after `--`.
-    #[arg(last = true, required = true, value_name = "COMMAND")]
+    /// The command and its arguments, after `--` (or `command` in the spec).
+    #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
 
@@ -168,16 +198,75 @@ fn parse_outputs(items: &[String]) -> Result<Vec<(String, PathBuf)>, String> {
         .collect()
 }
 
-fn options(args: RunArgs) -> Result<run::RunOptions, String> {
-    let cpus = u8::try_from(args.cpus)
+fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
+    let spec = match &args.spec {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the cell spec {}: {e}", path.display()))?;
+            let base = path.parent().unwrap_or(Path::new("."));
+            isocell_spec::CellSpec::parse(&text, base)
+                .map_err(|e| format!("cell spec {} is invalid: {e}", path.display()))?
+        }
+        None => isocell_spec::CellSpec::default(),
+    };
+    // Flags win over the spec; the spec fills what flags leave out.
+    if args.command.is_empty() {
+        args.command = spec.command.clone();
+    }
+    if args.command.is_empty() {
+        return Err("no command: give it after `--`, or as `command` in the cell spec".into());
+    }
+    let cpus_arg = args.cpus.or(spec.cpus).unwrap_or(1);
+    let memory_arg = args.memory.clone().or(spec.memory.clone()).unwrap_or_else(|| "256M".into());
+    let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    env.append(&mut args.env);
+    args.env = env;
+    args.workdir = args.workdir.or(spec.workdir.clone());
+    args.timeout = args.timeout.or(spec.timeout_secs);
+    args.kernel = args.kernel.or(spec.kernel.clone());
+    if args.image.is_none() && args.image_arg.is_none() {
+        args.image = spec.image.clone();
+    }
+    let mut constraints = spec.constraints.clone();
+    if !args.jurisdictions.is_empty() {
+        constraints.jurisdictions = args.jurisdictions.clone();
+    }
+    if let Some(c) = &args.classification {
+        constraints.classification = isocell_spec::Classification::parse(c).ok_or_else(|| {
+            format!("--classification {c:?}: use public, internal, confidential or restricted")
+        })?;
+    }
+    if !args.image_digests.is_empty() {
+        constraints.image_digests = args.image_digests.clone();
+    }
+    for d in &constraints.image_digests {
+        let ok = d
+            .strip_prefix("sha256:")
+            .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !ok {
+            return Err(format!("image digest {d:?}: expected sha256: and 64 hex digits"));
+        }
+    }
+    if args.max_lifetime.is_some() {
+        constraints.max_lifetime_secs = args.max_lifetime;
+    }
+    if constraints.max_lifetime_secs == Some(0) {
+        return Err("max lifetime 0: give a positive number of seconds".into());
+    }
+    for p in &args.policies {
+        if !p.is_file() {
+            return Err(format!("--policy {}: no such file", p.display()));
+        }
+    }
+    let cpus = u8::try_from(cpus_arg)
         .ok()
         .filter(|n| (isocell_spec::vm::MIN_VCPUS..=isocell_spec::vm::MAX_VCPUS).contains(n))
-        .ok_or_else(|| format!("--cpus {}: a cell has 1 to 32 vCPUs", args.cpus))?;
+        .ok_or_else(|| format!("--cpus {cpus_arg}: a cell has 1 to 32 vCPUs"))?;
     let memory_mib =
-        isocell_vmm::config::parse_memory_mib(&args.memory).map_err(|e| e.to_string())?;
+        isocell_vmm::config::parse_memory_mib(&memory_arg).map_err(|e| e.to_string())?;
     if !(isocell_spec::vm::MIN_MEMORY_MIB..=isocell_spec::vm::MAX_MEMORY_MIB).contains(&memory_mib)
     {
-        return Err(format!("--memory {}: give between 32 MiB and 1 TiB", args.memory));
+        return Err(format!("--memory {memory_arg}: give between 32 MiB and 1 TiB"));
     }
     if let Some(w) = &args.workdir {
         if !w.starts_with('/') {
@@ -207,6 +296,8 @@ fn options(args: RunArgs) -> Result<run::RunOptions, String> {
         argv: args.command,
         report: args.report,
         kernel_args: args.kernel_args.unwrap_or_default(),
+        constraints,
+        policy_files: args.policies,
     })
 }
 
@@ -220,15 +311,13 @@ fn main() -> ExitCode {
         }
     };
     let code = match cli.command {
-        Command::Run(args) => match options(args) {
+        Command::Run(args) => match options(*args) {
             Err(e) => exit::fail(&e),
-            Ok(opts) => match isocell_vmm::host_check::check() {
-                Err(e) => exit::fail(&format!(
-                    "{e}\nOn this machine use the nested test host: scripts/run-cell.sh -- COMMAND"
-                )),
-                Ok(()) => run::run(&opts, started),
-            },
+            Ok(opts) => run::run(&opts, started),
         },
+        Command::Host(cmd) => inspect::host(cmd),
+        Command::Audit(cmd) => inspect::audit(cmd),
+        Command::Receipt(cmd) => inspect::receipt(cmd),
     };
     ExitCode::from(code)
 }

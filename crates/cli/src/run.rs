@@ -10,8 +10,16 @@ use std::time::{Duration, Instant};
 use isocell_proto::{ExecRequest, ExitStatus, Message, MAX_CHUNK};
 use serde::Serialize;
 
+use isocell_evidence::measure::{measure, DigestCache, LaunchInputs};
+use isocell_evidence::policy::{AdmissionRequest, Policies};
+use isocell_spec::Constraints;
+use isocell_vmm::device_manager::DevicePlan;
+use serde_json::{json, Value};
+
 use crate::agent_link::{send_on, AgentLink};
-use crate::cell::{Cell, CellSpec};
+use crate::cell::{self, Cell, CellSpec};
+use crate::evidence::{ms_since, CellEvidence};
+use crate::state::{self, Host};
 use crate::{exit, locate, transfer};
 
 /// Everything `isocell run` was asked to do.
@@ -50,6 +58,10 @@ pub struct RunOptions {
     pub report: Option<PathBuf>,
     /// Extra kernel arguments.
     pub kernel_args: String,
+    /// Admission constraints (from the spec and flags).
+    pub constraints: Constraints,
+    /// Policy files beyond the default and the state directory's.
+    pub policy_files: Vec<PathBuf>,
 }
 
 /// Milliseconds spent in each phase of one run.
@@ -67,15 +79,6 @@ pub struct Phases {
     pub teardown_ms: f64,
     /// From the start of `isocell run` to the end.
     pub total_ms: f64,
-}
-
-#[derive(Serialize)]
-struct Report<'a> {
-    cell: &'a str,
-    agent: &'a str,
-    exit_code: u8,
-    phases: &'a Phases,
-    vmm: Option<serde_json::Value>,
 }
 
 /// Why the command stopped.
@@ -114,78 +117,210 @@ fn ms(d: Duration) -> f64 {
 /// Runs the command in a fresh cell and returns the exit code for `isocell` itself.
 pub fn run(opts: &RunOptions, started: Instant) -> u8 {
     let signals = install_signal_flags();
+    let id = cell::new_id();
+    let host = match Host::load_or_init(&state::state_dir()) {
+        Ok(h) => h,
+        Err(e) => return exit::fail(&e),
+    };
+    let mut ev = match CellEvidence::open(host, &id) {
+        Ok(e) => e,
+        Err(e) => return exit::fail(&e),
+    };
+    let code = run_cell(opts, started, &id, &mut ev, &signals);
+    // A denial is already in the log as its admission decision; any other failure is an error.
+    if let Err(e) = code.as_ref() {
+        if e.code != exit::DENIED {
+            let _ = ev.log("error", json!({ "message": e.message }));
+        }
+    }
+    match code {
+        Ok(c) => c,
+        Err(f) => {
+            eprintln!("isocell: error: {}", f.message);
+            f.code
+        }
+    }
+}
+
+/// Admission, measurement, the cell's life and its evidence.
+fn run_cell(
+    opts: &RunOptions,
+    started: Instant,
+    id: &str,
+    ev: &mut CellEvidence,
+    signals: &[AtomicBool; 3],
+) -> Result<u8, Failure> {
     let mut phases = Phases::default();
+    let run_dir = locate::run_dir();
     let spec = CellSpec {
-        vmm: &opts.vmm,
         kernel: &opts.kernel,
         image: &opts.image,
         cpus: opts.cpus,
         memory_mib: opts.memory_mib,
         kernel_args: &opts.kernel_args,
-        // A last-resort bound on the VM, well past every limit we enforce ourselves.
-        max_lifetime_secs: opts.timeout.map(|t| t.as_secs() + opts.boot_timeout.as_secs() + 600),
+        // The spec's lifetime bound is enforced by the VMM itself; without one, a last-resort
+        // bound well past every limit we enforce here.
+        max_lifetime_secs: opts
+            .constraints
+            .max_lifetime_secs
+            .or(opts.timeout.map(|t| t.as_secs() + opts.boot_timeout.as_secs() + 600)),
     };
-    let mut cell = match Cell::start(&locate::run_dir(), &spec) {
-        Ok(c) => c,
-        Err(e) => return exit::fail(&e),
+    let config = cell::vm_config(&run_dir, id, &spec);
+    let plan = DevicePlan::new(&config).map_err(|e| Failure::from(e.to_string()))?;
+    let cmdline = isocell_vmm::kernel_cmdline(&config, &plan);
+
+    // Measure and decide before anything exists.
+    let t = Instant::now();
+    let cache = DigestCache::new(ev.host.dir.join("digests"));
+    let measurement = measure(
+        &LaunchInputs {
+            kernel: &opts.kernel,
+            initrd: None,
+            cmdline: &cmdline,
+            image: &opts.image,
+            vm_config: &cell::measured_config(&config, &run_dir, id),
+            vmm: &opts.vmm,
+            seccomp: None,
+        },
+        Some(&cache),
+    )?;
+    ev.costs.measure_ms += ms_since(t);
+    let t = Instant::now();
+    let policies = Policies::load_standard(&ev.host.dir.join("policies"), &opts.policy_files);
+    ev.costs.policy_ms += ms_since(t);
+    let c = &opts.constraints;
+    let profile = &ev.host.profile;
+    let request = AdmissionRequest {
+        cell_id: id.to_owned(),
+        host_id: profile.host_id.clone(),
+        host_jurisdiction: profile.jurisdiction.clone(),
+        host_zone: profile.zone.clone(),
+        operator: profile.operator.clone(),
+        cpus: opts.cpus.into(),
+        memory_mib: opts.memory_mib,
+        image_digest: measurement.components.get("root_image").cloned().unwrap_or_default(),
+        jurisdictions: c.jurisdictions.clone(),
+        classification: c.classification.as_str().to_owned(),
+        classification_level: c.classification as i64,
+        image_digests: c.image_digests.clone(),
+        max_lifetime_secs: c.max_lifetime_secs,
     };
+    let decision = ev.admit(policies, &request, &measurement)?;
+    if !decision.allowed {
+        return Err(Failure {
+            code: exit::DENIED,
+            message: format!("admission {}; no cell was started", decision.explain()),
+        });
+    }
+    if let Err(e) = isocell_vmm::host_check::check() {
+        return Err(format!(
+            "{e}\nOn this machine use the nested test host: scripts/run-cell.sh -- COMMAND"
+        )
+        .into());
+    }
+
+    let mut cell = Cell::start(&run_dir, id, &opts.vmm, &config)?;
     let vmm_started = Instant::now();
     phases.prepare_ms = ms(vmm_started - started);
+    let receipt = ev.launched(&measurement, &decision, &opts.argv, cell.vmm_pid())?;
 
-    let interrupted = || pending_signal(&signals).is_some();
+    let result = drive(opts, &mut cell, ev, signals, &mut phases, vmm_started);
+    let (code, outcome) = match &result {
+        Ok((code, outcome)) => (*code, *outcome),
+        Err(f) => (f.code, "failed"),
+    };
+    let t = Instant::now();
+    let vmm_report = cell.vmm_report();
+    let checks = cell.teardown();
+    phases.teardown_ms += ms_since(t);
+    let checks = serde_json::to_value(&checks).unwrap_or_default();
+    let exit_receipt = ev.ended(code, outcome, &checks)?;
+    if checks.as_object().is_some_and(|o| o.values().any(|v| v != &Value::Bool(true))) {
+        eprintln!("isocell: warning: a teardown check failed: {checks}");
+    }
+    phases.total_ms = ms(started.elapsed());
+    if let Some(path) = &opts.report {
+        let report = json!({
+            "cell": id,
+            "exit_code": code,
+            "outcome": outcome,
+            "phases": phases,
+            "evidence": ev.costs,
+            "launch_digest": measurement.launch_digest,
+            "receipts": { "launch": receipt, "exit": exit_receipt },
+            "vmm": vmm_report,
+        });
+        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, text) {
+            eprintln!("isocell: cannot write the report {}: {e}", path.display());
+        }
+    }
+    result.map(|(code, _)| code)
+}
+
+/// From a started VMM to the command's end: agent, inputs, exec, outputs, shutdown request.
+fn drive(
+    opts: &RunOptions,
+    cell: &mut Cell,
+    ev: &mut CellEvidence,
+    signals: &[AtomicBool; 3],
+    phases: &mut Phases,
+    vmm_started: Instant,
+) -> Result<(u8, &'static str), Failure> {
+    let interrupted = || pending_signal(signals).is_some();
     let stream = match cell.wait_for_agent(opts.boot_timeout, interrupted) {
         Ok(s) => s,
         Err(e) => {
-            return match pending_signal(&signals) {
-                Some(sig) => 128 + sig as u8,
-                None => exit::fail(&e),
+            return match pending_signal(signals) {
+                Some(sig) => Ok((128 + sig as u8, "interrupted")),
+                None => Err(e.into()),
             }
         }
     };
     let connected = Instant::now();
     phases.boot_ms = ms(connected - vmm_started);
-
-    let (mut link, agent) = match AgentLink::handshake(stream, opts.boot_timeout) {
-        Ok(l) => l,
-        Err(e) => return exit::fail(&format!("{e}{}", cell.diagnostics())),
-    };
+    let (mut link, agent) = AgentLink::handshake(stream, opts.boot_timeout)
+        .map_err(|e| Failure::from(format!("{e}{}", cell.diagnostics())))?;
+    ev.log("start", json!({ "agent": agent, "boot_ms": phases.boot_ms }))?;
     for (host, guest) in &opts.inputs {
-        if let Err(e) = transfer::put(&mut link, host, guest) {
-            return exit::fail(&e);
-        }
+        transfer::put(&mut link, host, guest)?;
     }
-    if let Some(sig) = pending_signal(&signals) {
+    if let Some(sig) = pending_signal(signals) {
         let _ = link.send(&Message::Shutdown);
         cell.stop(Duration::from_secs(5));
-        return 128 + sig as u8;
+        return Ok((128 + sig as u8, "interrupted"));
     }
     let ready = Instant::now();
     phases.agent_ready_ms = ms(ready - connected);
 
-    let outcome = match execute(&mut link, opts, &signals) {
+    let argv_digest = isocell_evidence::canonical::sha256_hex(
+        serde_json::to_string(&opts.argv).unwrap_or_default().as_bytes(),
+    );
+    ev.log("exec", json!({ "program": opts.argv.first(), "argv_sha256": argv_digest }))?;
+    let outcome = match execute(&mut link, opts, signals) {
         Ok(o) => o,
-        Err(Failure { code, message }) => {
-            eprintln!("isocell: {message}");
+        Err(f) => {
             let _ = link.send(&Message::Shutdown);
             cell.stop(Duration::from_secs(5));
-            return code;
+            return Err(f);
         }
     };
     let exited = Instant::now();
     phases.exec_ms = ms(exited - ready);
 
-    let mut code = match outcome {
-        Outcome::Exited(status) => status.shell_code().clamp(0, 255) as u8,
+    let (mut code, what) = match outcome {
+        Outcome::Exited(status) => (status.shell_code().clamp(0, 255) as u8, "exited"),
         Outcome::TimedOut => {
             eprintln!(
                 "isocell: the command ran past --timeout {} s and was killed",
                 opts.timeout.map_or(0, |t| t.as_secs())
             );
-            exit::TIMED_OUT
+            (exit::TIMED_OUT, "timed_out")
         }
-        Outcome::Interrupted(sig) => 128 + sig as u8,
+        Outcome::Interrupted(sig) => (128 + sig as u8, "interrupted"),
     };
-    if matches!(outcome, Outcome::Exited(_)) {
+    ev.log("exit", json!({ "exit_code": code, "outcome": what }))?;
+    if what == "exited" {
         for (guest, host) in &opts.outputs {
             if let Err(e) = transfer::get(&mut link, guest, host) {
                 eprintln!("isocell: {e}");
@@ -205,20 +340,8 @@ pub fn run(opts: &RunOptions, started: Instant) -> u8 {
             cell.diagnostics()
         );
     }
-    let vmm_report = cell.vmm_report();
-    let id = cell.id.clone();
-    drop(cell);
     phases.teardown_ms = ms(exited.elapsed());
-    phases.total_ms = ms(started.elapsed());
-    if let Some(path) = &opts.report {
-        let report =
-            Report { cell: &id, agent: &agent, exit_code: code, phases: &phases, vmm: vmm_report };
-        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
-        if let Err(e) = std::fs::write(path, text) {
-            eprintln!("isocell: cannot write the report {}: {e}", path.display());
-        }
-    }
-    code
+    Ok((code, what))
 }
 
 struct Failure {

@@ -411,7 +411,7 @@ for m in irqbypass kvm ccp kvm-amd; do
   insmod /modules/$m.ko || echo "isocell-testhost: insmod $m failed"
 done
 [ -c /dev/kvm ] || echo "isocell-testhost: /dev/kvm did not appear"
-export ISOCELL_KERNEL=/isocell/guest/vmlinux ISOCELL_IMAGE=/isocell/guest/rootfs.ext4
+export ISOCELL_KERNEL=/isocell/guest/vmlinux ISOCELL_IMAGE=/isocell/guest/rootfs.ext4 ISOCELL_STATE_DIR=/tmp/isocell-state
 exec /isocell/bin/isocell-testhost-runner --scenario /isocell/scenario.json \
   --results /dev/ttyS1 --work /tmp/steps --host nested --poweroff \
   --asset vmm=/isocell/bin/isocell-vmm --asset isocell=/isocell/bin/isocell --asset bzimage=/isocell/guest/bzImage \

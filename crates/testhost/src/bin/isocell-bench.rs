@@ -18,6 +18,8 @@ const FIRECRACKER_NESTED_CYCLE_MS: f64 = 2100.0;
 const CYCLE_TARGET_RATIO: f64 = 0.8;
 /// Target: `isocell run -- true` at most this multiple of the bare VMM boot cycle.
 const RUN_TARGET_RATIO: f64 = 1.3;
+/// Target: evidence work per cell (measurement, policy, receipts, audit appends), ms.
+const EVIDENCE_TARGET_MS: f64 = 5.0;
 /// Target: VMM memory overhead, KiB.
 const OVERHEAD_TARGET_KIB: f64 = 3.0 * 1024.0;
 
@@ -74,6 +76,18 @@ fn measured_step(name: String, argv: &[&str], timeout_secs: u64, report: &str) -
 
 fn run_phase(r: &StepResult, name: &str) -> Option<f64> {
     r.report.as_ref()?.get("phases")?.get(name)?.as_f64()
+}
+
+/// Evidence costs `isocell run --report` records per cell; `total_ms` is their sum.
+const EVIDENCE_COSTS: [&str; 5] =
+    ["measure_ms", "policy_ms", "receipts_ms", "audit_ms", "total_ms"];
+
+fn evidence_cost(r: &StepResult, name: &str) -> Option<f64> {
+    let costs = r.report.as_ref()?.get("evidence")?;
+    if name == "total_ms" {
+        return EVIDENCE_COSTS[..4].iter().map(|k| costs.get(*k)?.as_f64()).sum();
+    }
+    costs.get(name)?.as_f64()
 }
 
 fn boot_step(i: usize, args: &Args) -> Step {
@@ -197,6 +211,11 @@ fn main() -> Result<()> {
     for p in RUN_PHASES {
         run_out[p] = json!(series(&measured_runs, |r| run_phase(r, p)));
     }
+    let mut evidence = json!({ "target_total_ms_max": EVIDENCE_TARGET_MS });
+    for c in EVIDENCE_COSTS {
+        evidence[c] = json!(series(&measured_runs, |r| evidence_cost(r, c)));
+    }
+    run_out["evidence"] = evidence;
     run_out["samples"] =
         measured_runs.iter().map(|r| json!({ "wall_us": r.wall_us, "report": r.report })).collect();
 
@@ -234,6 +253,14 @@ fn main() -> Result<()> {
         row(
             &format!("  {}", p.trim_end_matches("_ms")),
             series(&measured_runs, |r| run_phase(r, p)),
+            "ms",
+        );
+    }
+    println!("evidence per cell (policy, receipts, fsync'd audit appends)");
+    for c in EVIDENCE_COSTS {
+        row(
+            &format!("  {}", c.trim_end_matches("_ms")),
+            series(&measured_runs, |r| evidence_cost(r, c)),
             "ms",
         );
     }

@@ -1,0 +1,190 @@
+//! The evidence of one cell: the admission decision, the launch measurement and receipt, every
+//! lifecycle event in the audit log, and the exit receipt with verified teardown checks. Each
+//! step is timed, so the benchmark can show what evidence costs.
+
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use isocell_evidence::audit::AuditLog;
+use isocell_evidence::measure::LaunchMeasurement;
+use isocell_evidence::policy::{AdmissionDecision, AdmissionRequest, Policies};
+use isocell_evidence::receipt;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::state::Host;
+
+/// Milliseconds spent on evidence, by kind.
+#[derive(Debug, Default, Serialize)]
+pub struct Costs {
+    /// Launch measurement (file digests, mostly from the cache).
+    pub measure_ms: f64,
+    /// Loading the policies and evaluating them.
+    pub policy_ms: f64,
+    /// Signing and writing both receipts.
+    pub receipts_ms: f64,
+    /// Audit log appends, each fsync'd, and the closing checkpoint.
+    pub audit_ms: f64,
+    /// Number of audit entries written.
+    pub audit_entries: u32,
+}
+
+/// Milliseconds since `t`.
+pub fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The evidence being gathered for one cell.
+pub struct CellEvidence {
+    /// This host.
+    pub host: Host,
+    audit: AuditLog,
+    cell_id: String,
+    /// Time spent, by kind.
+    pub costs: Costs,
+    launch_digest: Option<String>,
+    started_ms: u64,
+}
+
+impl CellEvidence {
+    /// Opens the host's audit log for cell `cell_id`.
+    pub fn open(host: Host, cell_id: &str) -> Result<Self, String> {
+        let t = Instant::now();
+        let audit = AuditLog::open(&host.dir.join("audit"), host.key.clone())
+            .map_err(|e| format!("cannot open the audit log: {e}"))?;
+        let mut costs = Costs::default();
+        costs.audit_ms += ms_since(t);
+        Ok(CellEvidence {
+            host,
+            audit,
+            cell_id: cell_id.to_owned(),
+            costs,
+            launch_digest: None,
+            started_ms: now_ms(),
+        })
+    }
+
+    /// Appends a lifecycle event for this cell. A cell must not run without its record, so a
+    /// failure here is an error for the caller.
+    pub fn log(&mut self, kind: &str, data: Value) -> Result<(), String> {
+        let t = Instant::now();
+        let r = self.audit.append(kind, Some(&self.cell_id), data);
+        self.costs.audit_ms += ms_since(t);
+        self.costs.audit_entries += 1;
+        r.map(|_| ()).map_err(|e| format!("cannot write the audit log: {e}"))
+    }
+
+    /// Evaluates the admission policies and logs the decision, allow or deny.
+    pub fn admit(
+        &mut self,
+        policies: Result<Policies, String>,
+        req: &AdmissionRequest,
+        measurement: &LaunchMeasurement,
+    ) -> Result<AdmissionDecision, String> {
+        let t = Instant::now();
+        let decision = policies.and_then(|p| p.decide(req));
+        self.costs.policy_ms += ms_since(t);
+        let decision = match decision {
+            Ok(d) => d,
+            Err(e) => {
+                self.log("error", json!({ "stage": "admission", "message": e }))?;
+                return Err(e);
+            }
+        };
+        self.log(
+            "admission",
+            json!({
+                "decision": if decision.allowed { "allow" } else { "deny" },
+                "policies": decision.policies,
+                "errors": decision.errors,
+                "request": req,
+                "launch_digest": measurement.launch_digest,
+            }),
+        )?;
+        Ok(decision)
+    }
+
+    fn write_receipt(&mut self, name: &str, body: Value) -> Result<PathBuf, String> {
+        let t = Instant::now();
+        let signed = receipt::sign(&body, &self.host.key);
+        let dir = self.host.cell_record_dir(&self.cell_id)?;
+        let path = dir.join(name);
+        let text = serde_json::to_string_pretty(&signed).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        self.costs.receipts_ms += ms_since(t);
+        Ok(path)
+    }
+
+    fn host_json(&self) -> Value {
+        let p = &self.host.profile;
+        json!({ "id": p.host_id, "jurisdiction": p.jurisdiction, "zone": p.zone, "operator": p.operator })
+    }
+
+    /// Signs and stores the launch receipt, and logs the cell's creation.
+    pub fn launched(
+        &mut self,
+        m: &LaunchMeasurement,
+        decision: &AdmissionDecision,
+        argv: &[String],
+        vmm_pid: Option<u32>,
+    ) -> Result<PathBuf, String> {
+        self.launch_digest = Some(m.launch_digest.clone());
+        let command_digest = isocell_evidence::canonical::sha256_hex(
+            serde_json::to_string(argv).unwrap_or_default().as_bytes(),
+        );
+        let body = json!({
+            "kind": "launch",
+            "version": 1,
+            "cell": self.cell_id,
+            "host": self.host_json(),
+            "started_at_ms": self.started_ms,
+            "launch_digest": m.launch_digest,
+            "components": m.components,
+            "admission": { "decision": "allow", "policies": decision.policies },
+            "command_sha256": command_digest,
+            "vmm_pid": vmm_pid,
+        });
+        let path = self.write_receipt("launch.json", body)?;
+        self.log(
+            "create",
+            json!({ "launch_digest": m.launch_digest, "receipt": path, "vmm_pid": vmm_pid }),
+        )?;
+        Ok(path)
+    }
+
+    /// Signs and stores the exit receipt, logs the teardown and closes with a checkpoint.
+    pub fn ended(
+        &mut self,
+        exit_code: u8,
+        outcome: &str,
+        checks: &Value,
+    ) -> Result<PathBuf, String> {
+        let ended = now_ms();
+        let body = json!({
+            "kind": "exit",
+            "version": 1,
+            "cell": self.cell_id,
+            "host": self.host_json(),
+            "launch_digest": self.launch_digest,
+            "started_at_ms": self.started_ms,
+            "ended_at_ms": ended,
+            "duration_ms": ended.saturating_sub(self.started_ms),
+            "exit_code": exit_code,
+            "outcome": outcome,
+            "teardown_checks": checks,
+        });
+        let path = self.write_receipt("exit.json", body)?;
+        self.log("teardown", json!({ "exit_code": exit_code, "outcome": outcome, "checks": checks, "receipt": path }))?;
+        let t = Instant::now();
+        let r = self.audit.checkpoint();
+        self.costs.audit_ms += ms_since(t);
+        self.costs.audit_entries += 1;
+        r.map_err(|e| format!("cannot checkpoint the audit log: {e}"))?;
+        Ok(path)
+    }
+}

@@ -1,0 +1,191 @@
+//! `isocell host`, `isocell audit` and `isocell receipt`: the host profile, and offline
+//! verification of the evidence with nothing but the host's public key.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use ed25519_dalek::VerifyingKey;
+use isocell_evidence::{audit, receipt};
+
+use crate::exit;
+use crate::state::{state_dir, Host};
+
+/// `isocell host ...`
+#[derive(Subcommand, Debug)]
+pub enum HostCmd {
+    /// Write this host's profile (and a signing key if there is none).
+    Init {
+        /// Legal jurisdiction of this host (for example EU, DE, US).
+        #[arg(long)]
+        jurisdiction: String,
+        /// Zone or site.
+        #[arg(long, default_value = "unspecified")]
+        zone: String,
+        /// Who operates this host.
+        #[arg(long, default_value = "unspecified")]
+        operator: String,
+        /// Replace an existing profile (the signing key is kept).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the profile and the public key.
+    Show,
+}
+
+/// `isocell audit ...`
+#[derive(Subcommand, Debug)]
+pub enum AuditCmd {
+    /// Verify the audit log's hash chain, checkpoints and signed head; report the first bad entry.
+    Verify(KeyArgs),
+    /// Print the audit log's entries as JSON lines.
+    Show {
+        /// Audit directory (default: the state directory's).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// `isocell receipt ...`
+#[derive(Subcommand, Debug)]
+pub enum ReceiptCmd {
+    /// Verify a launch or exit receipt's signature.
+    Verify {
+        /// The receipt file.
+        file: PathBuf,
+        /// Trusted public key: 64 hex digits, or a file holding them (default: this host's).
+        #[arg(long)]
+        public_key: Option<String>,
+    },
+}
+
+/// Where to find the log and which key to trust.
+#[derive(clap::Args, Debug)]
+pub struct KeyArgs {
+    /// Audit directory (default: the state directory's).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Trusted public key: 64 hex digits, or a file holding them (default: this host's).
+    #[arg(long)]
+    public_key: Option<String>,
+}
+
+fn public_key(arg: Option<&str>) -> Result<VerifyingKey, String> {
+    let text = match arg {
+        Some(a) if a.len() == 64 && a.bytes().all(|b| b.is_ascii_hexdigit()) => a.to_owned(),
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the public key {path}: {e}"))?,
+        None => {
+            let path = state_dir().join("host.pub");
+            std::fs::read_to_string(&path).map_err(|e| {
+                format!(
+                    "cannot read {}: {e}; give the trusted key with --public-key",
+                    path.display()
+                )
+            })?
+        }
+    };
+    receipt::parse_public_key(&text)
+}
+
+/// Runs `isocell host`.
+pub fn host(cmd: HostCmd) -> u8 {
+    let dir = state_dir();
+    let result = match cmd {
+        HostCmd::Init { jurisdiction, zone, operator, force } => {
+            Host::init(&dir, &jurisdiction, &zone, &operator, force).map(|_| ())
+        }
+        HostCmd::Show => Host::load_or_init(&dir).map(|h| {
+            let p = &h.profile;
+            println!(
+                "host_id = {:?}\njurisdiction = {:?}\nzone = {:?}\noperator = {:?}",
+                p.host_id, p.jurisdiction, p.zone, p.operator
+            );
+            println!("public_key = {:?}", hex::encode(h.key.verifying_key().to_bytes()));
+            println!("state_dir = {:?}", dir.display().to_string());
+        }),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => exit::fail(&e),
+    }
+}
+
+/// Runs `isocell audit`.
+pub fn audit(cmd: AuditCmd) -> u8 {
+    match cmd {
+        AuditCmd::Verify(k) => {
+            let key = match public_key(k.public_key.as_deref()) {
+                Ok(k) => k,
+                Err(e) => return exit::fail(&e),
+            };
+            let dir = k.dir.unwrap_or_else(|| state_dir().join("audit"));
+            let report = audit::verify(&dir, &key);
+            if let Some(t) = &report.torn_tail {
+                eprintln!(
+                    "isocell: note: {} bytes at offset {} are a torn final entry (a writer stopped mid-append); everything before verifies",
+                    t.len, t.offset
+                );
+            }
+            match &report.problem {
+                None => {
+                    println!(
+                        "audit log OK: {} entries, {} signed checkpoints",
+                        report.entries, report.checkpoints
+                    );
+                    0
+                }
+                Some(p) => {
+                    eprintln!(
+                        "isocell: audit log FAILED at line {} (seq {}, byte {}): {}",
+                        p.line,
+                        p.seq.map_or("?".into(), |s| s.to_string()),
+                        p.offset,
+                        p.reason
+                    );
+                    1
+                }
+            }
+        }
+        AuditCmd::Show { dir } => {
+            let dir = dir.unwrap_or_else(|| state_dir().join("audit"));
+            match audit::read_entries(&dir) {
+                Ok(entries) => {
+                    for e in entries {
+                        println!("{e}");
+                    }
+                    0
+                }
+                Err(e) => exit::fail(&e.to_string()),
+            }
+        }
+    }
+}
+
+/// Runs `isocell receipt`.
+pub fn receipt(cmd: ReceiptCmd) -> u8 {
+    let ReceiptCmd::Verify { file, public_key: key_arg } = cmd;
+    let key = match public_key(key_arg.as_deref()) {
+        Ok(k) => k,
+        Err(e) => return exit::fail(&e),
+    };
+    let doc = match std::fs::read_to_string(&file)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| format!("not JSON: {e}")))
+    {
+        Ok(d) => d,
+        Err(e) => return exit::fail(&format!("{}: {e}", file.display())),
+    };
+    match receipt::verify(&doc, &key) {
+        Ok(()) => {
+            println!(
+                "receipt OK: {} receipt of cell {}",
+                doc["receipt"]["kind"], doc["receipt"]["cell"]
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("isocell: receipt {} FAILED: {e}", file.display());
+            1
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! The state directory (`ISOCELL_STATE_DIR`, default `/var/lib/isocell` for root, else
+//! `~/.local/state/isocell`): the host profile and signing key, policies, the audit log, digest
+//! cache and one record per cell (its receipts). Unlike a cell's run directory, it is kept.
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::SigningKey;
+use isocell_spec::HostProfile;
+
+/// The state directory.
+pub fn state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("ISOCELL_STATE_DIR") {
+        return PathBuf::from(d);
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    if unsafe { libc::getuid() } == 0 {
+        return PathBuf::from("/var/lib/isocell");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    home.join(".local/state/isocell")
+}
+
+fn mkdir(dir: &Path) -> Result<(), String> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], String> {
+    let mut b = [0u8; N];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+    Ok(b)
+}
+
+/// The host profile and its signing key.
+pub struct Host {
+    /// The profile.
+    pub profile: HostProfile,
+    /// The key receipts and checkpoints are signed with.
+    pub key: SigningKey,
+    /// The state directory they came from.
+    pub dir: PathBuf,
+}
+
+impl Host {
+    /// Loads `host.toml` and the key it names from `dir`, creating a profile with
+    /// "unspecified" jurisdiction, zone and operator and a fresh key on first use.
+    pub fn load_or_init(dir: &Path) -> Result<Host, String> {
+        let profile_path = dir.join("host.toml");
+        if !profile_path.exists() {
+            return Host::init(dir, "unspecified", "unspecified", "unspecified", false);
+        }
+        let text = fs::read_to_string(&profile_path)
+            .map_err(|e| format!("cannot read {}: {e}", profile_path.display()))?;
+        let profile: HostProfile = toml::from_str(&text).map_err(|e| {
+            format!(
+                "{} is invalid: {e}; fix it or recreate it with `isocell host init`",
+                profile_path.display()
+            )
+        })?;
+        let key_path = dir.join(&profile.signing_key);
+        let hex_seed = fs::read_to_string(&key_path)
+            .map_err(|e| format!("cannot read the signing key {}: {e}", key_path.display()))?;
+        let seed: [u8; 32] = hex::decode(hex_seed.trim())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| format!("{} is not a 32-byte hex Ed25519 seed", key_path.display()))?;
+        Ok(Host { profile, key: SigningKey::from_bytes(&seed), dir: dir.to_owned() })
+    }
+
+    /// Writes a new profile (and a new key unless one exists and `keep_key`), refusing to
+    /// replace an existing profile unless `force`.
+    pub fn init(
+        dir: &Path,
+        jurisdiction: &str,
+        zone: &str,
+        operator: &str,
+        force: bool,
+    ) -> Result<Host, String> {
+        mkdir(dir)?;
+        let profile_path = dir.join("host.toml");
+        if profile_path.exists() && !force {
+            return Err(format!("{} exists; add --force to replace it", profile_path.display()));
+        }
+        let key_path = dir.join("host.key");
+        let key = match fs::read_to_string(&key_path) {
+            Ok(text) => {
+                let seed: [u8; 32] = hex::decode(text.trim())
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| format!("{} is not a 32-byte hex seed", key_path.display()))?;
+                SigningKey::from_bytes(&seed)
+            }
+            Err(_) => {
+                let key = SigningKey::from_bytes(&random_bytes::<32>()?);
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&key_path)
+                    .map_err(|e| format!("cannot create {}: {e}", key_path.display()))?;
+                f.write_all(hex::encode(key.to_bytes()).as_bytes())
+                    .and_then(|()| f.sync_all())
+                    .map_err(|e| format!("cannot write {}: {e}", key_path.display()))?;
+                key
+            }
+        };
+        let pub_path = dir.join("host.pub");
+        fs::write(&pub_path, hex::encode(key.verifying_key().to_bytes()) + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", pub_path.display()))?;
+        let profile = HostProfile {
+            host_id: hex::encode(random_bytes::<8>()?),
+            jurisdiction: jurisdiction.to_owned(),
+            zone: zone.to_owned(),
+            operator: operator.to_owned(),
+            signing_key: "host.key".to_owned(),
+        };
+        let text = toml::to_string(&profile).map_err(|e| e.to_string())?;
+        let tmp = dir.join("host.toml.tmp");
+        fs::write(&tmp, text)
+            .and_then(|()| fs::rename(&tmp, &profile_path))
+            .map_err(|e| format!("cannot write {}: {e}", profile_path.display()))?;
+        Ok(Host { profile, key, dir: dir.to_owned() })
+    }
+
+    /// The directory that keeps one cell's records.
+    pub fn cell_record_dir(&self, cell_id: &str) -> Result<PathBuf, String> {
+        let d = self.dir.join("cells").join(cell_id);
+        mkdir(&d)?;
+        Ok(d)
+    }
+}

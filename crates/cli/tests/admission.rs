@@ -1,0 +1,168 @@
+//! Admission and the evidence commands, through the real `isocell` binary. A denial comes
+//! before anything exists, so no guest is needed: the kernel and image are small files, and the
+//! "VMM" is a script that leaves a mark if it is ever started.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct Env {
+    dir: PathBuf,
+}
+
+impl Env {
+    fn new(name: &str) -> Env {
+        let dir =
+            std::env::temp_dir().join(format!("isocell-admission-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("run")).unwrap();
+        fs::write(dir.join("vmlinux"), b"kernel").unwrap();
+        fs::write(dir.join("rootfs.ext4"), b"image").unwrap();
+        let vmm = dir.join("vmm");
+        fs::write(&vmm, format!("#!/bin/sh\ntouch {}/vmm-was-started\n", dir.display())).unwrap();
+        fs::set_permissions(&vmm, fs::Permissions::from_mode(0o755)).unwrap();
+        Env { dir }
+    }
+
+    fn isocell(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_isocell"))
+            .args(args)
+            .env("ISOCELL_STATE_DIR", self.dir.join("state"))
+            .env("ISOCELL_RUN_DIR", self.dir.join("run"))
+            .env("ISOCELL_KERNEL", self.dir.join("vmlinux"))
+            .env("ISOCELL_IMAGE", self.dir.join("rootfs.ext4"))
+            .env("ISOCELL_VMM", self.dir.join("vmm"))
+            .output()
+            .unwrap()
+    }
+
+    fn entries(&self) -> Vec<serde_json::Value> {
+        let out = self.isocell(&["audit", "show"]);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.join("state/audit/audit.log")
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn empty(dir: &Path) -> bool {
+    fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(true)
+}
+
+#[test]
+fn a_denied_cell_never_starts_and_the_denial_is_logged() {
+    let env = Env::new("deny");
+    let init = env.isocell(&["host", "init", "--jurisdiction", "EU", "--operator", "acme"]);
+    assert!(init.status.success(), "{}", text(&init));
+
+    let out = env.isocell(&["run", "--jurisdiction", "US", "--", "true"]);
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("default:jurisdiction"), "the denial names its policy: {stderr}");
+    assert!(!env.dir.join("vmm-was-started").exists(), "the VMM must never start");
+    assert!(empty(&env.dir.join("run")), "no cell directory may exist");
+    assert!(empty(&env.dir.join("state/cells")), "no receipts for a cell that never ran");
+
+    let entries = env.entries();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let admission = &entries[0];
+    assert_eq!(admission["kind"], "admission");
+    assert_eq!(admission["data"]["decision"], "deny");
+    assert_eq!(admission["data"]["policies"], serde_json::json!(["default:jurisdiction"]));
+
+    // The spec file maps onto the same constraints as the flags.
+    let spec = env.dir.join("cell.toml");
+    fs::write(&spec, "command = [\"true\"]\n[constraints]\nclassification = \"restricted\"\n")
+        .unwrap();
+    let out = env.isocell(&["run", "--spec", spec.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("default:restricted-needs-lifetime"));
+
+    // A site policy is added to the default, and its id names it.
+    let site = env.dir.join("small.cedar");
+    fs::write(
+        &site,
+        "@id(\"small-cells\") forbid (principal, action, resource) when { context.cell.memory_mib > 512 };",
+    )
+    .unwrap();
+    let out =
+        env.isocell(&["run", "--memory", "1G", "--policy", site.to_str().unwrap(), "--", "true"]);
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("small:small-cells"), "{}", text(&out));
+    assert!(!env.dir.join("vmm-was-started").exists());
+
+    let verify = env.isocell(&["audit", "verify"]);
+    assert!(verify.status.success(), "{}", text(&verify));
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("3 entries"), "{}", text(&verify));
+}
+
+#[test]
+fn audit_verify_pinpoints_a_changed_entry() {
+    let env = Env::new("tamper");
+    for _ in 0..3 {
+        let out = env.isocell(&["run", "--jurisdiction", "Nowhere", "--", "true"]);
+        assert_eq!(out.status.code(), Some(77), "{}", text(&out));
+    }
+    let log = fs::read_to_string(env.log()).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 3);
+    let changed =
+        log.replacen("\"Nowhere\"", "\"Elsewhere\"", 2).replacen("\"Elsewhere\"", "\"Nowhere\"", 1);
+    assert_ne!(changed, log);
+    fs::write(env.log(), changed).unwrap();
+    let verify = env.isocell(&["audit", "verify"]);
+    assert_eq!(verify.status.code(), Some(1), "{}", text(&verify));
+    assert!(String::from_utf8_lossy(&verify.stderr).contains("line 2"), "{}", text(&verify));
+
+    // Another key does not verify this host's log.
+    fs::write(env.log(), log).unwrap();
+    let other = "11".repeat(32);
+    let verify = env.isocell(&["audit", "verify", "--public-key", &other]);
+    assert_ne!(verify.status.code(), Some(0), "{}", text(&verify));
+}
+
+#[test]
+fn bad_evidence_options_are_refused_before_anything_is_written() {
+    let env = Env::new("bad");
+    for (args, expect) in [
+        (&["run", "--classification", "secret", "--", "true"][..], "--classification"),
+        (&["run", "--allow-image-digest", "sha256:zz", "--", "true"][..], "sha256:"),
+        (&["run", "--max-lifetime", "0", "--", "true"][..], "max lifetime"),
+        (&["run", "--policy", "/no/such.cedar", "--", "true"][..], "no such file"),
+        (&["run", "--spec", "/no/such.toml"][..], "cannot read the cell spec"),
+    ] {
+        let out = env.isocell(args);
+        assert_eq!(out.status.code(), Some(125), "{args:?}\n{}", text(&out));
+        assert!(String::from_utf8_lossy(&out.stderr).contains(expect), "{args:?}\n{}", text(&out));
+    }
+    assert!(!env.log().exists(), "nothing is logged for a run that was never asked for properly");
+    let bad_policy = env.dir.join("bad.cedar");
+    fs::write(&bad_policy, "permit(").unwrap();
+    let out = env.isocell(&["run", "--policy", bad_policy.to_str().unwrap(), "--", "true"]);
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad"), "{}", text(&out));
+    assert!(!env.dir.join("vmm-was-started").exists());
+}

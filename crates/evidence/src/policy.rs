@@ -1,0 +1,271 @@
+//! Admission policy with Cedar (`cedar-policy`): the decision on a cell comes before anything is
+//! created, and names the policies that made it. Cedar is a small, analysable language with a
+//! formal semantics and a default-deny, forbid-overrides-permit evaluation; a user can read a
+//! policy file and an auditor can reason about it.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use cedar_policy::{
+    Authorizer, Context, Decision, Entities, EntityUid, PolicyId, PolicySet, Request,
+};
+use serde::Serialize;
+use serde_json::json;
+
+/// The policy that ships with IsoCell (`policies/default.cedar`).
+pub const DEFAULT_POLICY: &str = include_str!("../../../policies/default.cedar");
+
+/// Policies loaded from named sources; each policy's id is `SOURCE:ID`, with ID its `@id`
+/// annotation (or its position in the file).
+#[derive(Debug)]
+pub struct Policies {
+    set: PolicySet,
+}
+
+/// What the admission request is about.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdmissionRequest {
+    /// The cell's id.
+    pub cell_id: String,
+    /// The host profile: id, jurisdiction, zone, operator.
+    pub host_id: String,
+    /// The host's jurisdiction.
+    pub host_jurisdiction: String,
+    /// The host's zone.
+    pub host_zone: String,
+    /// The host's operator.
+    pub operator: String,
+    /// vCPUs.
+    pub cpus: u64,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+    /// `sha256:HEX` of the root image.
+    pub image_digest: String,
+    /// The cell's constraints.
+    pub jurisdictions: Vec<String>,
+    /// Data classification name.
+    pub classification: String,
+    /// Its rank (public 0 .. restricted 3).
+    pub classification_level: i64,
+    /// Allowed image digests.
+    pub image_digests: Vec<String>,
+    /// Maximum lifetime, if bounded.
+    pub max_lifetime_secs: Option<u64>,
+}
+
+/// The outcome: allow or deny, which policies determined it, and any evaluation errors.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdmissionDecision {
+    /// Whether the cell may start.
+    pub allowed: bool,
+    /// Ids of the policies that determined the decision (the forbids that fired on a denial,
+    /// the permits on an allow).
+    pub policies: Vec<String>,
+    /// Errors met while evaluating (a policy that errors is skipped, so these matter).
+    pub errors: Vec<String>,
+}
+
+impl AdmissionDecision {
+    /// A one-line explanation for a user.
+    pub fn explain(&self) -> String {
+        let verdict = if self.allowed { "allowed" } else { "denied" };
+        let by = if self.policies.is_empty() {
+            "no policy permits it (default deny)".to_owned()
+        } else {
+            format!("by {}", self.policies.join(", "))
+        };
+        let errors = if self.errors.is_empty() {
+            String::new()
+        } else {
+            format!(" (evaluation errors: {})", self.errors.join("; "))
+        };
+        format!("{verdict} {by}{errors}")
+    }
+}
+
+impl Policies {
+    /// Parses each `(source name, text)` and merges them.
+    pub fn load(sources: &[(String, String)]) -> Result<Self, String> {
+        let mut set = PolicySet::new();
+        for (source, text) in sources {
+            let parsed = PolicySet::from_str(text)
+                .map_err(|e| format!("policy {source} does not parse: {e}"))?;
+            for (i, policy) in parsed.policies().enumerate() {
+                let name =
+                    policy.annotation("id").map_or_else(|| format!("policy{i}"), str::to_owned);
+                let id = PolicyId::new(format!("{source}:{name}"));
+                set.add(policy.new_id(id.clone())).map_err(|e| {
+                    format!("policy {source}: {e} (is the @id \"{name}\" used twice?)")
+                })?;
+            }
+        }
+        Ok(Policies { set })
+    }
+
+    /// The default policy plus every `*.cedar` file in `dir` (if it exists) plus `extra` files.
+    pub fn load_standard(dir: &Path, extra: &[std::path::PathBuf]) -> Result<Self, String> {
+        let mut sources = vec![("default".to_owned(), DEFAULT_POLICY.to_owned())];
+        let mut files: Vec<std::path::PathBuf> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "cedar"))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        files.sort();
+        files.extend(extra.iter().cloned());
+        for f in files {
+            let text = std::fs::read_to_string(&f)
+                .map_err(|e| format!("cannot read the policy {}: {e}", f.display()))?;
+            let name =
+                f.file_stem().map_or_else(|| "policy".into(), |s| s.to_string_lossy().into_owned());
+            sources.push((name, text));
+        }
+        Policies::load(&sources)
+    }
+
+    /// Decides whether the cell may run.
+    pub fn decide(&self, req: &AdmissionRequest) -> Result<AdmissionDecision, String> {
+        let uid = |kind: &str, id: &str| {
+            EntityUid::from_str(&format!("IsoCell::{kind}::{}", json!(id)))
+                .map_err(|e| format!("bad entity id {id:?}: {e}"))
+        };
+        let context = json!({
+            "host": {
+                "id": req.host_id,
+                "jurisdiction": req.host_jurisdiction,
+                "zone": req.host_zone,
+                "operator": req.operator,
+            },
+            "cell": {
+                "cpus": req.cpus,
+                "memory_mib": req.memory_mib,
+                "image_digest": req.image_digest,
+                "jurisdictions": req.jurisdictions,
+                "jurisdiction_constrained": !req.jurisdictions.is_empty(),
+                "classification": req.classification,
+                "classification_level": req.classification_level,
+                "image_digests": req.image_digests,
+                "image_pinned": !req.image_digests.is_empty(),
+                "has_max_lifetime": req.max_lifetime_secs.is_some(),
+                "max_lifetime_secs": req.max_lifetime_secs.unwrap_or(0),
+            },
+        });
+        let context = Context::from_json_value(context, None)
+            .map_err(|e| format!("admission context: {e}"))?;
+        let request = Request::new(
+            uid("Operator", &req.operator)?,
+            uid("Action", "run")?,
+            uid("Cell", &req.cell_id)?,
+            context,
+            None,
+        )
+        .map_err(|e| format!("admission request: {e}"))?;
+        let response = Authorizer::new().is_authorized(&request, &self.set, &Entities::empty());
+        let mut policies: Vec<String> =
+            response.diagnostics().reason().map(|id| id.to_string()).collect();
+        policies.sort();
+        let errors: Vec<String> = response.diagnostics().errors().map(|e| e.to_string()).collect();
+        // Cedar skips a policy whose evaluation errors; a skipped forbid would let the cell
+        // through, so any error denies (fail closed).
+        let allowed = response.decision() == Decision::Allow && errors.is_empty();
+        Ok(AdmissionDecision { allowed, policies, errors })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn request() -> AdmissionRequest {
+        AdmissionRequest {
+            cell_id: "c1".into(),
+            host_id: "h1".into(),
+            host_jurisdiction: "EU".into(),
+            host_zone: "eu-1".into(),
+            operator: "acme".into(),
+            cpus: 1,
+            memory_mib: 256,
+            image_digest: "sha256:aa".into(),
+            jurisdictions: vec![],
+            classification: "public".into(),
+            classification_level: 0,
+            image_digests: vec![],
+            max_lifetime_secs: None,
+        }
+    }
+
+    fn default_policies() -> Policies {
+        Policies::load(&[("default".into(), DEFAULT_POLICY.into())]).unwrap()
+    }
+
+    #[test]
+    fn default_policy_allows_an_unconstrained_cell() {
+        let d = default_policies().decide(&request()).unwrap();
+        assert!(d.allowed, "{}", d.explain());
+        assert_eq!(d.policies, ["default:allow-cells"]);
+    }
+
+    #[test]
+    fn each_default_rule_denies_and_names_itself() {
+        let p = default_policies();
+        let mut r = request();
+        r.jurisdictions = vec!["US".into()];
+        let d = p.decide(&r).unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.policies, ["default:jurisdiction"]);
+        r.jurisdictions = vec!["US".into(), "EU".into()];
+        assert!(p.decide(&r).unwrap().allowed);
+
+        let mut r = request();
+        r.image_digests = vec!["sha256:bb".into()];
+        assert_eq!(p.decide(&r).unwrap().policies, ["default:image-digest"]);
+        r.image_digests.push("sha256:aa".into());
+        assert!(p.decide(&r).unwrap().allowed);
+
+        let mut r = request();
+        r.host_jurisdiction = "unspecified".into();
+        r.classification = "confidential".into();
+        r.classification_level = 2;
+        assert_eq!(p.decide(&r).unwrap().policies, ["default:classified-needs-known-host"]);
+
+        let mut r = request();
+        r.classification = "restricted".into();
+        r.classification_level = 3;
+        assert_eq!(p.decide(&r).unwrap().policies, ["default:restricted-needs-lifetime"]);
+        r.max_lifetime_secs = Some(60);
+        assert!(p.decide(&r).unwrap().allowed);
+    }
+
+    #[test]
+    fn user_policies_add_rules_and_bad_ones_are_refused() {
+        let user = r#"@id("small-cells") forbid (principal, action, resource) when { context.cell.memory_mib > 1024 };"#;
+        let p = Policies::load(&[
+            ("default".into(), DEFAULT_POLICY.into()),
+            ("site".into(), user.into()),
+        ])
+        .unwrap();
+        let mut r = request();
+        r.memory_mib = 2048;
+        let d = p.decide(&r).unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.policies, ["site:small-cells"]);
+        assert!(Policies::load(&[("bad".into(), "permit(".into())]).unwrap_err().contains("bad"));
+    }
+
+    #[test]
+    fn a_policy_that_errors_denies() {
+        // `context.cell.nope` does not exist: evaluation errors, and the cell must not start.
+        let user = r#"@id("broken") forbid (principal, action, resource) when { context.cell.nope == 1 };"#;
+        let p = Policies::load(&[
+            ("default".into(), DEFAULT_POLICY.into()),
+            ("site".into(), user.into()),
+        ])
+        .unwrap();
+        let d = p.decide(&request()).unwrap();
+        assert!(!d.allowed, "{}", d.explain());
+        assert!(d.errors.iter().any(|e| e.contains("broken")), "{:?}", d.errors);
+    }
+}
