@@ -289,7 +289,7 @@ fn bad_options_are_refused_before_any_cell_exists() {
         (&["run", "--env", "NOEQUALS", "--", "true"][..], "expected NAME=VALUE"),
         (&["run", "--input", "/nonexistent/in", "--", "true"][..], "does not exist on this host"),
         (&["run", "--workdir", "relative", "--", "true"][..], "absolute"),
-        (&["run", "--"][..], "COMMAND"),
+        (&["run", "--"][..], "no command"),
     ] {
         let out = local_isocell(args);
         let err = String::from_utf8_lossy(&out.stderr);

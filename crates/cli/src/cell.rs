@@ -12,58 +12,52 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use isocell_jail::cgroup::{self, CellCgroup};
 use isocell_proto::AGENT_PORT;
 use isocell_spec::{ConsoleConfig, DriveConfig, VmConfig, VsockConfig};
+
+use crate::confine::{host_dirs, JailPlan, VmmView};
 
 /// The guest's vsock context id; each VMM has its own vsock namespace, so every cell uses 3.
 const GUEST_CID: u64 = 3;
 
 /// What a cell is built from.
-pub struct CellSpec<'a> {
-    /// Cell kernel.
-    pub kernel: &'a Path,
-    /// Root image, attached read-only.
-    pub image: &'a Path,
+pub struct CellSpec {
     /// vCPUs.
     pub cpus: u8,
     /// Guest memory in MiB.
     pub memory_mib: u64,
     /// Extra kernel arguments.
-    pub kernel_args: &'a str,
+    pub kernel_args: String,
     /// Hard limit on the VM's life.
     pub max_lifetime_secs: Option<u64>,
 }
 
-/// The directory of cell `id` under `run_dir`.
-pub fn cell_dir(run_dir: &Path, id: &str) -> PathBuf {
-    run_dir.join(id)
-}
-
-/// The exact VM configuration the VMM of cell `id` is started with.
-pub fn vm_config(run_dir: &Path, id: &str, spec: &CellSpec) -> VmConfig {
-    let dir = cell_dir(run_dir, id);
-    let mut c = VmConfig::new(spec.kernel);
+/// The exact VM configuration the VMM is started with, in the paths it sees (`view`). In a
+/// jail these are the same for every cell, so equal launches measure equal.
+pub fn vm_config(view: &VmmView, spec: &CellSpec) -> VmConfig {
+    let mut c = VmConfig::new(&view.kernel);
     c.vcpus = spec.cpus;
     c.memory_mib = spec.memory_mib;
     c.boot_args = format!("quiet {}", spec.kernel_args).trim_end().to_owned();
-    c.console = ConsoleConfig::File(dir.join("console.log"));
+    c.console = ConsoleConfig::File(view.cell_dir.join("console.log"));
     c.drives = vec![DriveConfig {
         id: "root".into(),
-        path: spec.image.to_owned(),
+        path: view.image.clone(),
         read_only: true,
         root: true,
         placement: None,
     }];
-    c.vsock = Some(VsockConfig { guest_cid: GUEST_CID, uds_path: dir.join("vsock.sock") });
+    c.vsock =
+        Some(VsockConfig { guest_cid: GUEST_CID, uds_path: view.cell_dir.join("vsock.sock") });
     c.max_lifetime_secs = spec.max_lifetime_secs;
     c
 }
 
-/// What the launch measurement sees of a configuration: per-cell paths (its sockets and
-/// console under the cell's directory) become `{cell}/...`, so two launches of the same thing
-/// measure the same.
-pub fn measured_config(config: &VmConfig, run_dir: &Path, id: &str) -> serde_json::Value {
-    let prefix = cell_dir(run_dir, id).to_string_lossy().into_owned();
+/// What the launch measurement sees of a configuration: the cell's own directory becomes
+/// `{cell}` (it differs per cell only when unjailed), so equal launches measure equal.
+pub fn measured_config(config: &VmConfig, view: &VmmView) -> serde_json::Value {
+    let prefix = view.cell_dir.to_string_lossy().into_owned();
     let mut v = serde_json::to_value(config).unwrap_or_default();
     fn walk(v: &mut serde_json::Value, prefix: &str) {
         match v {
@@ -82,24 +76,71 @@ pub fn measured_config(config: &VmConfig, run_dir: &Path, id: &str) -> serde_jso
 /// Teardown facts, each checked rather than assumed.
 #[derive(Debug, serde::Serialize)]
 pub struct TeardownChecks {
-    /// The VMM process has exited and was reaped (its pidfd reports it gone).
+    /// The VMM process has exited and was reaped: its pidfd reports it gone and, when jailed,
+    /// its cgroup holds no process.
     pub vmm_process_gone: bool,
     /// The VMM's address space, and with it guest memory, is released (the pidfd no longer
-    /// refers to a live or zombie process).
+    /// refers to a live or zombie process; the cell's cgroup is empty).
     pub guest_memory_released: bool,
-    /// The cell's run directory (sockets, console log, VM config, reports) no longer exists.
+    /// The cell's cgroup no longer exists (true when unjailed: there was none).
+    pub cgroup_removed: bool,
+    /// The cell's run directory (jail root, sockets, console log, VM config, reports) no
+    /// longer exists.
     pub cell_files_removed: bool,
 }
 
 /// A running (or stopped) cell.
 pub struct Cell {
+    /// The cell's host directory.
     dir: PathBuf,
+    /// The directory shared with the VMM.
+    shared: PathBuf,
+    /// The VMM, or the jailer whose child it is.
     vmm: Option<Child>,
     /// Readable when the VMM has exited (a pidfd), so waits block instead of polling: in the
     /// nested host every wake-up is paid for by the guest's vCPU.
     vmm_exited: Option<OwnedFd>,
-    agent_listener: UnixListener,
+    agent_listener: Option<UnixListener>,
     vmm_status: Option<ExitStatus>,
+    cgroup: Option<CellCgroup>,
+}
+
+/// Test aid: `ISOCELL_TEST_SECCOMP_PROBE=KIND` makes a VMM thread of that kind call a syscall
+/// no filter allows, so tests can see enforcement end to end.
+fn seccomp_probe() -> Vec<String> {
+    match std::env::var("ISOCELL_TEST_SECCOMP_PROBE") {
+        Ok(kind) => vec!["--seccomp-probe".into(), kind],
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The file in a cell's directory naming the `isocell` process that owns it.
+const OWNER_FILE: &str = "owner.pid";
+
+/// Removes what cells of `isocell` processes that no longer exist left behind (they were
+/// killed before they could tear down): their cgroups and directories. Returns their ids.
+pub fn sweep_stale(run_dir: &Path) -> Vec<String> {
+    let alive = |id: &str| {
+        let owner = fs::read_to_string(run_dir.join(id).join(OWNER_FILE)).unwrap_or_default();
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        owner.trim().parse::<i32>().is_ok_and(|pid| pid > 0 && unsafe { libc::kill(pid, 0) } == 0)
+    };
+    let mut removed = Vec::new();
+    if let Ok(dir) = fs::read_dir(run_dir) {
+        for entry in dir.flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            // A directory without an owner file is one being created right now.
+            if entry.path().join(OWNER_FILE).exists() && !alive(&id) {
+                let _ = cgroup::remove(&CellCgroup::path_for(&cgroup::root(), &id));
+                if fs::remove_dir_all(entry.path()).is_ok() {
+                    removed.push(id);
+                }
+            }
+        }
+    }
+    let orphans = cgroup::sweep(&cgroup::root(), |id| run_dir.join(id).exists());
+    removed.extend(orphans);
+    removed
 }
 
 /// A pidfd for `pid`, readable once the process exits.
@@ -155,38 +196,84 @@ pub fn new_id() -> String {
 
 impl Cell {
     /// Creates the cell's directory under `run_dir`, listens for the agent and starts `vmm`
-    /// with `config` (from [`vm_config`]).
-    pub fn start(run_dir: &Path, id: &str, vmm: &Path, config: &VmConfig) -> Result<Cell, String> {
+    /// with `config` (from [`vm_config`]), inside `jail` when given.
+    pub fn start(
+        run_dir: &Path,
+        id: &str,
+        vmm: &Path,
+        config: &VmConfig,
+        jail: Option<&JailPlan>,
+    ) -> Result<Cell, String> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(run_dir)
             .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
-        let id = id.to_owned();
-        let dir = cell_dir(run_dir, &id);
+        let (dir, shared, root) = host_dirs(run_dir, id);
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        // The agent dials host port AGENT_PORT; the VMM connects that to `vsock.sock_PORT`.
-        let agent_path = dir.join(format!("vsock.sock_{AGENT_PORT}"));
-        let cleanup = |e: String| {
-            let _ = fs::remove_dir_all(&dir);
-            e
+        let mut cell = Cell {
+            dir: dir.clone(),
+            shared: shared.clone(),
+            vmm: None,
+            vmm_exited: None,
+            agent_listener: None,
+            vmm_status: None,
+            cgroup: None,
         };
-        let agent_listener = UnixListener::bind(&agent_path)
+        // From here on, dropping `cell` removes everything made so far.
+        fs::write(dir.join(OWNER_FILE), std::process::id().to_string())
+            .map_err(|e| format!("cannot write in {}: {e}", dir.display()))?;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&shared)
+            .map_err(|e| format!("cannot create {}: {e}", shared.display()))?;
+        // The agent dials host port AGENT_PORT; the VMM connects that to `vsock.sock_PORT`.
+        let agent_path = shared.join(format!("vsock.sock_{AGENT_PORT}"));
+        let listener = UnixListener::bind(&agent_path)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|e| cleanup(format!("cannot listen on {}: {e}", agent_path.display())))?;
-        let vmm_log = File::create(dir.join("vmm.log"))
-            .map_err(|e| cleanup(format!("cannot create the VMM log: {e}")))?;
-
-        let config_path = dir.join("vm.json");
-        let json = serde_json::to_string_pretty(config).map_err(|e| cleanup(e.to_string()))?;
+            .map_err(|e| format!("cannot listen on {}: {e}", agent_path.display()))?;
+        let config_path = shared.join("vm.json");
+        let json = serde_json::to_string_pretty(config).map_err(|e| e.to_string())?;
         fs::write(&config_path, json)
-            .map_err(|e| cleanup(format!("cannot write {}: {e}", config_path.display())))?;
-        let mut cmd = Command::new(vmm);
-        cmd.arg("--config").arg(&config_path);
-        cmd.arg("--report").arg(dir.join("vmm-report.json"));
+            .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
+        let vmm_log = File::create(dir.join("vmm.log"))
+            .map_err(|e| format!("cannot create the VMM log: {e}"))?;
+
+        let mut cmd = match jail {
+            Some(j) => {
+                // The jailed VMM owns the shared directory and may connect to the agent socket.
+                let (uid, gid) = (Some(j.spec.uid), Some(j.spec.gid));
+                for p in [&shared, &agent_path] {
+                    std::os::unix::fs::chown(p, uid, gid)
+                        .map_err(|e| format!("cannot hand {} to the jail: {e}", p.display()))?;
+                }
+                fs::create_dir(&root)
+                    .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+                let cg = CellCgroup::create(&cgroup::root(), id, &j.limits)
+                    .map_err(|e| format!("cannot create the cell's cgroup: {e}"))?;
+                let mut spec = j.spec.clone();
+                spec.cgroup = Some(cg.path().to_owned());
+                spec.argv.extend(seccomp_probe());
+                cell.cgroup = Some(cg);
+                let spec_path = dir.join("jail.json");
+                let text = serde_json::to_string_pretty(&spec).map_err(|e| e.to_string())?;
+                fs::write(&spec_path, text)
+                    .map_err(|e| format!("cannot write {}: {e}", spec_path.display()))?;
+                let mut cmd = Command::new(&j.jailer);
+                cmd.arg(&spec_path);
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new(vmm);
+                cmd.arg("--config").arg(&config_path);
+                cmd.arg("--report").arg(shared.join("vmm-report.json"));
+                cmd.args(seccomp_probe());
+                cmd
+            }
+        };
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(vmm_log);
         // Its own process group keeps a terminal's Ctrl-C for us (we tear the cell down in
         // order); the parent-death signal takes the VMM down if we die without tearing down.
@@ -201,10 +288,12 @@ impl Cell {
                 Ok(())
             });
         }
-        let vmm =
-            cmd.spawn().map_err(|e| cleanup(format!("cannot start {}: {e}", vmm.display())))?;
-        let vmm_exited = pidfd(vmm.id());
-        Ok(Cell { dir, vmm: Some(vmm), vmm_exited, agent_listener, vmm_status: None })
+        cell.agent_listener = Some(listener);
+        let program = jail.map_or(vmm, |j| j.jailer.as_path()).to_owned();
+        let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+        cell.vmm_exited = pidfd(child.id());
+        cell.vmm = Some(child);
+        Ok(cell)
     }
 
     /// Waits for the agent to connect, for at most `timeout`; `interrupted` is polled to give
@@ -216,8 +305,9 @@ impl Cell {
         interrupted: impl Fn() -> bool,
     ) -> Result<UnixStream, String> {
         let start = Instant::now();
+        let listener = self.agent_listener.take().ok_or("the cell has no agent socket")?;
         loop {
-            match self.agent_listener.accept() {
+            match listener.accept() {
                 Ok((s, _)) => {
                     s.set_nonblocking(false).map_err(|e| format!("agent socket: {e}"))?;
                     return Ok(s);
@@ -243,7 +333,7 @@ impl Cell {
                 ));
             }
             // Wake for the agent, the VMM's exit, or every 100 ms to look at `interrupted`.
-            let mut fds = vec![self.agent_listener.as_raw_fd()];
+            let mut fds = vec![listener.as_raw_fd()];
             fds.extend(self.vmm_exited.as_ref().map(|f| f.as_raw_fd()));
             wait_readable(&fds, left.min(Duration::from_millis(100)));
         }
@@ -265,11 +355,15 @@ impl Cell {
     pub fn diagnostics(&self) -> String {
         let mut out = String::new();
         let vmm_log = fs::read_to_string(self.dir.join("vmm.log")).unwrap_or_default();
+        if let Some(why) = self.vmm_status.and_then(explain_status) {
+            out.push('\n');
+            out.push_str(&why);
+        }
         if !vmm_log.trim().is_empty() {
             out.push_str("\n--- VMM ---\n");
             out.push_str(vmm_log.trim_end());
         }
-        let console = tail(&self.dir.join("console.log"), 30);
+        let console = tail(&self.shared.join("console.log"), 30);
         if !console.trim().is_empty() {
             out.push_str("\n--- console (last 30 lines) ---\n");
             out.push_str(console.trim_end());
@@ -299,8 +393,13 @@ impl Cell {
         self.vmm_status
     }
 
+    /// Kills the VMM if it still runs: everything in the cell's cgroup when jailed (the
+    /// jailer and the VMM below it), else the VMM process.
     fn kill(&mut self) {
         if let Some(mut child) = self.vmm.take() {
+            if let Some(cg) = &self.cgroup {
+                let _ = cg.kill_all();
+            }
             let _ = child.kill();
             self.vmm_status = child.wait().ok();
         }
@@ -311,24 +410,39 @@ impl Cell {
         self.vmm.as_ref().map(Child::id)
     }
 
-    /// Ends the cell (killing a VMM still running), removes its directory and checks both.
-    pub fn teardown(mut self) -> TeardownChecks {
+    /// Ends the cell (killing a VMM still running), removes its cgroup and directory, and
+    /// checks that each is gone. Also returns how often the cell hit its memory limit.
+    pub fn teardown(mut self) -> (TeardownChecks, u64) {
         self.kill();
-        let _ = fs::remove_dir_all(&self.dir);
-        let (gone, released) = match &self.vmm_exited {
+        let (mut gone, mut released) = match &self.vmm_exited {
             Some(fd) => pidfd_checks(fd),
             None => (self.vmm_status.is_some(), self.vmm_status.is_some()),
         };
-        TeardownChecks {
-            vmm_process_gone: gone && self.vmm.is_none(),
-            guest_memory_released: released,
-            cell_files_removed: !self.dir.exists(),
+        gone &= self.vmm.is_none();
+        let (mut cgroup_removed, mut oom_kills) = (true, 0);
+        if let Some(cg) = self.cgroup.take() {
+            oom_kills = cg.oom_kills();
+            // Anything of the cell still in its cgroup (the VMM, if the jailer died first)
+            // means the VMM was not gone; remove kills it.
+            let empty = cg.wait_empty(Duration::from_secs(2));
+            gone &= empty;
+            released &= empty;
+            let path = cg.path().to_owned();
+            cgroup_removed = cg.destroy().is_ok() && !path.exists();
         }
+        let _ = fs::remove_dir_all(&self.dir);
+        let checks = TeardownChecks {
+            vmm_process_gone: gone,
+            guest_memory_released: released,
+            cgroup_removed,
+            cell_files_removed: !self.dir.exists(),
+        };
+        (checks, oom_kills)
     }
 
     /// The VMM's run report (boot phases, memory), once it has exited.
     pub fn vmm_report(&self) -> Option<serde_json::Value> {
-        let text = fs::read_to_string(self.dir.join("vmm-report.json")).ok()?;
+        let text = fs::read_to_string(self.shared.join("vmm-report.json")).ok()?;
         serde_json::from_str(&text).ok()
     }
 }
@@ -336,7 +450,29 @@ impl Cell {
 impl Drop for Cell {
     fn drop(&mut self) {
         self.kill();
+        if let Some(cg) = self.cgroup.take() {
+            let _ = cg.destroy();
+        }
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What a VMM exit status means, when it is not one of the VMM's own (see `isocell-vmm --help`).
+pub fn explain_status(status: ExitStatus) -> Option<String> {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (_, Some(libc::SIGSYS)) => Some(
+            "the VMM was killed by SIGSYS: its seccomp filter stopped a system call it may not make"
+                .into(),
+        ),
+        (_, Some(libc::SIGKILL)) => {
+            Some("the VMM was killed by SIGKILL (by a person, isocell, or the OOM killer)".into())
+        }
+        (_, Some(sig)) => Some(format!("the VMM was killed by signal {sig}")),
+        (Some(isocell_jail::EXIT_JAIL_FAILED), _) => {
+            Some("the jail could not be set up (the VMM never ran); see the VMM log".into())
+        }
+        _ => None,
     }
 }
 

@@ -157,12 +157,23 @@ impl CellEvidence {
         Ok(path)
     }
 
-    /// Signs and stores the exit receipt, logs the teardown and closes with a checkpoint.
+    /// Stores `value` as `name` in the cell's record.
+    pub fn write_record(&self, name: &str, value: &Value) -> Result<PathBuf, String> {
+        let path = self.host.cell_record_dir(&self.cell_id)?.join(name);
+        let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Signs and stores the exit receipt (with `facts` about the cell: its surface, OOM kills),
+    /// logs the teardown and closes with a checkpoint.
     pub fn ended(
         &mut self,
         exit_code: u8,
         outcome: &str,
         checks: &Value,
+        facts: Value,
     ) -> Result<PathBuf, String> {
         let ended = now_ms();
         let body = json!({
@@ -177,6 +188,7 @@ impl CellEvidence {
             "exit_code": exit_code,
             "outcome": outcome,
             "teardown_checks": checks,
+            "facts": facts,
         });
         let path = self.write_receipt("exit.json", body)?;
         self.log("teardown", json!({ "exit_code": exit_code, "outcome": outcome, "checks": checks, "receipt": path }))?;

@@ -7,8 +7,9 @@ use clap::Subcommand;
 use ed25519_dalek::VerifyingKey;
 use isocell_evidence::{audit, receipt};
 
-use crate::exit;
+use crate::cell::{self, CellSpec};
 use crate::state::{state_dir, Host};
+use crate::{confine, exit, locate};
 
 /// `isocell host ...`
 #[derive(Subcommand, Debug)]
@@ -56,6 +57,28 @@ pub enum ReceiptCmd {
         #[arg(long)]
         public_key: Option<String>,
     },
+}
+
+/// `isocell surface`
+#[derive(clap::Args, Debug)]
+pub struct SurfaceArgs {
+    /// The stored surface of a cell that ran (its id, from the receipts), instead of a new
+    /// cell's.
+    #[arg(long, value_name = "ID")]
+    cell: Option<String>,
+    /// vCPUs of the cell to describe.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Guest memory of the cell to describe: MiB, or a size such as 512M.
+    #[arg(long, default_value = "256M")]
+    memory: String,
+    /// Describe a cell started with --no-jail.
+    #[arg(long)]
+    no_jail: bool,
+    /// Compare with this surface (JSON); print what the cell exposes beyond it and exit 1 if
+    /// there is anything.
+    #[arg(long, value_name = "BASELINE")]
+    diff: Option<PathBuf>,
 }
 
 /// Where to find the log and which key to trust.
@@ -188,4 +211,66 @@ pub fn receipt(cmd: ReceiptCmd) -> u8 {
             1
         }
     }
+}
+
+/// Runs `isocell surface`.
+pub fn surface(args: SurfaceArgs) -> u8 {
+    match surface_of(&args) {
+        Ok(current) => match &args.diff {
+            None => {
+                println!("{}", serde_json::to_string_pretty(&current).unwrap_or_default());
+                0
+            }
+            Some(path) => {
+                let baseline = match std::fs::read_to_string(path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| serde_json::from_str(&t).map_err(|e| format!("not JSON: {e}")))
+                {
+                    Ok(b) => b,
+                    Err(e) => return exit::fail(&format!("baseline {}: {e}", path.display())),
+                };
+                let extra = confine::beyond(&current, &baseline);
+                if extra.is_empty() {
+                    println!("nothing beyond the baseline {}", path.display());
+                    return 0;
+                }
+                println!("beyond the baseline {}:", path.display());
+                for fact in &extra {
+                    println!("+ {fact}");
+                }
+                1
+            }
+        },
+        Err(e) => exit::fail(&e),
+    }
+}
+
+fn surface_of(args: &SurfaceArgs) -> Result<serde_json::Value, String> {
+    if let Some(id) = &args.cell {
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(format!("--cell {id:?}: a cell id is letters and digits"));
+        }
+        let path = state_dir().join("cells").join(id).join("surface.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("no stored surface for cell {id} ({}): {e}", path.display()))?;
+        return serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()));
+    }
+    let memory_mib =
+        isocell_vmm::config::parse_memory_mib(&args.memory).map_err(|e| e.to_string())?;
+    let (kernel, image, vmm) = (locate::kernel(None)?, locate::image(None)?, locate::vmm()?);
+    let jailer = (!args.no_jail).then(|| PathBuf::from("isocell-jailer"));
+    let run_dir = locate::run_dir();
+    let from =
+        confine::Binaries { kernel: &kernel, image: &image, vmm: &vmm, jailer: jailer.as_deref() };
+    let (view, jail) = confine::plan(&run_dir, "surface", &from, args.cpus, memory_mib);
+    let spec = CellSpec {
+        cpus: args.cpus,
+        memory_mib,
+        kernel_args: String::new(),
+        max_lifetime_secs: None,
+    };
+    let config = cell::vm_config(&view, &spec);
+    config.validate().map_err(|e| e.to_string())?;
+    let plan = isocell_vmm::device_manager::DevicePlan::new(&config).map_err(|e| e.to_string())?;
+    Ok(confine::surface(&config, &plan, jail.as_ref(), None))
 }

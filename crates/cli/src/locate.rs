@@ -64,17 +64,27 @@ pub fn image(flag: Option<&Path>) -> Result<PathBuf, String> {
 
 /// The VMM: `ISOCELL_VMM`, else `isocell-vmm` next to this program.
 pub fn vmm() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("ISOCELL_VMM") {
+    sibling("ISOCELL_VMM", "isocell-vmm")
+}
+
+/// The jailer: `ISOCELL_JAILER`, else `isocell-jailer` next to this program.
+pub fn jailer() -> Result<PathBuf, String> {
+    sibling("ISOCELL_JAILER", "isocell-jailer")
+}
+
+/// The program `env` names, else `name` next to this program.
+fn sibling(env: &str, name: &str) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-    let vmm = exe.with_file_name("isocell-vmm");
-    if vmm.is_file() {
-        Ok(vmm)
+    let path = exe.with_file_name(name);
+    if path.is_file() {
+        Ok(path)
     } else {
         Err(format!(
-            "{} does not exist; build it with `cargo build --release --workspace --bins` or set ISOCELL_VMM",
-            vmm.display()
+            "{} does not exist; build it with `cargo build --release --workspace --bins` or set {env}",
+            path.display()
         ))
     }
 }

@@ -6,6 +6,7 @@
 
 mod agent_link;
 mod cell;
+mod confine;
 mod evidence;
 mod exit;
 mod inspect;
@@ -42,6 +43,8 @@ enum Command {
     /// Cell receipts.
     #[command(subcommand)]
     Receipt(inspect::ReceiptCmd),
+    /// A cell's attack surface as JSON: devices, seccomp rules per VMM thread, the jail.
+    Surface(inspect::SurfaceArgs),
 }
 
 #[derive(Args, Debug)]
@@ -105,6 +108,10 @@ struct RunArgs {
     /// An admission policy file (Cedar) to add to the default and the state directory's.
     #[arg(long = "policy", value_name = "FILE")]
     policies: Vec<PathBuf>,
+    /// Run the VMM without its jail (namespaces, cgroup, unprivileged uid). Its seccomp filters
+    /// stay. Recorded in the receipt; the default policy admits it for public data only.
+    #[arg(long)]
+    no_jail: bool,
     /// Write a JSON report of the run (phases, VMM boot timeline, memory) here.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -282,6 +289,7 @@ fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
         kernel: locate::kernel(args.kernel.as_deref())?,
         image: locate::image(image_flag)?,
         vmm: locate::vmm()?,
+        jailer: if args.no_jail { None } else { Some(jailer()?) },
         cpus,
         memory_mib,
         env: parse_env(&args.env)?,
@@ -301,6 +309,17 @@ fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
     })
 }
 
+/// The jailer, which needs root to build a jail.
+fn jailer() -> Result<PathBuf, String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("the cell's jail (namespaces, cgroup, an unprivileged uid) needs root: run \
+             isocell as root, or pass --no-jail (public data only under the default policy)"
+            .into());
+    }
+    locate::jailer()
+}
+
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = match Cli::try_parse() {
@@ -318,6 +337,7 @@ fn main() -> ExitCode {
         Command::Host(cmd) => inspect::host(cmd),
         Command::Audit(cmd) => inspect::audit(cmd),
         Command::Receipt(cmd) => inspect::receipt(cmd),
+        Command::Surface(args) => inspect::surface(args),
     };
     ExitCode::from(code)
 }

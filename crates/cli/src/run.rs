@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 use crate::agent_link::{send_on, AgentLink};
 use crate::cell::{self, Cell, CellSpec};
+use crate::confine;
 use crate::evidence::{ms_since, CellEvidence};
 use crate::state::{self, Host};
 use crate::{exit, locate, transfer};
@@ -26,6 +27,8 @@ use crate::{exit, locate, transfer};
 pub struct RunOptions {
     /// VMM binary.
     pub vmm: PathBuf,
+    /// The jailer; `None` runs the VMM unjailed (`--no-jail`).
+    pub jailer: Option<PathBuf>,
     /// Cell kernel.
     pub kernel: PathBuf,
     /// Root image.
@@ -152,12 +155,20 @@ fn run_cell(
 ) -> Result<u8, Failure> {
     let mut phases = Phases::default();
     let run_dir = locate::run_dir();
-    let spec = CellSpec {
+    for stale in cell::sweep_stale(&run_dir) {
+        let _ = ev.log("cleanup", json!({ "stale_cell": stale }));
+    }
+    let from = confine::Binaries {
         kernel: &opts.kernel,
         image: &opts.image,
+        vmm: &opts.vmm,
+        jailer: opts.jailer.as_deref(),
+    };
+    let (view, jail) = confine::plan(&run_dir, id, &from, opts.cpus, opts.memory_mib);
+    let spec = CellSpec {
         cpus: opts.cpus,
         memory_mib: opts.memory_mib,
-        kernel_args: &opts.kernel_args,
+        kernel_args: opts.kernel_args.clone(),
         // The spec's lifetime bound is enforced by the VMM itself; without one, a last-resort
         // bound well past every limit we enforce here.
         max_lifetime_secs: opts
@@ -165,9 +176,20 @@ fn run_cell(
             .max_lifetime_secs
             .or(opts.timeout.map(|t| t.as_secs() + opts.boot_timeout.as_secs() + 600)),
     };
-    let config = cell::vm_config(&run_dir, id, &spec);
+    let config = cell::vm_config(&view, &spec);
     let plan = DevicePlan::new(&config).map_err(|e| Failure::from(e.to_string()))?;
     let cmdline = isocell_vmm::kernel_cmdline(&config, &plan);
+    let seccomp =
+        isocell_evidence::canonical::to_canonical_string(&isocell_vmm::seccomp::describe());
+    // The confinement is part of what was launched; per-cell values (uid, paths) are not.
+    let confinement = json!({
+        "jailed": jail.is_some(),
+        "namespaces": jail.as_ref().map(|_| isocell_jail::NAMESPACES),
+        "files": jail.as_ref().map(|j| j.spec.mounts.iter().map(|m| json!([m.jail, m.writable, m.exec])).collect::<Vec<_>>()),
+        "device_nodes": jail.as_ref().map(|j| j.spec.devices.clone()),
+        "rlimits": jail.as_ref().map(|j| j.spec.rlimits.clone()),
+        "cgroup": jail.as_ref().map(|j| j.limits.clone()),
+    });
 
     // Measure and decide before anything exists.
     let t = Instant::now();
@@ -178,9 +200,12 @@ fn run_cell(
             initrd: None,
             cmdline: &cmdline,
             image: &opts.image,
-            vm_config: &cell::measured_config(&config, &run_dir, id),
+            vm_config: &json!({
+                "vm": cell::measured_config(&config, &view),
+                "confinement": confinement,
+            }),
             vmm: &opts.vmm,
-            seccomp: None,
+            seccomp: Some(seccomp.as_bytes()),
         },
         Some(&cache),
     )?;
@@ -204,6 +229,7 @@ fn run_cell(
         classification_level: c.classification as i64,
         image_digests: c.image_digests.clone(),
         max_lifetime_secs: c.max_lifetime_secs,
+        jailed: jail.is_some(),
     };
     let decision = ev.admit(policies, &request, &measurement)?;
     if !decision.allowed {
@@ -219,7 +245,7 @@ fn run_cell(
         .into());
     }
 
-    let mut cell = Cell::start(&run_dir, id, &opts.vmm, &config)?;
+    let mut cell = Cell::start(&run_dir, id, &opts.vmm, &config, jail.as_ref())?;
     let vmm_started = Instant::now();
     phases.prepare_ms = ms(vmm_started - started);
     let receipt = ev.launched(&measurement, &decision, &opts.argv, cell.vmm_pid())?;
@@ -231,10 +257,20 @@ fn run_cell(
     };
     let t = Instant::now();
     let vmm_report = cell.vmm_report();
-    let checks = cell.teardown();
+    let (checks, oom_kills) = cell.teardown();
     phases.teardown_ms += ms_since(t);
     let checks = serde_json::to_value(&checks).unwrap_or_default();
-    let exit_receipt = ev.ended(code, outcome, &checks)?;
+    let negotiated = vmm_report.as_ref().and_then(|r| r.get("negotiated_features"));
+    let surface = confine::surface(&config, &plan, jail.as_ref(), negotiated);
+    let surface_path = ev.write_record("surface.json", &surface)?;
+    let ended = json!({
+        "surface": surface_path,
+        "surface_sha256": isocell_evidence::canonical::sha256_hex(
+            isocell_evidence::canonical::to_canonical_string(&surface).as_bytes(),
+        ),
+        "oom_kills": oom_kills,
+    });
+    let exit_receipt = ev.ended(code, outcome, &checks, ended)?;
     if checks.as_object().is_some_and(|o| o.values().any(|v| v != &Value::Bool(true))) {
         eprintln!("isocell: warning: a teardown check failed: {checks}");
     }

@@ -4,6 +4,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -53,6 +54,21 @@ impl Host {
     /// Loads `host.toml` and the key it names from `dir`, creating a profile with
     /// "unspecified" jurisdiction, zone and operator and a fresh key on first use.
     pub fn load_or_init(dir: &Path) -> Result<Host, String> {
+        // Two first runs at once must not both create a key: hold the state lock.
+        mkdir(dir)?;
+        let lock_path = dir.join("host.lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+        // SAFETY: flock on a descriptor we own; it is released when `lock` is closed.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(format!("cannot lock {}: {e}", lock_path.display()));
+        }
         let profile_path = dir.join("host.toml");
         if !profile_path.exists() {
             return Host::init(dir, "unspecified", "unspecified", "unspecified", false);

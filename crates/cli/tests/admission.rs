@@ -34,6 +34,7 @@ impl Env {
             .env("ISOCELL_KERNEL", self.dir.join("vmlinux"))
             .env("ISOCELL_IMAGE", self.dir.join("rootfs.ext4"))
             .env("ISOCELL_VMM", self.dir.join("vmm"))
+            .env("ISOCELL_JAILER", self.dir.join("vmm"))
             .output()
             .unwrap()
     }
@@ -114,9 +115,14 @@ fn a_denied_cell_never_starts_and_the_denial_is_logged() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("small:small-cells"), "{}", text(&out));
     assert!(!env.dir.join("vmm-was-started").exists());
 
+    // Unjailed cells only for public data.
+    let out = env.isocell(&["run", "--no-jail", "--classification", "internal", "--", "true"]);
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("default:jail-for-non-public"));
+
     let verify = env.isocell(&["audit", "verify"]);
     assert!(verify.status.success(), "{}", text(&verify));
-    assert!(String::from_utf8_lossy(&verify.stdout).contains("3 entries"), "{}", text(&verify));
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("4 entries"), "{}", text(&verify));
 }
 
 #[test]
@@ -165,4 +171,30 @@ fn bad_evidence_options_are_refused_before_anything_is_written() {
     assert_eq!(out.status.code(), Some(125), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad"), "{}", text(&out));
     assert!(!env.dir.join("vmm-was-started").exists());
+}
+
+#[test]
+fn surface_diff_shows_exposure_beyond_a_baseline() {
+    let env = Env::new("surface");
+    let out = env.isocell(&["surface"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let surface: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["devices", "seccomp", "jail"] {
+        assert!(!surface[key].is_null(), "{key} missing: {surface}");
+    }
+    assert_eq!(surface["jail"]["no_new_privs"], true);
+    let base = env.dir.join("base.json");
+    fs::write(&base, &out.stdout).unwrap();
+    let base = base.to_str().unwrap();
+
+    let same = env.isocell(&["surface", "--diff", base]);
+    assert_eq!(same.status.code(), Some(0), "{}", text(&same));
+    let more = env.isocell(&["surface", "--cpus", "2", "--diff", base]);
+    assert_eq!(more.status.code(), Some(1), "{}", text(&more));
+    assert!(String::from_utf8_lossy(&more.stdout).contains("+ vm.vcpus = 2"), "{}", text(&more));
+    let unjailed = env.isocell(&["surface", "--no-jail", "--diff", base]);
+    assert_eq!(unjailed.status.code(), Some(1), "{}", text(&unjailed));
+    assert!(String::from_utf8_lossy(&unjailed.stdout).contains("jail.enabled = false"));
+    let missing = env.isocell(&["surface", "--diff", "/no/such.json"]);
+    assert_eq!(missing.status.code(), Some(125), "{}", text(&missing));
 }

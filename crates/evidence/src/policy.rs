@@ -51,6 +51,8 @@ pub struct AdmissionRequest {
     pub image_digests: Vec<String>,
     /// Maximum lifetime, if bounded.
     pub max_lifetime_secs: Option<u64>,
+    /// The VMM runs jailed and seccomp-filtered (not `--no-jail`).
+    pub jailed: bool,
 }
 
 /// The outcome: allow or deny, which policies determined it, and any evaluation errors.
@@ -150,6 +152,7 @@ impl Policies {
                 "image_pinned": !req.image_digests.is_empty(),
                 "has_max_lifetime": req.max_lifetime_secs.is_some(),
                 "max_lifetime_secs": req.max_lifetime_secs.unwrap_or(0),
+                "jailed": req.jailed,
             },
         });
         let context = Context::from_json_value(context, None)
@@ -194,6 +197,7 @@ mod tests {
             classification_level: 0,
             image_digests: vec![],
             max_lifetime_secs: None,
+            jailed: true,
         }
     }
 
@@ -237,6 +241,13 @@ mod tests {
         assert_eq!(p.decide(&r).unwrap().policies, ["default:restricted-needs-lifetime"]);
         r.max_lifetime_secs = Some(60);
         assert!(p.decide(&r).unwrap().allowed);
+
+        let mut r = request();
+        r.jailed = false;
+        assert!(p.decide(&r).unwrap().allowed, "public data may run unjailed");
+        r.classification = "internal".into();
+        r.classification_level = 1;
+        assert_eq!(p.decide(&r).unwrap().policies, ["default:jail-for-non-public"]);
     }
 
     #[test]

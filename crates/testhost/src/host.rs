@@ -66,8 +66,10 @@ impl HostKind {
 pub struct Paths {
     /// The `isocell-vmm` binary.
     pub vmm: PathBuf,
-    /// The `isocell` command line (finds `isocell-vmm` next to itself).
+    /// The `isocell` command line (finds `isocell-vmm` and `isocell-jailer` next to itself).
     pub isocell: PathBuf,
+    /// The `isocell-jailer` binary.
+    pub jailer: PathBuf,
     /// The `isocell-testhost-runner` binary.
     pub runner: PathBuf,
     /// Cell kernel, bzImage.
@@ -114,6 +116,7 @@ impl Paths {
         Ok(Paths {
             vmm: require(bin.join("isocell-vmm"), "isocell-vmm", BUILD_BINS)?,
             isocell: require(bin.join("isocell"), "isocell", BUILD_BINS)?,
+            jailer: require(bin.join("isocell-jailer"), "isocell-jailer", BUILD_BINS)?,
             runner: require(
                 bin.join("isocell-testhost-runner"),
                 "isocell-testhost-runner",
@@ -336,6 +339,7 @@ impl TestHost {
             (self.paths.runner.clone(), stage.join("isocell/bin/isocell-testhost-runner")),
             (self.paths.vmm.clone(), stage.join("isocell/bin/isocell-vmm")),
             (self.paths.isocell.clone(), stage.join("isocell/bin/isocell")),
+            (self.paths.jailer.clone(), stage.join("isocell/bin/isocell-jailer")),
             (self.paths.bzimage.clone(), stage.join("isocell/guest/bzImage")),
             (self.paths.rootfs.clone(), stage.join("isocell/guest/rootfs.ext4")),
         ];
@@ -407,6 +411,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o size=80% tmpfs /tmp
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
 for m in irqbypass kvm ccp kvm-amd; do
   insmod /modules/$m.ko || echo "isocell-testhost: insmod $m failed"
 done

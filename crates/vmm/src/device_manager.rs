@@ -2,6 +2,7 @@
 //! are configuration errors), creates the devices on the buses, and lists them. The device list
 //! printed by `isocell-vmm --describe` is generated from the same plan that builds the VM.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
@@ -338,6 +339,8 @@ pub struct DeviceManager {
     /// MMIO bus.
     pub mmio: Arc<Bus>,
     blocks: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Every virtio transport with its device id, for the negotiated features.
+    virtio: Vec<(String, Arc<Mutex<MmioTransport>>)>,
     block_files: Vec<File>,
     socket_paths: Vec<PathBuf>,
 }
@@ -354,6 +357,7 @@ impl DeviceManager {
     ) -> Result<Self, DeviceError> {
         let (mut pio, mut mmio) = (Bus::new(), Bus::new());
         let (mut blocks, mut block_files, mut socket_paths) = (Vec::new(), Vec::new(), Vec::new());
+        let mut virtio = Vec::new();
         for planned in &plan.devices {
             let id = &planned.id;
             let irqfd = |irq: u32| -> Result<EventFd, DeviceError> {
@@ -392,6 +396,7 @@ impl DeviceManager {
                     let t = MmioTransport::new(Box::new(blk), mem.clone(), irqfd(irq)?)
                         .map_err(|e| DeviceError::Queue(id.clone(), e.to_string()))?;
                     let t = Arc::new(Mutex::new(t));
+                    virtio.push((id.clone(), t.clone()));
                     blocks.push(t.clone());
                     if !read_only {
                         block_files.push(keep);
@@ -407,6 +412,7 @@ impl DeviceManager {
                     let t = MmioTransport::new(Box::new(dev), mem.clone(), irqfd(irq)?)
                         .map_err(|e| DeviceError::Queue(id.clone(), e.to_string()))?;
                     let t = Arc::new(Mutex::new(t));
+                    virtio.push((id.clone(), t.clone()));
                     vsock::spawn_event_thread(t.clone(), epoll)
                         .map_err(|e| DeviceError::Backing(id.clone(), uds_path.clone(), e))?;
                     t
@@ -417,7 +423,9 @@ impl DeviceManager {
                     let irq = planned.irq.unwrap_or_default();
                     let t = MmioTransport::new(Box::new(rng), mem.clone(), irqfd(irq)?)
                         .map_err(|e| DeviceError::Queue(id.clone(), e.to_string()))?;
-                    Arc::new(Mutex::new(t))
+                    let t = Arc::new(Mutex::new(t));
+                    virtio.push((id.clone(), t.clone()));
+                    t
                 }
             };
             for r in &planned.ranges {
@@ -433,6 +441,7 @@ impl DeviceManager {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             blocks,
+            virtio,
             block_files,
             socket_paths,
         })
@@ -451,6 +460,18 @@ impl DeviceManager {
         for p in &self.socket_paths {
             let _ = std::fs::remove_file(p);
         }
+    }
+
+    /// The features the guest's driver negotiated with each virtio device, by device id; a
+    /// device the guest never brought up has none.
+    pub fn negotiated_features(&self) -> BTreeMap<String, Vec<String>> {
+        self.virtio
+            .iter()
+            .map(|(id, t)| {
+                let (kind, features) = t.lock().map_or((0, None), |t| t.negotiated_features());
+                (id.clone(), features.map_or_else(Vec::new, |f| feature_names(kind, f)))
+            })
+            .collect()
     }
 
     /// Number of block devices.

@@ -10,9 +10,11 @@ pub mod devices;
 pub mod exit;
 pub mod host_check;
 pub mod report;
+pub mod seccomp;
 pub mod timeline;
 pub mod vstate;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{channel, RecvTimeoutError};
@@ -65,6 +67,9 @@ pub enum BuildError {
     /// A file the configuration names could not be opened any more.
     #[error("cannot open {0}")]
     Open(std::path::PathBuf, #[source] std::io::Error),
+    /// The main thread's seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     /// KVM's supported CPUID could not be read.
     #[error("cannot read the CPUID KVM supports")]
     Cpuid(#[source] kvm_ioctls::Error),
@@ -98,6 +103,8 @@ pub struct StoppedVm {
     pub memory: Option<MemoryUse>,
     /// VM exits handled by the VMM, most frequent first.
     pub exit_counts: Vec<(String, u64)>,
+    /// Features the guest negotiated with each virtio device.
+    pub negotiated_features: BTreeMap<String, Vec<String>>,
     _kvm: Kvm,
     _vm: VmFd,
     _mem: GuestMemoryMmap,
@@ -154,6 +161,11 @@ pub fn boot(
     });
     register_kick_signal()?;
     let threads = vcpus.into_iter().map(|v| v.start(ctx.clone())).collect::<Result<Vec<_>, _>>()?;
+    // Every thread exists now; from here the main thread only waits, stops and reports.
+    if let Err(e) = seccomp::install(seccomp::ThreadKind::Main) {
+        stop_vcpus(&ctx, threads, Duration::from_secs(2));
+        return Err(BuildError::Seccomp(e));
+    }
 
     let mut reason = match config.max_lifetime_secs {
         Some(secs) => match rx.recv_timeout(Duration::from_secs(secs)) {
@@ -179,6 +191,7 @@ pub fn boot(
         exit: reason,
         memory,
         exit_counts: exit_counts.sorted(),
+        negotiated_features: devices.negotiated_features(),
         _kvm: kvm,
         _vm: vm,
         _mem: mem,

@@ -11,7 +11,7 @@ use isocell_spec::VmConfig;
 use isocell_vmm::exit::{EXIT_BAD_CONFIG, EXIT_NO_HARDWARE_VIRT, EXIT_VMM_ERROR};
 use isocell_vmm::report::RunReport;
 use isocell_vmm::timeline::{Phase, Timeline};
-use isocell_vmm::{config, host_check, kernel_cmdline, BuildError};
+use isocell_vmm::{config, host_check, kernel_cmdline, seccomp, BuildError};
 
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
@@ -67,6 +67,13 @@ struct Args {
     /// Print the devices and kernel command line as JSON, and exit without booting.
     #[arg(long)]
     describe: bool,
+    /// Print the seccomp rules of every VMM thread kind as JSON, and exit.
+    #[arg(long)]
+    describe_seccomp: bool,
+    /// Test aid: a thread of this kind (main, vcpu, vsock) makes a forbidden syscall right
+    /// after installing its filter, so the VMM dies with SIGSYS.
+    #[arg(long, hide = true, value_name = "KIND")]
+    seccomp_probe: Option<String>,
 }
 
 fn build_config(args: &Args) -> Result<VmConfig, config::ConfigError> {
@@ -133,6 +140,19 @@ fn run(args: Args, timeline: Arc<Timeline>) -> u8 {
             return EXIT_BAD_CONFIG as u8;
         }
     };
+    if args.describe_seccomp {
+        println!("{}", serde_json::to_string_pretty(&seccomp::describe()).unwrap_or_default());
+        return 0;
+    }
+    if let Some(kind) = &args.seccomp_probe {
+        match seccomp::ThreadKind::ALL.into_iter().find(|k| k.name() == kind) {
+            Some(k) => seccomp::set_probe(k),
+            None => {
+                eprintln!("isocell-vmm: error: --seccomp-probe {kind:?}: use main, vcpu or vsock");
+                return EXIT_BAD_CONFIG as u8;
+            }
+        }
+    }
     if args.describe {
         let description = serde_json::json!({
             "vcpus": cfg.vcpus,
@@ -174,6 +194,7 @@ fn run(args: Args, timeline: Arc<Timeline>) -> u8 {
             phases: timeline.phases(),
             memory: stopped.memory,
             exit_counts: stopped.exit_counts.iter().take(20).cloned().collect(),
+            negotiated_features: stopped.negotiated_features.clone(),
         };
         let json = serde_json::to_string_pretty(&report).unwrap_or_default();
         if let Err(e) = std::fs::write(path, json) {
@@ -185,6 +206,17 @@ fn run(args: Args, timeline: Arc<Timeline>) -> u8 {
 
 fn main() -> ExitCode {
     let timeline = Arc::new(Timeline::new(Instant::now()));
+    // Before any thread exists: see `seccomp::prepare_process`.
+    if let Err(e) = seccomp::prepare_process() {
+        print_error(&e);
+        return ExitCode::from(EXIT_VMM_ERROR as u8);
+    }
+    // Guest memory must never end up in a core file.
+    // SAFETY: setrlimit reads the struct we pass and changes only this process's limit.
+    unsafe {
+        let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        libc::setrlimit(libc::RLIMIT_CORE, &zero);
+    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {

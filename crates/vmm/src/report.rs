@@ -24,6 +24,8 @@ pub struct RunReport {
     pub memory: Option<MemoryUse>,
     /// VM exits the VMM handled, by kind and address, most frequent first (at most 20).
     pub exit_counts: Vec<(String, u64)>,
+    /// Features the guest's drivers negotiated, by virtio device id (empty: never brought up).
+    pub negotiated_features: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Resident memory of the VMM process, split into guest memory and everything else.

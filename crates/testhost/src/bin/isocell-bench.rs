@@ -45,20 +45,17 @@ struct Args {
 const RUN_PHASES: [&str; 6] =
     ["prepare_ms", "boot_ms", "agent_ready_ms", "exec_ms", "teardown_ms", "total_ms"];
 
-fn run_step(i: usize, args: &Args) -> Step {
-    let argv = [
-        "{isocell}",
-        "run",
-        "--cpus",
-        &args.cpus.to_string(),
-        "--memory",
-        &args.memory.to_string(),
-        "--report",
-        "{work}/run.json",
-        "--",
-        "true",
-    ];
-    measured_step(format!("run-{i}"), &argv, 180, "{work}/run.json")
+fn run_step(i: usize, args: &Args, jailed: bool) -> Step {
+    let (cpus, memory) = (args.cpus.to_string(), args.memory.to_string());
+    let mut argv = vec!["{isocell}", "run", "--cpus", &cpus, "--memory", &memory];
+    let name = if jailed {
+        format!("run-{i}")
+    } else {
+        argv.push("--no-jail");
+        format!("unjailed-{i}")
+    };
+    argv.extend(["--report", "{work}/run.json", "--", "true"]);
+    measured_step(name, &argv, 180, "{work}/run.json")
 }
 
 /// A step that writes a JSON report the benchmark reads.
@@ -111,6 +108,11 @@ fn boot_step(i: usize, args: &Args) -> Step {
     measured_step(format!("boot-{i}"), &argv, 120, "{work}/report.json")
 }
 
+/// Ratio of two medians.
+fn ratio(a: Option<Summary>, b: Option<Summary>) -> Option<f64> {
+    Some(a?.median / b?.median)
+}
+
 fn ms(us: Option<u64>) -> Option<f64> {
     us.map(|v| v as f64 / 1000.0)
 }
@@ -150,15 +152,22 @@ fn main() -> Result<()> {
         host.kind().name()
     );
     let mut steps: Vec<Step> = (0..=args.runs).map(|i| boot_step(i, &args)).collect();
-    steps.extend((0..=args.runs).map(|i| run_step(i, &args)));
+    // Jailed and unjailed runs alternate, so both see the same machine conditions.
+    for i in 0..=args.runs {
+        steps.push(run_step(i, &args, true));
+        steps.push(run_step(i, &args, false));
+    }
     let results = host.run(&Scenario { steps })?;
     if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
         bail!("a benchmark step failed:\n{}", bad.explain());
     }
-    let (boots, runs): (Vec<StepResult>, Vec<StepResult>) =
-        results.into_iter().partition(|r| r.name.starts_with("boot-"));
-    let measured: Vec<StepResult> = boots.into_iter().skip(1).collect();
-    let measured_runs: Vec<StepResult> = runs.into_iter().skip(1).collect();
+    // The first of each kind warms caches and is not counted.
+    let of_kind = |prefix: &str| -> Vec<StepResult> {
+        results.iter().filter(|r| r.name.starts_with(prefix)).skip(1).cloned().collect()
+    };
+    let measured = of_kind("boot-");
+    let measured_runs = of_kind("run-");
+    let unjailed_runs = of_kind("unjailed-");
 
     let full_cycle = series(&measured, |r| Some(r.wall_us as f64 / 1000.0));
     let overhead = series(&measured, |r| memory(r, "vmm_overhead_kib"));
@@ -211,6 +220,18 @@ fn main() -> Result<()> {
     for p in RUN_PHASES {
         run_out[p] = json!(series(&measured_runs, |r| run_phase(r, p)));
     }
+    let unjailed_total = series(&unjailed_runs, |r| Some(r.wall_us as f64 / 1000.0));
+    let mut jail = json!({
+        "what": "isocell run -- true, jailed (default) against --no-jail; seccomp filters in both",
+        "jailed_wall_ms": run_total,
+        "unjailed_wall_ms": unjailed_total,
+        "ratio_jailed_to_unjailed": ratio(run_total, unjailed_total),
+    });
+    for p in ["prepare_ms", "teardown_ms"] {
+        jail[format!("jailed_{p}")] = json!(series(&measured_runs, |r| run_phase(r, p)));
+        jail[format!("unjailed_{p}")] = json!(series(&unjailed_runs, |r| run_phase(r, p)));
+    }
+    run_out["jail_cost"] = jail;
     let mut evidence = json!({ "target_total_ms_max": EVIDENCE_TARGET_MS });
     for c in EVIDENCE_COSTS {
         evidence[c] = json!(series(&measured_runs, |r| evidence_cost(r, c)));
@@ -255,6 +276,17 @@ fn main() -> Result<()> {
             series(&measured_runs, |r| run_phase(r, p)),
             "ms",
         );
+    }
+    println!("jail cost (jailed against --no-jail, same host, alternating)");
+    row("  jailed wall", run_total, "ms");
+    row("  unjailed wall", unjailed_total, "ms");
+    for p in ["prepare_ms", "teardown_ms"] {
+        let name = p.trim_end_matches("_ms");
+        row(&format!("  jailed {name}"), series(&measured_runs, |r| run_phase(r, p)), "ms");
+        row(&format!("  unjailed {name}"), series(&unjailed_runs, |r| run_phase(r, p)), "ms");
+    }
+    if let Some(r) = ratio(run_total, unjailed_total) {
+        println!("  jailed / unjailed: {r:.3}x (medians)");
     }
     println!("evidence per cell (policy, receipts, fsync'd audit appends)");
     for c in EVIDENCE_COSTS {

@@ -133,7 +133,14 @@ impl Vcpu {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(&ctx))
+            .spawn(move || {
+                // The filter is in place before the first KVM_RUN: before any guest code runs.
+                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+                    ctx.exit.request(VmExit::VmmError(format!("vCPU {index}: {e}")));
+                    return;
+                }
+                self.run(&ctx)
+            })
             .map_err(|e| VcpuError::Spawn(index, e))
     }
 

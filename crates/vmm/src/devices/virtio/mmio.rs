@@ -34,6 +34,13 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
+    /// The device type and, once the driver has had them accepted (FEATURES_OK), the feature
+    /// bits it negotiated: what the guest actually uses of this device.
+    pub fn negotiated_features(&self) -> (u32, Option<u64>) {
+        let ok = self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0;
+        (self.device.device_type(), ok.then_some(self.driver_features))
+    }
+
     /// Wraps `device`; its interrupts go to `irq`.
     pub fn new(
         device: Box<dyn VirtioDevice>,

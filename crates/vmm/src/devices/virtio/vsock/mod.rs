@@ -181,7 +181,15 @@ pub fn spawn_event_thread(
     transport: Arc<Mutex<MmioTransport>>,
     epoll: Arc<Epoll>,
 ) -> std::io::Result<()> {
+    let (installed_tx, installed) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new().name("vsock".into()).spawn(move || {
+        // The filter is in place before this thread touches anything the guest controls.
+        let installed = crate::seccomp::install(crate::seccomp::ThreadKind::Vsock);
+        let failed = installed.is_err();
+        let _ = installed_tx.send(installed);
+        if failed {
+            return;
+        }
         let mut events = [EpollEvent::default(); 1];
         loop {
             match epoll.wait(-1, &mut events) {
@@ -191,5 +199,9 @@ pub fn spawn_event_thread(
             }
         }
     })?;
-    Ok(())
+    match installed.recv() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(std::io::Error::other(format!("vsock thread: {e}"))),
+        Err(_) => Err(std::io::Error::other("the vsock thread ended before installing its filter")),
+    }
 }

@@ -1,0 +1,215 @@
+//! How one cell's VMM is confined (the jail, its cgroup limits, the VMM's seccomp filters) and
+//! the cell's attack surface, generated from those same structures and the device plan.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use isocell_jail::cgroup::Limits;
+use isocell_jail::{BindMount, JailSpec, Rlimits, CELL_DIR};
+use isocell_spec::VmConfig;
+use isocell_vmm::device_manager::DevicePlan;
+use serde_json::{json, Value};
+
+/// Where the VMM binary appears in the jail.
+const JAIL_VMM: &str = "/isocell-vmm";
+/// Where the cell kernel appears in the jail.
+const JAIL_KERNEL: &str = "/boot/vmlinux";
+/// Where the root image appears in the jail.
+const JAIL_IMAGE: &str = "/disks/root.img";
+
+/// A cell's jail: the spec the jailer enforces and the cgroup limits `isocell` sets.
+pub struct JailPlan {
+    /// The `isocell-jailer` binary.
+    pub jailer: PathBuf,
+    /// What the jailer sets up.
+    pub spec: JailSpec,
+    /// The cell's cgroup limits.
+    pub limits: Limits,
+}
+
+/// The paths the VMM is given, as it sees them (inside the jail, or on the host).
+pub struct VmmView {
+    /// Cell kernel.
+    pub kernel: PathBuf,
+    /// Root image.
+    pub image: PathBuf,
+    /// The directory shared with `isocell`: config, sockets, console, report.
+    pub cell_dir: PathBuf,
+}
+
+/// The host files a cell is launched from.
+pub struct Binaries<'a> {
+    /// Cell kernel.
+    pub kernel: &'a Path,
+    /// Root image.
+    pub image: &'a Path,
+    /// `isocell-vmm`.
+    pub vmm: &'a Path,
+    /// `isocell-jailer`; `None` runs the VMM unjailed.
+    pub jailer: Option<&'a Path>,
+}
+
+/// The host directory of cell `id`, its shared subdirectory and its jail's mount point.
+pub fn host_dirs(run_dir: &Path, id: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = run_dir.join(id);
+    (dir.clone(), dir.join("cell"), dir.join("root"))
+}
+
+/// Plans the confinement of cell `id`: with `jailer`, a jail seeing only the kernel, the image,
+/// the VMM binary, the cell's directory, /dev/kvm and /dev/urandom; without, the host's paths.
+pub fn plan(
+    run_dir: &Path,
+    id: &str,
+    from: &Binaries,
+    vcpus: u8,
+    memory_mib: u64,
+) -> (VmmView, Option<JailPlan>) {
+    let (_, cell_dir, root) = host_dirs(run_dir, id);
+    let Some(jailer) = from.jailer else {
+        let view =
+            VmmView { kernel: from.kernel.to_owned(), image: from.image.to_owned(), cell_dir };
+        return (view, None);
+    };
+    let uid = isocell_jail::cell_uid(id);
+    let ro = |host: &Path, jail: &str| BindMount {
+        host: host.to_owned(),
+        jail: jail.into(),
+        writable: false,
+        exec: false,
+    };
+    let mut vmm_mount = ro(from.vmm, JAIL_VMM);
+    vmm_mount.exec = true;
+    let spec = JailSpec {
+        cell_id: id.to_owned(),
+        root,
+        cgroup: None,
+        uid,
+        gid: uid,
+        mounts: vec![
+            vmm_mount,
+            ro(from.kernel, JAIL_KERNEL),
+            ro(from.image, JAIL_IMAGE),
+            BindMount { host: cell_dir, jail: CELL_DIR.into(), writable: true, exec: false },
+        ],
+        devices: vec![isocell_jail::kvm_device(), isocell_jail::urandom_device()],
+        rlimits: Rlimits::default(),
+        argv: vec![
+            JAIL_VMM.into(),
+            "--config".into(),
+            format!("{CELL_DIR}/vm.json"),
+            "--report".into(),
+            format!("{CELL_DIR}/vmm-report.json"),
+        ],
+    };
+    let view =
+        VmmView { kernel: JAIL_KERNEL.into(), image: JAIL_IMAGE.into(), cell_dir: CELL_DIR.into() };
+    let plan =
+        JailPlan { jailer: jailer.to_owned(), spec, limits: Limits::for_cell(vcpus, memory_mib) };
+    (view, Some(plan))
+}
+
+/// The attack surface of a cell: its devices (address ranges, IRQs, offered virtio features,
+/// and, for a cell that ran, those the guest negotiated), the VMM's seccomp rules per thread,
+/// and the jail (files, namespaces, uid/gid, cgroup limits, rlimits).
+pub fn surface(
+    config: &VmConfig,
+    plan: &DevicePlan,
+    jail: Option<&JailPlan>,
+    negotiated: Option<&Value>,
+) -> Value {
+    let devices: Vec<Value> = plan
+        .devices
+        .iter()
+        .map(|d| {
+            let mut v = serde_json::to_value(d).unwrap_or_default();
+            if let Some(n) = negotiated.and_then(|n| n.get(&d.id)) {
+                v["negotiated_features"] = n.clone();
+            }
+            v
+        })
+        .collect();
+    json!({
+        "version": 1,
+        "vm": { "vcpus": config.vcpus, "memory_mib": config.memory_mib },
+        "devices": devices,
+        "seccomp": isocell_vmm::seccomp::describe(),
+        "jail": match jail {
+            Some(j) => j.spec.surface(Some(&j.limits)),
+            None => json!({ "enabled": false }),
+        },
+    })
+}
+
+/// Flattens a surface into comparable facts, one line each: `a.b[id].c = value`. Arrays of
+/// objects with an `id` (devices) are keyed by it; any other array element is one fact.
+pub fn facts(v: &Value) -> BTreeSet<String> {
+    fn walk(v: &Value, path: &str, out: &mut BTreeSet<String>) {
+        match v {
+            Value::Object(o) => {
+                // The jail's uid and gid are per cell by design (their range is a fact).
+                for (k, x) in o.iter().filter(|(k, _)| !matches!(k.as_str(), "uid" | "gid")) {
+                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    walk(x, &p, out);
+                }
+            }
+            Value::Array(a) => {
+                for x in a {
+                    match x.get("id").and_then(Value::as_str) {
+                        Some(id) if x.is_object() => walk(x, &format!("{path}[{id}]"), out),
+                        _ => {
+                            out.insert(format!("{path} has {x}"));
+                        }
+                    }
+                }
+            }
+            _ => {
+                out.insert(format!("{path} = {v}"));
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(v, "", &mut out);
+    out
+}
+
+/// What `current` exposes beyond `baseline`: the facts of one that the other lacks.
+pub fn beyond(current: &Value, baseline: &Value) -> Vec<String> {
+    let base = facts(baseline);
+    facts(current).into_iter().filter(|f| !base.contains(f)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_jailed_vmm_sees_only_jail_paths() {
+        let from = Binaries {
+            kernel: Path::new("/k"),
+            image: Path::new("/i"),
+            vmm: Path::new("/v"),
+            jailer: Some(Path::new("/j")),
+        };
+        let (view, jail) = plan(Path::new("/run/isocell"), "abc", &from, 1, 128);
+        assert_eq!(view.kernel, Path::new(JAIL_KERNEL));
+        let jail = jail.unwrap();
+        jail.spec.validate().unwrap();
+        assert_eq!(jail.spec.root, Path::new("/run/isocell/abc/root"));
+        assert!(jail.spec.mounts.iter().all(|m| m.writable == (m.jail == Path::new(CELL_DIR))));
+    }
+
+    #[test]
+    fn diff_lists_only_what_is_new() {
+        let base = json!({"devices": [{"id": "rng0", "irq": 5}], "seccomp": {"vcpu": ["read"]}});
+        let cur = json!({"devices": [{"id": "rng0", "irq": 5}, {"id": "net0", "irq": 6}],
+                         "seccomp": {"vcpu": ["read", "socket"]}});
+        let d = beyond(&cur, &base);
+        assert_eq!(
+            d,
+            ["devices[net0].id = \"net0\"", "devices[net0].irq = 6", "seccomp.vcpu has \"socket\""]
+        );
+        assert!(beyond(&base, &base).is_empty());
+        assert!(beyond(&base, &cur).is_empty());
+    }
+}

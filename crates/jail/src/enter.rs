@@ -1,0 +1,267 @@
+//! Entering the jail (the work of `isocell-jailer`, which runs as root):
+//!
+//! 1. join the cell's cgroup leaf, so everything below is counted and limited;
+//! 2. unshare new mount, PID, IPC, UTS and network namespaces;
+//! 3. fork: the child is PID 1 of the new PID namespace; the parent stays outside, waits for it
+//!    and exits with its status (re-raising a fatal signal such as SIGSYS), so `isocell` sees
+//!    the VMM's own exit;
+//! 4. in the child: make every mount private, mount a small tmpfs as the new root, bind-mount
+//!    the spec's files (read-only unless declared writable, no-exec except the VMM binary),
+//!    create its device nodes owned by the jail's uid, mount a /proc that shows only the jail's
+//!    own processes, pivot_root into it and detach the old root, make the root read-only;
+//! 5. set rlimits, close every descriptor but 0-2, drop to the unprivileged uid/gid with no
+//!    supplementary groups, set no_new_privs, and exec the VMM with an empty environment.
+//!
+//! Any failure before the exec ends the child with [`EXIT_JAIL_FAILED`] and a message on
+//! stderr; nothing it made outlives its mount namespace.
+
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::signal::{self, SigHandler, Signal};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{self, ForkResult, Gid, Pid, Uid};
+
+use crate::{JailSpec, EXIT_JAIL_FAILED};
+
+/// The child's pid, for the parent's signal forwarding.
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+/// A step of the jail setup that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{step}: {source}")]
+pub struct EnterError {
+    step: String,
+    #[source]
+    source: std::io::Error,
+}
+
+fn step<E: Into<std::io::Error>>(what: impl Into<String>) -> impl FnOnce(E) -> EnterError {
+    let step = what.into();
+    move |e| EnterError { step, source: e.into() }
+}
+
+/// Sets up the jail and runs `spec.argv` in it; returns the status the jailer should exit
+/// with (the VMM's).
+pub fn run(spec: &JailSpec) -> i32 {
+    if let Err(e) = spec.validate() {
+        eprintln!("isocell-jailer: {e}");
+        return EXIT_JAIL_FAILED;
+    }
+    match enter(spec) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("isocell-jailer: cannot set up the jail: {e}");
+            EXIT_JAIL_FAILED
+        }
+    }
+}
+
+fn enter(spec: &JailSpec) -> Result<i32, EnterError> {
+    if let Some(cg) = &spec.cgroup {
+        let procs = cg.join("cgroup.procs");
+        fs::write(&procs, "0").map_err(step(format!("joining {}", procs.display())))?;
+    }
+    // No core dumps from here on, for the VMM and for this process re-raising its signal.
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(step("RLIMIT_CORE"))?;
+    unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWNET,
+    )
+    .map_err(step("unshare"))?;
+    // SAFETY: the jailer is single-threaded here, so the child may run any code.
+    match unsafe { unistd::fork() }.map_err(step("fork"))? {
+        ForkResult::Child => {
+            let e = confine_and_exec(spec);
+            eprintln!("isocell-jailer: cannot set up the jail: {e}");
+            // SAFETY: _exit ends the child without running the parent's destructors twice.
+            unsafe { libc::_exit(EXIT_JAIL_FAILED) }
+        }
+        ForkResult::Parent { child } => Ok(wait_for(child)),
+    }
+}
+
+extern "C" fn forward(_: libc::c_int) {
+    let pid = CHILD.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe. PID 1 of a namespace ignores signals it has no
+        // handler for, so stopping means SIGKILL.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// Waits for the jailed child and mirrors its end: its exit code, or its fatal signal.
+fn wait_for(child: Pid) -> i32 {
+    CHILD.store(child.as_raw(), Ordering::SeqCst);
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        // SAFETY: `forward` only reads an atomic and calls kill.
+        let _ = unsafe { signal::signal(sig, SigHandler::Handler(forward)) };
+    }
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => {
+                // SAFETY: restoring the default action and raising the signal ends this
+                // process the way the VMM ended (core dumps are off).
+                unsafe {
+                    let _ = signal::signal(sig, SigHandler::SigDfl);
+                }
+                let _ = signal::raise(sig);
+                return 128 + sig as i32;
+            }
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                eprintln!("isocell-jailer: waiting for the VMM: {e}");
+                return EXIT_JAIL_FAILED;
+            }
+        }
+    }
+}
+
+/// In the child: builds the jail and execs; returns only on failure.
+fn confine_and_exec(spec: &JailSpec) -> EnterError {
+    match confine(spec) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+fn in_root(root: &Path, jail_path: &Path) -> PathBuf {
+    root.join(jail_path.strip_prefix("/").unwrap_or(jail_path))
+}
+
+fn mkdirs(path: &Path) -> Result<(), EnterError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .map_err(step(format!("creating {}", path.display())))
+}
+
+fn confine(spec: &JailSpec) -> Result<std::convert::Infallible, EnterError> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(step("PR_SET_PDEATHSIG"))?;
+    let none: Option<&str> = None;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(step("making mounts private"))?;
+    let root = &spec.root;
+    mount(
+        Some("tmpfs"),
+        root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("size=64k,nr_inodes=256,mode=0755"),
+    )
+    .map_err(step(format!("mounting the jail root on {}", root.display())))?;
+
+    for m in &spec.mounts {
+        let target = in_root(root, &m.jail);
+        if let Some(parent) = target.parent() {
+            mkdirs(parent)?;
+        }
+        let is_dir = fs::metadata(&m.host).map_err(step(format!("{}", m.host.display())))?.is_dir();
+        if is_dir {
+            mkdirs(&target)?;
+        } else {
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(&target)
+                .map_err(step(format!("creating {}", target.display())))?;
+        }
+        mount(Some(&m.host), &target, none, MsFlags::MS_BIND, none)
+            .map_err(step(format!("bind-mounting {}", m.host.display())))?;
+        let mut flags =
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        if !m.writable {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        if !m.exec {
+            flags |= MsFlags::MS_NOEXEC;
+        }
+        mount(none, &target, none, flags, none)
+            .map_err(step(format!("restricting {}", m.jail.display())))?;
+    }
+
+    let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
+    for d in &spec.devices {
+        let target = in_root(root, &d.path);
+        if let Some(parent) = target.parent() {
+            mkdirs(parent)?;
+        }
+        mknod(
+            &target,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o600),
+            makedev(u64::from(d.major), u64::from(d.minor)),
+        )
+        .map_err(step(format!("creating {}", d.path.display())))?;
+        unistd::chown(&target, Some(uid), Some(gid))
+            .map_err(step(format!("chown {}", d.path.display())))?;
+    }
+
+    // A /proc of this PID namespace, showing only the jail's own processes (the VMM reads its
+    // own memory use from it).
+    let proc = root.join("proc");
+    mkdirs(&proc)?;
+    mount(
+        Some("proc"),
+        &proc,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("hidepid=invisible,subset=pid"),
+    )
+    .map_err(step("mounting /proc"))?;
+
+    unistd::chdir(root).map_err(step("chdir to the jail root"))?;
+    // pivot_root(".", ".") stacks the old root on the new one; detaching it leaves only the jail.
+    unistd::pivot_root(".", ".").map_err(step("pivot_root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(step("detaching the host's root"))?;
+    unistd::chdir("/").map_err(step("chdir /"))?;
+    mount(none, "/", none, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID, none)
+        .map_err(step("making the jail root read-only"))?;
+    unistd::sethostname("isocell-cell").map_err(step("sethostname"))?;
+
+    let r = &spec.rlimits;
+    setrlimit(Resource::RLIMIT_NOFILE, r.nofile, r.nofile).map_err(step("RLIMIT_NOFILE"))?;
+    setrlimit(Resource::RLIMIT_FSIZE, r.fsize, r.fsize).map_err(step("RLIMIT_FSIZE"))?;
+    setrlimit(Resource::RLIMIT_CORE, r.core, r.core).map_err(step("RLIMIT_CORE"))?;
+    // SAFETY: close_range only closes descriptors; everything of ours above 2 is meant to go.
+    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } != 0 {
+        return Err(step("closing inherited descriptors")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: umask only sets this process's file creation mask.
+    unsafe { libc::umask(0o077) };
+
+    unistd::setgroups(&[]).map_err(step("setgroups"))?;
+    unistd::setresgid(gid, gid, gid).map_err(step("setresgid"))?;
+    unistd::setresuid(uid, uid, uid).map_err(step("setresuid"))?;
+    if unistd::setuid(Uid::from_raw(0)).is_ok() {
+        return Err(step("dropping root")(std::io::Error::other("root could be regained")));
+    }
+    nix::sys::prctl::set_no_new_privs().map_err(step("PR_SET_NO_NEW_PRIVS"))?;
+
+    let argv: Vec<CString> = spec
+        .argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(step("argv contains a NUL byte"))?;
+    let env: [CString; 0] = [];
+    let e = match unistd::execve(&argv[0], &argv, &env) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    Err(step(format!("exec {}", spec.argv[0]))(e))
+}

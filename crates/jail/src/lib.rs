@@ -1,0 +1,286 @@
+//! The jail every cell's VMM runs in.
+//!
+//! [`JailSpec`] says exactly what one VMM may see and use: the files bind-mounted into an
+//! otherwise empty root, the device nodes, the unprivileged uid/gid, rlimits, and the cgroup v2
+//! leaf ([`cgroup`]) whose limits bound it. `isocell-jailer` ([`enter`]) turns a spec into a
+//! confined process; [`JailSpec::surface`] turns the same spec into the published description,
+//! so what is enforced and what is shown cannot drift apart.
+
+pub mod cgroup;
+pub mod enter;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// The namespaces a jailed VMM gets, all new and private to it.
+pub const NAMESPACES: [&str; 5] = ["mount", "pid", "ipc", "uts", "net"];
+
+/// Where in the jail the cell's shared directory (config, sockets, console, report) lives.
+pub const CELL_DIR: &str = "/cell";
+
+/// Exit status of `isocell-jailer` when the jail cannot be set up (the VMM never ran). The
+/// VMM's own statuses are 0-6.
+pub const EXIT_JAIL_FAILED: i32 = 7;
+
+/// One host path made visible in the jail.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BindMount {
+    /// The host file or directory.
+    pub host: PathBuf,
+    /// Where it appears in the jail (absolute).
+    pub jail: PathBuf,
+    /// Writable from the jail (otherwise read-only).
+    pub writable: bool,
+    /// Files in it may be executed (only the VMM binary).
+    pub exec: bool,
+}
+
+/// A device node created in the jail, owned by the jail's uid.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceNode {
+    /// Path in the jail, such as /dev/kvm.
+    pub path: PathBuf,
+    /// Character device major number.
+    pub major: u32,
+    /// Minor number.
+    pub minor: u32,
+}
+
+/// /dev/kvm: the VMM's only way to the hypervisor.
+pub fn kvm_device() -> DeviceNode {
+    DeviceNode { path: "/dev/kvm".into(), major: 10, minor: 232 }
+}
+
+/// /dev/urandom.
+pub fn urandom_device() -> DeviceNode {
+    DeviceNode { path: "/dev/urandom".into(), major: 1, minor: 9 }
+}
+
+/// /dev/net/tun, only for cells with networking.
+pub fn tun_device() -> DeviceNode {
+    DeviceNode { path: "/dev/net/tun".into(), major: 10, minor: 200 }
+}
+
+/// Resource limits set on the VMM process.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rlimits {
+    /// RLIMIT_NOFILE: open files (vsock connections, disks, sockets).
+    pub nofile: u64,
+    /// RLIMIT_FSIZE: bytes any file it writes may reach (console log, report, writable disks).
+    pub fsize: u64,
+    /// RLIMIT_CORE: always 0, so guest memory never lands in a core dump.
+    pub core: u64,
+}
+
+impl Default for Rlimits {
+    fn default() -> Self {
+        Rlimits { nofile: 256, fsize: 1 << 30, core: 0 }
+    }
+}
+
+/// Everything the jailer needs to confine one VMM.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JailSpec {
+    /// The cell.
+    pub cell_id: String,
+    /// An empty host directory; the jail's root (a small tmpfs) is mounted on it, visible only
+    /// inside the jail's mount namespace.
+    pub root: PathBuf,
+    /// The cgroup v2 leaf to join (created, limited and later removed by `isocell`).
+    pub cgroup: Option<PathBuf>,
+    /// Unprivileged uid the VMM runs as.
+    pub uid: u32,
+    /// Its gid (no supplementary groups).
+    pub gid: u32,
+    /// Host files and directories made visible.
+    pub mounts: Vec<BindMount>,
+    /// Device nodes created.
+    pub devices: Vec<DeviceNode>,
+    /// Resource limits.
+    pub rlimits: Rlimits,
+    /// The program and its arguments; `argv[0]` is a path in the jail.
+    pub argv: Vec<String>,
+}
+
+/// A mistake in a jail spec.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// Something in the spec is not acceptable.
+    #[error("invalid jail spec: {0}")]
+    Invalid(String),
+}
+
+impl JailSpec {
+    /// Checks what the jailer relies on: absolute, normal jail paths that do not collide,
+    /// a non-root uid/gid and something to run.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let bad = |m: String| Err(SpecError::Invalid(m));
+        if self.uid == 0 || self.gid == 0 {
+            return bad("the jail's uid and gid must not be 0".into());
+        }
+        if !self.root.is_absolute() {
+            return bad(format!("root {} is not absolute", self.root.display()));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let paths = self.mounts.iter().map(|m| &m.jail).chain(self.devices.iter().map(|d| &d.path));
+        for p in paths {
+            let normal = p.is_absolute()
+                && p.components().skip(1).all(|c| matches!(c, std::path::Component::Normal(_)))
+                && p.components().count() > 1;
+            if !normal {
+                return bad(format!("jail path {} must be absolute, without . or ..", p.display()));
+            }
+            if !seen.insert(p.clone()) {
+                return bad(format!("jail path {} is used twice", p.display()));
+            }
+        }
+        match self.argv.first() {
+            Some(p) if p.starts_with('/') => Ok(()),
+            _ => bad("argv[0] must be an absolute path in the jail".into()),
+        }
+    }
+
+    /// Every path that exists in the jail, sorted: the directories leading to each mount and
+    /// device, the mounts and devices themselves, and /proc (own processes only).
+    pub fn visible_paths(&self) -> Vec<String> {
+        let mut out = std::collections::BTreeSet::new();
+        let proc = PathBuf::from("/proc");
+        let leaves = self
+            .mounts
+            .iter()
+            .map(|m| &m.jail)
+            .chain(self.devices.iter().map(|d| &d.path))
+            .chain(std::iter::once(&proc));
+        for p in leaves {
+            for a in p.ancestors() {
+                if a != std::path::Path::new("/") {
+                    out.insert(a.display().to_string());
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// The jail as part of a cell's attack surface.
+    pub fn surface(&self, cgroup_limits: Option<&cgroup::Limits>) -> Value {
+        let files: Vec<Value> = self
+            .mounts
+            .iter()
+            .map(|m| {
+                // The cell's own directory differs per cell; what matters is that it is its own.
+                let host = if m.jail == std::path::Path::new(CELL_DIR) {
+                    json!("(this cell's own run directory)")
+                } else {
+                    json!(m.host)
+                };
+                json!({
+                    "path": m.jail,
+                    "host": host,
+                    "access": match (m.writable, m.exec) {
+                        (true, _) => "read-write",
+                        (false, true) => "read-exec",
+                        (false, false) => "read-only",
+                    },
+                })
+            })
+            .collect();
+        let devices: Vec<Value> = self
+            .devices
+            .iter()
+            .map(|d| json!({ "path": d.path, "char_device": format!("{}:{}", d.major, d.minor) }))
+            .collect();
+        json!({
+            "namespaces": NAMESPACES,
+            "root": "tmpfs, read-only after setup, pivot_root'ed; /proc shows the jail's own processes only",
+            "visible_paths": self.visible_paths(),
+            "files": files,
+            "device_nodes": devices,
+            "uid": self.uid,
+            "gid": self.gid,
+            "uid_gid_range": "one per cell in 0x50000000-0x5fffffff, never 0",
+            "supplementary_groups": [],
+            "no_new_privs": true,
+            "capabilities": [],
+            "inherited_fds": ["stdin (/dev/null)", "stdout (/dev/null)", "stderr (VMM log)"],
+            "rlimits": self.rlimits,
+            "cgroup": cgroup_limits,
+            "program": self.argv,
+        })
+    }
+}
+
+/// A per-cell unprivileged uid (and gid) from the cell id: 0x5000_0000 plus 28 bits of it, far
+/// above the ranges that distributions and user namespaces hand out.
+pub fn cell_uid(cell_id: &str) -> u32 {
+    let h = cell_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    0x5000_0000 | (h as u32 & 0x0fff_ffff)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn spec() -> JailSpec {
+        JailSpec {
+            cell_id: "abc".into(),
+            root: "/run/isocell/abc/root".into(),
+            cgroup: None,
+            uid: cell_uid("abc"),
+            gid: cell_uid("abc"),
+            mounts: vec![
+                BindMount {
+                    host: "/k".into(),
+                    jail: "/boot/vmlinux".into(),
+                    writable: false,
+                    exec: false,
+                },
+                BindMount { host: "/c".into(), jail: CELL_DIR.into(), writable: true, exec: false },
+            ],
+            devices: vec![kvm_device(), urandom_device()],
+            rlimits: Rlimits::default(),
+            argv: vec!["/isocell-vmm".into()],
+        }
+    }
+
+    #[test]
+    fn a_good_spec_validates_and_lists_what_is_visible() {
+        let s = spec();
+        s.validate().unwrap();
+        assert_eq!(
+            s.visible_paths(),
+            ["/boot", "/boot/vmlinux", "/cell", "/dev", "/dev/kvm", "/dev/urandom", "/proc"]
+        );
+        let surface = s.surface(None);
+        assert_eq!(surface["namespaces"].as_array().unwrap().len(), 5);
+        assert_eq!(surface["files"][0]["access"], "read-only");
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        let mut s = spec();
+        s.uid = 0;
+        assert!(s.validate().is_err());
+        let mut s = spec();
+        s.mounts[0].jail = "/boot/../etc".into();
+        assert!(s.validate().is_err());
+        let mut s = spec();
+        s.mounts[1].jail = "/dev/kvm".into();
+        assert!(s.validate().unwrap_err().to_string().contains("twice"));
+        let mut s = spec();
+        s.argv = vec!["vmm".into()];
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn cell_uids_are_unprivileged_and_spread() {
+        let a = cell_uid("0123456789ab");
+        let b = cell_uid("0123456789ac");
+        assert_ne!(a, b);
+        assert!(a >= 0x5000_0000 && b >= 0x5000_0000);
+    }
+}
