@@ -103,6 +103,8 @@ pub struct Cell {
     agent_listener: Option<UnixListener>,
     vmm_status: Option<ExitStatus>,
     cgroup: Option<CellCgroup>,
+    /// The locked owner file: while it is open, no sweep takes this cell for abandoned.
+    owner: Option<File>,
 }
 
 /// Test aid: `ISOCELL_TEST_SECCOMP_PROBE=KIND` makes a VMM thread of that kind call a syscall
@@ -120,27 +122,89 @@ const OWNER_FILE: &str = "owner.pid";
 /// Removes what cells of `isocell` processes that no longer exist left behind (they were
 /// killed before they could tear down): their cgroups and directories. Returns their ids.
 pub fn sweep_stale(run_dir: &Path) -> Vec<String> {
-    let alive = |id: &str| {
-        let owner = fs::read_to_string(run_dir.join(id).join(OWNER_FILE)).unwrap_or_default();
-        // SAFETY: kill with signal 0 only checks whether the process exists.
-        owner.trim().parse::<i32>().is_ok_and(|pid| pid > 0 && unsafe { libc::kill(pid, 0) } == 0)
-    };
     let mut removed = Vec::new();
-    if let Ok(dir) = fs::read_dir(run_dir) {
-        for entry in dir.flatten() {
-            let id = entry.file_name().to_string_lossy().into_owned();
-            // A directory without an owner file is one being created right now.
-            if entry.path().join(OWNER_FILE).exists() && !alive(&id) {
-                let _ = cgroup::remove(&CellCgroup::path_for(&cgroup::root(), &id));
-                if fs::remove_dir_all(entry.path()).is_ok() {
-                    removed.push(id);
-                }
-            }
+    let Ok(dir) = fs::read_dir(run_dir) else { return removed };
+    for entry in dir.flatten() {
+        // The owner holds an exclusive lock on its owner file for the cell's whole life; a
+        // directory without one is being created right now.
+        let Ok(owner) = File::open(entry.path().join(OWNER_FILE)) else { continue };
+        if !try_lock(&owner) {
+            continue;
+        }
+        let id = entry.file_name().to_string_lossy().into_owned();
+        let _ = cgroup::remove(&CellCgroup::path_for(&cgroup::root(), &id));
+        if fs::remove_dir_all(entry.path()).is_ok() {
+            removed.push(id);
         }
     }
-    let orphans = cgroup::sweep(&cgroup::root(), |id| run_dir.join(id).exists());
-    removed.extend(orphans);
     removed
+}
+
+/// Takes an exclusive lock on `file` without waiting; false if someone holds it.
+fn try_lock(file: &File) -> bool {
+    // SAFETY: flock on a descriptor we own; the lock goes when it is closed.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Creates the owner file of the cell in `dir`, locked for as long as the returned file is
+/// open: created and locked under a temporary name, then renamed, so a sweep never sees it
+/// unlocked.
+fn own(dir: &Path) -> Result<File, String> {
+    let tmp = dir.join("owner.tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    if !try_lock(&f) {
+        return Err(format!("cannot lock {}", tmp.display()));
+    }
+    use std::io::Write;
+    f.write_all(std::process::id().to_string().as_bytes())
+        .and_then(|()| fs::rename(&tmp, dir.join(OWNER_FILE)))
+        .map_err(|e| format!("cannot write the owner of {}: {e}", dir.display()))?;
+    Ok(f)
+}
+
+/// Refuses a directory that anyone but root could change: `dir` and each directory above it
+/// must be owned by root and not writable by group or others (unless sticky, like /tmp). The
+/// jailer runs as root on what is written there.
+fn check_root_only(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let real = dir.canonicalize().map_err(|e| format!("{}: {e}", dir.display()))?;
+    for d in real.ancestors() {
+        let m = fs::metadata(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        let sticky = m.mode() & 0o1000 != 0;
+        if m.uid() != 0 || (m.mode() & 0o022 != 0 && !(sticky && d != real)) {
+            return Err(format!(
+                "the run directory {} is not safe for jailed cells: {} must be owned by root and \
+                 writable only by root (set ISOCELL_RUN_DIR to such a directory, default /run/isocell)",
+                dir.display(),
+                d.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Reads at most `max` bytes of a file the VMM could have written, refusing anything but a
+/// plain file (a link, a FIFO or a device put there must not make us read or block on it).
+fn read_cell_file(path: &Path, max: u64) -> Option<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let meta = f.metadata().ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    let mut f = f;
+    let _ = f.seek(SeekFrom::Start(meta.len().saturating_sub(max)));
+    let mut buf = Vec::new();
+    f.take(max).read_to_end(&mut buf).ok()?;
+    Some(buf)
 }
 
 /// A pidfd for `pid`, readable once the process exits.
@@ -210,6 +274,9 @@ impl Cell {
             .create(run_dir)
             .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
         let (dir, shared, root) = host_dirs(run_dir, id);
+        if jail.is_some() {
+            check_root_only(run_dir)?;
+        }
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)
@@ -220,12 +287,12 @@ impl Cell {
             vmm: None,
             vmm_exited: None,
             agent_listener: None,
+            owner: None,
             vmm_status: None,
             cgroup: None,
         };
         // From here on, dropping `cell` removes everything made so far.
-        fs::write(dir.join(OWNER_FILE), std::process::id().to_string())
-            .map_err(|e| format!("cannot write in {}: {e}", dir.display()))?;
+        cell.owner = Some(own(&dir)?);
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&shared)
@@ -442,8 +509,8 @@ impl Cell {
 
     /// The VMM's run report (boot phases, memory), once it has exited.
     pub fn vmm_report(&self) -> Option<serde_json::Value> {
-        let text = fs::read_to_string(self.shared.join("vmm-report.json")).ok()?;
-        serde_json::from_str(&text).ok()
+        let bytes = read_cell_file(&self.shared.join("vmm-report.json"), 1 << 20)?;
+        serde_json::from_slice(&bytes).ok()
     }
 }
 
@@ -478,11 +545,7 @@ pub fn explain_status(status: ExitStatus) -> Option<String> {
 
 /// The last `lines` lines of a file, reading at most its last 16 KiB.
 fn tail(path: &Path, lines: usize) -> String {
-    let Ok(mut f) = File::open(path) else { return String::new() };
-    let len = f.metadata().map_or(0, |m| m.len());
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(16 * 1024)));
-    let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf);
+    let buf = read_cell_file(path, 16 * 1024).unwrap_or_default();
     let text = String::from_utf8_lossy(&buf);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")

@@ -90,16 +90,17 @@ fn sibling(env: &str, name: &str) -> Result<PathBuf, String> {
 }
 
 /// The directory that holds one subdirectory per running cell: `ISOCELL_RUN_DIR`, else
-/// `$XDG_RUNTIME_DIR/isocell`, else `/run/isocell`, else `/tmp/isocell-UID`.
+/// `$XDG_RUNTIME_DIR/isocell` (not for root), else `/run/isocell`, else `/tmp/isocell-UID`.
 pub fn run_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("ISOCELL_RUN_DIR") {
         return PathBuf::from(d);
     }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return Path::new(&d).join("isocell");
-    }
     // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
+    // Root's cells are jailed: never in a directory a user's environment points at.
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|_| uid != 0) {
+        return Path::new(&d).join("isocell");
+    }
     if uid == 0 && Path::new("/run").is_dir() {
         return PathBuf::from("/run/isocell");
     }

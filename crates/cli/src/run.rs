@@ -238,6 +238,15 @@ fn run_cell(
             message: format!("admission {}; no cell was started", decision.explain()),
         });
     }
+    if let Some(host) = isocell_vmm::config::host_memory_mib() {
+        if opts.memory_mib > host {
+            return Err(format!(
+                "--memory {} MiB is more than this host's {host} MiB; give less",
+                opts.memory_mib
+            )
+            .into());
+        }
+    }
     if let Err(e) = isocell_vmm::host_check::check() {
         return Err(format!(
             "{e}\nOn this machine use the nested test host: scripts/run-cell.sh -- COMMAND"

@@ -111,7 +111,10 @@ impl CellCgroup {
         let path = Self::path_for(root, cell_id);
         fs::create_dir(&path).map_err(io(&path))?;
         let cg = CellCgroup { path };
-        cg.apply(limits)?;
+        if let Err(e) = cg.apply(limits) {
+            let _ = fs::remove_dir(&cg.path);
+            return Err(e);
+        }
         Ok(cg)
     }
 
@@ -206,20 +209,6 @@ pub fn remove(path: &Path) -> Result<(), CgroupError> {
             Err(e) => return Err(io(path)(e)),
         }
     }
-}
-
-/// Leaves under `<root>/isocell` whose names `keep` rejects: cells whose `isocell` died without
-/// tearing down. Each is killed and removed.
-pub fn sweep(root: &Path, keep: impl Fn(&str) -> bool) -> Vec<String> {
-    let mut removed = Vec::new();
-    let Ok(dir) = fs::read_dir(root.join("isocell")) else { return removed };
-    for entry in dir.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if entry.path().is_dir() && !keep(&name) && remove(&entry.path()).is_ok() {
-            removed.push(name);
-        }
-    }
-    removed
 }
 
 #[cfg(test)]

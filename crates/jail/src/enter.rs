@@ -17,6 +17,7 @@
 
 use std::ffi::CString;
 use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -76,18 +77,29 @@ fn enter(spec: &JailSpec) -> Result<i32, EnterError> {
             | CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWIPC
             | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWNET,
+            | CloneFlags::CLONE_NEWNET
+            // After joining the leaf: the VMM sees its own cgroup as the root.
+            | CloneFlags::CLONE_NEWCGROUP,
     )
     .map_err(step("unshare"))?;
+    // The child learns that this process died from the pipe's write end closing (its parent
+    // is not visible to getppid from inside the new PID namespace).
+    let (alive_r, alive_w) = unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(step("pipe"))?;
     // SAFETY: the jailer is single-threaded here, so the child may run any code.
     match unsafe { unistd::fork() }.map_err(step("fork"))? {
         ForkResult::Child => {
-            let e = confine_and_exec(spec);
+            drop(alive_w);
+            let e = confine_and_exec(spec, alive_r);
             eprintln!("isocell-jailer: cannot set up the jail: {e}");
             // SAFETY: _exit ends the child without running the parent's destructors twice.
             unsafe { libc::_exit(EXIT_JAIL_FAILED) }
         }
-        ForkResult::Parent { child } => Ok(wait_for(child)),
+        ForkResult::Parent { child } => {
+            drop(alive_r);
+            let code = wait_for(child);
+            drop(alive_w);
+            Ok(code)
+        }
     }
 }
 
@@ -130,8 +142,8 @@ fn wait_for(child: Pid) -> i32 {
 }
 
 /// In the child: builds the jail and execs; returns only on failure.
-fn confine_and_exec(spec: &JailSpec) -> EnterError {
-    match confine(spec) {
+fn confine_and_exec(spec: &JailSpec, parent_alive: OwnedFd) -> EnterError {
+    match confine(spec, parent_alive) {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -149,7 +161,7 @@ fn mkdirs(path: &Path) -> Result<(), EnterError> {
         .map_err(step(format!("creating {}", path.display())))
 }
 
-fn confine(spec: &JailSpec) -> Result<std::convert::Infallible, EnterError> {
+fn confine(spec: &JailSpec, parent_alive: OwnedFd) -> Result<std::convert::Infallible, EnterError> {
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(step("PR_SET_PDEATHSIG"))?;
     let none: Option<&str> = None;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
@@ -237,20 +249,44 @@ fn confine(spec: &JailSpec) -> Result<std::convert::Infallible, EnterError> {
     setrlimit(Resource::RLIMIT_NOFILE, r.nofile, r.nofile).map_err(step("RLIMIT_NOFILE"))?;
     setrlimit(Resource::RLIMIT_FSIZE, r.fsize, r.fsize).map_err(step("RLIMIT_FSIZE"))?;
     setrlimit(Resource::RLIMIT_CORE, r.core, r.core).map_err(step("RLIMIT_CORE"))?;
-    // SAFETY: close_range only closes descriptors; everything of ours above 2 is meant to go.
-    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } != 0 {
-        return Err(step("closing inherited descriptors")(std::io::Error::last_os_error()));
-    }
     // SAFETY: umask only sets this process's file creation mask.
     unsafe { libc::umask(0o077) };
 
+    drop_capabilities_for_good()?;
     unistd::setgroups(&[]).map_err(step("setgroups"))?;
     unistd::setresgid(gid, gid, gid).map_err(step("setresgid"))?;
     unistd::setresuid(uid, uid, uid).map_err(step("setresuid"))?;
     if unistd::setuid(Uid::from_raw(0)).is_ok() {
         return Err(step("dropping root")(std::io::Error::other("root could be regained")));
     }
+    check_no_capabilities()?;
     nix::sys::prctl::set_no_new_privs().map_err(step("PR_SET_NO_NEW_PRIVS"))?;
+    // Changing uid cleared the parent-death signal: arm it again, then make sure the parent
+    // did not already die in between (its end of the pipe would be closed).
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(step("PR_SET_PDEATHSIG"))?;
+    let mut poll = [libc::pollfd { fd: parent_alive.as_raw_fd(), events: 0, revents: 0 }];
+    // SAFETY: poll reads and writes exactly the one pollfd we pass.
+    let ready = unsafe { libc::poll(poll.as_mut_ptr(), 1, 0) };
+    if ready != 0 {
+        return Err(step("the jailer went away")(std::io::Error::other("parent exited")));
+    }
+    drop(parent_alive);
+    for m in &spec.mounts {
+        let mode = if m.exec { libc::R_OK | libc::X_OK } else { libc::R_OK };
+        let mode = if m.writable { mode | libc::W_OK } else { mode };
+        if unistd::access(&m.jail, nix::unistd::AccessFlags::from_bits_truncate(mode)).is_err() {
+            return Err(step(format!(
+                "the cell's uid {} may not {} {} (make it readable by others, e.g. chmod o+r)",
+                spec.uid,
+                if m.writable { "read and write" } else { "read" },
+                m.host.display()
+            ))(std::io::Error::from(std::io::ErrorKind::PermissionDenied)));
+        }
+    }
+    // SAFETY: close_range only closes descriptors; everything of ours above 2 is meant to go.
+    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } != 0 {
+        return Err(step("closing inherited descriptors")(std::io::Error::last_os_error()));
+    }
 
     let argv: Vec<CString> = spec
         .argv
@@ -264,4 +300,43 @@ fn confine(spec: &JailSpec) -> Result<std::convert::Infallible, EnterError> {
         Err(e) => e,
     };
     Err(step(format!("exec {}", spec.argv[0]))(e))
+}
+
+/// Empties the capability bounding and ambient sets and locks the securebits so that no uid
+/// change or exec can ever grant a capability again.
+fn drop_capabilities_for_good() -> Result<(), EnterError> {
+    // SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP_LOCKED |
+    // SECBIT_KEEP_CAPS_LOCKED: uid 0 gets no capabilities at exec, and the fixup that clears
+    // capabilities when we leave uid 0 stays on.
+    const SECUREBITS: libc::c_ulong = 0b10_1011;
+    // SAFETY: these prctl calls take integer arguments only.
+    unsafe {
+        for cap in 0..64 {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
+                && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+            {
+                return Err(step("PR_CAPBSET_DROP")(std::io::Error::last_os_error()));
+            }
+        }
+        if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 {
+            return Err(step("clearing ambient capabilities")(std::io::Error::last_os_error()));
+        }
+        if libc::prctl(libc::PR_SET_SECUREBITS, SECUREBITS, 0, 0, 0) != 0 {
+            return Err(step("PR_SET_SECUREBITS")(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// Checks, from the kernel's own account, that every capability set is empty.
+fn check_no_capabilities() -> Result<(), EnterError> {
+    let status = fs::read_to_string("/proc/self/status").map_err(step("/proc/self/status"))?;
+    for set in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        let value = status.lines().find_map(|l| l.strip_prefix(set)).map(str::trim);
+        if value.and_then(|v| u64::from_str_radix(v, 16).ok()) != Some(0) {
+            let what = format!("{set} {}", value.unwrap_or("missing"));
+            return Err(step("dropping capabilities")(std::io::Error::other(what)));
+        }
+    }
+    Ok(())
 }

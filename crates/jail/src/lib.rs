@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 /// The namespaces a jailed VMM gets, all new and private to it.
-pub const NAMESPACES: [&str; 5] = ["mount", "pid", "ipc", "uts", "net"];
+pub const NAMESPACES: [&str; 6] = ["mount", "pid", "ipc", "uts", "net", "cgroup"];
 
 /// Where in the jail the cell's shared directory (config, sockets, console, report) lives.
 pub const CELL_DIR: &str = "/cell";
@@ -76,7 +76,7 @@ pub struct Rlimits {
 
 impl Default for Rlimits {
     fn default() -> Self {
-        Rlimits { nofile: 256, fsize: 1 << 30, core: 0 }
+        Rlimits { nofile: 256, fsize: 256 << 20, core: 0 }
     }
 }
 
@@ -123,7 +123,7 @@ impl JailSpec {
         if !self.root.is_absolute() {
             return bad(format!("root {} is not absolute", self.root.display()));
         }
-        let mut seen = std::collections::BTreeSet::new();
+        let mut seen: std::collections::BTreeSet<PathBuf> = std::collections::BTreeSet::new();
         let paths = self.mounts.iter().map(|m| &m.jail).chain(self.devices.iter().map(|d| &d.path));
         for p in paths {
             let normal = p.is_absolute()
@@ -132,9 +132,17 @@ impl JailSpec {
             if !normal {
                 return bad(format!("jail path {} must be absolute, without . or ..", p.display()));
             }
-            if !seen.insert(p.clone()) {
-                return bad(format!("jail path {} is used twice", p.display()));
+            if p.starts_with("/proc") {
+                return bad(format!(
+                    "jail path {} is under /proc, which the jail mounts",
+                    p.display()
+                ));
             }
+            // A path under another would be created through that bind mount, on the host.
+            if let Some(q) = seen.iter().find(|q| p.starts_with(q) || q.starts_with(p)) {
+                return bad(format!("jail paths {} and {} overlap", p.display(), q.display()));
+            }
+            seen.insert(p.clone());
         }
         match self.argv.first() {
             Some(p) if p.starts_with('/') => Ok(()),
@@ -199,7 +207,7 @@ impl JailSpec {
             "device_nodes": devices,
             "uid": self.uid,
             "gid": self.gid,
-            "uid_gid_range": "one per cell in 0x50000000-0x5fffffff, never 0",
+            "uid_gid_range": "one per cell in 0x70000000-0x70ffffff, never 0",
             "supplementary_groups": [],
             "no_new_privs": true,
             "capabilities": [],
@@ -211,13 +219,13 @@ impl JailSpec {
     }
 }
 
-/// A per-cell unprivileged uid (and gid) from the cell id: 0x5000_0000 plus 28 bits of it, far
-/// above the ranges that distributions and user namespaces hand out.
+/// A per-cell unprivileged uid (and gid) from the cell id: 0x7000_0000 plus 24 bits of it, above
+/// the ranges distributions, systemd (up to 0x6fffffff for containers) and subuid files hand out.
 pub fn cell_uid(cell_id: &str) -> u32 {
     let h = cell_id
         .bytes()
         .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    0x5000_0000 | (h as u32 & 0x0fff_ffff)
+    0x7000_0000 | (h as u32 & 0x00ff_ffff)
 }
 
 #[cfg(test)]
@@ -256,7 +264,7 @@ mod tests {
             ["/boot", "/boot/vmlinux", "/cell", "/dev", "/dev/kvm", "/dev/urandom", "/proc"]
         );
         let surface = s.surface(None);
-        assert_eq!(surface["namespaces"].as_array().unwrap().len(), 5);
+        assert_eq!(surface["namespaces"].as_array().unwrap().len(), 6);
         assert_eq!(surface["files"][0]["access"], "read-only");
     }
 
@@ -270,7 +278,13 @@ mod tests {
         assert!(s.validate().is_err());
         let mut s = spec();
         s.mounts[1].jail = "/dev/kvm".into();
-        assert!(s.validate().unwrap_err().to_string().contains("twice"));
+        assert!(s.validate().unwrap_err().to_string().contains("overlap"));
+        let mut s = spec();
+        s.mounts[1].jail = "/boot/vmlinux/x".into();
+        assert!(s.validate().unwrap_err().to_string().contains("overlap"));
+        let mut s = spec();
+        s.mounts[1].jail = "/proc/x".into();
+        assert!(s.validate().is_err());
         let mut s = spec();
         s.argv = vec!["vmm".into()];
         assert!(s.validate().is_err());
@@ -281,6 +295,6 @@ mod tests {
         let a = cell_uid("0123456789ab");
         let b = cell_uid("0123456789ac");
         assert_ne!(a, b);
-        assert!(a >= 0x5000_0000 && b >= 0x5000_0000);
+        assert!((0x7000_0000..0x7100_0000).contains(&a) && b >= 0x7000_0000);
     }
 }
