@@ -67,7 +67,8 @@ fn scenario() -> Scenario {
                 &format!(
                     "{run} --timeout 3 -- sleep 1000; echo status=$?; \
                      echo leftover_vmms=$(ps -o args | grep -c '^[^ ]*isocell-vm[m]'); \
-                     echo leftover_files=$(ls -A {{work}}/run | wc -l)"
+                     echo leftover_files=$(ls -A {{work}}/run | wc -l); \
+                     echo leftover_cgroups=$(find /sys/fs/cgroup/isocell -mindepth 1 -type d 2>/dev/null | wc -l)"
                 ),
                 180,
             ),
@@ -76,7 +77,8 @@ fn scenario() -> Scenario {
                 &format!(
                     "{run} -- sleep 1000 & pid=$!; sleep 10; kill -INT $pid; wait $pid; echo status=$?; \
                      echo leftover_vmms=$(ps -o args | grep -c '^[^ ]*isocell-vm[m]'); \
-                     echo leftover_files=$(ls -A {{work}}/run | wc -l)"
+                     echo leftover_files=$(ls -A {{work}}/run | wc -l); \
+                     echo leftover_cgroups=$(find /sys/fs/cgroup/isocell -mindepth 1 -type d 2>/dev/null | wc -l)"
                 ),
                 180,
             ),
@@ -208,6 +210,7 @@ fn timeout_kills_the_command_and_leaves_nothing_behind() {
     assert!(r.stdout.contains("status=124"), "{}", r.explain());
     assert!(r.stdout.contains("leftover_vmms=0"), "{}", r.explain());
     assert!(r.stdout.contains("leftover_files=0"), "{}", r.explain());
+    assert!(r.stdout.contains("leftover_cgroups=0"), "{}", r.explain());
     assert!(r.stderr.contains("--timeout"), "{}", r.explain());
 }
 
@@ -217,6 +220,7 @@ fn ctrl_c_tears_the_cell_down_and_leaves_nothing_behind() {
     assert!(r.stdout.contains("status=130"), "{}", r.explain());
     assert!(r.stdout.contains("leftover_vmms=0"), "{}", r.explain());
     assert!(r.stdout.contains("leftover_files=0"), "{}", r.explain());
+    assert!(r.stdout.contains("leftover_cgroups=0"), "{}", r.explain());
 }
 
 #[test]

@@ -237,9 +237,20 @@ fn confine(spec: &JailSpec, parent_alive: OwnedFd) -> Result<std::convert::Infal
     .map_err(step("mounting /proc"))?;
 
     unistd::chdir(root).map_err(step("chdir to the jail root"))?;
-    // pivot_root(".", ".") stacks the old root on the new one; detaching it leaves only the jail.
-    unistd::pivot_root(".", ".").map_err(step("pivot_root"))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(step("detaching the host's root"))?;
+    match unistd::pivot_root(".", ".") {
+        // pivot_root(".", ".") stacks the old root on the new one; detaching it leaves only
+        // the jail.
+        Ok(()) => umount2(".", MntFlags::MNT_DETACH).map_err(step("detaching the host's root"))?,
+        // A host running from its initramfs has no root to pivot away from (EINVAL). Then the
+        // jail is moved over "/" and entered with chroot, as switch_root does; the host's files
+        // stay unreachable because the jail ends up with no capability to chroot out again.
+        Err(nix::errno::Errno::EINVAL) => {
+            mount(Some("."), "/", none, MsFlags::MS_MOVE, none)
+                .map_err(step("moving the jail over /"))?;
+            unistd::chroot(".").map_err(step("chroot"))?;
+        }
+        Err(e) => return Err(step("pivot_root")(e)),
+    }
     unistd::chdir("/").map_err(step("chdir /"))?;
     mount(none, "/", none, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID, none)
         .map_err(step("making the jail root read-only"))?;
