@@ -4,6 +4,14 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
+
+/// Prints a line to stdout; a closed pipe (`isocell audit show | head`) is not an error.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 use ed25519_dalek::VerifyingKey;
 use isocell_evidence::{audit, receipt};
 
@@ -119,12 +127,15 @@ pub fn host(cmd: HostCmd) -> u8 {
         }
         HostCmd::Show => Host::load_or_init(&dir).map(|h| {
             let p = &h.profile;
-            println!(
+            say!(
                 "host_id = {:?}\njurisdiction = {:?}\nzone = {:?}\noperator = {:?}",
-                p.host_id, p.jurisdiction, p.zone, p.operator
+                p.host_id,
+                p.jurisdiction,
+                p.zone,
+                p.operator
             );
-            println!("public_key = {:?}", hex::encode(h.key.verifying_key().to_bytes()));
-            println!("state_dir = {:?}", dir.display().to_string());
+            say!("public_key = {:?}", hex::encode(h.key.verifying_key().to_bytes()));
+            say!("state_dir = {:?}", dir.display().to_string());
         }),
     };
     match result {
@@ -144,21 +155,22 @@ pub fn audit(cmd: AuditCmd) -> u8 {
             let dir = k.dir.unwrap_or_else(|| state_dir().join("audit"));
             let report = audit::verify(&dir, &key);
             if let Some(t) = &report.torn_tail {
-                eprintln!(
+                esay!(
                     "isocell: note: {} bytes at offset {} are a torn final entry (a writer stopped mid-append); everything before verifies",
                     t.len, t.offset
                 );
             }
             match &report.problem {
                 None => {
-                    println!(
+                    say!(
                         "audit log OK: {} entries, {} signed checkpoints",
-                        report.entries, report.checkpoints
+                        report.entries,
+                        report.checkpoints
                     );
                     0
                 }
                 Some(p) => {
-                    eprintln!(
+                    esay!(
                         "isocell: audit log FAILED at line {} (seq {}, byte {}): {}",
                         p.line,
                         p.seq.map_or("?".into(), |s| s.to_string()),
@@ -174,7 +186,7 @@ pub fn audit(cmd: AuditCmd) -> u8 {
             match audit::read_entries(&dir) {
                 Ok(entries) => {
                     for e in entries {
-                        println!("{e}");
+                        say!("{e}");
                     }
                     0
                 }
@@ -200,14 +212,15 @@ pub fn receipt(cmd: ReceiptCmd) -> u8 {
     };
     match receipt::verify(&doc, &key) {
         Ok(()) => {
-            println!(
+            say!(
                 "receipt OK: {} receipt of cell {}",
-                doc["receipt"]["kind"], doc["receipt"]["cell"]
+                doc["receipt"]["kind"],
+                doc["receipt"]["cell"]
             );
             0
         }
         Err(e) => {
-            eprintln!("isocell: receipt {} FAILED: {e}", file.display());
+            esay!("isocell: receipt {} FAILED: {e}", file.display());
             1
         }
     }
@@ -218,7 +231,7 @@ pub fn surface(args: SurfaceArgs) -> u8 {
     match surface_of(&args) {
         Ok(current) => match &args.diff {
             None => {
-                println!("{}", serde_json::to_string_pretty(&current).unwrap_or_default());
+                say!("{}", serde_json::to_string_pretty(&current).unwrap_or_default());
                 0
             }
             Some(path) => {
@@ -231,12 +244,12 @@ pub fn surface(args: SurfaceArgs) -> u8 {
                 };
                 let extra = confine::beyond(&current, &baseline);
                 if extra.is_empty() {
-                    println!("nothing beyond the baseline {}", path.display());
+                    say!("nothing beyond the baseline {}", path.display());
                     return 0;
                 }
-                println!("beyond the baseline {}:", path.display());
+                say!("beyond the baseline {}:", path.display());
                 for fact in &extra {
-                    println!("+ {fact}");
+                    say!("+ {fact}");
                 }
                 1
             }
