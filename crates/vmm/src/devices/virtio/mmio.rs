@@ -29,16 +29,17 @@ pub struct MmioTransport {
     device_features_select: u32,
     driver_features_select: u32,
     driver_features: u64,
+    /// Features accepted at the last FEATURES_OK, for the cell's record.
+    negotiated: Option<u64>,
     status: u32,
     interrupt_status: u32,
 }
 
 impl MmioTransport {
-    /// The device type and, once the driver has had them accepted (FEATURES_OK), the feature
-    /// bits it negotiated: what the guest actually uses of this device.
+    /// The device type and the feature bits the driver last had accepted (FEATURES_OK): what
+    /// the guest used of this device. Kept across resets (a rebooting guest resets devices).
     pub fn negotiated_features(&self) -> (u32, Option<u64>) {
-        let ok = self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0;
-        (self.device.device_type(), ok.then_some(self.driver_features))
+        (self.device.device_type(), self.negotiated)
     }
 
     /// Wraps `device`; its interrupts go to `irq`.
@@ -61,6 +62,7 @@ impl MmioTransport {
             device_features_select: 0,
             driver_features_select: 0,
             driver_features: 0,
+            negotiated: None,
             status: 0,
             interrupt_status: 0,
         })
@@ -99,7 +101,9 @@ impl MmioTransport {
             let offered = self.device.offered_features();
             let valid = self.driver_features & !offered == 0
                 && self.driver_features & (1u64 << VIRTIO_F_VERSION_1) != 0;
-            if !valid {
+            if valid {
+                self.negotiated = Some(self.driver_features);
+            } else {
                 // Leaving FEATURES_OK clear tells the driver its feature set was refused.
                 value &= !VIRTIO_CONFIG_S_FEATURES_OK;
             }
