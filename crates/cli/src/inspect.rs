@@ -155,7 +155,7 @@ pub fn audit(cmd: AuditCmd) -> u8 {
             let dir = k.dir.unwrap_or_else(|| state_dir().join("audit"));
             let report = audit::verify(&dir, &key);
             if let Some(t) = &report.torn_tail {
-                esay!(
+                eprintln!(
                     "isocell: note: {} bytes at offset {} are a torn final entry (a writer stopped mid-append); everything before verifies",
                     t.len, t.offset
                 );
@@ -170,7 +170,7 @@ pub fn audit(cmd: AuditCmd) -> u8 {
                     0
                 }
                 Some(p) => {
-                    esay!(
+                    eprintln!(
                         "isocell: audit log FAILED at line {} (seq {}, byte {}): {}",
                         p.line,
                         p.seq.map_or("?".into(), |s| s.to_string()),
@@ -220,7 +220,7 @@ pub fn receipt(cmd: ReceiptCmd) -> u8 {
             0
         }
         Err(e) => {
-            esay!("isocell: receipt {} FAILED: {e}", file.display());
+            eprintln!("isocell: receipt {} FAILED: {e}", file.display());
             1
         }
     }
