@@ -326,7 +326,7 @@ fn drive(
     phases.boot_ms = ms(connected - vmm_started);
     let (mut link, agent) = AgentLink::handshake(stream, opts.boot_timeout)
         .map_err(|e| Failure::from(format!("{e}{}", cell.diagnostics())))?;
-    ev.log("start", json!({ "agent": agent, "boot_ms": phases.boot_ms }))?;
+    ev.log("start", json!({ "agent": agent, "boot_ms": phases.boot_ms.round() as u64 }))?;
     for (host, guest) in &opts.inputs {
         transfer::put(&mut link, host, guest)?;
     }

@@ -763,6 +763,22 @@ mod tests {
     }
 
     #[test]
+    fn entries_with_floats_extend_and_verify() {
+        // Float text must parse back to the same value, or the chain could not be extended.
+        let tmp = TempDir::new("floats");
+        let log = AuditLog::open(&tmp.0, key(1)).unwrap();
+        let mut x = 0.1_f64;
+        for i in 0..200 {
+            x = x * 1.37 + f64::from(i) / 7.0;
+            log.append("measure", None, json!({"ms": x, "third": 1.0 / 3.0, "whole": 5000.0}))
+                .unwrap();
+        }
+        let report = verify(&tmp.0, &key(1).verifying_key());
+        assert!(report.ok(), "{report:?}");
+        assert_eq!(report.entries, 200);
+    }
+
+    #[test]
     fn files_are_private() {
         use std::os::unix::fs::PermissionsExt;
         let tmp = TempDir::new("mode");
