@@ -302,6 +302,20 @@ mod tests {
     }
 
     #[test]
+    fn negotiated_features_are_recorded_and_survive_a_reset() {
+        let mut t = transport();
+        assert_eq!(t.negotiated_features(), (4, None));
+        write32(&mut t, VIRTIO_MMIO_STATUS, 1 | 2);
+        write32(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        write32(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        write32(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 8);
+        assert_eq!(t.negotiated_features(), (4, Some(1 << 32)));
+        // A rebooting guest resets its devices; the record of what it used stays.
+        write32(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(t.negotiated_features(), (4, Some(1 << 32)));
+    }
+
+    #[test]
     fn hostile_register_values_do_not_panic() {
         let mut t = transport();
         write32(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 8);
