@@ -37,6 +37,36 @@ pub struct VmmView {
     pub cell_dir: PathBuf,
 }
 
+/// The kernel, image and VMM binary held open from the moment they are measured: the launch
+/// measurement reads them through these descriptors and the jail mounts exactly these files, so
+/// replacing a path after the measurement changes nothing that runs.
+pub struct Pinned {
+    kernel: std::fs::File,
+    image: std::fs::File,
+    vmm: std::fs::File,
+}
+
+impl Pinned {
+    /// Opens the three files.
+    pub fn open(from: &Binaries) -> Result<Pinned, String> {
+        let open = |p: &Path| {
+            std::fs::File::open(p).map_err(|e| format!("cannot open {}: {e}", p.display()))
+        };
+        Ok(Pinned { kernel: open(from.kernel)?, image: open(from.image)?, vmm: open(from.vmm)? })
+    }
+
+    /// `(kernel, image, vmm)` as paths this process can read them by.
+    pub fn own_paths(&self) -> (PathBuf, PathBuf, PathBuf) {
+        self.paths("self")
+    }
+
+    fn paths(&self, pid: &str) -> (PathBuf, PathBuf, PathBuf) {
+        use std::os::fd::AsRawFd;
+        let p = |f: &std::fs::File| PathBuf::from(format!("/proc/{pid}/fd/{}", f.as_raw_fd()));
+        (p(&self.kernel), p(&self.image), p(&self.vmm))
+    }
+}
+
 /// The host files a cell is launched from.
 pub struct Binaries<'a> {
     /// Cell kernel.
@@ -61,6 +91,7 @@ pub fn plan(
     run_dir: &Path,
     id: &str,
     from: &Binaries,
+    pinned: Option<&Pinned>,
     vcpus: u8,
     memory_mib: u64,
 ) -> (VmmView, Option<JailPlan>) {
@@ -71,13 +102,20 @@ pub fn plan(
         return (view, None);
     };
     let uid = isocell_jail::cell_uid(id);
-    let ro = |host: &Path, jail: &str| BindMount {
+    // The jailer is our child and root: it reaches our descriptors through /proc/OUR_PID/fd.
+    let held = pinned.map(|p| p.paths(&std::process::id().to_string()));
+    let ro = |host: &Path, jail: &str, pin: Option<PathBuf>| BindMount {
         host: host.to_owned(),
         jail: jail.into(),
         writable: false,
         exec: false,
+        pinned: pin,
     };
-    let mut vmm_mount = ro(from.vmm, JAIL_VMM);
+    let (k, i, v) = match held {
+        Some((k, i, v)) => (Some(k), Some(i), Some(v)),
+        None => (None, None, None),
+    };
+    let mut vmm_mount = ro(from.vmm, JAIL_VMM, v);
     vmm_mount.exec = true;
     let spec = JailSpec {
         cell_id: id.to_owned(),
@@ -87,9 +125,15 @@ pub fn plan(
         gid: uid,
         mounts: vec![
             vmm_mount,
-            ro(from.kernel, JAIL_KERNEL),
-            ro(from.image, JAIL_IMAGE),
-            BindMount { host: cell_dir, jail: CELL_DIR.into(), writable: true, exec: false },
+            ro(from.kernel, JAIL_KERNEL, k),
+            ro(from.image, JAIL_IMAGE, i),
+            BindMount {
+                host: cell_dir,
+                jail: CELL_DIR.into(),
+                writable: true,
+                exec: false,
+                pinned: None,
+            },
         ],
         devices: vec![isocell_jail::kvm_device(), isocell_jail::urandom_device()],
         rlimits: Rlimits::default(),
@@ -194,7 +238,7 @@ mod tests {
             vmm: Path::new("/v"),
             jailer: Some(Path::new("/j")),
         };
-        let (view, jail) = plan(Path::new("/run/isocell"), "abc", &from, 1, 128);
+        let (view, jail) = plan(Path::new("/run/isocell"), "abc", &from, None, 1, 128);
         assert_eq!(view.kernel, Path::new(JAIL_KERNEL));
         let jail = jail.unwrap();
         jail.spec.validate().unwrap();

@@ -275,7 +275,7 @@ fn surface_of(args: &SurfaceArgs) -> Result<serde_json::Value, String> {
     let run_dir = locate::run_dir();
     let from =
         confine::Binaries { kernel: &kernel, image: &image, vmm: &vmm, jailer: jailer.as_deref() };
-    let (view, jail) = confine::plan(&run_dir, "surface", &from, args.cpus, memory_mib);
+    let (view, jail) = confine::plan(&run_dir, "surface", &from, None, args.cpus, memory_mib);
     let spec = CellSpec {
         cpus: args.cpus,
         memory_mib,

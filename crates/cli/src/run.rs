@@ -164,7 +164,18 @@ fn run_cell(
         vmm: &opts.vmm,
         jailer: opts.jailer.as_deref(),
     };
-    let (view, jail) = confine::plan(&run_dir, id, &from, opts.cpus, opts.memory_mib);
+    // Jailed cells run exactly the files measured here (see `Pinned`).
+    let pinned = match opts.jailer {
+        Some(_) => Some(confine::Pinned::open(&from)?),
+        None => None,
+    };
+    let (view, jail) =
+        confine::plan(&run_dir, id, &from, pinned.as_ref(), opts.cpus, opts.memory_mib);
+    let measured_paths = pinned.as_ref().map(confine::Pinned::own_paths);
+    let (kernel_src, image_src, vmm_src) = match &measured_paths {
+        Some((k, i, v)) => (k.as_path(), i.as_path(), v.as_path()),
+        None => (opts.kernel.as_path(), opts.image.as_path(), opts.vmm.as_path()),
+    };
     let spec = CellSpec {
         cpus: opts.cpus,
         memory_mib: opts.memory_mib,
@@ -196,15 +207,15 @@ fn run_cell(
     let cache = DigestCache::new(ev.host.dir.join("digests"));
     let measurement = measure(
         &LaunchInputs {
-            kernel: &opts.kernel,
+            kernel: kernel_src,
             initrd: None,
             cmdline: &cmdline,
-            image: &opts.image,
+            image: image_src,
             vm_config: &json!({
                 "vm": cell::measured_config(&config, &view),
                 "confinement": confinement,
             }),
-            vmm: &opts.vmm,
+            vmm: vmm_src,
             seccomp: Some(seccomp.as_bytes()),
         },
         Some(&cache),

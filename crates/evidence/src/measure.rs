@@ -55,9 +55,10 @@ impl DigestCache {
 
     fn key(path: &Path) -> std::io::Result<String> {
         let m = std::fs::metadata(path)?;
+        // The file's identity and version, not its name: the same inode reached through a
+        // held descriptor (/proc/self/fd/N) is the same file.
         let id = format!(
-            "{}|{}|{}|{}|{}.{}|{}.{}",
-            path.display(),
+            "{}|{}|{}|{}.{}|{}.{}",
             m.dev(),
             m.ino(),
             m.size(),

@@ -70,6 +70,13 @@ fn enter(spec: &JailSpec) -> Result<i32, EnterError> {
         let procs = cg.join("cgroup.procs");
         fs::write(&procs, "0").map_err(step(format!("joining {}", procs.display())))?;
     }
+    // Pinned files are cloned as detached mounts here, in the namespace whose mounts the
+    // descriptors belong to; a bind from /proc/PID/fd/N after unshare would be refused.
+    let trees = spec
+        .mounts
+        .iter()
+        .map(|m| m.pinned.as_deref().map(clone_tree).transpose())
+        .collect::<Result<Vec<_>, _>>()?;
     // No core dumps from here on, for the VMM and for this process re-raising its signal.
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(step("RLIMIT_CORE"))?;
     unshare(
@@ -89,7 +96,7 @@ fn enter(spec: &JailSpec) -> Result<i32, EnterError> {
     match unsafe { unistd::fork() }.map_err(step("fork"))? {
         ForkResult::Child => {
             drop(alive_w);
-            let e = confine_and_exec(spec, alive_r);
+            let e = confine_and_exec(spec, trees, alive_r);
             eprintln!("isocell-jailer: cannot set up the jail: {e}");
             // SAFETY: _exit ends the child without running the parent's destructors twice.
             unsafe { libc::_exit(EXIT_JAIL_FAILED) }
@@ -142,8 +149,12 @@ fn wait_for(child: Pid) -> i32 {
 }
 
 /// In the child: builds the jail and execs; returns only on failure.
-fn confine_and_exec(spec: &JailSpec, parent_alive: OwnedFd) -> EnterError {
-    match confine(spec, parent_alive) {
+fn confine_and_exec(
+    spec: &JailSpec,
+    trees: Vec<Option<OwnedFd>>,
+    parent_alive: OwnedFd,
+) -> EnterError {
+    match confine(spec, trees, parent_alive) {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -161,7 +172,11 @@ fn mkdirs(path: &Path) -> Result<(), EnterError> {
         .map_err(step(format!("creating {}", path.display())))
 }
 
-fn confine(spec: &JailSpec, parent_alive: OwnedFd) -> Result<std::convert::Infallible, EnterError> {
+fn confine(
+    spec: &JailSpec,
+    trees: Vec<Option<OwnedFd>>,
+    parent_alive: OwnedFd,
+) -> Result<std::convert::Infallible, EnterError> {
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(step("PR_SET_PDEATHSIG"))?;
     let none: Option<&str> = None;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
@@ -176,12 +191,13 @@ fn confine(spec: &JailSpec, parent_alive: OwnedFd) -> Result<std::convert::Infal
     )
     .map_err(step(format!("mounting the jail root on {}", root.display())))?;
 
-    for m in &spec.mounts {
+    for (m, tree) in spec.mounts.iter().zip(trees) {
         let target = in_root(root, &m.jail);
         if let Some(parent) = target.parent() {
             mkdirs(parent)?;
         }
-        let is_dir = fs::metadata(&m.host).map_err(step(format!("{}", m.host.display())))?.is_dir();
+        let source = m.pinned.as_ref().unwrap_or(&m.host);
+        let is_dir = fs::metadata(source).map_err(step(format!("{}", m.host.display())))?.is_dir();
         if is_dir {
             mkdirs(&target)?;
         } else {
@@ -192,8 +208,12 @@ fn confine(spec: &JailSpec, parent_alive: OwnedFd) -> Result<std::convert::Infal
                 .open(&target)
                 .map_err(step(format!("creating {}", target.display())))?;
         }
-        mount(Some(&m.host), &target, none, MsFlags::MS_BIND, none)
-            .map_err(step(format!("bind-mounting {}", m.host.display())))?;
+        match tree {
+            Some(tree) => attach_tree(&tree, &target)
+                .map_err(step(format!("mounting the measured {}", m.host.display())))?,
+            None => mount(Some(source), &target, none, MsFlags::MS_BIND, none)
+                .map_err(step(format!("bind-mounting {}", m.host.display())))?,
+        }
         let mut flags =
             MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
         if !m.writable {
@@ -350,4 +370,47 @@ fn check_no_capabilities() -> Result<(), EnterError> {
         }
     }
     Ok(())
+}
+
+/// `open_tree(2)` flags: clone the mount (a detached bind of the file), close on exec.
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+/// `move_mount(2)` flag: the source is the descriptor itself.
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+
+/// A detached bind mount of exactly the file `path` names (a held descriptor of `isocell`'s).
+fn clone_tree(path: &Path) -> Result<OwnedFd, EnterError> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(step(format!("{} contains a NUL byte", path.display())))?;
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
+    // SAFETY: open_tree reads the NUL-terminated path and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(step(format!("open_tree {}", path.display()))(std::io::Error::last_os_error()));
+    }
+    let fd = std::os::fd::RawFd::try_from(fd)
+        .map_err(|_| step("open_tree")(std::io::Error::other("descriptor out of range")))?;
+    // SAFETY: `fd` was just returned by open_tree and nothing else owns it.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// Attaches a detached mount from [`clone_tree`] on `target`.
+fn attach_tree(tree: &OwnedFd, target: &Path) -> std::io::Result<()> {
+    let empty = c"";
+    let to = CString::new(target.as_os_str().as_encoded_bytes())?;
+    // SAFETY: move_mount reads two NUL-terminated paths and takes a descriptor we own.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

@@ -35,6 +35,11 @@ pub struct BindMount {
     pub writable: bool,
     /// Files in it may be executed (only the VMM binary).
     pub exec: bool,
+    /// What is actually mounted, when not `host` itself: an open descriptor of `isocell`
+    /// (`/proc/PID/fd/N`), so the jail gets the very file that was measured even if `host`
+    /// was replaced since.
+    #[serde(default)]
+    pub pinned: Option<PathBuf>,
 }
 
 /// A device node created in the jail, owned by the jail's uid.
@@ -246,8 +251,15 @@ mod tests {
                     jail: "/boot/vmlinux".into(),
                     writable: false,
                     exec: false,
+                    pinned: None,
                 },
-                BindMount { host: "/c".into(), jail: CELL_DIR.into(), writable: true, exec: false },
+                BindMount {
+                    host: "/c".into(),
+                    jail: CELL_DIR.into(),
+                    writable: true,
+                    exec: false,
+                    pinned: None,
+                },
             ],
             devices: vec![kvm_device(), urandom_device()],
             rlimits: Rlimits::default(),
