@@ -166,23 +166,48 @@ pub fn vmm_scenario() -> Scenario {
     Scenario { steps }
 }
 
-/// The results of [`vmm_scenario`], computed once per test binary.
-pub fn vmm_results() -> &'static Result<HashMap<String, StepResult>, String> {
-    static RESULTS: OnceLock<Result<HashMap<String, StepResult>, String>> = OnceLock::new();
-    RESULTS.get_or_init(|| {
-        let host = TestHost::detect().map_err(|e| e.to_string())?;
-        eprintln!("running the VMM scenario on the {} test host", host.kind().name());
-        let results = host.run(&vmm_scenario()).map_err(|e| e.to_string())?;
-        Ok(results.into_iter().map(|r| (r.name.clone(), r)).collect())
-    })
+/// A step running a shell command line on the test host (placeholders such as `{isocell}` and
+/// `{work}` are replaced).
+pub fn shell_step(name: &str, script: &str, timeout_secs: u64) -> Step {
+    Step {
+        name: name.to_owned(),
+        argv: vec!["sh".into(), "-c".into(), script.to_owned()],
+        timeout_secs,
+        create_files: BTreeMap::new(),
+        write_files: BTreeMap::new(),
+        hash_files: Vec::new(),
+        report_file: None,
+    }
 }
 
-/// The result of one step; panics with the test host's error if the scenario could not run.
-pub fn step(name: &str) -> &'static StepResult {
-    match vmm_results() {
+/// Results of a scenario by step name, or why the test host could not run it.
+pub type Results = Result<HashMap<String, StepResult>, String>;
+
+/// Runs `scenario` (called `what` in the log) on the detected test host.
+pub fn run_scenario(what: &str, scenario: &Scenario) -> Results {
+    let host = TestHost::detect().map_err(|e| e.to_string())?;
+    eprintln!("running the {what} scenario on the {} test host", host.kind().name());
+    let results = host.run(scenario).map_err(|e| e.to_string())?;
+    Ok(results.into_iter().map(|r| (r.name.clone(), r)).collect())
+}
+
+/// The result of step `name`; panics with the test host's error if the scenario could not run.
+pub fn result_of<'a>(results: &'a Results, name: &str) -> &'a StepResult {
+    match results {
         Ok(map) => map.get(name).unwrap_or_else(|| panic!("no result for step {name}")),
         Err(e) => panic!("the test host failed: {e}"),
     }
+}
+
+/// The results of [`vmm_scenario`], computed once per test binary.
+pub fn vmm_results() -> &'static Results {
+    static RESULTS: OnceLock<Results> = OnceLock::new();
+    RESULTS.get_or_init(|| run_scenario("VMM", &vmm_scenario()))
+}
+
+/// The result of one step of [`vmm_scenario`].
+pub fn step(name: &str) -> &'static StepResult {
+    result_of(vmm_results(), name)
 }
 
 /// The locally built `isocell-vmm`.

@@ -2,25 +2,14 @@
 //! cells, memory isolation, and the attack surface against what the guest itself sees. All
 //! steps run in one scenario, so the test host boots once for this file.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::OnceLock;
 
-use isocell_testhost::{Scenario, Step, StepResult, TestHost};
+use isocell_e2e::{result_of, run_scenario, shell_step, Results};
+use isocell_testhost::{Scenario, StepResult};
 
 /// `isocell` with this scenario's run and state directories.
 const ISOCELL: &str = "ISOCELL_RUN_DIR={work}/run ISOCELL_STATE_DIR={work}/state {isocell}";
-
-fn shell(name: &str, script: &str, timeout_secs: u64) -> Step {
-    Step {
-        name: name.to_owned(),
-        argv: vec!["sh".into(), "-c".into(), script.to_owned()],
-        timeout_secs,
-        create_files: BTreeMap::new(),
-        write_files: BTreeMap::new(),
-        hash_files: Vec::new(),
-        report_file: None,
-    }
-}
 
 /// Shell functions the steps share: `vmm_pid` waits for a running jailed VMM (the process in a
 /// cell cgroup whose executable is the jail's /isocell-vmm) and prints its pid.
@@ -54,7 +43,7 @@ fn scenario() -> Scenario {
     let run = format!("{ISOCELL} run --memory 128M");
     Scenario {
         steps: vec![
-            shell(
+            shell_step(
                 "seccomp-probe",
                 &script(&format!(
                     "for k in main vcpu vsock; do \
@@ -64,7 +53,7 @@ fn scenario() -> Scenario {
                 )),
                 400,
             ),
-            shell(
+            shell_step(
                 "jail-view",
                 &script(&format!(
                     "{run} -- sleep 6 & \
@@ -91,7 +80,7 @@ fn scenario() -> Scenario {
                 )),
                 300,
             ),
-            shell(
+            shell_step(
                 "memory-hog",
                 &script(&format!(
                     "{run} -- sh -c 'x=a; while true; do x=$x$x; done' >/dev/null 2>{{work}}/hog.err & hog=$!; \
@@ -102,7 +91,7 @@ fn scenario() -> Scenario {
                 )),
                 400,
             ),
-            shell(
+            shell_step(
                 "twenty-cells",
                 &script(&format!(
                     "for i in $(seq 1 20); do \
@@ -119,7 +108,7 @@ fn scenario() -> Scenario {
                 )),
                 900,
             ),
-            shell(
+            shell_step(
                 "manifest",
                 &script(&format!(
                     "{run} -- sh -c 'for d in /sys/bus/virtio/devices/*; do \
@@ -133,21 +122,13 @@ fn scenario() -> Scenario {
     }
 }
 
-fn results() -> &'static Result<HashMap<String, StepResult>, String> {
-    static RESULTS: OnceLock<Result<HashMap<String, StepResult>, String>> = OnceLock::new();
-    RESULTS.get_or_init(|| {
-        let host = TestHost::detect().map_err(|e| e.to_string())?;
-        eprintln!("running the confinement scenario on the {} test host", host.kind().name());
-        let results = host.run(&scenario()).map_err(|e| e.to_string())?;
-        Ok(results.into_iter().map(|r| (r.name.clone(), r)).collect())
-    })
+fn results() -> &'static Results {
+    static RESULTS: OnceLock<Results> = OnceLock::new();
+    RESULTS.get_or_init(|| run_scenario("confinement", &scenario()))
 }
 
 fn ok(name: &str) -> &'static StepResult {
-    let r = match results() {
-        Ok(map) => map.get(name).unwrap_or_else(|| panic!("no result for step {name}")),
-        Err(e) => panic!("the test host failed: {e}"),
-    };
+    let r = result_of(results(), name);
     assert_eq!(r.exit_code, Some(0), "{}", r.explain());
     r
 }

@@ -2,32 +2,22 @@
 //! host (directly on hardware KVM, in the nested host elsewhere). All cell runs are batched into
 //! one scenario so the nested host boots once for this file.
 
-use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use isocell_testhost::{HostKind, Scenario, Step, StepResult, TestHost};
-
-/// A step running a shell command line on the test host ({isocell} and {work} are replaced).
-fn shell(name: &str, script: &str, timeout_secs: u64) -> Step {
-    Step {
-        name: name.to_owned(),
-        argv: vec!["sh".into(), "-c".into(), script.to_owned()],
-        timeout_secs,
-        create_files: BTreeMap::new(),
-        write_files: BTreeMap::new(),
-        hash_files: Vec::new(),
-        report_file: None,
-    }
-}
+use isocell_e2e::{result_of, run_scenario, shell_step, Results};
+use isocell_testhost::{HostKind, Scenario, StepResult, TestHost};
 
 fn scenario() -> Scenario {
     let run = "ISOCELL_RUN_DIR={work}/run ISOCELL_STATE_DIR={work}/state {isocell} run";
     let isocell = "ISOCELL_STATE_DIR={work}/state {isocell}";
-    let mut echo =
-        shell("echo", &format!("{run} --report {{work}}/run.json -- echo hello-from-a-cell"), 120);
+    let mut echo = shell_step(
+        "echo",
+        &format!("{run} --report {{work}}/run.json -- echo hello-from-a-cell"),
+        120,
+    );
     echo.report_file = Some("{work}/run.json".into());
-    let mut big = shell(
+    let mut big = shell_step(
         "big-output",
         &format!(
             "{run} -- sh -c 'head -c 16777216 /dev/urandom > /tmp/big; sha256sum /tmp/big >&2; cat /tmp/big' > {{work}}/big.out"
@@ -35,7 +25,7 @@ fn scenario() -> Scenario {
         300,
     );
     big.hash_files = vec!["{work}/big.out".into()];
-    let mut input = shell(
+    let mut input = shell_step(
         "input",
         &format!(
             "head -c 3000000 /dev/urandom > {{work}}/in.bin && mkdir -p {{work}}/tree/sub && echo nested-file > {{work}}/tree/sub/f.txt && \
@@ -44,7 +34,7 @@ fn scenario() -> Scenario {
         180,
     );
     input.hash_files = vec!["{work}/in.bin".into()];
-    let mut output = shell(
+    let mut output = shell_step(
         "output",
         &format!(
             "mkdir -p {{work}}/od && {run} --output /tmp/out.bin:{{work}}/out.bin --output /tmp/od:{{work}}/od/tree -- \
@@ -57,12 +47,12 @@ fn scenario() -> Scenario {
     Scenario {
         steps: vec![
             echo,
-            shell("exit-42", &format!("{run} -- sh -c 'exit 42'"), 120),
-            shell("streams", &format!("{run} -- sh -c 'echo to-stdout; echo to-stderr >&2'"), 120),
+            shell_step("exit-42", &format!("{run} -- sh -c 'exit 42'"), 120),
+            shell_step("streams", &format!("{run} -- sh -c 'echo to-stdout; echo to-stderr >&2'"), 120),
             big,
             input,
             output,
-            shell(
+            shell_step(
                 "timeout",
                 &format!(
                     "{run} --timeout 3 -- sleep 1000; echo status=$?; \
@@ -72,7 +62,7 @@ fn scenario() -> Scenario {
                 ),
                 180,
             ),
-            shell(
+            shell_step(
                 "interrupt",
                 &format!(
                     "{run} -- sleep 1000 & pid=$!; sleep 10; kill -INT $pid; wait $pid; echo status=$?; \
@@ -82,7 +72,7 @@ fn scenario() -> Scenario {
                 ),
                 180,
             ),
-            shell(
+            shell_step(
                 "ephemeral",
                 &format!(
                     "{run} -- sh -c 'echo secret > /persist.txt && cat /persist.txt' && \
@@ -90,7 +80,7 @@ fn scenario() -> Scenario {
                 ),
                 180,
             ),
-            shell(
+            shell_step(
                 "concurrent",
                 &format!(
                     "({run} -- echo one > {{work}}/a; echo $? > {{work}}/a.rc) & \
@@ -100,8 +90,8 @@ fn scenario() -> Scenario {
                 ),
                 240,
             ),
-            shell("not-found", &format!("{run} -- no-such-command --flag"), 120),
-            shell(
+            shell_step("not-found", &format!("{run} -- no-such-command --flag"), 120),
+            shell_step(
                 "evidence",
                 &format!(
                     "{run} --report {{work}}/r.json -- true && \
@@ -112,7 +102,7 @@ fn scenario() -> Scenario {
                 ),
                 120,
             ),
-            shell(
+            shell_step(
                 "agent-silent",
                 &format!(
                     "{run} --boot-timeout 15 --kernel-args 'init=/sbin/scenario-init isocell_scenario=hang' -- true"
@@ -123,21 +113,13 @@ fn scenario() -> Scenario {
     }
 }
 
-fn results() -> &'static Result<HashMap<String, StepResult>, String> {
-    static RESULTS: OnceLock<Result<HashMap<String, StepResult>, String>> = OnceLock::new();
-    RESULTS.get_or_init(|| {
-        let host = TestHost::detect().map_err(|e| e.to_string())?;
-        eprintln!("running the isocell run scenario on the {} test host", host.kind().name());
-        let results = host.run(&scenario()).map_err(|e| e.to_string())?;
-        Ok(results.into_iter().map(|r| (r.name.clone(), r)).collect())
-    })
+fn results() -> &'static Results {
+    static RESULTS: OnceLock<Results> = OnceLock::new();
+    RESULTS.get_or_init(|| run_scenario("isocell run", &scenario()))
 }
 
 fn step(name: &str) -> &'static StepResult {
-    match results() {
-        Ok(map) => map.get(name).unwrap_or_else(|| panic!("no result for step {name}")),
-        Err(e) => panic!("the test host failed: {e}"),
-    }
+    result_of(results(), name)
 }
 
 fn ok(name: &str) -> &'static StepResult {

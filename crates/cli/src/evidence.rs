@@ -110,12 +110,7 @@ impl CellEvidence {
 
     fn write_receipt(&mut self, name: &str, body: Value) -> Result<PathBuf, String> {
         let t = Instant::now();
-        let signed = receipt::sign(&body, &self.host.key);
-        let dir = self.host.cell_record_dir(&self.cell_id)?;
-        let path = dir.join(name);
-        let text = serde_json::to_string_pretty(&signed).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text + "\n")
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        let path = self.write_record(name, &receipt::sign(&body, &self.host.key))?;
         self.costs.receipts_ms += ms_since(t);
         Ok(path)
     }

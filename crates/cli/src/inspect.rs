@@ -1,7 +1,7 @@
 //! `isocell host`, `isocell audit` and `isocell receipt`: the host profile, and offline
 //! verification of the evidence with nothing but the host's public key.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 
@@ -203,12 +203,9 @@ pub fn receipt(cmd: ReceiptCmd) -> u8 {
         Ok(k) => k,
         Err(e) => return exit::fail(&e),
     };
-    let doc = match std::fs::read_to_string(&file)
-        .map_err(|e| e.to_string())
-        .and_then(|t| serde_json::from_str(&t).map_err(|e| format!("not JSON: {e}")))
-    {
+    let doc = match read_json(&file) {
         Ok(d) => d,
-        Err(e) => return exit::fail(&format!("{}: {e}", file.display())),
+        Err(e) => return exit::fail(&e),
     };
     match receipt::verify(&doc, &key) {
         Ok(()) => {
@@ -226,6 +223,14 @@ pub fn receipt(cmd: ReceiptCmd) -> u8 {
     }
 }
 
+/// A JSON file; the error names the file.
+fn read_json(path: &Path) -> Result<serde_json::Value, String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| format!("not JSON: {e}")))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Runs `isocell surface`.
 pub fn surface(args: SurfaceArgs) -> u8 {
     match surface_of(&args) {
@@ -235,12 +240,9 @@ pub fn surface(args: SurfaceArgs) -> u8 {
                 0
             }
             Some(path) => {
-                let baseline = match std::fs::read_to_string(path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|t| serde_json::from_str(&t).map_err(|e| format!("not JSON: {e}")))
-                {
+                let baseline = match read_json(path) {
                     Ok(b) => b,
-                    Err(e) => return exit::fail(&format!("baseline {}: {e}", path.display())),
+                    Err(e) => return exit::fail(&format!("baseline {e}")),
                 };
                 let extra = confine::beyond(&current, &baseline);
                 if extra.is_empty() {
@@ -264,9 +266,7 @@ fn surface_of(args: &SurfaceArgs) -> Result<serde_json::Value, String> {
             return Err(format!("--cell {id:?}: a cell id is letters and digits"));
         }
         let path = state_dir().join("cells").join(id).join("surface.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("no stored surface for cell {id} ({}): {e}", path.display()))?;
-        return serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()));
+        return read_json(&path).map_err(|e| format!("no stored surface for cell {id}: {e}"));
     }
     let memory_mib =
         isocell_vmm::config::parse_memory_mib(&args.memory).map_err(|e| e.to_string())?;

@@ -138,11 +138,6 @@ impl CellCgroup {
         &self.path
     }
 
-    /// Whether any process is still in the cgroup.
-    pub fn populated(&self) -> bool {
-        populated(&self.path)
-    }
-
     /// Kills every process in the cgroup (cgroup.kill).
     pub fn kill_all(&self) -> Result<(), CgroupError> {
         write(&self.path.join("cgroup.kill"), "1")
@@ -150,14 +145,7 @@ impl CellCgroup {
 
     /// Waits up to `limit` for the cgroup to hold no process; returns whether it is empty.
     pub fn wait_empty(&self, limit: Duration) -> bool {
-        let start = Instant::now();
-        while populated(&self.path) {
-            if start.elapsed() > limit {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        true
+        wait_empty(&self.path, limit)
     }
 
     /// `memory.events` `oom_kill` count: how often the cell hit its memory limit.
@@ -178,6 +166,17 @@ fn populated(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+fn wait_empty(path: &Path, limit: Duration) -> bool {
+    let start = Instant::now();
+    while populated(path) {
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    true
+}
+
 /// Kills every process in the cgroup at `path` (cgroup.kill), waits for it to empty and removes
 /// it. A missing cgroup is already removed.
 pub fn remove(path: &Path) -> Result<(), CgroupError> {
@@ -186,12 +185,8 @@ pub fn remove(path: &Path) -> Result<(), CgroupError> {
     }
     if populated(path) {
         write(&path.join("cgroup.kill"), "1")?;
-        let start = Instant::now();
-        while populated(path) {
-            if start.elapsed() > Duration::from_secs(5) {
-                return Err(CgroupError::Busy(path.display().to_string()));
-            }
-            std::thread::sleep(Duration::from_millis(2));
+        if !wait_empty(path, Duration::from_secs(5)) {
+            return Err(CgroupError::Busy(path.display().to_string()));
         }
     }
     // The kernel can report EBUSY for a moment after the last process left.

@@ -63,11 +63,6 @@ pub fn urandom_device() -> DeviceNode {
     DeviceNode { path: "/dev/urandom".into(), major: 1, minor: 9 }
 }
 
-/// /dev/net/tun, only for cells with networking.
-pub fn tun_device() -> DeviceNode {
-    DeviceNode { path: "/dev/net/tun".into(), major: 10, minor: 200 }
-}
-
 /// Resource limits set on the VMM process.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Rlimits {
