@@ -460,10 +460,18 @@ impl Cell {
         self.vmm_status
     }
 
-    /// Kills the VMM if it still runs: everything in the cell's cgroup when jailed (the
-    /// jailer and the VMM below it), else the VMM process.
+    /// Kills the VMM if it still runs. A jailer is asked first (SIGTERM): it kills the VMM and
+    /// reaps it before it exits, so no orphan is left for the host's init to reap. Whatever
+    /// is still there after a moment goes with everything in the cell's cgroup.
     fn kill(&mut self) {
         if let Some(mut child) = self.vmm.take() {
+            if let (Some(_), Ok(pid)) = (&self.cgroup, libc::pid_t::try_from(child.id())) {
+                // SAFETY: kill only sends a signal to our own child, which we have not reaped.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                if let Some(fd) = &self.vmm_exited {
+                    wait_readable(&[fd.as_raw_fd()], Duration::from_secs(2));
+                }
+            }
             if let Some(cg) = &self.cgroup {
                 let _ = cg.kill_all();
             }
