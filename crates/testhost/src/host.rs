@@ -171,6 +171,13 @@ impl TestHost {
                 "the nested host kernel",
                 "run scripts/prepare-nested-host.sh",
             )?;
+            if let Some(old) = qemu_version().filter(|v| v.0 < 8) {
+                eprintln!(
+                    "isocell-testhost: warning: QEMU {}.{} freezes the nested host now and then \
+                     (the harness replaces it, slowly); scripts/install-deps.sh installs QEMU 10",
+                    old.0, old.1
+                );
+            }
         }
         Ok(TestHost { kind, paths })
     }
@@ -223,6 +230,7 @@ impl TestHost {
     ) -> Result<Vec<StepResult>, TestHostError> {
         let mut results: Vec<StepResult> = Vec::new();
         let mut restarts = 0;
+        let mut fruitless = 0;
         loop {
             let remaining = Scenario { steps: scenario.steps[results.len()..].to_vec() };
             let dir = tmp.join(format!("boot{restarts}"));
@@ -233,10 +241,11 @@ impl TestHost {
             if results.len() >= scenario.steps.len() {
                 return Ok(results);
             }
-            // The nested host itself (not a step: those have their own timeouts) stopped
-            // making progress. This has been seen with QEMU's emulated SVM after several VMs;
-            // a fresh nested host runs the steps that are left.
-            if boot.hung && restarts < MAX_NESTED_RESTARTS {
+            // The nested host itself (not a step: those have their own timeouts) froze. QEMU's
+            // emulated SVM does this now and then; a fresh nested host runs the steps that are
+            // left. A step that freezes every host it runs on still fails the run.
+            fruitless = if got == 0 { fruitless + 1 } else { 0 };
+            if boot.hung && restarts < MAX_NESTED_RESTARTS && fruitless < MAX_FRUITLESS_RESTARTS {
                 restarts += 1;
                 eprintln!(
                     "isocell-testhost: the nested host stopped responding after {got} step(s) ({}); \
@@ -262,11 +271,13 @@ impl TestHost {
         let initramfs = self.build_initramfs(scenario, tmp)?;
         let console = tmp.join("console.log");
         let results = tmp.join("results.jsonl");
-        // One CPU by default: with two, QEMU's multi-threaded TCG with emulated SVM has been
-        // seen to lock the nested host up (both CPUs in soft lockup) every few VMs. Two CPUs
-        // boot cells faster; ISOCELL_NESTED_CPUS=2 chooses them.
+        let heartbeat = tmp.join("heartbeat");
+        // One CPU by default, the configuration with the fewest freezes under QEMU 7.2 (two
+        // locked up every few cells there); ISOCELL_NESTED_CPUS=2 chooses two. Extra kernel
+        // arguments (ISOCELL_NESTED_APPEND, say "loglevel=7") help diagnose the host itself.
         let cpus = std::env::var("ISOCELL_NESTED_CPUS").unwrap_or_else(|_| "1".into());
         let memory = std::env::var("ISOCELL_NESTED_MEMORY_MIB").unwrap_or_else(|_| "2048".into());
+        let extra_args = std::env::var("ISOCELL_NESTED_APPEND").unwrap_or_default();
         let mut child = Command::new("qemu-system-x86_64")
             .args(["-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm,+npt"])
             .args(["-smp", &cpus, "-m", &memory])
@@ -275,11 +286,14 @@ impl TestHost {
             .arg(format!("file:{}", console.display()))
             .arg("-serial")
             .arg(format!("file:{}", results.display()))
+            .arg("-serial")
+            .arg(format!("file:{}", heartbeat.display()))
             .arg("-kernel")
             .arg(self.paths.nested_host.join("vmlinuz"))
             .arg("-initrd")
             .arg(&initramfs)
-            .args(["-append", "console=ttyS0 quiet panic=-1"])
+            .arg("-append")
+            .arg(format!("console=ttyS0 quiet panic=-1 {extra_args}").trim_end())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -289,11 +303,16 @@ impl TestHost {
                     "cannot start qemu-system-x86_64 (run scripts/install-deps.sh): {e}"
                 ))
             })?;
-        // Each step gets its own timeout inside the nested host; out here the next result must
-        // arrive within that timeout plus a margin (more for the first, which includes booting
-        // the nested host), or the nested host is considered hung.
+        // Each step has its own timeout inside the nested host, so out here a result is due
+        // within that timeout plus a margin (more for the first, which includes booting the
+        // nested host). A host that has frozen is caught sooner: the runner beats once a second
+        // on its own serial port, and a silent heartbeat means no process in it can run.
         let mut done = 0;
         let mut last_progress = Instant::now();
+        let mut beats = 0;
+        let started = Instant::now();
+        let mut last_beat = started;
+        let mut longest_silence = Duration::ZERO;
         let (why, hung) = loop {
             let reported = std::fs::read_to_string(&results)
                 .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
@@ -302,19 +321,53 @@ impl TestHost {
                 done = reported;
                 last_progress = Instant::now();
             }
+            let beat = std::fs::metadata(&heartbeat).map_or(0, |m| m.len());
+            if beat > beats {
+                if beats == 0 && started.elapsed() > Duration::from_secs(30) {
+                    eprintln!(
+                        "isocell-testhost: the nested host took {:.1} s to start its runner",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                if beats > 0 {
+                    longest_silence = longest_silence.max(last_beat.elapsed());
+                }
+                beats = beat;
+                last_beat = Instant::now();
+            }
             let allowance = scenario.steps.get(done).map_or(60, |s| s.timeout_secs + 60)
                 + if done == 0 { 120 } else { 0 };
+            let stalled = if beats == 0 && started.elapsed() > FIRST_HEARTBEAT_WITHIN {
+                Some(format!(
+                    "its runner did not start within {} s",
+                    FIRST_HEARTBEAT_WITHIN.as_secs()
+                ))
+            } else if beats > 0 && last_beat.elapsed() > HEARTBEAT_SILENCE {
+                Some(format!("no heartbeat for {} s", HEARTBEAT_SILENCE.as_secs()))
+            } else if last_progress.elapsed() > Duration::from_secs(allowance) {
+                Some(format!("no result for {allowance} s"))
+            } else {
+                None
+            };
             match child.try_wait() {
                 Ok(Some(status)) => break (format!("QEMU exited with {status}"), false),
-                Ok(None) if last_progress.elapsed() > Duration::from_secs(allowance) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break (format!("no result for {allowance} s; QEMU killed"), true);
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+                Ok(None) => match stalled {
+                    Some(what) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break (format!("{what}; QEMU killed"), true);
+                    }
+                    None => std::thread::sleep(Duration::from_millis(100)),
+                },
                 Err(e) => break (format!("wait failed: {e}"), false),
             }
         };
+        if longest_silence > Duration::from_secs(5) {
+            eprintln!(
+                "isocell-testhost: the nested host's heartbeat was once silent for {:.1} s",
+                longest_silence.as_secs_f64()
+            );
+        }
         let console_text = std::fs::read_to_string(&console).unwrap_or_default();
         let text = std::fs::read_to_string(&results).unwrap_or_default();
         Ok(NestedBoot { results: parse_results(&text), why, hung, console: console_text })
@@ -379,8 +432,31 @@ impl TestHost {
     }
 }
 
-/// How many times a hung nested host is replaced before the run fails.
-const MAX_NESTED_RESTARTS: u32 = 2;
+/// The (major, minor) version of `qemu-system-x86_64`, if it runs and says.
+fn qemu_version() -> Option<(u32, u32)> {
+    let out = Command::new("qemu-system-x86_64").arg("--version").output().ok()?;
+    parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Reads "QEMU emulator version 10.0.2 (Debian ...)".
+fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
+    let rest = text.split("version ").nth(1)?;
+    let mut parts = rest.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// How many times a frozen nested host is replaced in one scenario before the run fails.
+const MAX_NESTED_RESTARTS: u32 = 6;
+
+/// How many nested hosts in a row may freeze before reporting a single result.
+const MAX_FRUITLESS_RESTARTS: u32 = 3;
+
+/// How long the runner's heartbeat may be silent before the nested host counts as frozen. It
+/// beats every second; a busy but healthy host has never been seen to miss more than a few.
+const HEARTBEAT_SILENCE: Duration = Duration::from_secs(45);
+
+/// How long the nested host may take to boot and start its runner (it takes seconds).
+const FIRST_HEARTBEAT_WITHIN: Duration = Duration::from_secs(120);
 
 /// What one nested host run produced.
 struct NestedBoot {
@@ -418,7 +494,7 @@ done
 [ -c /dev/kvm ] || echo "isocell-testhost: /dev/kvm did not appear"
 export ISOCELL_KERNEL=/isocell/guest/vmlinux ISOCELL_IMAGE=/isocell/guest/rootfs.ext4 ISOCELL_STATE_DIR=/tmp/isocell-state
 exec /isocell/bin/isocell-testhost-runner --scenario /isocell/scenario.json \
-  --results /dev/ttyS1 --work /tmp/steps --host nested --poweroff \
+  --results /dev/ttyS1 --heartbeat /dev/ttyS2 --work /tmp/steps --host nested --poweroff \
   --asset vmm=/isocell/bin/isocell-vmm --asset isocell=/isocell/bin/isocell --asset bzimage=/isocell/guest/bzImage \
   --asset vmlinux=/isocell/guest/vmlinux --asset rootfs=/isocell/guest/rootfs.ext4 \
   --asset initrd=/isocell/guest/initrd.cpio
@@ -477,4 +553,19 @@ impl Drop for TempDir {
 pub fn print_results(results: &[StepResult]) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{}", serde_json::to_string_pretty(results).unwrap_or_default());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_qemu_version;
+
+    #[test]
+    fn reads_qemu_versions() {
+        let v10 = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\nCopyright";
+        assert_eq!(parse_qemu_version(v10), Some((10, 0)));
+        let v7 = "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)";
+        assert_eq!(parse_qemu_version(v7), Some((7, 2)));
+        assert_eq!(parse_qemu_version("qemu: command not found"), None);
+        assert_eq!(parse_qemu_version(""), None);
+    }
 }

@@ -31,10 +31,17 @@ struct Args {
     /// Power the machine off when done (nested host only).
     #[arg(long)]
     poweroff: bool,
+    /// Write a byte here every second while running (the nested host's heartbeat serial port),
+    /// so the machine outside can tell a frozen host from a long step.
+    #[arg(long)]
+    heartbeat: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(path) = &args.heartbeat {
+        start_heartbeat(path);
+    }
     let outcome = run(&args);
     if let Err(e) = &outcome {
         eprintln!("isocell-testhost-runner: {e:#}");
@@ -67,6 +74,22 @@ fn run(args: &Args) -> Result<()> {
         }
     });
     Ok(())
+}
+
+/// A thread that writes one byte a second to `path` for as long as the process lives.
+fn start_heartbeat(path: &std::path::Path) {
+    let mut port = match std::fs::OpenOptions::new().append(true).open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("isocell-testhost-runner: no heartbeat ({}: {e})", path.display());
+            return;
+        }
+    };
+    std::thread::spawn(move || loop {
+        let _ = port.write_all(b".");
+        let _ = port.flush();
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    });
 }
 
 fn power_off() {
