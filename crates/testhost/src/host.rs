@@ -433,7 +433,7 @@ impl TestHost {
 }
 
 /// The (major, minor) version of `qemu-system-x86_64`, if it runs and says.
-fn qemu_version() -> Option<(u32, u32)> {
+pub fn qemu_version() -> Option<(u32, u32)> {
     let out = Command::new("qemu-system-x86_64").arg("--version").output().ok()?;
     parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
 }

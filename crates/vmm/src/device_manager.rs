@@ -17,7 +17,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::x86_64::layout::{DEVICE_WINDOW_END, DEVICE_WINDOW_START, IOAPIC_PINS};
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_LEN};
 use crate::devices::i8042::{self, I8042};
-use crate::devices::serial::{SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::serial::{
+    BoundedLog, SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN, CONSOLE_FILE_LIMIT,
+};
 use crate::devices::virtio::block::{self, Block};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::rng::{self, Rng};
@@ -372,9 +374,12 @@ impl DeviceManager {
                 DeviceKind::Serial { .. } => {
                     let out: Box<dyn Write + Send> = match &config.console {
                         ConsoleConfig::Stdout => Box::new(std::io::stdout()),
-                        ConsoleConfig::File(p) => Box::new(std::io::LineWriter::new(
-                            File::create(p).map_err(|e| DeviceError::Console(p.clone(), e))?,
-                        )),
+                        ConsoleConfig::File(p) => {
+                            Box::new(std::io::LineWriter::new(BoundedLog::new(
+                                File::create(p).map_err(|e| DeviceError::Console(p.clone(), e))?,
+                                CONSOLE_FILE_LIMIT,
+                            )))
+                        }
                         ConsoleConfig::Off => Box::new(std::io::sink()),
                     };
                     Arc::new(Mutex::new(SerialConsole::new(irqfd(COM1_IRQ)?, out)))

@@ -25,6 +25,53 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// The most a console log file may grow to. The guest decides how much it prints, and the jail
+/// caps every file the VMM writes (RLIMIT_FSIZE, 256 MiB), where a write past the cap kills the
+/// VMM with SIGXFSZ; the log stops well before that, with a line saying so.
+pub const CONSOLE_FILE_LIMIT: u64 = 64 << 20;
+
+/// A writer that passes on at most `limit` bytes, then one line saying the rest was dropped,
+/// then nothing.
+pub struct BoundedLog<W: Write> {
+    inner: W,
+    left: u64,
+    limit: u64,
+    cut: bool,
+}
+
+impl<W: Write> BoundedLog<W> {
+    /// Passes at most `limit` bytes to `inner`.
+    pub fn new(inner: W, limit: u64) -> Self {
+        BoundedLog { inner, left: limit, limit, cut: false }
+    }
+}
+
+impl<W: Write> Write for BoundedLog<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            if !self.cut {
+                self.cut = true;
+                let note = format!(
+                    "\n[isocell-vmm: console log reached {} bytes; the rest is dropped]\n",
+                    self.limit
+                );
+                self.inner.write_all(note.as_bytes())?;
+                self.inner.flush()?;
+            }
+            // The bytes count as written: the guest must not see an error or stall for them.
+            return Ok(buf.len());
+        }
+        let take = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.write(&buf[..take])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// The console UART. Output goes to any writer; guest input is not wired yet.
 pub struct SerialConsole {
     uart: Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
@@ -50,5 +97,24 @@ impl BusDevice for SerialConsole {
             // not be able to stop the VMM through it, so the byte is dropped.
             let _ = self.uart.write(off, *byte);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_console_log_stops_at_its_limit_and_says_so() {
+        let mut log = BoundedLog::new(Vec::new(), 10);
+        log.write_all(b"0123456").unwrap();
+        log.write_all(b"789abc").unwrap();
+        log.write_all(b"more and more").unwrap();
+        log.write_all(b"and more").unwrap();
+        let text = String::from_utf8(log.inner).unwrap();
+        assert_eq!(
+            text,
+            "0123456789\n[isocell-vmm: console log reached 10 bytes; the rest is dropped]\n"
+        );
     }
 }
