@@ -102,6 +102,7 @@ impl BusDevice for SerialConsole {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
