@@ -303,52 +303,9 @@ impl TestHost {
                     "cannot start qemu-system-x86_64 (run scripts/install-deps.sh): {e}"
                 ))
             })?;
-        // Each step has its own timeout inside the nested host, so out here a result is due
-        // within that timeout plus a margin (more for the first, which includes booting the
-        // nested host). A host that has frozen is caught sooner: the runner beats once a second
-        // on its own serial port, and a silent heartbeat means no process in it can run.
-        let mut done = 0;
-        let mut last_progress = Instant::now();
-        let mut beats = 0;
-        let started = Instant::now();
-        let mut last_beat = started;
-        let mut longest_silence = Duration::ZERO;
+        let mut watch = HostWatch::new(&results, &heartbeat);
         let (why, hung) = loop {
-            let reported = std::fs::read_to_string(&results)
-                .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
-                .unwrap_or(0);
-            if reported > done {
-                done = reported;
-                last_progress = Instant::now();
-            }
-            let beat = std::fs::metadata(&heartbeat).map_or(0, |m| m.len());
-            if beat > beats {
-                if beats == 0 && started.elapsed() > Duration::from_secs(30) {
-                    eprintln!(
-                        "isocell-testhost: the nested host took {:.1} s to start its runner",
-                        started.elapsed().as_secs_f64()
-                    );
-                }
-                if beats > 0 {
-                    longest_silence = longest_silence.max(last_beat.elapsed());
-                }
-                beats = beat;
-                last_beat = Instant::now();
-            }
-            let allowance = scenario.steps.get(done).map_or(60, |s| s.timeout_secs + 60)
-                + if done == 0 { 120 } else { 0 };
-            let stalled = if beats == 0 && started.elapsed() > FIRST_HEARTBEAT_WITHIN {
-                Some(format!(
-                    "its runner did not start within {} s",
-                    FIRST_HEARTBEAT_WITHIN.as_secs()
-                ))
-            } else if beats > 0 && last_beat.elapsed() > HEARTBEAT_SILENCE {
-                Some(format!("no heartbeat for {} s", HEARTBEAT_SILENCE.as_secs()))
-            } else if last_progress.elapsed() > Duration::from_secs(allowance) {
-                Some(format!("no result for {allowance} s"))
-            } else {
-                None
-            };
+            let stalled = watch.stalled(scenario);
             match child.try_wait() {
                 Ok(Some(status)) => break (format!("QEMU exited with {status}"), false),
                 Ok(None) => match stalled {
@@ -362,10 +319,10 @@ impl TestHost {
                 Err(e) => break (format!("wait failed: {e}"), false),
             }
         };
-        if longest_silence > Duration::from_secs(5) {
+        if watch.longest_silence > Duration::from_secs(5) {
             eprintln!(
                 "isocell-testhost: the nested host's heartbeat was once silent for {:.1} s",
-                longest_silence.as_secs_f64()
+                watch.longest_silence.as_secs_f64()
             );
         }
         let console_text = std::fs::read_to_string(&console).unwrap_or_default();
@@ -443,6 +400,75 @@ fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
     let rest = text.split("version ").nth(1)?;
     let mut parts = rest.split(|c: char| !c.is_ascii_digit());
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Watches a running nested host for progress. Each step has its own timeout inside the host, so
+/// out here a result is due within that timeout plus a margin (more for the first, which
+/// includes booting the host). A frozen host is caught sooner: the runner beats once a second on
+/// its own serial port, and a silent heartbeat means no process in the host can run.
+struct HostWatch<'a> {
+    results: &'a Path,
+    heartbeat: &'a Path,
+    started: Instant,
+    /// Results reported so far, and when the last one came.
+    done: usize,
+    last_progress: Instant,
+    /// Heartbeat bytes seen so far (0: the runner has not started), and when the last came.
+    beats: u64,
+    last_beat: Instant,
+    longest_silence: Duration,
+}
+
+impl<'a> HostWatch<'a> {
+    fn new(results: &'a Path, heartbeat: &'a Path) -> Self {
+        let now = Instant::now();
+        HostWatch {
+            results,
+            heartbeat,
+            started: now,
+            done: 0,
+            last_progress: now,
+            beats: 0,
+            last_beat: now,
+            longest_silence: Duration::ZERO,
+        }
+    }
+
+    /// Reads the host's progress; says why it counts as frozen, if it does.
+    fn stalled(&mut self, scenario: &Scenario) -> Option<String> {
+        let reported = std::fs::read_to_string(self.results)
+            .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
+            .unwrap_or(0);
+        if reported > self.done {
+            self.done = reported;
+            self.last_progress = Instant::now();
+        }
+        let beats = std::fs::metadata(self.heartbeat).map_or(0, |m| m.len());
+        if beats > self.beats {
+            if self.beats == 0 && self.started.elapsed() > Duration::from_secs(30) {
+                eprintln!(
+                    "isocell-testhost: the nested host took {:.1} s to start its runner",
+                    self.started.elapsed().as_secs_f64()
+                );
+            }
+            if self.beats > 0 {
+                self.longest_silence = self.longest_silence.max(self.last_beat.elapsed());
+            }
+            self.beats = beats;
+            self.last_beat = Instant::now();
+        }
+        let allowance = scenario.steps.get(self.done).map_or(60, |s| s.timeout_secs + 60)
+            + if self.done == 0 { 120 } else { 0 };
+        if self.beats == 0 && self.started.elapsed() > FIRST_HEARTBEAT_WITHIN {
+            Some(format!("its runner did not start within {} s", FIRST_HEARTBEAT_WITHIN.as_secs()))
+        } else if self.beats > 0 && self.last_beat.elapsed() > HEARTBEAT_SILENCE {
+            Some(format!("no heartbeat for {} s", HEARTBEAT_SILENCE.as_secs()))
+        } else if self.last_progress.elapsed() > Duration::from_secs(allowance) {
+            Some(format!("no result for {allowance} s"))
+        } else {
+            None
+        }
+    }
 }
 
 /// How many times a frozen nested host is replaced in one scenario before the run fails.

@@ -96,10 +96,14 @@ fn evidence_cost(r: &StepResult, name: &str) -> Option<f64> {
 /// One cell's evidence, natively on this machine: the library calls `isocell run` makes, in its
 /// order, with the audit log on this machine's disk (the nested host's log is on a tmpfs under
 /// emulation, which says little about either cost). Returns the costs in ms, as `EVIDENCE_COSTS`.
-fn native_evidence_cell(dir: &Path, cell: usize, key: &SigningKey) -> Result<[f64; 5]> {
+fn native_evidence_cell(
+    dir: &Path,
+    paths: &isocell_testhost::host::Paths,
+    cell: usize,
+    key: &SigningKey,
+) -> Result<[f64; 5]> {
     use isocell_evidence::{audit::AuditLog, measure, policy, receipt};
     let since = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
-    let paths = isocell_testhost::host::Paths::discover()?;
     let cell_id = format!("bench-{cell}");
 
     let t = Instant::now();
@@ -188,10 +192,12 @@ fn native_evidence_cell(dir: &Path, cell: usize, key: &SigningKey) -> Result<[f6
 /// `runs` + 1 cells' evidence natively (the first warms caches and is not counted), in a
 /// scratch directory under `build/bench` that is removed afterwards.
 fn native_evidence(runs: usize) -> Result<Vec<[f64; 5]>> {
+    let paths = isocell_testhost::host::Paths::discover()?;
     let dir = project_root().join(format!("build/bench/evidence-native-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let key = SigningKey::from_bytes(&[7; 32]);
-    let costs: Result<Vec<_>> = (0..=runs).map(|i| native_evidence_cell(&dir, i, &key)).collect();
+    let costs: Result<Vec<_>> =
+        (0..=runs).map(|i| native_evidence_cell(&dir, &paths, i, &key)).collect();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(costs?.into_iter().skip(1).collect())
 }
