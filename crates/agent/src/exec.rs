@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -159,15 +160,21 @@ pub fn spawn(req: &ExecRequest, link: &Arc<Link>) -> Result<Running, std::io::Er
     let pid = child.id() as i32;
     link.send(&Message::Started { pid: child.id() });
 
-    let out = child.stdout.take().map(|s| pump(s, link.clone(), Message::Stdout));
-    let err = child.stderr.take().map(|s| pump(s, link.clone(), Message::Stderr));
+    // Readable once the command has exited: the pumps then drain what is already written
+    // and stop, even if a process outside the command's group still holds the pipes.
+    let (exited_r, exited_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let exited_r = Arc::new(exited_r);
+    let out = child.stdout.take().map(|s| pump(s, exited_r.clone(), link.clone(), Message::Stdout));
+    let err = child.stderr.take().map(|s| pump(s, exited_r.clone(), link.clone(), Message::Stderr));
     let stdin = child.stdin.take();
     let link = link.clone();
     let finisher = std::thread::Builder::new().name("finisher".into()).spawn(move || {
+        // The reaper always answers; a dropped sender would mean no status is known, which
+        // the host reports as a failure (an exit code outside 0-255).
         let status = rx.recv().unwrap_or(ExitStatus::Code(-1));
-        // The command is gone; whatever it left running in its group goes with it, so that its
-        // output pipes close and the exit is reported now rather than never.
+        // The command is gone; whatever it left running in its group goes with it.
         let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+        let _ = nix::unistd::write(&exited_w, b"x");
         for h in [out, err].into_iter().flatten() {
             let _ = h.join();
         }
@@ -178,22 +185,60 @@ pub fn spawn(req: &ExecRequest, link: &Arc<Link>) -> Result<Running, std::io::Er
     Ok(Running { pid, stdin, finisher: Some(finisher) })
 }
 
+/// The most a pump forwards after the command exited: what was already in the pipe, plus
+/// whatever a process still holding it manages to add meanwhile, up to this bound.
+const DRAIN_AFTER_EXIT: usize = 1 << 20;
+
+/// Forwards one output pipe of the command until it closes, or, once `exited` is readable,
+/// until it is drained (bounded by [`DRAIN_AFTER_EXIT`]).
 fn pump(
-    mut source: impl Read + Send + 'static,
+    mut source: impl Read + AsRawFd + Send + 'static,
+    exited: Arc<OwnedFd>,
     link: Arc<Link>,
     wrap: fn(Vec<u8>) -> Message,
 ) -> JoinHandle<()> {
     std::thread::spawn(move || {
+        let fd = source.as_raw_fd();
+        // SAFETY: fcntl on a pipe descriptor this thread owns.
+        unsafe {
+            libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK)
+        };
         let mut buf = vec![0u8; MAX_CHUNK];
+        let mut draining: Option<usize> = None;
         loop {
+            if draining.is_none() {
+                let mut fds = [
+                    libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+                    libc::pollfd { fd: exited.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                ];
+                // SAFETY: `fds` is a valid array of two pollfd structs for the whole call.
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                if n < 0 {
+                    continue;
+                }
+                if fds[1].revents != 0 {
+                    draining = Some(0);
+                }
+            }
             match source.read(&mut buf) {
                 Ok(0) => return,
                 Ok(n) => {
                     if !link.send(&wrap(buf[..n].to_vec())) {
                         return;
                     }
+                    if let Some(sent) = &mut draining {
+                        *sent += n;
+                        if *sent >= DRAIN_AFTER_EXIT {
+                            return;
+                        }
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if draining.is_some() {
+                        return;
+                    }
+                }
                 Err(_) => return,
             }
         }

@@ -3,6 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -68,55 +69,83 @@ pub fn put_file(
     file.sync_all().map_err(|e| format!("write {path}: {e}"))
 }
 
+/// Opens `name` in the directory `dir` (or `name` as an absolute path when `dir` is `None`)
+/// without following a final symlink and without blocking, and says what was opened. The type
+/// of the opened file decides, never a directory listing's: a device or FIFO bind-mounted over
+/// a regular file shows as a regular file in the listing.
+fn open_entry(dir: Option<&File>, name: &std::ffi::OsStr) -> std::io::Result<(File, fs::Metadata)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(name.as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let at = dir.map_or(libc::AT_FDCWD, AsRawFd::as_raw_fd);
+    let flags =
+        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: openat with a descriptor we hold (or AT_FDCWD) and a NUL-terminated name.
+    let fd = unsafe { libc::openat(at, c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: openat just returned this descriptor and nothing else owns it.
+    let f = unsafe { File::from_raw_fd(fd) };
+    let meta = f.metadata()?;
+    Ok((f, meta))
+}
+
 /// Sends a file or a directory tree: `Entry` for each item (paths relative to `path`; the root
-/// itself is "."), each file followed by its `Data` and `DataEnd`.
+/// itself is "."), each file followed by its `Data` and `DataEnd`. Only regular files and
+/// directories are sent; links, devices, FIFOs and sockets in a tree are skipped, and are an
+/// error at the root.
 pub fn get_path(path: &str, link: &Link) -> Result<(), String> {
     let p = absolute(path)?;
-    let meta = fs::symlink_metadata(&p).map_err(|e| format!("{path}: {e}"))?;
+    let (f, meta) = open_entry(None, p.as_os_str()).map_err(|e| format!("{path}: {e}"))?;
     if meta.is_dir() {
-        send_dir(&p, Path::new("."), link)
+        send_dir(f, &meta, Path::new("."), link)
     } else if meta.is_file() {
-        send_file(&p, ".", link)
+        send_file(f, &meta, ".", link)
     } else {
         Err(format!("{path}: only regular files and directories can be copied out"))
     }
 }
 
-fn send_dir(dir: &Path, rel: &Path, link: &Link) -> Result<(), String> {
-    let mode = fs::metadata(dir).map(|m| m.permissions().mode()).unwrap_or(0o755);
+fn send_dir(dir: File, meta: &fs::Metadata, rel: &Path, link: &Link) -> Result<(), String> {
     link.send(&Message::Entry {
         path: rel.to_string_lossy().into_owned(),
         kind: EntryKind::Dir,
-        mode,
+        mode: meta.permissions().mode(),
         size: 0,
     });
-    let mut entries: Vec<_> = fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
+    // The listing is read through the descriptor already opened, not the path again.
+    let listing = format!("/proc/self/fd/{}", dir.as_raw_fd());
+    let mut names: Vec<_> = fs::read_dir(&listing)
+        .map_err(|e| format!("{}: {e}", rel.display()))?
         .filter_map(Result::ok)
+        .map(|e| e.file_name())
         .collect();
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let child_rel = rel.join(e.file_name());
-        let Ok(ft) = e.file_type() else { continue };
-        if ft.is_dir() {
-            send_dir(&e.path(), &child_rel, link)?;
-        } else if ft.is_file() {
-            send_file(&e.path(), &child_rel.to_string_lossy(), link)?;
+    names.sort();
+    for name in names {
+        let child_rel = rel.join(&name);
+        let Ok((f, m)) = open_entry(Some(&dir), &name) else { continue };
+        if m.is_dir() {
+            send_dir(f, &m, &child_rel, link)?;
+        } else if m.is_file() {
+            send_file(f, &m, &child_rel.to_string_lossy(), link)?;
         }
-        // Symlinks, devices and sockets are not copied out.
+        // Symlinks, devices, FIFOs and sockets are not copied out.
     }
     Ok(())
 }
 
-fn send_file(path: &Path, rel: &str, link: &Link) -> Result<(), String> {
-    let mut f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let meta = f.metadata().map_err(|e| format!("{}: {e}", path.display()))?;
+/// Sends exactly the size announced: a file that grows is cut at it, one that shrinks comes
+/// up short (and the host refuses it).
+fn send_file(f: File, meta: &fs::Metadata, rel: &str, link: &Link) -> Result<(), String> {
+    let size = meta.len();
     link.send(&Message::Entry {
         path: rel.to_owned(),
         kind: EntryKind::File,
         mode: meta.permissions().mode(),
-        size: meta.len(),
+        size,
     });
+    let mut f = f.take(size);
     let mut buf = vec![0u8; MAX_CHUNK];
     loop {
         match f.read(&mut buf) {
@@ -128,7 +157,7 @@ fn send_file(path: &Path, rel: &str, link: &Link) -> Result<(), String> {
             Err(e) => {
                 // The entry is already announced: end it, then report.
                 link.send(&Message::DataEnd);
-                return Err(format!("read {}: {e}", path.display()));
+                return Err(format!("read {rel}: {e}"));
             }
         }
     }

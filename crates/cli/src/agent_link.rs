@@ -59,7 +59,11 @@ impl AgentLink {
 
     /// The next message, waiting at most `wait`; `Ok(None)` if none came in time.
     pub fn recv(&mut self, wait: Duration) -> Result<Option<Message>, String> {
-        let deadline = Instant::now() + wait;
+        self.recv_by(deadline_in(wait))
+    }
+
+    /// The next message, waiting until `deadline` at the latest; `Ok(None)` if none came.
+    pub fn recv_by(&mut self, deadline: Instant) -> Result<Option<Message>, String> {
         loop {
             if let Some(m) =
                 self.frames.next_message().map_err(|e| format!("bad frame from the agent: {e}"))?
@@ -90,4 +94,16 @@ impl AgentLink {
         self.recv(limit)?
             .ok_or_else(|| format!("the agent did not answer {what} within {} s", limit.as_secs()))
     }
+
+    /// The next message, by `deadline` (an error after).
+    pub fn expect_by(&mut self, deadline: Instant, what: &str) -> Result<Message, String> {
+        self.recv_by(deadline)?.ok_or_else(|| format!("the agent did not answer {what} in time"))
+    }
+}
+
+/// `wait` from now, or as far as an `Instant` reaches: durations come from users and must
+/// never overflow.
+pub fn deadline_in(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait).unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
 }

@@ -105,6 +105,8 @@ pub struct Cell {
     cgroup: Option<CellCgroup>,
     /// The locked owner file: while it is open, no sweep takes this cell for abandoned.
     owner: Option<File>,
+    /// The jailer's standard output, on which it reports the VMM's pid once it has forked it.
+    jailer_report: Option<std::process::ChildStdout>,
 }
 
 /// Test aid: `ISOCELL_TEST_SECCOMP_PROBE=KIND` makes a VMM thread of that kind call a syscall
@@ -290,6 +292,7 @@ impl Cell {
             owner: None,
             vmm_status: None,
             cgroup: None,
+            jailer_report: None,
         };
         // From here on, dropping `cell` removes everything made so far.
         cell.owner = Some(own(&dir)?);
@@ -341,7 +344,8 @@ impl Cell {
                 cmd
             }
         };
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(vmm_log);
+        let stdout = if jail.is_some() { Stdio::piped() } else { Stdio::null() };
+        cmd.stdin(Stdio::null()).stdout(stdout).stderr(vmm_log);
         // Its own process group keeps a terminal's Ctrl-C for us (we tear the cell down in
         // order); the parent-death signal takes the VMM down if we die without tearing down.
         cmd.process_group(0);
@@ -357,7 +361,9 @@ impl Cell {
         }
         cell.agent_listener = Some(listener);
         let program = jail.map_or(vmm, |j| j.jailer.as_path()).to_owned();
-        let child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+        let mut child =
+            cmd.spawn().map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+        cell.jailer_report = child.stdout.take();
         cell.vmm_exited = pidfd(child.id());
         cell.vmm = Some(child);
         Ok(cell)
@@ -480,9 +486,27 @@ impl Cell {
         }
     }
 
-    /// The VMM's process id, while it runs.
-    pub fn vmm_pid(&self) -> Option<u32> {
-        self.vmm.as_ref().map(Child::id)
+    /// The VMM's process id as this host sees it, while it runs. A jailed VMM is the
+    /// jailer's child: the jailer reports its pid once it has forked it (waited for up to
+    /// `wait`).
+    pub fn vmm_pid(&mut self, wait: Duration) -> Option<u32> {
+        let Some(mut report) = self.jailer_report.take() else {
+            return self.vmm.as_ref().map(Child::id);
+        };
+        let mut line = Vec::new();
+        let start = Instant::now();
+        let mut buf = [0u8; 16];
+        while !line.contains(&b'\n') && line.len() < 16 {
+            let left = wait.saturating_sub(start.elapsed());
+            if left.is_zero() || !wait_readable(&[report.as_raw_fd()], left)[0] {
+                return None;
+            }
+            match report.read(&mut buf) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => line.extend_from_slice(&buf[..n]),
+            }
+        }
+        std::str::from_utf8(&line).ok()?.trim().parse().ok()
     }
 
     /// Ends the cell (killing a VMM still running), removes its cgroup and directory, and

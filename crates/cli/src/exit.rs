@@ -28,6 +28,6 @@ Exit status:
 
 /// Prints an error and returns [`ISOCELL_FAILED`].
 pub fn fail(message: &str) -> u8 {
-    eprintln!("isocell: error: {message}");
+    tell!("isocell: error: {message}");
     ISOCELL_FAILED
 }

@@ -43,6 +43,8 @@ fn find(flag: Option<&Path>, env: &str, file: &str, what: &str) -> Result<PathBu
     };
     if path.is_file() {
         Ok(path)
+    } else if path.exists() {
+        Err(format!("{what} {} is not a regular file; give the path of one", path.display()))
     } else {
         Err(format!(
             "{what} {} does not exist. Build it with scripts/build-all.sh (or guest/build-kernel.sh \

@@ -4,6 +4,18 @@
 //! and a read-only root image, runs the command through the in-guest agent with its output
 //! streamed live, copies outputs back, destroys the cell and exits with the command's status.
 
+// Writing to a closed or full stderr/stdout must never abort `isocell` (release builds abort on
+// panic, skipping teardown and evidence): every message goes through `tell!` or `say!`.
+#![deny(clippy::print_stderr, clippy::print_stdout)]
+
+/// Writes a line to stderr; a stderr that cannot be written (closed, `/dev/full`) is ignored.
+macro_rules! tell {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod agent_link;
 mod cell;
 mod confine;
@@ -78,6 +90,16 @@ struct RunArgs {
     /// Give up if the cell's agent is not up after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     boot_timeout: u64,
+    /// The longest copying all --input files in may take, and separately all --output files
+    /// out (exit status 125 after).
+    #[arg(long, value_name = "SECS", default_value_t = transfer::DEFAULT_COPY_TIMEOUT_SECS)]
+    copy_timeout: u64,
+    /// The most bytes all --output copies together may write on this host (a size: 512M, 4G).
+    #[arg(long, value_name = "SIZE", default_value = "4G")]
+    output_max_bytes: String,
+    /// The most files and directories all --output copies together may create.
+    #[arg(long, value_name = "N", default_value_t = transfer::DEFAULT_OUTPUT_MAX_ENTRIES)]
+    output_max_entries: u64,
     /// Forward standard input to the command.
     #[arg(short, long)]
     interactive: bool,
@@ -145,6 +167,70 @@ fn absolute(p: &Path) -> Result<PathBuf, String> {
     std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
 }
 
+/// The longest any duration option may be: a year. Longer values are mistakes, and bounding
+/// them here keeps every later sum of durations far from overflow.
+const MAX_SECS: u64 = 365 * 86_400;
+
+/// Checks a duration option: 1 second to a year.
+fn seconds(flag: &str, secs: u64) -> Result<Duration, String> {
+    if (1..=MAX_SECS).contains(&secs) {
+        Ok(Duration::from_secs(secs))
+    } else {
+        Err(format!("{flag} {secs}: give between 1 and {MAX_SECS} seconds (a year)"))
+    }
+}
+
+/// Parses a byte size: a number of bytes, or with K, M, G or T (powers of 1024).
+fn parse_size(flag: &str, s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, 'K')) => (&t[..i], 10),
+        Some((i, 'M')) => (&t[..i], 20),
+        Some((i, 'G')) => (&t[..i], 30),
+        Some((i, 'T')) => (&t[..i], 40),
+        _ => (t, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("{flag} {s:?}: give a size in bytes, or like 512M, 4G or 1T"))
+}
+
+/// Largest spec or policy file read (they are small text files; a device or a huge file given
+/// by mistake must not be read without end).
+const MAX_TEXT_FILE: u64 = 1 << 20;
+
+/// Reads a small regular text file given on the command line, refusing devices, FIFOs and
+/// anything over [`MAX_TEXT_FILE`].
+fn read_text_file(flag: &str, path: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    let meta = f.metadata().map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{flag} {}: not a regular file", path.display()));
+    }
+    if meta.len() > MAX_TEXT_FILE {
+        return Err(format!(
+            "{flag} {}: {} bytes is too large (at most {MAX_TEXT_FILE})",
+            path.display(),
+            meta.len()
+        ));
+    }
+    let mut text = String::new();
+    f.take(MAX_TEXT_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_TEXT_FILE {
+        return Err(format!("{flag} {}: grew past {MAX_TEXT_FILE} bytes", path.display()));
+    }
+    Ok(text)
+}
+
 fn parse_inputs(items: &[String]) -> Result<Vec<(PathBuf, String)>, String> {
     items
         .iter()
@@ -153,11 +239,22 @@ fn parse_inputs(items: &[String]) -> Result<Vec<(PathBuf, String)>, String> {
                 Some((h, g)) => (PathBuf::from(h), Some(g.to_owned())),
                 None => (PathBuf::from(item), None),
             };
-            if !host.exists() {
-                return Err(format!(
-                    "--input {item}: {} does not exist on this host",
-                    host.display()
-                ));
+            match std::fs::metadata(&host) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(format!(
+                        "--input {item}: {} does not exist on this host",
+                        host.display()
+                    ))
+                }
+                Err(e) => return Err(format!("--input {item}: {e}")),
+                Ok(m) if !m.is_file() && !m.is_dir() => {
+                    return Err(format!(
+                        "--input {item}: {} is not a regular file or directory (devices, FIFOs \
+                         and sockets cannot be copied into a cell)",
+                        host.display()
+                    ))
+                }
+                Ok(_) => {}
             }
             let guest = match guest {
                 Some(g) => g,
@@ -192,14 +289,7 @@ fn parse_outputs(items: &[String]) -> Result<Vec<(String, PathBuf)>, String> {
             if !guest.starts_with('/') {
                 return Err(format!("--output {item}: the cell path {guest:?} must be absolute"));
             }
-            let parent =
-                host.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            if !parent.is_dir() {
-                return Err(format!(
-                    "--output {item}: directory {} does not exist",
-                    parent.display()
-                ));
-            }
+            transfer::check_output_dest(&host).map_err(|e| format!("--output {item}: {e}"))?;
             Ok((guest, host))
         })
         .collect()
@@ -208,8 +298,7 @@ fn parse_outputs(items: &[String]) -> Result<Vec<(String, PathBuf)>, String> {
 fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
     let spec = match &args.spec {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read the cell spec {}: {e}", path.display()))?;
+            let text = read_text_file("--spec", path)?;
             let base = path.parent().unwrap_or(Path::new("."));
             isocell_spec::CellSpec::parse(&text, base)
                 .map_err(|e| format!("cell spec {} is invalid: {e}", path.display()))?
@@ -257,13 +346,11 @@ fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
     if args.max_lifetime.is_some() {
         constraints.max_lifetime_secs = args.max_lifetime;
     }
-    if constraints.max_lifetime_secs == Some(0) {
-        return Err("max lifetime 0: give a positive number of seconds".into());
+    if let Some(secs) = constraints.max_lifetime_secs {
+        seconds("--max-lifetime", secs)?;
     }
     for p in &args.policies {
-        if !p.is_file() {
-            return Err(format!("--policy {}: no such file", p.display()));
-        }
+        read_text_file("--policy", p)?;
     }
     let cpus = u8::try_from(cpus_arg)
         .ok()
@@ -280,9 +367,10 @@ fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
             return Err(format!("--workdir {w:?}: must be an absolute path in the cell"));
         }
     }
-    if args.timeout == Some(0) {
-        return Err("--timeout 0: give a positive number of seconds".into());
-    }
+    let timeout = args.timeout.map(|t| seconds("--timeout", t)).transpose()?;
+    let boot_timeout = seconds("--boot-timeout", args.boot_timeout)?;
+    let copy_timeout = seconds("--copy-timeout", args.copy_timeout)?;
+    let output_max_bytes = parse_size("--output-max-bytes", &args.output_max_bytes)?;
     let (uid, gid) = parse_user(&args.user)?;
     let image_flag = args.image.as_deref().or(args.image_arg.as_deref());
     Ok(run::RunOptions {
@@ -298,8 +386,11 @@ fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
         gid,
         inputs: parse_inputs(&args.inputs)?,
         outputs: parse_outputs(&args.outputs)?,
-        timeout: args.timeout.map(Duration::from_secs),
-        boot_timeout: Duration::from_secs(args.boot_timeout.max(1)),
+        timeout,
+        boot_timeout,
+        copy_timeout,
+        output_max_bytes,
+        output_max_entries: args.output_max_entries,
         interactive: args.interactive,
         argv: args.command,
         report: args.report,

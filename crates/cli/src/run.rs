@@ -53,6 +53,12 @@ pub struct RunOptions {
     pub timeout: Option<Duration>,
     /// Limit on boot up to the agent's hello.
     pub boot_timeout: Duration,
+    /// Limit on copying all inputs in, and separately on copying all outputs out.
+    pub copy_timeout: Duration,
+    /// Cap on the bytes all outputs together may write.
+    pub output_max_bytes: u64,
+    /// Cap on the files and directories all outputs together may create.
+    pub output_max_entries: u64,
     /// Forward our standard input.
     pub interactive: bool,
     /// The command.
@@ -139,7 +145,7 @@ pub fn run(opts: &RunOptions, started: Instant) -> u8 {
     match code {
         Ok(c) => c,
         Err(f) => {
-            eprintln!("isocell: error: {}", f.message);
+            tell!("isocell: error: {}", f.message);
             f.code
         }
     }
@@ -182,10 +188,11 @@ fn run_cell(
         kernel_args: opts.kernel_args.clone(),
         // The spec's lifetime bound is enforced by the VMM itself; without one, a last-resort
         // bound well past every limit we enforce here.
-        max_lifetime_secs: opts
-            .constraints
-            .max_lifetime_secs
-            .or(opts.timeout.map(|t| t.as_secs() + opts.boot_timeout.as_secs() + 600)),
+        max_lifetime_secs: opts.constraints.max_lifetime_secs.or(opts.timeout.map(|t| {
+            [opts.boot_timeout, opts.copy_timeout, opts.copy_timeout, Duration::from_secs(600)]
+                .iter()
+                .fold(t.as_secs(), |sum, d| sum.saturating_add(d.as_secs()))
+        })),
     };
     let config = cell::vm_config(&view, &spec);
     let plan = DevicePlan::new(&config).map_err(|e| Failure::from(e.to_string()))?;
@@ -268,7 +275,8 @@ fn run_cell(
     let mut cell = Cell::start(&run_dir, id, &opts.vmm, &config, jail.as_ref())?;
     let vmm_started = Instant::now();
     phases.prepare_ms = ms(vmm_started - started);
-    let receipt = ev.launched(&measurement, &decision, &opts.argv, cell.vmm_pid())?;
+    let vmm_pid = cell.vmm_pid(Duration::from_secs(5));
+    let receipt = ev.launched(&measurement, &decision, &opts.argv, vmm_pid)?;
 
     let result = drive(opts, &mut cell, ev, signals, &mut phases, vmm_started);
     let (code, outcome) = match &result {
@@ -292,7 +300,7 @@ fn run_cell(
     });
     let exit_receipt = ev.ended(code, outcome, &checks, ended)?;
     if checks.as_object().is_some_and(|o| o.values().any(|v| v != &Value::Bool(true))) {
-        eprintln!("isocell: warning: a teardown check failed: {checks}");
+        tell!("isocell: warning: a teardown check failed: {checks}");
     }
     phases.total_ms = ms(started.elapsed());
     if let Some(path) = &opts.report {
@@ -308,7 +316,7 @@ fn run_cell(
         });
         let text = serde_json::to_string_pretty(&report).unwrap_or_default();
         if let Err(e) = std::fs::write(path, text) {
-            eprintln!("isocell: cannot write the report {}: {e}", path.display());
+            tell!("isocell: cannot write the report {}: {e}", path.display());
         }
     }
     result.map(|(code, _)| code)
@@ -338,8 +346,13 @@ fn drive(
     let (mut link, agent) = AgentLink::handshake(stream, opts.boot_timeout)
         .map_err(|e| Failure::from(format!("{e}{}", cell.diagnostics())))?;
     ev.log("start", json!({ "agent": agent, "boot_ms": phases.boot_ms.round() as u64 }))?;
+    let inputs_by = crate::agent_link::deadline_in(opts.copy_timeout);
     for (host, guest) in &opts.inputs {
-        transfer::put(&mut link, host, guest)?;
+        if let Err(e) = transfer::put(&mut link, host, guest, inputs_by) {
+            let _ = link.send(&Message::Shutdown);
+            cell.stop(Duration::from_secs(5));
+            return Err(e.into());
+        }
     }
     if let Some(sig) = pending_signal(signals) {
         let _ = link.send(&Message::Shutdown);
@@ -365,9 +378,19 @@ fn drive(
     phases.exec_ms = ms(exited - ready);
 
     let (mut code, what) = match outcome {
-        Outcome::Exited(status) => (status.shell_code().clamp(0, 255) as u8, "exited"),
+        Outcome::Exited(status) => {
+            match u8::try_from(status.shell_code()) {
+                Ok(code) => (code, "exited"),
+                Err(_) => {
+                    // The agent had no real status for the command (or sent nonsense): the run
+                    // failed, and says so rather than passing as exit 0.
+                    tell!("isocell: the cell reported no valid exit status for the command ({status:?})");
+                    (exit::ISOCELL_FAILED, "no_exit_status")
+                }
+            }
+        }
         Outcome::TimedOut => {
-            eprintln!(
+            tell!(
                 "isocell: the command ran past --timeout {} s and was killed",
                 opts.timeout.map_or(0, |t| t.as_secs())
             );
@@ -377,12 +400,20 @@ fn drive(
     };
     ev.log("exit", json!({ "exit_code": code, "outcome": what }))?;
     if what == "exited" {
+        let mut budget = transfer::OutputBudget::new(
+            opts.output_max_bytes,
+            opts.output_max_entries,
+            opts.copy_timeout,
+        );
         for (guest, host) in &opts.outputs {
-            if let Err(e) = transfer::get(&mut link, guest, host) {
-                eprintln!("isocell: {e}");
+            if let Err(e) = transfer::get(&mut link, guest, host, &mut budget) {
+                tell!("isocell: {e}");
+                ev.log("output_refused", json!({ "output": guest, "reason": e }))?;
                 if code == 0 {
                     code = exit::ISOCELL_FAILED;
                 }
+                // The connection is out of step after a refused copy: no more outputs.
+                break;
             }
         }
     }
@@ -390,7 +421,7 @@ fn drive(
     drop(link);
     let status = cell.stop(Duration::from_secs(10));
     if !status.is_some_and(|s| s.success()) {
-        eprintln!(
+        tell!(
             "isocell: warning: the cell did not shut down cleanly (VMM {}){}",
             status.map_or("killed".into(), |s| s.to_string()),
             cell.diagnostics()

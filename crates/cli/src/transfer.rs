@@ -1,34 +1,91 @@
 //! `--input` and `--output`: copying files and directory trees into a cell before the command
-//! and out of it afterwards. What comes out of a cell is untrusted: entry paths are checked to
-//! stay inside the destination.
+//! and out of it afterwards.
+//!
+//! What comes out of a cell is hostile. Outputs are written into a staging directory that
+//! `isocell` creates next to the destination, every entry is opened beneath it without
+//! following any link (`openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`) and created
+//! exclusively, modes come from a fixed policy, the cell is held to the sizes it declares and to
+//! caps on bytes, entries and time, and only a complete copy is renamed into place. On any
+//! failure the staging directory is removed: nothing partial is left in the destination.
 
+use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use isocell_proto::{EntryKind, Message, MAX_CHUNK};
 
-use crate::agent_link::AgentLink;
+use crate::agent_link::{deadline_in, AgentLink};
 
-/// How long one reply may take (large files move at tens of MB/s even nested).
-const REPLY_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default cap on the files and directories all `--output`s of one run may create.
+pub const DEFAULT_OUTPUT_MAX_ENTRIES: u64 = 100_000;
+/// Default bound on copying all inputs, and separately all outputs.
+pub const DEFAULT_COPY_TIMEOUT_SECS: u64 = 600;
 
-/// Copies `host` (a file or a directory tree) to `guest` in the cell.
-pub fn put(link: &mut AgentLink, host: &Path, guest: &str) -> Result<(), String> {
-    let meta = fs::metadata(host).map_err(|e| format!("--input {}: {e}", host.display()))?;
-    if meta.is_dir() {
-        put_dir(link, host, guest)
-    } else {
-        put_file(link, host, guest, meta.permissions().mode(), meta.len())
+/// Mode of every file copied out (0755 if the cell marked it executable).
+const FILE_MODE: u32 = 0o644;
+/// Mode of every directory copied out.
+const DIR_MODE: u32 = 0o755;
+
+/// What the outputs of one run may still use, and until when.
+#[derive(Debug)]
+pub struct OutputBudget {
+    /// Bytes left.
+    pub bytes: u64,
+    /// Entries (files and directories) left.
+    pub entries: u64,
+    /// The configured caps, for messages.
+    pub max_bytes: u64,
+    /// See `max_bytes`.
+    pub max_entries: u64,
+    /// When copying out must have ended.
+    pub deadline: Instant,
+    /// The configured bound, for messages.
+    pub timeout: Duration,
+}
+
+impl OutputBudget {
+    /// A budget of `max_bytes` and `max_entries`, ending `timeout` from now.
+    pub fn new(max_bytes: u64, max_entries: u64, timeout: Duration) -> Self {
+        OutputBudget {
+            bytes: max_bytes,
+            entries: max_entries,
+            max_bytes,
+            max_entries,
+            deadline: deadline_in(timeout),
+            timeout,
+        }
     }
 }
 
-fn put_dir(link: &mut AgentLink, host: &Path, guest: &str) -> Result<(), String> {
-    let mode = fs::metadata(host).map(|m| m.permissions().mode()).unwrap_or(0o755);
+/// Copies `host` (a file or a directory tree) to `guest` in the cell, by `deadline`.
+pub fn put(
+    link: &mut AgentLink,
+    host: &Path,
+    guest: &str,
+    deadline: Instant,
+) -> Result<(), String> {
+    let meta = fs::metadata(host).map_err(|e| format!("--input {}: {e}", host.display()))?;
+    if meta.is_dir() {
+        put_dir(link, host, guest, deadline)
+    } else {
+        put_file(link, host, guest, deadline)
+    }
+}
+
+fn put_dir(
+    link: &mut AgentLink,
+    host: &Path,
+    guest: &str,
+    deadline: Instant,
+) -> Result<(), String> {
+    let mode = fs::metadata(host).map(|m| m.mode() & 0o7777).unwrap_or(0o755);
     link.send(&Message::MakeDir { path: guest.to_owned(), mode })?;
-    reply(link, guest)?;
+    reply(link, guest, deadline)?;
     let mut entries: Vec<_> = fs::read_dir(host)
         .map_err(|e| format!("--input {}: {e}", host.display()))?
         .filter_map(Result::ok)
@@ -43,27 +100,49 @@ fn put_dir(link: &mut AgentLink, host: &Path, guest: &str) -> Result<(), String>
         let meta = fs::metadata(e.path())
             .map_err(|err| format!("--input {}: {err}", e.path().display()))?;
         if meta.is_dir() {
-            put_dir(link, &e.path(), &child)?;
+            put_dir(link, &e.path(), &child, deadline)?;
         } else if meta.is_file() {
-            put_file(link, &e.path(), &child, meta.permissions().mode(), meta.len())?;
+            put_file(link, &e.path(), &child, deadline)?;
         }
+        // FIFOs, sockets and devices inside a tree are not copied: reading one could block
+        // forever or never end.
     }
     Ok(())
+}
+
+/// Opens a host file for `--input` without blocking (a FIFO swapped in after the options were
+/// checked must not hang us) and checks that what was opened is a regular file.
+fn open_regular(host: &Path) -> Result<(File, fs::Metadata), String> {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(host)
+        .map_err(|e| format!("--input {}: {e}", host.display()))?;
+    let meta = f.metadata().map_err(|e| format!("--input {}: {e}", host.display()))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "--input {}: not a regular file or directory (devices, FIFOs and sockets cannot be \
+             copied into a cell)",
+            host.display()
+        ));
+    }
+    Ok((f, meta))
 }
 
 fn put_file(
     link: &mut AgentLink,
     host: &Path,
     guest: &str,
-    mode: u32,
-    size: u64,
+    deadline: Instant,
 ) -> Result<(), String> {
-    let mut f = File::open(host).map_err(|e| format!("--input {}: {e}", host.display()))?;
-    link.send(&Message::PutFile { path: guest.to_owned(), mode, size })?;
+    let (mut f, meta) = open_regular(host)?;
+    let size = meta.len();
+    link.send(&Message::PutFile { path: guest.to_owned(), mode: meta.mode() & 0o7777, size })?;
     let mut buf = vec![0u8; MAX_CHUNK];
     let mut sent = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(|e| format!("--input {}: {e}", host.display()))?;
+    while sent < size {
+        let want = usize::try_from(size - sent).unwrap_or(usize::MAX).min(buf.len());
+        let n = f.read(&mut buf[..want]).map_err(|e| format!("--input {}: {e}", host.display()))?;
         if n == 0 {
             break;
         }
@@ -74,67 +153,351 @@ fn put_file(
     if sent != size {
         return Err(format!("--input {}: the file changed while it was copied", host.display()));
     }
-    reply(link, guest)
+    reply(link, guest, deadline)
 }
 
-fn reply(link: &mut AgentLink, what: &str) -> Result<(), String> {
-    match link.expect(REPLY_TIMEOUT, what)? {
+fn reply(link: &mut AgentLink, what: &str, deadline: Instant) -> Result<(), String> {
+    match link.expect_by(deadline, what)? {
         Message::Done => Ok(()),
         Message::Error { message } => Err(format!("in the cell: {message}")),
-        other => Err(format!("unexpected reply {other:?} for {what}")),
+        other => Err(format!("unexpected reply {} for {what}", describe(&other))),
+    }
+}
+
+/// A short description of a message from the cell (never its whole payload).
+fn describe(m: &Message) -> String {
+    match m {
+        Message::Data(d) => format!("Data ({} bytes)", d.len()),
+        Message::Stdout(d) | Message::Stderr(d) | Message::Stdin(d) => {
+            format!("output ({} bytes)", d.len())
+        }
+        other => {
+            let mut s = format!("{other:?}");
+            s.truncate(120);
+            s
+        }
     }
 }
 
 /// Checks a relative path from the cell: no `..`, no root, nothing odd.
 fn safe_relative(rel: &str) -> Result<PathBuf, String> {
     let p = Path::new(rel);
-    let ok = p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    let ok = p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+        && !rel.contains('\0');
     if ok && !rel.is_empty() {
-        Ok(p.to_owned())
+        Ok(p.components().filter(|c| matches!(c, Component::Normal(_))).collect())
     } else {
-        Err(format!("the cell sent an unsafe path {rel:?}; refused"))
+        Err(format!("the cell sent an unsafe path {:?}; refused", truncated(rel)))
     }
 }
 
-/// Copies `guest` (file or tree) out of the cell to `host`.
-pub fn get(link: &mut AgentLink, guest: &str, host: &Path) -> Result<(), String> {
+fn truncated(s: &str) -> &str {
+    match s.char_indices().nth(200) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+fn cstring(p: &Path) -> Result<CString, String> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| format!("{}: path has a NUL", p.display()))
+}
+
+/// Opens `rel` beneath the directory `dir` without following any link, `..` or mount crossing
+/// out of it. `flags` are open(2) flags.
+fn open_beneath(dir: RawFd, rel: &Path, flags: i32, mode: u32) -> std::io::Result<OwnedFd> {
+    let path = CString::new(rel.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: open_how is plain data; all-zero is valid and the fields are set below.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
+    how.mode = u64::from(mode);
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: `path` is a NUL-terminated string and `how` a fully initialised open_how that
+    // both outlive the call; the size passed is that of `how`.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir,
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    let fd = RawFd::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: openat2 just returned this descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Creates the directory `rel` beneath `dir` (its parent must exist there, reached without
+/// following links).
+fn mkdir_beneath(dir: RawFd, rel: &Path) -> std::io::Result<()> {
+    let (parent, name) = split(rel)?;
+    let parent_fd = match parent {
+        Some(p) => Some(open_beneath(dir, p, libc::O_PATH | libc::O_DIRECTORY, 0)?),
+        None => None,
+    };
+    let at = parent_fd.as_ref().map_or(dir, AsRawFd::as_raw_fd);
+    let name = CString::new(name.as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: mkdirat with a directory descriptor we hold and a NUL-terminated name.
+    if unsafe { libc::mkdirat(at, name.as_ptr(), DIR_MODE) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn split(rel: &Path) -> std::io::Result<(Option<&Path>, &std::ffi::OsStr)> {
+    let name = rel.file_name().ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let parent = rel.parent().filter(|p| !p.as_os_str().is_empty());
+    Ok((parent, name))
+}
+
+/// Free bytes on the filesystem of `fd`, if the kernel says.
+fn free_bytes(fd: RawFd) -> Option<u64> {
+    // SAFETY: statvfs is plain data; zeroed is a valid value that fstatvfs overwrites.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatvfs writes into `st`, which lives across the call.
+    if unsafe { libc::fstatvfs(fd, &mut st) } != 0 {
+        return None;
+    }
+    Some(u64::from(st.f_bavail).saturating_mul(st.f_frsize))
+}
+
+/// Where one output goes: a staging directory beside the destination, and the final name.
+struct Staging {
+    /// The staging directory (`DEST_PARENT/.isocell-output-ID`), created by us, mode 0700.
+    dir: PathBuf,
+    fd: OwnedFd,
+    /// Where the copy goes once complete.
+    dest: PathBuf,
+    done: bool,
+}
+
+/// Name of the copy inside the staging directory.
+const STAGED: &str = "data";
+
+impl Staging {
+    fn new(dest: PathBuf) -> Result<Staging, String> {
+        let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = parent.join(format!(".isocell-output-{}", crate::cell::new_id()));
+        fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| {
+            format!("--output {}: cannot create {}: {e}", dest.display(), dir.display())
+        })?;
+        let fd = match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(&dir)
+        {
+            Ok(f) => OwnedFd::from(f),
+            Err(e) => {
+                let _ = fs::remove_dir(&dir);
+                return Err(format!("--output {}: {e}", dir.display()));
+            }
+        };
+        Ok(Staging { dir, fd, dest, done: false })
+    }
+
+    /// Moves the complete copy into place. A file replaces an existing file (or link: the
+    /// link itself, never its target); a directory takes the place of nothing or of an empty
+    /// directory, never merges into a full one.
+    fn commit(mut self) -> Result<(), String> {
+        let from = cstring(&self.dir.join(STAGED))?;
+        let to = cstring(&self.dest)?;
+        // SAFETY: rename with two NUL-terminated paths that outlive the call.
+        if unsafe { libc::rename(from.as_ptr(), to.as_ptr()) } != 0 {
+            let err = std::io::Error::last_os_error();
+            return Err(match err.raw_os_error() {
+                Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => format!(
+                    "--output {}: exists and is not empty; give a new path or remove it",
+                    self.dest.display()
+                ),
+                Some(libc::EISDIR) | Some(libc::ENOTDIR) => format!(
+                    "--output {}: exists as another kind of file; give a new path or remove it",
+                    self.dest.display()
+                ),
+                _ => format!("--output {}: {err}", self.dest.display()),
+            });
+        }
+        self.done = true;
+        let _ = fs::remove_dir(&self.dir);
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.done {
+            // remove_dir_all does not follow links; everything inside was created by us.
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The file being received.
+struct Incoming {
+    file: File,
+    rel: PathBuf,
+    declared: u64,
+    written: u64,
+}
+
+/// Copies `guest` (file or tree) out of the cell to `host`, within `budget`. On error the
+/// connection is out of step: the caller must not use it for anything but `Shutdown`.
+pub fn get(
+    link: &mut AgentLink,
+    guest: &str,
+    host: &Path,
+    budget: &mut OutputBudget,
+) -> Result<(), String> {
+    // A single file copied onto an existing directory lands inside it (decided on the first
+    // entry, when the kind is known).
+    let into_dir = fs::metadata(host).is_ok_and(|m| m.is_dir());
+    let guest_name = Path::new(guest).file_name().map(PathBuf::from);
     link.send(&Message::GetPath { path: guest.to_owned() })?;
-    let mut current: Option<(File, PathBuf)> = None;
+    let mut staging: Option<Staging> = None;
+    let mut current: Option<Incoming> = None;
     loop {
-        match link.expect(REPLY_TIMEOUT, guest)? {
-            Message::Entry { path, kind, mode, .. } => {
-                let rel = safe_relative(&path)?;
-                let mut target =
-                    if rel == Path::new(".") { host.to_owned() } else { host.join(&rel) };
-                // A single file copied onto an existing directory lands inside it.
-                if rel == Path::new(".") && kind == EntryKind::File && target.is_dir() {
-                    target = target.join(Path::new(guest).file_name().unwrap_or_default());
+        let msg = link.expect_by(budget.deadline, guest).map_err(|e| {
+            if Instant::now() >= budget.deadline {
+                format!(
+                    "--output {guest}: copying outputs took longer than --copy-timeout {} s; \
+                     stopped",
+                    budget.timeout.as_secs()
+                )
+            } else {
+                e
+            }
+        })?;
+        match msg {
+            Message::Entry { path, kind, mode, size } => {
+                if current.is_some() {
+                    return Err(format!("--output {guest}: the cell began an entry inside a file"));
                 }
+                budget.entries = budget.entries.checked_sub(1).ok_or_else(|| {
+                    format!(
+                        "--output {guest}: more than --output-max-entries {} files and \
+                         directories; stopped",
+                        budget.max_entries
+                    )
+                })?;
+                let rel = safe_relative(&path)?;
+                let is_root = rel.as_os_str().is_empty();
+                if staging.is_none() != is_root {
+                    return Err(format!(
+                        "--output {guest}: the cell sent entries out of order ({:?})",
+                        truncated(&path)
+                    ));
+                }
+                if is_root {
+                    let dest = match (&guest_name, kind) {
+                        (Some(name), EntryKind::File) if into_dir => host.join(name),
+                        _ => host.to_owned(),
+                    };
+                    staging = Some(Staging::new(dest)?);
+                }
+                let Some(stage) = &staging else { continue };
+                let at = if is_root { PathBuf::from(STAGED) } else { Path::new(STAGED).join(&rel) };
                 match kind {
-                    EntryKind::Dir => {
-                        fs::create_dir_all(&target)
-                            .map_err(|e| format!("--output {}: {e}", target.display()))?;
-                    }
+                    EntryKind::Dir => mkdir_beneath(stage.fd.as_raw_fd(), &at)
+                        .map_err(|e| format!("--output {guest}: {}: {e}", truncated(&path)))?,
                     EntryKind::File => {
-                        let f = File::create(&target)
-                            .map_err(|e| format!("--output {}: {e}", target.display()))?;
-                        let _ = f.set_permissions(fs::Permissions::from_mode(mode & 0o777));
-                        current = Some((f, target));
+                        if size > budget.bytes {
+                            return Err(format!(
+                                "--output {guest}: {} would pass --output-max-bytes {}; stopped",
+                                truncated(&path),
+                                budget.max_bytes
+                            ));
+                        }
+                        if free_bytes(stage.fd.as_raw_fd()).is_some_and(|free| size > free) {
+                            return Err(format!(
+                                "--output {guest}: {} ({size} bytes) does not fit on the \
+                                 destination's filesystem",
+                                truncated(&path)
+                            ));
+                        }
+                        let file_mode = if mode & 0o111 != 0 { 0o755 } else { FILE_MODE };
+                        let fd = open_beneath(
+                            stage.fd.as_raw_fd(),
+                            &at,
+                            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                            file_mode,
+                        )
+                        .map_err(|e| format!("--output {guest}: {}: {e}", truncated(&path)))?;
+                        current = Some(Incoming {
+                            file: File::from(fd),
+                            rel,
+                            declared: size,
+                            written: 0,
+                        });
                     }
                 }
             }
-            Message::Data(bytes) => match &mut current {
-                Some((f, target)) => f
+            Message::Data(bytes) => {
+                let Some(cur) = &mut current else {
+                    return Err(format!("--output {guest}: the cell sent data outside a file"));
+                };
+                let n = bytes.len() as u64;
+                if cur.written.saturating_add(n) > cur.declared {
+                    return Err(format!(
+                        "--output {guest}: the cell sent more than the {} bytes it declared for \
+                         {}; stopped",
+                        cur.declared,
+                        cur.rel.display()
+                    ));
+                }
+                cur.file
                     .write_all(&bytes)
-                    .map_err(|e| format!("--output {}: {e}", target.display()))?,
-                None => return Err("the cell sent data without a file".into()),
-            },
-            Message::DataEnd => current = None,
-            Message::Done => return Ok(()),
-            Message::Error { message } => return Err(format!("--output {guest}: {message}")),
-            other => return Err(format!("unexpected message {other:?} while copying {guest} out")),
+                    .map_err(|e| format!("--output {guest}: writing {}: {e}", cur.rel.display()))?;
+                cur.written += n;
+                budget.bytes = budget.bytes.saturating_sub(n);
+            }
+            Message::DataEnd => {
+                let Some(cur) = current.take() else {
+                    return Err(format!("--output {guest}: the cell ended a file it never began"));
+                };
+                if cur.written != cur.declared {
+                    return Err(format!(
+                        "--output {guest}: the cell sent {} bytes for {}, not the {} it declared",
+                        cur.written,
+                        cur.rel.display(),
+                        cur.declared
+                    ));
+                }
+            }
+            Message::Done => {
+                if current.is_some() {
+                    return Err(format!(
+                        "--output {guest}: the cell stopped in the middle of a file"
+                    ));
+                }
+                return match staging {
+                    Some(s) => s.commit(),
+                    None => Err(format!("--output {guest}: the cell sent nothing")),
+                };
+            }
+            Message::Error { message } => {
+                return Err(format!("--output {guest}: {}", truncated(&message)))
+            }
+            other => {
+                return Err(format!(
+                    "--output {guest}: unexpected message {} from the cell",
+                    describe(&other)
+                ))
+            }
         }
     }
+}
+
+/// The host path an output goes to, checked before anything starts: its directory must exist.
+pub fn check_output_dest(host: &Path) -> Result<(), String> {
+    let parent = host.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(format!("directory {} does not exist", parent.display()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -144,10 +507,230 @@ mod tests {
     #[test]
     fn paths_from_the_cell_stay_inside() {
         assert!(safe_relative("a/b.txt").is_ok());
-        assert!(safe_relative(".").is_ok());
+        assert_eq!(safe_relative(".").ok(), Some(PathBuf::new()));
+        assert_eq!(safe_relative("./a/./b").ok(), Some(PathBuf::from("a/b")));
         assert!(safe_relative("../etc/passwd").is_err());
         assert!(safe_relative("/etc/passwd").is_err());
         assert!(safe_relative("a/../../x").is_err());
         assert!(safe_relative("").is_err());
+    }
+
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+
+    use isocell_proto::{read_frame, write_frame, PROTOCOL_VERSION};
+
+    /// A scratch directory removed at the end of the test.
+    struct Scratch(PathBuf);
+    impl Scratch {
+        fn new() -> Self {
+            let d = std::env::temp_dir().join(format!("isocell-xfer-{}", crate::cell::new_id()));
+            fs::create_dir_all(&d).unwrap();
+            Scratch(d)
+        }
+        /// Everything in the directory, by name.
+        fn names(&self, sub: &str) -> Vec<String> {
+            let mut v: Vec<String> = fs::read_dir(self.0.join(sub))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        }
+    }
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A hostile agent: says hello, waits for the host's request, sends `script`, then keeps
+    /// the connection open and silent until the host goes away.
+    fn hostile_agent(script: Vec<Message>) -> AgentLink {
+        let (host, agent) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let mut agent = agent;
+            write_frame(
+                &mut agent,
+                &Message::Hello { version: PROTOCOL_VERSION, agent: "x".into() },
+            )
+            .unwrap();
+            let mut reader = std::io::BufReader::new(agent.try_clone().unwrap());
+            let _welcome = read_frame(&mut reader);
+            let _request = read_frame(&mut reader);
+            for m in script {
+                if write_frame(&mut agent, &m).is_err() {
+                    return;
+                }
+            }
+            // Silence until the host closes its end.
+            while let Ok(Some(_)) = read_frame(&mut reader) {}
+        });
+        AgentLink::handshake(host, Duration::from_secs(10)).unwrap().0
+    }
+
+    fn entry(path: &str, kind: EntryKind, mode: u32, size: u64) -> Message {
+        Message::Entry { path: path.into(), kind, mode, size }
+    }
+
+    fn budget() -> OutputBudget {
+        OutputBudget::new(1 << 30, 1000, Duration::from_secs(30))
+    }
+
+    #[test]
+    fn output_never_follows_links_in_the_destination() {
+        let t = Scratch::new();
+        fs::write(t.0.join("victim"), "keep").unwrap();
+        fs::create_dir(t.0.join("victim-dir")).unwrap();
+        fs::create_dir(t.0.join("dst")).unwrap();
+        std::os::unix::fs::symlink(t.0.join("victim"), t.0.join("dst/f")).unwrap();
+        std::os::unix::fs::symlink(t.0.join("victim-dir"), t.0.join("dst/sub")).unwrap();
+        let script = vec![
+            entry(".", EntryKind::Dir, 0o755, 0),
+            entry("f", EntryKind::File, 0o644, 5),
+            Message::Data(b"owned".to_vec()),
+            Message::DataEnd,
+            entry("sub", EntryKind::Dir, 0o755, 0),
+            entry("sub/planted", EntryKind::File, 0o644, 1),
+            Message::Data(b"x".to_vec()),
+            Message::DataEnd,
+            Message::Done,
+        ];
+        // Into the existing directory full of links: refused, nothing written through them.
+        let err = get(&mut hostile_agent(script.clone()), "/o", &t.0.join("dst"), &mut budget())
+            .unwrap_err();
+        assert!(err.contains("not empty"), "{err}");
+        assert_eq!(fs::read_to_string(t.0.join("victim")).unwrap(), "keep");
+        assert!(t.names("victim-dir").is_empty());
+        // Into a new path: the copy is complete and holds plain files only.
+        get(&mut hostile_agent(script), "/o", &t.0.join("new"), &mut budget()).unwrap();
+        assert_eq!(fs::read_to_string(t.0.join("new/f")).unwrap(), "owned");
+        assert!(fs::symlink_metadata(t.0.join("new/sub")).unwrap().is_dir());
+        assert_eq!(t.names(""), ["dst", "new", "victim", "victim-dir"]);
+        // A single file onto a link replaces the link, never writes its target.
+        std::os::unix::fs::symlink(t.0.join("victim"), t.0.join("link")).unwrap();
+        let one = vec![
+            entry(".", EntryKind::File, 0o644, 3),
+            Message::Data(b"new".to_vec()),
+            Message::DataEnd,
+            Message::Done,
+        ];
+        get(&mut hostile_agent(one), "/o/file", &t.0.join("link"), &mut budget()).unwrap();
+        assert_eq!(fs::read_to_string(t.0.join("victim")).unwrap(), "keep");
+        assert!(fs::symlink_metadata(t.0.join("link")).unwrap().is_file());
+    }
+
+    #[test]
+    fn modes_come_from_policy_not_from_the_cell() {
+        let t = Scratch::new();
+        let script = vec![
+            entry(".", EntryKind::Dir, 0o777, 0),
+            entry("a", EntryKind::File, 0o6777, 0),
+            Message::DataEnd,
+            entry("b", EntryKind::File, 0o666, 0),
+            Message::DataEnd,
+            Message::Done,
+        ];
+        get(&mut hostile_agent(script), "/o", &t.0.join("d"), &mut budget()).unwrap();
+        let mode = |p: &str| fs::metadata(t.0.join(p)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode("d/a") & !0o022, 0o755);
+        assert_eq!(mode("d/b") & !0o022, 0o644);
+        assert_eq!(mode("d") & 0o7000, 0);
+    }
+
+    /// Each hostile reply fails the copy and leaves nothing in the destination directory.
+    #[test]
+    fn hostile_replies_fail_and_leave_nothing() {
+        let big = || Message::Data(vec![0; MAX_CHUNK]);
+        let cases: Vec<(&str, Vec<Message>, OutputBudget)> = vec![
+            (
+                "more than the 1 bytes it declared",
+                vec![entry(".", EntryKind::File, 0o644, 1)]
+                    .into_iter()
+                    .chain(std::iter::repeat_with(big).take(20))
+                    .collect(),
+                budget(),
+            ),
+            (
+                "not the",
+                vec![
+                    entry(".", EntryKind::File, 0o644, 10),
+                    Message::Data(vec![1; 3]),
+                    Message::DataEnd,
+                    Message::Done,
+                ],
+                budget(),
+            ),
+            (
+                "--output-max-bytes",
+                vec![
+                    entry(".", EntryKind::Dir, 0o755, 0),
+                    entry("a", EntryKind::File, 0o644, 4096),
+                    Message::Data(vec![1; 4096]),
+                    Message::DataEnd,
+                    entry("b", EntryKind::File, 0o644, 4096),
+                ],
+                OutputBudget::new(6000, 1000, Duration::from_secs(30)),
+            ),
+            (
+                "--output-max-entries",
+                std::iter::once(entry(".", EntryKind::Dir, 0o755, 0))
+                    .chain((0..50).map(|i| entry(&format!("d{i}"), EntryKind::Dir, 0o755, 0)))
+                    .collect(),
+                OutputBudget::new(1 << 30, 10, Duration::from_secs(30)),
+            ),
+            (
+                "--copy-timeout",
+                vec![entry(".", EntryKind::File, 0o644, 10), Message::Data(vec![1; 3])],
+                OutputBudget::new(1 << 30, 10, Duration::from_millis(300)),
+            ),
+            (
+                "unsafe path",
+                vec![
+                    entry(".", EntryKind::Dir, 0o755, 0),
+                    entry("../escape", EntryKind::File, 0, 0),
+                ],
+                budget(),
+            ),
+            ("out of order", vec![entry("x", EntryKind::File, 0o644, 0)], budget()),
+            ("outside a file", vec![Message::Data(vec![1])], budget()),
+            ("unexpected", vec![Message::Exited(isocell_proto::ExitStatus::Code(0))], budget()),
+        ];
+        for (expect, script, mut b) in cases {
+            let t = Scratch::new();
+            let err = get(&mut hostile_agent(script), "/o", &t.0.join("out"), &mut b).unwrap_err();
+            assert!(err.contains(expect), "expected {expect:?}, got {err}");
+            assert!(t.names("").is_empty(), "{expect}: left {:?}", t.names(""));
+        }
+    }
+
+    #[test]
+    fn input_refuses_devices_and_fifos() {
+        assert!(open_regular(Path::new("/dev/zero")).unwrap_err().contains("not a regular file"));
+        let t = Scratch::new();
+        let fifo = cstring(&t.0.join("fifo")).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        // Opened without blocking, and refused.
+        assert!(open_regular(&t.0.join("fifo")).unwrap_err().contains("not a regular file"));
+    }
+
+    #[test]
+    fn opening_beneath_refuses_links_and_escapes() {
+        let dir = std::env::temp_dir().join(format!("isocell-beneath-{}", crate::cell::new_id()));
+        fs::create_dir_all(dir.join("real")).unwrap();
+        std::os::unix::fs::symlink("/etc", dir.join("link")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.join("flink")).unwrap();
+        let root = OwnedFd::from(File::open(&dir).unwrap());
+        let create = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL;
+        assert!(open_beneath(root.as_raw_fd(), Path::new("real/f"), create, 0o644).is_ok());
+        // Exclusive: an existing file is not opened again.
+        assert!(open_beneath(root.as_raw_fd(), Path::new("real/f"), create, 0o644).is_err());
+        assert!(open_beneath(root.as_raw_fd(), Path::new("link/planted"), create, 0o644).is_err());
+        assert!(open_beneath(root.as_raw_fd(), Path::new("flink"), libc::O_WRONLY, 0).is_err());
+        assert!(mkdir_beneath(root.as_raw_fd(), Path::new("link/sub")).is_err());
+        assert!(mkdir_beneath(root.as_raw_fd(), Path::new("real/sub")).is_ok());
+        assert!(!Path::new("/etc/planted").exists());
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

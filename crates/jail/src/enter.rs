@@ -95,6 +95,10 @@ fn enter(spec: &JailSpec) -> Result<i32, EnterError> {
     // SAFETY: the jailer is single-threaded here, so the child may run any code.
     match unsafe { unistd::fork() }.map_err(step("fork"))? {
         ForkResult::Child => {
+            // Standard output is the parent's report channel (below); the VMM writes its own
+            // standard output to the log with its standard error.
+            // SAFETY: dup2 on the process's own standard descriptors.
+            unsafe { libc::dup2(2, 1) };
             drop(alive_w);
             let e = confine_and_exec(spec, trees, alive_r);
             eprintln!("isocell-jailer: cannot set up the jail: {e}");
@@ -103,6 +107,13 @@ fn enter(spec: &JailSpec) -> Result<i32, EnterError> {
         }
         ForkResult::Parent { child } => {
             drop(alive_r);
+            // The VMM's pid as the host sees it, for the cell's receipt (`isocell` reads it
+            // from our standard output; nothing else is written there).
+            {
+                use std::io::Write as _;
+                let mut out = std::io::stdout();
+                let _ = writeln!(out, "{}", child.as_raw()).and_then(|()| out.flush());
+            }
             let code = wait_for(child);
             drop(alive_w);
             Ok(code)

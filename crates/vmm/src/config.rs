@@ -3,6 +3,7 @@
 //! before a VM is created; every failure here is exit status 2.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use isocell_spec::{ConsoleConfig, DriveConfig, VmConfig, VmConfigError, VsockConfig};
@@ -49,6 +50,22 @@ pub enum ConfigError {
     /// A drive's image is not a usable disk.
     #[error("drive {0:?}: image {1} {2}")]
     DriveImage(String, PathBuf, &'static str),
+    /// Two drives are backed by the same file (same device and inode, whatever the paths say)
+    /// and at least one of them is writable: the guest would see the image change under a
+    /// mounted filesystem.
+    #[error(
+        "drives {first:?} and {second:?} are the same image file ({path}) and {writable:?} is writable: attach an image once, or read-only every time"
+    )]
+    SharedImage {
+        /// The drive listed first.
+        first: String,
+        /// The drive listed later.
+        second: String,
+        /// The second drive's path.
+        path: PathBuf,
+        /// The id of a writable one of the two.
+        writable: String,
+    },
     /// More memory than the host has.
     #[error("memory_mib is {0} but this host has only {1} MiB of RAM")]
     MemoryExceedsHost(u64, u64),
@@ -72,7 +89,9 @@ pub fn from_file(path: &Path) -> Result<VmConfig, ConfigError> {
 /// Parses a memory size: MiB by default, or with an `M`/`MiB`/`G`/`GiB` suffix.
 pub fn parse_memory_mib(s: &str) -> Result<u64, ConfigError> {
     let t = s.trim();
-    let (num, mult) = if let Some(n) = t.strip_suffix("GiB").or_else(|| t.strip_suffix('G')) {
+    let (num, mult) = if let Some(n) = t.strip_suffix("TiB").or_else(|| t.strip_suffix('T')) {
+        (n, 1024 * 1024)
+    } else if let Some(n) = t.strip_suffix("GiB").or_else(|| t.strip_suffix('G')) {
         (n, 1024)
     } else if let Some(n) = t.strip_suffix("MiB").or_else(|| t.strip_suffix('M')) {
         (n, 1)
@@ -81,7 +100,7 @@ pub fn parse_memory_mib(s: &str) -> Result<u64, ConfigError> {
     };
     num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).ok_or_else(|| {
         ConfigError::Flag(format!(
-            "--memory {s:?}: give MiB as a number, or a size like 256M or 2G"
+            "--memory {s:?}: give MiB as a number, or a size like 256M, 2G or 1T"
         ))
     })
 }
@@ -167,6 +186,8 @@ pub fn check(config: &VmConfig) -> Result<DevicePlan, ConfigError> {
     if let Some(initrd) = &config.initrd {
         File::open(initrd).map_err(|e| ConfigError::Initrd(initrd.clone(), e))?;
     }
+    // (device, inode) of each drive's image: the same file under two paths is one image.
+    let mut images: Vec<((u64, u64), &DriveConfig)> = Vec::new();
     for d in &config.drives {
         let mode = if d.read_only { "read-only" } else { "read-write" };
         let file =
@@ -193,6 +214,19 @@ pub fn check(config: &VmConfig) -> Result<DevicePlan, ConfigError> {
                 "is smaller than one 512-byte sector",
             ));
         }
+        let identity = (meta.dev(), meta.ino());
+        if let Some((_, first)) =
+            images.iter().find(|(i, other)| *i == identity && (!other.read_only || !d.read_only))
+        {
+            let writable = if first.read_only { &d.id } else { &first.id };
+            return Err(ConfigError::SharedImage {
+                first: first.id.clone(),
+                second: d.id.clone(),
+                path: d.path.clone(),
+                writable: writable.clone(),
+            });
+        }
+        images.push((identity, d));
     }
     if let ConsoleConfig::File(p) = &config.console {
         File::create(p).map_err(|e| ConfigError::Console(p.clone(), e))?;
@@ -242,6 +276,53 @@ mod tests {
         assert_eq!((v.guest_cid, v.uds_path.to_str()), (3, Some("/run/x/v.sock")));
         assert!(parse_vsock("cid=x,uds=/a").is_err());
         assert!(parse_vsock("uds=/a").is_err());
+    }
+
+    #[test]
+    fn one_image_attached_twice_is_refused_unless_read_only() {
+        let dir = std::env::temp_dir().join(format!("isocell-shared-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("vmlinux");
+        std::fs::write(&kernel, b"\x7fELF\x02\x01").unwrap();
+        let image = dir.join("disk.img");
+        std::fs::write(&image, [0u8; 4096]).unwrap();
+        // The same file under other names: a hard link and a path with a `.` component.
+        let link = dir.join("link.img");
+        std::fs::hard_link(&image, &link).unwrap();
+        let dotted = dir.join(".").join("disk.img");
+        let other = dir.join("other.img");
+        std::fs::write(&other, [0u8; 4096]).unwrap();
+        let drive = |id: &str, path: &Path, read_only: bool| DriveConfig {
+            id: id.into(),
+            path: path.into(),
+            read_only,
+            root: false,
+            placement: None,
+        };
+        let mut c = VmConfig::new(&kernel);
+        c.memory_mib = 32;
+
+        c.drives = vec![drive("a", &image, true), drive("b", &link, false)];
+        match check(&c) {
+            Err(ConfigError::SharedImage { first, second, writable, .. }) => {
+                assert_eq!((first.as_str(), second.as_str(), writable.as_str()), ("a", "b", "b"));
+            }
+            other => panic!("expected SharedImage, got {other:?}"),
+        }
+        c.drives = vec![drive("x", &image, false), drive("y", &dotted, true)];
+        let e = check(&c).unwrap_err();
+        assert!(matches!(&e, ConfigError::SharedImage { writable, .. } if writable == "x"), "{e}");
+        let text = e.to_string();
+        assert!(text.contains("\"x\"") && text.contains("\"y\""), "{text}");
+        c.drives = vec![drive("x", &image, false), drive("y", &image, false)];
+        assert!(matches!(check(&c), Err(ConfigError::SharedImage { .. })));
+
+        // Read-only twice is fine, and so are two different files.
+        c.drives = vec![drive("a", &image, true), drive("b", &link, true)];
+        check(&c).unwrap();
+        c.drives = vec![drive("a", &image, false), drive("b", &other, false)];
+        check(&c).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
