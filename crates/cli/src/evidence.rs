@@ -48,6 +48,8 @@ pub struct CellEvidence {
     pub costs: Costs,
     launch_digest: Option<String>,
     started_ms: u64,
+    /// `(seq, hash)` of the latest audit entry written for this cell.
+    last_entry: Option<(u64, String)>,
 }
 
 impl CellEvidence {
@@ -65,6 +67,7 @@ impl CellEvidence {
             costs,
             launch_digest: None,
             started_ms: now_ms(),
+            last_entry: None,
         })
     }
 
@@ -75,7 +78,19 @@ impl CellEvidence {
         let r = self.audit.append(kind, Some(&self.cell_id), data);
         self.costs.audit_ms += ms_since(t);
         self.costs.audit_entries += 1;
-        r.map(|_| ()).map_err(|e| format!("cannot write the audit log: {e}"))
+        let entry = r.map_err(|e| format!("cannot write the audit log: {e}"))?;
+        self.last_entry = Some(entry);
+        Ok(())
+    }
+
+    /// Where the cell's latest audit entry is, for its receipts: `{"entry_hash", "seq"}`, or
+    /// null before the first. A receipt that names it lets `isocell audit verify` tell a log that
+    /// was truncated or rolled back past it.
+    fn audit_position(&self) -> Value {
+        match &self.last_entry {
+            Some((seq, hash)) => json!({ "seq": seq, "entry_hash": hash }),
+            None => Value::Null,
+        }
     }
 
     /// Evaluates the admission policies and logs the decision, allow or deny.
@@ -99,7 +114,9 @@ impl CellEvidence {
             "admission",
             json!({
                 "decision": if decision.allowed { "allow" } else { "deny" },
+                "reason": decision.explain(),
                 "policies": decision.policies,
+                "errored": decision.errored,
                 "errors": decision.errors,
                 "request": req,
                 "launch_digest": measurement.launch_digest,
@@ -143,6 +160,7 @@ impl CellEvidence {
             "admission": { "decision": "allow", "policies": decision.policies },
             "command_sha256": command_digest,
             "vmm_pid": vmm_pid,
+            "audit": self.audit_position(),
         });
         let path = self.write_receipt("launch.json", body)?;
         self.log(
@@ -184,6 +202,7 @@ impl CellEvidence {
             "outcome": outcome,
             "teardown_checks": checks,
             "facts": facts,
+            "audit": self.audit_position(),
         });
         let path = self.write_receipt("exit.json", body)?;
         self.log("teardown", json!({ "exit_code": exit_code, "outcome": outcome, "checks": checks, "receipt": path }))?;
@@ -193,5 +212,66 @@ impl CellEvidence {
         self.costs.audit_entries += 1;
         r.map_err(|e| format!("cannot checkpoint the audit log: {e}"))?;
         Ok(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::BTreeMap;
+
+    use isocell_evidence::audit::{self, Expectations, HEAD_FILE, LOG_FILE};
+
+    use super::*;
+
+    /// The receipts `isocell run` writes name the cell's latest audit entry inside their signed
+    /// body, and `isocell audit verify`'s cross-check catches a log rolled back past them.
+    #[test]
+    fn receipts_name_the_cells_latest_audit_entry() {
+        let dir = std::env::temp_dir().join(format!("isocell-ev-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let host = Host::init(&dir, "EU", "z", "o", false).unwrap();
+        let key = host.key.verifying_key();
+        let mut ev = CellEvidence::open(host, "cell1").unwrap();
+        ev.log("admission", json!({"decision": "allow"})).unwrap();
+        let m =
+            LaunchMeasurement { components: BTreeMap::new(), launch_digest: "sha256:00".into() };
+        let decision = AdmissionDecision {
+            allowed: true,
+            policies: vec!["default:allow-cells".into()],
+            errored: vec![],
+            errors: vec![],
+        };
+        let launch = ev.launched(&m, &decision, &["true".into()], None).unwrap();
+        let old_log = std::fs::read(dir.join("audit").join(LOG_FILE)).unwrap();
+        let old_head = std::fs::read(dir.join("audit").join(HEAD_FILE)).unwrap();
+        ev.log("exit", json!({"exit_code": 0})).unwrap();
+        let exit = ev.ended(0, "exited", &json!({}), json!({})).unwrap();
+
+        let entries = audit::read_entries(&dir.join("audit")).unwrap();
+        let kinds: Vec<&str> = entries.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["genesis", "admission", "create", "exit", "teardown", "checkpoint"]);
+        for (path, seq) in [(&launch, 1), (&exit, 3)] {
+            let doc: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+            receipt::verify(&doc, &key).unwrap();
+            let want = (seq, entries[seq as usize]["hash"].as_str().unwrap().to_owned());
+            assert_eq!(receipt::audit_position(&doc).unwrap(), Some(want), "{}", path.display());
+        }
+
+        let check = || {
+            let scan = receipt::scan_cells(&dir.join("cells"), &key).unwrap();
+            let expect = Expectations { anchors: scan.anchors, ..Expectations::default() };
+            audit::verify_expecting(&dir.join("audit"), &key, &expect)
+        };
+        let report = check();
+        assert!(report.ok() && report.anchors == 2, "{report:?}");
+        // Cut back to just after the launch, with the head of that time.
+        std::fs::write(dir.join("audit").join(LOG_FILE), old_log).unwrap();
+        std::fs::write(dir.join("audit").join(HEAD_FILE), old_head).unwrap();
+        let problem = check().problem.unwrap();
+        assert!(problem.reason.contains("exit.json"), "{problem}");
+        assert!(problem.reason.contains("truncated or rolled back"), "{problem}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

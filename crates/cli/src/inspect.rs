@@ -44,8 +44,18 @@ pub enum HostCmd {
 /// `isocell audit ...`
 #[derive(Subcommand, Debug)]
 pub enum AuditCmd {
-    /// Verify the audit log's hash chain, checkpoints and signed head; report the first bad entry.
-    Verify(KeyArgs),
+    /// Verify the audit log's hash chain, checkpoints and signed head, and that it was not wiped
+    /// or rolled back: every receipt under the state directory must name an entry that is in
+    /// the log, and with --since the log must extend a signed checkpoint kept from before.
+    /// Reports the first problem.
+    Verify(VerifyArgs),
+    /// Append a signed checkpoint to the audit log and print it (JSON) for an auditor to keep
+    /// off this host; `isocell audit verify --since FILE` later checks that the log extends it.
+    Checkpoint {
+        /// Also write the checkpoint to this file.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// Print the audit log's entries as JSON lines.
     Show {
         /// Audit directory (default: the state directory's).
@@ -100,6 +110,21 @@ pub struct KeyArgs {
     public_key: Option<String>,
 }
 
+/// `isocell audit verify`
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    keys: KeyArgs,
+    /// State directory whose profile and receipts (`cells/*/{launch,exit}.json`) are checked
+    /// against the log (default: the state directory, unless --dir names another log).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// A signed checkpoint taken earlier (`isocell audit checkpoint`, or a copy of
+    /// audit.head): the log must still have the entry it names, with the same hash.
+    #[arg(long, value_name = "CHECKPOINT_FILE")]
+    since: Option<PathBuf>,
+}
+
 fn public_key(arg: Option<&str>) -> Result<VerifyingKey, String> {
     let text = match arg {
         Some(a) if a.len() == 64 && a.bytes().all(|b| b.is_ascii_hexdigit()) => a.to_owned(),
@@ -147,40 +172,14 @@ pub fn host(cmd: HostCmd) -> u8 {
 /// Runs `isocell audit`.
 pub fn audit(cmd: AuditCmd) -> u8 {
     match cmd {
-        AuditCmd::Verify(k) => {
-            let key = match public_key(k.public_key.as_deref()) {
-                Ok(k) => k,
-                Err(e) => return exit::fail(&e),
-            };
-            let dir = k.dir.unwrap_or_else(|| state_dir().join("audit"));
-            let report = audit::verify(&dir, &key);
-            if let Some(t) = &report.torn_tail {
-                eprintln!(
-                    "isocell: note: {} bytes at offset {} are a torn final entry (a writer stopped mid-append); everything before verifies",
-                    t.len, t.offset
-                );
+        AuditCmd::Verify(args) => verify_audit(args),
+        AuditCmd::Checkpoint { out } => match checkpoint(out.as_deref()) {
+            Ok(text) => {
+                say!("{}", text.trim_end());
+                0
             }
-            match &report.problem {
-                None => {
-                    say!(
-                        "audit log OK: {} entries, {} signed checkpoints",
-                        report.entries,
-                        report.checkpoints
-                    );
-                    0
-                }
-                Some(p) => {
-                    eprintln!(
-                        "isocell: audit log FAILED at line {} (seq {}, byte {}): {}",
-                        p.line,
-                        p.seq.map_or("?".into(), |s| s.to_string()),
-                        p.offset,
-                        p.reason
-                    );
-                    1
-                }
-            }
-        }
+            Err(e) => exit::fail(&e),
+        },
         AuditCmd::Show { dir } => {
             let dir = dir.unwrap_or_else(|| state_dir().join("audit"));
             match audit::read_entries(&dir) {
@@ -192,6 +191,126 @@ pub fn audit(cmd: AuditCmd) -> u8 {
                 }
                 Err(e) => exit::fail(&e.to_string()),
             }
+        }
+    }
+}
+
+/// Appends a signed checkpoint to this host's log and returns it, written to `out` too.
+fn checkpoint(out: Option<&Path>) -> Result<String, String> {
+    let host = Host::load(&state_dir())?;
+    let log = audit::AuditLog::open(&host.dir.join("audit"), host.key.clone())
+        .map_err(|e| format!("cannot open the audit log: {e}"))?;
+    let text = log.signed_checkpoint().map_err(|e| format!("cannot checkpoint: {e}"))?;
+    if let Some(path) = out {
+        std::fs::write(path, &text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(text)
+}
+
+/// What `isocell audit verify` knows from outside the log: the state directory's profile and
+/// receipts, and a checkpoint kept from before.
+fn expectations(
+    args: &VerifyArgs,
+    state: Option<&Path>,
+    key: &VerifyingKey,
+) -> Result<audit::Expectations, String> {
+    let mut expect = audit::Expectations::default();
+    if let Some(state) = state {
+        let profile = state.join(crate::state::PROFILE_FILE);
+        if profile.exists() {
+            expect.genesis = Some(format!("the host profile {}", profile.display()));
+        }
+        let cells = state.join("cells");
+        let scan = receipt::scan_cells(&cells, key)?;
+        if scan.cells > 0 {
+            expect.existed.push(format!(
+                "{} holds the records of {} cells",
+                cells.display(),
+                scan.cells
+            ));
+        }
+        if !scan.unanchored.is_empty() {
+            tell!(
+                "isocell: note: {} receipts name no audit position (written before receipts did), \
+                 for example {}",
+                scan.unanchored.len(),
+                scan.unanchored[0].display()
+            );
+        }
+        expect.anchors = scan.anchors;
+    }
+    if let Some(path) = &args.since {
+        let bytes = std::fs::read(path)
+            .map_err(|e| format!("cannot read the checkpoint {}: {e}", path.display()))?;
+        let cp = audit::parse_checkpoint(&bytes, key)
+            .map_err(|e| format!("checkpoint {}: {e}", path.display()))?;
+        expect.anchors.push(audit::Anchor {
+            source: format!("the signed checkpoint {}", path.display()),
+            seq: cp.seq,
+            hash: cp.hash,
+        });
+    }
+    Ok(expect)
+}
+
+/// Runs `isocell audit verify`.
+fn verify_audit(args: VerifyArgs) -> u8 {
+    let key = match public_key(args.keys.public_key.as_deref()) {
+        Ok(k) => k,
+        Err(e) => return exit::fail(&e),
+    };
+    let (dir, state) = match (&args.keys.dir, &args.state_dir) {
+        (None, s) => {
+            let s = s.clone().unwrap_or_else(state_dir);
+            (s.join("audit"), Some(s))
+        }
+        (Some(d), s) => (d.clone(), s.clone()),
+    };
+    if state.is_none() {
+        tell!(
+            "isocell: note: no --state-dir for the log in {}: no receipts were cross-checked, so \
+             a wiped or rolled-back log is caught only with --since",
+            dir.display()
+        );
+    }
+    let expect = match expectations(&args, state.as_deref(), &key) {
+        Ok(e) => e,
+        Err(e) => {
+            tell!("isocell: audit log FAILED: {e}");
+            return 1;
+        }
+    };
+    let report = audit::verify_expecting(&dir, &key, &expect);
+    if let Some(t) = &report.torn_tail {
+        tell!(
+            "isocell: note: {} bytes at offset {} are a torn final entry (a writer stopped mid-append); everything before verifies",
+            t.len, t.offset
+        );
+    }
+    match &report.problem {
+        None => {
+            say!(
+                "audit log OK: {} entries, {} signed checkpoints, {} receipt and checkpoint \
+                 positions cross-checked",
+                report.entries,
+                report.checkpoints,
+                report.anchors
+            );
+            0
+        }
+        Some(p) if p.line == 0 => {
+            tell!("isocell: audit log FAILED: {}", p.reason);
+            1
+        }
+        Some(p) => {
+            tell!(
+                "isocell: audit log FAILED at line {} (seq {}, byte {}): {}",
+                p.line,
+                p.seq.map_or("?".into(), |s| s.to_string()),
+                p.offset,
+                p.reason
+            );
+            1
         }
     }
 }
@@ -217,7 +336,7 @@ pub fn receipt(cmd: ReceiptCmd) -> u8 {
             0
         }
         Err(e) => {
-            eprintln!("isocell: receipt {} FAILED: {e}", file.display());
+            tell!("isocell: receipt {} FAILED: {e}", file.display());
             1
         }
     }

@@ -9,7 +9,13 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
+use isocell_evidence::audit::{verifying_key_hex, AuditLog};
 use isocell_spec::HostProfile;
+use serde_json::json;
+
+/// The host profile's file in the state directory. Its presence means the host was set up, and
+/// so that its audit log starts with a genesis entry (see [`Host::init`]).
+pub const PROFILE_FILE: &str = "host.toml";
 
 /// The state directory.
 pub fn state_dir() -> PathBuf {
@@ -50,29 +56,51 @@ pub struct Host {
     pub dir: PathBuf,
 }
 
+/// Holds the state directory's lock (`host.lock`) until dropped, so that two first runs at once
+/// do not both create a key and a profile.
+fn lock_state(dir: &Path) -> Result<fs::File, String> {
+    mkdir(dir)?;
+    let lock_path = dir.join("host.lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+    // SAFETY: flock on a descriptor we own; it is released when `lock` is closed.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!("cannot lock {}: {e}", lock_path.display()));
+    }
+    Ok(lock)
+}
+
 impl Host {
     /// Loads `host.toml` and the key it names from `dir`, creating a profile with
     /// "unspecified" jurisdiction, zone and operator and a fresh key on first use.
     pub fn load_or_init(dir: &Path) -> Result<Host, String> {
-        // Two first runs at once must not both create a key: hold the state lock.
-        mkdir(dir)?;
-        let lock_path = dir.join("host.lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
-        // SAFETY: flock on a descriptor we own; it is released when `lock` is closed.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(format!("cannot lock {}: {e}", lock_path.display()));
+        let _lock = lock_state(dir)?;
+        if !dir.join(PROFILE_FILE).exists() {
+            return Host::init_locked(dir, "unspecified", "unspecified", "unspecified", false);
         }
-        let profile_path = dir.join("host.toml");
-        if !profile_path.exists() {
-            return Host::init(dir, "unspecified", "unspecified", "unspecified", false);
+        Host::load_existing(dir)
+    }
+
+    /// Loads an existing profile and its key; an error if the host was never set up.
+    pub fn load(dir: &Path) -> Result<Host, String> {
+        let _lock = lock_state(dir)?;
+        if !dir.join(PROFILE_FILE).exists() {
+            return Err(format!(
+                "{} does not exist: this host was never set up (`isocell host init`)",
+                dir.join(PROFILE_FILE).display()
+            ));
         }
+        Host::load_existing(dir)
+    }
+
+    fn load_existing(dir: &Path) -> Result<Host, String> {
+        let profile_path = dir.join(PROFILE_FILE);
         let text = fs::read_to_string(&profile_path)
             .map_err(|e| format!("cannot read {}: {e}", profile_path.display()))?;
         let profile: HostProfile = toml::from_str(&text).map_err(|e| {
@@ -100,8 +128,20 @@ impl Host {
         operator: &str,
         force: bool,
     ) -> Result<Host, String> {
+        let _lock = lock_state(dir)?;
+        Host::init_locked(dir, jurisdiction, zone, operator, force)
+    }
+
+    /// [`Host::init`], with the state lock held by the caller.
+    fn init_locked(
+        dir: &Path,
+        jurisdiction: &str,
+        zone: &str,
+        operator: &str,
+        force: bool,
+    ) -> Result<Host, String> {
         mkdir(dir)?;
-        let profile_path = dir.join("host.toml");
+        let profile_path = dir.join(PROFILE_FILE);
         if profile_path.exists() && !force {
             return Err(format!("{} exists; add --force to replace it", profile_path.display()));
         }
@@ -138,6 +178,34 @@ impl Host {
             operator: operator.to_owned(),
             signing_key: "host.key".to_owned(),
         };
+        // The log's genesis entry, durable before the profile exists. So a profile implies a
+        // log that starts with a genesis entry, and `isocell audit verify` can tell a log that
+        // was wiped (empty) or wiped and started again (entry 0 not a genesis) on a host that
+        // has a profile, even with no receipt to cross-check. A genesis is written only where a
+        // profile is created for the first time: writing one whenever the log is found empty
+        // (say, on the next run, or when --force replaces a profile) would bless exactly the
+        // wipe it is meant to expose. A replaced profile is recorded as a `host_init` entry
+        // instead (a changed jurisdiction or operator is itself evidence); on a wiped log that
+        // entry comes first, and verification still fails.
+        let audit = AuditLog::open(&dir.join("audit"), key.clone())
+            .map_err(|e| format!("cannot open the audit log: {e}"))?;
+        let facts = json!({
+            "host_id": profile.host_id,
+            "jurisdiction": profile.jurisdiction,
+            "zone": profile.zone,
+            "operator": profile.operator,
+            "public_key": verifying_key_hex(&key.verifying_key()),
+        });
+        let wrote_genesis = !profile_path.exists()
+            && audit
+                .genesis(facts.clone())
+                .map_err(|e| format!("cannot write the audit log's genesis entry: {e}"))?
+                .is_some();
+        if !wrote_genesis {
+            audit
+                .append("host_init", None, facts)
+                .map_err(|e| format!("cannot write the audit log: {e}"))?;
+        }
         let text = toml::to_string(&profile).map_err(|e| e.to_string())?;
         let tmp = dir.join("host.toml.tmp");
         fs::write(&tmp, text)

@@ -263,7 +263,7 @@ fn free_bytes(fd: RawFd) -> Option<u64> {
     if unsafe { libc::fstatvfs(fd, &mut st) } != 0 {
         return None;
     }
-    Some(u64::from(st.f_bavail).saturating_mul(st.f_frsize))
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Where one output goes: a staging directory beside the destination, and the final name.
@@ -501,6 +501,7 @@ pub fn check_output_dest(host: &Path) -> Result<(), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

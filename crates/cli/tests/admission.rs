@@ -88,8 +88,10 @@ fn a_denied_cell_never_starts_and_the_denial_is_logged() {
     assert!(empty(&env.dir.join("state/cells")), "no receipts for a cell that never ran");
 
     let entries = env.entries();
-    assert_eq!(entries.len(), 1, "{entries:?}");
-    let admission = &entries[0];
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert_eq!(entries[0]["kind"], "genesis", "host init starts the log");
+    assert_eq!(entries[0]["data"]["jurisdiction"], "EU");
+    let admission = &entries[1];
     assert_eq!(admission["kind"], "admission");
     assert_eq!(admission["data"]["decision"], "deny");
     assert_eq!(admission["data"]["policies"], serde_json::json!(["default:jurisdiction"]));
@@ -122,7 +124,7 @@ fn a_denied_cell_never_starts_and_the_denial_is_logged() {
 
     let verify = env.isocell(&["audit", "verify"]);
     assert!(verify.status.success(), "{}", text(&verify));
-    assert!(String::from_utf8_lossy(&verify.stdout).contains("4 entries"), "{}", text(&verify));
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("5 entries"), "{}", text(&verify));
 }
 
 #[test]
@@ -134,14 +136,14 @@ fn audit_verify_pinpoints_a_changed_entry() {
     }
     let log = fs::read_to_string(env.log()).unwrap();
     let lines: Vec<&str> = log.lines().collect();
-    assert_eq!(lines.len(), 3);
+    assert_eq!(lines.len(), 4, "the first run set the host up: a genesis entry, then 3 denials");
     let changed =
         log.replacen("\"Nowhere\"", "\"Elsewhere\"", 2).replacen("\"Elsewhere\"", "\"Nowhere\"", 1);
     assert_ne!(changed, log);
     fs::write(env.log(), changed).unwrap();
     let verify = env.isocell(&["audit", "verify"]);
     assert_eq!(verify.status.code(), Some(1), "{}", text(&verify));
-    assert!(String::from_utf8_lossy(&verify.stderr).contains("line 2"), "{}", text(&verify));
+    assert!(String::from_utf8_lossy(&verify.stderr).contains("line 3"), "{}", text(&verify));
 
     // Another key does not verify this host's log.
     fs::write(env.log(), log).unwrap();
@@ -156,7 +158,7 @@ fn bad_evidence_options_are_refused_before_anything_is_written() {
     for (args, expect) in [
         (&["run", "--classification", "secret", "--", "true"][..], "--classification"),
         (&["run", "--allow-image-digest", "sha256:zz", "--", "true"][..], "sha256:"),
-        (&["run", "--max-lifetime", "0", "--", "true"][..], "max lifetime"),
+        (&["run", "--max-lifetime", "0", "--", "true"][..], "--max-lifetime 0"),
         (&["run", "--policy", "/no/such.cedar", "--", "true"][..], "no such file"),
         (&["run", "--spec", "/no/such.toml"][..], "cannot read the cell spec"),
     ] {

@@ -22,7 +22,15 @@
 //!
 //! Entries of kind `checkpoint` carry a signature over the seq and hash of the entry before them,
 //! so the signed history survives in the log itself, not only in the head.
+//!
+//! The signed head only proves that the log is as its last writer left it; whoever can delete
+//! or replace files can delete both (a wiped log) or put back an older head over a truncated log
+//! (a rollback), and both verify on their own. Rollback is caught by evidence kept elsewhere:
+//! [`verify_expecting`] checks the log against [`Expectations`] — positions that signed
+//! documents (receipts, a signed checkpoint an auditor kept from [`AuditLog::signed_checkpoint`])
+//! name, a genesis entry the host wrote when it was set up, and other signs that a log existed.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
@@ -48,6 +56,9 @@ pub const GENESIS_PREV: &str = "000000000000000000000000000000000000000000000000
 pub const KIND_CHECKPOINT: &str = "checkpoint";
 /// The kind of the entry that records the torn tail a dead writer left behind.
 pub const KIND_RECOVERED: &str = "recovered_torn_tail";
+/// The kind of the first entry of a host's log, written by [`AuditLog::genesis`] when the host is
+/// set up. It may only be entry 0.
+pub const KIND_GENESIS: &str = "genesis";
 
 /// The fields of an entry, sorted.
 const ENTRY_KEYS: [&str; 7] = ["cell", "data", "hash", "kind", "prev", "seq", "ts_ms"];
@@ -128,10 +139,29 @@ impl AuditLog {
         cell: Option<&str>,
         data: Value,
     ) -> Result<(u64, String), AuditError> {
-        if kind == KIND_CHECKPOINT || kind == KIND_RECOVERED {
+        if kind == KIND_CHECKPOINT || kind == KIND_RECOVERED || kind == KIND_GENESIS {
             return Err(AuditError::ReservedKind(kind.to_owned()));
         }
         self.with_writer(|w| w.commit(kind, cell, data))
+    }
+
+    /// Writes the genesis entry (seq 0) if the log has no entry yet and returns its
+    /// `(seq, hash)`; on a log that has entries, writes nothing and returns `None`.
+    pub fn genesis(&self, data: Value) -> Result<Option<(u64, String)>, AuditError> {
+        self.with_writer(|w| match w.last {
+            None => w.commit(KIND_GENESIS, None, data).map(Some),
+            Some(_) => Ok(None),
+        })
+    }
+
+    /// Appends a signed checkpoint entry (as [`AuditLog::checkpoint`]) and returns the signed
+    /// head that names it, in the form of `audit.head`: canonical JSON of
+    /// `{"hash","public_key","seq","signature"}` and a newline. An auditor who keeps this text
+    /// off the host can later check with [`parse_checkpoint`] and [`verify_expecting`] that the
+    /// log still extends it.
+    pub fn signed_checkpoint(&self) -> Result<String, AuditError> {
+        let (seq, hash) = self.checkpoint()?;
+        Ok(signed_head_text(&self.key, seq, &hash))
     }
 
     /// Appends a signed checkpoint entry covering the current last entry; returns its
@@ -420,6 +450,35 @@ fn parse_head(bytes: &[u8], key: &VerifyingKey) -> Result<Head, String> {
     Ok(Head { seq, hash: hash.to_owned() })
 }
 
+/// The position a signed checkpoint names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Checkpoint {
+    /// The seq of the entry.
+    pub seq: u64,
+    /// Its hash.
+    pub hash: String,
+}
+
+/// Parses a signed checkpoint (the text of [`AuditLog::signed_checkpoint`], or a copy of
+/// `audit.head`; any JSON formatting) and checks its signature against `key`.
+pub fn parse_checkpoint(bytes: &[u8], key: &VerifyingKey) -> Result<Checkpoint, String> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    let map = exact_object(&v, &HEAD_KEYS)?;
+    let (Some(seq), Some(hash), Some(public_key), Some(signature)) = (
+        map["seq"].as_u64(),
+        map["hash"].as_str(),
+        map["public_key"].as_str(),
+        map["signature"].as_str(),
+    ) else {
+        return Err("a field has the wrong type".to_owned());
+    };
+    if public_key != verifying_key_hex(key) {
+        return Err(format!("signed by another key ({public_key})"));
+    }
+    check_signature(key, &json!({"hash": hash, "seq": seq}), signature)?;
+    Ok(Checkpoint { seq, hash: hash.to_owned() })
+}
+
 /// An entry whose form and own hash have been checked (not yet its place in the chain).
 struct Entry {
     seq: u64,
@@ -496,6 +555,9 @@ pub struct Report {
     pub entries: u64,
     /// Checkpoint entries among them, each with a verified signature.
     pub checkpoints: u64,
+    /// Positions named from outside the log ([`Expectations::anchors`]: receipts, a kept
+    /// checkpoint) that were found in it with the named hash.
+    pub anchors: u64,
     /// Bytes after the last newline: a writer died in the middle of an entry. Not a problem by
     /// itself; the next append records it.
     pub torn_tail: Option<TornTail>,
@@ -603,25 +665,163 @@ pub fn read_entries(dir: &Path) -> Result<Vec<Value>, AuditError> {
 /// Verifies the log in `dir` against `public_key`: every entry's form, hash and place in the
 /// chain, every checkpoint's signature, and the signed head against the last entry. Stops at
 /// the first problem.
+///
+/// A log verifies on its own even after it was wiped (no files at all) or rolled back (an older
+/// head put back over a truncated log); [`verify_expecting`] also checks it against evidence kept
+/// elsewhere.
 pub fn verify(dir: &Path, public_key: &VerifyingKey) -> Report {
+    verify_expecting(dir, public_key, &Expectations::default())
+}
+
+/// A position in the log that a signed document names: the entry with this seq must be in the
+/// log and have this hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor {
+    /// What names it, for the report ("receipt /var/lib/isocell/cells/ID/launch.json").
+    pub source: String,
+    /// The entry's seq.
+    pub seq: u64,
+    /// The entry's hash.
+    pub hash: String,
+}
+
+/// What is known about the log from outside it, for [`verify_expecting`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Expectations {
+    /// Entry 0 must be a genesis entry, for the reason given (a host writes its genesis entry
+    /// before its profile, so a host with a profile has one).
+    pub genesis: Option<String>,
+    /// Signs that a log existed here (cell records, a profile), each said in words: the log must
+    /// not be empty.
+    pub existed: Vec<String>,
+    /// Positions that signed documents name: each must be in the log with the named hash.
+    pub anchors: Vec<Anchor>,
+}
+
+/// Verifies the log as [`verify`] does, then against `expect`: a log that must have existed is
+/// not empty, entry 0 is the genesis entry if one is expected, and every anchor names an entry
+/// that is in the log with that hash. An anchor beyond the log's end or with another hash means
+/// the log was truncated or rolled back (or rewritten and re-signed), and the problem names the
+/// anchor's source.
+pub fn verify_expecting(dir: &Path, public_key: &VerifyingKey, expect: &Expectations) -> Report {
     let mut report = Report::default();
-    if let Err(problem) = verify_into(dir, public_key, &mut report) {
+    let mut chain =
+        Chain { wanted: expect.anchors.iter().map(|a| a.seq).collect(), ..Chain::default() };
+    let result = verify_into(dir, public_key, &mut report, &mut chain)
+        .and_then(|()| check_expectations(expect, &chain, &mut report));
+    if let Err(problem) = result {
         report.problem = Some(problem);
     }
     report
 }
 
-fn verify_into(dir: &Path, key: &VerifyingKey, report: &mut Report) -> Result<(), Problem> {
+/// What [`verify_into`] learns about the chain for [`check_expectations`].
+#[derive(Default)]
+struct Chain {
+    /// The seqs whose hashes are wanted.
+    wanted: BTreeSet<u64>,
+    /// Their hashes, for those in the log.
+    hashes: BTreeMap<u64, String>,
+    /// The byte offset of each entry.
+    offsets: Vec<u64>,
+    /// Where the complete lines end.
+    end: u64,
+    /// The kind of entry 0.
+    first_kind: Option<String>,
+}
+
+fn check_expectations(
+    expect: &Expectations,
+    chain: &Chain,
+    report: &mut Report,
+) -> Result<(), Problem> {
+    let count = report.entries;
+    if count == 0 {
+        let mut why: Vec<String> = expect.genesis.iter().chain(&expect.existed).cloned().collect();
+        why.extend(
+            expect
+                .anchors
+                .iter()
+                .take(3)
+                .map(|a| format!("{} names entry seq {}", a.source, a.seq)),
+        );
+        if expect.anchors.len() > 3 {
+            why.push(format!("{} more signed positions", expect.anchors.len() - 3));
+        }
+        if !why.is_empty() {
+            return Err(file_problem(format!(
+                "the log is empty or missing, but a log existed here ({}): the log was wiped, \
+                 truncated or rolled back",
+                why.join("; ")
+            )));
+        }
+    }
+    let at = |seq: u64, reason: String| Problem {
+        line: seq.saturating_add(1),
+        seq: Some(seq),
+        offset: usize::try_from(seq)
+            .ok()
+            .and_then(|i| chain.offsets.get(i).copied())
+            .unwrap_or(chain.end),
+        reason,
+    };
+    if let Some(why) = &expect.genesis {
+        let first = chain.first_kind.as_deref().unwrap_or_default();
+        if first != KIND_GENESIS {
+            return Err(at(
+                0,
+                format!(
+                    "entry 0 is a {first:?} entry, not the genesis entry that {why} requires: \
+                     the log was wiped and restarted (or was started before hosts wrote a \
+                     genesis entry)"
+                ),
+            ));
+        }
+    }
+    for anchor in &expect.anchors {
+        match chain.hashes.get(&anchor.seq) {
+            None => {
+                return Err(at(
+                    anchor.seq,
+                    format!(
+                        "{} names entry seq {}, but the log has only {count} entries: the log \
+                         was truncated or rolled back",
+                        anchor.source, anchor.seq
+                    ),
+                ))
+            }
+            Some(hash) if *hash != anchor.hash => {
+                return Err(at(
+                    anchor.seq,
+                    format!(
+                        "{} names entry seq {} with hash {}, but that entry's hash is {hash}: \
+                         the log was truncated or rolled back (and written again)",
+                        anchor.source, anchor.seq, anchor.hash
+                    ),
+                ))
+            }
+            Some(_) => report.anchors += 1,
+        }
+    }
+    Ok(())
+}
+
+fn verify_into(
+    dir: &Path,
+    key: &VerifyingKey,
+    report: &mut Report,
+    chain: &mut Chain,
+) -> Result<(), Problem> {
     let snap = read_snapshot(dir).map_err(|e| file_problem(e.to_string()))?;
     let complete = snap.log.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
     if complete < snap.log.len() {
         report.torn_tail =
             Some(TornTail { offset: complete as u64, len: (snap.log.len() - complete) as u64 });
     }
+    chain.end = complete as u64;
 
     // The chain.
     let mut last: Option<Head> = None;
-    let mut offsets: Vec<u64> = Vec::new();
     let mut offset = 0u64;
     for (i, line) in snap.log[..complete].split_inclusive(|&b| b == b'\n').enumerate() {
         let at =
@@ -645,8 +845,17 @@ fn verify_into(dir: &Path, key: &VerifyingKey, report: &mut Report) -> Result<()
         if entry.kind == KIND_RECOVERED && entry.data.get("offset") != Some(&json!(offset)) {
             return Err(at(seq, "the recorded torn tail did not start here".to_owned()));
         }
+        if entry.kind == KIND_GENESIS && entry.seq != 0 {
+            return Err(at(seq, "a genesis entry can only be the first entry".to_owned()));
+        }
+        if entry.seq == 0 {
+            chain.first_kind = Some(entry.kind.clone());
+        }
+        if chain.wanted.contains(&entry.seq) {
+            chain.hashes.insert(entry.seq, entry.hash.clone());
+        }
         report.entries += 1;
-        offsets.push(offset);
+        chain.offsets.push(offset);
         offset += line.len() as u64;
         last = Some(Head { seq: entry.seq, hash: entry.hash });
     }
@@ -668,6 +877,7 @@ fn verify_into(dir: &Path, key: &VerifyingKey, report: &mut Report) -> Result<()
         return Ok(());
     }
     let count = report.entries;
+    let offsets = &chain.offsets;
     let at_line = |n: u64, reason: String| Problem {
         line: n + 1,
         seq: Some(n),
@@ -816,7 +1026,7 @@ mod tests {
     fn reserved_kinds_are_refused() {
         let tmp = TempDir::new("reserved");
         let log = AuditLog::open(&tmp.0, key(1)).unwrap();
-        for kind in [KIND_CHECKPOINT, KIND_RECOVERED] {
+        for kind in [KIND_CHECKPOINT, KIND_RECOVERED, KIND_GENESIS] {
             assert!(matches!(log.append(kind, None, json!({})), Err(AuditError::ReservedKind(_))));
         }
     }

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::str::FromStr;
 
 use cedar_policy::{
-    Authorizer, Context, Decision, Entities, EntityUid, PolicyId, PolicySet, Request,
+    AuthorizationError, Authorizer, Context, Decision, Entities, EntityUid, PolicyId, PolicySet,
+    Request,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -60,10 +61,14 @@ pub struct AdmissionRequest {
 pub struct AdmissionDecision {
     /// Whether the cell may start.
     pub allowed: bool,
-    /// Ids of the policies that determined the decision (the forbids that fired on a denial,
-    /// the permits on an allow).
+    /// Ids of the policies that determined the decision: the permits on an allow; on a denial
+    /// the forbids that fired, or, when none fired, the policies that errored (an error
+    /// denies); empty for a default deny.
     pub policies: Vec<String>,
-    /// Errors met while evaluating (a policy that errors is skipped, so these matter).
+    /// Ids of the policies whose evaluation errored. Cedar would skip them, so any error denies
+    /// the cell (fail closed).
+    pub errored: Vec<String>,
+    /// Errors met while evaluating, as Cedar words them.
     pub errors: Vec<String>,
 }
 
@@ -71,6 +76,14 @@ impl AdmissionDecision {
     /// A one-line explanation for a user.
     pub fn explain(&self) -> String {
         let verdict = if self.allowed { "allowed" } else { "denied" };
+        if !self.allowed && !self.errored.is_empty() && self.policies == self.errored {
+            return format!(
+                "denied because the policy {} errored, and a policy that errors denies (fail \
+                 closed): {}",
+                self.errored.join(", "),
+                self.errors.join("; ")
+            );
+        }
         let by = if self.policies.is_empty() {
             "no policy permits it (default deny)".to_owned()
         } else {
@@ -118,8 +131,7 @@ impl Policies {
         files.sort();
         files.extend(extra.iter().cloned());
         for f in files {
-            let text = std::fs::read_to_string(&f)
-                .map_err(|e| format!("cannot read the policy {}: {e}", f.display()))?;
+            let text = read_policy_file(&f)?;
             let name =
                 f.file_stem().map_or_else(|| "policy".into(), |s| s.to_string_lossy().into_owned());
             sources.push((name, text));
@@ -166,15 +178,60 @@ impl Policies {
         )
         .map_err(|e| format!("admission request: {e}"))?;
         let response = Authorizer::new().is_authorized(&request, &self.set, &Entities::empty());
-        let mut policies: Vec<String> =
+        let mut reason: Vec<String> =
             response.diagnostics().reason().map(|id| id.to_string()).collect();
-        policies.sort();
+        reason.sort();
         let errors: Vec<String> = response.diagnostics().errors().map(|e| e.to_string()).collect();
+        let mut errored: Vec<String> = response
+            .diagnostics()
+            .errors()
+            .map(|e| match e {
+                AuthorizationError::PolicyEvaluationError(e) => e.policy_id().to_string(),
+            })
+            .collect();
+        errored.sort();
+        errored.dedup();
         // Cedar skips a policy whose evaluation errors; a skipped forbid would let the cell
         // through, so any error denies (fail closed).
-        let allowed = response.decision() == Decision::Allow && errors.is_empty();
-        Ok(AdmissionDecision { allowed, policies, errors })
+        let cedar_allows = response.decision() == Decision::Allow;
+        let allowed = cedar_allows && errors.is_empty();
+        // The evidence must name what decided. On an allow that the errors overturn, Cedar's
+        // reasons are the permits, which did not decide; the errored policies did. A forbid that
+        // fired decides a denial by itself, errors or not.
+        let policies = if !errors.is_empty() && (cedar_allows || reason.is_empty()) {
+            errored.clone()
+        } else {
+            reason
+        };
+        Ok(AdmissionDecision { allowed, policies, errored, errors })
     }
+}
+
+/// Largest policy file read: policies are short texts, and a device or a huge file named by
+/// mistake must not be read without end.
+const MAX_POLICY_BYTES: u64 = 1 << 20;
+
+/// Reads one policy file: a regular file of at most [`MAX_POLICY_BYTES`], opened without
+/// blocking (a FIFO put in the policies directory must not hang admission).
+fn read_policy_file(path: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let cannot = |why: String| format!("cannot read the policy {}: {why}", path.display());
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| cannot(e.to_string()))?;
+    let meta = f.metadata().map_err(|e| cannot(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(cannot("not a regular file".into()));
+    }
+    let mut text = String::new();
+    f.take(MAX_POLICY_BYTES + 1).read_to_string(&mut text).map_err(|e| cannot(e.to_string()))?;
+    if text.len() as u64 > MAX_POLICY_BYTES {
+        return Err(cannot(format!("larger than {MAX_POLICY_BYTES} bytes")));
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -278,5 +335,39 @@ mod tests {
         let d = p.decide(&request()).unwrap();
         assert!(!d.allowed, "{}", d.explain());
         assert!(d.errors.iter().any(|e| e.contains("broken")), "{:?}", d.errors);
+    }
+
+    #[test]
+    fn a_denial_by_error_names_the_policy_that_errored() {
+        // The permit `default:allow-cells` matched, but it did not decide: the error did.
+        let user = r#"@id("broken") forbid (principal, action, resource) when { context.cell.nope == 1 };"#;
+        let p = Policies::load(&[
+            ("default".into(), DEFAULT_POLICY.into()),
+            ("site".into(), user.into()),
+        ])
+        .unwrap();
+        let d = p.decide(&request()).unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.policies, ["site:broken"], "{}", d.explain());
+        assert_eq!(d.errored, ["site:broken"]);
+        let text = d.explain();
+        assert!(text.contains("site:broken errored"), "{text}");
+        assert!(!text.contains("allow-cells"), "{text}");
+
+        // A forbid that fires still decides by itself; the error is still on record.
+        let mut r = request();
+        r.jurisdictions = vec!["US".into()];
+        let d = p.decide(&r).unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.policies, ["default:jurisdiction"]);
+        assert_eq!(d.errored, ["site:broken"]);
+        assert!(d.explain().contains("evaluation errors"), "{}", d.explain());
+
+        // An erroring permit alone: nothing permits, and the error is named as the reason.
+        let only = r#"@id("bad-permit") permit (principal, action, resource) when { context.cell.nope == 1 };"#;
+        let p = Policies::load(&[("site".into(), only.into())]).unwrap();
+        let d = p.decide(&request()).unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.policies, ["site:bad-permit"]);
     }
 }

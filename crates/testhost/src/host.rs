@@ -72,6 +72,8 @@ pub struct Paths {
     pub jailer: PathBuf,
     /// The `isocell-testhost-runner` binary.
     pub runner: PathBuf,
+    /// `isocell-hostile`, the attacker the tests pass into cells.
+    pub hostile: PathBuf,
     /// Cell kernel, bzImage.
     pub bzimage: PathBuf,
     /// Cell kernel, ELF vmlinux.
@@ -122,6 +124,7 @@ impl Paths {
                 "isocell-testhost-runner",
                 BUILD_BINS,
             )?,
+            hostile: require(bin.join("isocell-hostile"), "isocell-hostile", BUILD_BINS)?,
             bzimage: require(
                 build.join("guest/bzImage"),
                 "the cell kernel",
@@ -207,6 +210,7 @@ impl TestHost {
         let assets = [
             ("vmm", &self.paths.vmm),
             ("isocell", &self.paths.isocell),
+            ("hostile", &self.paths.hostile),
             ("bzimage", &self.paths.bzimage),
             ("vmlinux", &self.paths.vmlinux),
             ("rootfs", &self.paths.rootfs),
@@ -359,6 +363,9 @@ impl TestHost {
         }
         if text.contains("{initrd}") {
             copies.push((self.paths.initrd.clone(), stage.join("isocell/guest/initrd.cpio")));
+        }
+        if text.contains("{hostile}") {
+            copies.push((self.paths.hostile.clone(), stage.join("isocell/bin/isocell-hostile")));
         }
         for m in MODULES {
             copies.push((
@@ -523,7 +530,7 @@ exec /isocell/bin/isocell-testhost-runner --scenario /isocell/scenario.json \
   --results /dev/ttyS1 --heartbeat /dev/ttyS2 --work /tmp/steps --host nested --poweroff \
   --asset vmm=/isocell/bin/isocell-vmm --asset isocell=/isocell/bin/isocell --asset bzimage=/isocell/guest/bzImage \
   --asset vmlinux=/isocell/guest/vmlinux --asset rootfs=/isocell/guest/rootfs.ext4 \
-  --asset initrd=/isocell/guest/initrd.cpio
+  --asset initrd=/isocell/guest/initrd.cpio --asset hostile=/isocell/bin/isocell-hostile
 "#;
 
 fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), TestHostError> {
