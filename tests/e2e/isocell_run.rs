@@ -92,6 +92,14 @@ fn scenario() -> Scenario {
             ),
             shell_step("not-found", &format!("{run} -- no-such-command --flag"), 120),
             shell_step(
+                "background-process",
+                &format!(
+                    "{run} -- sh -c 'setsid sleep 1000 & sleep 2; echo started'; echo status=$?; \
+                     grep -h '\"vmm_pid\"' {{work}}/state/cells/*/launch.json | tr -d ' ,'"
+                ),
+                150,
+            ),
+            shell_step(
                 "evidence",
                 &format!(
                     "{run} --report {{work}}/r.json -- true && \
@@ -232,6 +240,20 @@ fn a_run_leaves_verifiable_receipts_and_a_complete_audit_trail() {
         let needle = format!("\"kind\":\"{kind}\"");
         assert!(kinds.contains(&needle), "{kind} missing from {kinds}\n{}", r.explain());
     }
+}
+
+#[test]
+fn a_background_process_does_not_hold_the_exit() {
+    // Before: the agent waited for the setsid'd sleep to close the output pipes (1000 s), and
+    // the step ran out of time.
+    let r = step("background-process");
+    assert!(r.stdout.contains("started\nstatus=0"), "{}", r.explain());
+    // The receipt names the VMM's pid (a number), reported by the jailer.
+    assert!(
+        r.stdout.contains("\"vmm_pid\":") && !r.stdout.contains("\"vmm_pid\":null"),
+        "{}",
+        r.explain()
+    );
 }
 
 #[test]

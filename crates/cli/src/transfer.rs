@@ -426,6 +426,8 @@ pub fn get(
                             file_mode,
                         )
                         .map_err(|e| format!("--output {guest}: {}: {e}", truncated(&path)))?;
+                        // The root of a single-file output is named after the cell's path.
+                        let rel = if is_root { PathBuf::from(guest) } else { rel };
                         current = Some(Incoming {
                             file: File::from(fd),
                             rel,
@@ -702,6 +704,67 @@ mod tests {
             let err = get(&mut hostile_agent(script), "/o", &t.0.join("out"), &mut b).unwrap_err();
             assert!(err.contains(expect), "expected {expect:?}, got {err}");
             assert!(t.names("").is_empty(), "{expect}: left {:?}", t.names(""));
+        }
+    }
+
+    /// Any message the cell may send during a copy, with paths an attacker would pick.
+    fn any_reply() -> impl proptest::strategy::Strategy<Value = Message> {
+        use proptest::prelude::*;
+        let path = prop_oneof![
+            Just(".".to_owned()),
+            Just("..".to_owned()),
+            Just("../x".to_owned()),
+            Just("/etc/x".to_owned()),
+            Just("a/../../x".to_owned()),
+            Just("".to_owned()),
+            "[a-c]{1,2}(/[a-c]{1,2}){0,2}",
+        ];
+        let kind = prop_oneof![Just(EntryKind::File), Just(EntryKind::Dir)];
+        prop_oneof![
+            (path, kind, any::<u32>(), 0u64..5000)
+                .prop_map(|(path, kind, mode, size)| Message::Entry { path, kind, mode, size }),
+            proptest::collection::vec(any::<u8>(), 0..3000).prop_map(Message::Data),
+            Just(Message::DataEnd),
+            Just(Message::Done),
+            ".{0,40}".prop_map(|message| Message::Error { message }),
+            Just(Message::Stdout(vec![1, 2, 3])),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
+        /// Whatever the cell replies, `get` ends (within its budget), writes nothing outside
+        /// the destination's directory, and leaves either a complete copy or nothing.
+        #[test]
+        fn any_reply_sequence_is_contained(
+            script in proptest::collection::vec(any_reply(), 0..40),
+            max_bytes in 0u64..20_000,
+        ) {
+            let t = Scratch::new();
+            fs::create_dir(t.0.join("dest-parent")).unwrap();
+            let mut b = OutputBudget::new(max_bytes, 30, Duration::from_millis(200));
+            let dest = t.0.join("dest-parent/out");
+            let result = get(&mut hostile_agent(script), "/o", &dest, &mut b);
+            // Nothing beside the destination's directory, nothing staged left behind.
+            proptest::prop_assert_eq!(t.names(""), vec!["dest-parent".to_owned()]);
+            let left = t.names("dest-parent");
+            match result {
+                Ok(()) => {
+                    proptest::prop_assert_eq!(left, vec!["out".to_owned()]);
+                    // A complete copy holds plain files and directories within the byte cap.
+                    fn bytes(p: &Path) -> u64 {
+                        let m = fs::symlink_metadata(p).unwrap();
+                        assert!(m.is_file() || m.is_dir(), "{} is neither", p.display());
+                        if m.is_dir() {
+                            fs::read_dir(p).unwrap().map(|e| bytes(&e.unwrap().path())).sum()
+                        } else {
+                            m.len()
+                        }
+                    }
+                    proptest::prop_assert!(bytes(&dest) <= max_bytes);
+                }
+                Err(_) => proptest::prop_assert!(left.is_empty(), "left {:?}", left),
+            }
         }
     }
 
