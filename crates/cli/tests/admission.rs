@@ -4,41 +4,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
 
-struct Env {
-    dir: PathBuf,
-}
+mod common;
+use common::{empty, text, Env};
 
 impl Env {
-    fn new(name: &str) -> Env {
-        let dir =
-            std::env::temp_dir().join(format!("isocell-admission-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("run")).unwrap();
-        fs::write(dir.join("vmlinux"), b"kernel").unwrap();
-        fs::write(dir.join("rootfs.ext4"), b"image").unwrap();
-        let vmm = dir.join("vmm");
-        fs::write(&vmm, format!("#!/bin/sh\ntouch {}/vmm-was-started\n", dir.display())).unwrap();
-        fs::set_permissions(&vmm, fs::Permissions::from_mode(0o755)).unwrap();
-        Env { dir }
-    }
-
-    fn isocell(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_isocell"))
-            .args(args)
-            .env("ISOCELL_STATE_DIR", self.dir.join("state"))
-            .env("ISOCELL_RUN_DIR", self.dir.join("run"))
-            .env("ISOCELL_KERNEL", self.dir.join("vmlinux"))
-            .env("ISOCELL_IMAGE", self.dir.join("rootfs.ext4"))
-            .env("ISOCELL_VMM", self.dir.join("vmm"))
-            .env("ISOCELL_JAILER", self.dir.join("vmm"))
-            .output()
-            .unwrap()
-    }
-
     fn entries(&self) -> Vec<serde_json::Value> {
         let out = self.isocell(&["audit", "show"]);
         assert!(out.status.success(), "{}", text(&out));
@@ -54,28 +25,9 @@ impl Env {
     }
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn empty(dir: &Path) -> bool {
-    fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(true)
-}
-
 #[test]
 fn a_denied_cell_never_starts_and_the_denial_is_logged() {
-    let env = Env::new("deny");
+    let env = Env::new("admission", "deny");
     let init = env.isocell(&["host", "init", "--jurisdiction", "EU", "--operator", "acme"]);
     assert!(init.status.success(), "{}", text(&init));
 
@@ -83,7 +35,7 @@ fn a_denied_cell_never_starts_and_the_denial_is_logged() {
     assert_eq!(out.status.code(), Some(77), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("default:jurisdiction"), "the denial names its policy: {stderr}");
-    assert!(!env.dir.join("vmm-was-started").exists(), "the VMM must never start");
+    assert!(!env.vmm_started(), "the VMM must never start");
     assert!(empty(&env.dir.join("run")), "no cell directory may exist");
     assert!(empty(&env.dir.join("state/cells")), "no receipts for a cell that never ran");
 
@@ -115,7 +67,7 @@ fn a_denied_cell_never_starts_and_the_denial_is_logged() {
         env.isocell(&["run", "--memory", "1G", "--policy", site.to_str().unwrap(), "--", "true"]);
     assert_eq!(out.status.code(), Some(77), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("small:small-cells"), "{}", text(&out));
-    assert!(!env.dir.join("vmm-was-started").exists());
+    assert!(!env.vmm_started());
 
     // Unjailed cells only for public data.
     let out = env.isocell(&["run", "--no-jail", "--classification", "internal", "--", "true"]);
@@ -129,7 +81,7 @@ fn a_denied_cell_never_starts_and_the_denial_is_logged() {
 
 #[test]
 fn audit_verify_pinpoints_a_changed_entry() {
-    let env = Env::new("tamper");
+    let env = Env::new("admission", "tamper");
     for _ in 0..3 {
         let out = env.isocell(&["run", "--jurisdiction", "Nowhere", "--", "true"]);
         assert_eq!(out.status.code(), Some(77), "{}", text(&out));
@@ -154,13 +106,13 @@ fn audit_verify_pinpoints_a_changed_entry() {
 
 #[test]
 fn bad_evidence_options_are_refused_before_anything_is_written() {
-    let env = Env::new("bad");
+    let env = Env::new("admission", "bad");
     for (args, expect) in [
         (&["run", "--classification", "secret", "--", "true"][..], "--classification"),
         (&["run", "--allow-image-digest", "sha256:zz", "--", "true"][..], "sha256:"),
         (&["run", "--max-lifetime", "0", "--", "true"][..], "--max-lifetime 0"),
-        (&["run", "--policy", "/no/such.cedar", "--", "true"][..], "no such file"),
-        (&["run", "--spec", "/no/such.toml"][..], "cannot read the cell spec"),
+        (&["run", "--policy", "/no/such.cedar", "--", "true"][..], "No such file"),
+        (&["run", "--spec", "/no/such.toml"][..], "--spec /no/such.toml"),
     ] {
         let out = env.isocell(args);
         assert_eq!(out.status.code(), Some(125), "{args:?}\n{}", text(&out));
@@ -172,12 +124,12 @@ fn bad_evidence_options_are_refused_before_anything_is_written() {
     let out = env.isocell(&["run", "--policy", bad_policy.to_str().unwrap(), "--", "true"]);
     assert_eq!(out.status.code(), Some(125), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad"), "{}", text(&out));
-    assert!(!env.dir.join("vmm-was-started").exists());
+    assert!(!env.vmm_started());
 }
 
 #[test]
 fn surface_diff_shows_exposure_beyond_a_baseline() {
-    let env = Env::new("surface");
+    let env = Env::new("admission", "surface");
     let out = env.isocell(&["surface"]);
     assert!(out.status.success(), "{}", text(&out));
     let surface: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

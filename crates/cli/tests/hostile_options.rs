@@ -6,60 +6,21 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
-struct Env {
-    dir: PathBuf,
-}
+mod common;
+use common::Env;
 
 impl Env {
-    fn new(name: &str) -> Env {
-        let dir =
-            std::env::temp_dir().join(format!("isocell-hostile-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("run")).unwrap();
-        fs::write(dir.join("vmlinux"), b"kernel").unwrap();
-        fs::write(dir.join("rootfs.ext4"), b"image").unwrap();
-        let vmm = dir.join("vmm");
-        fs::write(&vmm, format!("#!/bin/sh\ntouch {}/vmm-was-started\n", dir.display())).unwrap();
-        fs::set_permissions(&vmm, fs::Permissions::from_mode(0o755)).unwrap();
-        Env { dir }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_isocell"));
-        c.args(args)
-            .env("ISOCELL_STATE_DIR", self.dir.join("state"))
-            .env("ISOCELL_RUN_DIR", self.dir.join("run"))
-            .env("ISOCELL_KERNEL", self.dir.join("vmlinux"))
-            .env("ISOCELL_IMAGE", self.dir.join("rootfs.ext4"))
-            .env("ISOCELL_VMM", self.dir.join("vmm"))
-            .env("ISOCELL_JAILER", self.dir.join("vmm"))
-            .stdin(Stdio::null());
-        c
-    }
-
     fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.join(name).to_string_lossy().into_owned()
+        self.isocell(args)
     }
 
     /// Nothing was started and nothing is left in the run directory.
     fn assert_nothing_left(&self, what: &str) {
-        assert!(!self.dir.join("vmm-was-started").exists(), "{what}: a VMM was started");
+        assert!(!self.vmm_started(), "{what}: a VMM was started");
         let left: Vec<_> = fs::read_dir(self.dir.join("run")).unwrap().collect();
         assert!(left.is_empty(), "{what}: left {left:?} in the run directory");
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -69,7 +30,7 @@ fn stderr(out: &Output) -> String {
 
 #[test]
 fn every_bad_option_is_refused_with_a_clear_message() {
-    let env = Env::new("options");
+    let env = Env::new("hostile", "options");
     let fifo = env.path("fifo");
     let c = std::ffi::CString::new(fifo.clone()).unwrap();
     // SAFETY: mkfifo with a NUL-terminated path.
@@ -138,7 +99,7 @@ fn every_bad_option_is_refused_with_a_clear_message() {
 
 #[test]
 fn an_unwritable_stderr_changes_no_exit_status() {
-    let env = Env::new("stderr");
+    let env = Env::new("hostile", "stderr");
     let full = || fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
     // Denied (public data only without a jail): 77, not an abort.
     let out = env

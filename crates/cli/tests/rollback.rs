@@ -6,45 +6,15 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use ed25519_dalek::SigningKey;
 use serde_json::{json, Value};
 
-struct Env {
-    dir: PathBuf,
-}
+mod common;
+use common::{text, Env};
 
 impl Env {
-    fn new(name: &str) -> Env {
-        let dir =
-            std::env::temp_dir().join(format!("isocell-rollback-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("run")).unwrap();
-        fs::write(dir.join("vmlinux"), b"kernel").unwrap();
-        fs::write(dir.join("rootfs.ext4"), b"image").unwrap();
-        // Never started: every cell here is denied.
-        fs::write(dir.join("vmm"), b"#!/bin/sh\nexit 99\n").unwrap();
-        Env { dir }
-    }
-
-    fn isocell(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_isocell"))
-            .args(args)
-            .env("ISOCELL_STATE_DIR", self.state())
-            .env("ISOCELL_RUN_DIR", self.dir.join("run"))
-            .env("ISOCELL_KERNEL", self.dir.join("vmlinux"))
-            .env("ISOCELL_IMAGE", self.dir.join("rootfs.ext4"))
-            .env("ISOCELL_VMM", self.dir.join("vmm"))
-            .env("ISOCELL_JAILER", self.dir.join("vmm"))
-            .output()
-            .unwrap()
-    }
-
-    fn state(&self) -> PathBuf {
-        self.dir.join("state")
-    }
-
     fn audit_file(&self, name: &str) -> PathBuf {
         self.state().join("audit").join(name)
     }
@@ -92,21 +62,6 @@ impl Env {
     }
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn failed_with(out: &Output, needles: &[&str]) {
     assert_eq!(out.status.code(), Some(1), "{}", text(out));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -118,7 +73,7 @@ fn failed_with(out: &Output, needles: &[&str]) {
 
 #[test]
 fn a_wiped_log_never_verifies_as_empty() {
-    let env = Env::new("wiped");
+    let env = Env::new("rollback", "wiped");
     let init = env.isocell(&["host", "init", "--jurisdiction", "EU"]);
     assert!(init.status.success(), "{}", text(&init));
     env.deny();
@@ -164,7 +119,7 @@ fn a_wiped_log_never_verifies_as_empty() {
 
 #[test]
 fn a_rolled_back_log_fails_against_receipts_and_a_kept_checkpoint() {
-    let env = Env::new("rollback");
+    let env = Env::new("rollback", "rollback");
     let init = env.isocell(&["host", "init", "--jurisdiction", "EU"]);
     assert!(init.status.success(), "{}", text(&init));
     env.deny();
@@ -232,7 +187,7 @@ fn a_rolled_back_log_fails_against_receipts_and_a_kept_checkpoint() {
 
 #[test]
 fn a_checkpoint_needs_a_host() {
-    let env = Env::new("nohost");
+    let env = Env::new("rollback", "nohost");
     let out = env.isocell(&["audit", "checkpoint"]);
     assert_eq!(out.status.code(), Some(125), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("never set up"), "{}", text(&out));
@@ -241,7 +196,7 @@ fn a_checkpoint_needs_a_host() {
 
 #[test]
 fn a_denial_by_a_policy_that_errors_names_that_policy() {
-    let env = Env::new("errored");
+    let env = Env::new("rollback", "errored");
     let broken = env.dir.join("broken.cedar");
     fs::write(
         &broken,
