@@ -427,27 +427,16 @@ fn exact_object<'a>(v: &'a Value, keys: &[&str]) -> Result<&'a Map<String, Value
     Ok(map)
 }
 
-/// Parses and checks a head file against `key`.
+/// Parses and checks a head file against `key`: a signed checkpoint, in canonical form.
 fn parse_head(bytes: &[u8], key: &VerifyingKey) -> Result<Head, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8")?;
     let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-    let map = exact_object(&v, &HEAD_KEYS)?;
+    exact_object(&v, &HEAD_KEYS)?;
     if to_canonical_string(&v) + "\n" != text {
         return Err("not in canonical form".to_owned());
     }
-    let (Some(seq), Some(hash), Some(public_key), Some(signature)) = (
-        map["seq"].as_u64(),
-        map["hash"].as_str(),
-        map["public_key"].as_str(),
-        map["signature"].as_str(),
-    ) else {
-        return Err("a field has the wrong type".to_owned());
-    };
-    if public_key != verifying_key_hex(key) {
-        return Err(format!("signed by another key ({public_key})"));
-    }
-    check_signature(key, &json!({"hash": hash, "seq": seq}), signature)?;
-    Ok(Head { seq, hash: hash.to_owned() })
+    let Checkpoint { seq, hash } = parse_checkpoint(bytes, key)?;
+    Ok(Head { seq, hash })
 }
 
 /// The position a signed checkpoint names.

@@ -323,16 +323,17 @@ mod tests {
         assert!(Policies::load(&[("bad".into(), "permit(".into())]).unwrap_err().contains("bad"));
     }
 
+    /// The default policy and a site policy that errors: `context.cell.nope` does not exist.
+    fn with_broken_policy() -> Policies {
+        let user = r#"@id("broken") forbid (principal, action, resource) when { context.cell.nope == 1 };"#;
+        Policies::load(&[("default".into(), DEFAULT_POLICY.into()), ("site".into(), user.into())])
+            .unwrap()
+    }
+
     #[test]
     fn a_policy_that_errors_denies() {
-        // `context.cell.nope` does not exist: evaluation errors, and the cell must not start.
-        let user = r#"@id("broken") forbid (principal, action, resource) when { context.cell.nope == 1 };"#;
-        let p = Policies::load(&[
-            ("default".into(), DEFAULT_POLICY.into()),
-            ("site".into(), user.into()),
-        ])
-        .unwrap();
-        let d = p.decide(&request()).unwrap();
+        // Evaluation errors, and the cell must not start.
+        let d = with_broken_policy().decide(&request()).unwrap();
         assert!(!d.allowed, "{}", d.explain());
         assert!(d.errors.iter().any(|e| e.contains("broken")), "{:?}", d.errors);
     }
@@ -340,12 +341,7 @@ mod tests {
     #[test]
     fn a_denial_by_error_names_the_policy_that_errored() {
         // The permit `default:allow-cells` matched, but it did not decide: the error did.
-        let user = r#"@id("broken") forbid (principal, action, resource) when { context.cell.nope == 1 };"#;
-        let p = Policies::load(&[
-            ("default".into(), DEFAULT_POLICY.into()),
-            ("site".into(), user.into()),
-        ])
-        .unwrap();
+        let p = with_broken_policy();
         let d = p.decide(&request()).unwrap();
         assert!(!d.allowed);
         assert_eq!(d.policies, ["site:broken"], "{}", d.explain());
