@@ -438,7 +438,7 @@ impl DeviceManager {
                     AddressSpace::Pio => &mut pio,
                     AddressSpace::Mmio => &mut mmio,
                 };
-                bus.insert(r.base, r.len, device.clone())
+                bus.insert(id, r.base, r.len, device.clone())
                     .map_err(|e| DeviceError::Bus(id.clone(), e))?;
             }
         }

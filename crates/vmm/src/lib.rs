@@ -8,6 +8,8 @@ pub mod config;
 pub mod device_manager;
 pub mod devices;
 pub mod exit;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host_check;
 pub mod report;
 pub mod seccomp;
@@ -101,7 +103,7 @@ pub struct StoppedVm {
     pub exit: VmExit,
     /// Memory use measured as it stopped.
     pub memory: Option<MemoryUse>,
-    /// VM exits handled by the VMM, most frequent first.
+    /// VM exits handled by the VMM, by kind and device, most frequent first.
     pub exit_counts: Vec<(String, u64)>,
     /// Features the guest negotiated with each virtio device.
     pub negotiated_features: BTreeMap<String, Vec<String>>,
@@ -151,7 +153,7 @@ pub fn boot(
         .collect::<Result<Vec<_>, _>>()?;
     timeline.mark(Phase::VmBuilt);
 
-    let exit_counts = ExitCounts::default();
+    let exit_counts = ExitCounts::new(&devices.pio, &devices.mmio);
     let ctx = Arc::new(VcpuContext {
         pio: devices.pio.clone(),
         mmio: devices.mmio.clone(),

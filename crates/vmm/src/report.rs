@@ -22,7 +22,8 @@ pub struct RunReport {
     pub phases: Phases,
     /// Memory use, measured from `/proc/self/smaps` just before the VMM exits.
     pub memory: Option<MemoryUse>,
-    /// VM exits the VMM handled, by kind and address, most frequent first (at most 20).
+    /// VM exits the VMM handled, by kind and device id (`"mmio_write root"`; accesses no device
+    /// answered count as `"... unmapped"`), most frequent first (at most 20).
     pub exit_counts: Vec<(String, u64)>,
     /// Features the guest's drivers negotiated, by virtio device id (empty: never brought up).
     pub negotiated_features: std::collections::BTreeMap<String, Vec<String>>,

@@ -438,7 +438,6 @@ pub fn forbidden_syscall_probe() {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::collections::HashMap;
     use std::fs::{File, OpenOptions};
     use std::io::{LineWriter, Read, Write};
     use std::os::unix::fs::FileExt;
@@ -464,7 +463,9 @@ mod tests {
     use crate::devices::Bus;
     use crate::exit::{ExitRequester, VmExit};
     use crate::timeline::{Phase, Timeline};
-    use crate::vstate::vcpu::{register_kick_signal, stop_vcpus, ExitCounts, VcpuContext};
+    use crate::vstate::vcpu::{
+        register_kick_signal, stop_vcpus, ExitCounts, ExitKind, VcpuContext,
+    };
 
     #[test]
     fn every_kind_compiles() {
@@ -718,12 +719,12 @@ mod tests {
         let console = LineWriter::new(File::create(dir.join("console")).map_err(s)?);
         let mut pio = Bus::new();
         let serial = SerialConsole::new(irq.try_clone().map_err(s)?, Box::new(console));
-        pio.insert(COM1_BASE, COM1_LEN, Arc::new(Mutex::new(serial))).map_err(s)?;
+        pio.insert("serial0", COM1_BASE, COM1_LEN, Arc::new(Mutex::new(serial))).map_err(s)?;
         let ctl = Arc::new(Mutex::new(I8042::new(exit.clone())));
-        pio.insert(i8042::COMMAND_PORT, 1, ctl).map_err(s)?;
+        pio.insert("i8042", i8042::COMMAND_PORT, 1, ctl).map_err(s)?;
         let mut mmio = Bus::new();
         let timer = Arc::new(Mutex::new(BootTimer::new(timeline.clone())));
-        mmio.insert(0xd000_0000, BOOT_TIMER_LEN, timer).map_err(s)?;
+        mmio.insert("boot_timer", 0xd000_0000, BOOT_TIMER_LEN, timer).map_err(s)?;
         let disk = OpenOptions::new()
             .read(true)
             .write(true)
@@ -777,9 +778,8 @@ mod tests {
                 disk.sync_data().map_err(s)?;
                 let mut random = [0u8; 64];
                 (&urandom).read_exact(&mut random).map_err(s)?;
-                let mut counts = HashMap::new();
-                *counts.entry(("pio_out", COM1_BASE)).or_insert(0u64) += 1;
                 let exit_counts = ExitCounts::default();
+                exit_counts.add(ExitKind::PioOut, None);
                 drop(exit_counts.sorted());
                 drop(vec![1u8; 8 << 20]);
 

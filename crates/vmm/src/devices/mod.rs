@@ -34,13 +34,18 @@ pub struct BusOverlap {
 
 struct BusRange {
     len: u64,
+    /// Index of the owning device in [`Bus::device_ids`].
+    index: usize,
     device: SharedDevice,
 }
 
 /// An address space (port I/O or MMIO): non-overlapping ranges, each owned by one device.
+/// Devices are numbered in the order they were first inserted; a device with several ranges
+/// keeps one index, so per-device statistics can live in fixed-size arrays.
 #[derive(Default)]
 pub struct Bus {
     ranges: BTreeMap<u64, BusRange>,
+    ids: Vec<String>,
 }
 
 impl Bus {
@@ -49,8 +54,15 @@ impl Bus {
         Bus::default()
     }
 
-    /// Routes `[base, base + len)` to `device`.
-    pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusOverlap> {
+    /// Routes `[base, base + len)` to `device`, known as `id`. Inserting the same device
+    /// (the same `Arc`) again adds a range to it and keeps its index and first id.
+    pub fn insert(
+        &mut self,
+        id: &str,
+        base: u64,
+        len: u64,
+        device: SharedDevice,
+    ) -> Result<(), BusOverlap> {
         let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusOverlap { base, len })?;
         let before = self.ranges.range(..end).next_back();
         if let Some((b, r)) = before {
@@ -58,8 +70,21 @@ impl Bus {
                 return Err(BusOverlap { base, len });
             }
         }
-        self.ranges.insert(base, BusRange { len, device });
+        let known = self.ranges.values().find(|r| Arc::ptr_eq(&r.device, &device));
+        let index = match known {
+            Some(r) => r.index,
+            None => {
+                self.ids.push(id.to_owned());
+                self.ids.len() - 1
+            }
+        };
+        self.ranges.insert(base, BusRange { len, index, device });
         Ok(())
+    }
+
+    /// The ids of the devices on this bus, by device index.
+    pub fn device_ids(&self) -> &[String] {
+        &self.ids
     }
 
     fn find(&self, addr: u64, size: usize) -> Option<(u64, &BusRange)> {
@@ -68,26 +93,30 @@ impl Bus {
         (offset.checked_add(size as u64)? <= range.len).then_some((*base, range))
     }
 
+    /// Dispatches a guest read. Returns the index of the device that answered, or `None` (and
+    /// leaves `data` alone) if nothing is there.
+    pub fn read_at(&self, addr: u64, data: &mut [u8]) -> Option<usize> {
+        let (base, range) = self.find(addr, data.len())?;
+        lock(&range.device).read(base, addr - base, data);
+        Some(range.index)
+    }
+
+    /// Dispatches a guest write. Returns the index of the device that took it, or `None` if
+    /// nothing is there.
+    pub fn write_at(&self, addr: u64, data: &[u8]) -> Option<usize> {
+        let (base, range) = self.find(addr, data.len())?;
+        lock(&range.device).write(base, addr - base, data);
+        Some(range.index)
+    }
+
     /// Dispatches a guest read. Returns `false` (and leaves `data` alone) if nothing is there.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.find(addr, data.len()) {
-            Some((base, range)) => {
-                lock(&range.device).read(base, addr - base, data);
-                true
-            }
-            None => false,
-        }
+        self.read_at(addr, data).is_some()
     }
 
     /// Dispatches a guest write. Returns `false` if nothing is there.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
-        match self.find(addr, data.len()) {
-            Some((base, range)) => {
-                lock(&range.device).write(base, addr - base, data);
-                true
-            }
-            None => false,
-        }
+        self.write_at(addr, data).is_some()
     }
 }
 
@@ -116,12 +145,19 @@ mod tests {
     fn routes_and_refuses_overlaps() {
         let dev: SharedDevice = Arc::new(Mutex::new(Probe(Vec::new())));
         let mut bus = Bus::new();
-        bus.insert(0x100, 0x10, dev.clone()).unwrap();
-        assert!(bus.insert(0x10f, 1, dev.clone()).is_err());
-        assert!(bus.insert(0xf8, 0x10, dev.clone()).is_err());
-        assert!(bus.insert(0x200, 0, dev.clone()).is_err());
-        assert!(bus.insert(u64::MAX, 2, dev.clone()).is_err());
-        assert!(bus.insert(0x110, 1, dev.clone()).is_ok());
+        bus.insert("probe", 0x100, 0x10, dev.clone()).unwrap();
+        assert!(bus.insert("x", 0x10f, 1, dev.clone()).is_err());
+        assert!(bus.insert("x", 0xf8, 0x10, dev.clone()).is_err());
+        assert!(bus.insert("x", 0x200, 0, dev.clone()).is_err());
+        assert!(bus.insert("x", u64::MAX, 2, dev.clone()).is_err());
+        assert!(bus.insert("probe", 0x110, 1, dev.clone()).is_ok());
+        let other: SharedDevice = Arc::new(Mutex::new(Probe(Vec::new())));
+        bus.insert("other", 0x300, 1, other).unwrap();
+        // One index per device, however many ranges it has.
+        assert_eq!(bus.device_ids(), ["probe", "other"]);
+        assert_eq!(bus.write_at(0x110, &[1]), Some(0));
+        assert_eq!(bus.write_at(0x300, &[1]), Some(1));
+        assert_eq!(bus.write_at(0x301, &[1]), None);
         let mut b = [0u8; 2];
         assert!(bus.read(0x104, &mut b));
         assert_eq!(b, [4, 4]);

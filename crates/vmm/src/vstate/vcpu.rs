@@ -2,9 +2,8 @@
 //! exits are dispatched to the buses; anything that ends the VM is reported through the exit
 //! channel, never by panicking.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -50,7 +49,7 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     /// Where stop requests go.
     pub exit: ExitRequester,
-    /// VM exits counted by kind and address, for profiling.
+    /// VM exits counted by kind and device, for profiling.
     pub exit_counts: ExitCounts,
     /// Set when the VM is stopping; vCPU threads leave their loop when they see it.
     pub stopping: AtomicBool,
@@ -87,24 +86,149 @@ pub fn stop_vcpus(ctx: &VcpuContext, threads: Vec<JoinHandle<()>>, patience: Dur
     left.len()
 }
 
-/// Counts of VM exits that reached the VMM, by kind and address.
-#[derive(Clone, Debug, Default)]
-pub struct ExitCounts(Arc<Mutex<HashMap<(&'static str, u64), u64>>>);
+/// The kinds of VM exit the VMM counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitKind {
+    /// Port I/O read.
+    PioIn = 0,
+    /// Port I/O write.
+    PioOut = 1,
+    /// MMIO read.
+    MmioRead = 2,
+    /// MMIO write.
+    MmioWrite = 3,
+}
 
-impl ExitCounts {
-    fn add(&self, kind: &'static str, addr: u64) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        *map.entry((kind, addr)).or_default() += 1;
+impl ExitKind {
+    const ALL: [ExitKind; 4] =
+        [ExitKind::PioIn, ExitKind::PioOut, ExitKind::MmioRead, ExitKind::MmioWrite];
+
+    /// The name used in the run report.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitKind::PioIn => "pio_in",
+            ExitKind::PioOut => "pio_out",
+            ExitKind::MmioRead => "mmio_read",
+            ExitKind::MmioWrite => "mmio_write",
+        }
     }
 
-    /// The counts, most frequent first, as `("pio_in 0x71", n)`.
+    fn is_pio(self) -> bool {
+        matches!(self, ExitKind::PioIn | ExitKind::PioOut)
+    }
+}
+
+/// Name of the bucket that counts accesses no device answered.
+pub const UNMAPPED: &str = "unmapped";
+
+/// Counts of VM exits that reached the VMM, by kind and by the device that handled them.
+///
+/// The counters are fixed when the buses are built: one per (kind, device) plus one "unmapped"
+/// bucket per kind, so whatever addresses a guest touches, counting takes no lock and allocates
+/// nothing.
+#[derive(Clone, Debug)]
+pub struct ExitCounts(Arc<ExitCountsInner>);
+
+#[derive(Debug)]
+struct ExitCountsInner {
+    /// Device ids on the port I/O bus, by device index.
+    pio_ids: Vec<String>,
+    /// Device ids on the MMIO bus, by device index.
+    mmio_ids: Vec<String>,
+    /// `[kind][device index]`; the last slot of each row is the unmapped bucket.
+    counts: [Box<[AtomicU64]>; 4],
+}
+
+impl Default for ExitCounts {
+    /// Counters for two empty buses: every exit lands in the unmapped buckets.
+    fn default() -> Self {
+        ExitCounts::new(&Bus::new(), &Bus::new())
+    }
+}
+
+impl ExitCounts {
+    /// Counters for the devices of `pio` and `mmio` (devices added to the buses later are
+    /// counted as unmapped).
+    pub fn new(pio: &Bus, mmio: &Bus) -> Self {
+        let pio_ids = pio.device_ids().to_vec();
+        let mmio_ids = mmio.device_ids().to_vec();
+        let row = |n: usize| (0..=n).map(|_| AtomicU64::new(0)).collect::<Box<[AtomicU64]>>();
+        let counts =
+            ExitKind::ALL.map(|k| row(if k.is_pio() { pio_ids.len() } else { mmio_ids.len() }));
+        ExitCounts(Arc::new(ExitCountsInner { pio_ids, mmio_ids, counts }))
+    }
+
+    /// Counts one exit of `kind` handled by the device with index `device` on its bus (`None`:
+    /// nothing was there).
+    pub fn add(&self, kind: ExitKind, device: Option<usize>) {
+        let row = &self.0.counts[kind as usize];
+        let unmapped = row.len() - 1;
+        let slot = device.filter(|d| *d < unmapped).unwrap_or(unmapped);
+        if let Some(c) = row.get(slot) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How many exits of `kind` found no device.
+    pub fn unmapped(&self, kind: ExitKind) -> u64 {
+        self.0.counts[kind as usize].last().map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Bytes the counters occupy; fixed when the counters are created.
+    pub fn footprint(&self) -> usize {
+        let ids =
+            self.0.pio_ids.iter().chain(&self.0.mmio_ids).map(|s| s.capacity()).sum::<usize>();
+        let counters = self.0.counts.iter().map(|r| r.len()).sum::<usize>();
+        std::mem::size_of::<ExitCountsInner>() + ids + counters * std::mem::size_of::<AtomicU64>()
+    }
+
+    /// The non-zero counts, most frequent first, as `("pio_in serial0", n)` or
+    /// `("mmio_read unmapped", n)`.
     pub fn sorted(&self) -> Vec<(String, u64)> {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<(String, u64)> =
-            map.iter().map(|((kind, addr), n)| (format!("{kind} {addr:#x}"), *n)).collect();
+        let mut v = Vec::new();
+        for kind in ExitKind::ALL {
+            let ids = if kind.is_pio() { &self.0.pio_ids } else { &self.0.mmio_ids };
+            for (i, c) in self.0.counts[kind as usize].iter().enumerate() {
+                let n = c.load(Ordering::Relaxed);
+                if n > 0 {
+                    let dev = ids.get(i).map_or(UNMAPPED, String::as_str);
+                    v.push((format!("{} {dev}", kind.name()), n));
+                }
+            }
+        }
         v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         v
     }
+}
+
+/// Handles a port read: the device answers, or the floating bus reads all ones.
+pub fn pio_in(ctx: &VcpuContext, port: u16, data: &mut [u8]) {
+    let dev = ctx.pio.read_at(u64::from(port), data);
+    if dev.is_none() {
+        data.fill(0xff);
+    }
+    ctx.exit_counts.add(ExitKind::PioIn, dev);
+}
+
+/// Handles a port write; nothing there ignores it.
+pub fn pio_out(ctx: &VcpuContext, port: u16, data: &[u8]) {
+    let dev = ctx.pio.write_at(u64::from(port), data);
+    ctx.exit_counts.add(ExitKind::PioOut, dev);
+}
+
+/// Handles an MMIO read: the device answers, or unmapped memory reads all ones.
+pub fn mmio_read(ctx: &VcpuContext, addr: u64, data: &mut [u8]) {
+    let dev = ctx.mmio.read_at(addr, data);
+    if dev.is_none() {
+        data.fill(0xff);
+    }
+    ctx.exit_counts.add(ExitKind::MmioRead, dev);
+}
+
+/// Handles an MMIO write; nothing there ignores it.
+pub fn mmio_write(ctx: &VcpuContext, addr: u64, data: &[u8]) {
+    let dev = ctx.mmio.write_at(addr, data);
+    ctx.exit_counts.add(ExitKind::MmioWrite, dev);
 }
 
 impl Vcpu {
@@ -158,28 +282,19 @@ impl Vcpu {
         let index = self.index;
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                ctx.exit_counts.add("pio_in", u64::from(port));
-                if !ctx.pio.read(u64::from(port), data) {
-                    // Nothing there: the floating bus reads all ones.
-                    data.fill(0xff);
-                }
+                pio_in(ctx, port, data);
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                ctx.exit_counts.add("pio_out", u64::from(port));
-                ctx.pio.write(u64::from(port), data);
+                pio_out(ctx, port, data);
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                ctx.exit_counts.add("mmio_read", addr);
-                if !ctx.mmio.read(addr, data) {
-                    data.fill(0xff);
-                }
+                mmio_read(ctx, addr, data);
                 None
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                ctx.exit_counts.add("mmio_write", addr);
-                ctx.mmio.write(addr, data);
+                mmio_write(ctx, addr, data);
                 None
             }
             Ok(VcpuExit::Shutdown) => Some(VmExit::TripleFault { vcpu: index }),
@@ -216,5 +331,86 @@ impl Vcpu {
     /// Wraps an already created vCPU fd (tests that run hand-made guest code).
     pub fn from_fd(index: u8, fd: VcpuFd) -> Self {
         Vcpu { index, fd }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::devices::{BusDevice, SharedDevice};
+    use crate::exit::ExitRequester;
+
+    struct Sink;
+    impl BusDevice for Sink {
+        fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write(&mut self, _base: u64, _offset: u64, _data: &[u8]) {}
+    }
+
+    fn context() -> VcpuContext {
+        let (mut pio, mut mmio) = (Bus::new(), Bus::new());
+        let com: SharedDevice = Arc::new(Mutex::new(Sink));
+        pio.insert("serial0", 0x3f8, 8, com).unwrap();
+        let kbd: SharedDevice = Arc::new(Mutex::new(Sink));
+        pio.insert("i8042", 0x60, 1, kbd.clone()).unwrap();
+        pio.insert("i8042", 0x64, 1, kbd).unwrap();
+        let blk: SharedDevice = Arc::new(Mutex::new(Sink));
+        mmio.insert("root", 0xd000_1000, 0x1000, blk).unwrap();
+        let exit_counts = ExitCounts::new(&pio, &mmio);
+        let (tx, _rx) = std::sync::mpsc::channel();
+        VcpuContext {
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            exit: ExitRequester::new(tx),
+            exit_counts,
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    #[test]
+    fn counts_by_device_and_kind() {
+        let ctx = context();
+        let mut b = [0u8; 4];
+        pio_out(&ctx, 0x3f8, b"x");
+        pio_out(&ctx, 0x3f9, &[0]);
+        pio_in(&ctx, 0x64, &mut b[..1]);
+        pio_in(&ctx, 0x60, &mut b[..1]);
+        pio_in(&ctx, 0x80, &mut b[..1]);
+        assert_eq!(b[0], 0xff);
+        mmio_write(&ctx, 0xd000_1050, &[1, 0, 0, 0]);
+        mmio_read(&ctx, 0xd000_0000, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        assert_eq!(
+            ctx.exit_counts.sorted(),
+            [
+                ("pio_in i8042".to_owned(), 2),
+                ("pio_out serial0".to_owned(), 2),
+                ("mmio_read unmapped".to_owned(), 1),
+                ("mmio_write root".to_owned(), 1),
+                ("pio_in unmapped".to_owned(), 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_million_distinct_unmapped_addresses_take_no_memory() {
+        let ctx = context();
+        let before = ctx.exit_counts.footprint();
+        let mut b = [0u8; 4];
+        for i in 0..1_000_000u64 {
+            // Distinct addresses below the device window, none of them mapped.
+            mmio_read(&ctx, 0x1_0000_0000 + i * 8, &mut b);
+        }
+        assert_eq!(ctx.exit_counts.footprint(), before);
+        assert_eq!(ctx.exit_counts.unmapped(ExitKind::MmioRead), 1_000_000);
+        assert_eq!(ctx.exit_counts.sorted(), [("mmio_read unmapped".to_owned(), 1_000_000)]);
+        // Out-of-range device indices (a bus that grew later) land in the unmapped bucket too.
+        ctx.exit_counts.add(ExitKind::PioOut, Some(1000));
+        assert_eq!(ctx.exit_counts.unmapped(ExitKind::PioOut), 1);
+        assert_eq!(ctx.exit_counts.footprint(), before);
     }
 }

@@ -95,6 +95,11 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        if value & self.status != self.status {
+            // A driver only adds status bits; clearing one (FAILED after a refused DRIVER_OK,
+            // or DRIVER_OK to reprogram live queues) needs a reset, so such a write is ignored.
+            return;
+        }
         let mut value = value;
         let newly = value & !self.status;
         if newly & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
@@ -115,6 +120,14 @@ impl MmioTransport {
             }
         }
         self.status = value;
+    }
+
+    /// Whether the device is in a state it may process queues in only with every ready queue
+    /// valid (checked by the fuzz targets after every access).
+    pub(crate) fn consistent(&self) -> bool {
+        let live = self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && self.status & VIRTIO_CONFIG_S_FAILED == 0;
+        !live || self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem))
     }
 
     fn notify(&mut self, index: u32) {
@@ -313,6 +326,30 @@ mod tests {
         // A rebooting guest resets its devices; the record of what it used stays.
         write32(&mut t, VIRTIO_MMIO_STATUS, 0);
         assert_eq!(t.negotiated_features(), (4, Some(1 << 32)));
+    }
+
+    #[test]
+    fn status_bits_are_only_cleared_by_a_reset() {
+        let mut t = transport();
+        write32(&mut t, VIRTIO_MMIO_STATUS, 1 | 2);
+        write32(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        write32(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        write32(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 8);
+        // A ready queue whose rings are outside guest memory: DRIVER_OK fails the device.
+        write32(&mut t, VIRTIO_MMIO_QUEUE_NUM, 8);
+        write32(&mut t, VIRTIO_MMIO_QUEUE_DESC_HIGH, 0x10);
+        write32(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x1000);
+        write32(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        write32(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 8 | 4);
+        assert_eq!(read32(&mut t, VIRTIO_MMIO_STATUS) & 0x80, 0x80);
+        // Clearing FAILED without a reset would let the invalid queue run: ignored.
+        write32(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 8 | 4);
+        assert_eq!(read32(&mut t, VIRTIO_MMIO_STATUS) & 0x80, 0x80);
+        assert!(t.consistent());
+        write32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        // A reset clears everything.
+        write32(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(read32(&mut t, VIRTIO_MMIO_STATUS), 0);
     }
 
     #[test]
