@@ -4,7 +4,8 @@
 //! 2. unshare new mount, PID, IPC, UTS and network namespaces;
 //! 3. fork: the child is PID 1 of the new PID namespace; the parent stays outside, waits for it
 //!    and exits with its status (re-raising a fatal signal such as SIGSYS), so `isocell` sees
-//!    the VMM's own exit;
+//!    the VMM's own exit. The parent writes the child's pid (as the host sees it) on its
+//!    stdout, for the cell's receipt; the child's stdout goes to its stderr (the VMM log);
 //! 4. in the child: make every mount private, mount a small tmpfs as the new root, bind-mount
 //!    the spec's files (read-only unless declared writable, no-exec except the VMM binary),
 //!    create its device nodes owned by the jail's uid, mount a /proc that shows only the jail's

@@ -211,7 +211,7 @@ impl JailSpec {
             "supplementary_groups": [],
             "no_new_privs": true,
             "capabilities": [],
-            "inherited_fds": ["stdin (/dev/null)", "stdout (/dev/null)", "stderr (VMM log)"],
+            "inherited_fds": ["stdin (/dev/null)", "stdout (VMM log)", "stderr (VMM log)"],
             "rlimits": self.rlimits,
             "cgroup": cgroup_limits,
             "program": self.argv,

@@ -73,7 +73,15 @@ fn jail(dir: &Path, spec: &JailSpec) -> Option<(i32, String, String)> {
     fs::write(&path, serde_json::to_string(spec).unwrap()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_isocell-jailer")).arg(&path).output().unwrap();
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    Some((out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr)))
+    // The jailer's stdout carries only the jailed process's pid (for the cell's receipt); the
+    // jailed program's stdout and stderr both go to the jailer's stderr.
+    let code = out.status.code().unwrap_or(-1);
+    let report = text(&out.stdout);
+    if code == 0 {
+        assert!(report.trim_end().parse::<u32>().is_ok() && report.ends_with('\n'), "{report:?}");
+    }
+    let program = text(&out.stderr);
+    Some((code, program.clone(), program))
 }
 
 fn kernel(host: &Path, pinned: Option<PathBuf>) -> BindMount {
