@@ -10,16 +10,6 @@ mod common;
 use common::{empty, text, Env};
 
 impl Env {
-    fn entries(&self) -> Vec<serde_json::Value> {
-        let out = self.isocell(&["audit", "show"]);
-        assert!(out.status.success(), "{}", text(&out));
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
     fn log(&self) -> PathBuf {
         self.dir.join("state/audit/audit.log")
     }

@@ -25,16 +25,6 @@ impl Env {
         assert_eq!(out.status.code(), Some(77), "{}", text(&out));
     }
 
-    fn entries(&self) -> Vec<Value> {
-        let out = self.isocell(&["audit", "show"]);
-        assert!(out.status.success(), "{}", text(&out));
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
     /// Signs a receipt for `cell` naming the audit entry `seq`, as `isocell run` would have, and
     /// stores it in the cell's record. Returns its path.
     fn receipt(&self, cell: &str, seq: u64) -> PathBuf {

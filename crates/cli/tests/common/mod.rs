@@ -57,6 +57,17 @@ impl Env {
         self.dir.join(name).to_string_lossy().into_owned()
     }
 
+    /// The audit log's entries, as `isocell audit show` prints them.
+    pub fn entries(&self) -> Vec<serde_json::Value> {
+        let out = self.isocell(&["audit", "show"]);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     /// Whether the stand-in VMM was ever started.
     pub fn vmm_started(&self) -> bool {
         self.dir.join("vmm-was-started").exists()
