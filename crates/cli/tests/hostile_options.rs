@@ -56,6 +56,8 @@ fn every_bad_option_is_refused_with_a_clear_message() {
         (vec!["--cpus", "0"], "1 to 32 vCPUs"),
         (vec!["--cpus", "99999999999999999999999"], "--cpus"),
         (vec!["--memory", "2T"], "1 TiB"),
+        // Accepted as a size (before: "give MiB as a number"), then more than this host has.
+        (vec!["--memory", "1T"], "more than this host's"),
         (vec!["--memory", ""], "--memory"),
         (vec!["--memory", "lots"], "--memory"),
         (vec!["--memory", "99999999999999999999G"], "--memory"),
