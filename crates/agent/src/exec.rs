@@ -147,6 +147,10 @@ pub fn spawn(req: &ExecRequest, link: &Arc<Link>) -> Result<Running, std::io::Er
     cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() });
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
 
+    // Readable once the command has exited: the pumps then drain what is already written
+    // and stop, even if a process outside the command's group still holds the pipes. Made
+    // before the spawn, so no failure can come between a started command and its tracking.
+    let (exited_r, exited_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (tx, rx) = channel();
     let mut child: Child = {
         let mut waiting = lock(&reaper().waiting);
@@ -160,9 +164,6 @@ pub fn spawn(req: &ExecRequest, link: &Arc<Link>) -> Result<Running, std::io::Er
     let pid = child.id() as i32;
     link.send(&Message::Started { pid: child.id() });
 
-    // Readable once the command has exited: the pumps then drain what is already written
-    // and stop, even if a process outside the command's group still holds the pipes.
-    let (exited_r, exited_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let exited_r = Arc::new(exited_r);
     let out = child.stdout.take().map(|s| pump(s, exited_r.clone(), link.clone(), Message::Stdout));
     let err = child.stderr.take().map(|s| pump(s, exited_r.clone(), link.clone(), Message::Stderr));
