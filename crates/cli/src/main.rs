@@ -204,16 +204,7 @@ const MAX_TEXT_FILE: u64 = 1 << 20;
 /// anything over [`MAX_TEXT_FILE`].
 fn read_text_file(flag: &str, path: &Path) -> Result<String, String> {
     use std::io::Read as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
-    let meta = f.metadata().map_err(|e| format!("{flag} {}: {e}", path.display()))?;
-    if !meta.is_file() {
-        return Err(format!("{flag} {}: not a regular file", path.display()));
-    }
+    let (f, meta) = transfer::open_regular(flag, path)?;
     if meta.len() > MAX_TEXT_FILE {
         return Err(format!(
             "{flag} {}: {} bytes is too large (at most {MAX_TEXT_FILE})",

@@ -110,20 +110,19 @@ fn put_dir(
     Ok(())
 }
 
-/// Opens a host file for `--input` without blocking (a FIFO swapped in after the options were
-/// checked must not hang us) and checks that what was opened is a regular file.
-fn open_regular(host: &Path) -> Result<(File, fs::Metadata), String> {
+/// Opens a host file named by `flag` without blocking (a FIFO put in its place after the
+/// options were checked must not hang us) and checks that what was opened is a regular file.
+pub fn open_regular(flag: &str, path: &Path) -> Result<(File, fs::Metadata), String> {
     let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(host)
-        .map_err(|e| format!("--input {}: {e}", host.display()))?;
-    let meta = f.metadata().map_err(|e| format!("--input {}: {e}", host.display()))?;
+        .open(path)
+        .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    let meta = f.metadata().map_err(|e| format!("{flag} {}: {e}", path.display()))?;
     if !meta.is_file() {
         return Err(format!(
-            "--input {}: not a regular file or directory (devices, FIFOs and sockets cannot be \
-             copied into a cell)",
-            host.display()
+            "{flag} {}: not a regular file (devices, FIFOs and sockets are refused)",
+            path.display()
         ));
     }
     Ok((f, meta))
@@ -135,7 +134,7 @@ fn put_file(
     guest: &str,
     deadline: Instant,
 ) -> Result<(), String> {
-    let (mut f, meta) = open_regular(host)?;
+    let (mut f, meta) = open_regular("--input", host)?;
     let size = meta.len();
     link.send(&Message::PutFile { path: guest.to_owned(), mode: meta.mode() & 0o7777, size })?;
     let mut buf = vec![0u8; MAX_CHUNK];
@@ -770,13 +769,17 @@ mod tests {
 
     #[test]
     fn input_refuses_devices_and_fifos() {
-        assert!(open_regular(Path::new("/dev/zero")).unwrap_err().contains("not a regular file"));
+        assert!(open_regular("--input", Path::new("/dev/zero"))
+            .unwrap_err()
+            .contains("not a regular file"));
         let t = Scratch::new();
         let fifo = cstring(&t.0.join("fifo")).unwrap();
         // SAFETY: mkfifo with a NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         // Opened without blocking, and refused.
-        assert!(open_regular(&t.0.join("fifo")).unwrap_err().contains("not a regular file"));
+        assert!(open_regular("--input", &t.0.join("fifo"))
+            .unwrap_err()
+            .contains("not a regular file"));
     }
 
     #[test]
