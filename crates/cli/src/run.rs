@@ -349,14 +349,12 @@ fn drive(
     let inputs_by = crate::agent_link::deadline_in(opts.copy_timeout);
     for (host, guest) in &opts.inputs {
         if let Err(e) = transfer::put(&mut link, host, guest, inputs_by) {
-            let _ = link.send(&Message::Shutdown);
-            cell.stop(Duration::from_secs(5));
+            abandon(&link, cell);
             return Err(e.into());
         }
     }
     if let Some(sig) = pending_signal(signals) {
-        let _ = link.send(&Message::Shutdown);
-        cell.stop(Duration::from_secs(5));
+        abandon(&link, cell);
         return Ok((128 + sig as u8, "interrupted"));
     }
     let ready = Instant::now();
@@ -369,8 +367,7 @@ fn drive(
     let outcome = match execute(&mut link, opts, signals) {
         Ok(o) => o,
         Err(f) => {
-            let _ = link.send(&Message::Shutdown);
-            cell.stop(Duration::from_secs(5));
+            abandon(&link, cell);
             return Err(f);
         }
     };
@@ -429,6 +426,13 @@ fn drive(
     }
     phases.teardown_ms = ms(exited.elapsed());
     Ok((code, what))
+}
+
+/// Ends a run early: asks the agent to power the cell off, and stops the VMM if it does not
+/// within a few seconds.
+fn abandon(link: &AgentLink, cell: &mut Cell) {
+    let _ = link.send(&Message::Shutdown);
+    cell.stop(Duration::from_secs(5));
 }
 
 struct Failure {

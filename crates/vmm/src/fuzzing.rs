@@ -22,6 +22,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_FEATURES_OK,
 };
 use virtio_bindings::virtio_mmio::*;
+use virtio_bindings::virtio_ring;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -57,9 +58,10 @@ const GUEST_CID: u64 = 3;
 /// Host port with a listening socket behind it when the input asks for one.
 const LISTENING_PORT: u32 = 1024;
 
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
-const VRING_DESC_F_INDIRECT: u16 = 4;
+// Descriptor flags as the descriptor's 16-bit field holds them (the bindings' are u32).
+const VRING_DESC_F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
+const VRING_DESC_F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
+const VRING_DESC_F_INDIRECT: u16 = virtio_ring::VRING_DESC_F_INDIRECT as u16;
 
 /// The transport's registers, so the fuzzer reaches them with one byte.
 const REGISTERS: [u32; 24] = [
