@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds everything a cell needs, skipping what is already built or cached:
-# Debian packages, the cell kernel, the base image, the nested test host (only where this
-# machine lacks hardware virtualization) and the release binaries.
+# Debian packages, the guest kernels (cell and acpi), the base image, the nested test host (only
+# where this machine lacks hardware virtualization) and the release binaries.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -22,6 +22,8 @@ step "Debian packages"
 scripts/install-deps.sh
 step "cell kernel (cached after the first build)"
 guest/build-kernel.sh >/dev/null
+step "ACPI guest kernel (cached after the first build)"
+guest/build-kernel.sh acpi >/dev/null
 step "release binaries (the agent goes into the base image)"
 cargo build --release --workspace --bins --quiet
 step "base image"

@@ -41,6 +41,71 @@ fn one_vcpu_guest_sees_its_cpu_and_memory() {
 }
 
 #[test]
+fn the_guest_cpu_has_a_tsc_deadline_timer_a_brand_and_a_hypervisor() {
+    let r = step("boot-1cpu");
+    let g = r.guest_result();
+    assert_eq!(g["tsc_deadline_timer"], true, "{}", r.explain());
+    assert_eq!(g["hypervisor"], true, "{g}");
+    assert!(!g["model_name"].as_str().unwrap_or("").is_empty(), "no brand string: {g}");
+    // The cell kernel has no ACPI; it found everything through the command line and MP table.
+    assert_eq!(g["acpi"], false, "{g}");
+}
+
+/// Seconds all CPUs spent idle before init, and whether the guest saw the TSC-deadline timer.
+fn idle_at_init(name: &str) -> (f64, bool) {
+    let r = step(name);
+    assert_eq!(r.exit_code, Some(0), "{}", r.explain());
+    let g = r.guest_result();
+    let idle =
+        g["idle_at_init"].as_f64().unwrap_or_else(|| panic!("no idle figure: {}", r.explain()));
+    (idle, g["tsc_deadline_timer"] == true)
+}
+
+#[test]
+fn with_the_tsc_deadline_timer_the_guest_does_not_sit_idle_before_init() {
+    let (with, seen) = idle_at_init("idle-tsc-deadline");
+    let (without, seen_without) = idle_at_init("idle-no-tsc-deadline");
+    assert!(seen && !seen_without, "clearcpuid did not take the flag away");
+    // Same kernel, same host, same run: the only difference is the LAPIC timer's calibration
+    // against the PIT, which the kernel spends idle.
+    assert!(
+        with < without,
+        "idle before init: {with} s with the TSC-deadline timer, {without} s without"
+    );
+}
+
+/// A step of the ACPI-only kernel: it found every device and CPU through ACPI and powered off.
+fn assert_acpi_guest(name: &str, cpus: u64, blocks: &str) {
+    let r = step(name);
+    assert_eq!(r.exit_code, Some(0), "{}", r.explain());
+    let rep = report(name);
+    assert_eq!(rep["exit_reason"], "poweroff", "{}", r.explain());
+    let g = r.guest_result();
+    assert_eq!(g["acpi"], true, "{}", r.explain());
+    assert_eq!(g["cpus"], cpus, "{}", r.explain());
+    assert_eq!(g["blocks"].as_str().unwrap_or("").trim(), blocks, "{g}");
+    assert_eq!(g["root_dev"], "/dev/root", "{g}");
+    assert!(g["rng_current"].as_str().unwrap_or("").starts_with("virtio_rng"), "{g}");
+    assert_eq!(g["hwrng_bytes"], 32, "{g}");
+    // The devices came from the DSDT (named by their ACPI id), not from the command line.
+    let mmio = g["virtio_mmio"].as_str().unwrap_or("");
+    assert!(mmio.contains("LNRO0005") && !mmio.contains("virtio-mmio."), "{g}");
+    assert_eq!(g["tsc_deadline_timer"], true, "{g}");
+    assert!(rep["phases"]["guest_init_us"].as_u64().is_some(), "boot timer never fired: {rep}");
+}
+
+#[test]
+fn acpi_only_kernel_finds_its_devices_and_powers_off_with_one_vcpu() {
+    assert_acpi_guest("acpi-1cpu", 1, "vda vdb");
+}
+
+#[test]
+fn acpi_only_kernel_finds_both_vcpus() {
+    assert_acpi_guest("acpi-2cpu", 2, "vda");
+    assert_eq!(step("acpi-2cpu").guest_result()["online"], "0-1");
+}
+
+#[test]
 fn four_vcpu_guest_from_a_config_file_sees_all_cpus() {
     assert_guest_saw("boot-4cpu-config-file", 4, 256);
 }
@@ -213,8 +278,8 @@ fn describe_lists_every_device_with_its_place() {
     let d: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON: {e}"));
     let devices = d["devices"].as_array().cloned().unwrap_or_default();
     let ids: Vec<&str> = devices.iter().filter_map(|x| x["id"].as_str()).collect();
-    assert_eq!(ids, ["serial0", "i8042", "boot_timer", "root", "rng0"]);
-    let root = &devices[3];
+    assert_eq!(ids, ["serial0", "i8042", "acpi_sleep", "boot_timer", "root", "rng0"]);
+    let root = devices.iter().find(|d| d["id"] == "root").cloned().unwrap_or_default();
     assert_eq!(root["type"], "virtio_block");
     assert_eq!(root["read_only"], true);
     assert_eq!(root["irq"], 5);
@@ -227,6 +292,21 @@ fn describe_lists_every_device_with_its_place() {
         features.contains(&"VIRTIO_BLK_F_RO") && features.contains(&"VIRTIO_F_VERSION_1"),
         "{features:?}"
     );
+    // Every VM carries all three descriptions of its machine.
+    let tables: Vec<&str> = d["descriptions"]["acpi"]["tables"]
+        .as_array()
+        .map(|t| t.iter().filter_map(|x| x["signature"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(tables, ["RSD PTR ", "XSDT", "FACP", "APIC", "DSDT"], "{d}");
+    assert_eq!(d["descriptions"]["mp_table"]["cpus"], 2);
+    assert_eq!(d["descriptions"]["kernel_cmdline"][0], "virtio_mmio.device=4K@0xd0001000:5");
+    // The CPUID vCPU 0 would see, where this host's /dev/kvm can say.
+    let cpuid = &d["cpuid"];
+    if cpuid.get("unavailable").is_none() {
+        assert_eq!(cpuid["hypervisor"], "KVMKVMKVM", "{cpuid}");
+        assert!(cpuid["leaves"].as_array().is_some_and(|l| l.len() > 10), "{cpuid}");
+        assert!(!cpuid["brand"].as_str().unwrap_or("").is_empty(), "{cpuid}");
+    }
     let cmdline = d["kernel_cmdline"].as_str().unwrap_or("");
     assert!(
         cmdline.contains("virtio_mmio.device=4K@0xd0001000:5")

@@ -179,6 +179,10 @@ pub fn surface(
         "version": 1,
         "vm": { "vcpus": config.vcpus, "memory_mib": config.memory_mib },
         "devices": devices,
+        // The tables that describe the machine to the guest (command line, MP table, ACPI), and
+        // the CPU it is told about (this host's, normalised; the choices, not every leaf).
+        "firmware": isocell_vmm::descriptions(config, plan),
+        "cpu": isocell_vmm::describe_cpuid(config.vcpus, false),
         "seccomp": isocell_vmm::seccomp::describe(),
         "jail": match jail {
             Some(j) => j.spec.surface(Some(&j.limits)),

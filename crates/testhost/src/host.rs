@@ -78,6 +78,8 @@ pub struct Paths {
     pub bzimage: PathBuf,
     /// Cell kernel, ELF vmlinux.
     pub vmlinux: PathBuf,
+    /// The ACPI-only guest kernel (bzImage): devices and CPUs from ACPI tables alone.
+    pub acpi_bzimage: PathBuf,
     /// Base image.
     pub rootfs: PathBuf,
     /// Base image as an initramfs (cpio).
@@ -135,6 +137,11 @@ impl Paths {
                 "the cell kernel (vmlinux)",
                 "run guest/build-kernel.sh",
             )?,
+            acpi_bzimage: require(
+                build.join("guest/acpi/bzImage"),
+                "the ACPI-only guest kernel",
+                "run guest/build-kernel.sh acpi",
+            )?,
             rootfs: require(
                 build.join("guest/rootfs.ext4"),
                 "the base image",
@@ -155,6 +162,8 @@ impl Paths {
 pub struct TestHost {
     kind: HostKind,
     paths: Paths,
+    /// How many frozen nested hosts one scenario may replace.
+    max_restarts: u32,
 }
 
 impl TestHost {
@@ -182,7 +191,14 @@ impl TestHost {
                 );
             }
         }
-        Ok(TestHost { kind, paths })
+        Ok(TestHost { kind, paths, max_restarts: MAX_NESTED_RESTARTS })
+    }
+
+    /// Makes a frozen nested host fail the scenario instead of being replaced: for a scenario
+    /// whose point is that the host never freezes.
+    pub fn without_restarts(mut self) -> Self {
+        self.max_restarts = 0;
+        self
     }
 
     /// Where scenarios run.
@@ -213,6 +229,7 @@ impl TestHost {
             ("hostile", &self.paths.hostile),
             ("bzimage", &self.paths.bzimage),
             ("vmlinux", &self.paths.vmlinux),
+            ("acpi_bzimage", &self.paths.acpi_bzimage),
             ("rootfs", &self.paths.rootfs),
             ("initrd", &self.paths.initrd),
         ];
@@ -249,7 +266,7 @@ impl TestHost {
             // emulated SVM does this now and then; a fresh nested host runs the steps that are
             // left. A step that freezes every host it runs on still fails the run.
             fruitless = if got == 0 { fruitless + 1 } else { 0 };
-            if boot.hung && restarts < MAX_NESTED_RESTARTS && fruitless < MAX_FRUITLESS_RESTARTS {
+            if boot.hung && restarts < self.max_restarts && fruitless < MAX_FRUITLESS_RESTARTS {
                 restarts += 1;
                 eprintln!(
                     "isocell-testhost: the nested host stopped responding after {got} step(s) ({}); \
@@ -360,6 +377,10 @@ impl TestHost {
         // The 17 MB vmlinux only travels when a step uses it.
         if text.contains("{vmlinux}") || text.contains("{isocell}") {
             copies.push((self.paths.vmlinux.clone(), stage.join("isocell/guest/vmlinux")));
+        }
+        if text.contains("{acpi_bzimage}") {
+            copies
+                .push((self.paths.acpi_bzimage.clone(), stage.join("isocell/guest/acpi-bzImage")));
         }
         if text.contains("{initrd}") {
             copies.push((self.paths.initrd.clone(), stage.join("isocell/guest/initrd.cpio")));
@@ -530,7 +551,8 @@ exec /isocell/bin/isocell-testhost-runner --scenario /isocell/scenario.json \
   --results /dev/ttyS1 --heartbeat /dev/ttyS2 --work /tmp/steps --host nested --poweroff \
   --asset vmm=/isocell/bin/isocell-vmm --asset isocell=/isocell/bin/isocell --asset bzimage=/isocell/guest/bzImage \
   --asset vmlinux=/isocell/guest/vmlinux --asset rootfs=/isocell/guest/rootfs.ext4 \
-  --asset initrd=/isocell/guest/initrd.cpio --asset hostile=/isocell/bin/isocell-hostile
+  --asset initrd=/isocell/guest/initrd.cpio --asset hostile=/isocell/bin/isocell-hostile \
+  --asset acpi_bzimage=/isocell/guest/acpi-bzImage
 "#;
 
 fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), TestHostError> {

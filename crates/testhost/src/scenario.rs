@@ -18,8 +18,8 @@ pub struct Scenario {
 /// One command (normally the VMM) run on a host with real KVM.
 ///
 /// Strings in `argv` and file paths may use placeholders that the runner replaces with paths on
-/// the host it runs on: `{vmm}`, `{bzimage}`, `{vmlinux}`, `{rootfs}` and `{work}` (an empty
-/// directory of the step's own).
+/// the host it runs on: `{vmm}`, `{isocell}`, `{hostile}`, `{bzimage}`, `{vmlinux}`,
+/// `{acpi_bzimage}`, `{rootfs}`, `{initrd}` and `{work}` (an empty directory of the step's own).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Step {
     /// Unique name.

@@ -15,6 +15,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::layout::{DEVICE_WINDOW_END, DEVICE_WINDOW_START, IOAPIC_PINS};
+use crate::devices::acpi_sleep::{self, AcpiSleep};
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_LEN};
 use crate::devices::i8042::{self, I8042};
 use crate::devices::serial::{
@@ -119,6 +120,8 @@ pub enum DeviceKind {
     I8042,
     /// Boot-timer register.
     BootTimer,
+    /// ACPI sleep control and status registers: a guest `poweroff` (S5) stops the VM.
+    AcpiSleep,
     /// virtio-blk over virtio-mmio.
     VirtioBlock {
         /// Backing raw image.
@@ -157,7 +160,7 @@ pub enum DeviceKind {
 /// One device as planned: stable id, kind, ranges and interrupt.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PlannedDevice {
-    /// Stable id (`serial0`, `i8042`, `boot_timer`, drive ids, `rng0`).
+    /// Stable id (`serial0`, `i8042`, `acpi_sleep`, `boot_timer`, drive ids, `rng0`).
     pub id: String,
     /// Kind and kind-specific details.
     #[serde(flatten)]
@@ -197,6 +200,12 @@ impl DevicePlan {
                 id: "i8042".into(),
                 kind: DeviceKind::I8042,
                 ranges: vec![pio(i8042::DATA_PORT, 1), pio(i8042::COMMAND_PORT, 1)],
+                irq: None,
+            },
+            PlannedDevice {
+                id: "acpi_sleep".into(),
+                kind: DeviceKind::AcpiSleep,
+                ranges: vec![pio(u64::from(acpi_sleep::SLEEP_CONTROL_PORT), acpi_sleep::PORTS_LEN)],
                 irq: None,
             },
             PlannedDevice {
@@ -385,6 +394,7 @@ impl DeviceManager {
                     Arc::new(Mutex::new(SerialConsole::new(irqfd(COM1_IRQ)?, out)))
                 }
                 DeviceKind::I8042 => Arc::new(Mutex::new(I8042::new(exit.clone()))),
+                DeviceKind::AcpiSleep => Arc::new(Mutex::new(AcpiSleep::new(exit.clone()))),
                 DeviceKind::BootTimer => Arc::new(Mutex::new(BootTimer::new(timeline.clone()))),
                 DeviceKind::VirtioBlock { path, read_only, .. } => {
                     let file = OpenOptions::new()
@@ -502,7 +512,7 @@ mod tests {
         c.drives = vec![drive("root", None), drive("data", None)];
         let plan = DevicePlan::new(&c).unwrap();
         let ids: Vec<_> = plan.devices.iter().map(|d| d.id.as_str()).collect();
-        assert_eq!(ids, ["serial0", "i8042", "boot_timer", "root", "data", "rng0"]);
+        assert_eq!(ids, ["serial0", "i8042", "acpi_sleep", "boot_timer", "root", "data", "rng0"]);
         assert_eq!(
             plan.kernel_args(),
             [
@@ -521,10 +531,11 @@ mod tests {
             Some(isocell_spec::VsockConfig { guest_cid: 3, uds_path: "/tmp/x/v.sock".into() });
         let plan = DevicePlan::new(&c).unwrap();
         let ids: Vec<_> = plan.devices.iter().map(|d| d.id.as_str()).collect();
-        assert_eq!(ids, ["serial0", "i8042", "boot_timer", "root", "vsock0", "rng0"]);
+        assert_eq!(ids, ["serial0", "i8042", "acpi_sleep", "boot_timer", "root", "vsock0", "rng0"]);
         assert_eq!(plan.kernel_args().len(), 3);
         let json = serde_json::to_value(&plan).unwrap();
-        let vsock = &json["devices"][4];
+        let vsock =
+            json["devices"].as_array().unwrap().iter().find(|d| d["id"] == "vsock0").unwrap();
         assert_eq!(vsock["type"], "virtio_vsock");
         assert_eq!(vsock["guest_cid"], 3);
         assert_eq!(vsock["queue_sizes"], serde_json::json!([256, 256, 256]));

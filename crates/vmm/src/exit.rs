@@ -22,6 +22,8 @@ pub const EXIT_LIFETIME_EXCEEDED: i32 = 6;
 pub enum VmExit {
     /// The guest asked for a reset (i8042 pulse) or KVM reported a shutdown/reset system event.
     Reboot,
+    /// The guest powered off through the ACPI sleep control register (S5).
+    PowerOff,
     /// The guest kernel panicked (seen through the i8042 LED blink its panic loop sends).
     GuestPanic,
     /// A vCPU triple-faulted.
@@ -49,7 +51,7 @@ impl VmExit {
     /// The process exit status for this reason.
     pub fn code(&self) -> i32 {
         match self {
-            VmExit::Reboot => EXIT_OK,
+            VmExit::Reboot | VmExit::PowerOff => EXIT_OK,
             VmExit::GuestPanic => EXIT_GUEST_PANIC,
             VmExit::TripleFault { .. } | VmExit::KvmFailure { .. } => EXIT_GUEST_CRASH,
             VmExit::LifetimeExceeded { .. } => EXIT_LIFETIME_EXCEEDED,
@@ -61,6 +63,7 @@ impl VmExit {
     pub fn kind(&self) -> &'static str {
         match self {
             VmExit::Reboot => "reboot",
+            VmExit::PowerOff => "poweroff",
             VmExit::GuestPanic => "guest_panic",
             VmExit::TripleFault { .. } => "triple_fault",
             VmExit::KvmFailure { .. } => "kvm_failure",
@@ -74,6 +77,7 @@ impl std::fmt::Display for VmExit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             VmExit::Reboot => write!(f, "the guest stopped (reboot)"),
+            VmExit::PowerOff => write!(f, "the guest powered off"),
             VmExit::GuestPanic => write!(f, "the guest kernel panicked (see its console log)"),
             VmExit::TripleFault { vcpu } => write!(f, "vCPU {vcpu} triple-faulted"),
             VmExit::KvmFailure { vcpu, detail } => write!(f, "vCPU {vcpu} stopped: {detail}"),

@@ -29,7 +29,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use linux_loader::loader::Cmdline;
 use vm_memory::GuestMemoryMmap;
 
-use arch::x86_64::{boot, mptable, regs};
+use arch::x86_64::{acpi, boot, cpuid, mptable, regs};
 use device_manager::{DeviceKind, DeviceManager, DevicePlan};
 use exit::{ExitRequester, VmExit};
 use report::MemoryUse;
@@ -57,6 +57,9 @@ pub enum BuildError {
     /// The MP table could not be written.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    /// The ACPI tables could not be built or written.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     /// The boot page tables could not be written.
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
@@ -94,6 +97,63 @@ pub fn kernel_cmdline(config: &VmConfig, plan: &DevicePlan) -> String {
         args.push(config.boot_args.clone());
     }
     args.join(" ")
+}
+
+/// What `isocell-vmm --describe` prints: the machine a configuration gives the guest, built from
+/// the same plan and table builders as the VM itself.
+pub fn describe(config: &VmConfig, plan: &DevicePlan) -> serde_json::Value {
+    serde_json::json!({
+        "vcpus": config.vcpus,
+        "memory_mib": config.memory_mib,
+        "kernel": config.kernel,
+        "kernel_cmdline": kernel_cmdline(config, plan),
+        "devices": plan.devices,
+        "descriptions": descriptions(config, plan),
+        "cpuid": describe_cpuid(config.vcpus, true),
+    })
+}
+
+/// How the guest can learn its machine: every VM carries all three descriptions, so a kernel
+/// built either way finds its CPUs and devices.
+pub fn descriptions(config: &VmConfig, plan: &DevicePlan) -> serde_json::Value {
+    let acpi = match acpi::build(config.vcpus, plan) {
+        Ok(t) => serde_json::json!({ "e820": t.extent(), "tables": t.tables }),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    };
+    serde_json::json!({
+        "kernel_cmdline": plan.kernel_args(),
+        "mp_table": { "address": arch::x86_64::layout::EBDA_START, "cpus": config.vcpus },
+        "acpi": acpi,
+    })
+}
+
+/// The CPUID vCPU 0 would see on this host (every leaf if `leaves`, else the choices only), or
+/// why it cannot be known here.
+pub fn describe_cpuid(vcpus: u8, leaves: bool) -> serde_json::Value {
+    let kvm = match Kvm::new() {
+        Ok(k) => k,
+        Err(e) => return serde_json::json!({ "unavailable": format!("cannot open /dev/kvm: {e}") }),
+    };
+    match kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES) {
+        Ok(supported) => {
+            let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+            // The TSC frequency comes from a vCPU, which describing does not create.
+            let inputs = cpuid::CpuidInputs::for_host(tsc_deadline, None);
+            let entries = cpuid::normalize(supported.as_slice(), 0, vcpus, &inputs);
+            let mut v = serde_json::to_value(cpuid::view(&entries)).unwrap_or_default();
+            v["vcpu"] = 0.into();
+            v["tsc_khz_note"] = "read from KVM_GET_TSC_KHZ when the vCPU is created".into();
+            if !leaves {
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("leaves");
+                }
+            }
+            v
+        }
+        Err(e) => {
+            serde_json::json!({ "unavailable": format!("KVM_GET_SUPPORTED_CPUID failed: {e}") })
+        }
+    }
 }
 
 /// A VM that has stopped: every vCPU thread has left `KVM_RUN` and ended (or, if one would not,
@@ -139,7 +199,11 @@ pub fn boot(
     cmdline
         .insert_str(kernel_cmdline(config, plan))
         .map_err(|e| BuildError::Boot(boot::BootError::Cmdline(e.to_string())))?;
-    boot::write_boot_params(&mem, mem_size, &kernel, &cmdline, initrd)?;
+    // Both descriptions of the machine, so a kernel finds its CPUs and devices either way: the
+    // command line and MP table (the cell kernel), or ACPI (kernels built for other microVMs).
+    let acpi = acpi::build(config.vcpus, plan)?;
+    acpi.write(&mem)?;
+    boot::write_boot_params(&mem, mem_size, &kernel, &cmdline, initrd, Some(acpi.extent()))?;
     mptable::write(&mem, config.vcpus)?;
     regs::write_boot_tables(&mem)?;
 
@@ -148,8 +212,9 @@ pub fn boot(
     let devices = DeviceManager::create(plan, config, &vm, &mem, &exit, &timeline)?;
 
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(BuildError::Cpuid)?;
+    let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
     let vcpus = (0..config.vcpus)
-        .map(|i| Vcpu::new(&vm, &supported, i, config.vcpus, kernel.entry))
+        .map(|i| Vcpu::new(&vm, &supported, tsc_deadline, i, config.vcpus, kernel.entry))
         .collect::<Result<Vec<_>, _>>()?;
     timeline.mark(Phase::VmBuilt);
 

@@ -11,11 +11,11 @@ use isocell_spec::VmConfig;
 use isocell_vmm::exit::{EXIT_BAD_CONFIG, EXIT_NO_HARDWARE_VIRT, EXIT_VMM_ERROR};
 use isocell_vmm::report::RunReport;
 use isocell_vmm::timeline::{Phase, Timeline};
-use isocell_vmm::{config, host_check, kernel_cmdline, seccomp, BuildError};
+use isocell_vmm::{config, host_check, seccomp, BuildError};
 
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
-  0  the guest rebooted or powered off
+  0  the guest rebooted or powered off (ACPI S5)
   1  the VMM failed
   2  invalid configuration or flags; no VM was created
   3  the guest kernel panicked
@@ -64,7 +64,8 @@ struct Args {
     /// Write a JSON run report (exit reason, boot phases, memory) here when the VM stops.
     #[arg(long)]
     report: Option<PathBuf>,
-    /// Print the devices and kernel command line as JSON, and exit without booting.
+    /// Print the machine as JSON (devices, kernel command line, MP table and ACPI tables, the
+    /// CPUID vCPU 0 sees), and exit without booting.
     #[arg(long)]
     describe: bool,
     /// Print the seccomp rules of every VMM thread kind as JSON, and exit.
@@ -158,13 +159,7 @@ fn run(args: Args, timeline: Arc<Timeline>) -> u8 {
         }
     }
     if args.describe {
-        let description = serde_json::json!({
-            "vcpus": cfg.vcpus,
-            "memory_mib": cfg.memory_mib,
-            "kernel": cfg.kernel,
-            "kernel_cmdline": kernel_cmdline(&cfg, &plan),
-            "devices": plan.devices,
-        });
+        let description = isocell_vmm::describe(&cfg, &plan);
         println!("{}", serde_json::to_string_pretty(&description).unwrap_or_default());
         return 0;
     }

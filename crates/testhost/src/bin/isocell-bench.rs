@@ -234,6 +234,41 @@ fn boot_step(i: usize, args: &Args) -> Step {
     measured_step(format!("boot-{i}"), &argv, 120, "{work}/report.json")
 }
 
+/// The guest CPU variants the benchmark compares in the same host: as IsoCell gives it, and with
+/// the guest told to ignore what issue 18 added (`clearcpuid=`), down to the CPU it saw before.
+const CPU_VARIANTS: [(&str, &str); 3] = [
+    ("as_given", ""),
+    ("no_tsc_deadline", "clearcpuid=tsc_deadline_timer"),
+    ("no_tsc_deadline_no_arat", "clearcpuid=tsc_deadline_timer,arat"),
+];
+
+/// A boot whose init reports the uptime and the idle time at init (console on, kernel quiet).
+fn cpu_step(i: usize, variant: usize, args: &Args) -> Step {
+    let (name, extra) = CPU_VARIANTS[variant];
+    let boot_args = format!("init=/sbin/scenario-init isocell_scenario=idle quiet {extra}");
+    let argv = [
+        "{vmm}",
+        "--kernel",
+        "{vmlinux}",
+        "--drive",
+        "id=root,path={rootfs},ro,root",
+        "--cpus",
+        &args.cpus.to_string(),
+        "--memory",
+        &args.memory.to_string(),
+        "--boot-args",
+        boot_args.trim_end(),
+        "--report",
+        "{work}/report.json",
+    ];
+    measured_step(format!("cpu-{name}-{i}"), &argv, 120, "{work}/report.json")
+}
+
+/// A figure from the guest's result line.
+fn guest_figure(r: &StepResult, key: &str) -> Option<f64> {
+    r.guest_results.first()?.get(key)?.as_f64()
+}
+
 /// Ratio of two medians.
 fn ratio(a: Option<Summary>, b: Option<Summary>) -> Option<f64> {
     Some(a?.median / b?.median)
@@ -297,6 +332,12 @@ fn main() -> Result<()> {
         steps.push(run_step(i, &args, true));
         steps.push(run_step(i, &args, false));
     }
+    // The CPU variants alternate too.
+    for i in 0..=args.runs {
+        for v in 0..CPU_VARIANTS.len() {
+            steps.push(cpu_step(i, v, &args));
+        }
+    }
     let results = host.run(&Scenario { steps })?;
     if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
         bail!("a benchmark step failed:\n{}", bad.explain());
@@ -341,6 +382,23 @@ fn main() -> Result<()> {
             Value::from(host::qemu_version().map(|(a, b)| format!("{a}.{b}")).unwrap_or_default());
     }
     out["targets"] = targets;
+    let mut cpu = json!({
+        "what": "the guest CPU as given against the same guest told to ignore the TSC-deadline timer (and ARAT): idle seconds of all vCPUs before init, uptime at init, full cycle; console on, kernel quiet",
+    });
+    let mut cpu_rows = Vec::new();
+    for (name, extra) in CPU_VARIANTS {
+        let runs = of_kind(&format!("cpu-{name}-"));
+        let idle = series(&runs, |r| guest_figure(r, "idle_at_init"));
+        let up = series(&runs, |r| guest_figure(r, "uptime_at_init"));
+        let cycle = series(&runs, |r| Some(r.wall_us as f64 / 1000.0));
+        cpu[name] = json!({ "boot_args": extra, "idle_at_init_s": idle, "uptime_at_init_s": up, "full_cycle_ms": cycle });
+        cpu_rows.push((name, idle, up, cycle));
+    }
+    let given_cycle = cpu_rows.first().and_then(|r| r.3);
+    for (name, _, _, cycle) in &cpu_rows[1..] {
+        cpu[format!("ratio_full_cycle_as_given_to_{name}")] = json!(ratio(given_cycle, *cycle));
+    }
+    out["guest_cpu"] = cpu;
     out["samples"] = measured
         .iter()
         .map(|r| json!({ "wall_us": r.wall_us, "phases": r.report.as_ref().and_then(|v| v.get("phases")), "memory": r.report.as_ref().and_then(|v| v.get("memory")) }))
@@ -416,6 +474,17 @@ fn main() -> Result<()> {
             "full cycle vs Firecracker in the nested host: {:.2}x (target <= {CYCLE_TARGET_RATIO})",
             c.median / FIRECRACKER_NESTED_CYCLE_MS
         );
+    }
+    println!("guest CPU variants (console on, kernel quiet), same host, alternating");
+    for (name, idle, up, cycle) in &cpu_rows {
+        row(&format!("  {name}: idle at init"), *idle, "s");
+        row(&format!("  {name}: uptime at init"), *up, "s");
+        row(&format!("  {name}: full cycle"), *cycle, "ms");
+    }
+    for (name, _, _, cycle) in &cpu_rows[1..] {
+        if let Some(r) = ratio(given_cycle, *cycle) {
+            println!("  full cycle as given / {name}: {r:.3}x (medians)");
+        }
     }
     println!("\n`isocell run -- true`, same host");
     row("wall (spawn -> exit)", run_total, "ms");

@@ -3,6 +3,7 @@
 //! Lock order: a vCPU thread holds at most one device lock at a time, taken by [`Bus`] for the
 //! duration of one access; devices never take another device's lock.
 
+pub mod acpi_sleep;
 pub mod boot_timer;
 pub mod i8042;
 pub mod serial;

@@ -233,15 +233,19 @@ pub fn mmio_write(ctx: &VcpuContext, addr: u64, data: &[u8]) {
 
 impl Vcpu {
     /// Creates vCPU `index` of `count` and programs CPUID, MSRs, registers, FPU and LAPIC.
+    /// `tsc_deadline`: KVM emulates the TSC-deadline timer (`KVM_CAP_TSC_DEADLINE_TIMER`).
     pub fn new(
         vm: &VmFd,
         supported: &CpuId,
+        tsc_deadline: bool,
         index: u8,
         count: u8,
         entry: u64,
     ) -> Result<Self, VcpuError> {
         let fd = vm.create_vcpu(u64::from(index)).map_err(|e| VcpuError::Create(index, e))?;
-        let cpuid = cpuid::for_vcpu(supported, index, count)
+        // The vCPU's TSC frequency is KVM's to say (it may scale the host's).
+        let inputs = cpuid::CpuidInputs::for_host(tsc_deadline, fd.get_tsc_khz().ok());
+        let cpuid = cpuid::for_vcpu(supported, index, count, &inputs)
             .map_err(|e| VcpuError::Cpuid(index, format!("{e:?}")))?;
         fd.set_cpuid2(&cpuid).map_err(|e| VcpuError::Cpuid(index, e.to_string()))?;
         msrs::setup_msrs(&fd).map_err(|e| VcpuError::Msrs(index, e))?;

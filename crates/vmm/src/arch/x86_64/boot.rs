@@ -142,13 +142,20 @@ pub fn load_initrd(
     Ok((addr, size))
 }
 
-/// Writes the command line and the zero page (setup header, initrd, e820 map).
+/// e820 type of usable RAM.
+const E820_RAM: u32 = 1;
+/// e820 type of ACPI tables (reclaimable once the kernel has read them).
+const E820_ACPI: u32 = 3;
+
+/// Writes the command line and the zero page (setup header, initrd, e820 map and, when the VM
+/// has ACPI tables, where they are: `acpi` is their `(start, length)`, the RSDP at the start).
 pub fn write_boot_params(
     mem: &GuestMemoryMmap,
     mem_size: u64,
     kernel: &LoadedKernel,
     cmdline: &Cmdline,
     initrd: Option<InitrdPlacement>,
+    acpi: Option<(u64, u64)>,
 ) -> Result<(), BootError> {
     load_cmdline(mem, GuestAddress(CMDLINE_ADDR), cmdline)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
@@ -171,16 +178,20 @@ pub fn write_boot_params(
         params.hdr.ramdisk_size = size as u32;
     }
 
-    let mut e820 = vec![(0, EBDA_START)];
+    let mut e820 = vec![(0, EBDA_START, E820_RAM)];
+    if let Some((start, len)) = acpi {
+        e820.push((start, len, E820_ACPI));
+        params.acpi_rsdp_addr = start;
+    }
     for (start, size) in ram_ranges(mem_size) {
         if start == 0 {
-            e820.push((HIMEM_START, size - HIMEM_START));
+            e820.push((HIMEM_START, size - HIMEM_START, E820_RAM));
         } else {
-            e820.push((start, size));
+            e820.push((start, size, E820_RAM));
         }
     }
-    for (i, (addr, size)) in e820.iter().enumerate() {
-        params.e820_table[i] = boot_e820_entry { addr: *addr, size: *size, r#type: 1 };
+    for (i, (addr, size, kind)) in e820.iter().enumerate() {
+        params.e820_table[i] = boot_e820_entry { addr: *addr, size: *size, r#type: *kind };
     }
     params.e820_entries = e820.len() as u8;
 
@@ -237,11 +248,16 @@ mod tests {
         let kernel = LoadedKernel { entry: HIMEM_START, end: 2 << 20, setup_header: None };
         let mut cmdline = new_cmdline();
         cmdline.insert_str("console=ttyS0").unwrap();
-        write_boot_params(&mem, size, &kernel, &cmdline, Some((32 << 20, 4096))).unwrap();
+        let acpi = Some((0xe_0000, 0x300));
+        write_boot_params(&mem, size, &kernel, &cmdline, Some((32 << 20, 4096)), acpi).unwrap();
         let p = read_boot_params(&mem).unwrap();
-        assert_eq!(p.e820_entries, 2);
-        let (a1, s1) = (p.e820_table[1].addr, p.e820_table[1].size);
-        assert_eq!((a1, s1), (HIMEM_START, size - HIMEM_START));
+        assert_eq!(p.e820_entries, 3);
+        let (a1, s1, t1) = (p.e820_table[1].addr, p.e820_table[1].size, p.e820_table[1].r#type);
+        assert_eq!((a1, s1, t1), (0xe_0000, 0x300, E820_ACPI));
+        let (a2, s2) = (p.e820_table[2].addr, p.e820_table[2].size);
+        assert_eq!((a2, s2), (HIMEM_START, size - HIMEM_START));
+        let rsdp = p.acpi_rsdp_addr;
+        assert_eq!(rsdp, 0xe_0000);
         let (ptr, len, rd) = (p.hdr.cmd_line_ptr, p.hdr.cmdline_size, p.hdr.ramdisk_image);
         assert_eq!((ptr as u64, len, rd), (CMDLINE_ADDR, 13, 32 << 20));
     }

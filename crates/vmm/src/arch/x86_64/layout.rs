@@ -20,6 +20,11 @@ pub const CMDLINE_ADDR: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Start of the extended BIOS data area, where the MP table goes (the kernel scans 639K-640K).
 pub const EBDA_START: u64 = 0x9fc00;
+/// The ACPI tables: the RSDP at the start (inside the BIOS area 0xE0000-0xFFFFF, where a kernel
+/// that is not told the RSDP's address scans for it), the other tables after it.
+pub const ACPI_START: u64 = 0xe_0000;
+/// End of the ACPI area.
+pub const ACPI_END: u64 = 0x10_0000;
 /// First byte above the legacy hole; the kernel is loaded here.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO gap (devices, IO-APIC, local APIC); RAM resumes at 4 GiB.
@@ -73,6 +78,7 @@ mod tests {
             (PDE_ADDR, 0x1000),
             (CMDLINE_ADDR, CMDLINE_MAX_SIZE as u64),
             (EBDA_START, 0x400),
+            (ACPI_START, ACPI_END - ACPI_START),
         ];
         areas.sort();
         for w in areas.windows(2) {

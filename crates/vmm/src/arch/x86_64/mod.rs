@@ -1,5 +1,7 @@
-//! x86_64 guest setup: memory layout, CPUID, MSRs, registers, MP table and the Linux boot protocol.
+//! x86_64 guest setup: memory layout, CPUID, MSRs, registers, MP table, ACPI tables and the
+//! Linux boot protocol.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod layout;

@@ -1,0 +1,70 @@
+//! The nested-host freeze hunt (issue 18): 50 console-on boots in one test host, each guest
+//! printing its whole kernel log to the serial console at boot and again from init. Where the
+//! test host is the nested host, a freeze of that host fails the run at once (it is not
+//! replaced, as it is for the other scenarios), with the host's console and the step it froze on.
+//!
+//! Before the CPUID normalisation kept ARAT and added the TSC-deadline timer, the guest ran the
+//! PIT beside a periodic LAPIC timer while printing. `ISOCELL_STORM_ARGS` appends kernel
+//! arguments to every boot, so the old guest CPU can be reproduced with the same scenario:
+//! `ISOCELL_STORM_ARGS=clearcpuid=tsc_deadline_timer,arat cargo test --release -p isocell-e2e
+//! --test console_storm`.
+
+use std::sync::OnceLock;
+
+use isocell_e2e::{vmm_step, Results};
+use isocell_testhost::{Scenario, TestHost};
+
+/// Boots in the scenario.
+const BOOTS: usize = 50;
+
+fn scenario() -> Scenario {
+    let extra = std::env::var("ISOCELL_STORM_ARGS").unwrap_or_default();
+    let boot_args = format!("init=/sbin/scenario-init isocell_scenario=dmesg {extra}");
+    let steps = (0..BOOTS)
+        .map(|i| {
+            // Every fifth guest has two vCPUs: IPIs and a second timer in the mix.
+            let cpus = if i % 5 == 4 { "2" } else { "1" };
+            vmm_step(
+                &format!("console-{i}"),
+                &[
+                    "--kernel",
+                    "{bzimage}",
+                    "--drive",
+                    "id=root,path={rootfs},ro,root",
+                    "--cpus",
+                    cpus,
+                    "--boot-args",
+                    boot_args.trim_end(),
+                ],
+                120,
+            )
+        })
+        .collect();
+    Scenario { steps }
+}
+
+fn results() -> &'static Results {
+    static RESULTS: OnceLock<Results> = OnceLock::new();
+    RESULTS.get_or_init(|| {
+        let host = TestHost::detect().map_err(|e| e.to_string())?.without_restarts();
+        eprintln!("running {BOOTS} console-on boots on the {} test host", host.kind().name());
+        let results = host.run(&scenario()).map_err(|e| e.to_string())?;
+        Ok(results.into_iter().map(|r| (r.name.clone(), r)).collect())
+    })
+}
+
+#[test]
+fn fifty_console_on_boots_complete_without_a_host_freeze() {
+    let results = match results() {
+        Ok(r) => r,
+        Err(e) => panic!("the test host did not get through {BOOTS} console-on boots: {e}"),
+    };
+    for i in 0..BOOTS {
+        let r = &results[&format!("console-{i}")];
+        assert_eq!(r.exit_code, Some(0), "{}", r.explain());
+        // The log came out (stdout keeps its last 64 KiB: at least the dmesg copy).
+        assert!(r.stdout.contains("Linux version"), "{}", r.explain());
+        let rep = r.report.as_ref().unwrap_or_else(|| panic!("no report\n{}", r.explain()));
+        assert_eq!(rep["exit_reason"], "reboot", "{}", r.explain());
+    }
+}
