@@ -48,6 +48,16 @@ fn scenario() -> Scenario {
         steps: vec![
             echo,
             shell_step("exit-42", &format!("{run} -- sh -c 'exit 42'"), 120),
+            // A kernel that finds its devices through ACPI only: the agent reaches the host over
+            // vsock, the command runs on the read-only root, and the cell ends as usual.
+            shell_step(
+                "acpi-kernel",
+                &format!(
+                    "{run} --kernel {{acpi_bzimage}} --cpus 2 -- sh -c \
+                     'echo cpus=$(nproc) tables=$(ls /sys/firmware/acpi/tables | tr \"\\n\" \" \"); ls /sys/bus/platform/drivers/virtio-mmio | grep -c LNRO0005'"
+                ),
+                180,
+            ),
             shell_step("streams", &format!("{run} -- sh -c 'echo to-stdout; echo to-stderr >&2'"), 120),
             big,
             input,
@@ -157,6 +167,19 @@ fn echo_runs_in_a_cell_and_reports_its_phases() {
     }
     assert_eq!(report["vmm"]["exit_reason"], "reboot", "{report}");
     assert!(report["vmm"]["phases"]["guest_init_us"].as_u64().is_some(), "{report}");
+}
+
+#[test]
+fn a_cell_boots_a_kernel_that_finds_its_devices_through_acpi_only() {
+    let r = ok("acpi-kernel");
+    let out = r.stdout.trim();
+    assert!(out.contains("cpus=2"), "{}", r.explain());
+    for table in ["APIC", "DSDT", "FACP"] {
+        assert!(out.contains(table), "no {table} table: {}", r.explain());
+    }
+    // At least block (the root), vsock (this very command) and rng, all as LNRO0005 devices.
+    let found: u32 = out.lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+    assert!(found >= 3, "{}", r.explain());
 }
 
 #[test]

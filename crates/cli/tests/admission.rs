@@ -123,8 +123,13 @@ fn surface_diff_shows_exposure_beyond_a_baseline() {
     let out = env.isocell(&["surface"]);
     assert!(out.status.success(), "{}", text(&out));
     let surface: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for key in ["devices", "seccomp", "jail"] {
+    for key in ["devices", "firmware", "cpu", "seccomp", "jail"] {
         assert!(!surface[key].is_null(), "{key} missing: {surface}");
+    }
+    // What describes the machine to the guest is part of what it can reach.
+    let tables = surface["firmware"]["acpi"]["tables"].to_string();
+    for sig in ["FACP", "APIC", "DSDT"] {
+        assert!(tables.contains(sig), "{sig} missing: {tables}");
     }
     assert_eq!(surface["jail"]["no_new_privs"], true);
     let base = env.dir.join("base.json");

@@ -293,6 +293,7 @@ impl TestHost {
         let console = tmp.join("console.log");
         let results = tmp.join("results.jsonl");
         let heartbeat = tmp.join("heartbeat");
+        let monitor = tmp.join("monitor.sock");
         // One CPU by default, the configuration with the fewest freezes under QEMU 7.2 (two
         // locked up every few cells there); ISOCELL_NESTED_CPUS=2 chooses two. Extra kernel
         // arguments (ISOCELL_NESTED_APPEND, say "loglevel=7") help diagnose the host itself.
@@ -306,9 +307,15 @@ impl TestHost {
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .arg("-serial")
-            .arg(format!("file:{}", results.display()))
-            .arg("-serial")
             .arg(format!("file:{}", heartbeat.display()))
+            // Results leave through the debug console, which raises no interrupts (see the
+            // runner's `IoPort`).
+            .arg("-chardev")
+            .arg(format!("file,id=results,path={}", results.display()))
+            .arg("-device")
+            .arg(format!("isa-debugcon,iobase={RESULTS_PORT:#x},chardev=results"))
+            .arg("-monitor")
+            .arg(format!("unix:{},server,nowait", monitor.display()))
             .arg("-kernel")
             .arg(self.paths.nested_host.join("vmlinuz"))
             .arg("-initrd")
@@ -331,6 +338,11 @@ impl TestHost {
                 Ok(Some(status)) => break (format!("QEMU exited with {status}"), false),
                 Ok(None) => match stalled {
                     Some(what) => {
+                        // What the frozen host's CPU was doing, before it is gone.
+                        let state = frozen_cpu_state(&monitor);
+                        if !state.is_empty() {
+                            eprintln!("isocell-testhost: the frozen nested host's CPU:\n{state}");
+                        }
                         let _ = child.kill();
                         let _ = child.wait();
                         break (format!("{what}; QEMU killed"), true);
@@ -499,6 +511,34 @@ impl<'a> HostWatch<'a> {
     }
 }
 
+/// Asks QEMU's monitor (a Unix socket) for the nested host's CPU state: registers (is it halted,
+/// with interrupts enabled?), its local APIC (is the timer armed, is a vector pending in IRR?) and
+/// the PICs. Empty if the monitor does not answer within a few seconds.
+fn frozen_cpu_state(monitor: &Path) -> String {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let Ok(mut sock) = UnixStream::connect(monitor) else { return String::new() };
+    let _ = sock.set_read_timeout(Some(Duration::from_millis(500)));
+    let _ = sock.write_all(b"info registers\ninfo lapic\ninfo pic\ninfo irq\n");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline && out.len() < 64 * 1024 {
+        match sock.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Quiet for half a second after the last command's answer: done.
+                if String::from_utf8_lossy(&out).contains("info irq") && !out.is_empty() {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&out).replace('\r', "")
+}
+
 /// How many times a frozen nested host is replaced in one scenario before the run fails.
 const MAX_NESTED_RESTARTS: u32 = 6;
 
@@ -529,6 +569,10 @@ fn tail_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The I/O port of the nested host's results channel (QEMU `isa-debugcon`; NESTED_INIT passes
+/// the same number to the runner).
+const RESULTS_PORT: u16 = 0x402;
+
 /// Modules that give the nested host KVM, in load order.
 const MODULES: [&str; 4] = ["irqbypass", "kvm", "ccp", "kvm-amd"];
 
@@ -548,7 +592,7 @@ done
 [ -c /dev/kvm ] || echo "isocell-testhost: /dev/kvm did not appear"
 export ISOCELL_KERNEL=/isocell/guest/vmlinux ISOCELL_IMAGE=/isocell/guest/rootfs.ext4 ISOCELL_STATE_DIR=/tmp/isocell-state
 exec /isocell/bin/isocell-testhost-runner --scenario /isocell/scenario.json \
-  --results /dev/ttyS1 --heartbeat /dev/ttyS2 --work /tmp/steps --host nested --poweroff \
+  --results ioport:0x402 --heartbeat /dev/ttyS1 --work /tmp/steps --host nested --poweroff \
   --asset vmm=/isocell/bin/isocell-vmm --asset isocell=/isocell/bin/isocell --asset bzimage=/isocell/guest/bzImage \
   --asset vmlinux=/isocell/guest/vmlinux --asset rootfs=/isocell/guest/rootfs.ext4 \
   --asset initrd=/isocell/guest/initrd.cpio --asset hostile=/isocell/bin/isocell-hostile \
