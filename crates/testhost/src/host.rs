@@ -300,8 +300,10 @@ impl TestHost {
         let cpus = std::env::var("ISOCELL_NESTED_CPUS").unwrap_or_else(|_| "1".into());
         let memory = std::env::var("ISOCELL_NESTED_MEMORY_MIB").unwrap_or_else(|_| "2048".into());
         let extra_args = std::env::var("ISOCELL_NESTED_APPEND").unwrap_or_default();
+        let tcg_thread =
+            std::env::var("ISOCELL_NESTED_TCG_THREAD").unwrap_or_else(|_| "multi".into());
         let mut child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm,+npt"])
+            .args(["-accel", &format!("tcg,thread={tcg_thread}"), "-cpu", "EPYC,+svm,+npt"])
             .args(["-smp", &cpus, "-m", &memory])
             .args(["-nographic", "-nodefaults", "-no-reboot"])
             .arg("-serial")
@@ -412,7 +414,9 @@ impl TestHost {
         }
         std::fs::write(stage.join("isocell/scenario.json"), text).map_err(io)?;
         let init = stage.join("init");
-        std::fs::write(&init, NESTED_INIT).map_err(io)?;
+        let kvm_amd =
+            std::env::var("ISOCELL_NESTED_KVM_AMD").unwrap_or_else(|_| KVM_AMD_PARAMS.to_owned());
+        std::fs::write(&init, NESTED_INIT.replace("@KVM_AMD_PARAMS@", &kvm_amd)).map_err(io)?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
         let out = tmp.join("initramfs.cpio");
@@ -477,7 +481,7 @@ impl<'a> HostWatch<'a> {
     /// Reads the host's progress; says why it counts as frozen, if it does.
     fn stalled(&mut self, scenario: &Scenario) -> Option<String> {
         let reported = std::fs::read_to_string(self.results)
-            .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
+            .map(|t| t.lines().filter(|l| l.starts_with('{')).count())
             .unwrap_or(0);
         if reported > self.done {
             self.done = reported;
@@ -570,8 +574,11 @@ fn tail_lines(text: &str, n: usize) -> String {
 }
 
 /// The I/O port of the nested host's results channel (QEMU `isa-debugcon`; NESTED_INIT passes
-/// the same number to the runner).
-const RESULTS_PORT: u16 = 0x402;
+/// the same number to the runner). Not 0x402, where SeaBIOS writes its own log.
+const RESULTS_PORT: u16 = 0x4f0;
+
+/// Parameters for the nested host's kvm-amd (`ISOCELL_NESTED_KVM_AMD` overrides).
+const KVM_AMD_PARAMS: &str = "";
 
 /// Modules that give the nested host KVM, in load order.
 const MODULES: [&str; 4] = ["irqbypass", "kvm", "ccp", "kvm-amd"];
@@ -587,12 +594,14 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o size=80% tmpfs /tmp
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 for m in irqbypass kvm ccp kvm-amd; do
-  insmod /modules/$m.ko || echo "isocell-testhost: insmod $m failed"
+  args=; [ $m = kvm-amd ] && args="@KVM_AMD_PARAMS@"
+  insmod /modules/$m.ko $args || echo "isocell-testhost: insmod $m $args failed"
 done
+echo "isocell-testhost: kvm-amd $(for p in /sys/module/kvm_amd/parameters/*; do printf '%s=%s ' ${p##*/} $(cat $p); done)" 
 [ -c /dev/kvm ] || echo "isocell-testhost: /dev/kvm did not appear"
 export ISOCELL_KERNEL=/isocell/guest/vmlinux ISOCELL_IMAGE=/isocell/guest/rootfs.ext4 ISOCELL_STATE_DIR=/tmp/isocell-state
 exec /isocell/bin/isocell-testhost-runner --scenario /isocell/scenario.json \
-  --results ioport:0x402 --heartbeat /dev/ttyS1 --work /tmp/steps --host nested --poweroff \
+  --results ioport:0x4f0 --heartbeat /dev/ttyS1 --work /tmp/steps --host nested --poweroff \
   --asset vmm=/isocell/bin/isocell-vmm --asset isocell=/isocell/bin/isocell --asset bzimage=/isocell/guest/bzImage \
   --asset vmlinux=/isocell/guest/vmlinux --asset rootfs=/isocell/guest/rootfs.ext4 \
   --asset initrd=/isocell/guest/initrd.cpio --asset hostile=/isocell/bin/isocell-hostile \
