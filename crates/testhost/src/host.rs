@@ -323,7 +323,7 @@ impl TestHost {
             .arg("-initrd")
             .arg(&initramfs)
             .arg("-append")
-            .arg(format!("console=ttyS0 quiet panic=-1 {extra_args}").trim_end())
+            .arg(format!("console=ttyS0 quiet panic=-1 {NESTED_TICK} {extra_args}").trim_end())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -576,6 +576,16 @@ fn tail_lines(text: &str, n: usize) -> String {
 /// The I/O port of the nested host's results channel (QEMU `isa-debugcon`; NESTED_INIT passes
 /// the same number to the runner). Not 0x402, where SeaBIOS writes its own log.
 const RESULTS_PORT: u16 = 0x4f0;
+
+/// The nested host's timer runs periodically, not one-shot (no tickless idle, no high-resolution
+/// timers). QEMU 10.0's emulated SVM can lose the wake-up of the nested host's LAPIC timer
+/// interrupt: `helper_vmrun` updates the vCPU's `interrupt_request` without the big lock, racing
+/// the timer's `CPU_INTERRUPT_POLL` from the main loop (made atomic upstream in QEMU 10.2,
+/// "cpu-common: use atomic access for interrupt_request"). The vector then sits in IRR and, with
+/// a one-shot timer, nothing ever raises it again: the host froze within 1-46 console-on boots.
+/// A periodic timer raises it again at the next tick, so a lost wake-up costs one tick (4 ms):
+/// 50 console-on boots ran without a freeze (tests/e2e/console_storm.rs).
+const NESTED_TICK: &str = "nohz=off highres=off";
 
 /// Parameters for the nested host's kvm-amd (`ISOCELL_NESTED_KVM_AMD` overrides).
 const KVM_AMD_PARAMS: &str = "";
