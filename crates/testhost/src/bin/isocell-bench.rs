@@ -213,7 +213,10 @@ fn print_row(label: &str, s: Option<Summary>, unit: &str) {
     }
 }
 
-fn boot_step(i: usize, args: &Args) -> Step {
+/// A measured boot of the cell kernel (vmlinux) from the base image: `console` is the VMM's
+/// `--console` value, `boot_args` the scenario init's arguments.
+fn vmm_boot_step(name: String, args: &Args, console: &str, boot_args: &str) -> Step {
+    let (cpus, memory) = (args.cpus.to_string(), args.memory.to_string());
     let argv = [
         "{vmm}",
         "--kernel",
@@ -221,17 +224,22 @@ fn boot_step(i: usize, args: &Args) -> Step {
         "--drive",
         "id=root,path={rootfs},ro,root",
         "--console",
-        "off",
+        console,
         "--cpus",
-        &args.cpus.to_string(),
+        &cpus,
         "--memory",
-        &args.memory.to_string(),
+        &memory,
         "--boot-args",
-        "init=/sbin/scenario-init isocell_scenario=quiet",
+        boot_args,
         "--report",
         "{work}/report.json",
     ];
-    measured_step(format!("boot-{i}"), &argv, 120, "{work}/report.json")
+    measured_step(name, &argv, 120, "{work}/report.json")
+}
+
+fn boot_step(i: usize, args: &Args) -> Step {
+    let quiet = "init=/sbin/scenario-init isocell_scenario=quiet";
+    vmm_boot_step(format!("boot-{i}"), args, "off", quiet)
 }
 
 /// The guest CPU variants the benchmark compares in the same host: as IsoCell gives it, and with
@@ -246,22 +254,7 @@ const CPU_VARIANTS: [(&str, &str); 3] = [
 fn cpu_step(i: usize, variant: usize, args: &Args) -> Step {
     let (name, extra) = CPU_VARIANTS[variant];
     let boot_args = format!("init=/sbin/scenario-init isocell_scenario=idle quiet {extra}");
-    let argv = [
-        "{vmm}",
-        "--kernel",
-        "{vmlinux}",
-        "--drive",
-        "id=root,path={rootfs},ro,root",
-        "--cpus",
-        &args.cpus.to_string(),
-        "--memory",
-        &args.memory.to_string(),
-        "--boot-args",
-        boot_args.trim_end(),
-        "--report",
-        "{work}/report.json",
-    ];
-    measured_step(format!("cpu-{name}-{i}"), &argv, 120, "{work}/report.json")
+    vmm_boot_step(format!("cpu-{name}-{i}"), args, "stdout", boot_args.trim_end())
 }
 
 /// A figure from the guest's result line.
