@@ -161,7 +161,9 @@ fn make_fs(
     }
     // A stream cut short because mke2fs stopped reading is mke2fs's failure, not the image's.
     match written {
-        Err(e) if !e.reason.contains("Broken pipe") && !e.reason.contains("writing") => Err(e.into()),
+        Err(e) if !e.reason.contains("Broken pipe") && !e.reason.contains("writing") => {
+            Err(e.into())
+        }
         _ => Ok(Err(message.trim().to_owned())),
     }
 }
@@ -262,14 +264,15 @@ pub fn file_digest(path: &Path) -> Result<(Digest, u64), std::io::Error> {
 }
 
 /// Converts verified layers into a block image at `out`. `scratch` is an empty directory for
-/// temporary files. Returns what was made and the image's user database files.
+/// temporary files. Returns what was made, the image's user database files and the size of
+/// its root.
 pub fn convert(
     layers: &[Layer],
     manifest: &Digest,
     limits: &Limits,
     out: &Path,
     scratch: &Path,
-) -> Result<(Converted, Captured), ConvertError> {
+) -> Result<(Converted, Captured, Stats), ConvertError> {
     let (tree, stats) = flatten::index(layers, limits)?;
     let inodes = (stats.inodes + 64).div_ceil(64) * 64;
     let mut grow = 1.0;
@@ -279,7 +282,8 @@ pub fn convert(
         match make_fs(&tree, layers, manifest, inodes, bytes, out)? {
             Ok(c) => break (c, bytes),
             Err(message)
-                if attempts < 2 && (message.contains("llocat") || message.contains("space")) => {
+                if attempts < 2 && (message.contains("llocat") || message.contains("space")) =>
+            {
                 attempts += 1;
                 grow *= 1.5;
             }
@@ -291,9 +295,9 @@ pub fn convert(
     };
     apply_xattrs(&tree, out, scratch)?;
     let verity = add_verity(out, manifest, data_bytes)?;
-    let (block_digest, block_bytes) =
-        file_digest(out).map_err(|e| ConvertError::Io(format!("reading {}: {e}", out.display())))?;
-    Ok((Converted { block_digest, block_bytes, verity }, captured))
+    let (block_digest, block_bytes) = file_digest(out)
+        .map_err(|e| ConvertError::Io(format!("reading {}: {e}", out.display())))?;
+    Ok((Converted { block_digest, block_bytes, verity }, captured, stats))
 }
 
 #[cfg(test)]
@@ -317,7 +321,7 @@ mod tests {
             let out = tmp.path().join(format!("img{i}"));
             let scratch = tmp.path().join(format!("scratch{i}"));
             fs::create_dir(&scratch).expect("scratch");
-            let (c, captured) =
+            let (c, captured, _) =
                 convert(&ls, &manifest, &Limits::default(), &out, &scratch).expect("convert");
             assert!(captured.passwd.is_some());
             assert_eq!(c.verity.hash_start_block, c.verity.data_blocks);
@@ -327,7 +331,7 @@ mod tests {
         assert_eq!(seen[0], seen[1]);
         // A different manifest digest gives a different UUID, salt and so root hash.
         let out = tmp.path().join("other");
-        let (other, _) =
+        let (other, _, _) =
             convert(&ls, &Digest::of(b"other"), &Limits::default(), &out, tmp.path())
                 .expect("convert");
         assert_ne!(other.verity.root_hash, seen[0].verity.root_hash);

@@ -7,7 +7,9 @@ use std::io::{self, Read};
 use sha2::{Digest as _, Sha256};
 
 /// A validated `sha256:` digest.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct Digest(String);
 
@@ -96,7 +98,10 @@ impl<R: Read> VerifyingReader<R> {
         }
         let mut probe = [0u8; 1];
         if self.inner.read(&mut probe).map_err(|e| format!("{what}: {e}"))? != 0 {
-            return Err(format!("{what} is longer than the {} bytes its descriptor says", self.expected_size));
+            return Err(format!(
+                "{what} is longer than the {} bytes its descriptor says",
+                self.expected_size
+            ));
         }
         if self.read != self.expected_size {
             return Err(format!(
@@ -106,7 +111,9 @@ impl<R: Read> VerifyingReader<R> {
         }
         let actual = format!("sha256:{}", hex::encode(self.hasher.finalize()));
         if actual != expected.as_str() {
-            return Err(format!("{what} does not match its digest: expected {expected}, got {actual}"));
+            return Err(format!(
+                "{what} does not match its digest: expected {expected}, got {actual}"
+            ));
         }
         Ok(())
     }

@@ -73,7 +73,10 @@ type Source = (usize, u64);
 enum Kind {
     Dir,
     /// A regular file; hard links share one source.
-    File { source: Source, size: u64 },
+    File {
+        source: Source,
+        size: u64,
+    },
     Symlink(Vec<u8>),
     Fifo,
 }
@@ -174,7 +177,9 @@ fn normalise(raw: &[u8]) -> Result<Vec<u8>, String> {
     for part in raw.split(|&b| b == b'/') {
         match part {
             b"" | b"." => {}
-            b".." => return Err("the name has a '..' component, which leaves the image root".into()),
+            b".." => {
+                return Err("the name has a '..' component, which leaves the image root".into())
+            }
             p if p.len() > MAX_COMPONENT => {
                 return Err(format!("a name component is longer than {MAX_COMPONENT} bytes"))
             }
@@ -360,10 +365,11 @@ pub fn index(layers: &[Layer], limits: &Limits) -> Result<(Tree, Stats), Flatten
         };
         let input = open_layer(layer).map_err(|e| fail(None, format!("cannot read it: {e}")))?;
         let mut archive = Archive::new(input);
-        let entries = archive.entries().map_err(|e| fail(None, format!("not a tar stream: {e}")))?;
+        let entries =
+            archive.entries().map_err(|e| fail(None, format!("not a tar stream: {e}")))?;
         for (ordinal, entry) in entries.enumerate() {
-            let mut entry =
-                entry.map_err(|e| fail(None, format!("bad tar data after {ordinal} entries: {e}")))?;
+            let mut entry = entry
+                .map_err(|e| fail(None, format!("bad tar data after {ordinal} entries: {e}")))?;
             entries_read += 1;
             if entries_read > limits.max_entries {
                 return Err(fail(
@@ -435,7 +441,8 @@ pub fn index(layers: &[Layer], limits: &Limits) -> Result<(Tree, Stats), Flatten
                              (user., security. or trusted., letters, digits, '.', '_', '-')"
                         )));
                     }
-                    if ext.value_bytes().len() > MAX_XATTR_VALUE || xattrs.len() >= MAX_XATTRS_PER_ENTRY
+                    if ext.value_bytes().len() > MAX_XATTR_VALUE
+                        || xattrs.len() >= MAX_XATTRS_PER_ENTRY
                     {
                         return Err(refuse("too many or too large extended attributes".into()));
                     }
@@ -621,7 +628,8 @@ pub fn write_tar(tree: &Tree, layers: &[Layer], out: impl Write) -> Result<Captu
         if left == 0 {
             continue;
         }
-        let fail = |reason: String| FlattenError { layer: layer.label.clone(), entry: None, reason };
+        let fail =
+            |reason: String| FlattenError { layer: layer.label.clone(), entry: None, reason };
         let input = open_layer(layer).map_err(|e| fail(format!("cannot read it again: {e}")))?;
         let mut archive = Archive::new(input);
         let entries = archive.entries().map_err(|e| fail(format!("not a tar stream: {e}")))?;
@@ -638,8 +646,8 @@ pub fn write_tar(tree: &Tree, layers: &[Layer], out: impl Write) -> Result<Captu
             if entry.size() != size {
                 return Err(fail("changed since it was read".into()));
             }
-            let capture = matches!(first.as_slice(), b"etc/passwd" | b"etc/group")
-                && size <= CAPTURE_MAX;
+            let capture =
+                matches!(first.as_slice(), b"etc/passwd" | b"etc/group") && size <= CAPTURE_MAX;
             let mut h = header_for(EntryType::Regular, node, size);
             if capture {
                 let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));

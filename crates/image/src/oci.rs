@@ -141,8 +141,8 @@ pub fn parse_document(bytes: &[u8], media_type: Option<&str>) -> Result<Document
         #[serde(default)]
         schema_version: Option<u32>,
     }
-    let probe: Probe =
-        serde_json::from_slice(bytes).map_err(|e| format!("the manifest is not valid JSON: {e}"))?;
+    let probe: Probe = serde_json::from_slice(bytes)
+        .map_err(|e| format!("the manifest is not valid JSON: {e}"))?;
     if probe.schema_version != Some(2) {
         return Err(format!(
             "manifest schema version {:?} is not supported (only schema 2: OCI and Docker v2)",

@@ -1,0 +1,173 @@
+//! What the user names as a cell's image, told apart the way podman and skopeo users write it:
+//! a registry reference (`debian:bookworm`, `registry.example:5000/team/app:1.4`,
+//! `app@sha256:…`, optionally `docker://…`), `oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]`,
+//! `docker-archive:FILE[:REPO:TAG]`, or the path of a raw block image.
+
+use std::path::{Path, PathBuf};
+
+use oci_client::Reference;
+
+/// A parsed image name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageRef {
+    /// An image in a registry (Docker Hub's `docker.io` and `library/` filled in).
+    Registry(Reference),
+    /// An OCI image layout directory, and the tag (`org.opencontainers.image.ref.name`) or
+    /// `@sha256:…` digest in its index.
+    OciLayout(PathBuf, Option<String>),
+    /// A tar archive of an OCI image layout.
+    OciArchive(PathBuf, Option<String>),
+    /// A `docker save` archive, and the `REPO:TAG` in it.
+    DockerArchive(PathBuf, Option<String>),
+    /// A block image used as it is (the project's base image, or one made by hand).
+    Raw(PathBuf),
+}
+
+fn absolute(p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().map_or_else(|_| p.to_path_buf(), |d| d.join(p))
+    }
+}
+
+/// Splits `PATH[:SUFFIX]`: the longest prefix that exists is the path. (Paths may hold ':'.)
+fn split_path(rest: &str) -> (PathBuf, Option<String>) {
+    if Path::new(rest).exists() {
+        return (absolute(rest), None);
+    }
+    for (i, _) in rest.match_indices(':') {
+        if Path::new(&rest[..i]).exists() {
+            let suffix = &rest[i + 1..];
+            return (absolute(&rest[..i]), (!suffix.is_empty()).then(|| suffix.to_owned()));
+        }
+    }
+    (absolute(rest), None)
+}
+
+impl ImageRef {
+    /// Parses a name as given on the command line or in a spec.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("the image name is empty".into());
+        }
+        for (prefix, make) in [
+            ("oci:", ImageRef::OciLayout as fn(PathBuf, Option<String>) -> ImageRef),
+            ("oci-archive:", ImageRef::OciArchive),
+            ("docker-archive:", ImageRef::DockerArchive),
+        ] {
+            if let Some(rest) = s.strip_prefix(prefix) {
+                if rest.is_empty() {
+                    return Err(format!("{prefix} needs a path, as in {prefix}./app"));
+                }
+                let (path, suffix) = split_path(rest);
+                if !path.exists() {
+                    return Err(format!("{s}: {} does not exist", path.display()));
+                }
+                return Ok(make(path, suffix));
+            }
+        }
+        if let Some(rest) = s.strip_prefix("docker://") {
+            return Self::registry(rest);
+        }
+        if s.starts_with('/')
+            || s.starts_with("./")
+            || s.starts_with("../")
+            || Path::new(s).is_file()
+        {
+            return Ok(ImageRef::Raw(absolute(s)));
+        }
+        Self::registry(s)
+    }
+
+    fn registry(s: &str) -> Result<Self, String> {
+        let r: Reference = s.parse().map_err(|e| {
+            format!(
+                "{s:?} is not an image reference ({e}); write NAME[:TAG][@sha256:DIGEST], \
+                 oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE or the path of a block \
+                 image"
+            )
+        })?;
+        if r.repository().bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(format!("{s:?}: repository names must be lowercase"));
+        }
+        if let Some(d) = r.digest() {
+            crate::Digest::parse(d).map_err(|e| e.to_string())?;
+        }
+        Ok(ImageRef::Registry(r))
+    }
+
+    /// The name the store keeps: a registry reference in full (`docker.io/library/debian:12`),
+    /// local sources with absolute paths.
+    pub fn name(&self) -> String {
+        let with = |kind: &str, p: &Path, t: &Option<String>| match t {
+            Some(t) => format!("{kind}:{}:{t}", p.display()),
+            None => format!("{kind}:{}", p.display()),
+        };
+        match self {
+            ImageRef::Registry(r) => r.whole(),
+            ImageRef::OciLayout(p, t) => with("oci", p, t),
+            ImageRef::OciArchive(p, t) => with("oci-archive", p, t),
+            ImageRef::DockerArchive(p, t) => with("docker-archive", p, t),
+            ImageRef::Raw(p) => p.display().to_string(),
+        }
+    }
+
+    /// The digest the name pins, if any (`NAME@sha256:…`, `oci:DIR:@sha256:…`).
+    pub fn pinned_digest(&self) -> Option<crate::Digest> {
+        match self {
+            ImageRef::Registry(r) => r.digest().and_then(|d| crate::Digest::parse(d).ok()),
+            ImageRef::OciLayout(_, Some(t)) | ImageRef::OciArchive(_, Some(t)) => {
+                t.strip_prefix('@').and_then(|d| crate::Digest::parse(d).ok())
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_names_as_docker_and_podman_users_write_them() {
+        let name = |s: &str| ImageRef::parse(s).map(|r| r.name());
+        assert_eq!(name("busybox"), Ok("docker.io/library/busybox:latest".into()));
+        assert_eq!(name("debian:bookworm"), Ok("docker.io/library/debian:bookworm".into()));
+        assert_eq!(name("team/app:1.4"), Ok("docker.io/team/app:1.4".into()));
+        assert_eq!(
+            name("registry.example:5000/team/app:1.4"),
+            Ok("registry.example:5000/team/app:1.4".into())
+        );
+        assert_eq!(name("docker://127.0.0.1:5000/x"), Ok("127.0.0.1:5000/x:latest".into()));
+        let d = crate::Digest::of(b"m");
+        let pinned = ImageRef::parse(&format!("app@{d}")).expect("pinned");
+        assert_eq!(pinned.pinned_digest(), Some(d));
+        assert!(ImageRef::parse("team/App").is_err());
+        assert!(ImageRef::parse("a b").is_err());
+        assert!(ImageRef::parse("app@sha256:zz").is_err());
+        assert!(ImageRef::parse("").is_err());
+        assert!(ImageRef::parse("oci:/does/not/exist").is_err());
+    }
+
+    #[test]
+    fn local_sources_split_path_and_tag() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("lay:out");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let s = format!("oci:{}:v1", dir.display());
+        assert_eq!(ImageRef::parse(&s), Ok(ImageRef::OciLayout(dir.clone(), Some("v1".into()))));
+        let s = format!("oci:{}", dir.display());
+        assert_eq!(ImageRef::parse(&s), Ok(ImageRef::OciLayout(dir.clone(), None)));
+        let file = tmp.path().join("a.tar");
+        std::fs::write(&file, b"").expect("write");
+        let s = format!("docker-archive:{}:team/app:1", file.display());
+        assert_eq!(
+            ImageRef::parse(&s),
+            Ok(ImageRef::DockerArchive(file.clone(), Some("team/app:1".into())))
+        );
+        assert_eq!(ImageRef::parse(&file.display().to_string()), Ok(ImageRef::Raw(file)));
+    }
+}
