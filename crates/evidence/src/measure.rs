@@ -23,6 +23,13 @@ pub struct LaunchInputs<'a> {
     pub cmdline: &'a str,
     /// Root image.
     pub image: &'a Path,
+    /// The root image's digest when it is already known and the guest checks the image itself
+    /// (a converted container image: its digest was taken at conversion and dm-verity's root
+    /// hash is on the measured command line), so the file is not read again at each launch.
+    pub image_digest: Option<&'a str>,
+    /// For a container image: what it is (reference, manifest, config and block digests,
+    /// verity root hash), measured as the `image` component.
+    pub image_identity: Option<&'a serde_json::Value>,
     /// The effective VM configuration (as the VMM will read it).
     pub vm_config: &'a serde_json::Value,
     /// The VMM binary.
@@ -125,7 +132,15 @@ pub fn measure(
     }
     components
         .insert("cmdline".to_owned(), format!("sha256:{}", sha256_hex(inputs.cmdline.as_bytes())));
-    components.insert("root_image".to_owned(), digest(inputs.image)?);
+    let root_image = match inputs.image_digest {
+        Some(d) => d.to_owned(),
+        None => digest(inputs.image)?,
+    };
+    components.insert("root_image".to_owned(), root_image);
+    if let Some(identity) = inputs.image_identity {
+        let text = to_canonical_string(identity);
+        components.insert("image".to_owned(), format!("sha256:{}", sha256_hex(text.as_bytes())));
+    }
     let config = to_canonical_string(inputs.vm_config);
     components.insert("vm_config".to_owned(), format!("sha256:{}", sha256_hex(config.as_bytes())));
     components.insert("vmm".to_owned(), digest(inputs.vmm)?);
@@ -171,6 +186,8 @@ mod tests {
         ) -> String {
             let (k, i, v) = (self.path("kernel"), self.path("image"), self.path("vmm"));
             let inputs = LaunchInputs {
+                image_digest: None,
+                image_identity: None,
                 kernel: &k,
                 initrd: None,
                 cmdline,
@@ -222,5 +239,34 @@ mod tests {
         std::fs::write(f.path("image"), "image v2").unwrap();
         assert_ne!(base, f.measure("x", &cfg, Some(&cache)));
         assert_eq!(f.measure("x", &cfg, Some(&cache)), f.measure("x", &cfg, None));
+    }
+
+    #[test]
+    fn a_container_image_is_measured_by_its_identity_without_reading_it() {
+        let f = Files::new("identity");
+        let (k, v) = (f.path("kernel"), f.path("vmm"));
+        let missing = f.path("not-there");
+        let cfg = serde_json::json!({});
+        let with = |identity: &serde_json::Value, block: &str| {
+            let inputs = LaunchInputs {
+                image_digest: Some(block),
+                image_identity: Some(identity),
+                kernel: &k,
+                initrd: None,
+                cmdline: "c",
+                image: &missing,
+                vm_config: &cfg,
+                vmm: &v,
+                seccomp: None,
+            };
+            measure(&inputs, None).unwrap()
+        };
+        let a = serde_json::json!({"manifest_digest": "sha256:aa", "reference": "x:1"});
+        let b = serde_json::json!({"manifest_digest": "sha256:bb", "reference": "x:1"});
+        let m = with(&a, "sha256:11");
+        assert_eq!(m.components["root_image"], "sha256:11");
+        assert_eq!(m.launch_digest, with(&a, "sha256:11").launch_digest);
+        assert_ne!(m.launch_digest, with(&b, "sha256:11").launch_digest);
+        assert_ne!(m.launch_digest, with(&a, "sha256:22").launch_digest);
     }
 }

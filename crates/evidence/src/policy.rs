@@ -40,8 +40,15 @@ pub struct AdmissionRequest {
     pub cpus: u64,
     /// Guest memory, MiB.
     pub memory_mib: u64,
-    /// `sha256:HEX` of the root image.
+    /// The image's identity: the manifest digest of a container image, else `sha256:HEX` of
+    /// the block image.
     pub image_digest: String,
+    /// The image as the user named it (a registry reference, `oci:DIR:TAG`, or a path).
+    pub image_reference: String,
+    /// `oci` for a container image, `raw` for a block image used as it is.
+    pub image_kind: String,
+    /// The name itself pins a digest (`NAME@sha256:…`): a moved tag cannot change what runs.
+    pub image_reference_pinned: bool,
     /// The cell's constraints.
     pub jurisdictions: Vec<String>,
     /// Data classification name.
@@ -156,6 +163,9 @@ impl Policies {
                 "cpus": req.cpus,
                 "memory_mib": req.memory_mib,
                 "image_digest": req.image_digest,
+                "image_reference": req.image_reference,
+                "image_kind": req.image_kind,
+                "image_reference_pinned": req.image_reference_pinned,
                 "jurisdictions": req.jurisdictions,
                 "jurisdiction_constrained": !req.jurisdictions.is_empty(),
                 "classification": req.classification,
@@ -249,6 +259,9 @@ mod tests {
             cpus: 1,
             memory_mib: 256,
             image_digest: "sha256:aa".into(),
+            image_reference: "docker.io/library/app@sha256:aa".into(),
+            image_kind: "oci".into(),
+            image_reference_pinned: true,
             jurisdictions: vec![],
             classification: "public".into(),
             classification_level: 0,
@@ -298,6 +311,19 @@ mod tests {
         assert_eq!(p.decide(&r).unwrap().policies, ["default:restricted-needs-lifetime"]);
         r.max_lifetime_secs = Some(60);
         assert!(p.decide(&r).unwrap().allowed);
+
+        let mut r = request();
+        r.classification = "confidential".into();
+        r.classification_level = 2;
+        r.image_reference = "docker.io/library/app:1".into();
+        r.image_reference_pinned = false;
+        assert_eq!(p.decide(&r).unwrap().policies, ["default:classified-needs-pinned-image"]);
+        r.image_kind = "raw".into();
+        assert!(p.decide(&r).unwrap().allowed, "a block image is named by its contents");
+        r.image_kind = "oci".into();
+        r.classification = "internal".into();
+        r.classification_level = 1;
+        assert!(p.decide(&r).unwrap().allowed, "internal data may use a tag");
 
         let mut r = request();
         r.jailed = false;

@@ -111,8 +111,10 @@ fn native_evidence_cell(
     let vm_config = json!({ "vcpus": 1, "memory_mib": 128, "cell": cell_id });
     let m = measure::measure(
         &measure::LaunchInputs {
+            image_digest: None,
+            image_identity: None,
             kernel: &paths.vmlinux,
-            initrd: None,
+            initrd: Some(&paths.agent_initrd),
             cmdline: "console=ttyS0 quiet",
             image: &paths.rootfs,
             vm_config: &vm_config,
@@ -136,6 +138,9 @@ fn native_evidence_cell(
         cpus: 1,
         memory_mib: 128,
         image_digest: m.components.get("root_image").cloned().unwrap_or_default(),
+        image_reference: "bench".into(),
+        image_kind: "raw".into(),
+        image_reference_pinned: false,
         jurisdictions: vec![],
         classification: Classification::Internal.as_str().into(),
         classification_level: Classification::Internal as i64,
