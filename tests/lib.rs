@@ -1,5 +1,6 @@
 //! Shared pieces of the end-to-end tests: the batched VMM scenario (run once per test binary
-//! through the test host) and the path of the locally built VMM.
+//! through the test host), the path of the locally built VMM, and the image tests' fixtures
+//! (test images, a real registry: [`registry`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -7,6 +8,9 @@ use std::sync::OnceLock;
 
 use isocell_testhost::host::Paths;
 use isocell_testhost::{Scenario, Step, StepResult, TestHost};
+
+pub mod registry;
+pub use registry::{layout_digest, test_images, Registry};
 
 /// Size of the data disk the guest fills in the `disk` step.
 pub const DATA_DISK_BYTES: u64 = 1 << 20;
@@ -219,7 +223,7 @@ pub fn vmm_scenario() -> Scenario {
     );
     steps[4].create_files.insert("{work}/data.img".into(), DATA_DISK_BYTES);
     steps[4].hash_files.push("{work}/data.img".into());
-    Scenario { steps }
+    Scenario { steps, ..Default::default() }
 }
 
 /// A step running a shell command line on the test host (placeholders such as `{isocell}` and

@@ -119,6 +119,7 @@ fn scenario() -> Scenario {
                 200,
             ),
         ],
+        ..Default::default()
     }
 }
 

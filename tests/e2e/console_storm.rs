@@ -49,7 +49,7 @@ fn scenario() -> Scenario {
             )
         })
         .collect();
-    Scenario { steps }
+    Scenario { steps, ..Default::default() }
 }
 
 fn results() -> &'static Results {

@@ -108,6 +108,7 @@ fn scenario() -> Scenario {
                 300,
             ),
         ],
+        ..Default::default()
     }
 }
 

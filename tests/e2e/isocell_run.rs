@@ -117,14 +117,36 @@ fn scenario() -> Scenario {
                 ),
                 120,
             ),
+            // An initramfs whose /init never answers (the base image's, with the scenario init).
             shell_step(
                 "agent-silent",
                 &format!(
-                    "{run} --boot-timeout 15 --kernel-args 'init=/sbin/scenario-init isocell_scenario=hang' -- true"
+                    "ISOCELL_AGENT_INITRD={{initrd}} {run} --boot-timeout 15 --kernel-args 'isocell_scenario=hang' -- true"
                 ),
                 120,
             ),
+            // The agent comes from the host's initramfs and mounts the image itself; the cell's
+            // name and /etc files are its own; the command runs as the user it was given.
+            shell_step(
+                "identity",
+                &format!(
+                    "{run} -- sh -c 'echo hostname=$(hostname) file=$(cat /etc/hostname); cat /etc/hosts /etc/resolv.conf; \
+                     echo cmdline: $(cat /proc/cmdline); echo agent=$(readlink /proc/1/exe); stat -c tmp=%a /tmp' && \
+                     {run} --user 1000:1001 -- grep -E '^(Uid|Gid|Groups):' /proc/self/status"
+                ),
+                180,
+            ),
+            // An image the kernel cannot mount: one line on the console says so and the cell
+            // stops at once, long before the boot timeout.
+            shell_step(
+                "bad-image",
+                &format!(
+                    "head -c 4194304 /dev/zero > {{work}}/zero.img && ISOCELL_IMAGE={{work}}/zero.img {run} --boot-timeout 100 -- true"
+                ),
+                150,
+            ),
         ],
+        ..Default::default()
     }
 }
 
@@ -302,6 +324,41 @@ fn a_silent_agent_fails_at_the_boot_timeout_with_the_console() {
     assert_eq!(r.exit_code, Some(125), "{}", r.explain());
     assert!(r.stderr.contains("did not come up within 15 s"), "{}", r.explain());
     assert!(r.stderr.contains("hanging on purpose"), "console tail missing\n{}", r.explain());
+}
+
+#[test]
+fn the_agent_comes_from_the_initramfs_and_the_cell_has_its_own_identity() {
+    let r = ok("identity");
+    let out = &r.stdout;
+    assert!(out.contains("hostname=cell file=cell\n"), "{}", r.explain());
+    assert!(out.contains("127.0.0.1\tlocalhost\n"), "{}", r.explain());
+    assert!(out.contains("127.0.1.1\tcell\n"), "{}", r.explain());
+    let cmdline = out.lines().find_map(|l| l.strip_prefix("cmdline: ")).unwrap_or_default();
+    assert!(cmdline.contains(" isocell.root=/dev/vda "), "{}", r.explain());
+    // The kernel mounts nothing of the image: no root= (and so no /sbin/init of the image).
+    assert!(!cmdline.split(' ').any(|w| w.starts_with("root=")), "{}", r.explain());
+    assert!(out.contains("agent=/init\n"), "{}", r.explain());
+    assert!(out.contains("tmp=1777\n"), "{}", r.explain());
+    assert!(out.contains("Uid:\t1000\t1000\t1000\t1000\n"), "{}", r.explain());
+    assert!(out.contains("Gid:\t1001\t1001\t1001\t1001\n"), "{}", r.explain());
+    let groups = out.lines().find(|l| l.starts_with("Groups:")).unwrap_or_default();
+    assert_eq!(groups.trim_end(), "Groups:", "no supplementary groups\n{}", r.explain());
+}
+
+#[test]
+fn an_image_that_cannot_be_mounted_stops_the_cell_with_one_clear_line() {
+    let r = step("bad-image");
+    assert_eq!(r.exit_code, Some(125), "{}", r.explain());
+    assert!(r.stderr.contains("stopped before its agent came up"), "{}", r.explain());
+    assert!(
+        r.stderr.contains(
+            "isocell-agent: cannot mount the cell image /dev/vda (ext4, read-only): Invalid argument; \
+             it does not hold a valid ext4 filesystem"
+        ),
+        "{}",
+        r.explain()
+    );
+    assert!(r.wall_us < 90_000_000, "not at the boot timeout\n{}", r.explain());
 }
 
 fn local_isocell(args: &[&str]) -> std::process::Output {

@@ -127,11 +127,18 @@ pub fn spawn(req: &ExecRequest, link: &Arc<Link>) -> Result<Running, std::io::Er
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"));
     };
     let cwd = req.cwd.as_deref().unwrap_or("/");
-    if !std::path::Path::new(cwd).is_dir() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::NotADirectory,
-            format!("working directory {cwd} does not exist in the cell"),
-        ));
+    let dir = std::path::Path::new(cwd);
+    if !dir.is_dir() {
+        // As `docker run` does for an image's WorkingDir: create it, for the command's user.
+        let made = dir.is_absolute()
+            && std::fs::create_dir_all(dir).is_ok()
+            && std::os::unix::fs::chown(dir, Some(req.uid), Some(req.gid)).is_ok();
+        if !made {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                format!("working directory {cwd} does not exist in the cell and cannot be made"),
+            ));
+        }
     }
     let mut cmd = Command::new(program);
     cmd.args(&req.argv[1..]).env_clear();
@@ -142,8 +149,8 @@ pub fn spawn(req: &ExecRequest, link: &Arc<Link>) -> Result<Running, std::io::Er
         cmd.env("HOME", if req.uid == 0 { "/root" } else { "/" });
     }
     cmd.envs(req.env.iter().map(|(k, v)| (k, v)));
-    cmd.current_dir(cwd);
-    cmd.uid(req.uid).gid(req.gid).process_group(0);
+    cmd.process_group(0);
+    drop_privileges(&mut cmd, req, cwd)?;
     cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() });
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
 
@@ -184,6 +191,37 @@ pub fn spawn(req: &ExecRequest, link: &Arc<Link>) -> Result<Running, std::io::Er
     // `child` is not waited on here: the reaper owns all waiting.
     drop(child);
     Ok(Running { pid, stdin, finisher: Some(finisher) })
+}
+
+/// Makes the child take the request's identity before it runs the command: supplementary
+/// groups, then the group, then the user (each needs the privilege the next one drops), then
+/// the working directory, entered as that user. Not `Command::uid/gid`: std clears the
+/// supplementary groups and runs `pre_exec` hooks only after it has changed the user.
+fn drop_privileges(cmd: &mut Command, req: &ExecRequest, cwd: &str) -> std::io::Result<()> {
+    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
+    if req.groups.len() > isocell_proto::MAX_GROUPS {
+        return Err(invalid("too many supplementary groups"));
+    }
+    let groups: Vec<libc::gid_t> = req.groups.clone();
+    let cwd =
+        std::ffi::CString::new(cwd).map_err(|_| invalid("working directory has a NUL byte"))?;
+    let (uid, gid) = (req.uid, req.gid);
+    // SAFETY: the hook runs in the forked child before exec; it allocates nothing and only
+    // makes async-signal-safe system calls on data prepared (and kept alive by the closure)
+    // before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+                || libc::chdir(cwd.as_ptr()) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// The most a pump forwards after the command exited: what was already in the pipe, plus

@@ -1,10 +1,14 @@
-//! `isocell-agent`: PID 1 of every cell. It mounts the pseudo-filesystems, puts a tmpfs overlay
-//! over the read-only image, tells the VMM's boot timer that init is running, connects to the
-//! host over vsock and serves the host's requests (see `isocell-proto`), then powers the cell off.
-//! Whatever goes wrong, it ends by stopping the VM: a cell never outlives its purpose.
+//! `isocell-agent`: PID 1 of every cell, started from the host's initramfs (as `/init`). It
+//! tells the VMM's boot timer that init is running, mounts the cell image named on the kernel
+//! command line read-only under a tmpfs overlay and switches into it, writes the cell's own
+//! /etc files, connects to the host over vsock and serves the host's requests (see
+//! `isocell-proto`), then powers the cell off. Whatever goes wrong, it says so in one line on
+//! the console and stops the VM: a cell never outlives its purpose.
 
+mod boot;
 mod exec;
 mod files;
+mod identity;
 mod mounts;
 
 use std::fs::OpenOptions;
@@ -176,6 +180,9 @@ fn result_message(r: Result<(), String>) -> Message {
 /// Stops the VM: the cell kernel has no ACPI, so "power off" is a reboot, which the VMM sees as
 /// the guest's reset request and ends the VM with exit status 0.
 fn power_off() -> ! {
+    // What was said on the console goes out before the machine stops.
+    // SAFETY: tcdrain only waits on a descriptor number (an error if it is no terminal).
+    unsafe { libc::tcdrain(2) };
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
     // Only reached if reboot failed (not PID 1, or no privilege): nothing sensible is left.
@@ -187,11 +194,19 @@ fn main() {
         log("must run as PID 1 inside a cell");
         std::process::exit(2);
     }
-    // First thing: init is running (the kernel has mounted /dev already).
+    // First things: /dev and a console, then tell the boot timer that init is running.
+    mounts::early();
     signal_boot_timer();
-    if let Err(e) = mounts::set_up() {
+    let args = boot::BootArgs::parse(&mounts::kernel_cmdline());
+    for w in &args.warnings {
+        log(w);
+    }
+    if let Err(e) = mounts::set_up(&args) {
         log(&e);
         power_off();
+    }
+    for problem in identity::set_up(std::path::Path::new("/"), &args.hostname) {
+        log(&problem);
     }
     exec::start_reaper();
     if let Some(stream) = connect() {

@@ -21,31 +21,83 @@ use crate::confine::{host_dirs, JailPlan, VmmView};
 /// The guest's vsock context id; each VMM has its own vsock namespace, so every cell uses 3.
 const GUEST_CID: u64 = 3;
 
+/// Every cell's host name (the same for all, so equal launches measure equal).
+pub const HOSTNAME: &str = "cell";
+
+/// The guest device of the cell's image, the first virtio disk.
+pub const IMAGE_DEVICE: &str = "/dev/vda";
+
 /// What a cell is built from.
 pub struct CellSpec {
     /// vCPUs.
     pub cpus: u8,
     /// Guest memory in MiB.
     pub memory_mib: u64,
-    /// Extra kernel arguments.
+    /// Extra kernel arguments (the operator's).
     pub kernel_args: String,
     /// Hard limit on the VM's life.
     pub max_lifetime_secs: Option<u64>,
+    /// The guest device the agent mounts as the cell image (`isocell.root=`): the image's disk
+    /// ([`IMAGE_DEVICE`]), or a device the kernel builds over it, such as `/dev/dm-0` for
+    /// dm-verity.
+    pub root_device: String,
+    /// The image's filesystem type (`isocell.rootfstype=`).
+    pub root_fstype: String,
+    /// Kernel arguments that come with the image, such as `dm-mod.create=...` for its
+    /// dm-verity device; after the operator's, so these win.
+    pub extra_boot_args: String,
+    /// The cell's host name (`isocell.hostname=`; letters, digits, `-` and `.`, at most 63).
+    pub hostname: String,
+}
+
+impl Default for CellSpec {
+    /// One vCPU, 128 MiB, the plain base image on [`IMAGE_DEVICE`], host name `cell`.
+    fn default() -> Self {
+        CellSpec {
+            cpus: 1,
+            memory_mib: 128,
+            kernel_args: String::new(),
+            max_lifetime_secs: None,
+            root_device: IMAGE_DEVICE.to_owned(),
+            root_fstype: "ext4".to_owned(),
+            extra_boot_args: String::new(),
+            hostname: "cell".to_owned(),
+        }
+    }
+}
+
+/// The kernel arguments of a cell beyond the VMM's own: the operator's first, then the ones
+/// that tell the agent where its image is (so the operator's cannot point it elsewhere), then
+/// the image's own.
+pub fn boot_args(spec: &CellSpec) -> String {
+    let words = [
+        "quiet",
+        spec.kernel_args.trim(),
+        &format!("isocell.root={}", spec.root_device),
+        &format!("isocell.rootfstype={}", spec.root_fstype),
+        &format!("isocell.hostname={}", spec.hostname),
+        spec.extra_boot_args.trim(),
+    ];
+    words.iter().filter(|w| !w.is_empty()).copied().collect::<Vec<_>>().join(" ")
 }
 
 /// The exact VM configuration the VMM is started with, in the paths it sees (`view`). In a
 /// jail these are the same for every cell, so equal launches measure equal.
+///
+/// The kernel starts the agent from its initramfs; the image is a read-only disk that the
+/// agent mounts itself (no `root=`: nothing of the image runs before the workload).
 pub fn vm_config(view: &VmmView, spec: &CellSpec) -> VmConfig {
     let mut c = VmConfig::new(&view.kernel);
     c.vcpus = spec.cpus;
     c.memory_mib = spec.memory_mib;
-    c.boot_args = format!("quiet {}", spec.kernel_args).trim_end().to_owned();
+    c.initrd = Some(view.initrd.clone());
+    c.boot_args = boot_args(spec);
     c.console = ConsoleConfig::File(view.cell_dir.join("console.log"));
     c.drives = vec![DriveConfig {
         id: "root".into(),
         path: view.image.clone(),
         read_only: true,
-        root: true,
+        root: false,
         placement: None,
     }];
     c.vsock =
@@ -581,4 +633,45 @@ fn tail(path: &Path, lines: usize) -> String {
     let text = String::from_utf8_lossy(&buf);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view() -> VmmView {
+        VmmView {
+            kernel: "/boot/vmlinux".into(),
+            initrd: "/boot/agent-initrd.cpio".into(),
+            image: "/disks/root.img".into(),
+            cell_dir: "/cell".into(),
+        }
+    }
+
+    #[test]
+    fn cells_boot_the_agent_from_the_initramfs_and_name_their_image() {
+        let spec = CellSpec { kernel_args: "loglevel=7".into(), ..CellSpec::default() };
+        let c = vm_config(&view(), &spec);
+        assert_eq!(c.initrd.as_deref(), Some(Path::new("/boot/agent-initrd.cpio")));
+        assert!(c.drives.iter().all(|d| d.read_only && !d.root), "no root= for the kernel");
+        assert_eq!(
+            c.boot_args,
+            "quiet loglevel=7 isocell.root=/dev/vda isocell.rootfstype=ext4 isocell.hostname=cell"
+        );
+    }
+
+    #[test]
+    fn the_images_own_arguments_come_last() {
+        let spec = CellSpec {
+            root_device: "/dev/dm-0".into(),
+            extra_boot_args: "dm-mod.create=\"vroot,,,ro,0 8 verity 1\"".into(),
+            hostname: "web-1".into(),
+            ..CellSpec::default()
+        };
+        assert_eq!(
+            boot_args(&spec),
+            "quiet isocell.root=/dev/dm-0 isocell.rootfstype=ext4 isocell.hostname=web-1 \
+             dm-mod.create=\"vroot,,,ro,0 8 verity 1\""
+        );
+    }
 }

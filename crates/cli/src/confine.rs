@@ -14,6 +14,8 @@ use serde_json::{json, Value};
 const JAIL_VMM: &str = "/isocell-vmm";
 /// Where the cell kernel appears in the jail.
 const JAIL_KERNEL: &str = "/boot/vmlinux";
+/// Where the agent's initramfs appears in the jail.
+const JAIL_INITRD: &str = "/boot/agent-initrd.cpio";
 /// Where the root image appears in the jail.
 const JAIL_IMAGE: &str = "/disks/root.img";
 
@@ -31,28 +33,36 @@ pub struct JailPlan {
 pub struct VmmView {
     /// Cell kernel.
     pub kernel: PathBuf,
+    /// The agent's initramfs.
+    pub initrd: PathBuf,
     /// Root image.
     pub image: PathBuf,
     /// The directory shared with `isocell`: config, sockets, console, report.
     pub cell_dir: PathBuf,
 }
 
-/// The kernel, image and VMM binary held open from the moment they are measured: the launch
-/// measurement reads them through these descriptors and the jail mounts exactly these files, so
-/// replacing a path after the measurement changes nothing that runs.
+/// The kernel, initramfs, image and VMM binary held open from the moment they are measured:
+/// the launch measurement reads them through these descriptors and the jail mounts exactly
+/// these files, so replacing a path after the measurement changes nothing that runs.
 pub struct Pinned {
     kernel: std::fs::File,
+    initrd: std::fs::File,
     image: std::fs::File,
     vmm: std::fs::File,
 }
 
 impl Pinned {
-    /// Opens the three files.
+    /// Opens the four files.
     pub fn open(from: &Binaries) -> Result<Pinned, String> {
         let open = |p: &Path| {
             std::fs::File::open(p).map_err(|e| format!("cannot open {}: {e}", p.display()))
         };
-        Ok(Pinned { kernel: open(from.kernel)?, image: open(from.image)?, vmm: open(from.vmm)? })
+        Ok(Pinned {
+            kernel: open(from.kernel)?,
+            initrd: open(from.initrd)?,
+            image: open(from.image)?,
+            vmm: open(from.vmm)?,
+        })
     }
 
     /// `(kernel, image, vmm)` as paths this process can read them by.
@@ -60,9 +70,18 @@ impl Pinned {
         self.paths("self")
     }
 
-    fn paths(&self, pid: &str) -> (PathBuf, PathBuf, PathBuf) {
+    /// The initramfs as a path this process can read it by.
+    pub fn own_initrd_path(&self) -> PathBuf {
+        Self::path("self", &self.initrd)
+    }
+
+    fn path(pid: &str, f: &std::fs::File) -> PathBuf {
         use std::os::fd::AsRawFd;
-        let p = |f: &std::fs::File| PathBuf::from(format!("/proc/{pid}/fd/{}", f.as_raw_fd()));
+        PathBuf::from(format!("/proc/{pid}/fd/{}", f.as_raw_fd()))
+    }
+
+    fn paths(&self, pid: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let p = |f| Self::path(pid, f);
         (p(&self.kernel), p(&self.image), p(&self.vmm))
     }
 }
@@ -71,6 +90,8 @@ impl Pinned {
 pub struct Binaries<'a> {
     /// Cell kernel.
     pub kernel: &'a Path,
+    /// The agent's initramfs.
+    pub initrd: &'a Path,
     /// Root image.
     pub image: &'a Path,
     /// `isocell-vmm`.
@@ -85,8 +106,9 @@ pub fn host_dirs(run_dir: &Path, id: &str) -> (PathBuf, PathBuf, PathBuf) {
     (dir.clone(), dir.join("cell"), dir.join("root"))
 }
 
-/// Plans the confinement of cell `id`: with `jailer`, a jail seeing only the kernel, the image,
-/// the VMM binary, the cell's directory, /dev/kvm and /dev/urandom; without, the host's paths.
+/// Plans the confinement of cell `id`: with `jailer`, a jail seeing only the kernel, the agent's
+/// initramfs, the image, the VMM binary, the cell's directory, /dev/kvm and /dev/urandom;
+/// without, the host's paths.
 pub fn plan(
     run_dir: &Path,
     id: &str,
@@ -97,13 +119,19 @@ pub fn plan(
 ) -> (VmmView, Option<JailPlan>) {
     let (_, cell_dir, root) = host_dirs(run_dir, id);
     let Some(jailer) = from.jailer else {
-        let view =
-            VmmView { kernel: from.kernel.to_owned(), image: from.image.to_owned(), cell_dir };
+        let view = VmmView {
+            kernel: from.kernel.to_owned(),
+            initrd: from.initrd.to_owned(),
+            image: from.image.to_owned(),
+            cell_dir,
+        };
         return (view, None);
     };
     let uid = isocell_jail::cell_uid(id);
     // The jailer is our child and root: it reaches our descriptors through /proc/OUR_PID/fd.
-    let held = pinned.map(|p| p.paths(&std::process::id().to_string()));
+    let pid = std::process::id().to_string();
+    let held = pinned.map(|p| p.paths(&pid));
+    let held_initrd = pinned.map(|p| Pinned::path(&pid, &p.initrd));
     let ro = |host: &Path, jail: &str, pin: Option<PathBuf>| BindMount {
         host: host.to_owned(),
         jail: jail.into(),
@@ -126,6 +154,7 @@ pub fn plan(
         mounts: vec![
             vmm_mount,
             ro(from.kernel, JAIL_KERNEL, k),
+            ro(from.initrd, JAIL_INITRD, held_initrd),
             ro(from.image, JAIL_IMAGE, i),
             BindMount {
                 host: cell_dir,
@@ -148,8 +177,12 @@ pub fn plan(
             "--host-checked".into(),
         ],
     };
-    let view =
-        VmmView { kernel: JAIL_KERNEL.into(), image: JAIL_IMAGE.into(), cell_dir: CELL_DIR.into() };
+    let view = VmmView {
+        kernel: JAIL_KERNEL.into(),
+        initrd: JAIL_INITRD.into(),
+        image: JAIL_IMAGE.into(),
+        cell_dir: CELL_DIR.into(),
+    };
     let plan =
         JailPlan { jailer: jailer.to_owned(), spec, limits: Limits::for_cell(vcpus, memory_mib) };
     (view, Some(plan))
@@ -238,12 +271,14 @@ mod tests {
     fn the_jailed_vmm_sees_only_jail_paths() {
         let from = Binaries {
             kernel: Path::new("/k"),
+            initrd: Path::new("/r"),
             image: Path::new("/i"),
             vmm: Path::new("/v"),
             jailer: Some(Path::new("/j")),
         };
         let (view, jail) = plan(Path::new("/run/isocell"), "abc", &from, None, 1, 128);
         assert_eq!(view.kernel, Path::new(JAIL_KERNEL));
+        assert_eq!(view.initrd, Path::new(JAIL_INITRD));
         let jail = jail.unwrap();
         jail.spec.validate().unwrap();
         assert_eq!(jail.spec.root, Path::new("/run/isocell/abc/root"));

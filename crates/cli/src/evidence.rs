@@ -144,6 +144,7 @@ impl CellEvidence {
         decision: &AdmissionDecision,
         argv: &[String],
         vmm_pid: Option<u32>,
+        image: &Value,
     ) -> Result<PathBuf, String> {
         self.launch_digest = Some(m.launch_digest.clone());
         let command_digest = isocell_evidence::canonical::sha256_hex(
@@ -157,6 +158,7 @@ impl CellEvidence {
             "started_at_ms": self.started_ms,
             "launch_digest": m.launch_digest,
             "components": m.components,
+            "image": image,
             "admission": { "decision": "allow", "policies": decision.policies },
             "command_sha256": command_digest,
             "vmm_pid": vmm_pid,
@@ -243,7 +245,8 @@ mod tests {
             errored: vec![],
             errors: vec![],
         };
-        let launch = ev.launched(&m, &decision, &["true".into()], None).unwrap();
+        let launch =
+            ev.launched(&m, &decision, &["true".into()], None, &json!({"kind": "raw"})).unwrap();
         let old_log = std::fs::read(dir.join("audit").join(LOG_FILE)).unwrap();
         let old_head = std::fs::read(dir.join("audit").join(HEAD_FILE)).unwrap();
         ev.log("exit", json!({"exit_code": 0})).unwrap();

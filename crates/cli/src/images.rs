@@ -39,7 +39,9 @@ impl FetchArgs {
     fn registry(&self) -> RegistryOptions {
         let mut insecure = self.insecure_registries.clone();
         if let Ok(list) = std::env::var("ISOCELL_INSECURE_REGISTRIES") {
-            insecure.extend(list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned));
+            insecure.extend(
+                list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned),
+            );
         }
         RegistryOptions {
             insecure,
@@ -144,7 +146,10 @@ fn human(bytes: u64) -> String {
 }
 
 /// The record for a name or a manifest digest.
-fn find(store: &Store, name: &str) -> Result<(String, isocell_image::ImageRecord, PathBuf), String> {
+fn find(
+    store: &Store,
+    name: &str,
+) -> Result<(String, isocell_image::ImageRecord, PathBuf), String> {
     if let Ok(d) = isocell_image::Digest::parse(name) {
         if let Some((r, dir)) = store.image(&d) {
             return Ok((name.to_owned(), r, dir));
@@ -155,9 +160,9 @@ fn find(store: &Store, name: &str) -> Result<(String, isocell_image::ImageRecord
         .get_ref(&normal)
         .or_else(|| store.get_ref(name))
         .ok_or_else(|| format!("no image {name} in the store (see `isocell image ls`)"))?;
-    let (r, dir) = store
-        .image(&digest)
-        .ok_or_else(|| format!("{name} points at {digest}, which is not converted; pull it again"))?;
+    let (r, dir) = store.image(&digest).ok_or_else(|| {
+        format!("{name} points at {digest}, which is not converted; pull it again")
+    })?;
     Ok((normal, r, dir))
 }
 
@@ -223,7 +228,11 @@ fn image_inner(cmd: ImageCmd) -> Result<(), String> {
                     .collect();
                 let names = if names.is_empty() { vec!["<none>"] } else { names };
                 for n in names {
-                    say(&format!("{n:<60} {:<14} {:>10}", r.manifest_digest.short(), human(*bytes)));
+                    say(&format!(
+                        "{n:<60} {:<14} {:>10}",
+                        r.manifest_digest.short(),
+                        human(*bytes)
+                    ));
                 }
             }
             Ok(())
@@ -242,7 +251,8 @@ fn image_inner(cmd: ImageCmd) -> Result<(), String> {
         }
         ImageCmd::Rm { image } => {
             let store = store()?;
-            let normal = ImageRef::parse(&image).map(|r| r.name()).unwrap_or_else(|_| image.clone());
+            let normal =
+                ImageRef::parse(&image).map(|r| r.name()).unwrap_or_else(|_| image.clone());
             let name = if store.get_ref(&normal).is_some() { normal } else { image };
             for line in store.remove(&name).map_err(|e| e.to_string())? {
                 say(&line);

@@ -390,17 +390,18 @@ fn surface_of(args: &SurfaceArgs) -> Result<serde_json::Value, String> {
     let memory_mib =
         isocell_vmm::config::parse_memory_mib(&args.memory).map_err(|e| e.to_string())?;
     let (kernel, image, vmm) = (locate::kernel(None)?, locate::image(None)?, locate::vmm()?);
+    let initrd = locate::agent_initrd(None)?;
     let jailer = (!args.no_jail).then(|| PathBuf::from("isocell-jailer"));
     let run_dir = locate::run_dir();
-    let from =
-        confine::Binaries { kernel: &kernel, image: &image, vmm: &vmm, jailer: jailer.as_deref() };
-    let (view, jail) = confine::plan(&run_dir, "surface", &from, None, args.cpus, memory_mib);
-    let spec = CellSpec {
-        cpus: args.cpus,
-        memory_mib,
-        kernel_args: String::new(),
-        max_lifetime_secs: None,
+    let from = confine::Binaries {
+        kernel: &kernel,
+        initrd: &initrd,
+        image: &image,
+        vmm: &vmm,
+        jailer: jailer.as_deref(),
     };
+    let (view, jail) = confine::plan(&run_dir, "surface", &from, None, args.cpus, memory_mib);
+    let spec = CellSpec { cpus: args.cpus, memory_mib, ..CellSpec::default() };
     let config = cell::vm_config(&view, &spec);
     config.validate().map_err(|e| e.to_string())?;
     let plan = isocell_vmm::device_manager::DevicePlan::new(&config).map_err(|e| e.to_string())?;

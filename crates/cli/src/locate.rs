@@ -1,5 +1,6 @@
-//! Finding what a cell is made of: the VMM binary, the cell kernel and the base image. Explicit
-//! flags win, then environment variables, then the project's build directory.
+//! Finding what a cell is made of: the VMM binary, the cell kernel, the agent's initramfs and
+//! the base image. Explicit flags win, then environment variables, then the project's build
+//! directory.
 
 use std::path::{Path, PathBuf};
 
@@ -57,6 +58,12 @@ fn find(flag: Option<&Path>, env: &str, file: &str, what: &str) -> Result<PathBu
 /// The cell kernel (`--kernel`, `ISOCELL_KERNEL`, or `build/guest/vmlinux`).
 pub fn kernel(flag: Option<&Path>) -> Result<PathBuf, String> {
     find(flag, "ISOCELL_KERNEL", "vmlinux", "the cell kernel")
+}
+
+/// The agent's initramfs, which every cell boots with (`ISOCELL_AGENT_INITRD`, or
+/// `build/guest/agent-initrd.cpio`).
+pub fn agent_initrd(flag: Option<&Path>) -> Result<PathBuf, String> {
+    find(flag, "ISOCELL_AGENT_INITRD", "agent-initrd.cpio", "the agent initramfs")
 }
 
 /// The root image (`IMAGE`/`--image`, `ISOCELL_IMAGE`, or `build/guest/rootfs.ext4`).

@@ -21,6 +21,7 @@ mod cell;
 mod confine;
 mod evidence;
 mod exit;
+mod images;
 mod inspect;
 mod locate;
 mod run;
@@ -57,6 +58,9 @@ enum Command {
     Receipt(inspect::ReceiptCmd),
     /// A cell's attack surface as JSON: devices, seccomp rules per VMM thread, the jail.
     Surface(inspect::SurfaceArgs),
+    /// Container images: pull, list, inspect, remove, prune.
+    #[command(subcommand)]
+    Image(images::ImageCmd),
 }
 
 #[derive(Args, Debug)]
@@ -73,9 +77,14 @@ struct RunArgs {
     /// Working directory of the command in the cell (absolute).
     #[arg(short, long)]
     workdir: Option<String>,
-    /// User (and group) to run as in the cell: UID[:GID].
-    #[arg(short, long, default_value = "0:0")]
-    user: String,
+    /// User (and group) to run as in the cell: a name or UID, optionally :GROUP or :GID; names
+    /// come from the image's /etc/passwd and /etc/group [default: the image's User, else root].
+    #[arg(short, long)]
+    user: Option<String>,
+    /// Replace the image's Entrypoint with this program ("" removes it); the image's Cmd is then
+    /// dropped too, as with `docker run --entrypoint`.
+    #[arg(long)]
+    entrypoint: Option<String>,
     /// Copy a host file or directory in before the command: HOST[:GUEST]. GUEST defaults to
     /// HOST's absolute path. Repeat for more.
     #[arg(long = "input", value_name = "HOST[:GUEST]")]
@@ -106,9 +115,9 @@ struct RunArgs {
     /// Cell kernel (default: ISOCELL_KERNEL, or build/guest/vmlinux of this project).
     #[arg(long)]
     kernel: Option<PathBuf>,
-    /// Root image (default: ISOCELL_IMAGE, or build/guest/rootfs.ext4 of this project).
+    /// The image (same as IMAGE).
     #[arg(long, conflicts_with = "image_arg")]
-    image: Option<PathBuf>,
+    image: Option<String>,
     /// Extra kernel command-line arguments for the cell (for debugging a cell or an image).
     #[arg(long, value_name = "ARGS")]
     kernel_args: Option<String>,
@@ -121,7 +130,8 @@ struct RunArgs {
     /// Data classification: public, internal, confidential or restricted.
     #[arg(long)]
     classification: Option<String>,
-    /// Allowed root image digest, sha256:HEX (repeatable).
+    /// Allowed image digest, sha256:HEX (repeatable): a container image's manifest digest, or
+    /// a block image's own digest.
     #[arg(long = "allow-image-digest", value_name = "DIGEST")]
     image_digests: Vec<String>,
     /// The longest the cell may live, in seconds (enforced by the VMM).
@@ -137,9 +147,13 @@ struct RunArgs {
     /// Write a JSON report of the run (phases, VMM boot timeline, memory) here.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
-    /// Root image to boot (same as --image).
+    /// The image: a registry reference (registry.example:5000/team/app:1.4, debian:12,
+    /// app@sha256:...), oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:REPO:TAG], or
+    /// the path of a block image [default: ISOCELL_IMAGE, or this project's base image].
     #[arg(value_name = "IMAGE")]
-    image_arg: Option<PathBuf>,
+    image_arg: Option<String>,
+    #[command(flatten)]
+    fetch: images::FetchArgs,
     /// The command and its arguments, after `--` (or `command` in the spec).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -158,7 +172,9 @@ fn parse_env(items: &[String]) -> Result<Vec<(String, String)>, String> {
 }
 
 fn parse_user(s: &str) -> Result<(u32, u32), String> {
-    let bad = || format!("--user {s:?}: expected UID or UID:GID (numbers)");
+    let bad = || {
+        format!("--user {s:?}: a block image has no user database; give UID or UID:GID (numbers)")
+    };
     let (u, g) = s.split_once(':').unwrap_or((s, s));
     Ok((u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?))
 }
@@ -300,9 +316,6 @@ fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
     if args.command.is_empty() {
         args.command = spec.command.clone();
     }
-    if args.command.is_empty() {
-        return Err("no command: give it after `--`, or as `command` in the cell spec".into());
-    }
     let cpus_arg = args.cpus.or(spec.cpus).unwrap_or(1);
     let memory_arg = args.memory.clone().or(spec.memory.clone()).unwrap_or_else(|| "256M".into());
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -314,6 +327,8 @@ fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
     if args.image.is_none() && args.image_arg.is_none() {
         args.image = spec.image.clone();
     }
+    args.user = args.user.or(spec.user.clone());
+    args.entrypoint = args.entrypoint.or(spec.entrypoint.clone());
     let mut constraints = spec.constraints.clone();
     if !args.jurisdictions.is_empty() {
         constraints.jurisdictions = args.jurisdictions.clone();
@@ -362,19 +377,67 @@ fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
     let boot_timeout = seconds("--boot-timeout", args.boot_timeout)?;
     let copy_timeout = seconds("--copy-timeout", args.copy_timeout)?;
     let output_max_bytes = parse_size("--output-max-bytes", &args.output_max_bytes)?;
-    let (uid, gid) = parse_user(&args.user)?;
-    let image_flag = args.image.as_deref().or(args.image_arg.as_deref());
+    let env = parse_env(&args.env)?;
+    let image_name = args.image.as_deref().or(args.image_arg.as_deref());
+    let parsed = image_name.map(isocell_image::ImageRef::parse).transpose()?;
+    let (image, container, process) = match parsed {
+        None => (locate::image(None)?, None, None),
+        Some(isocell_image::ImageRef::Raw(p)) => (locate::image(Some(&p))?, None, None),
+        Some(r) => {
+            let resolved = images::resolve(&r, &args.fetch, false)?;
+            let (passwd, group) = isocell_image::Store::user_db(&resolved.dir);
+            let overrides = isocell_image::runconfig::Overrides {
+                entrypoint: args.entrypoint.clone(),
+                command: args.command.clone(),
+                env: env.clone(),
+                workdir: args.workdir.clone(),
+                user: args.user.clone(),
+            };
+            let process = isocell_image::runconfig::plan(
+                &resolved.record.run_config,
+                &overrides,
+                passwd.as_deref(),
+                group.as_deref(),
+                cell::HOSTNAME,
+            )
+            .map_err(|e| format!("image {}: {e}", resolved.name))?;
+            let pinned = r.pinned_digest().is_some();
+            (resolved.root_image(), Some(run::ContainerImage { resolved, pinned }), Some(process))
+        }
+    };
+    let process = match process {
+        Some(p) => p,
+        None => {
+            if args.command.is_empty() {
+                return Err(
+                    "no command: give it after `--`, or as `command` in the cell spec".into()
+                );
+            }
+            if args.entrypoint.is_some() {
+                return Err(
+                    "--entrypoint applies to container images; this is a block image".into()
+                );
+            }
+            let (uid, gid) = parse_user(args.user.as_deref().unwrap_or("0:0"))?;
+            isocell_image::runconfig::Process {
+                argv: args.command.clone(),
+                env,
+                cwd: args.workdir.clone().unwrap_or_else(|| "/".into()),
+                uid,
+                gid,
+                groups: Vec::new(),
+            }
+        }
+    };
     Ok(run::RunOptions {
         kernel: locate::kernel(args.kernel.as_deref())?,
-        image: locate::image(image_flag)?,
+        image,
+        container,
         vmm: locate::vmm()?,
         jailer: if args.no_jail { None } else { Some(jailer()?) },
         cpus,
         memory_mib,
-        env: parse_env(&args.env)?,
-        workdir: args.workdir,
-        uid,
-        gid,
+        process,
         inputs: parse_inputs(&args.inputs)?,
         outputs: parse_outputs(&args.outputs)?,
         timeout,
@@ -383,7 +446,6 @@ fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
         output_max_bytes,
         output_max_entries: args.output_max_entries,
         interactive: args.interactive,
-        argv: args.command,
         report: args.report,
         kernel_args: args.kernel_args.unwrap_or_default(),
         constraints,
@@ -420,6 +482,7 @@ fn main() -> ExitCode {
         Command::Audit(cmd) => inspect::audit(cmd),
         Command::Receipt(cmd) => inspect::receipt(cmd),
         Command::Surface(args) => inspect::surface(args),
+        Command::Image(cmd) => images::image(cmd),
     };
     ExitCode::from(code)
 }

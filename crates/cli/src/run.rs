@@ -31,20 +31,16 @@ pub struct RunOptions {
     pub jailer: Option<PathBuf>,
     /// Cell kernel.
     pub kernel: PathBuf,
-    /// Root image.
+    /// The block image the cell boots.
     pub image: PathBuf,
+    /// The container image it was converted from, if any.
+    pub container: Option<ContainerImage>,
+    /// What runs: the command with its environment, working directory and user.
+    pub process: isocell_image::runconfig::Process,
     /// vCPUs.
     pub cpus: u8,
     /// Guest memory, MiB.
     pub memory_mib: u64,
-    /// Environment of the command.
-    pub env: Vec<(String, String)>,
-    /// Working directory in the cell.
-    pub workdir: Option<String>,
-    /// User and group ids in the cell.
-    pub uid: u32,
-    /// Group id.
-    pub gid: u32,
     /// Host path -> cell path, copied in before the command.
     pub inputs: Vec<(PathBuf, String)>,
     /// Cell path -> host path, copied out after it.
@@ -61,8 +57,6 @@ pub struct RunOptions {
     pub output_max_entries: u64,
     /// Forward our standard input.
     pub interactive: bool,
-    /// The command.
-    pub argv: Vec<String>,
     /// Where to write the phase report.
     pub report: Option<PathBuf>,
     /// Extra kernel arguments.
@@ -71,6 +65,14 @@ pub struct RunOptions {
     pub constraints: Constraints,
     /// Policy files beyond the default and the state directory's.
     pub policy_files: Vec<PathBuf>,
+}
+
+/// A container image converted for the cell.
+pub struct ContainerImage {
+    /// The image, as the store holds it.
+    pub resolved: isocell_image::Resolved,
+    /// Its name pins a digest.
+    pub pinned: bool,
 }
 
 /// Milliseconds spent in each phase of one run.
@@ -151,6 +153,26 @@ pub fn run(opts: &RunOptions, started: Instant) -> u8 {
     }
 }
 
+/// What the cell's image is, for the measurement and the receipts: a container image by its
+/// reference and digests, with dm-verity on; a block image by its path (its digest is the
+/// measurement's `root_image`).
+fn image_identity(opts: &RunOptions) -> Value {
+    match &opts.container {
+        Some(c) => {
+            let r = &c.resolved.record;
+            json!({
+                "kind": "oci",
+                "reference": c.resolved.name,
+                "manifest_digest": r.manifest_digest,
+                "config_digest": r.config_digest,
+                "block_digest": r.converted.block_digest,
+                "verity": { "enabled": true, "root_hash": r.converted.verity.root_hash },
+            })
+        }
+        None => json!({ "kind": "raw", "path": opts.image, "verity": { "enabled": false } }),
+    }
+}
+
 /// Admission, measurement, the cell's life and its evidence.
 fn run_cell(
     opts: &RunOptions,
@@ -164,8 +186,10 @@ fn run_cell(
     for stale in cell::sweep_stale(&run_dir) {
         let _ = ev.log("cleanup", json!({ "stale_cell": stale }));
     }
+    let initrd = locate::agent_initrd(None)?;
     let from = confine::Binaries {
         kernel: &opts.kernel,
+        initrd: &initrd,
         image: &opts.image,
         vmm: &opts.vmm,
         jailer: opts.jailer.as_deref(),
@@ -182,7 +206,20 @@ fn run_cell(
         Some((k, i, v)) => (k.as_path(), i.as_path(), v.as_path()),
         None => (opts.kernel.as_path(), opts.image.as_path(), opts.vmm.as_path()),
     };
+    let initrd_src =
+        pinned.as_ref().map_or_else(|| initrd.clone(), confine::Pinned::own_initrd_path);
+    // A container image boots through dm-verity: the kernel builds /dev/dm-0 over the image's
+    // disk from the measured command line and refuses any block that differs from conversion.
+    let (root_device, extra_boot_args) = match &opts.container {
+        Some(c) => (
+            "/dev/dm-0".to_owned(),
+            c.resolved.record.converted.verity.dm_create(cell::IMAGE_DEVICE),
+        ),
+        None => (cell::IMAGE_DEVICE.to_owned(), String::new()),
+    };
     let spec = CellSpec {
+        root_device,
+        extra_boot_args,
         cpus: opts.cpus,
         memory_mib: opts.memory_mib,
         kernel_args: opts.kernel_args.clone(),
@@ -193,6 +230,7 @@ fn run_cell(
                 .iter()
                 .fold(t.as_secs(), |sum, d| sum.saturating_add(d.as_secs()))
         })),
+        ..CellSpec::default()
     };
     let config = cell::vm_config(&view, &spec);
     let plan = DevicePlan::new(&config).map_err(|e| Failure::from(e.to_string()))?;
@@ -209,13 +247,19 @@ fn run_cell(
         "cgroup": jail.as_ref().map(|j| j.limits.clone()),
     });
 
+    let image_identity = image_identity(opts);
+    let block_digest =
+        opts.container.as_ref().map(|c| c.resolved.record.converted.block_digest.to_string());
+
     // Measure and decide before anything exists.
     let t = Instant::now();
     let cache = DigestCache::new(ev.host.dir.join("digests"));
     let measurement = measure(
         &LaunchInputs {
+            image_digest: block_digest.as_deref(),
+            image_identity: opts.container.as_ref().map(|_| &image_identity),
             kernel: kernel_src,
-            initrd: None,
+            initrd: Some(&initrd_src),
             cmdline: &cmdline,
             image: image_src,
             vm_config: &json!({
@@ -241,7 +285,16 @@ fn run_cell(
         operator: profile.operator.clone(),
         cpus: opts.cpus.into(),
         memory_mib: opts.memory_mib,
-        image_digest: measurement.components.get("root_image").cloned().unwrap_or_default(),
+        image_digest: match &opts.container {
+            Some(c) => c.resolved.record.manifest_digest.to_string(),
+            None => measurement.components.get("root_image").cloned().unwrap_or_default(),
+        },
+        image_reference: match &opts.container {
+            Some(c) => c.resolved.name.clone(),
+            None => opts.image.display().to_string(),
+        },
+        image_kind: if opts.container.is_some() { "oci" } else { "raw" }.to_owned(),
+        image_reference_pinned: opts.container.as_ref().is_some_and(|c| c.pinned),
         jurisdictions: c.jurisdictions.clone(),
         classification: c.classification.as_str().to_owned(),
         classification_level: c.classification as i64,
@@ -276,7 +329,8 @@ fn run_cell(
     let vmm_started = Instant::now();
     phases.prepare_ms = ms(vmm_started - started);
     let vmm_pid = cell.vmm_pid(Duration::from_secs(5));
-    let receipt = ev.launched(&measurement, &decision, &opts.argv, vmm_pid)?;
+    let receipt =
+        ev.launched(&measurement, &decision, &opts.process.argv, vmm_pid, &image_identity)?;
 
     let result = drive(opts, &mut cell, ev, signals, &mut phases, vmm_started);
     let (code, outcome) = match &result {
@@ -361,9 +415,9 @@ fn drive(
     phases.agent_ready_ms = ms(ready - connected);
 
     let argv_digest = isocell_evidence::canonical::sha256_hex(
-        serde_json::to_string(&opts.argv).unwrap_or_default().as_bytes(),
+        serde_json::to_string(&opts.process.argv).unwrap_or_default().as_bytes(),
     );
-    ev.log("exec", json!({ "program": opts.argv.first(), "argv_sha256": argv_digest }))?;
+    ev.log("exec", json!({ "program": opts.process.argv.first(), "argv_sha256": argv_digest }))?;
     let outcome = match execute(&mut link, opts, signals) {
         Ok(o) => o,
         Err(f) => {
@@ -453,11 +507,12 @@ fn execute(
     signals: &[AtomicBool; 3],
 ) -> Result<Outcome, Failure> {
     link.send(&Message::Exec(ExecRequest {
-        argv: opts.argv.clone(),
-        env: opts.env.clone(),
-        cwd: opts.workdir.clone(),
-        uid: opts.uid,
-        gid: opts.gid,
+        argv: opts.process.argv.clone(),
+        env: opts.process.env.clone(),
+        cwd: Some(opts.process.cwd.clone()),
+        uid: opts.process.uid,
+        gid: opts.process.gid,
+        groups: opts.process.groups.clone(),
         stdin: opts.interactive,
     }))?;
     match link.expect(Duration::from_secs(60), "the command start")? {

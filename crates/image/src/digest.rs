@@ -182,10 +182,10 @@ mod tests {
         let ok = VerifyingReader::new(&b"hello"[..], 5);
         assert_eq!(ok.finish(&d, "blob"), Ok(()));
         let short = VerifyingReader::new(&b"hell"[..], 5);
-        assert!(short.finish(&d, "blob").unwrap_err().contains("truncated"));
+        assert!(short.finish(&d, "blob").expect_err("must fail").contains("truncated"));
         let long = VerifyingReader::new(&b"hello!"[..], 5);
-        assert!(long.finish(&d, "blob").unwrap_err().contains("longer"));
+        assert!(long.finish(&d, "blob").expect_err("must fail").contains("longer"));
         let wrong = VerifyingReader::new(&b"jello"[..], 5);
-        assert!(wrong.finish(&d, "blob").unwrap_err().contains("does not match"));
+        assert!(wrong.finish(&d, "blob").expect_err("must fail").contains("does not match"));
     }
 }

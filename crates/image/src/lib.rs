@@ -83,10 +83,19 @@ pub fn resolve(
         _ => {
             let d = match image {
                 ImageRef::Registry(r) => registry::pull(store, r, registry)?,
-                ImageRef::OciLayout(dir, sel) => sources::import_layout(store, dir, sel.as_deref())?,
-                ImageRef::OciArchive(f, sel) => sources::import_oci_archive(store, f, sel.as_deref())?,
+                ImageRef::OciLayout(dir, sel) => {
+                    sources::import_layout(store, dir, sel.as_deref())?
+                }
+                ImageRef::OciArchive(f, sel) => {
+                    sources::import_oci_archive(store, f, sel.as_deref())?
+                }
                 ImageRef::DockerArchive(f, sel) => {
                     sources::import_docker_archive(store, f, sel.as_deref())?
+                }
+                ImageRef::Stored(d) => {
+                    return Err(StoreError::NotFound(format!(
+                        "no image with manifest digest {d} in the store (see `isocell image ls`)"
+                    )))
                 }
                 ImageRef::Raw(p) => {
                     return Err(StoreError::Image(format!(

@@ -221,7 +221,7 @@ mod tests {
         let Ok(Document::Index(i)) = parse_document(only_arm.as_bytes(), None) else {
             panic!("not an index")
         };
-        let err = select_platform(&i).unwrap_err();
+        let err = select_platform(&i).expect_err("must fail");
         assert!(err.contains("linux/arm64") && err.contains("linux/s390x"), "{err}");
         assert!(parse_document(br#"{"schemaVersion":1}"#, None).is_err());
     }

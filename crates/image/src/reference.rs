@@ -21,6 +21,8 @@ pub enum ImageRef {
     DockerArchive(PathBuf, Option<String>),
     /// A block image used as it is (the project's base image, or one made by hand).
     Raw(PathBuf),
+    /// An image already in the store, by manifest digest (`sha256:…`, as `image ls` shows).
+    Stored(crate::Digest),
 }
 
 fn absolute(p: &str) -> PathBuf {
@@ -69,6 +71,9 @@ impl ImageRef {
                 return Ok(make(path, suffix));
             }
         }
+        if let Ok(d) = crate::Digest::parse(s) {
+            return Ok(ImageRef::Stored(d));
+        }
         if let Some(rest) = s.strip_prefix("docker://") {
             return Self::registry(rest);
         }
@@ -112,6 +117,7 @@ impl ImageRef {
             ImageRef::OciArchive(p, t) => with("oci-archive", p, t),
             ImageRef::DockerArchive(p, t) => with("docker-archive", p, t),
             ImageRef::Raw(p) => p.display().to_string(),
+            ImageRef::Stored(d) => d.to_string(),
         }
     }
 
@@ -119,6 +125,7 @@ impl ImageRef {
     pub fn pinned_digest(&self) -> Option<crate::Digest> {
         match self {
             ImageRef::Registry(r) => r.digest().and_then(|d| crate::Digest::parse(d).ok()),
+            ImageRef::Stored(d) => Some(d.clone()),
             ImageRef::OciLayout(_, Some(t)) | ImageRef::OciArchive(_, Some(t)) => {
                 t.strip_prefix('@').and_then(|d| crate::Digest::parse(d).ok())
             }
@@ -144,11 +151,12 @@ mod tests {
         assert_eq!(name("docker://127.0.0.1:5000/x"), Ok("127.0.0.1:5000/x:latest".into()));
         let d = crate::Digest::of(b"m");
         let pinned = ImageRef::parse(&format!("app@{d}")).expect("pinned");
-        assert_eq!(pinned.pinned_digest(), Some(d));
+        assert_eq!(pinned.pinned_digest(), Some(d.clone()));
         assert!(ImageRef::parse("team/App").is_err());
         assert!(ImageRef::parse("a b").is_err());
         assert!(ImageRef::parse("app@sha256:zz").is_err());
         assert!(ImageRef::parse("").is_err());
+        assert_eq!(ImageRef::parse(d.as_str()), Ok(ImageRef::Stored(d.clone())));
         assert!(ImageRef::parse("oci:/does/not/exist").is_err());
     }
 

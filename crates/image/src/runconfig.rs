@@ -4,7 +4,8 @@
 //!   then also drops the image's Cmd; arguments after `--` replace Cmd. The command is
 //!   Entrypoint followed by Cmd; with neither, there is nothing to run and that is an error.
 //! - **Environment.** The image's Env, then `-e` values (a name given again replaces it);
-//!   `PATH` defaults to the usual list, `HOME` to the user's home directory (else `/`), and
+//!   `PATH` defaults to the usual list, `HOME` to the user's home directory in the image's
+//!   `/etc/passwd` (else `/`), and
 //!   `HOSTNAME` is the cell's name.
 //! - **Working directory.** `-w`, else the image's WorkingDir, else `/`; it is created if the
 //!   image lacks it.
@@ -143,7 +144,7 @@ pub fn resolve_user(
             let supplementary = match &entry {
                 Some(e) => groups
                     .iter()
-                    .filter(|g| g.members.iter().any(|m| *m == e.name))
+                    .filter(|g| g.members.contains(&e.name))
                     .map(|g| g.gid)
                     .collect(),
                 None => Vec::new(),
@@ -187,7 +188,7 @@ pub fn plan(
             let root_home = passwd_entries(passwd)
                 .into_iter()
                 .find(|e| e.uid == 0)
-                .map_or_else(|| "/root".to_owned(), |e| e.home);
+                .map_or_else(|| "/".to_owned(), |e| e.home);
             (0, 0, Vec::new(), root_home)
         }
     };
@@ -278,7 +279,7 @@ mod tests {
         };
         assert_eq!(run(o).map(|p| p.argv), Ok(vec!["ls".into()]));
         let o = Overrides { entrypoint: Some(String::new()), ..Default::default() };
-        assert!(run(o).unwrap_err().contains("nothing to run"));
+        assert!(run(o).expect_err("must fail").contains("nothing to run"));
     }
 
     #[test]
@@ -324,8 +325,8 @@ mod tests {
         assert_eq!(user("app:0"), Ok((1000, 0, vec![])));
         assert_eq!(user("4242"), Ok((4242, 0, vec![])));
         assert_eq!(user("4242:7"), Ok((4242, 7, vec![])));
-        assert!(user("nobody").unwrap_err().contains("not in the image's /etc/passwd"));
-        assert!(user("app:nogroup").unwrap_err().contains("/etc/group"));
+        assert!(user("nobody").expect_err("must fail").contains("not in the image's /etc/passwd"));
+        assert!(user("app:nogroup").expect_err("must fail").contains("/etc/group"));
         let home = run(Overrides { user: Some("app".into()), ..Default::default() }).map(|p| p.env);
         assert!(home.is_ok_and(|e| e.contains(&("HOME".into(), "/home/app".into()))));
         // The image's own User applies when --user is not given.

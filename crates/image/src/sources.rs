@@ -221,6 +221,8 @@ pub fn import_docker_archive(
     let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, f));
     let mut manifest_json = None;
     let mut files: HashMap<String, (Digest, u64, bool)> = HashMap::new();
+    // `docker save` (and skopeo) name layers `<id>/layer.tar` as symlinks to `<diffid>.tar`.
+    let mut links: HashMap<String, String> = HashMap::new();
     let work = store.work_dir()?;
     for (n, entry) in archive
         .entries()
@@ -228,6 +230,25 @@ pub fn import_docker_archive(
         .enumerate()
     {
         let mut entry = entry.map_err(|e| image_err(format!("{source}: {e}")))?;
+        if entry.header().entry_type() == tar::EntryType::Symlink {
+            let name = entry_name(&entry);
+            if let Some(target) = entry.link_name_bytes() {
+                let dir = name.rsplit_once('/').map_or("", |(d, _)| d);
+                let mut parts: Vec<String> =
+                    dir.split('/').filter(|p| !p.is_empty()).map(str::to_owned).collect();
+                for p in String::from_utf8_lossy(&target).split('/') {
+                    match p {
+                        "" | "." => {}
+                        ".." => {
+                            parts.pop();
+                        }
+                        p => parts.push(p.to_owned()),
+                    }
+                }
+                links.insert(name, parts.join("/"));
+            }
+            continue;
+        }
         if entry.header().entry_type() != tar::EntryType::Regular {
             continue;
         }
@@ -290,10 +311,15 @@ pub fn import_docker_archive(
         ))
     })?;
     let lookup = |name: &str| {
-        files
-            .get(name.trim_start_matches("./"))
-            .cloned()
-            .ok_or_else(|| image_err(format!("{source}: {name} is missing")))
+        let mut n = name.trim_start_matches("./").to_owned();
+        // Follow the archive's own symlinks, a few hops at most.
+        for _ in 0..8 {
+            match links.get(&n) {
+                Some(t) => n = t.clone(),
+                None => break,
+            }
+        }
+        files.get(&n).cloned().ok_or_else(|| image_err(format!("{source}: {name} is missing")))
     };
     let (config_digest, config_size, _) = lookup(&entry.config)?;
     let config_bytes = store.read_document(&config_digest)?;

@@ -14,7 +14,7 @@
 //! Every value has exactly one encoding, and nothing may follow the message.
 
 use crate::message::{EntryKind, ExecRequest, ExitStatus, Message};
-use crate::MAX_FRAME_LEN;
+use crate::{MAX_FRAME_LEN, MAX_GROUPS};
 
 /// Why a frame body is not a valid message.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -42,6 +42,9 @@ pub enum DecodeError {
     /// A bool, option or enum tag byte has a value it may not have; names the field kind.
     #[error("invalid {0} byte")]
     BadValue(&'static str),
+    /// An `Exec` names more supplementary groups than [`MAX_GROUPS`].
+    #[error("{0} supplementary groups exceed the limit of {MAX_GROUPS}")]
+    TooManyGroups(usize),
 }
 
 /// Message tags, the first byte of a body.
@@ -73,6 +76,7 @@ mod tag {
 /// # Panics
 ///
 /// If a single string or byte field, or a list, holds more than `u32::MAX` elements.
+/// (An `Exec` with more than [`MAX_GROUPS`] groups encodes, but the other side refuses it.)
 pub(crate) fn encode_body(msg: &Message, out: &mut Vec<u8>) {
     let mut w = Writer(out);
     match msg {
@@ -105,6 +109,10 @@ pub(crate) fn encode_body(msg: &Message, out: &mut Vec<u8>) {
             }
             w.u32(req.uid);
             w.u32(req.gid);
+            w.len(req.groups.len());
+            for group in &req.groups {
+                w.u32(*group);
+            }
             w.u8(u8::from(req.stdin));
         }
         Message::Stdin(data) => {
@@ -208,14 +216,17 @@ pub fn decode(body: &[u8]) -> Result<Message, DecodeError> {
                 1 => Some(r.string()?),
                 _ => return Err(DecodeError::BadValue("option")),
             };
-            Message::Exec(ExecRequest {
-                argv,
-                env,
-                cwd,
-                uid: r.u32()?,
-                gid: r.u32()?,
-                stdin: r.bool()?,
-            })
+            let uid = r.u32()?;
+            let gid = r.u32()?;
+            let groupc = r.count(4)?;
+            if groupc > MAX_GROUPS {
+                return Err(DecodeError::TooManyGroups(groupc));
+            }
+            let mut groups = Vec::with_capacity(groupc);
+            for _ in 0..groupc {
+                groups.push(r.u32()?);
+            }
+            Message::Exec(ExecRequest { argv, env, cwd, uid, gid, groups, stdin: r.bool()? })
         }
         tag::STDIN => Message::Stdin(r.bytes()?.to_vec()),
         tag::STDIN_EOF => Message::StdinEof,
@@ -428,6 +439,7 @@ mod tests {
             cwd: None,
             uid: 0,
             gid: 0,
+            groups: vec![],
             stdin: false,
         });
         let mut bad_bool = body(&exec);
@@ -456,6 +468,32 @@ mod tests {
         let mut env = vec![tag::EXEC, 0, 0, 0, 0, 2, 0, 0, 0];
         env.extend_from_slice(&[0; 15]);
         assert_eq!(decode(&env), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn supplementary_groups_are_bounded() {
+        let exec = |groups: Vec<u32>| {
+            Message::Exec(ExecRequest {
+                argv: vec![],
+                env: vec![],
+                cwd: None,
+                uid: 1,
+                gid: 2,
+                groups,
+                stdin: false,
+            })
+        };
+        let most = exec((0..MAX_GROUPS as u32).collect());
+        assert_eq!(decode(&body(&most)), Ok(most));
+        let too_many = body(&exec((0..=MAX_GROUPS as u32).collect()));
+        assert_eq!(decode(&too_many), Err(DecodeError::TooManyGroups(MAX_GROUPS + 1)));
+        // A huge count in a short body is refused as truncated before any allocation.
+        let mut huge = vec![tag::EXEC, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0];
+        huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0]);
+        assert_eq!(decode(&huge), Err(DecodeError::Truncated));
+        // Layout: after uid and gid, a u32 count and the ids, then the stdin flag.
+        let one = body(&exec(vec![7]));
+        assert_eq!(&one[one.len() - 9..], [1, 0, 0, 0, 7, 0, 0, 0, 0]);
     }
 
     #[test]

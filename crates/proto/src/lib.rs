@@ -13,12 +13,14 @@ pub use codec::{decode, DecodeError};
 pub use frame::{encode, read_frame, write_frame, FrameBuffer, ReadError};
 pub use message::{EntryKind, ExecRequest, ExitStatus, Message};
 
-/// Version of this protocol, exchanged in `Hello` and `Welcome`.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of this protocol, exchanged in `Hello` and `Welcome`. 2: `ExecRequest::groups`.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame body accepted (bytes after the 4-byte length prefix).
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// Largest data chunk senders put in one Stdout/Stderr/Stdin/Data message.
 pub const MAX_CHUNK: usize = 64 * 1024;
+/// Most supplementary groups an `Exec` may carry (Linux allows 65536; images need a handful).
+pub const MAX_GROUPS: usize = 256;
 /// vsock port on the host (CID 2) the agent connects to when it is ready.
 pub const AGENT_PORT: u32 = 1024;
 
@@ -74,6 +76,7 @@ pub(crate) mod samples {
                 cwd: Some("/work".into()),
                 uid: 1000,
                 gid: u32::MAX,
+                groups: vec![1000, 0, u32::MAX],
                 stdin: true,
             }),
             Message::Exec(ExecRequest {
@@ -82,6 +85,7 @@ pub(crate) mod samples {
                 cwd: None,
                 uid: 0,
                 gid: 0,
+                groups: vec![],
                 stdin: false,
             }),
             Message::Stdin(b"input\n".to_vec()),

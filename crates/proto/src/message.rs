@@ -102,6 +102,9 @@ pub struct ExecRequest {
     pub uid: u32,
     /// Group id to run as.
     pub gid: u32,
+    /// Supplementary group ids, set with `setgroups` (empty: none). At most
+    /// [`MAX_GROUPS`](crate::MAX_GROUPS).
+    pub groups: Vec<u32>,
     /// Whether the host will send `Stdin`; if not, stdin is `/dev/null`.
     pub stdin: bool,
 }

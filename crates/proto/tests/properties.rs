@@ -23,14 +23,16 @@ fn exec_request() -> impl Strategy<Value = ExecRequest> {
         proptest::option::of(text()),
         any::<u32>(),
         any::<u32>(),
+        vec(any::<u32>(), 0..16),
         any::<bool>(),
     )
-        .prop_map(|(argv, env, cwd, uid, gid, stdin)| ExecRequest {
+        .prop_map(|(argv, env, cwd, uid, gid, groups, stdin)| ExecRequest {
             argv,
             env,
             cwd,
             uid,
             gid,
+            groups,
             stdin,
         })
 }

@@ -2,6 +2,7 @@
 //! (`isocell run --spec FILE`). Command-line flags map onto the same fields.
 //!
 //! ```toml
+//! image = "registry.example:5000/team/app@sha256:..."
 //! command = ["python3", "/job/run.py"]
 //! cpus = 2
 //! memory = "512M"
@@ -11,7 +12,7 @@
 //! [constraints]
 //! jurisdictions = ["EU"]            # the host's jurisdiction must be one of these
 //! classification = "confidential"   # public | internal | confidential | restricted
-//! image_digests = ["sha256:..."]    # the root image must have one of these digests
+//! allowed_image_digests = ["sha256:..."]  # the image (manifest digest) must be one of these
 //! max_lifetime_secs = 3600
 //! ```
 
@@ -64,8 +65,9 @@ pub struct Constraints {
     /// Classification of the data the cell handles.
     #[serde(default)]
     pub classification: Classification,
-    /// Allowed root image digests, `sha256:HEX` (empty: any).
-    #[serde(default)]
+    /// Allowed image digests, `sha256:HEX` (empty: any): a container image's manifest digest,
+    /// or a block image's own digest. Also spelled `allowed_image_digests`.
+    #[serde(default, alias = "allowed_image_digests")]
     pub image_digests: Vec<String>,
     /// The longest the cell may live, in seconds.
     #[serde(default)]
@@ -76,9 +78,17 @@ pub struct Constraints {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CellSpec {
-    /// Root image (relative paths are relative to the spec file).
+    /// The image: a container image (`registry.example/app:1.4`, `app@sha256:…`,
+    /// `oci:DIR[:TAG]`, `oci-archive:FILE`, `docker-archive:FILE`) or the path of a block
+    /// image. Relative paths are relative to the spec file.
     #[serde(default)]
-    pub image: Option<PathBuf>,
+    pub image: Option<String>,
+    /// Replaces the image's Entrypoint (`""` removes it), as `--entrypoint` does.
+    #[serde(default)]
+    pub entrypoint: Option<String>,
+    /// User (and group) to run as: a name or uid, optionally `:group`.
+    #[serde(default)]
+    pub user: Option<String>,
     /// Cell kernel.
     #[serde(default)]
     pub kernel: Option<PathBuf>,
@@ -110,13 +120,32 @@ impl CellSpec {
     /// (the file's directory).
     pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
         let mut spec: CellSpec = toml::from_str(text).map_err(|e| e.to_string())?;
-        for p in [&mut spec.image, &mut spec.kernel].into_iter().flatten() {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
+        if let Some(p) = spec.kernel.as_mut().filter(|p| p.is_relative()) {
+            *p = base.join(&*p);
+        }
+        if let Some(image) = spec.image.as_mut() {
+            *image = resolve_image_path(image, base);
         }
         Ok(spec)
     }
+}
+
+/// Makes the path in an image name absolute against `base`: a bare relative path
+/// (`./root.img`), or the path of `oci:`, `oci-archive:` and `docker-archive:`. Registry
+/// references are left alone.
+fn resolve_image_path(image: &str, base: &Path) -> String {
+    for prefix in ["oci:", "oci-archive:", "docker-archive:"] {
+        if let Some(rest) = image.strip_prefix(prefix) {
+            if !rest.starts_with('/') {
+                return format!("{prefix}{}", base.join(rest).display());
+            }
+            return image.to_owned();
+        }
+    }
+    if image.starts_with("./") || image.starts_with("../") {
+        return base.join(image).display().to_string();
+    }
+    image.to_owned()
 }
 
 #[cfg(test)]
@@ -142,5 +171,23 @@ mod tests {
         assert_eq!(spec.constraints.classification, Classification::Restricted);
         assert!(toml::from_str::<CellSpec>("comand = []").is_err());
         assert!(toml::from_str::<CellSpec>("[constraints]\nclassification = \"secret\"").is_err());
+    }
+
+    #[test]
+    fn image_names_keep_registry_references_and_resolve_paths() {
+        let base = Path::new("/specs");
+        let image = |i: &str| {
+            CellSpec::parse(
+                &format!("image = {i:?}\n[constraints]\nallowed_image_digests = []"),
+                base,
+            )
+            .unwrap()
+            .image
+            .unwrap()
+        };
+        assert_eq!(image("registry.example:5000/app:1"), "registry.example:5000/app:1");
+        assert_eq!(image("./root.img"), "/specs/./root.img");
+        assert_eq!(image("oci:app:v1"), "oci:/specs/app:v1");
+        assert_eq!(image("oci-archive:/abs/a.tar"), "oci-archive:/abs/a.tar");
     }
 }

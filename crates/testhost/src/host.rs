@@ -84,6 +84,8 @@ pub struct Paths {
     pub rootfs: PathBuf,
     /// Base image as an initramfs (cpio).
     pub initrd: PathBuf,
+    /// The agent's initramfs (cpio), which `isocell run` boots cells with.
+    pub agent_initrd: PathBuf,
     /// Nested host kernel directory (`vmlinuz`, `modules/`).
     pub nested_host: PathBuf,
 }
@@ -150,6 +152,11 @@ impl Paths {
             initrd: require(
                 build.join("guest/initrd.cpio"),
                 "the base initramfs",
+                "run guest/build-rootfs.sh",
+            )?,
+            agent_initrd: require(
+                build.join("guest/agent-initrd.cpio"),
+                "the agent initramfs",
                 "run guest/build-rootfs.sh",
             )?,
             nested_host: build.join("nested-host"),
@@ -232,12 +239,16 @@ impl TestHost {
             ("acpi_bzimage", &self.paths.acpi_bzimage),
             ("rootfs", &self.paths.rootfs),
             ("initrd", &self.paths.initrd),
+            ("agent_initrd", &self.paths.agent_initrd),
         ];
         let mut cmd = Command::new(&self.paths.runner);
         cmd.arg("--scenario").arg(&scenario_path).arg("--results").arg(&results);
         cmd.arg("--work").arg(tmp.join("steps")).arg("--host").arg("direct");
         for (name, path) in assets {
             cmd.arg("--asset").arg(format!("{name}={}", path.display()));
+        }
+        for (name, path) in &scenario.files {
+            cmd.arg("--asset").arg(format!("{name}={path}"));
         }
         let status =
             cmd.status().map_err(|e| TestHostError::Io(format!("cannot run the runner: {e}")))?;
@@ -253,7 +264,10 @@ impl TestHost {
         let mut restarts = 0;
         let mut fruitless = 0;
         loop {
-            let remaining = Scenario { steps: scenario.steps[results.len()..].to_vec() };
+            let remaining = Scenario {
+                steps: scenario.steps[results.len()..].to_vec(),
+                files: scenario.files.clone(),
+            };
             let dir = tmp.join(format!("boot{restarts}"));
             std::fs::create_dir_all(&dir).map_err(|e| TestHostError::Io(e.to_string()))?;
             let boot = self.boot_nested(&remaining, &dir)?;
@@ -392,6 +406,13 @@ impl TestHost {
         if text.contains("{vmlinux}") || text.contains("{isocell}") {
             copies.push((self.paths.vmlinux.clone(), stage.join("isocell/guest/vmlinux")));
         }
+        // `isocell run` boots every cell with the agent's initramfs (ISOCELL_AGENT_INITRD).
+        if text.contains("{agent_initrd}") || text.contains("{isocell}") {
+            copies.push((
+                self.paths.agent_initrd.clone(),
+                stage.join("isocell/guest/agent-initrd.cpio"),
+            ));
+        }
         if text.contains("{acpi_bzimage}") {
             copies
                 .push((self.paths.acpi_bzimage.clone(), stage.join("isocell/guest/acpi-bzImage")));
@@ -412,11 +433,39 @@ impl TestHost {
             std::fs::copy(&from, &to)
                 .map_err(|e| TestHostError::Io(format!("copying {}: {e}", from.display())))?;
         }
+        // The scenario's own files, copied whole (a directory with its tree, links kept).
+        let mut extra_assets = String::new();
+        for (name, path) in &scenario.files {
+            let valid = !name.is_empty()
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !valid {
+                return Err(TestHostError::Io(format!(
+                    "scenario file name {name:?} is not a word"
+                )));
+            }
+            std::fs::create_dir_all(stage.join("isocell/files")).map_err(io)?;
+            let to = stage.join("isocell/files").join(name);
+            let status = Command::new("cp")
+                .arg("-a")
+                .arg(path)
+                .arg(&to)
+                .status()
+                .map_err(|e| TestHostError::Io(format!("copying {path}: {e}")))?;
+            if !status.success() {
+                return Err(TestHostError::Io(format!(
+                    "copying {path} into the nested host failed"
+                )));
+            }
+            extra_assets.push_str(&format!(" --asset {name}=/isocell/files/{name}"));
+        }
         std::fs::write(stage.join("isocell/scenario.json"), text).map_err(io)?;
         let init = stage.join("init");
         let kvm_amd =
             std::env::var("ISOCELL_NESTED_KVM_AMD").unwrap_or_else(|_| KVM_AMD_PARAMS.to_owned());
-        std::fs::write(&init, NESTED_INIT.replace("@KVM_AMD_PARAMS@", &kvm_amd)).map_err(io)?;
+        let init_text = NESTED_INIT
+            .replace("@KVM_AMD_PARAMS@", &kvm_amd)
+            .replace("@EXTRA_ASSETS@", &extra_assets);
+        std::fs::write(&init, init_text).map_err(io)?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
         let out = tmp.join("initramfs.cpio");
@@ -610,12 +659,14 @@ done
 echo "isocell-testhost: kvm-amd $(for p in /sys/module/kvm_amd/parameters/*; do printf '%s=%s ' ${p##*/} $(cat $p); done)" 
 [ -c /dev/kvm ] || echo "isocell-testhost: /dev/kvm did not appear"
 export ISOCELL_KERNEL=/isocell/guest/vmlinux ISOCELL_IMAGE=/isocell/guest/rootfs.ext4 ISOCELL_STATE_DIR=/tmp/isocell-state
+export ISOCELL_AGENT_INITRD=/isocell/guest/agent-initrd.cpio
 exec /isocell/bin/isocell-testhost-runner --scenario /isocell/scenario.json \
   --results ioport:0x4f0 --heartbeat /dev/ttyS1 --work /tmp/steps --host nested --poweroff \
   --asset vmm=/isocell/bin/isocell-vmm --asset isocell=/isocell/bin/isocell --asset bzimage=/isocell/guest/bzImage \
   --asset vmlinux=/isocell/guest/vmlinux --asset rootfs=/isocell/guest/rootfs.ext4 \
-  --asset initrd=/isocell/guest/initrd.cpio --asset hostile=/isocell/bin/isocell-hostile \
-  --asset acpi_bzimage=/isocell/guest/acpi-bzImage
+  --asset initrd=/isocell/guest/initrd.cpio --asset agent_initrd=/isocell/guest/agent-initrd.cpio \
+  --asset hostile=/isocell/bin/isocell-hostile \
+  --asset acpi_bzimage=/isocell/guest/acpi-bzImage@EXTRA_ASSETS@
 "#;
 
 fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), TestHostError> {

@@ -13,13 +13,19 @@ pub const GUEST_RESULT_PREFIX: &str = "ISOCELL-RESULT ";
 pub struct Scenario {
     /// The steps.
     pub steps: Vec<Step>,
+    /// Host files or directories the steps need, by name: each becomes the placeholder
+    /// `{name}`, the host path itself on a direct host, a copy inside the nested host (which
+    /// has no access to this machine's files).
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
 }
 
 /// One command (normally the VMM) run on a host with real KVM.
 ///
 /// Strings in `argv` and file paths may use placeholders that the runner replaces with paths on
 /// the host it runs on: `{vmm}`, `{isocell}`, `{hostile}`, `{bzimage}`, `{vmlinux}`,
-/// `{acpi_bzimage}`, `{rootfs}`, `{initrd}` and `{work}` (an empty directory of the step's own).
+/// `{acpi_bzimage}`, `{rootfs}`, `{initrd}`, `{agent_initrd}` and `{work}` (an empty directory
+/// of the step's own).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Step {
     /// Unique name.

@@ -336,7 +336,7 @@ fn main() -> Result<()> {
             steps.push(cpu_step(i, v, &args));
         }
     }
-    let results = host.run(&Scenario { steps })?;
+    let results = host.run(&Scenario { steps, ..Default::default() })?;
     if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
         bail!("a benchmark step failed:\n{}", bad.explain());
     }

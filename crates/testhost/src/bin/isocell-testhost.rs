@@ -94,7 +94,7 @@ fn run_one(th: &TestHost, program: &str, timeout: u64, args: Vec<String>) -> Res
         hash_files: vec![],
         report_file: None,
     };
-    let results = th.run(&Scenario { steps: vec![step] })?;
+    let results = th.run(&Scenario { steps: vec![step], ..Default::default() })?;
     let r = results.into_iter().next().context("no result")?;
     print!("{}", r.stdout);
     eprint!("{}", r.stderr);
