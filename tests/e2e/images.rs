@@ -241,8 +241,9 @@ fn probe(r: &StepResult) -> BTreeMap<String, String> {
 /// The launch receipt a step printed after its output.
 fn receipt(r: &StepResult) -> serde_json::Value {
     let start = r.stdout.find("{\n").unwrap_or_else(|| panic!("no receipt in {}", r.stdout));
-    serde_json::from_str(&r.stdout[start..])
-        .unwrap_or_else(|e| panic!("receipt: {e}: {}", r.stdout))
+    let signed: serde_json::Value = serde_json::from_str(&r.stdout[start..])
+        .unwrap_or_else(|e| panic!("receipt: {e}: {}", r.stdout));
+    signed["receipt"].clone()
 }
 
 #[test]
@@ -433,8 +434,14 @@ fn entry(name: &str, kind: u8, link: &str, data: &[u8], size: Option<u64>) -> Ve
     h[100..107].copy_from_slice(b"0000644");
     h[108..115].copy_from_slice(b"0000000");
     h[116..123].copy_from_slice(b"0000000");
-    let size = format!("{:011o}", size.unwrap_or(data.len() as u64));
-    h[124..135].copy_from_slice(size.as_bytes());
+    let size = size.unwrap_or(data.len() as u64);
+    if size < 1 << 33 {
+        h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+    } else {
+        // GNU base-256 for sizes past 8 GiB: a set high bit, then big-endian bytes.
+        h[124] = 0x80;
+        h[128..136].copy_from_slice(&size.to_be_bytes());
+    }
     h[136..147].copy_from_slice(b"00000000000");
     h[156] = kind;
     h[157..157 + link.len()].copy_from_slice(link.as_bytes());

@@ -108,17 +108,16 @@ pub fn resolve(
         }
     };
     let fetch_ms = started.elapsed().as_millis() as u64;
-    let was_there = store.image(&manifest).is_some();
-    let (record, dir) = store.ensure_converted(&manifest, limits)?;
+    let (record, dir, converted) = store.ensure_converted(&manifest, limits)?;
     store.set_ref(&name, &manifest)?;
     store.touch(&manifest);
     Ok(Resolved {
         name,
-        convert_ms: if was_there { 0 } else { record.convert_ms },
+        convert_ms: if converted { record.convert_ms } else { 0 },
         record,
         dir,
         fetched,
-        converted: !was_there,
+        converted,
         fetch_ms,
     })
 }

@@ -103,9 +103,10 @@ pub fn credentials(registry: &str, opts: &RegistryOptions) -> Result<RegistryAut
 
 fn explain(registry: &str, e: impl std::fmt::Display, opts: &RegistryOptions) -> StoreError {
     let text = e.to_string();
-    let hint = if text.contains("401")
-        || text.contains("Unauthorized")
-        || text.contains("uthentication")
+    let lower = text.to_lowercase();
+    let hint = if lower.contains("401")
+        || lower.contains("authoriz")
+        || lower.contains("authenticat")
     {
         " — the registry refused these credentials or wants some: put them in $REGISTRY_AUTH_FILE \
          or ~/.docker/config.json (docker login / podman login)"

@@ -142,11 +142,9 @@ pub fn resolve_user(
         None => {
             let gid = entry.as_ref().map_or(0, |e| e.gid);
             let supplementary = match &entry {
-                Some(e) => groups
-                    .iter()
-                    .filter(|g| g.members.contains(&e.name))
-                    .map(|g| g.gid)
-                    .collect(),
+                Some(e) => {
+                    groups.iter().filter(|g| g.members.contains(&e.name)).map(|g| g.gid).collect()
+                }
                 None => Vec::new(),
             };
             Ok((uid, gid, supplementary, home))

@@ -282,18 +282,18 @@ impl Store {
 
     /// Converts the image whose manifest, config and layers are in the store, unless a complete
     /// conversion is already there. Concurrent callers for one manifest wait for each other and
-    /// the second finds the work done.
+    /// the second finds the work done. The flag says whether this call converted it.
     pub fn ensure_converted(
         &self,
         manifest_digest: &Digest,
         limits: &Limits,
-    ) -> Result<(ImageRecord, PathBuf), StoreError> {
-        if let Some(found) = self.image(manifest_digest) {
-            return Ok(found);
+    ) -> Result<(ImageRecord, PathBuf, bool), StoreError> {
+        if let Some((r, d)) = self.image(manifest_digest) {
+            return Ok((r, d, false));
         }
         let _lock = lock(&self.root.join("locks").join(manifest_digest.hex()))?;
-        if let Some(found) = self.image(manifest_digest) {
-            return Ok(found);
+        if let Some((r, d)) = self.image(manifest_digest) {
+            return Ok((r, d, false));
         }
         let manifest_bytes = self.read_document(manifest_digest)?;
         let manifest: Manifest =
@@ -378,7 +378,7 @@ impl Store {
         let dest = self.image_dir(manifest_digest);
         fs::rename(&out_dir, &dest).map_err(io_err(dest.display()))?;
         self.touch(manifest_digest);
-        Ok((record, dest))
+        Ok((record, dest, true))
     }
 
     fn ref_path(&self, name: &str) -> PathBuf {
