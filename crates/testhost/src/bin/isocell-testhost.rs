@@ -36,6 +36,10 @@ enum Cmd {
         /// Kill it after this many seconds.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// An image store (a state directory's `images/`) whose converted images the nested
+        /// host's isocell should have: pull on this machine, run in the nested host.
+        #[arg(long, value_name = "DIR")]
+        images: Option<PathBuf>,
         /// Arguments for isocell.
         #[arg(last = true)]
         args: Vec<String>,
@@ -64,8 +68,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", th.kind().name());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Vmm { timeout, args } => run_one(&th, "vmm", timeout, args),
-        Cmd::Isocell { timeout, args } => run_one(&th, "isocell", timeout, args),
+        Cmd::Vmm { timeout, args } => run_one(&th, "vmm", timeout, args, None),
+        Cmd::Isocell { timeout, images, args } => run_one(&th, "isocell", timeout, args, images),
         Cmd::Run { scenario } => {
             let text = std::fs::read_to_string(&scenario)
                 .with_context(|| format!("reading {}", scenario.display()))?;
@@ -79,11 +83,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 /// Runs `{program} ARGS` as one step on the test host, prints what it printed and returns its
 /// exit status.
-fn run_one(th: &TestHost, program: &str, timeout: u64, args: Vec<String>) -> Result<ExitCode> {
-    if th.kind() == isocell_testhost::HostKind::Nested {
+fn run_one(
+    th: &TestHost,
+    program: &str,
+    timeout: u64,
+    args: Vec<String>,
+    images: Option<PathBuf>,
+) -> Result<ExitCode> {
+    let nested = th.kind() == isocell_testhost::HostKind::Nested;
+    if nested {
         eprintln!("isocell-testhost: no hardware virtualization here; running inside the nested host (QEMU TCG, 10-15x slower)");
     }
     let mut argv = vec![format!("{{{program}}}")];
+    let mut files = std::collections::BTreeMap::new();
+    // The nested host gets a copy of the store's converted images and names (not its blobs),
+    // linked where its isocell keeps images. A direct host already has the store itself.
+    let copy = tempfile::tempdir().context("a temporary directory")?;
+    if let (Some(dir), true) = (&images, nested) {
+        let store = copy.path().join("images");
+        std::fs::create_dir_all(&store)?;
+        for sub in ["images", "refs"] {
+            let status = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(dir.join(sub))
+                .arg(store.join(sub))
+                .status()?;
+            anyhow::ensure!(status.success(), "copying {} failed", dir.join(sub).display());
+        }
+        files.insert("images".to_owned(), store.display().to_string());
+        argv = vec![
+            "sh".into(),
+            "-c".into(),
+            r#"mkdir -p "$ISOCELL_STATE_DIR" && ln -sfn {images} "$ISOCELL_STATE_DIR/images" && exec "$0" "$@""#.into(),
+            format!("{{{program}}}"),
+        ];
+    }
     argv.extend(args);
     let step = Step {
         name: program.into(),
@@ -94,7 +128,7 @@ fn run_one(th: &TestHost, program: &str, timeout: u64, args: Vec<String>) -> Res
         hash_files: vec![],
         report_file: None,
     };
-    let results = th.run(&Scenario { steps: vec![step], ..Default::default() })?;
+    let results = th.run(&Scenario { steps: vec![step], files })?;
     let r = results.into_iter().next().context("no result")?;
     print!("{}", r.stdout);
     eprint!("{}", r.stderr);
