@@ -9,8 +9,7 @@ use std::sync::OnceLock;
 use isocell_testhost::host::Paths;
 use isocell_testhost::{Scenario, Step, StepResult, TestHost};
 
-pub mod registry;
-pub use registry::{layout_digest, test_images, Registry};
+pub use isocell_testhost::registry::{self, layout_digest, test_images, Registry};
 
 /// Size of the data disk the guest fills in the `disk` step.
 pub const DATA_DISK_BYTES: u64 = 1 << 20;

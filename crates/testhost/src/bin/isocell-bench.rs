@@ -299,6 +299,110 @@ fn cpu_model() -> String {
         .unwrap_or_default()
 }
 
+/// Target: an image the store already has adds at most this to a cell's start, ms.
+const CACHED_IMAGE_TARGET_MS: f64 = 50.0;
+
+/// Pull-and-convert figures for the test python image (Debian + python3, tests/images) from a
+/// real registry on 127.0.0.1, and a copy of the converted store for the test host.
+struct ImageBench {
+    reference: String,
+    /// `isocell image pull` into an empty store: wall, fetch and convert ms.
+    cold: Vec<[f64; 3]>,
+    /// What `isocell run` spends finding an image the store has (the library call it makes).
+    cached_ms: Vec<f64>,
+    layer_bytes: u64,
+    unpacked_bytes: u64,
+    block_bytes: u64,
+    /// The store's converted images and names, for the test host (`{images}`).
+    store_copy: tempfile::TempDir,
+    _registry: isocell_testhost::registry::Registry,
+}
+
+fn image_bench(runs: usize) -> Result<ImageBench> {
+    use isocell_testhost::registry::{test_images, Registry};
+    let images = test_images().map_err(anyhow::Error::msg)?;
+    let registry = Registry::start().map_err(anyhow::Error::msg)?;
+    let src = format!("oci:{}:latest", images.join("python").display());
+    let reference = registry.push(&src, "bench/python:latest").map_err(anyhow::Error::msg)?;
+    let isocell = host::Paths::discover()?.isocell;
+    let mut cold = Vec::new();
+    let mut last = None;
+    for _ in 0..=runs {
+        let state = tempfile::tempdir()?;
+        let t = Instant::now();
+        let out = std::process::Command::new(&isocell)
+            .args(["image", "pull", "--insecure-registry", &registry.addr(), &reference])
+            .env("ISOCELL_STATE_DIR", state.path())
+            .output()?;
+        let wall = t.elapsed().as_secs_f64() * 1000.0;
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!("pulling {reference}: {said}{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let figure = |label: &str| -> f64 {
+            said.split(label)
+                .nth(1)
+                .and_then(|rest| rest.split(" ms").next())
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        cold.push([wall, figure("fetched in "), figure("converted in ")]);
+        last = Some(state);
+    }
+    cold.remove(0); // warm-up
+    let state = last.context("no pull ran")?;
+    let store = isocell_image::Store::open(state.path())?;
+    let image = isocell_image::ImageRef::parse(&reference).map_err(anyhow::Error::msg)?;
+    let mut cached_ms = Vec::new();
+    let mut record = None;
+    for _ in 0..=runs {
+        let t = Instant::now();
+        let r = isocell_image::resolve(
+            &store,
+            &image,
+            isocell_image::PullPolicy::Missing,
+            &isocell_image::RegistryOptions::default(),
+            &isocell_image::Limits::default(),
+        )?;
+        cached_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        record = Some(r.record);
+    }
+    cached_ms.remove(0);
+    let record = record.context("no image")?;
+    let store_copy = tempfile::tempdir()?;
+    let copy_to = store_copy.path().join("images");
+    std::fs::create_dir_all(&copy_to)?;
+    for sub in ["images", "refs"] {
+        let ok = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(state.path().join("images").join(sub))
+            .arg(copy_to.join(sub))
+            .status()?;
+        anyhow::ensure!(ok.success(), "copying the image store");
+    }
+    Ok(ImageBench {
+        reference,
+        cold,
+        cached_ms,
+        layer_bytes: record.layer_bytes,
+        unpacked_bytes: record.file_bytes,
+        block_bytes: record.converted.block_bytes,
+        store_copy,
+        _registry: registry,
+    })
+}
+
+/// `isocell run IMAGE -- true` (IMAGE empty: the base image), in a state directory shared by
+/// both series and holding the converted images (`{images}`).
+fn image_run_step(name: String, args: &Args, image: &str) -> Step {
+    let script = format!(
+        "S={{work}}/../bench-state; mkdir -p $S && ln -sfn {{images}} $S/images && \
+         ISOCELL_STATE_DIR=$S exec {{isocell}} run --cpus {} --memory {} --report {{work}}/run.json {image} -- true",
+        args.cpus, args.memory
+    );
+    measured_step(name, &["sh", "-c", &script], 180, "{work}/run.json")
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if args.runs == 0 {
@@ -324,11 +428,18 @@ fn main() -> Result<()> {
         args.runs,
         host.kind().name()
     );
+    eprintln!("isocell-bench: pulling and converting the python test image from a local registry");
+    let img = image_bench(args.runs)?;
     let mut steps: Vec<Step> = (0..=args.runs).map(|i| boot_step(i, &args)).collect();
     // Jailed and unjailed runs alternate, so both see the same machine conditions.
     for i in 0..=args.runs {
         steps.push(run_step(i, &args, true));
         steps.push(run_step(i, &args, false));
+    }
+    // The container image against the base image, alternating, sharing one state directory.
+    for i in 0..=args.runs {
+        steps.push(image_run_step(format!("base-{i}"), &args, ""));
+        steps.push(image_run_step(format!("img-{i}"), &args, &img.reference));
     }
     // The CPU variants alternate too.
     for i in 0..=args.runs {
@@ -336,7 +447,11 @@ fn main() -> Result<()> {
             steps.push(cpu_step(i, v, &args));
         }
     }
-    let results = host.run(&Scenario { steps, ..Default::default() })?;
+    let files = std::collections::BTreeMap::from([(
+        "images".to_owned(),
+        img.store_copy.path().join("images").display().to_string(),
+    )]);
+    let results = host.run(&Scenario { steps, files })?;
     if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
         bail!("a benchmark step failed:\n{}", bad.explain());
     }
@@ -448,6 +563,32 @@ fn main() -> Result<()> {
         evidence_native[*c] = json!(native_series(i));
     }
     run_out["evidence_native"] = evidence_native;
+    let base_runs = of_kind("base-");
+    let img_runs = of_kind("img-");
+    let base_wall = series(&base_runs, |r| Some(r.wall_us as f64 / 1000.0));
+    let img_wall = series(&img_runs, |r| Some(r.wall_us as f64 / 1000.0));
+    let cold_series = |i: usize| summarize(&img.cold.iter().map(|c| c[i]).collect::<Vec<_>>());
+    let cached = summarize(&img.cached_ms);
+    let mut image_out = json!({
+        "what": "the python test image (Debian bookworm + python3-minimal, 2 layers) from a registry on 127.0.0.1: isocell image pull into an empty store (cold), finding it in the store (cached, what isocell run adds), and isocell run IMAGE -- true against the base image, alternating, same test host",
+        "reference": img.reference,
+        "layer_bytes": img.layer_bytes,
+        "unpacked_bytes": img.unpacked_bytes,
+        "block_image_bytes": img.block_bytes,
+        "cold_pull_wall_ms": cold_series(0),
+        "cold_fetch_ms": cold_series(1),
+        "cold_convert_ms": cold_series(2),
+        "cached_resolve_ms": cached,
+        "target_cached_ms_max": CACHED_IMAGE_TARGET_MS,
+        "base_image_run_wall_ms": base_wall,
+        "container_image_run_wall_ms": img_wall,
+        "ratio_container_to_base": ratio(img_wall, base_wall),
+    });
+    for p in RUN_PHASES {
+        image_out[format!("base_{p}")] = json!(series(&base_runs, |r| run_phase(r, p)));
+        image_out[format!("container_{p}")] = json!(series(&img_runs, |r| run_phase(r, p)));
+    }
+    run_out["container_image"] = image_out;
     run_out["samples"] =
         measured_runs.iter().map(|r| json!({ "wall_us": r.wall_us, "report": r.report })).collect();
 
@@ -523,6 +664,25 @@ fn main() -> Result<()> {
             "isocell run vs bare VMM boot cycle: {:.2}x (target <= {RUN_TARGET_RATIO})",
             r.median / c.median
         );
+    }
+    println!(
+        "\ncontainer image (python test image, {} MB of layers, {} MB unpacked, {} MB block image)",
+        img.layer_bytes / 1_000_000,
+        img.unpacked_bytes / 1_000_000,
+        img.block_bytes / 1_000_000
+    );
+    row("  cold pull (wall)", cold_series(0), "ms");
+    row("    fetch", cold_series(1), "ms");
+    row("    convert", cold_series(2), "ms");
+    row(
+        &format!("  cached: found in the store (target <= {CACHED_IMAGE_TARGET_MS} ms)"),
+        cached,
+        "ms",
+    );
+    row("  isocell run base image -- true", base_wall, "ms");
+    row("  isocell run python image -- true", img_wall, "ms");
+    if let Some(r) = ratio(img_wall, base_wall) {
+        println!("  container image / base image: {r:.3}x (medians, same host, alternating)");
     }
     println!("results: {} and {}", path.display(), run_path.display());
     Ok(())
