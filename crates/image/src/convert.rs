@@ -101,6 +101,20 @@ fn fs_bytes(stats: &Stats, inodes: u64, grow: f64) -> u64 {
     bytes.div_ceil(1 << 20) * (1 << 20)
 }
 
+/// `mke2fs`'s configuration, ours rather than the host's `/etc/mke2fs.conf`, so the same image
+/// gets the same file system features (and bytes) on every host: ext4 with extents, checksums and
+/// extended attributes; no journal, since the image is never written in the cell.
+const MKE2FS_CONF: &str = "[defaults]
+\tbase_features = sparse_super,large_file,filetype,dir_index,ext_attr
+\tdefault_mntopts = user_xattr
+\tblocksize = 4096
+\tinode_size = 256
+[fs_types]
+\text4 = {
+\t\tfeatures = extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
+\t}
+";
+
 /// Runs `mke2fs` reading the flattened stream on its standard input.
 fn make_fs(
     tree: &flatten::Tree,
@@ -109,8 +123,12 @@ fn make_fs(
     inodes: u64,
     bytes: u64,
     out: &Path,
+    scratch: &Path,
 ) -> Result<Result<Captured, String>, ConvertError> {
     let uuid = uuid_for(manifest);
+    let conf = scratch.join("mke2fs.conf");
+    fs::write(&conf, MKE2FS_CONF)
+        .map_err(|e| ConvertError::Io(format!("writing {}: {e}", conf.display())))?;
     let _ = fs::remove_file(out);
     let mut child = Command::new("mke2fs")
         .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0"])
@@ -124,7 +142,7 @@ fn make_fs(
         .arg(format!("{}k", bytes / 1024))
         .env("E2FSPROGS_FAKE_TIME", "0")
         .env("SOURCE_DATE_EPOCH", "0")
-        .env("MKE2FS_CONFIG", "/dev/null")
+        .env("MKE2FS_CONFIG", &conf)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -279,7 +297,7 @@ pub fn convert(
     let mut attempts = 0;
     let (captured, data_bytes) = loop {
         let bytes = fs_bytes(&stats, inodes, grow);
-        match make_fs(&tree, layers, manifest, inodes, bytes, out)? {
+        match make_fs(&tree, layers, manifest, inodes, bytes, out, scratch)? {
             Ok(c) => break (c, bytes),
             Err(message)
                 if attempts < 2 && (message.contains("llocat") || message.contains("space")) =>
@@ -335,5 +353,43 @@ mod tests {
             convert(&ls, &Digest::of(b"other"), &Limits::default(), &out, tmp.path())
                 .expect("convert");
         assert_ne!(other.verity.root_hash, seen[0].verity.root_hash);
+    }
+
+    #[test]
+    fn owners_modes_and_xattrs_reach_the_file_system() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(4);
+        h.set_mode(0o4755);
+        h.set_uid(1234);
+        h.set_gid(567);
+        h.set_mtime(1_000_000);
+        b.append_pax_extensions([
+            ("SCHILY.xattr.security.capability", &[1u8, 0, 0, 2, 0, 0x20, 0, 0][..]),
+            ("SCHILY.xattr.user.note", &b"hi"[..]),
+        ])
+        .expect("pax");
+        b.append_data(&mut h, "bin/ping", &b"ping"[..]).expect("append");
+        let layer = tmp.path().join("layer");
+        std::fs::write(&layer, b.into_inner().expect("tar")).expect("write");
+        let layers = [Layer { path: layer, label: "layer 1 of 1".into() }];
+        let out = tmp.path().join("img");
+        convert(&layers, &Digest::of(b"x"), &Limits::default(), &out, tmp.path()).expect("convert");
+        let debugfs = |cmd: &str| {
+            let o = Command::new("debugfs").arg("-R").arg(cmd).arg(&out).output().expect("debugfs");
+            format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+        };
+        let xattrs = debugfs("ea_list /bin/ping");
+        assert!(xattrs.contains("security.capability") && xattrs.contains("user.note"), "{xattrs}");
+        let stat = debugfs("stat /bin/ping");
+        assert!(stat.contains("User:  1234") && stat.contains("Group:   567"), "{stat}");
+        assert!(stat.contains("Mode:  04755"), "{stat}");
+        let features = debugfs("stats");
+        for f in ["ext_attr", "extent", "metadata_csum", "dir_index"] {
+            assert!(features.contains(f), "{f} missing: {features}");
+        }
+        assert!(!features.contains("has_journal"), "{features}");
     }
 }
