@@ -195,15 +195,26 @@ fn apply_xattrs(tree: &flatten::Tree, out: &Path, scratch: &Path) -> Result<(), 
     }
     let io = |e: std::io::Error| ConvertError::Io(format!("writing xattr commands: {e}"));
     let mut script = String::new();
+    let quotable = |s: &str| !s.chars().any(|c| c.is_control() || c == '"' || c == '\\');
+    let scratch_text = scratch.to_str().filter(|s| quotable(s)).ok_or_else(|| {
+        ConvertError::Io(format!(
+            "the work directory {} cannot be quoted for debugfs",
+            scratch.display()
+        ))
+    })?;
     for (i, x) in xattrs.iter().enumerate() {
+        // The flattener refused names debugfs could not take; checked again here, since a
+        // name that broke out of its quotes would be a debugfs command run on this host.
+        let path = std::str::from_utf8(&x.path).ok().filter(|p| quotable(p)).ok_or_else(|| {
+            ConvertError::Io(format!(
+                "{:?} cannot carry extended attributes",
+                String::from_utf8_lossy(&x.path)
+            ))
+        })?;
         let value = scratch.join(format!("xattr-{i}"));
         fs::write(&value, &x.value).map_err(io)?;
-        script.push_str(&format!(
-            "ea_set -f {} \"/{}\" {}\n",
-            value.display(),
-            String::from_utf8_lossy(&x.path),
-            x.name
-        ));
+        script
+            .push_str(&format!("ea_set -f \"{scratch_text}/xattr-{i}\" \"/{path}\" {}\n", x.name));
     }
     let commands = scratch.join("xattrs.debugfs");
     fs::write(&commands, script).map_err(io)?;

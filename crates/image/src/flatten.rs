@@ -98,6 +98,10 @@ struct Node {
 pub struct Tree {
     /// Normalised relative path (no leading `/`, no `.` or `..`) → node.
     nodes: BTreeMap<Vec<u8>, Node>,
+    /// Bytes of every path ever inserted (bounded by [`MAX_NAME_BYTES`]).
+    name_bytes: u64,
+    /// Directories made for entries whose parents were missing (they count as entries).
+    implicit_dirs: u64,
 }
 
 /// What sizing the file system needs to know.
@@ -148,18 +152,64 @@ const CAPTURE_MAX: u64 = 1 << 20;
 const WHITEOUT: &[u8] = b".wh.";
 const OPAQUE: &[u8] = b".wh..wh..opq";
 
-/// Opens a layer and undoes its compression (gzip or zstd by magic; otherwise plain tar).
-fn open_layer(layer: &Layer) -> io::Result<Box<dyn Read>> {
+/// The most a tar stream may hold between two entries beyond the first entry's data: headers,
+/// PAX extensions, long names. The `tar` crate reads those whole into memory, so this bounds
+/// what a crafted header can make it allocate.
+const HEADER_ALLOWANCE: u64 = 1 << 20;
+
+/// A decompressed layer that may be read only as far as its budget: the budget is set each time
+/// an entry is handed out (its data plus [`HEADER_ALLOWANCE`]), so a 100 GiB "long name" is an
+/// error after 1 MiB, not an allocation.
+struct Budgeted {
+    inner: Box<dyn Read>,
+    left: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl Read for Budgeted {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left.get();
+        if left == 0 {
+            return Err(io::Error::other(
+                "a tar header, name or extension is larger than 1 MiB (or an entry is longer than it says)",
+            ));
+        }
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left.set(left - n as u64);
+        Ok(n)
+    }
+}
+
+/// What an entry of `size` bytes may make the stream read until the next entry.
+fn allowance(size: u64) -> u64 {
+    size.div_ceil(512).saturating_mul(512).saturating_add(HEADER_ALLOWANCE)
+}
+
+/// Opens a layer and undoes its compression (gzip or zstd by magic; otherwise plain tar); the
+/// stream is read under a budget the caller renews per entry.
+fn open_layer(layer: &Layer) -> io::Result<(Budgeted, std::rc::Rc<std::cell::Cell<u64>>)> {
     let mut r = BufReader::with_capacity(256 * 1024, File::open(&layer.path)?);
     let head = r.fill_buf()?;
-    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+    let inner: Box<dyn Read> = if head.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::bufread::MultiGzDecoder::new(r))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Box::new(zstd::stream::read::Decoder::with_buffer(r)?)
     } else {
         Box::new(r)
-    })
+    };
+    let left = std::rc::Rc::new(std::cell::Cell::new(HEADER_ALLOWANCE));
+    Ok((Budgeted { inner, left: left.clone() }, left))
 }
+
+/// Whether a path can go on a `debugfs` command line between double quotes: UTF-8 with no
+/// control characters, quotes or backslashes.
+fn debugfs_safe(path: &[u8]) -> bool {
+    std::str::from_utf8(path).is_ok()
+        && !path.iter().any(|&b| b < 0x20 || b == 0x7f || b == b'"' || b == b'\\')
+}
+
+/// The most bytes all paths in the final tree may take (names are kept in memory).
+const MAX_NAME_BYTES: u64 = 256 << 20;
 
 /// Splits and checks an entry name: `./a/b` and `a/b/` become `a/b`; `..`, a leading `/`, a
 /// NUL byte or an overlong name are refused. The root itself is the empty path.
@@ -257,8 +307,10 @@ impl Tree {
         let mut end = 0;
         while let Some(off) = path[end..].iter().position(|&b| b == b'/') {
             let ancestor = &path[..end + off];
-            match self.nodes.get(ancestor) {
-                Some(Node { kind: Kind::Dir, .. }) => {}
+            match self.nodes.get_mut(ancestor) {
+                // The directory now also holds this layer's entry: a whiteout or opaque marker
+                // later in the same layer hides only what lower layers put there.
+                Some(Node { kind: Kind::Dir, layer: l, .. }) => *l = (*l).max(layer),
                 Some(Node { kind: Kind::Symlink(target), .. }) => {
                     return Err(format!(
                         "it would be written through {}, a symlink (to {:?}) an earlier entry \
@@ -275,6 +327,8 @@ impl Tree {
                     ))
                 }
                 None => {
+                    self.name_bytes += ancestor.len() as u64;
+                    self.implicit_dirs += 1;
                     self.nodes.insert(
                         ancestor.to_vec(),
                         Node {
@@ -363,15 +417,20 @@ pub fn index(layers: &[Layer], limits: &Limits) -> Result<(Tree, Stats), Flatten
             entry,
             reason,
         };
-        let input = open_layer(layer).map_err(|e| fail(None, format!("cannot read it: {e}")))?;
+        let (input, budget) =
+            open_layer(layer).map_err(|e| fail(None, format!("cannot read it: {e}")))?;
         let mut archive = Archive::new(input);
         let entries =
             archive.entries().map_err(|e| fail(None, format!("not a tar stream: {e}")))?;
+        // Whiteouts and opaque markers already applied in this layer: a repeat changes nothing
+        // and would cost another scan of the subtree.
+        let mut applied: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
         for (ordinal, entry) in entries.enumerate() {
             let mut entry = entry
                 .map_err(|e| fail(None, format!("bad tar data after {ordinal} entries: {e}")))?;
+            budget.set(allowance(entry.size()));
             entries_read += 1;
-            if entries_read > limits.max_entries {
+            if entries_read + tree.implicit_dirs > limits.max_entries {
                 return Err(fail(
                     None,
                     format!(
@@ -381,15 +440,15 @@ pub fn index(layers: &[Layer], limits: &Limits) -> Result<(Tree, Stats), Flatten
                     ),
                 ));
             }
+            let etype = entry.header().entry_type();
+            if matches!(etype, EntryType::XGlobalHeader | EntryType::XHeader) {
+                continue;
+            }
             let raw = entry.path_bytes().into_owned();
             let name = String::from_utf8_lossy(&raw).into_owned();
             let refuse = |reason: String| fail(Some(name.clone()), reason);
             let path = normalise(&raw).map_err(refuse)?;
             let header = entry.header();
-            let etype = header.entry_type();
-            if matches!(etype, EntryType::XGlobalHeader | EntryType::XHeader) {
-                continue;
-            }
             let mode = header.mode().map_err(|e| refuse(format!("bad mode: {e}")))? & 0o7777;
             let uid = header.uid().map_err(|e| refuse(format!("bad uid: {e}")))?;
             let gid = header.gid().map_err(|e| refuse(format!("bad gid: {e}")))?;
@@ -398,16 +457,37 @@ pub fn index(layers: &[Layer], limits: &Limits) -> Result<(Tree, Stats), Flatten
             };
             let mtime = header.mtime().unwrap_or(0);
             let size = entry.size();
+            // Every entry's data counts, whatever its type says it is.
+            bytes = bytes.saturating_add(size);
+            if bytes > limits.max_bytes {
+                return Err(refuse(format!(
+                    "the image unpacks to more than {} bytes (the limit; raise it with \
+                     --max-image-bytes if this image is trusted)",
+                    limits.max_bytes
+                )));
+            }
+            tree.name_bytes += path.len() as u64;
+            if tree.name_bytes > MAX_NAME_BYTES {
+                return Err(refuse(format!(
+                    "the image's file names take more than {MAX_NAME_BYTES} bytes"
+                )));
+            }
 
             // Whiteouts hide what lower layers put there and are not part of the image.
             let base = base_of(&path);
             if base == OPAQUE {
+                if !applied.insert(path.clone()) {
+                    continue;
+                }
                 let dir = parent_of(&path).to_vec();
                 tree.ensure_parents(&path, li).map_err(refuse)?;
                 tree.hide_children(&dir, li);
                 continue;
             }
             if let Some(hidden) = base.strip_prefix(WHITEOUT) {
+                if !applied.insert(path.clone()) {
+                    continue;
+                }
                 if hidden.is_empty() || hidden == b"." || hidden == b".." {
                     return Err(refuse(format!(
                         "a whiteout of {:?} would hide the directory itself or its parent",
@@ -446,10 +526,11 @@ pub fn index(layers: &[Layer], limits: &Limits) -> Result<(Tree, Stats), Flatten
                     {
                         return Err(refuse("too many or too large extended attributes".into()));
                     }
+                    bytes = bytes.saturating_add(ext.value_bytes().len() as u64);
                     xattrs.push((xname.to_owned(), ext.value_bytes().to_vec()));
                 }
             }
-            if !xattrs.is_empty() && path.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+            if !xattrs.is_empty() && !debugfs_safe(&path) {
                 return Err(refuse(
                     "an entry with extended attributes has quotes, backslashes or control \
                      characters in its name"
@@ -459,14 +540,6 @@ pub fn index(layers: &[Layer], limits: &Limits) -> Result<(Tree, Stats), Flatten
 
             let kind = match etype {
                 EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                    bytes = bytes.saturating_add(size);
-                    if bytes > limits.max_bytes {
-                        return Err(refuse(format!(
-                            "the image unpacks to more than {} bytes (the limit; raise it with \
-                             --max-image-bytes if this image is trusted)",
-                            limits.max_bytes
-                        )));
-                    }
                     Kind::File { source: (li, ordinal as u64), size }
                 }
                 EntryType::Directory => Kind::Dir,
@@ -497,6 +570,13 @@ pub fn index(layers: &[Layer], limits: &Limits) -> Result<(Tree, Stats), Flatten
                             // owner and mode.
                             let mut linked = n.clone();
                             linked.layer = li;
+                            if !linked.xattrs.is_empty() && !debugfs_safe(&path) {
+                                return Err(refuse(
+                                    "a hard link to a file with extended attributes has quotes, \
+                                     backslashes or control characters in its name"
+                                        .into(),
+                                ));
+                            }
                             if tree.nodes.get(&path).is_some_and(|e| e.kind == Kind::Dir) {
                                 tree.remove_all(&path);
                             }
@@ -630,24 +710,27 @@ pub fn write_tar(tree: &Tree, layers: &[Layer], out: impl Write) -> Result<Captu
         }
         let fail =
             |reason: String| FlattenError { layer: layer.label.clone(), entry: None, reason };
-        let input = open_layer(layer).map_err(|e| fail(format!("cannot read it again: {e}")))?;
+        let (input, budget) =
+            open_layer(layer).map_err(|e| fail(format!("cannot read it again: {e}")))?;
         let mut archive = Archive::new(input);
         let entries = archive.entries().map_err(|e| fail(format!("not a tar stream: {e}")))?;
         for (ordinal, entry) in entries.enumerate() {
             let Some(names) = wanted.get(&(li, ordinal as u64)) else {
                 // Still read through it: the stream has to be consumed in order.
-                entry.map_err(|e| fail(format!("changed since it was read: {e}")))?;
+                let entry = entry.map_err(|e| fail(format!("changed since it was read: {e}")))?;
+                budget.set(allowance(entry.size()));
                 continue;
             };
             let mut entry = entry.map_err(|e| fail(format!("changed since it was read: {e}")))?;
+            budget.set(allowance(entry.size()));
             let first = names[0];
             let node = &tree.nodes[first];
             let Kind::File { size, .. } = node.kind else { continue };
             if entry.size() != size {
                 return Err(fail("changed since it was read".into()));
             }
-            let capture =
-                matches!(first.as_slice(), b"etc/passwd" | b"etc/group") && size <= CAPTURE_MAX;
+            let is_db = |n: &&&Vec<u8>| matches!(n.as_slice(), b"etc/passwd" | b"etc/group");
+            let capture = names.iter().any(|n| is_db(&n)) && size <= CAPTURE_MAX;
             let mut h = header_for(EntryType::Regular, node, size);
             if capture {
                 let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
@@ -655,10 +738,12 @@ pub fn write_tar(tree: &Tree, layers: &[Layer], out: impl Write) -> Result<Captu
                 builder
                     .append_data(&mut h, os(first), &buf[..])
                     .map_err(|e| io_fail("writing a file", e))?;
-                if first.as_slice() == b"etc/passwd" {
-                    captured.passwd = Some(buf);
-                } else {
-                    captured.group = Some(buf);
+                for n in names.iter().filter(|n| is_db(n)) {
+                    if n.as_slice() == b"etc/passwd" {
+                        captured.passwd = Some(buf.clone());
+                    } else {
+                        captured.group = Some(buf.clone());
+                    }
                 }
             } else {
                 builder
@@ -922,6 +1007,62 @@ pub(crate) mod tests {
         let many = layers(tmp.path(), &[many]);
         let e = index(&many, &Limits { max_bytes: 1 << 20, max_entries: 10 }).expect_err("many");
         assert!(e.reason.contains("more than 10 entries"), "{e}");
+    }
+
+    #[test]
+    fn names_that_could_break_out_of_debugfs_quoting_are_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = Header::new_ustar();
+        h.set_entry_type(EntryType::Regular);
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_pax_extensions([("SCHILY.xattr.user.x", &b"1"[..])]).expect("pax");
+        b.append_data(&mut h, "a", &b"a"[..]).expect("append");
+        let mut raw = b.into_inner().expect("tar");
+        raw.truncate(raw.len() - 1024);
+        raw.extend(tar_bytes(&[link("x\" user.x\ndump /a /tmp/owned\n#", EntryType::Link, "a")]));
+        let path = tmp.path().join("layer");
+        std::fs::write(&path, raw).expect("write");
+        let e = index(&[Layer { path, label: "layer 1 of 1".into() }], &Limits::default())
+            .expect_err("a debugfs command in a name was accepted");
+        assert!(e.reason.contains("quotes, backslashes or control characters"), "{e}");
+    }
+
+    #[test]
+    fn a_huge_long_name_is_an_error_before_it_is_read_into_memory() {
+        let zeros = vec![0u8; 4 << 20];
+        let e = refused(&[vec![
+            E {
+                name: "././@LongLink",
+                kind: EntryType::GNULongName,
+                link: "",
+                data: &zeros,
+                mode: 0o644,
+                size: None,
+            },
+            file("x", b"x"),
+        ]]);
+        assert!(e.reason.contains("larger than 1 MiB"), "{e}");
+    }
+
+    #[test]
+    fn a_whiteout_keeps_what_its_own_layer_put_there() {
+        let (listing, _) = flatten(&[
+            vec![dir("x"), file("x/old", b"o")],
+            vec![
+                file("x/new", b"n"),
+                file(".wh.x", b""),
+                file("x/.wh..wh..opq", b""),
+                file("x/.wh..wh..opq", b""),
+            ],
+        ])
+        .expect("flatten");
+        let names: Vec<&str> = listing.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["x", "x/new"]);
     }
 
     #[test]

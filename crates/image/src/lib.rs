@@ -73,11 +73,13 @@ pub fn resolve(
 ) -> Result<Resolved, StoreError> {
     let name = image.name();
     let started = Instant::now();
-    // A digest-pinned name needs no source when the store has that image.
-    let cached = match image.pinned_digest() {
-        Some(d) => store.image(&d).map(|_| d),
-        None => store.get_ref(&name).filter(|d| store.image(d).is_some()),
-    };
+    let _using = store.using()?;
+    // A digest-pinned name needs no source when the store has that image (or, for a pinned
+    // index, the manifest that name was resolved to before).
+    let cached = image
+        .pinned_digest()
+        .filter(|d| store.image(d).is_some())
+        .or_else(|| store.get_ref(&name).filter(|d| store.image(d).is_some()));
     let (manifest, fetched) = match cached {
         Some(d) if policy == PullPolicy::Missing => (d, false),
         _ => {

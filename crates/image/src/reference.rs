@@ -77,11 +77,12 @@ impl ImageRef {
         if let Some(rest) = s.strip_prefix("docker://") {
             return Self::registry(rest);
         }
-        if s.starts_with('/')
-            || s.starts_with("./")
-            || s.starts_with("../")
-            || Path::new(s).is_file()
-        {
+        // A path, when written as one, or an existing file whose name has an extension
+        // (`rootfs.ext4`): a bare `alpine` is an image even if a file of that name is here.
+        let looks_like_file = Path::new(s).is_file()
+            && Path::new(s).file_name().is_some_and(|n| n.to_string_lossy().contains('.'))
+            && !s.contains(':');
+        if s.starts_with('/') || s.starts_with("./") || s.starts_with("../") || looks_like_file {
             return Ok(ImageRef::Raw(absolute(s)));
         }
         Self::registry(s)
@@ -216,7 +217,14 @@ pub fn parse_reference(s: &str) -> Result<Reference, String> {
             if !host_ok(first) {
                 return Err(format!("registry {first:?} is not a host name with an optional port"));
             }
-            (first.to_owned(), path.to_owned())
+            // Docker Hub by any of its names is docker.io, with `library/` for official images.
+            if matches!(first, "docker.io" | "index.docker.io" | "registry-1.docker.io") {
+                let path =
+                    if path.contains('/') { path.to_owned() } else { format!("library/{path}") };
+                (DEFAULT_REGISTRY.to_owned(), path)
+            } else {
+                (first.to_owned(), path.to_owned())
+            }
         }
         Some(_) => (DEFAULT_REGISTRY.to_owned(), name.to_owned()),
         None => (DEFAULT_REGISTRY.to_owned(), format!("library/{name}")),
@@ -256,6 +264,8 @@ mod tests {
         assert_eq!(pinned.pinned_digest(), Some(d.clone()));
         assert!(ImageRef::parse("team/App").is_err());
         assert_eq!(name("localhost/app"), Ok("localhost/app:latest".into()));
+        assert_eq!(name("docker.io/debian"), Ok("docker.io/library/debian:latest".into()));
+        assert_eq!(name("index.docker.io/team/app:2"), Ok("docker.io/team/app:2".into()));
         assert_eq!(name("localhost:5000/a/b/c:v1.2_x"), Ok("localhost:5000/a/b/c:v1.2_x".into()));
         assert_eq!(name("my_org/app-name__x:1"), Ok("docker.io/my_org/app-name__x:1".into()));
         assert_eq!(name("[::1]:5000/app"), Ok("[::1]:5000/app:latest".into()));

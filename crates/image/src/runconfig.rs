@@ -103,7 +103,9 @@ pub fn resolve_user(
     passwd: Option<&[u8]>,
     group: Option<&[u8]>,
 ) -> Result<(u32, u32, Vec<u32>, String), String> {
+    // `name:` is `name`, as Docker reads it.
     let (user_part, group_part) = match spec.split_once(':') {
+        Some((u, "")) => (u, None),
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
@@ -129,7 +131,6 @@ pub fn resolve_user(
     let home = entry.as_ref().map_or_else(|| "/".to_owned(), |e| e.home.clone());
     let groups = group_entries(group);
     match group_part {
-        Some("") => Err(format!("user {spec:?}: the group part is empty")),
         Some(g) => {
             let gid = match g.parse::<u32>() {
                 Ok(gid) => gid,

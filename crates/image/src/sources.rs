@@ -279,6 +279,7 @@ pub fn import_docker_archive(
             std::io::Write::write_all(&mut out, &buf[..k])
                 .map_err(|e| StoreError::Io(e.to_string()))?;
         }
+        out.sync_all().map_err(|e| StoreError::Io(format!("{}: {e}", tmp.display())))?;
         let size = h.len();
         let d = h.finish();
         if !store.has_blob(&d) {

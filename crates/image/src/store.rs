@@ -103,6 +103,11 @@ fn mkdir(p: &Path) -> Result<(), StoreError> {
 pub struct Lock(#[allow(dead_code)] File);
 
 fn lock(path: &Path) -> Result<Lock, StoreError> {
+    lock_as(path, libc::LOCK_EX)
+}
+
+/// Locks `path` (created if missing, never deleted: a waiter holds the inode) with `op`.
+fn lock_as(path: &Path, op: libc::c_int) -> Result<Lock, StoreError> {
     let f = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -111,7 +116,7 @@ fn lock(path: &Path) -> Result<Lock, StoreError> {
         .open(path)
         .map_err(io_err(path.display()))?;
     // SAFETY: flock on a descriptor this function owns; blocking until the lock is free.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+    if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
         return Err(StoreError::Io(format!(
             "lock {}: {}",
             path.display(),
@@ -158,6 +163,16 @@ impl Store {
         let store = Self { root };
         store.sweep_tmp();
         Ok(store)
+    }
+
+    /// Held (shared) while an image is fetched, converted and named, and (exclusive) while `rm`
+    /// and `prune` decide what nothing needs: a blob or image on its way in is never collected.
+    pub fn using(&self) -> Result<Lock, StoreError> {
+        lock_as(&self.root.join("locks/store"), libc::LOCK_SH)
+    }
+
+    fn collecting(&self) -> Result<Lock, StoreError> {
+        lock_as(&self.root.join("locks/store"), libc::LOCK_EX)
     }
 
     /// Where the store lives.
@@ -435,6 +450,7 @@ impl Store {
     /// Removes a name; when no other name points at its image, the image and the blobs only it
     /// used go too. Returns what was removed.
     pub fn remove(&self, name: &str) -> Result<Vec<String>, StoreError> {
+        let _collecting = self.collecting()?;
         let digest = self.get_ref(name).ok_or_else(|| {
             StoreError::NotFound(format!(
                 "no image named {name} in the store (see `isocell image ls`)"
@@ -459,7 +475,6 @@ impl Store {
         let work = self.work_dir()?;
         fs::rename(&dir, work.path().join("gone")).map_err(io_err(dir.display()))?;
         drop(work);
-        let _ = fs::remove_file(self.root.join("locks").join(d.hex()));
         Ok(vec![format!("deleted image {d}")])
     }
 
@@ -502,6 +517,7 @@ impl Store {
         keep_bytes: Option<u64>,
         spare: Option<&Digest>,
     ) -> Result<Vec<String>, StoreError> {
+        let _collecting = self.collecting()?;
         let named: std::collections::HashSet<Digest> =
             self.refs().into_iter().map(|r| r.manifest_digest).collect();
         let mut removed = Vec::new();
