@@ -120,17 +120,11 @@ fn setup() -> &'static Setup {
 
         // What the cells need of the store: converted images and names, no blobs.
         let copy_store = |to: &Path| {
-            let images_dir = to.join("images");
-            std::fs::create_dir_all(&images_dir).expect("mkdir");
-            for sub in ["images", "refs"] {
-                let ok = Command::new("cp")
-                    .arg("-a")
-                    .arg(state.path().join("images").join(sub))
-                    .arg(images_dir.join(sub))
-                    .status()
-                    .is_ok_and(|s| s.success());
-                assert!(ok, "copying the image store");
-            }
+            isocell_testhost::registry::copy_converted(
+                &state.path().join("images"),
+                &to.join("images"),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
         };
         let run_store = tempfile::tempdir().expect("tempdir");
         copy_store(run_store.path());

@@ -145,6 +145,12 @@ fn human(bytes: u64) -> String {
     }
 }
 
+/// A name as the store keeps it (`debian` is `docker.io/library/debian:latest`), or as given
+/// when it does not parse.
+fn normal_name(name: &str) -> String {
+    ImageRef::parse(name).map_or_else(|_| name.to_owned(), |r| r.name())
+}
+
 /// The record for a name or a manifest digest.
 fn find(
     store: &Store,
@@ -155,7 +161,7 @@ fn find(
             return Ok((name.to_owned(), r, dir));
         }
     }
-    let normal = ImageRef::parse(name).map(|r| r.name()).unwrap_or_else(|_| name.to_owned());
+    let normal = normal_name(name);
     let digest = store
         .get_ref(&normal)
         .or_else(|| store.get_ref(name))
@@ -251,8 +257,7 @@ fn image_inner(cmd: ImageCmd) -> Result<(), String> {
         }
         ImageCmd::Rm { image } => {
             let store = store()?;
-            let normal =
-                ImageRef::parse(&image).map(|r| r.name()).unwrap_or_else(|_| image.clone());
+            let normal = normal_name(&image);
             let name = if store.get_ref(&normal).is_some() { normal } else { image };
             for line in store.remove(&name).map_err(|e| e.to_string())? {
                 say(&line);

@@ -408,6 +408,25 @@ fn bcrypt(pass: &str) -> Result<String, String> {
     }
 }
 
+/// Copies what a cell needs of an image store (`store`, a state directory's `images/`) into
+/// `to`: its converted images and names, not its blobs. The test host then links `to` where the
+/// nested host's isocell keeps images.
+pub fn copy_converted(store: &Path, to: &Path) -> Result<(), String> {
+    fs::create_dir_all(to).map_err(|e| format!("creating {}: {e}", to.display()))?;
+    for sub in ["images", "refs"] {
+        let ok = Command::new("cp")
+            .arg("-a")
+            .arg(store.join(sub))
+            .arg(to.join(sub))
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Err(format!("copying {} failed", store.join(sub).display()));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -370,16 +370,11 @@ fn image_bench(runs: usize) -> Result<ImageBench> {
     cached_ms.remove(0);
     let record = record.context("no image")?;
     let store_copy = tempfile::tempdir()?;
-    let copy_to = store_copy.path().join("images");
-    std::fs::create_dir_all(&copy_to)?;
-    for sub in ["images", "refs"] {
-        let ok = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(state.path().join("images").join(sub))
-            .arg(copy_to.join(sub))
-            .status()?;
-        anyhow::ensure!(ok.success(), "copying the image store");
-    }
+    isocell_testhost::registry::copy_converted(
+        &state.path().join("images"),
+        &store_copy.path().join("images"),
+    )
+    .map_err(anyhow::Error::msg)?;
     Ok(ImageBench {
         reference,
         cold,

@@ -101,15 +101,7 @@ fn run_one(
     let copy = tempfile::tempdir().context("a temporary directory")?;
     if let (Some(dir), true) = (&images, nested) {
         let store = copy.path().join("images");
-        std::fs::create_dir_all(&store)?;
-        for sub in ["images", "refs"] {
-            let status = std::process::Command::new("cp")
-                .arg("-a")
-                .arg(dir.join(sub))
-                .arg(store.join(sub))
-                .status()?;
-            anyhow::ensure!(status.success(), "copying {} failed", dir.join(sub).display());
-        }
+        isocell_testhost::registry::copy_converted(dir, &store).map_err(anyhow::Error::msg)?;
         files.insert("images".to_owned(), store.display().to_string());
         argv = vec![
             "sh".into(),
