@@ -223,7 +223,7 @@ fn bad_configurations_exit_2_with_a_clear_message() {
             &["--kernel", k, "--drive", "id=root,path=/nonexistent.img,ro,root"],
             "image /nonexistent.img cannot be opened",
         ),
-        (&["--kernel", k, "--memory", "0"], "memory_mib is 0"),
+        (&["--kernel", k, "--memory", "0"], "give between 32 MiB and 1 TiB"),
         (&["--kernel", k, "--memory", "900G"], "MiB"),
         (&["--kernel", k, "--cpus", "0"], "vcpus is 0"),
         (&["--kernel", k, "--cpus", "1000"], "vcpus is 1000"),

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use isocell_image::{ImageRef, Limits, PullPolicy, RegistryOptions, Resolved, Store};
 use serde_json::json;
 
-use crate::{exit, parse_size, state};
+use crate::{exit, parse_size};
 
 /// Where to get images from and how much they may unpack to (shared by `run` and `image pull`).
 #[derive(Args, Debug, Clone, Default)]
@@ -71,7 +71,7 @@ const DEFAULT_STORE_MAX: u64 = 50 << 30;
 
 /// The store in the state directory.
 pub fn store() -> Result<Store, String> {
-    Store::open(&state::state_dir()).map_err(|e| e.to_string())
+    Store::open(&isocell_host::locate::state_dir()).map_err(|e| e.to_string())
 }
 
 /// Fetches and converts an image as `run` or `pull` needs it, then keeps the store within its

@@ -15,9 +15,10 @@ macro_rules! say {
 use ed25519_dalek::VerifyingKey;
 use isocell_evidence::{audit, receipt};
 
-use crate::cell::{self, CellSpec};
-use crate::state::{state_dir, Host};
-use crate::{confine, exit, locate};
+use crate::exit;
+use isocell_host::locate::{self, state_dir};
+use isocell_host::state::Host;
+use isocell_host::{confine, CellImage, CellPlan, CellRequest, HostConfig};
 
 /// `isocell host ...`
 #[derive(Subcommand, Debug)]
@@ -87,9 +88,9 @@ pub struct SurfaceArgs {
     /// vCPUs of the cell to describe.
     #[arg(long, default_value_t = 1)]
     cpus: u8,
-    /// Guest memory of the cell to describe: MiB, or a size such as 512M.
-    #[arg(long, default_value = "256M")]
-    memory: String,
+    /// Guest memory of the cell to describe: MiB, or a size such as 512M [default: 256M].
+    #[arg(long, value_parser = crate::parse_memory)]
+    memory: Option<isocell_spec::MemorySize>,
     /// Describe a cell started with --no-jail.
     #[arg(long)]
     no_jail: bool,
@@ -216,7 +217,7 @@ fn expectations(
 ) -> Result<audit::Expectations, String> {
     let mut expect = audit::Expectations::default();
     if let Some(state) = state {
-        let profile = state.join(crate::state::PROFILE_FILE);
+        let profile = state.join(isocell_host::state::PROFILE_FILE);
         if profile.exists() {
             expect.genesis = Some(format!("the host profile {}", profile.display()));
         }
@@ -387,23 +388,24 @@ fn surface_of(args: &SurfaceArgs) -> Result<serde_json::Value, String> {
         let path = state_dir().join("cells").join(id).join("surface.json");
         return read_json(&path).map_err(|e| format!("no stored surface for cell {id}: {e}"));
     }
-    let memory_mib =
-        isocell_vmm::config::parse_memory_mib(&args.memory).map_err(|e| e.to_string())?;
-    let (kernel, image, vmm) = (locate::kernel(None)?, locate::image(None)?, locate::vmm()?);
-    let initrd = locate::agent_initrd(None)?;
-    let jailer = (!args.no_jail).then(|| PathBuf::from("isocell-jailer"));
-    let run_dir = locate::run_dir();
-    let from = confine::Binaries {
-        kernel: &kernel,
-        initrd: &initrd,
-        image: &image,
-        vmm: &vmm,
-        jailer: jailer.as_deref(),
+    let host = HostConfig {
+        state_dir: state_dir(),
+        run_dir: locate::run_dir(),
+        vmm: locate::vmm()?,
+        // Described, not run: the jailer need not be here.
+        jailer: (!args.no_jail).then(|| PathBuf::from("isocell-jailer")),
+        agent_initrd: locate::agent_initrd(None)?,
+        seccomp_probe: None,
     };
-    let (view, jail) = confine::plan(&run_dir, "surface", &from, None, args.cpus, memory_mib);
-    let spec = CellSpec { cpus: args.cpus, memory_mib, ..CellSpec::default() };
-    let config = cell::vm_config(&view, &spec);
-    config.validate().map_err(|e| e.to_string())?;
-    let plan = isocell_vmm::device_manager::DevicePlan::new(&config).map_err(|e| e.to_string())?;
-    Ok(confine::surface(&config, &plan, jail.as_ref(), None))
+    let request = CellRequest {
+        kernel: locate::kernel(None)?,
+        image: CellImage::Block(locate::image(None)?),
+        cpus: args.cpus,
+        memory: args.memory.unwrap_or_default(),
+        kernel_args: String::new(),
+        max_lifetime_secs: None,
+        constraints: Default::default(),
+    };
+    let plan = CellPlan::new(&host, "surface", request).map_err(|e| e.to_string())?;
+    Ok(plan.surface(None))
 }

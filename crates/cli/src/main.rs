@@ -16,23 +16,21 @@ macro_rules! tell {
     }};
 }
 
-mod agent_link;
-mod cell;
-mod confine;
-mod evidence;
 mod exit;
 mod images;
 mod inspect;
-mod locate;
 mod run;
-mod state;
-mod transfer;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use isocell_host::plan::HOSTNAME;
+use isocell_host::{
+    locate, transfer, CellImage, CellRequest, ContainerImage, HostConfig, RunRequest,
+};
+use isocell_spec::MemorySize;
 
 /// Run commands in hardware-isolated, ephemeral microVMs.
 #[derive(Parser, Debug)]
@@ -69,8 +67,8 @@ struct RunArgs {
     #[arg(long)]
     cpus: Option<u64>,
     /// Guest memory: MiB, or a size such as 512M or 2G [default: the spec's, else 256M].
-    #[arg(long)]
-    memory: Option<String>,
+    #[arg(long, value_parser = parse_memory)]
+    memory: Option<MemorySize>,
     /// Environment variable for the command, K=V. Repeat for more.
     #[arg(short, long = "env", value_name = "K=V")]
     env: Vec<String>,
@@ -157,6 +155,11 @@ struct RunArgs {
     /// The command and its arguments, after `--` (or `command` in the spec).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
+}
+
+/// `--memory`, parsed and range-checked once.
+fn parse_memory(s: &str) -> Result<MemorySize, String> {
+    s.parse().map_err(|e: isocell_spec::MemorySizeError| e.to_string())
 }
 
 fn parse_env(items: &[String]) -> Result<Vec<(String, String)>, String> {
@@ -302,7 +305,7 @@ fn parse_outputs(items: &[String]) -> Result<Vec<(String, PathBuf)>, String> {
         .collect()
 }
 
-fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
+fn options(mut args: RunArgs) -> Result<run::Run, String> {
     let spec = match &args.spec {
         Some(path) => {
             let text = read_text_file("--spec", path)?;
@@ -317,7 +320,7 @@ fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
         args.command = spec.command.clone();
     }
     let cpus_arg = args.cpus.or(spec.cpus).unwrap_or(1);
-    let memory_arg = args.memory.clone().or(spec.memory.clone()).unwrap_or_else(|| "256M".into());
+    let memory = args.memory.or(spec.memory).unwrap_or_default();
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     env.append(&mut args.env);
     args.env = env;
@@ -362,12 +365,6 @@ fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
         .ok()
         .filter(|n| (isocell_spec::vm::MIN_VCPUS..=isocell_spec::vm::MAX_VCPUS).contains(n))
         .ok_or_else(|| format!("--cpus {cpus_arg}: a cell has 1 to 32 vCPUs"))?;
-    let memory_mib =
-        isocell_vmm::config::parse_memory_mib(&memory_arg).map_err(|e| e.to_string())?;
-    if !(isocell_spec::vm::MIN_MEMORY_MIB..=isocell_spec::vm::MAX_MEMORY_MIB).contains(&memory_mib)
-    {
-        return Err(format!("--memory {memory_arg}: give between 32 MiB and 1 TiB"));
-    }
     if let Some(w) = &args.workdir {
         if !w.starts_with('/') {
             return Err(format!("--workdir {w:?}: must be an absolute path in the cell"));
@@ -380,9 +377,9 @@ fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
     let env = parse_env(&args.env)?;
     let image_name = args.image.as_deref().or(args.image_arg.as_deref());
     let parsed = image_name.map(isocell_image::ImageRef::parse).transpose()?;
-    let (image, container, process) = match parsed {
-        None => (locate::image(None)?, None, None),
-        Some(isocell_image::ImageRef::Raw(p)) => (locate::image(Some(&p))?, None, None),
+    let (image, process) = match parsed {
+        None => (CellImage::Block(locate::image(None)?), None),
+        Some(isocell_image::ImageRef::Raw(p)) => (CellImage::Block(locate::image(Some(&p))?), None),
         Some(r) => {
             let resolved = images::resolve(&r, &args.fetch, false)?;
             let (passwd, group) = isocell_image::Store::user_db(&resolved.dir);
@@ -398,11 +395,11 @@ fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
                 &overrides,
                 passwd.as_deref(),
                 group.as_deref(),
-                cell::HOSTNAME,
+                HOSTNAME,
             )
             .map_err(|e| format!("image {}: {e}", resolved.name))?;
             let pinned = r.pinned_digest().is_some();
-            (resolved.root_image(), Some(run::ContainerImage { resolved, pinned }), Some(process))
+            (CellImage::Container(Box::new(ContainerImage { resolved, pinned })), Some(process))
         }
     };
     let process = match process {
@@ -429,14 +426,21 @@ fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
             }
         }
     };
-    Ok(run::RunOptions {
-        kernel: locate::kernel(args.kernel.as_deref())?,
-        image,
-        container,
-        vmm: locate::vmm()?,
-        jailer: if args.no_jail { None } else { Some(jailer()?) },
-        cpus,
-        memory_mib,
+    let kernel = locate::kernel(args.kernel.as_deref())?;
+    if !args.no_jail {
+        need_root()?;
+    }
+    let host = HostConfig::discover(!args.no_jail).map_err(|e| e.to_string())?;
+    let request = RunRequest {
+        cell: CellRequest {
+            kernel,
+            image,
+            cpus,
+            memory,
+            kernel_args: args.kernel_args.unwrap_or_default(),
+            max_lifetime_secs: None,
+            constraints,
+        },
         process,
         inputs: parse_inputs(&args.inputs)?,
         outputs: parse_outputs(&args.outputs)?,
@@ -445,23 +449,20 @@ fn options(mut args: RunArgs) -> Result<run::RunOptions, String> {
         copy_timeout,
         output_max_bytes,
         output_max_entries: args.output_max_entries,
-        interactive: args.interactive,
-        report: args.report,
-        kernel_args: args.kernel_args.unwrap_or_default(),
-        constraints,
         policy_files: args.policies,
-    })
+    };
+    Ok(run::Run { host, request, interactive: args.interactive, report: args.report })
 }
 
-/// The jailer, which needs root to build a jail.
-fn jailer() -> Result<PathBuf, String> {
+/// The jail needs root to build.
+fn need_root() -> Result<(), String> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Err("the cell's jail (namespaces, cgroup, an unprivileged uid) needs root: run \
              isocell as root, or pass --no-jail (public data only under the default policy)"
             .into());
     }
-    locate::jailer()
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -476,7 +477,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(args) => match options(*args) {
             Err(e) => exit::fail(&e),
-            Ok(opts) => run::run(&opts, started),
+            Ok(r) => run::run(r, started),
         },
         Command::Host(cmd) => inspect::host(cmd),
         Command::Audit(cmd) => inspect::audit(cmd),

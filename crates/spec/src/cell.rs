@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::MemorySize;
+
 /// How sensitive the data a cell handles is, lowest first.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -98,9 +100,9 @@ pub struct CellSpec {
     /// vCPUs.
     #[serde(default)]
     pub cpus: Option<u64>,
-    /// Guest memory, such as "512M".
+    /// Guest memory, such as "512M" (or a number of MiB).
     #[serde(default)]
-    pub memory: Option<String>,
+    pub memory: Option<MemorySize>,
     /// Environment of the command.
     #[serde(default)]
     pub env: BTreeMap<String, String>,

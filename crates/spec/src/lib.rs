@@ -4,8 +4,10 @@
 
 pub mod cell;
 pub mod host;
+pub mod memory;
 pub mod vm;
 
 pub use cell::{CellSpec, Classification, Constraints};
 pub use host::HostProfile;
+pub use memory::{MemorySize, MemorySizeError};
 pub use vm::{ConsoleConfig, DriveConfig, MmioPlacement, VmConfig, VmConfigError, VsockConfig};

@@ -86,23 +86,11 @@ pub fn from_file(path: &Path) -> Result<VmConfig, ConfigError> {
     serde_json::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e.to_string()))
 }
 
-/// Parses a memory size: MiB by default, or with an `M`/`MiB`/`G`/`GiB` suffix.
+/// Parses `--memory`: MiB by default, or with an `M`/`MiB`/`G`/`GiB`/`T`/`TiB` suffix.
 pub fn parse_memory_mib(s: &str) -> Result<u64, ConfigError> {
-    let t = s.trim();
-    let (num, mult) = if let Some(n) = t.strip_suffix("TiB").or_else(|| t.strip_suffix('T')) {
-        (n, 1024 * 1024)
-    } else if let Some(n) = t.strip_suffix("GiB").or_else(|| t.strip_suffix('G')) {
-        (n, 1024)
-    } else if let Some(n) = t.strip_suffix("MiB").or_else(|| t.strip_suffix('M')) {
-        (n, 1)
-    } else {
-        (t, 1)
-    };
-    num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).ok_or_else(|| {
-        ConfigError::Flag(format!(
-            "--memory {s:?}: give MiB as a number, or a size like 256M, 2G or 1T"
-        ))
-    })
+    s.parse::<isocell_spec::MemorySize>()
+        .map(isocell_spec::MemorySize::mib)
+        .map_err(|e| ConfigError::Flag(format!("--memory {e}")))
 }
 
 /// Parses `--console`: `stdout`, `off` or `file:PATH`.

@@ -3,13 +3,13 @@
 //! its phases (median, min, max) as JSON. Not a test: timings are never asserted, only recorded
 //! with the machine they ran on. Both series run in the same test host, so they compare.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use ed25519_dalek::SigningKey;
-use isocell_spec::Classification;
+use isocell_host::{CellImage, CellPlan, CellRequest, HostConfig};
+use isocell_spec::MemorySize;
 use isocell_testhost::host::{self, project_root};
 use isocell_testhost::stats::{summarize, Summary};
 use isocell_testhost::{HostKind, Scenario, Step, StepResult, TestHost};
@@ -93,116 +93,80 @@ fn evidence_cost(r: &StepResult, name: &str) -> Option<f64> {
     costs.get(name)?.as_f64()
 }
 
-/// One cell's evidence, natively on this machine: the library calls `isocell run` makes, in its
-/// order, with the audit log on this machine's disk (the nested host's log is on a tmpfs under
-/// emulation, which says little about either cost). Returns the costs in ms, as `EVIDENCE_COSTS`.
+/// One cell's evidence, natively on this machine: the lifecycle library's own plan,
+/// measurement, admission, receipts and audit appends, in the order a cell makes them, with the
+/// audit log on this machine's disk (the nested host's log is on a tmpfs under emulation, which
+/// says little about either cost). Returns the costs in ms, as `EVIDENCE_COSTS`.
 fn native_evidence_cell(
-    dir: &Path,
+    host: &HostConfig,
     paths: &isocell_testhost::host::Paths,
     cell: usize,
-    key: &SigningKey,
 ) -> Result<[f64; 5]> {
-    use isocell_evidence::{audit::AuditLog, measure, policy, receipt};
-    let since = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
-    let cell_id = format!("bench-{cell}");
-
+    use isocell_host::evidence::ms_since;
+    let id = format!("bench{cell}");
+    let request = CellRequest {
+        kernel: paths.vmlinux.clone(),
+        image: CellImage::Block(paths.rootfs.clone()),
+        cpus: 1,
+        memory: MemorySize::DEFAULT,
+        kernel_args: String::new(),
+        max_lifetime_secs: None,
+        constraints: Default::default(),
+    };
+    let plan = CellPlan::new(host, &id, request)?;
+    let mut ev = isocell_host::cell::open_evidence(host, &id)?;
     let t = Instant::now();
-    let cache = measure::DigestCache::new(dir.join("digests"));
-    let vm_config = json!({ "vcpus": 1, "memory_mib": 128, "cell": cell_id });
-    let m = measure::measure(
-        &measure::LaunchInputs {
-            image_digest: None,
-            image_identity: None,
-            kernel: &paths.vmlinux,
-            initrd: Some(&paths.agent_initrd),
-            cmdline: "console=ttyS0 quiet",
-            image: &paths.rootfs,
-            vm_config: &vm_config,
-            vmm: &paths.vmm,
-            seccomp: Some(b"the VMM's seccomp rules"),
-        },
-        Some(&cache),
-    )
-    .map_err(anyhow::Error::msg)?;
-    let measure_ms = since(t);
-
+    let cache = isocell_evidence::measure::DigestCache::new(host.state_dir.join("digests"));
+    let m = plan.measure(Some(&cache)).map_err(anyhow::Error::msg)?;
+    ev.costs.measure_ms += ms_since(t);
     let t = Instant::now();
     let policies =
-        policy::Policies::load_standard(&dir.join("policies"), &[]).map_err(anyhow::Error::msg)?;
-    let request = policy::AdmissionRequest {
-        cell_id: cell_id.clone(),
-        host_id: "bench".into(),
-        host_jurisdiction: "EU".into(),
-        host_zone: "bench".into(),
-        operator: "bench".into(),
-        cpus: 1,
-        memory_mib: 128,
-        image_digest: m.components.get("root_image").cloned().unwrap_or_default(),
-        image_reference: "bench".into(),
-        image_kind: "raw".into(),
-        image_reference_pinned: false,
-        jurisdictions: vec![],
-        classification: Classification::Internal.as_str().into(),
-        classification_level: Classification::Internal as i64,
-        image_digests: vec![],
-        max_lifetime_secs: None,
-        jailed: true,
-    };
-    let decision = policies.decide(&request).map_err(anyhow::Error::msg)?;
-    let policy_ms = since(t);
+        isocell_evidence::policy::Policies::load_standard(&host.state_dir.join("policies"), &[]);
+    ev.costs.policy_ms += ms_since(t);
+    let request = plan.admission_request(&ev.host.profile, &m);
+    let decision = ev.admit(policies, &request, &m).map_err(anyhow::Error::msg)?;
     if !decision.allowed {
         bail!("the default policy denied the benchmark cell: {}", decision.explain());
     }
-
-    let mut audit_ms = 0.0;
-    let mut receipts_ms = 0.0;
-    let t = Instant::now();
-    let log = AuditLog::open(&dir.join("audit"), key.clone())?;
-    let append = |kind: &str, data: Value| -> Result<()> {
-        log.append(kind, Some(&cell_id), data)?;
-        Ok(())
-    };
-    append("admission", json!({ "decision": "allow", "request": request }))?;
-    audit_ms += since(t);
-    let receipt = |name: &str, body: Value| -> Result<()> {
-        let text = serde_json::to_string_pretty(&receipt::sign(&body, key))?;
-        std::fs::write(dir.join(format!("{cell_id}-{name}")), text + "\n")?;
-        Ok(())
-    };
-    let t = Instant::now();
-    receipt("launch.json", json!({ "kind": "launch", "launch_digest": m.launch_digest }))?;
-    receipts_ms += since(t);
-    let t = Instant::now();
-    append("create", json!({ "launch_digest": m.launch_digest }))?;
-    append("start", json!({ "boot_ms": 100 }))?;
-    append("exec", json!({ "program": "true" }))?;
-    append("exit", json!({ "exit_code": 0, "outcome": "exited" }))?;
-    audit_ms += since(t);
-    let t = Instant::now();
-    receipt("exit.json", json!({ "kind": "exit", "exit_code": 0 }))?;
-    receipts_ms += since(t);
-    let t = Instant::now();
-    append("teardown", json!({ "exit_code": 0 }))?;
-    log.checkpoint()?;
-    audit_ms += since(t);
+    let argv = ["true".to_owned()];
+    ev.launched(&m, &decision, &argv, None, &plan.image_identity()).map_err(anyhow::Error::msg)?;
+    for (kind, data) in [
+        ("start", json!({ "boot_ms": 100 })),
+        ("exec", json!({ "program": "true" })),
+        ("exit", json!({ "exit_code": 0, "outcome": "exited" })),
+    ] {
+        ev.log(kind, data).map_err(anyhow::Error::msg)?;
+    }
+    let checks = json!({ "vmm_process_gone": true });
+    ev.ended(Some(0), "exited", &checks, json!({ "surface": plan.surface(None) }))
+        .map_err(anyhow::Error::msg)?;
+    let c = &ev.costs;
     Ok([
-        measure_ms,
-        policy_ms,
-        receipts_ms,
-        audit_ms,
-        measure_ms + policy_ms + receipts_ms + audit_ms,
+        c.measure_ms,
+        c.policy_ms,
+        c.receipts_ms,
+        c.audit_ms,
+        c.measure_ms + c.policy_ms + c.receipts_ms + c.audit_ms,
     ])
 }
 
 /// `runs` + 1 cells' evidence natively (the first warms caches and is not counted), in a
-/// scratch directory under `build/bench` that is removed afterwards.
+/// scratch state directory under `build/bench` that is removed afterwards.
 fn native_evidence(runs: usize) -> Result<Vec<[f64; 5]>> {
     let paths = isocell_testhost::host::Paths::discover()?;
     let dir = project_root().join(format!("build/bench/evidence-native-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let key = SigningKey::from_bytes(&[7; 32]);
+    let host = HostConfig {
+        state_dir: dir.join("state"),
+        run_dir: dir.join("run"),
+        vmm: paths.vmm.clone(),
+        // Planned jailed, as `isocell run` plans as root; nothing is started.
+        jailer: Some(PathBuf::from("isocell-jailer")),
+        agent_initrd: paths.agent_initrd.clone(),
+        seccomp_probe: None,
+    };
     let costs: Result<Vec<_>> =
-        (0..=runs).map(|i| native_evidence_cell(&dir, &paths, i, &key)).collect();
+        (0..=runs).map(|i| native_evidence_cell(&host, &paths, i)).collect();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(costs?.into_iter().skip(1).collect())
 }

@@ -17,19 +17,6 @@ use serde_json::json;
 /// so that its audit log starts with a genesis entry (see [`Host::init`]).
 pub const PROFILE_FILE: &str = "host.toml";
 
-/// The state directory.
-pub fn state_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("ISOCELL_STATE_DIR") {
-        return PathBuf::from(d);
-    }
-    // SAFETY: getuid has no preconditions and cannot fail.
-    if unsafe { libc::getuid() } == 0 {
-        return PathBuf::from("/var/lib/isocell");
-    }
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-    home.join(".local/state/isocell")
-}
-
 fn mkdir(dir: &Path) -> Result<(), String> {
     fs::DirBuilder::new()
         .recursive(true)

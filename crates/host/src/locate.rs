@@ -1,6 +1,8 @@
-//! Finding what a cell is made of: the VMM binary, the cell kernel, the agent's initramfs and
-//! the base image. Explicit flags win, then environment variables, then the project's build
-//! directory.
+//! Finding what a cell is made of (the VMM binary, the jailer, the cell kernel, the agent's
+//! initramfs, the base image) and the state and run directories. Explicit flags win, then
+//! environment variables, then the project's build directory. Only the binaries and
+//! [`HostConfig::discover`](crate::HostConfig::discover) call these; the lifecycle is given
+//! what they found.
 
 use std::path::{Path, PathBuf};
 
@@ -114,4 +116,18 @@ pub fn run_dir() -> PathBuf {
         return PathBuf::from("/run/isocell");
     }
     std::env::temp_dir().join(format!("isocell-{uid}"))
+}
+
+/// The state directory: `ISOCELL_STATE_DIR`, else `/var/lib/isocell` for root, else
+/// `~/.local/state/isocell`.
+pub fn state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("ISOCELL_STATE_DIR") {
+        return PathBuf::from(d);
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    if unsafe { libc::getuid() } == 0 {
+        return PathBuf::from("/var/lib/isocell");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    home.join(".local/state/isocell")
 }

@@ -185,7 +185,7 @@ impl CellEvidence {
     /// logs the teardown and closes with a checkpoint.
     pub fn ended(
         &mut self,
-        exit_code: u8,
+        exit_code: Option<i32>,
         outcome: &str,
         checks: &Value,
         facts: Value,
@@ -250,7 +250,7 @@ mod tests {
         let old_log = std::fs::read(dir.join("audit").join(LOG_FILE)).unwrap();
         let old_head = std::fs::read(dir.join("audit").join(HEAD_FILE)).unwrap();
         ev.log("exit", json!({"exit_code": 0})).unwrap();
-        let exit = ev.ended(0, "exited", &json!({}), json!({})).unwrap();
+        let exit = ev.ended(Some(0), "exited", &json!({}), json!({})).unwrap();
 
         let entries = audit::read_entries(&dir.join("audit")).unwrap();
         let kinds: Vec<&str> = entries.iter().map(|e| e["kind"].as_str().unwrap()).collect();

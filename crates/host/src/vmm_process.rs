@@ -1,6 +1,6 @@
 //! One cell's host side: its private directory (vsock sockets, console log, VMM report), the
-//! VMM process, and teardown. Dropping a [`Cell`] kills a VMM that is still running and removes
-//! the directory, so no path out of `isocell run` leaves anything behind.
+//! VMM process (or the jailer whose child it is), and teardown. Dropping a [`Vmm`] kills a VMM
+//! that is still running and removes the directory, so no early return leaves anything behind.
 
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Seek, SeekFrom};
@@ -14,116 +14,9 @@ use std::time::{Duration, Instant};
 
 use isocell_jail::cgroup::{self, CellCgroup};
 use isocell_proto::AGENT_PORT;
-use isocell_spec::{ConsoleConfig, DriveConfig, VmConfig, VsockConfig};
+use isocell_spec::VmConfig;
 
-use crate::confine::{host_dirs, JailPlan, VmmView};
-
-/// The guest's vsock context id; each VMM has its own vsock namespace, so every cell uses 3.
-const GUEST_CID: u64 = 3;
-
-/// Every cell's host name (the same for all, so equal launches measure equal).
-pub const HOSTNAME: &str = "cell";
-
-/// The guest device of the cell's image, the first virtio disk.
-pub const IMAGE_DEVICE: &str = "/dev/vda";
-
-/// What a cell is built from.
-pub struct CellSpec {
-    /// vCPUs.
-    pub cpus: u8,
-    /// Guest memory in MiB.
-    pub memory_mib: u64,
-    /// Extra kernel arguments (the operator's).
-    pub kernel_args: String,
-    /// Hard limit on the VM's life.
-    pub max_lifetime_secs: Option<u64>,
-    /// The guest device the agent mounts as the cell image (`isocell.root=`): the image's disk
-    /// ([`IMAGE_DEVICE`]), or a device the kernel builds over it, such as `/dev/dm-0` for
-    /// dm-verity.
-    pub root_device: String,
-    /// The image's filesystem type (`isocell.rootfstype=`).
-    pub root_fstype: String,
-    /// Kernel arguments that come with the image, such as `dm-mod.create=...` for its
-    /// dm-verity device; after the operator's, so these win.
-    pub extra_boot_args: String,
-    /// The cell's host name (`isocell.hostname=`; letters, digits, `-` and `.`, at most 63).
-    pub hostname: String,
-}
-
-impl Default for CellSpec {
-    /// One vCPU, 128 MiB, the plain base image on [`IMAGE_DEVICE`], host name `cell`.
-    fn default() -> Self {
-        CellSpec {
-            cpus: 1,
-            memory_mib: 128,
-            kernel_args: String::new(),
-            max_lifetime_secs: None,
-            root_device: IMAGE_DEVICE.to_owned(),
-            root_fstype: "ext4".to_owned(),
-            extra_boot_args: String::new(),
-            hostname: "cell".to_owned(),
-        }
-    }
-}
-
-/// The kernel arguments of a cell beyond the VMM's own: the operator's first, then the ones
-/// that tell the agent where its image is (so the operator's cannot point it elsewhere), then
-/// the image's own.
-pub fn boot_args(spec: &CellSpec) -> String {
-    let words = [
-        "quiet",
-        spec.kernel_args.trim(),
-        &format!("isocell.root={}", spec.root_device),
-        &format!("isocell.rootfstype={}", spec.root_fstype),
-        &format!("isocell.hostname={}", spec.hostname),
-        spec.extra_boot_args.trim(),
-    ];
-    words.iter().filter(|w| !w.is_empty()).copied().collect::<Vec<_>>().join(" ")
-}
-
-/// The exact VM configuration the VMM is started with, in the paths it sees (`view`). In a
-/// jail these are the same for every cell, so equal launches measure equal.
-///
-/// The kernel starts the agent from its initramfs; the image is a read-only disk that the
-/// agent mounts itself (no `root=`: nothing of the image runs before the workload).
-pub fn vm_config(view: &VmmView, spec: &CellSpec) -> VmConfig {
-    let mut c = VmConfig::new(&view.kernel);
-    c.vcpus = spec.cpus;
-    c.memory_mib = spec.memory_mib;
-    c.initrd = Some(view.initrd.clone());
-    c.boot_args = boot_args(spec);
-    c.console = ConsoleConfig::File(view.cell_dir.join("console.log"));
-    c.drives = vec![DriveConfig {
-        id: "root".into(),
-        path: view.image.clone(),
-        read_only: true,
-        root: false,
-        placement: None,
-    }];
-    c.vsock =
-        Some(VsockConfig { guest_cid: GUEST_CID, uds_path: view.cell_dir.join("vsock.sock") });
-    c.max_lifetime_secs = spec.max_lifetime_secs;
-    c
-}
-
-/// What the launch measurement sees of a configuration: the cell's own directory becomes
-/// `{cell}` (it differs per cell only when unjailed), so equal launches measure equal.
-pub fn measured_config(config: &VmConfig, view: &VmmView) -> serde_json::Value {
-    let prefix = view.cell_dir.to_string_lossy().into_owned();
-    let mut v = serde_json::to_value(config).unwrap_or_default();
-    fn walk(v: &mut serde_json::Value, prefix: &str) {
-        match v {
-            serde_json::Value::String(s) if s.starts_with(prefix) => {
-                *s = format!("{{cell}}{}", &s[prefix.len()..]);
-            }
-            serde_json::Value::Array(a) => a.iter_mut().for_each(|x| walk(x, prefix)),
-            serde_json::Value::Object(o) => o.values_mut().for_each(|x| walk(x, prefix)),
-            _ => {}
-        }
-    }
-    walk(&mut v, &prefix);
-    v
-}
+use crate::confine::{host_dirs, JailPlan};
 
 /// Teardown facts, each checked rather than assumed.
 #[derive(Debug, serde::Serialize)]
@@ -141,8 +34,8 @@ pub struct TeardownChecks {
     pub cell_files_removed: bool,
 }
 
-/// A running (or stopped) cell.
-pub struct Cell {
+/// A cell's VMM process and host directory, running or stopped.
+pub struct Vmm {
     /// The cell's host directory.
     dir: PathBuf,
     /// The directory shared with the VMM.
@@ -159,15 +52,6 @@ pub struct Cell {
     owner: Option<File>,
     /// The jailer's standard output, on which it reports the VMM's pid once it has forked it.
     jailer_report: Option<std::process::ChildStdout>,
-}
-
-/// Test aid: `ISOCELL_TEST_SECCOMP_PROBE=KIND` makes a VMM thread of that kind call a syscall
-/// no filter allows, so tests can see enforcement end to end.
-fn seccomp_probe() -> Vec<String> {
-    match std::env::var("ISOCELL_TEST_SECCOMP_PROBE") {
-        Ok(kind) => vec!["--seccomp-probe".into(), kind],
-        Err(_) => Vec::new(),
-    }
 }
 
 /// The file in a cell's directory naming the `isocell` process that owns it.
@@ -312,16 +196,22 @@ pub fn new_id() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-impl Cell {
+impl Vmm {
     /// Creates the cell's directory under `run_dir`, listens for the agent and starts `vmm`
-    /// with `config` (from [`vm_config`]), inside `jail` when given.
+    /// with `config`, inside `jail` when given. `seccomp_probe` is the test aid of
+    /// [`crate::HostConfig::seccomp_probe`].
     pub fn start(
         run_dir: &Path,
         id: &str,
         vmm: &Path,
         config: &VmConfig,
         jail: Option<&JailPlan>,
-    ) -> Result<Cell, String> {
+        seccomp_probe: Option<&str>,
+    ) -> Result<Vmm, String> {
+        let probe: Vec<String> = match seccomp_probe {
+            Some(kind) => vec!["--seccomp-probe".into(), kind.into()],
+            None => Vec::new(),
+        };
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -335,7 +225,7 @@ impl Cell {
             .mode(0o700)
             .create(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let mut cell = Cell {
+        let mut cell = Vmm {
             dir: dir.clone(),
             shared: shared.clone(),
             vmm: None,
@@ -378,7 +268,7 @@ impl Cell {
                     .map_err(|e| format!("cannot create the cell's cgroup: {e}"))?;
                 let mut spec = j.spec.clone();
                 spec.cgroup = Some(cg.path().to_owned());
-                spec.argv.extend(seccomp_probe());
+                spec.argv.extend(probe.iter().cloned());
                 cell.cgroup = Some(cg);
                 let spec_path = dir.join("jail.json");
                 let text = serde_json::to_string_pretty(&spec).map_err(|e| e.to_string())?;
@@ -392,7 +282,7 @@ impl Cell {
                 let mut cmd = Command::new(vmm);
                 cmd.arg("--config").arg(&config_path);
                 cmd.arg("--report").arg(shared.join("vmm-report.json"));
-                cmd.args(seccomp_probe());
+                cmd.args(&probe);
                 cmd
             }
         };
@@ -598,7 +488,7 @@ impl Cell {
     }
 }
 
-impl Drop for Cell {
+impl Drop for Vmm {
     fn drop(&mut self) {
         self.kill();
         if let Some(cg) = self.cgroup.take() {
@@ -633,45 +523,4 @@ fn tail(path: &Path, lines: usize) -> String {
     let text = String::from_utf8_lossy(&buf);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn view() -> VmmView {
-        VmmView {
-            kernel: "/boot/vmlinux".into(),
-            initrd: "/boot/agent-initrd.cpio".into(),
-            image: "/disks/root.img".into(),
-            cell_dir: "/cell".into(),
-        }
-    }
-
-    #[test]
-    fn cells_boot_the_agent_from_the_initramfs_and_name_their_image() {
-        let spec = CellSpec { kernel_args: "loglevel=7".into(), ..CellSpec::default() };
-        let c = vm_config(&view(), &spec);
-        assert_eq!(c.initrd.as_deref(), Some(Path::new("/boot/agent-initrd.cpio")));
-        assert!(c.drives.iter().all(|d| d.read_only && !d.root), "no root= for the kernel");
-        assert_eq!(
-            c.boot_args,
-            "quiet loglevel=7 isocell.root=/dev/vda isocell.rootfstype=ext4 isocell.hostname=cell"
-        );
-    }
-
-    #[test]
-    fn the_images_own_arguments_come_last() {
-        let spec = CellSpec {
-            root_device: "/dev/dm-0".into(),
-            extra_boot_args: "dm-mod.create=\"vroot,,,ro,0 8 verity 1\"".into(),
-            hostname: "web-1".into(),
-            ..CellSpec::default()
-        };
-        assert_eq!(
-            boot_args(&spec),
-            "quiet isocell.root=/dev/dm-0 isocell.rootfstype=ext4 isocell.hostname=web-1 \
-             dm-mod.create=\"vroot,,,ro,0 8 verity 1\""
-        );
-    }
 }

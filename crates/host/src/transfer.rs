@@ -281,7 +281,7 @@ const STAGED: &str = "data";
 impl Staging {
     fn new(dest: PathBuf) -> Result<Staging, String> {
         let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let dir = parent.join(format!(".isocell-output-{}", crate::cell::new_id()));
+        let dir = parent.join(format!(".isocell-output-{}", crate::vmm_process::new_id()));
         fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| {
             format!("--output {}: cannot create {}: {e}", dest.display(), dir.display())
         })?;
@@ -526,7 +526,8 @@ mod tests {
     struct Scratch(PathBuf);
     impl Scratch {
         fn new() -> Self {
-            let d = std::env::temp_dir().join(format!("isocell-xfer-{}", crate::cell::new_id()));
+            let d =
+                std::env::temp_dir().join(format!("isocell-xfer-{}", crate::vmm_process::new_id()));
             fs::create_dir_all(&d).unwrap();
             Scratch(d)
         }
@@ -784,7 +785,8 @@ mod tests {
 
     #[test]
     fn opening_beneath_refuses_links_and_escapes() {
-        let dir = std::env::temp_dir().join(format!("isocell-beneath-{}", crate::cell::new_id()));
+        let dir =
+            std::env::temp_dir().join(format!("isocell-beneath-{}", crate::vmm_process::new_id()));
         fs::create_dir_all(dir.join("real")).unwrap();
         std::os::unix::fs::symlink("/etc", dir.join("link")).unwrap();
         std::os::unix::fs::symlink("/etc/hostname", dir.join("flink")).unwrap();

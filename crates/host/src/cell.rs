@@ -1,0 +1,426 @@
+//! A cell's life in phases: [`Admitted`] (measured, allowed by policy, nothing running yet) →
+//! [`Cell`] (VMM started, launch receipt signed) → ready (the agent said hello) → operations
+//! (`put`, `exec`, `get`) → [`Cell::delete`] (shutdown, teardown checked, exit receipt).
+//! Every phase writes its audit entries; every wait honours a [`Cancel`] token.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use isocell_evidence::measure::{DigestCache, LaunchMeasurement};
+use isocell_evidence::policy::{AdmissionDecision, Policies};
+use isocell_image::runconfig::Process;
+use isocell_proto::{ExecRequest, ExitStatus, Message, MAX_CHUNK};
+use serde_json::{json, Value};
+
+use crate::agent_link::{deadline_in, send_on, AgentLink};
+use crate::evidence::{ms_since, CellEvidence, Costs};
+use crate::state::Host;
+use crate::transfer::{self, OutputBudget};
+use crate::vmm_process::{self, TeardownChecks, Vmm};
+use crate::{Cancel, CancelReason, CellError, CellPlan, ExecFailure, HostConfig, OutputSink};
+
+/// How long a cell is given to power off by itself once asked, before its VMM is killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How long the agent is given to confirm a command started.
+const EXEC_START_LIMIT: Duration = Duration::from_secs(60);
+
+/// After asking the agent to kill a command, how long to wait for it to say so.
+const KILL_CONFIRM_LIMIT: Duration = Duration::from_secs(5);
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Termination {
+    /// It exited or was killed by a signal inside the cell; the status is the agent's.
+    Exited(ExitStatus),
+    /// It ran past its time limit and was killed.
+    TimedOut,
+    /// It was cancelled from outside (and killed).
+    Cancelled(CancelReason),
+}
+
+/// What the exit receipt records about how the cell's work ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The command's exit status by the shell's convention (N, or 128 + signal), when it had
+    /// one.
+    pub exit_code: Option<i32>,
+    /// `exited`, `timed_out`, `interrupted`, `not_found`, `cannot_execute`, `failed`,
+    /// `no_exit_status`, `output_refused`.
+    pub outcome: &'static str,
+}
+
+/// A cell that was measured and admitted; nothing runs yet.
+pub struct Admitted {
+    plan: CellPlan,
+    ev: CellEvidence,
+    measurement: LaunchMeasurement,
+    decision: AdmissionDecision,
+}
+
+/// Records a failure in the cell's audit log (a denial is already there as its decision).
+fn logged<T>(ev: &mut CellEvidence, r: Result<T, CellError>) -> Result<T, CellError> {
+    if let Err(e) = &r {
+        if !matches!(e, CellError::Denied(_)) {
+            let _ = ev.log("error", json!({ "message": e.to_string() }));
+        }
+    }
+    r
+}
+
+/// Opens the state directory and the audit log for cell `id`.
+pub fn open_evidence(host: &HostConfig, id: &str) -> Result<CellEvidence, CellError> {
+    let state = Host::load_or_init(&host.state_dir).map_err(CellError::Evidence)?;
+    CellEvidence::open(state, id).map_err(CellError::Evidence)
+}
+
+impl Admitted {
+    /// Measures the launch and asks the admission policy (the state directory's, the default
+    /// and `policy_files`), before anything exists. A denial is [`CellError::Denied`]; every
+    /// failure is in the audit log.
+    pub fn new(
+        plan: CellPlan,
+        mut ev: CellEvidence,
+        policy_files: &[PathBuf],
+    ) -> Result<Admitted, CellError> {
+        let decided = Self::decide(&plan, &mut ev, policy_files);
+        let (measurement, decision) = logged(&mut ev, decided)?;
+        Ok(Admitted { plan, ev, measurement, decision })
+    }
+
+    fn decide(
+        plan: &CellPlan,
+        ev: &mut CellEvidence,
+        policy_files: &[PathBuf],
+    ) -> Result<(LaunchMeasurement, AdmissionDecision), CellError> {
+        let t = Instant::now();
+        let cache = DigestCache::new(ev.host.dir.join("digests"));
+        let measurement = plan.measure(Some(&cache)).map_err(CellError::Evidence)?;
+        ev.costs.measure_ms += ms_since(t);
+        let t = Instant::now();
+        let policies = Policies::load_standard(&ev.host.dir.join("policies"), policy_files);
+        ev.costs.policy_ms += ms_since(t);
+        let request = plan.admission_request(&ev.host.profile, &measurement);
+        let decision = ev.admit(policies, &request, &measurement).map_err(CellError::Evidence)?;
+        if !decision.allowed {
+            return Err(CellError::Denied(decision.explain()));
+        }
+        Ok((measurement, decision))
+    }
+
+    /// The launch digest.
+    pub fn launch_digest(&self) -> &str {
+        &self.measurement.launch_digest
+    }
+
+    /// Checks that this host can run the cell, then starts its VMM (jailed if planned so) and
+    /// signs the launch receipt naming `command`. On failure the error is in the audit log.
+    pub fn start(mut self, host: &HostConfig, command: &[String]) -> Result<Cell, CellError> {
+        let vmm = self.start_vmm(host);
+        let vmm = logged(&mut self.ev, vmm)?;
+        let mut cell = Cell {
+            plan: self.plan,
+            ev: self.ev,
+            vmm,
+            link: None,
+            measurement: self.measurement,
+            launch_receipt: PathBuf::new(),
+        };
+        let pid = cell.vmm.vmm_pid(Duration::from_secs(5));
+        let identity = cell.plan.image_identity();
+        let receipt = cell.ev.launched(&cell.measurement, &self.decision, command, pid, &identity);
+        // On failure the cell's VMM goes with `cell` (its Drop tears down).
+        cell.launch_receipt = logged(&mut cell.ev, receipt.map_err(CellError::Evidence))?;
+        Ok(cell)
+    }
+
+    fn start_vmm(&mut self, host: &HostConfig) -> Result<Vmm, CellError> {
+        let memory = self.plan.request.memory.mib();
+        if let Some(total) = isocell_vmm::config::host_memory_mib() {
+            if memory > total {
+                return Err(CellError::Host(format!(
+                    "--memory {memory} MiB is more than this host's {total} MiB; give less"
+                )));
+            }
+        }
+        if let Err(e) = isocell_vmm::host_check::check() {
+            return Err(CellError::Host(format!(
+                "{e}\nOn this machine use the nested test host: scripts/run-cell.sh -- COMMAND"
+            )));
+        }
+        for stale in vmm_process::sweep_stale(&host.run_dir) {
+            let _ = self.ev.log("cleanup", json!({ "stale_cell": stale }));
+        }
+        Vmm::start(
+            &host.run_dir,
+            &self.plan.id,
+            &host.vmm,
+            &self.plan.config,
+            self.plan.jail.as_ref(),
+            host.seccomp_probe.as_deref(),
+        )
+        .map_err(CellError::Start)
+    }
+}
+
+/// A started cell: its VMM runs; once [`Cell::wait_ready`] returns, its agent answers.
+pub struct Cell {
+    plan: CellPlan,
+    ev: CellEvidence,
+    vmm: Vmm,
+    link: Option<AgentLink>,
+    measurement: LaunchMeasurement,
+    launch_receipt: PathBuf,
+}
+
+/// What [`Cell::delete`] leaves: the exit receipt and what teardown verified.
+pub struct Ended {
+    /// The signed exit receipt.
+    pub exit_receipt: PathBuf,
+    /// The launch receipt.
+    pub launch_receipt: PathBuf,
+    /// Each teardown fact, checked.
+    pub checks: TeardownChecks,
+    /// The VMM's own report (boot phases, memory), if it wrote one.
+    pub vmm_report: Option<Value>,
+    /// The launch digest.
+    pub launch_digest: String,
+    /// What the evidence cost.
+    pub costs: Costs,
+}
+
+impl Cell {
+    /// The cell's id.
+    pub fn id(&self) -> &str {
+        &self.plan.id
+    }
+
+    /// The cell's plan.
+    pub fn plan(&self) -> &CellPlan {
+        &self.plan
+    }
+
+    /// Records an audit event for this cell.
+    pub fn log(&mut self, kind: &str, data: Value) -> Result<(), CellError> {
+        self.ev.log(kind, data).map_err(CellError::Evidence)
+    }
+
+    /// Waits, at most `timeout`, for the agent to connect and complete the handshake.
+    /// Returns the agent's name.
+    pub fn wait_ready(&mut self, timeout: Duration, cancel: &Cancel) -> Result<String, CellError> {
+        let started = Instant::now();
+        let stream = match self.vmm.wait_for_agent(timeout, || cancel.is_cancelled()) {
+            Ok(s) => s,
+            Err(e) => {
+                return Err(match cancel.reason() {
+                    Some(r) => CellError::Cancelled(r),
+                    None => CellError::Boot(e),
+                })
+            }
+        };
+        let boot_ms = ms_since(started);
+        let (link, agent) = AgentLink::handshake(stream, timeout)
+            .map_err(|e| CellError::Agent(format!("{e}{}", self.vmm.diagnostics())))?;
+        self.link = Some(link);
+        self.log("start", json!({ "agent": agent, "boot_ms": boot_ms.round() as u64 }))?;
+        Ok(agent)
+    }
+
+    fn link(&mut self) -> Result<&mut AgentLink, CellError> {
+        self.link
+            .as_mut()
+            .ok_or_else(|| CellError::Agent("the cell's agent is not connected".into()))
+    }
+
+    /// Copies `host` (a file or a tree) to `guest` in the cell, by `deadline`.
+    pub fn put(&mut self, host: &Path, guest: &str, deadline: Instant) -> Result<(), CellError> {
+        transfer::put(self.link()?, host, guest, deadline).map_err(CellError::Transfer)
+    }
+
+    /// Copies `guest` (a file or a tree) out of the cell to `host`, within `budget`. Nothing
+    /// half-copied is left. After a refused copy the connection is out of step: the cell
+    /// takes no more copies or commands.
+    pub fn get(
+        &mut self,
+        guest: &str,
+        host: &Path,
+        budget: &mut OutputBudget,
+    ) -> Result<(), CellError> {
+        let r = transfer::get(self.link()?, guest, host, budget);
+        if let Err(e) = &r {
+            let _ = self.log("output_refused", json!({ "output": guest, "reason": e }));
+            self.link = None;
+        }
+        r.map_err(CellError::Transfer)
+    }
+
+    /// Runs `process` in the cell, its output to `sink` as it comes, `stdin` (if any)
+    /// forwarded until it ends. Stops it (SIGKILL to its process group) past `timeout` or
+    /// when `cancel` fires.
+    pub fn exec(
+        &mut self,
+        process: &Process,
+        stdin: Option<Box<dyn Read + Send>>,
+        sink: &mut dyn OutputSink,
+        timeout: Option<Duration>,
+        cancel: &Cancel,
+    ) -> Result<Termination, CellError> {
+        let argv_digest = isocell_evidence::canonical::sha256_hex(
+            serde_json::to_string(&process.argv).unwrap_or_default().as_bytes(),
+        );
+        self.log("exec", json!({ "program": process.argv.first(), "argv_sha256": argv_digest }))?;
+        self.exec_inner(process, stdin, sink, timeout, cancel)
+    }
+
+    fn exec_inner(
+        &mut self,
+        process: &Process,
+        stdin: Option<Box<dyn Read + Send>>,
+        sink: &mut dyn OutputSink,
+        timeout: Option<Duration>,
+        cancel: &Cancel,
+    ) -> Result<Termination, CellError> {
+        let link = self.link()?;
+        let agent = CellError::Agent;
+        link.send(&Message::Exec(ExecRequest {
+            argv: process.argv.clone(),
+            env: process.env.clone(),
+            cwd: Some(process.cwd.clone()),
+            uid: process.uid,
+            gid: process.gid,
+            groups: process.groups.clone(),
+            stdin: stdin.is_some(),
+        }))
+        .map_err(agent)?;
+        match link.expect(EXEC_START_LIMIT, "the command start").map_err(agent)? {
+            Message::Started { .. } => {}
+            Message::ExecFailed { errno, message } => {
+                let kind = match errno {
+                    libc::ENOENT => ExecFailure::NotFound,
+                    libc::EACCES | libc::ENOEXEC | libc::EPERM | libc::EISDIR => {
+                        ExecFailure::CannotExecute
+                    }
+                    _ => ExecFailure::Other,
+                };
+                return Err(CellError::Exec { kind, message });
+            }
+            other => return Err(agent(format!("unexpected reply {other:?} to exec"))),
+        }
+        let started = Instant::now();
+        if let Some(input) = stdin {
+            forward_stdin(input, link.writer());
+        }
+        let mut stopping: Option<(Termination, Instant)> = None;
+        loop {
+            match link.recv(Duration::from_millis(50)).map_err(agent)? {
+                Some(Message::Stdout(bytes)) => sink.stdout(&bytes),
+                Some(Message::Stderr(bytes)) => sink.stderr(&bytes),
+                Some(Message::Exited(status)) => {
+                    return Ok(stopping.map_or(Termination::Exited(status), |(t, _)| t))
+                }
+                Some(other) => {
+                    return Err(agent(format!("unexpected message {other:?} from the agent")))
+                }
+                None => {}
+            }
+            if let Some((t, since)) = &stopping {
+                // The agent was told to kill the command; if it cannot say so, stop waiting.
+                if since.elapsed() > KILL_CONFIRM_LIMIT {
+                    return Ok(*t);
+                }
+                continue;
+            }
+            let why = if let Some(reason) = cancel.reason() {
+                Some(Termination::Cancelled(reason))
+            } else if timeout.is_some_and(|t| started.elapsed() > t) {
+                Some(Termination::TimedOut)
+            } else {
+                None
+            };
+            if let Some(t) = why {
+                link.send(&Message::Signal(libc::SIGKILL)).map_err(agent)?;
+                stopping = Some((t, Instant::now()));
+            }
+        }
+    }
+
+    /// Ends the cell: asks the agent to power off, kills the VMM if it has not within a grace
+    /// period, removes the cgroup and directory, checks each is gone, and signs the exit
+    /// receipt with `verdict`. Warnings (an unclean shutdown, a failed check) go to `sink`.
+    pub fn delete(
+        mut self,
+        verdict: &Verdict,
+        sink: &mut dyn OutputSink,
+    ) -> Result<Ended, CellError> {
+        if let Some(link) = self.link.take() {
+            let _ = link.send(&Message::Shutdown);
+        }
+        let status = self.vmm.stop(SHUTDOWN_GRACE);
+        if !status.is_some_and(|s| s.success()) {
+            sink.notice(&format!(
+                "warning: the cell did not shut down cleanly (VMM {}){}",
+                status.map_or("killed".into(), |s| s.to_string()),
+                self.vmm.diagnostics()
+            ));
+        }
+        let Cell { plan, mut ev, vmm, measurement, launch_receipt, .. } = self;
+        let vmm_report = vmm.vmm_report();
+        let (checks, oom_kills) = vmm.teardown();
+        let checks_json = serde_json::to_value(&checks).unwrap_or_default();
+        if checks_json.as_object().is_some_and(|o| o.values().any(|v| v != &Value::Bool(true))) {
+            sink.notice(&format!("warning: a teardown check failed: {checks_json}"));
+        }
+        let negotiated = vmm_report.as_ref().and_then(|r| r.get("negotiated_features"));
+        let surface = plan.surface(negotiated);
+        let result = (|| {
+            let surface_path = ev.write_record("surface.json", &surface)?;
+            let facts = json!({
+                "surface": surface_path,
+                "surface_sha256": isocell_evidence::canonical::sha256_hex(
+                    isocell_evidence::canonical::to_canonical_string(&surface).as_bytes(),
+                ),
+                "oom_kills": oom_kills,
+            });
+            ev.ended(verdict.exit_code, verdict.outcome, &checks_json, facts)
+        })();
+        let exit_receipt = result.map_err(CellError::Evidence)?;
+        Ok(Ended {
+            exit_receipt,
+            launch_receipt,
+            checks,
+            vmm_report,
+            launch_digest: measurement.launch_digest,
+            costs: ev.costs,
+        })
+    }
+}
+
+/// Copies `input` to the command until it ends (a thread, so a blocked read never holds up the
+/// cell).
+fn forward_stdin(
+    mut input: Box<dyn Read + Send>,
+    writer: std::sync::Arc<std::sync::Mutex<std::os::unix::net::UnixStream>>,
+) {
+    let _ = std::thread::Builder::new().name("stdin".into()).spawn(move || {
+        let mut buf = vec![0u8; MAX_CHUNK];
+        loop {
+            match input.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = send_on(&writer, &Message::StdinEof);
+                    return;
+                }
+                Ok(n) => {
+                    if send_on(&writer, &Message::Stdin(buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// A deadline `wait` from now (saturating).
+pub fn deadline(wait: Duration) -> Instant {
+    deadline_in(wait)
+}

@@ -1,0 +1,70 @@
+//! Typed errors of the lifecycle. Each says what was wrong and what to do; the CLI maps them to
+//! exit statuses and the daemon to HTTP statuses, so neither convention lives here.
+
+/// Why a cell could not be planned: the request or the host's files. Nothing exists yet.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// A value in the request is out of range or malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// A file the cell is built from cannot be used.
+    #[error("{0}")]
+    File(String),
+    /// The devices cannot be placed (more disks than windows, overlaps).
+    #[error("{0}")]
+    Devices(String),
+}
+
+/// How a command failed to start in the cell (the agent's answer to `Exec`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecFailure {
+    /// No such program in the cell.
+    NotFound,
+    /// The program exists but cannot be executed (permissions, format, a directory).
+    CannotExecute,
+    /// Anything else the agent reported.
+    Other,
+}
+
+/// Why a cell operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CellError {
+    /// The cell could not be planned.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The image could not be found, fetched or converted.
+    #[error(transparent)]
+    Image(#[from] isocell_image::StoreError),
+    /// The admission policy said no; nothing was started.
+    #[error("admission {0}; no cell was started")]
+    Denied(String),
+    /// This host cannot run the cell (no hardware virtualization, not enough memory).
+    #[error("{0}")]
+    Host(String),
+    /// The state directory, audit log or receipts could not be written or read.
+    #[error("{0}")]
+    Evidence(String),
+    /// The cell's directory, cgroup, jail or VMM could not be set up.
+    #[error("{0}")]
+    Start(String),
+    /// The cell did not come up (VMM stopped, agent silent past the boot timeout).
+    #[error("{0}")]
+    Boot(String),
+    /// The agent broke the protocol, went away or did not answer in time.
+    #[error("{0}")]
+    Agent(String),
+    /// A file or tree copy into or out of the cell failed (nothing half-copied is kept).
+    #[error("{0}")]
+    Transfer(String),
+    /// The command did not start.
+    #[error("{message}")]
+    Exec {
+        /// What kind of failure the agent reported.
+        kind: ExecFailure,
+        /// The agent's message.
+        message: String,
+    },
+    /// The operation was cancelled before it finished.
+    #[error("cancelled ({0:?})")]
+    Cancelled(crate::CancelReason),
+}

@@ -1,0 +1,416 @@
+//! A cell's plan: everything about a cell that can be decided before it exists, decided once.
+//! [`CellPlan::new`] turns a [`CellRequest`] into the VM configuration, the device plan and
+//! kernel command line, the jail, and the inputs of the launch measurement; `isocell run`,
+//! `isocell surface`, the daemon and the benchmark all plan through it.
+
+use std::path::PathBuf;
+
+use isocell_evidence::measure::LaunchInputs;
+use isocell_evidence::policy::AdmissionRequest;
+use isocell_spec::VsockConfig;
+use isocell_spec::{ConsoleConfig, Constraints, DriveConfig, HostProfile, MemorySize, VmConfig};
+use isocell_vmm::device_manager::DevicePlan;
+use serde_json::{json, Value};
+
+use crate::confine::{self, JailPlan, Pinned, VmmView};
+use crate::{HostConfig, PlanError};
+
+/// The guest's vsock context id; each VMM has its own vsock namespace, so every cell uses 3.
+const GUEST_CID: u64 = 3;
+
+/// Every cell's host name (the same for all, so equal launches measure equal).
+pub const HOSTNAME: &str = "cell";
+
+/// The guest device of the cell's image, the first virtio disk.
+pub const IMAGE_DEVICE: &str = "/dev/vda";
+
+/// A container image converted for the cell.
+#[derive(Debug, Clone)]
+pub struct ContainerImage {
+    /// The image, as the store holds it.
+    pub resolved: isocell_image::Resolved,
+    /// Its name pins a digest.
+    pub pinned: bool,
+}
+
+/// What the cell boots.
+#[derive(Debug, Clone)]
+pub enum CellImage {
+    /// A block image file (ext4), mounted as is.
+    Block(PathBuf),
+    /// A container image from the store, mounted through dm-verity.
+    Container(Box<ContainerImage>),
+}
+
+/// Everything a cell is asked to be. Values are already typed and in range.
+#[derive(Debug, Clone)]
+pub struct CellRequest {
+    /// Cell kernel.
+    pub kernel: PathBuf,
+    /// The image.
+    pub image: CellImage,
+    /// vCPUs (1-32).
+    pub cpus: u8,
+    /// Guest memory.
+    pub memory: MemorySize,
+    /// Extra kernel arguments (the operator's, for debugging).
+    pub kernel_args: String,
+    /// Hard limit on the VM's life, enforced by the VMM.
+    pub max_lifetime_secs: Option<u64>,
+    /// Admission constraints.
+    pub constraints: Constraints,
+}
+
+/// The plan of one cell.
+pub struct CellPlan {
+    /// The cell's id.
+    pub id: String,
+    /// What was asked.
+    pub request: CellRequest,
+    /// The exact VM configuration the VMM is started with, in the paths it sees.
+    pub config: VmConfig,
+    /// Where each device sits.
+    pub devices: DevicePlan,
+    /// The full kernel command line.
+    pub cmdline: String,
+    /// The jail, unless the host runs VMMs unjailed.
+    pub jail: Option<JailPlan>,
+    /// The paths the VMM sees.
+    pub view: VmmView,
+    /// The block image on this host.
+    pub image_path: PathBuf,
+    /// The files measured and run, held open (jailed cells only).
+    pinned: Option<Pinned>,
+    /// The agent initramfs.
+    initrd: PathBuf,
+    /// The VMM binary.
+    vmm: PathBuf,
+    /// The seccomp rules, canonical JSON.
+    seccomp: String,
+}
+
+impl CellPlan {
+    /// Plans cell `id` on `host`. Opens (and, when jailed, holds) the files the cell is built
+    /// from; reads nothing else and starts nothing.
+    pub fn new(host: &HostConfig, id: &str, request: CellRequest) -> Result<CellPlan, PlanError> {
+        if id.is_empty() || id.len() > 32 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(PlanError::Invalid(format!("cell id {id:?}: letters and digits only")));
+        }
+        let image_path = match &request.image {
+            CellImage::Block(p) => p.clone(),
+            CellImage::Container(c) => c.resolved.root_image(),
+        };
+        let from = confine::Binaries {
+            kernel: &request.kernel,
+            initrd: &host.agent_initrd,
+            image: &image_path,
+            vmm: &host.vmm,
+            jailer: host.jailer.as_deref(),
+        };
+        // Jailed cells run exactly the files measured (see `Pinned`).
+        let pinned = match host.jailer {
+            Some(_) => Some(Pinned::open(&from).map_err(PlanError::File)?),
+            None => None,
+        };
+        let (view, jail) = confine::plan(
+            &host.run_dir,
+            id,
+            &from,
+            pinned.as_ref(),
+            request.cpus,
+            request.memory.mib(),
+        );
+        // A container image boots through dm-verity: the kernel builds /dev/dm-0 over the
+        // image's disk from the measured command line and refuses any block that differs.
+        let (root_device, image_args) = match &request.image {
+            CellImage::Container(c) => {
+                ("/dev/dm-0".to_owned(), c.resolved.record.converted.verity.dm_create(IMAGE_DEVICE))
+            }
+            CellImage::Block(_) => (IMAGE_DEVICE.to_owned(), String::new()),
+        };
+        let boot = Boot {
+            cpus: request.cpus,
+            memory_mib: request.memory.mib(),
+            kernel_args: request.kernel_args.clone(),
+            max_lifetime_secs: request.max_lifetime_secs,
+            root_device,
+            root_fstype: "ext4".to_owned(),
+            image_args,
+            hostname: HOSTNAME.to_owned(),
+        };
+        let config = vm_config(&view, &boot);
+        config.validate().map_err(|e| PlanError::Invalid(e.to_string()))?;
+        let devices = DevicePlan::new(&config).map_err(|e| PlanError::Devices(e.to_string()))?;
+        let cmdline = isocell_vmm::kernel_cmdline(&config, &devices);
+        let seccomp =
+            isocell_evidence::canonical::to_canonical_string(&isocell_vmm::seccomp::describe());
+        Ok(CellPlan {
+            id: id.to_owned(),
+            initrd: host.agent_initrd.clone(),
+            vmm: host.vmm.clone(),
+            request,
+            config,
+            devices,
+            cmdline,
+            jail,
+            view,
+            image_path,
+            pinned,
+            seccomp,
+        })
+    }
+
+    /// The confinement as the measurement sees it: per-cell values (uid, paths) left out, so
+    /// equal launches measure equal.
+    fn confinement(&self) -> Value {
+        let jail = self.jail.as_ref();
+        json!({
+            "jailed": jail.is_some(),
+            "namespaces": jail.map(|_| isocell_jail::NAMESPACES),
+            "files": jail.map(|j| j.spec.mounts.iter().map(|m| json!([m.jail, m.writable, m.exec])).collect::<Vec<_>>()),
+            "device_nodes": jail.map(|j| j.spec.devices.clone()),
+            "rlimits": jail.map(|j| j.spec.rlimits.clone()),
+            "cgroup": jail.map(|j| j.limits.clone()),
+        })
+    }
+
+    /// What the cell's image is, for the measurement and the receipts: a container image by
+    /// its reference and digests, with dm-verity on; a block image by its path (its digest is
+    /// the measurement's `root_image`).
+    pub fn image_identity(&self) -> Value {
+        match &self.request.image {
+            CellImage::Container(c) => {
+                let r = &c.resolved.record;
+                json!({
+                    "kind": "oci",
+                    "reference": c.resolved.name,
+                    "manifest_digest": r.manifest_digest,
+                    "config_digest": r.config_digest,
+                    "block_digest": r.converted.block_digest,
+                    "verity": { "enabled": true, "root_hash": r.converted.verity.root_hash },
+                })
+            }
+            CellImage::Block(p) => {
+                json!({ "kind": "raw", "path": p, "verity": { "enabled": false } })
+            }
+        }
+    }
+
+    /// The measured VM configuration: the configuration (cell directory as `{cell}`) and the
+    /// confinement.
+    pub fn measured_vm(&self) -> Value {
+        json!({ "vm": measured_config(&self.config, &self.view), "confinement": self.confinement() })
+    }
+
+    /// Measures the launch from the files as this process holds them (pinned when jailed).
+    pub fn measure(
+        &self,
+        cache: Option<&isocell_evidence::measure::DigestCache>,
+    ) -> Result<isocell_evidence::measure::LaunchMeasurement, String> {
+        let own = self.pinned.as_ref().map(|p| (p.own_paths(), p.own_initrd_path()));
+        let ((kernel, image, vmm), initrd) = match &own {
+            Some(((k, i, v), r)) => ((k.as_path(), i.as_path(), v.as_path()), r.as_path()),
+            None => (
+                (self.request.kernel.as_path(), self.image_path.as_path(), self.vmm.as_path()),
+                self.initrd.as_path(),
+            ),
+        };
+        let identity = self.image_identity();
+        let container = matches!(self.request.image, CellImage::Container(_));
+        let block_digest = match &self.request.image {
+            CellImage::Container(c) => Some(c.resolved.record.converted.block_digest.to_string()),
+            CellImage::Block(_) => None,
+        };
+        isocell_evidence::measure::measure(
+            &LaunchInputs {
+                image_digest: block_digest.as_deref(),
+                image_identity: container.then_some(&identity),
+                kernel,
+                initrd: Some(initrd),
+                cmdline: &self.cmdline,
+                image,
+                vm_config: &self.measured_vm(),
+                vmm,
+                seccomp: Some(self.seccomp.as_bytes()),
+            },
+            cache,
+        )
+    }
+
+    /// The admission question for this cell on a host with `profile`.
+    pub fn admission_request(
+        &self,
+        profile: &HostProfile,
+        measurement: &isocell_evidence::measure::LaunchMeasurement,
+    ) -> AdmissionRequest {
+        let r = &self.request;
+        let c = &r.constraints;
+        let container = match &r.image {
+            CellImage::Container(c) => Some(c),
+            CellImage::Block(_) => None,
+        };
+        AdmissionRequest {
+            cell_id: self.id.clone(),
+            host_id: profile.host_id.clone(),
+            host_jurisdiction: profile.jurisdiction.clone(),
+            host_zone: profile.zone.clone(),
+            operator: profile.operator.clone(),
+            cpus: r.cpus.into(),
+            memory_mib: r.memory.mib(),
+            image_digest: match container {
+                Some(c) => c.resolved.record.manifest_digest.to_string(),
+                None => measurement.components.get("root_image").cloned().unwrap_or_default(),
+            },
+            image_reference: match container {
+                Some(c) => c.resolved.name.clone(),
+                None => self.image_path.display().to_string(),
+            },
+            image_kind: if container.is_some() { "oci" } else { "raw" }.to_owned(),
+            image_reference_pinned: container.is_some_and(|c| c.pinned),
+            jurisdictions: c.jurisdictions.clone(),
+            classification: c.classification.as_str().to_owned(),
+            classification_level: c.classification as i64,
+            image_digests: c.image_digests.clone(),
+            max_lifetime_secs: c.max_lifetime_secs,
+            jailed: self.jail.is_some(),
+        }
+    }
+
+    /// The cell's attack surface; `negotiated` adds the features the guest negotiated, for a
+    /// cell that ran.
+    pub fn surface(&self, negotiated: Option<&Value>) -> Value {
+        confine::surface(&self.config, &self.devices, self.jail.as_ref(), negotiated)
+    }
+}
+
+/// What the VM configuration of a cell is built from.
+struct Boot {
+    cpus: u8,
+    memory_mib: u64,
+    kernel_args: String,
+    max_lifetime_secs: Option<u64>,
+    /// The guest device the agent mounts as the cell image (`isocell.root=`): the image's disk
+    /// ([`IMAGE_DEVICE`]), or a device the kernel builds over it, such as `/dev/dm-0`.
+    root_device: String,
+    /// The image's filesystem type (`isocell.rootfstype=`).
+    root_fstype: String,
+    /// Kernel arguments that come with the image, such as `dm-mod.create=...` for its
+    /// dm-verity device; after the operator's, so these win.
+    image_args: String,
+    /// `isocell.hostname=`.
+    hostname: String,
+}
+
+/// The kernel arguments of a cell beyond the VMM's own: the operator's first, then the ones
+/// that tell the agent where its image is (so the operator's cannot point it elsewhere), then
+/// the image's own.
+fn boot_args(b: &Boot) -> String {
+    let words = [
+        "quiet",
+        b.kernel_args.trim(),
+        &format!("isocell.root={}", b.root_device),
+        &format!("isocell.rootfstype={}", b.root_fstype),
+        &format!("isocell.hostname={}", b.hostname),
+        b.image_args.trim(),
+    ];
+    words.iter().filter(|w| !w.is_empty()).copied().collect::<Vec<_>>().join(" ")
+}
+
+/// The exact VM configuration the VMM is started with, in the paths it sees (`view`). In a
+/// jail these are the same for every cell, so equal launches measure equal.
+///
+/// The kernel starts the agent from its initramfs; the image is a read-only disk that the
+/// agent mounts itself (no `root=`: nothing of the image runs before the workload).
+fn vm_config(view: &VmmView, b: &Boot) -> VmConfig {
+    let mut c = VmConfig::new(&view.kernel);
+    c.vcpus = b.cpus;
+    c.memory_mib = b.memory_mib;
+    c.initrd = Some(view.initrd.clone());
+    c.boot_args = boot_args(b);
+    c.console = ConsoleConfig::File(view.cell_dir.join("console.log"));
+    c.drives = vec![DriveConfig {
+        id: "root".into(),
+        path: view.image.clone(),
+        read_only: true,
+        root: false,
+        placement: None,
+    }];
+    c.vsock =
+        Some(VsockConfig { guest_cid: GUEST_CID, uds_path: view.cell_dir.join("vsock.sock") });
+    c.max_lifetime_secs = b.max_lifetime_secs;
+    c
+}
+
+/// What the launch measurement sees of a configuration: the cell's own directory becomes
+/// `{cell}` (it differs per cell only when unjailed), so equal launches measure equal.
+fn measured_config(config: &VmConfig, view: &VmmView) -> Value {
+    let prefix = view.cell_dir.to_string_lossy().into_owned();
+    let mut v = serde_json::to_value(config).unwrap_or_default();
+    fn walk(v: &mut Value, prefix: &str) {
+        match v {
+            Value::String(s) if s.starts_with(prefix) => {
+                *s = format!("{{cell}}{}", &s[prefix.len()..]);
+            }
+            Value::Array(a) => a.iter_mut().for_each(|x| walk(x, prefix)),
+            Value::Object(o) => o.values_mut().for_each(|x| walk(x, prefix)),
+            _ => {}
+        }
+    }
+    walk(&mut v, &prefix);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn view() -> VmmView {
+        VmmView {
+            kernel: "/boot/vmlinux".into(),
+            initrd: "/boot/agent-initrd.cpio".into(),
+            image: "/disks/root.img".into(),
+            cell_dir: "/cell".into(),
+        }
+    }
+
+    fn boot() -> Boot {
+        Boot {
+            cpus: 1,
+            memory_mib: 128,
+            kernel_args: String::new(),
+            max_lifetime_secs: None,
+            root_device: IMAGE_DEVICE.into(),
+            root_fstype: "ext4".into(),
+            image_args: String::new(),
+            hostname: HOSTNAME.into(),
+        }
+    }
+
+    #[test]
+    fn cells_boot_the_agent_from_the_initramfs_and_name_their_image() {
+        let c = vm_config(&view(), &Boot { kernel_args: "loglevel=7".into(), ..boot() });
+        assert_eq!(c.initrd.as_deref(), Some(Path::new("/boot/agent-initrd.cpio")));
+        assert!(c.drives.iter().all(|d| d.read_only && !d.root), "no root= for the kernel");
+        assert_eq!(
+            c.boot_args,
+            "quiet loglevel=7 isocell.root=/dev/vda isocell.rootfstype=ext4 isocell.hostname=cell"
+        );
+    }
+
+    #[test]
+    fn the_images_own_arguments_come_last() {
+        let b = Boot {
+            root_device: "/dev/dm-0".into(),
+            image_args: "dm-mod.create=\"vroot,,,ro,0 8 verity 1\"".into(),
+            hostname: "web-1".into(),
+            ..boot()
+        };
+        assert_eq!(
+            boot_args(&b),
+            "quiet isocell.root=/dev/dm-0 isocell.rootfstype=ext4 isocell.hostname=web-1 \
+             dm-mod.create=\"vroot,,,ro,0 8 verity 1\""
+        );
+    }
+}
