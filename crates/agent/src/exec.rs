@@ -2,7 +2,7 @@
 //! output streamed back as it comes. As PID 1 the agent also reaps every orphan in the cell.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -10,7 +10,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
-use isocell_proto::{ExecRequest, ExitStatus, Message, MAX_CHUNK};
+use isocell_proto::{ExecRequest, ExitStatus, Message, WindowSize, MAX_CHUNK};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -80,7 +80,9 @@ fn reap_forever(wake: Receiver<()>) {
 /// A running command.
 pub struct Running {
     pid: i32,
-    stdin: Option<ChildStdin>,
+    stdin: Option<Box<dyn Write + Send>>,
+    /// The terminal's controlling side, when the command has one.
+    terminal: Option<Arc<OwnedFd>>,
     finisher: Option<JoinHandle<()>>,
 }
 
@@ -92,9 +94,24 @@ impl Running {
         }
     }
 
+    /// The command's process id (and process group).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Resizes the command's terminal, if it has one.
+    pub fn resize(&self, size: WindowSize) {
+        if let Some(t) = &self.terminal {
+            let ws =
+                libc::winsize { ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0 };
+            // SAFETY: TIOCSWINSZ reads one winsize struct that lives across the call, on a
+            // terminal descriptor we own.
+            unsafe { libc::ioctl(t.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        }
+    }
+
     /// Writes to the command's standard input (ignored once it is closed).
     pub fn write_stdin(&mut self, data: &[u8]) {
-        use std::io::Write;
         if let Some(s) = &mut self.stdin {
             if s.write_all(data).is_err() {
                 self.stdin = None;
@@ -120,9 +137,19 @@ impl Running {
     }
 }
 
-/// Spawns the command; on success `Started` has been sent, and `Exited` follows after all of
-/// its output. On failure the error is returned for an `ExecFailed` reply.
-pub fn spawn(req: &ExecRequest, link: &Arc<Link>) -> Result<Running, std::io::Error> {
+/// What is done with a command's exit status before `Exited` is sent (a session records it).
+pub type OnExit = Box<dyn FnOnce(i32, ExitStatus) + Send>;
+
+/// Spawns the command (on a new terminal of size `tty`, if given); on success `Started` has
+/// been sent, and `Exited` follows after all of its output, once `on_exit` has seen the status.
+/// If the host goes away the output is drained and dropped, so the command never blocks on
+/// it. On failure the error is returned for an `ExecFailed` reply.
+pub fn spawn(
+    req: &ExecRequest,
+    link: &Arc<Link>,
+    tty: Option<WindowSize>,
+    on_exit: Option<OnExit>,
+) -> Result<Running, std::io::Error> {
     let Some(program) = req.argv.first() else {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"));
     };
@@ -149,10 +176,20 @@ pub fn spawn(req: &ExecRequest, link: &Arc<Link>) -> Result<Running, std::io::Er
         cmd.env("HOME", if req.uid == 0 { "/root" } else { "/" });
     }
     cmd.envs(req.env.iter().map(|(k, v)| (k, v)));
-    cmd.process_group(0);
+    if tty.is_some() && !req.env.iter().any(|(k, _)| k == "TERM") {
+        cmd.env("TERM", "xterm");
+    }
+    let terminal = match tty {
+        Some(size) => Some(on_terminal(&mut cmd, size)?),
+        None => {
+            // Its own process group, so a signal or the final kill reaches all it started.
+            cmd.process_group(0);
+            cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() });
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+            None
+        }
+    };
     drop_privileges(&mut cmd, req, cwd)?;
-    cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() });
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
 
     // Readable once the command has exited: the pumps then drain what is already written
     // and stop, even if a process outside the command's group still holds the pipes. Made
@@ -172,9 +209,21 @@ pub fn spawn(req: &ExecRequest, link: &Arc<Link>) -> Result<Running, std::io::Er
     link.send(&Message::Started { pid: child.id() });
 
     let exited_r = Arc::new(exited_r);
-    let out = child.stdout.take().map(|s| pump(s, exited_r.clone(), link.clone(), Message::Stdout));
-    let err = child.stderr.take().map(|s| pump(s, exited_r.clone(), link.clone(), Message::Stderr));
-    let stdin = child.stdin.take();
+    let (out, err, stdin): (_, _, Option<Box<dyn Write + Send>>) = match &terminal {
+        Some(t) => {
+            // Everything the command writes comes out of the terminal; what the host sends
+            // goes into it.
+            let reader = std::fs::File::from(t.try_clone()?);
+            let writer = std::fs::File::from(t.try_clone()?);
+            let out = pump(reader, exited_r.clone(), link.clone(), Message::Stdout);
+            (Some(out), None, req.stdin.then(|| Box::new(writer) as Box<dyn Write + Send>))
+        }
+        None => (
+            child.stdout.take().map(|s| pump(s, exited_r.clone(), link.clone(), Message::Stdout)),
+            child.stderr.take().map(|s| pump(s, exited_r.clone(), link.clone(), Message::Stderr)),
+            child.stdin.take().map(|s: ChildStdin| Box::new(s) as Box<dyn Write + Send>),
+        ),
+    };
     let link = link.clone();
     let finisher = std::thread::Builder::new().name("finisher".into()).spawn(move || {
         // The reaper always answers; a dropped sender would mean no status is known, which
@@ -186,11 +235,37 @@ pub fn spawn(req: &ExecRequest, link: &Arc<Link>) -> Result<Running, std::io::Er
         for h in [out, err].into_iter().flatten() {
             let _ = h.join();
         }
+        if let Some(f) = on_exit {
+            f(pid, status);
+        }
         link.send(&Message::Exited(status));
     })?;
     // `child` is not waited on here: the reaper owns all waiting.
     drop(child);
-    Ok(Running { pid, stdin, finisher: Some(finisher) })
+    Ok(Running { pid, stdin, terminal: terminal.map(Arc::new), finisher: Some(finisher) })
+}
+
+/// Gives the command a new terminal of `size` as its standard input, output and error, in a
+/// new session whose controlling terminal it is (so job control and ^C work as in a login
+/// shell). Returns the terminal's controlling side.
+fn on_terminal(cmd: &mut Command, size: WindowSize) -> std::io::Result<OwnedFd> {
+    let ws = nix::pty::Winsize { ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let pty = nix::pty::openpty(Some(&ws), None)?;
+    nix::fcntl::fcntl(&pty.master, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+    cmd.stdin(Stdio::from(pty.slave.try_clone()?));
+    cmd.stdout(Stdio::from(pty.slave.try_clone()?));
+    cmd.stderr(Stdio::from(pty.slave));
+    // SAFETY: the hook runs in the forked child before exec and makes only async-signal-safe
+    // system calls (setsid, ioctl) on its own standard input.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(pty.master)
 }
 
 /// Makes the child take the request's identity before it runs the command: supplementary
@@ -244,6 +319,9 @@ fn pump(
         };
         let mut buf = vec![0u8; MAX_CHUNK];
         let mut draining: Option<usize> = None;
+        // Once the host is gone, output is read and dropped: the command must not block on a
+        // full pipe while nobody listens.
+        let mut host_gone = false;
         loop {
             if draining.is_none() {
                 let mut fds = [
@@ -262,8 +340,8 @@ fn pump(
             match source.read(&mut buf) {
                 Ok(0) => return,
                 Ok(n) => {
-                    if !link.send(&wrap(buf[..n].to_vec())) {
-                        return;
+                    if !host_gone && !link.send(&wrap(buf[..n].to_vec())) {
+                        host_gone = true;
                     }
                     if let Some(sent) = &mut draining {
                         *sent += n;

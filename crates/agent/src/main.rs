@@ -10,6 +10,7 @@ mod exec;
 mod files;
 mod identity;
 mod mounts;
+mod session;
 
 use std::fs::OpenOptions;
 use std::io::BufReader;
@@ -39,7 +40,8 @@ impl Link {
     }
 }
 
-fn log(msg: &str) {
+/// Says one line on the console.
+pub fn log(msg: &str) {
     eprintln!("isocell-agent: {msg}");
 }
 
@@ -117,7 +119,7 @@ fn serve(stream: VsockStream) -> Result<(), String> {
                 if running.as_ref().is_some_and(|r| !r.finished()) {
                     Some(Message::Error { message: "a command is already running".into() })
                 } else {
-                    match exec::spawn(&req, &link) {
+                    match exec::spawn(&req, &link, None, None) {
                         Ok(r) => {
                             running = Some(r);
                             None
@@ -147,12 +149,6 @@ fn serve(stream: VsockStream) -> Result<(), String> {
                 }
                 None
             }
-            Message::PutFile { path, mode, size } => {
-                let next = || read_frame(&mut reader).ok().flatten();
-                Some(result_message(files::put_file(&path, mode, size, next)))
-            }
-            Message::MakeDir { path, mode } => Some(result_message(files::make_dir(&path, mode))),
-            Message::GetPath { path } => Some(result_message(files::get_path(&path, &link))),
             Message::Shutdown => {
                 if let Some(r) = &mut running {
                     r.signal(libc::SIGKILL);
@@ -160,7 +156,7 @@ fn serve(stream: VsockStream) -> Result<(), String> {
                 }
                 return Ok(());
             }
-            other => Some(Message::Error { message: format!("unexpected message {other:?}") }),
+            other => file_operation(other, &mut reader, &link),
         };
         if let Some(reply) = reply {
             if !link.send(&reply) {
@@ -168,6 +164,24 @@ fn serve(stream: VsockStream) -> Result<(), String> {
             }
         }
     }
+}
+
+/// Serves a file operation (the same on the control connection and on session connections);
+/// anything else is answered with an error.
+pub fn file_operation(
+    msg: Message,
+    reader: &mut impl std::io::Read,
+    link: &Link,
+) -> Option<Message> {
+    Some(match msg {
+        Message::PutFile { path, mode, size } => {
+            let next = || read_frame(&mut *reader).ok().flatten();
+            result_message(files::put_file(&path, mode, size, next))
+        }
+        Message::MakeDir { path, mode } => result_message(files::make_dir(&path, mode)),
+        Message::GetPath { path } => result_message(files::get_path(&path, link)),
+        other => Message::Error { message: format!("unexpected message {other:?}") },
+    })
 }
 
 fn result_message(r: Result<(), String>) -> Message {
@@ -210,6 +224,7 @@ fn main() {
     }
     exec::start_reaper();
     if let Some(stream) = connect() {
+        session::listen();
         if let Err(e) = serve(stream) {
             log(&e);
         }

@@ -16,6 +16,7 @@ macro_rules! tell {
     }};
 }
 
+mod client;
 mod exit;
 mod images;
 mod inspect;
@@ -59,6 +60,8 @@ enum Command {
     /// Container images: pull, list, inspect, remove, prune.
     #[command(subcommand)]
     Image(images::ImageCmd),
+    /// Long-lived cells through the daemon (isocelld): create, ls, inspect, exec, logs, rm.
+    Cell(client::CellArgs),
 }
 
 #[derive(Args, Debug)]
@@ -484,6 +487,7 @@ fn main() -> ExitCode {
         Command::Receipt(cmd) => inspect::receipt(cmd),
         Command::Surface(args) => inspect::surface(args),
         Command::Image(cmd) => images::image(cmd),
+        Command::Cell(args) => client::cell(args),
     };
     ExitCode::from(code)
 }

@@ -92,7 +92,7 @@ fn status_of(t: Termination) -> u8 {
 fn cancelled(reason: CancelReason) -> u8 {
     match reason {
         CancelReason::Signal(s) => u8::try_from(s).map_or(exit::ISOCELL_FAILED, |s| 128 + s),
-        CancelReason::Deleted => exit::ISOCELL_FAILED,
+        CancelReason::Deleted | CancelReason::Detached => exit::ISOCELL_FAILED,
     }
 }
 

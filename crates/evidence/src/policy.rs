@@ -26,6 +26,12 @@ pub struct Policies {
 /// What the admission request is about.
 #[derive(Clone, Debug, Serialize)]
 pub struct AdmissionRequest {
+    /// Who asks: `Operator` (the host's operator, `isocell run`) or `Client` (a client of the
+    /// daemon, by its identity); the Cedar principal is `IsoCell::<kind>::"<principal>"`.
+    pub principal_kind: String,
+    /// The principal's id: the operator's name, or the client identity (`unix:uid=1000`,
+    /// `x509:CN=...`).
+    pub principal: String,
     /// The cell's id.
     pub cell_id: String,
     /// The host profile: id, jurisdiction, zone, operator.
@@ -152,7 +158,11 @@ impl Policies {
             EntityUid::from_str(&format!("IsoCell::{kind}::{}", json!(id)))
                 .map_err(|e| format!("bad entity id {id:?}: {e}"))
         };
+        if !matches!(req.principal_kind.as_str(), "Operator" | "Client") {
+            return Err(format!("unknown principal kind {:?}", req.principal_kind));
+        }
         let context = json!({
+            "principal": { "kind": req.principal_kind, "id": req.principal },
             "host": {
                 "id": req.host_id,
                 "jurisdiction": req.host_jurisdiction,
@@ -180,7 +190,7 @@ impl Policies {
         let context = Context::from_json_value(context, None)
             .map_err(|e| format!("admission context: {e}"))?;
         let request = Request::new(
-            uid("Operator", &req.operator)?,
+            uid(&req.principal_kind, &req.principal)?,
             uid("Action", "run")?,
             uid("Cell", &req.cell_id)?,
             context,
@@ -214,6 +224,32 @@ impl Policies {
             reason
         };
         Ok(AdmissionDecision { allowed, policies, errored, errors })
+    }
+}
+
+impl Policies {
+    /// Whether daemon client `principal` may see and operate cell `cell_id`, created by
+    /// `owner` (action `IsoCell::Action::"access"`; the default policy lets owners in, and a
+    /// site policy may let others). Errors deny.
+    pub fn may_access(&self, principal: &str, cell_id: &str, owner: &str) -> bool {
+        let uid = |kind: &str, id: &str| {
+            EntityUid::from_str(&format!("IsoCell::{kind}::{}", json!(id))).ok()
+        };
+        let context = json!({
+            "principal": { "kind": "Client", "id": principal },
+            "owner": owner,
+        });
+        let (Some(p), Some(a), Some(r), Ok(context)) = (
+            uid("Client", principal),
+            uid("Action", "access"),
+            uid("Cell", cell_id),
+            Context::from_json_value(context, None),
+        ) else {
+            return false;
+        };
+        let Ok(request) = Request::new(p, a, r, context, None) else { return false };
+        let response = Authorizer::new().is_authorized(&request, &self.set, &Entities::empty());
+        response.decision() == Decision::Allow && response.diagnostics().errors().next().is_none()
     }
 }
 
@@ -251,6 +287,8 @@ mod tests {
 
     fn request() -> AdmissionRequest {
         AdmissionRequest {
+            principal_kind: "Operator".into(),
+            principal: "ops".into(),
             cell_id: "c1".into(),
             host_id: "h1".into(),
             host_jurisdiction: "EU".into(),

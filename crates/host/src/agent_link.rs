@@ -47,6 +47,18 @@ impl AgentLink {
         Ok((link, agent))
     }
 
+    /// Wraps a session connection (see [`crate::session`]): no handshake, the host speaks
+    /// first.
+    pub fn session(stream: UnixStream) -> Result<AgentLink, String> {
+        let writer = stream.try_clone().map_err(|e| format!("session socket: {e}"))?;
+        Ok(AgentLink {
+            reader: stream,
+            writer: Arc::new(Mutex::new(writer)),
+            frames: FrameBuffer::new(),
+            buf: vec![0; 256 * 1024],
+        })
+    }
+
     /// The shared writer, for other threads.
     pub fn writer(&self) -> Arc<Mutex<UnixStream>> {
         self.writer.clone()

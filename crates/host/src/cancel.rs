@@ -12,14 +12,18 @@ pub enum CancelReason {
     Signal(i32),
     /// The cell was deleted while something waited on it.
     Deleted,
+    /// Whoever watched a session's output went away; the session's command goes on.
+    Detached,
 }
 
 /// A shared flag; clones see the same state. The first reason given wins.
 #[derive(Debug, Clone, Default)]
 pub struct Cancel(Arc<AtomicI32>);
 
-/// Stored for [`CancelReason::Deleted`]; signals are stored as their (positive) number.
+/// Stored for [`CancelReason::Deleted`] and [`CancelReason::Detached`]; signals are stored as
+/// their (positive) number.
 const DELETED: i32 = -1;
+const DETACHED: i32 = -2;
 
 impl Cancel {
     /// A token nobody has cancelled yet.
@@ -32,6 +36,7 @@ impl Cancel {
         let v = match reason {
             CancelReason::Signal(s) => s.max(1),
             CancelReason::Deleted => DELETED,
+            CancelReason::Detached => DETACHED,
         };
         let _ = self.0.compare_exchange(0, v, Ordering::SeqCst, Ordering::SeqCst);
     }
@@ -41,6 +46,7 @@ impl Cancel {
         match self.0.load(Ordering::SeqCst) {
             0 => None,
             DELETED => Some(CancelReason::Deleted),
+            DETACHED => Some(CancelReason::Detached),
             s => Some(CancelReason::Signal(s)),
         }
     }

@@ -10,24 +10,19 @@ use std::time::{Duration, Instant};
 use isocell_evidence::measure::{DigestCache, LaunchMeasurement};
 use isocell_evidence::policy::{AdmissionDecision, Policies};
 use isocell_image::runconfig::Process;
-use isocell_proto::{ExecRequest, ExitStatus, Message, MAX_CHUNK};
+use isocell_proto::{ExitStatus, Message};
 use serde_json::{json, Value};
 
-use crate::agent_link::{deadline_in, send_on, AgentLink};
+use crate::agent_link::{deadline_in, AgentLink};
+use crate::command;
 use crate::evidence::{ms_since, CellEvidence, Costs};
 use crate::state::Host;
 use crate::transfer::{self, OutputBudget};
 use crate::vmm_process::{self, TeardownChecks, Vmm};
-use crate::{Cancel, CancelReason, CellError, CellPlan, ExecFailure, HostConfig, OutputSink};
+use crate::{Cancel, CancelReason, CellError, CellPlan, HostConfig, OutputSink};
 
 /// How long a cell is given to power off by itself once asked, before its VMM is killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// How long the agent is given to confirm a command started.
-const EXEC_START_LIMIT: Duration = Duration::from_secs(60);
-
-/// After asking the agent to kill a command, how long to wait for it to say so.
-const KILL_CONFIRM_LIMIT: Duration = Duration::from_secs(5);
 
 /// How a command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,12 +74,14 @@ impl Admitted {
     /// Measures the launch and asks the admission policy (the state directory's, the default
     /// and `policy_files`), before anything exists. A denial is [`CellError::Denied`]; every
     /// failure is in the audit log.
+    /// `client` is who asks (a daemon's client); `None` is the host's operator.
     pub fn new(
         plan: CellPlan,
         mut ev: CellEvidence,
         policy_files: &[PathBuf],
+        client: Option<&str>,
     ) -> Result<Admitted, CellError> {
-        let decided = Self::decide(&plan, &mut ev, policy_files);
+        let decided = Self::decide(&plan, &mut ev, policy_files, client);
         let (measurement, decision) = logged(&mut ev, decided)?;
         Ok(Admitted { plan, ev, measurement, decision })
     }
@@ -93,6 +90,7 @@ impl Admitted {
         plan: &CellPlan,
         ev: &mut CellEvidence,
         policy_files: &[PathBuf],
+        client: Option<&str>,
     ) -> Result<(LaunchMeasurement, AdmissionDecision), CellError> {
         let t = Instant::now();
         let cache = DigestCache::new(ev.host.dir.join("digests"));
@@ -101,7 +99,7 @@ impl Admitted {
         let t = Instant::now();
         let policies = Policies::load_standard(&ev.host.dir.join("policies"), policy_files);
         ev.costs.policy_ms += ms_since(t);
-        let request = plan.admission_request(&ev.host.profile, &measurement);
+        let request = plan.admission_request(&ev.host.profile, &measurement, client);
         let decision = ev.admit(policies, &request, &measurement).map_err(CellError::Evidence)?;
         if !decision.allowed {
             return Err(CellError::Denied(decision.explain()));
@@ -126,8 +124,10 @@ impl Admitted {
             link: None,
             measurement: self.measurement,
             launch_receipt: PathBuf::new(),
+            vmm_pid: None,
         };
         let pid = cell.vmm.vmm_pid(Duration::from_secs(5));
+        cell.vmm_pid = pid;
         let identity = cell.plan.image_identity();
         let receipt = cell.ev.launched(&cell.measurement, &self.decision, command, pid, &identity);
         // On failure the cell's VMM goes with `cell` (its Drop tears down).
@@ -137,14 +137,14 @@ impl Admitted {
 
     fn start_vmm(&mut self, host: &HostConfig) -> Result<Vmm, CellError> {
         let memory = self.plan.request.memory.mib();
-        if let Some(total) = isocell_vmm::config::host_memory_mib() {
+        if let Some(total) = isocell_vmm_model::config::host_memory_mib() {
             if memory > total {
                 return Err(CellError::Host(format!(
                     "--memory {memory} MiB is more than this host's {total} MiB; give less"
                 )));
             }
         }
-        if let Err(e) = isocell_vmm::host_check::check() {
+        if let Err(e) = isocell_vmm_model::host_check::check() {
             return Err(CellError::Host(format!(
                 "{e}\nOn this machine use the nested test host: scripts/run-cell.sh -- COMMAND"
             )));
@@ -172,6 +172,7 @@ pub struct Cell {
     link: Option<AgentLink>,
     measurement: LaunchMeasurement,
     launch_receipt: PathBuf,
+    vmm_pid: Option<u32>,
 }
 
 /// What [`Cell::delete`] leaves: the exit receipt and what teardown verified.
@@ -196,9 +197,34 @@ impl Cell {
         &self.plan.id
     }
 
+    /// The launch digest.
+    pub fn launch_digest(&self) -> &str {
+        &self.measurement.launch_digest
+    }
+
     /// The cell's plan.
     pub fn plan(&self) -> &CellPlan {
         &self.plan
+    }
+
+    /// A descriptor that becomes readable when the cell's VMM exits (for a supervisor's poll).
+    pub fn vmm_exit_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.vmm.exit_fd()
+    }
+
+    /// The VMM's exit status, once it has exited (never blocks).
+    pub fn vmm_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.vmm.exited()
+    }
+
+    /// The VMM's process id on this host, as the launch receipt names it.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vmm_pid
+    }
+
+    /// Where the cell takes session connections.
+    pub fn sessions(&self, host: &HostConfig) -> crate::session::SessionSocket {
+        crate::session::SessionSocket::of(&host.run_dir, &self.plan.id)
     }
 
     /// Records an audit event for this cell.
@@ -282,67 +308,11 @@ impl Cell {
         cancel: &Cancel,
     ) -> Result<Termination, CellError> {
         let link = self.link()?;
-        let agent = CellError::Agent;
-        link.send(&Message::Exec(ExecRequest {
-            argv: process.argv.clone(),
-            env: process.env.clone(),
-            cwd: Some(process.cwd.clone()),
-            uid: process.uid,
-            gid: process.gid,
-            groups: process.groups.clone(),
-            stdin: stdin.is_some(),
-        }))
-        .map_err(agent)?;
-        match link.expect(EXEC_START_LIMIT, "the command start").map_err(agent)? {
-            Message::Started { .. } => {}
-            Message::ExecFailed { errno, message } => {
-                let kind = match errno {
-                    libc::ENOENT => ExecFailure::NotFound,
-                    libc::EACCES | libc::ENOEXEC | libc::EPERM | libc::EISDIR => {
-                        ExecFailure::CannotExecute
-                    }
-                    _ => ExecFailure::Other,
-                };
-                return Err(CellError::Exec { kind, message });
-            }
-            other => return Err(agent(format!("unexpected reply {other:?} to exec"))),
-        }
-        let started = Instant::now();
+        command::start(link, &Message::Exec(command::request(process, stdin.is_some())))?;
         if let Some(input) = stdin {
-            forward_stdin(input, link.writer());
+            command::forward_stdin(input, link.writer());
         }
-        let mut stopping: Option<(Termination, Instant)> = None;
-        loop {
-            match link.recv(Duration::from_millis(50)).map_err(agent)? {
-                Some(Message::Stdout(bytes)) => sink.stdout(&bytes),
-                Some(Message::Stderr(bytes)) => sink.stderr(&bytes),
-                Some(Message::Exited(status)) => {
-                    return Ok(stopping.map_or(Termination::Exited(status), |(t, _)| t))
-                }
-                Some(other) => {
-                    return Err(agent(format!("unexpected message {other:?} from the agent")))
-                }
-                None => {}
-            }
-            if let Some((t, since)) = &stopping {
-                // The agent was told to kill the command; if it cannot say so, stop waiting.
-                if since.elapsed() > KILL_CONFIRM_LIMIT {
-                    return Ok(*t);
-                }
-                continue;
-            }
-            let why = if let Some(reason) = cancel.reason() {
-                Some(Termination::Cancelled(reason))
-            } else if timeout.is_some_and(|t| started.elapsed() > t) {
-                Some(Termination::TimedOut)
-            } else {
-                None
-            };
-            if let Some(t) = why {
-                link.send(&Message::Signal(libc::SIGKILL)).map_err(agent)?;
-                stopping = Some((t, Instant::now()));
-            }
-        }
+        command::stream(link, sink, timeout, cancel)
     }
 
     /// Ends the cell: asks the agent to power off, kills the VMM if it has not within a grace
@@ -394,30 +364,6 @@ impl Cell {
             costs: ev.costs,
         })
     }
-}
-
-/// Copies `input` to the command until it ends (a thread, so a blocked read never holds up the
-/// cell).
-fn forward_stdin(
-    mut input: Box<dyn Read + Send>,
-    writer: std::sync::Arc<std::sync::Mutex<std::os::unix::net::UnixStream>>,
-) {
-    let _ = std::thread::Builder::new().name("stdin".into()).spawn(move || {
-        let mut buf = vec![0u8; MAX_CHUNK];
-        loop {
-            match input.read(&mut buf) {
-                Ok(0) | Err(_) => {
-                    let _ = send_on(&writer, &Message::StdinEof);
-                    return;
-                }
-                Ok(n) => {
-                    if send_on(&writer, &Message::Stdin(buf[..n].to_vec())).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
 }
 
 /// A deadline `wait` from now (saturating).

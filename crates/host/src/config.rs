@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use crate::locate;
 
 /// The host side of every cell this process starts.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct HostConfig {
     /// The state directory: host profile and key, policies, audit log, cell records.
     pub state_dir: PathBuf,

@@ -2,12 +2,16 @@
 //! the cell's attack surface, generated from those same structures and the device plan.
 
 use std::collections::BTreeSet;
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use isocell_jail::cgroup::Limits;
 use isocell_jail::{BindMount, JailSpec, Rlimits, CELL_DIR};
 use isocell_spec::VmConfig;
-use isocell_vmm::device_manager::DevicePlan;
+use isocell_vmm_model::device_plan::DevicePlan;
 use serde_json::{json, Value};
 
 /// Where the VMM binary appears in the jail.
@@ -18,6 +22,10 @@ const JAIL_KERNEL: &str = "/boot/vmlinux";
 const JAIL_INITRD: &str = "/boot/agent-initrd.cpio";
 /// Where the root image appears in the jail.
 const JAIL_IMAGE: &str = "/disks/root.img";
+/// The most `isocell-vmm --describe-cpuid` may print (its JSON is a few KiB).
+const CPUID_OUTPUT_LIMIT: u64 = 1 << 20;
+/// How long `isocell-vmm --describe-cpuid` may take.
+const CPUID_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A cell's jail: the spec the jailer enforces and the cgroup limits `isocell` sets.
 pub struct JailPlan {
@@ -189,9 +197,11 @@ pub fn plan(
 }
 
 /// The attack surface of a cell: its devices (address ranges, IRQs, offered virtio features,
-/// and, for a cell that ran, those the guest negotiated), the VMM's seccomp rules per thread,
-/// and the jail (files, namespaces, uid/gid, cgroup limits, rlimits).
+/// and, for a cell that ran, those the guest negotiated), the CPU it is told about (asked of the
+/// VMM binary `vmm`, see [`describe_cpuid`]), the VMM's seccomp rules per thread, and the jail
+/// (files, namespaces, uid/gid, cgroup limits, rlimits).
 pub fn surface(
+    vmm: &Path,
     config: &VmConfig,
     plan: &DevicePlan,
     jail: Option<&JailPlan>,
@@ -214,14 +224,67 @@ pub fn surface(
         "devices": devices,
         // The tables that describe the machine to the guest (command line, MP table, ACPI), and
         // the CPU it is told about (this host's, normalised; the choices, not every leaf).
-        "firmware": isocell_vmm::descriptions(config, plan),
-        "cpu": isocell_vmm::describe_cpuid(config.vcpus, false),
-        "seccomp": isocell_vmm::seccomp::describe(),
+        "firmware": isocell_vmm_model::descriptions(config, plan),
+        "cpu": describe_cpuid(vmm, config.vcpus),
+        "seccomp": isocell_vmm_model::seccomp::describe(),
         "jail": match jail {
             Some(j) => j.spec.surface(Some(&j.limits)),
             None => json!({ "enabled": false }),
         },
     })
+}
+
+/// The CPUID choices vCPU 0 of a cell with `vcpus` vCPUs would see on this host, as the VMM
+/// binary `vmm` reports them (`isocell-vmm --describe-cpuid VCPUS`, which asks KVM; this crate
+/// links no KVM code), or `{"unavailable": why}` if it cannot say. Its output is read up to
+/// [`CPUID_OUTPUT_LIMIT`] and it is killed after [`CPUID_TIMEOUT`].
+pub fn describe_cpuid(vmm: &Path, vcpus: u8) -> Value {
+    run_describe_cpuid(vmm, vcpus).unwrap_or_else(|why| json!({ "unavailable": why }))
+}
+
+fn run_describe_cpuid(vmm: &Path, vcpus: u8) -> Result<Value, String> {
+    let what = format!("{} --describe-cpuid {vcpus}", vmm.display());
+    let mut child = Command::new(vmm)
+        .arg("--describe-cpuid")
+        .arg(vcpus.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    let Some(stdout) = child.stdout.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("{what}: no output pipe"));
+    };
+    // Read on a helper thread so that a VMM that hangs is killed after the timeout; the thread
+    // ends when the pipe closes.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let read = stdout.take(CPUID_OUTPUT_LIMIT + 1).read_to_end(&mut out);
+        let _ = tx.send(read.map(|_| out));
+    });
+    let read = rx.recv_timeout(CPUID_TIMEOUT);
+    let out = match read {
+        Ok(Ok(out)) if out.len() as u64 <= CPUID_OUTPUT_LIMIT => Ok(out),
+        Ok(Ok(_)) => Err(format!("{what} printed more than {CPUID_OUTPUT_LIMIT} bytes")),
+        Ok(Err(e)) => Err(format!("cannot read the output of {what}: {e}")),
+        Err(_) => Err(format!("{what} did not finish within {}s", CPUID_TIMEOUT.as_secs())),
+    };
+    if out.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait().map_err(|e| format!("cannot wait for {what}: {e}"))?;
+    let out = out?;
+    if !status.success() {
+        return Err(format!("{what} failed ({status})"));
+    }
+    match serde_json::from_slice::<Value>(&out) {
+        Ok(v) if v.is_object() => Ok(v),
+        Ok(_) => Err(format!("{what} printed JSON that is not an object")),
+        Err(e) => Err(format!("{what} printed no JSON: {e}")),
+    }
 }
 
 /// Flattens a surface into comparable facts, one line each: `a.b[id].c = value`. Arrays of
@@ -283,6 +346,30 @@ mod tests {
         jail.spec.validate().unwrap();
         assert_eq!(jail.spec.root, Path::new("/run/isocell/abc/root"));
         assert!(jail.spec.mounts.iter().all(|m| m.writable == (m.jail == Path::new(CELL_DIR))));
+    }
+
+    #[test]
+    fn cpuid_comes_from_the_vmm_binary_or_is_unavailable() {
+        let dir = std::env::temp_dir().join(format!("isocell-cpuid-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = |name: &str, body: &str| {
+            use std::os::unix::fs::PermissionsExt;
+            let p = dir.join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            p
+        };
+        let good = script("good", r#"[ "$1 $2" = "--describe-cpuid 3" ] && echo '{"vendor":"x"}'"#);
+        assert_eq!(describe_cpuid(&good, 3), json!({ "vendor": "x" }));
+        let unavailable = |v: Value| v["unavailable"].as_str().unwrap_or_default().to_owned();
+        assert!(unavailable(describe_cpuid(&good, 2)).contains("failed"));
+        let silent = script("silent", "true");
+        assert!(unavailable(describe_cpuid(&silent, 1)).contains("printed no JSON"));
+        let chatty = script("chatty", "head -c 2000000 /dev/zero");
+        assert!(unavailable(describe_cpuid(&chatty, 1)).contains("more than"));
+        let missing = dir.join("missing");
+        assert!(unavailable(describe_cpuid(&missing, 1)).contains("cannot run"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -71,6 +71,22 @@ impl CellEvidence {
         })
     }
 
+    /// Reopens the evidence of a cell launched earlier (by a process that is gone): its launch
+    /// digest and start time come from its signed launch receipt. `None` if it has none.
+    pub fn resume(host: Host, cell_id: &str) -> Result<Option<Self>, String> {
+        let path = host.cell_record_dir(cell_id)?.join("launch.json");
+        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
+        let doc: Value = serde_json::from_str(&text)
+            .map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+        receipt::verify(&doc, &host.key.verifying_key())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let body = &doc["receipt"];
+        let mut ev = Self::open(host, cell_id)?;
+        ev.launch_digest = body["launch_digest"].as_str().map(str::to_owned);
+        ev.started_ms = body["started_at_ms"].as_u64().unwrap_or(ev.started_ms);
+        Ok(Some(ev))
+    }
+
     /// Appends a lifecycle event for this cell. A cell must not run without its record, so a
     /// failure here is an error for the caller.
     pub fn log(&mut self, kind: &str, data: Value) -> Result<(), String> {

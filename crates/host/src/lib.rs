@@ -1,15 +1,19 @@
 //! The IsoCell cell lifecycle as a library: plan → admit (measure, policy) → start (jail, VMM,
 //! launch receipt) → agent ready → `put` / `exec` / `get` → delete (teardown checked, exit
-//! receipt). `isocell run`, `isocell surface` and the benchmark drive cells through it.
+//! receipt); sessions (many commands at once in a long-lived cell) and the per-cell supervisor
+//! that `isocelld` starts. `isocell run`, `isocell surface`, the daemon and the benchmark drive
+//! cells through it.
 //!
-//! Nothing here reads the environment, installs signal handlers or writes to this process's
-//! stdout or stderr: the host configuration is given ([`HostConfig`]), cancellation is a token
-//! ([`Cancel`]) and output goes to a sink ([`OutputSink`]). Errors are typed ([`CellError`],
-//! [`PlanError`]); callers choose their exit or HTTP statuses.
-
+//! Nothing here reads the environment (but [`HostConfig::discover`] and [`locate`], which the
+//! binaries call), installs signal handlers or writes to this process's stdout or stderr: the
+//! host configuration is given ([`HostConfig`]), cancellation is a token ([`Cancel`]) and output
+//! goes to a sink ([`OutputSink`]). Errors are typed ([`CellError`], [`PlanError`]); callers
+//! choose their exit or HTTP statuses. The VMM's pure model comes from `isocell-vmm-model`: this
+//! crate links no KVM code.
 pub mod agent_link;
 pub mod cancel;
 pub mod cell;
+pub mod command;
 pub mod config;
 pub mod confine;
 pub mod error;
@@ -17,8 +21,10 @@ pub mod evidence;
 pub mod locate;
 pub mod plan;
 pub mod run;
+pub mod session;
 pub mod sink;
 pub mod state;
+pub mod supervisor;
 pub mod transfer;
 pub mod vmm_process;
 

@@ -83,6 +83,12 @@ pub fn jailer() -> Result<PathBuf, String> {
     sibling("ISOCELL_JAILER", "isocell-jailer")
 }
 
+/// The per-cell supervisor: `ISOCELL_SUPERVISOR`, else `isocell-supervisor` next to this
+/// program.
+pub fn supervisor() -> Result<PathBuf, String> {
+    sibling("ISOCELL_SUPERVISOR", "isocell-supervisor")
+}
+
 /// The program `env` names, else `name` next to this program.
 fn sibling(env: &str, name: &str) -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os(env) {

@@ -9,7 +9,8 @@ use isocell_evidence::measure::LaunchInputs;
 use isocell_evidence::policy::AdmissionRequest;
 use isocell_spec::VsockConfig;
 use isocell_spec::{ConsoleConfig, Constraints, DriveConfig, HostProfile, MemorySize, VmConfig};
-use isocell_vmm::device_manager::DevicePlan;
+use isocell_vmm_model::device_plan::DevicePlan;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::confine::{self, JailPlan, Pinned, VmmView};
@@ -25,7 +26,7 @@ pub const HOSTNAME: &str = "cell";
 pub const IMAGE_DEVICE: &str = "/dev/vda";
 
 /// A container image converted for the cell.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContainerImage {
     /// The image, as the store holds it.
     pub resolved: isocell_image::Resolved,
@@ -34,7 +35,7 @@ pub struct ContainerImage {
 }
 
 /// What the cell boots.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum CellImage {
     /// A block image file (ext4), mounted as is.
     Block(PathBuf),
@@ -43,7 +44,7 @@ pub enum CellImage {
 }
 
 /// Everything a cell is asked to be. Values are already typed and in range.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CellRequest {
     /// Cell kernel.
     pub kernel: PathBuf,
@@ -141,9 +142,10 @@ impl CellPlan {
         let config = vm_config(&view, &boot);
         config.validate().map_err(|e| PlanError::Invalid(e.to_string()))?;
         let devices = DevicePlan::new(&config).map_err(|e| PlanError::Devices(e.to_string()))?;
-        let cmdline = isocell_vmm::kernel_cmdline(&config, &devices);
-        let seccomp =
-            isocell_evidence::canonical::to_canonical_string(&isocell_vmm::seccomp::describe());
+        let cmdline = isocell_vmm_model::kernel_cmdline(&config, &devices);
+        let seccomp = isocell_evidence::canonical::to_canonical_string(
+            &isocell_vmm_model::seccomp::describe(),
+        );
         Ok(CellPlan {
             id: id.to_owned(),
             initrd: host.agent_initrd.clone(),
@@ -237,11 +239,13 @@ impl CellPlan {
         )
     }
 
-    /// The admission question for this cell on a host with `profile`.
+    /// The admission question for this cell on a host with `profile`, asked by `client` (a
+    /// daemon's client identity), or by the host's operator when `None`.
     pub fn admission_request(
         &self,
         profile: &HostProfile,
         measurement: &isocell_evidence::measure::LaunchMeasurement,
+        client: Option<&str>,
     ) -> AdmissionRequest {
         let r = &self.request;
         let c = &r.constraints;
@@ -249,7 +253,13 @@ impl CellPlan {
             CellImage::Container(c) => Some(c),
             CellImage::Block(_) => None,
         };
+        let (principal_kind, principal) = match client {
+            Some(c) => ("Client", c.to_owned()),
+            None => ("Operator", profile.operator.clone()),
+        };
         AdmissionRequest {
+            principal_kind: principal_kind.to_owned(),
+            principal,
             cell_id: self.id.clone(),
             host_id: profile.host_id.clone(),
             host_jurisdiction: profile.jurisdiction.clone(),
@@ -277,9 +287,9 @@ impl CellPlan {
     }
 
     /// The cell's attack surface; `negotiated` adds the features the guest negotiated, for a
-    /// cell that ran.
+    /// cell that ran. Its CPU part comes from running the VMM binary (`--describe-cpuid`).
     pub fn surface(&self, negotiated: Option<&Value>) -> Value {
-        confine::surface(&self.config, &self.devices, self.jail.as_ref(), negotiated)
+        confine::surface(&self.vmm, &self.config, &self.devices, self.jail.as_ref(), negotiated)
     }
 }
 

@@ -108,7 +108,7 @@ pub fn run(
                 return Err(e);
             }
         };
-        Admitted::new(plan, ev, &req.policy_files)?.start(host, &req.process.argv)
+        Admitted::new(plan, ev, &req.policy_files, None)?.start(host, &req.process.argv)
     });
     let mut cell = match cell {
         Ok(c) => c,

@@ -34,6 +34,16 @@ pub struct TeardownChecks {
     pub cell_files_removed: bool,
 }
 
+impl TeardownChecks {
+    /// Whether every fact holds.
+    pub fn all_hold(&self) -> bool {
+        self.vmm_process_gone
+            && self.guest_memory_released
+            && self.cgroup_removed
+            && self.cell_files_removed
+    }
+}
+
 /// A cell's VMM process and host directory, running or stopped.
 pub struct Vmm {
     /// The cell's host directory.
@@ -76,6 +86,27 @@ pub fn sweep_stale(run_dir: &Path) -> Vec<String> {
         }
     }
     removed
+}
+
+/// Removes what cell `id` left behind if its owner is gone (its cgroup, killing anything in it,
+/// and its directory). Returns the teardown facts, or `None` if the cell's owner still lives.
+pub fn sweep_one(run_dir: &Path, id: &str) -> Option<TeardownChecks> {
+    let dir = run_dir.join(id);
+    if let Ok(owner) = File::open(dir.join(OWNER_FILE)) {
+        if !try_lock(&owner) {
+            return None;
+        }
+    }
+    let cg = CellCgroup::path_for(&cgroup::root(), id);
+    let cgroup_removed = cgroup::remove(&cg).is_ok() && !cg.exists();
+    let _ = fs::remove_dir_all(&dir);
+    Some(TeardownChecks {
+        // An emptied, removed cgroup held the VMM and all it made.
+        vmm_process_gone: cgroup_removed,
+        guest_memory_released: cgroup_removed,
+        cgroup_removed,
+        cell_files_removed: !dir.exists(),
+    })
 }
 
 /// Takes an exclusive lock on `file` without waiting; false if someone holds it.
@@ -354,6 +385,16 @@ impl Vmm {
         }
     }
 
+    /// A descriptor that becomes readable when the VMM (or its jailer) exits.
+    pub fn exit_fd(&self) -> Option<RawFd> {
+        self.vmm_exited.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// The VMM's exit status, once it has exited (never blocks).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.try_wait_vmm()
+    }
+
     fn try_wait_vmm(&mut self) -> Option<ExitStatus> {
         if self.vmm_status.is_none() {
             if let Some(child) = &mut self.vmm {
@@ -515,6 +556,13 @@ pub fn explain_status(status: ExitStatus) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// The last `max` bytes of cell `id`'s console log (the guest wrote it: read as a plain file
+/// only, bounded).
+pub fn console_tail(run_dir: &Path, id: &str, max: u64) -> Option<Vec<u8>> {
+    let (_, shared, _) = host_dirs(run_dir, id);
+    read_cell_file(&shared.join("console.log"), max)
 }
 
 /// The last `lines` lines of a file, reading at most its last 16 KiB.

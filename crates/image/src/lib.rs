@@ -38,7 +38,7 @@ pub enum PullPolicy {
 }
 
 /// An image ready to boot.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Resolved {
     /// The name it was asked for by, normalised.
     pub name: String,

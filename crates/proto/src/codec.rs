@@ -13,7 +13,7 @@
 //!
 //! Every value has exactly one encoding, and nothing may follow the message.
 
-use crate::message::{EntryKind, ExecRequest, ExitStatus, Message};
+use crate::message::{EntryKind, ExecRequest, ExitStatus, Message, WindowSize};
 use crate::{MAX_FRAME_LEN, MAX_GROUPS};
 
 /// Why a frame body is not a valid message.
@@ -69,6 +69,10 @@ mod tag {
     pub const DONE: u8 = 18;
     pub const ERROR: u8 = 19;
     pub const SHUTDOWN: u8 = 20;
+    pub const EXEC_SESSION: u8 = 21;
+    pub const RESIZE: u8 = 22;
+    pub const WAIT_SESSION: u8 = 23;
+    pub const SIGNAL_SESSION: u8 = 24;
 }
 
 /// Appends the body of `msg` to `out`.
@@ -91,29 +95,7 @@ pub(crate) fn encode_body(msg: &Message, out: &mut Vec<u8>) {
         }
         Message::Exec(req) => {
             w.u8(tag::EXEC);
-            w.len(req.argv.len());
-            for arg in &req.argv {
-                w.bytes(arg.as_bytes());
-            }
-            w.len(req.env.len());
-            for (key, value) in &req.env {
-                w.bytes(key.as_bytes());
-                w.bytes(value.as_bytes());
-            }
-            match &req.cwd {
-                None => w.u8(0),
-                Some(cwd) => {
-                    w.u8(1);
-                    w.bytes(cwd.as_bytes());
-                }
-            }
-            w.u32(req.uid);
-            w.u32(req.gid);
-            w.len(req.groups.len());
-            for group in &req.groups {
-                w.u32(*group);
-            }
-            w.u8(u8::from(req.stdin));
+            w.exec(req);
         }
         Message::Stdin(data) => {
             w.u8(tag::STDIN);
@@ -186,6 +168,31 @@ pub(crate) fn encode_body(msg: &Message, out: &mut Vec<u8>) {
             w.bytes(message.as_bytes());
         }
         Message::Shutdown => w.u8(tag::SHUTDOWN),
+        Message::ExecSession { id, tty, exec } => {
+            w.u8(tag::EXEC_SESSION);
+            w.u64(*id);
+            match tty {
+                None => w.u8(0),
+                Some(size) => {
+                    w.u8(1);
+                    w.window(*size);
+                }
+            }
+            w.exec(exec);
+        }
+        Message::Resize(size) => {
+            w.u8(tag::RESIZE);
+            w.window(*size);
+        }
+        Message::WaitSession { id } => {
+            w.u8(tag::WAIT_SESSION);
+            w.u64(*id);
+        }
+        Message::SignalSession { id, signal } => {
+            w.u8(tag::SIGNAL_SESSION);
+            w.u64(*id);
+            w.i32(*signal);
+        }
     }
 }
 
@@ -199,35 +206,7 @@ pub fn decode(body: &[u8]) -> Result<Message, DecodeError> {
     let msg = match r.u8()? {
         tag::HELLO => Message::Hello { version: r.u16()?, agent: r.string()? },
         tag::WELCOME => Message::Welcome { version: r.u16()? },
-        tag::EXEC => {
-            // Each argument takes at least its 4-byte length, each variable two of them.
-            let argc = r.count(4)?;
-            let mut argv = Vec::with_capacity(argc);
-            for _ in 0..argc {
-                argv.push(r.string()?);
-            }
-            let envc = r.count(8)?;
-            let mut env = Vec::with_capacity(envc);
-            for _ in 0..envc {
-                env.push((r.string()?, r.string()?));
-            }
-            let cwd = match r.u8()? {
-                0 => None,
-                1 => Some(r.string()?),
-                _ => return Err(DecodeError::BadValue("option")),
-            };
-            let uid = r.u32()?;
-            let gid = r.u32()?;
-            let groupc = r.count(4)?;
-            if groupc > MAX_GROUPS {
-                return Err(DecodeError::TooManyGroups(groupc));
-            }
-            let mut groups = Vec::with_capacity(groupc);
-            for _ in 0..groupc {
-                groups.push(r.u32()?);
-            }
-            Message::Exec(ExecRequest { argv, env, cwd, uid, gid, groups, stdin: r.bool()? })
-        }
+        tag::EXEC => Message::Exec(r.exec()?),
         tag::STDIN => Message::Stdin(r.bytes()?.to_vec()),
         tag::STDIN_EOF => Message::StdinEof,
         tag::SIGNAL => Message::Signal(r.i32()?),
@@ -258,6 +237,18 @@ pub fn decode(body: &[u8]) -> Result<Message, DecodeError> {
         tag::DONE => Message::Done,
         tag::ERROR => Message::Error { message: r.string()? },
         tag::SHUTDOWN => Message::Shutdown,
+        tag::EXEC_SESSION => {
+            let id = r.u64()?;
+            let tty = match r.u8()? {
+                0 => None,
+                1 => Some(r.window()?),
+                _ => return Err(DecodeError::BadValue("option")),
+            };
+            Message::ExecSession { id, tty, exec: r.exec()? }
+        }
+        tag::RESIZE => Message::Resize(r.window()?),
+        tag::WAIT_SESSION => Message::WaitSession { id: r.u64()? },
+        tag::SIGNAL_SESSION => Message::SignalSession { id: r.u64()?, signal: r.i32()? },
         unknown => return Err(DecodeError::UnknownTag(unknown)),
     };
     match r.0.len() {
@@ -299,12 +290,77 @@ impl Writer<'_> {
         self.len(v.len());
         self.0.extend_from_slice(v);
     }
+
+    fn window(&mut self, size: WindowSize) {
+        self.u16(size.rows);
+        self.u16(size.cols);
+    }
+
+    fn exec(&mut self, req: &ExecRequest) {
+        self.len(req.argv.len());
+        for arg in &req.argv {
+            self.bytes(arg.as_bytes());
+        }
+        self.len(req.env.len());
+        for (key, value) in &req.env {
+            self.bytes(key.as_bytes());
+            self.bytes(value.as_bytes());
+        }
+        match &req.cwd {
+            None => self.u8(0),
+            Some(cwd) => {
+                self.u8(1);
+                self.bytes(cwd.as_bytes());
+            }
+        }
+        self.u32(req.uid);
+        self.u32(req.gid);
+        self.len(req.groups.len());
+        for group in &req.groups {
+            self.u32(*group);
+        }
+        self.u8(u8::from(req.stdin));
+    }
 }
 
 /// Takes fields off the front of a body; every read is bounds-checked.
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
+    fn window(&mut self) -> Result<WindowSize, DecodeError> {
+        Ok(WindowSize { rows: self.u16()?, cols: self.u16()? })
+    }
+
+    fn exec(&mut self) -> Result<ExecRequest, DecodeError> {
+        // Each argument takes at least its 4-byte length, each variable two of them.
+        let argc = self.count(4)?;
+        let mut argv = Vec::with_capacity(argc);
+        for _ in 0..argc {
+            argv.push(self.string()?);
+        }
+        let envc = self.count(8)?;
+        let mut env = Vec::with_capacity(envc);
+        for _ in 0..envc {
+            env.push((self.string()?, self.string()?));
+        }
+        let cwd = match self.u8()? {
+            0 => None,
+            1 => Some(self.string()?),
+            _ => return Err(DecodeError::BadValue("option")),
+        };
+        let uid = self.u32()?;
+        let gid = self.u32()?;
+        let groupc = self.count(4)?;
+        if groupc > MAX_GROUPS {
+            return Err(DecodeError::TooManyGroups(groupc));
+        }
+        let mut groups = Vec::with_capacity(groupc);
+        for _ in 0..groupc {
+            groups.push(self.u32()?);
+        }
+        Ok(ExecRequest { argv, env, cwd, uid, gid, groups, stdin: self.bool()? })
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if n > self.0.len() {
             return Err(DecodeError::Truncated);
@@ -413,7 +469,7 @@ mod tests {
     #[test]
     fn unknown_tags_are_refused() {
         assert_eq!(decode(&[0]), Err(DecodeError::UnknownTag(0)));
-        assert_eq!(decode(&[21]), Err(DecodeError::UnknownTag(21)));
+        assert_eq!(decode(&[25]), Err(DecodeError::UnknownTag(25)));
         assert_eq!(decode(&[255, 1, 2]), Err(DecodeError::UnknownTag(255)));
     }
 

@@ -11,10 +11,11 @@ pub mod message;
 
 pub use codec::{decode, DecodeError};
 pub use frame::{encode, read_frame, write_frame, FrameBuffer, ReadError};
-pub use message::{EntryKind, ExecRequest, ExitStatus, Message};
+pub use message::{EntryKind, ExecRequest, ExitStatus, Message, WindowSize};
 
 /// Version of this protocol, exchanged in `Hello` and `Welcome`. 2: `ExecRequest::groups`.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: sessions (`ExecSession`, `Resize`, `WaitSession`, `SignalSession`) on [`SESSION_PORT`].
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest frame body accepted (bytes after the 4-byte length prefix).
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// Largest data chunk senders put in one Stdout/Stderr/Stdin/Data message.
@@ -23,6 +24,9 @@ pub const MAX_CHUNK: usize = 64 * 1024;
 pub const MAX_GROUPS: usize = 256;
 /// vsock port on the host (CID 2) the agent connects to when it is ready.
 pub const AGENT_PORT: u32 = 1024;
+/// vsock port in the cell on which the agent accepts session connections from the host: each
+/// starts with `ExecSession`, `WaitSession`, `SignalSession` or a file operation.
+pub const SESSION_PORT: u32 = 1025;
 
 /// Entry point shared by the cargo-fuzz target and the property tests: decodes arbitrary bytes
 /// both as a body and as a frame stream. It must never panic; it asserts what must hold instead:
@@ -63,7 +67,7 @@ fn drain<'a>(mut buf: FrameBuffer, pieces: impl IntoIterator<Item = &'a [u8]>) -
 
 #[cfg(test)]
 pub(crate) mod samples {
-    use crate::{EntryKind, ExecRequest, ExitStatus, Message, PROTOCOL_VERSION};
+    use crate::{EntryKind, ExecRequest, ExitStatus, Message, WindowSize, PROTOCOL_VERSION};
 
     /// One or more values of every message, with empty, non-ASCII and extreme fields.
     pub fn all() -> Vec<Message> {
@@ -112,6 +116,35 @@ pub(crate) mod samples {
             Message::Done,
             Message::Error { message: "✗ failed".into() },
             Message::Shutdown,
+            Message::ExecSession {
+                id: u64::MAX,
+                tty: Some(WindowSize { rows: 24, cols: 80 }),
+                exec: ExecRequest {
+                    argv: vec!["sh".into()],
+                    env: vec![],
+                    cwd: None,
+                    uid: 0,
+                    gid: 0,
+                    groups: vec![],
+                    stdin: true,
+                },
+            },
+            Message::ExecSession {
+                id: 0,
+                tty: None,
+                exec: ExecRequest {
+                    argv: vec![],
+                    env: vec![],
+                    cwd: Some(String::new()),
+                    uid: 1,
+                    gid: 2,
+                    groups: vec![3],
+                    stdin: false,
+                },
+            },
+            Message::Resize(WindowSize { rows: 0, cols: u16::MAX }),
+            Message::WaitSession { id: 7 },
+            Message::SignalSession { id: 7, signal: i32::MIN },
         ]
     }
 }

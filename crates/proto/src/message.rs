@@ -87,6 +87,43 @@ pub enum Message {
     },
     /// Host → agent: power the cell off.
     Shutdown,
+    /// Host → agent, the first frame of a session connection (host-initiated, to
+    /// [`SESSION_PORT`](crate::SESSION_PORT)): start a command as session `id`. Replies as for
+    /// `Exec`. The command outlives the connection; its status stays with the agent for
+    /// `WaitSession`.
+    ExecSession {
+        /// The host's id for the session (unique in the cell).
+        id: u64,
+        /// Run it on a new terminal of this size (stdout and stderr are then both the
+        /// terminal's output, sent as `Stdout`).
+        tty: Option<WindowSize>,
+        /// The command.
+        exec: ExecRequest,
+    },
+    /// Host → agent: this connection's session terminal changed size.
+    Resize(WindowSize),
+    /// Host → agent: reply with `Exited` once session `id` has ended (at once if it has), or
+    /// `Error` if the agent knows no such session.
+    WaitSession {
+        /// The session.
+        id: u64,
+    },
+    /// Host → agent: send `signal` to session `id`'s process group. Reply: `Done` or `Error`.
+    SignalSession {
+        /// The session.
+        id: u64,
+        /// The signal number.
+        signal: i32,
+    },
+}
+
+/// A terminal's size in character cells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowSize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
 }
 
 /// A command to run in the cell.

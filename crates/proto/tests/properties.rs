@@ -3,9 +3,10 @@
 
 use isocell_proto::{
     decode, encode, fuzz_decode, read_frame, DecodeError, EntryKind, ExecRequest, ExitStatus,
-    FrameBuffer, Message,
+    FrameBuffer, Message, WindowSize,
 };
 use proptest::collection::vec;
+use proptest::option;
 use proptest::prelude::*;
 
 fn bytes() -> impl Strategy<Value = Vec<u8>> {
@@ -69,6 +70,17 @@ fn message() -> impl Strategy<Value = Message> {
         Just(Message::Done),
         text().prop_map(|message| Message::Error { message }),
         Just(Message::Shutdown),
+        (any::<u64>(), option::of((any::<u16>(), any::<u16>())), exec_request()).prop_map(
+            |(id, tty, exec)| Message::ExecSession {
+                id,
+                tty: tty.map(|(rows, cols)| WindowSize { rows, cols }),
+                exec,
+            }
+        ),
+        (any::<u16>(), any::<u16>())
+            .prop_map(|(rows, cols)| Message::Resize(WindowSize { rows, cols })),
+        any::<u64>().prop_map(|id| Message::WaitSession { id }),
+        (any::<u64>(), any::<i32>()).prop_map(|(id, signal)| Message::SignalSession { id, signal }),
     ]
 }
 

@@ -74,6 +74,10 @@ pub struct Paths {
     pub runner: PathBuf,
     /// `isocell-hostile`, the attacker the tests pass into cells.
     pub hostile: PathBuf,
+    /// The daemon, `isocelld`.
+    pub isocelld: PathBuf,
+    /// The per-cell supervisor the daemon starts.
+    pub supervisor: PathBuf,
     /// Cell kernel, bzImage.
     pub bzimage: PathBuf,
     /// Cell kernel, ELF vmlinux.
@@ -129,6 +133,8 @@ impl Paths {
                 BUILD_BINS,
             )?,
             hostile: require(bin.join("isocell-hostile"), "isocell-hostile", BUILD_BINS)?,
+            isocelld: require(bin.join("isocelld"), "isocelld", BUILD_BINS)?,
+            supervisor: require(bin.join("isocell-supervisor"), "isocell-supervisor", BUILD_BINS)?,
             bzimage: require(
                 build.join("guest/bzImage"),
                 "the cell kernel",
@@ -234,6 +240,7 @@ impl TestHost {
             ("vmm", &self.paths.vmm),
             ("isocell", &self.paths.isocell),
             ("hostile", &self.paths.hostile),
+            ("isocelld", &self.paths.isocelld),
             ("bzimage", &self.paths.bzimage),
             ("vmlinux", &self.paths.vmlinux),
             ("acpi_bzimage", &self.paths.acpi_bzimage),
@@ -403,11 +410,14 @@ impl TestHost {
             (self.paths.rootfs.clone(), stage.join("isocell/guest/rootfs.ext4")),
         ];
         // The 17 MB vmlinux only travels when a step uses it.
-        if text.contains("{vmlinux}") || text.contains("{isocell}") {
+        if text.contains("{vmlinux}") || text.contains("{isocell}") || text.contains("{isocelld}") {
             copies.push((self.paths.vmlinux.clone(), stage.join("isocell/guest/vmlinux")));
         }
         // `isocell run` boots every cell with the agent's initramfs (ISOCELL_AGENT_INITRD).
-        if text.contains("{agent_initrd}") || text.contains("{isocell}") {
+        if text.contains("{agent_initrd}")
+            || text.contains("{isocell}")
+            || text.contains("{isocelld}")
+        {
             copies.push((
                 self.paths.agent_initrd.clone(),
                 stage.join("isocell/guest/agent-initrd.cpio"),
@@ -422,6 +432,14 @@ impl TestHost {
         }
         if text.contains("{hostile}") {
             copies.push((self.paths.hostile.clone(), stage.join("isocell/bin/isocell-hostile")));
+        }
+        // The daemon finds its supervisor next to itself.
+        if text.contains("{isocelld}") {
+            copies.push((self.paths.isocelld.clone(), stage.join("isocell/bin/isocelld")));
+            copies.push((
+                self.paths.supervisor.clone(),
+                stage.join("isocell/bin/isocell-supervisor"),
+            ));
         }
         for m in MODULES {
             copies.push((
@@ -665,7 +683,7 @@ exec /isocell/bin/isocell-testhost-runner --scenario /isocell/scenario.json \
   --asset vmm=/isocell/bin/isocell-vmm --asset isocell=/isocell/bin/isocell --asset bzimage=/isocell/guest/bzImage \
   --asset vmlinux=/isocell/guest/vmlinux --asset rootfs=/isocell/guest/rootfs.ext4 \
   --asset initrd=/isocell/guest/initrd.cpio --asset agent_initrd=/isocell/guest/agent-initrd.cpio \
-  --asset hostile=/isocell/bin/isocell-hostile \
+  --asset hostile=/isocell/bin/isocell-hostile --asset isocelld=/isocell/bin/isocelld \
   --asset acpi_bzimage=/isocell/guest/acpi-bzImage@EXTRA_ASSETS@
 "#;
 

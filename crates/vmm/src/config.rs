@@ -11,6 +11,8 @@ use isocell_spec::{ConsoleConfig, DriveConfig, VmConfig, VmConfigError, VsockCon
 use crate::arch::x86_64::boot::KernelFormat;
 use crate::device_manager::{DevicePlan, PlacementError};
 
+pub use isocell_vmm_model::config::host_memory_mib;
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -147,14 +149,6 @@ pub fn parse_drive(s: &str) -> Result<DriveConfig, ConfigError> {
         root,
         placement: None,
     })
-}
-
-/// This host's RAM in MiB, if /proc/meminfo can be read.
-pub fn host_memory_mib() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024)
 }
 
 /// Checks `config` completely: values, device placement, and every file it names.

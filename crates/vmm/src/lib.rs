@@ -2,6 +2,11 @@
 //!
 //! [`config::check`] validates everything before a VM exists; [`boot`] builds the VM (memory,
 //! irqchip, kernel, boot tables, devices, vCPUs) and runs it until it stops, returning why.
+//!
+//! What needs no KVM (the device plan, guest memory layout, kernel command line, ACPI tables,
+//! seccomp allow-lists, the file-only host check) is the `isocell-vmm-model` crate; the modules
+//! here re-export it, so `isocell_vmm::device_manager::DevicePlan` and
+//! `isocell_vmm_model::device_plan::DevicePlan` are one type.
 
 pub mod arch;
 pub mod config;
@@ -23,24 +28,20 @@ use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
-use isocell_spec::{ConsoleConfig, VmConfig};
+use isocell_spec::VmConfig;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
 use linux_loader::loader::Cmdline;
 use vm_memory::GuestMemoryMmap;
 
 use arch::x86_64::{acpi, boot, cpuid, mptable, regs};
-use device_manager::{DeviceKind, DeviceManager, DevicePlan};
+use device_manager::{DeviceManager, DevicePlan};
 use exit::{ExitRequester, VmExit};
 use report::MemoryUse;
 use timeline::{Phase, Timeline};
 use vstate::vcpu::{register_kick_signal, stop_vcpus, ExitCounts, Vcpu, VcpuContext};
 
-/// Kernel arguments every cell gets: reboot through the i8042 (which stops the VM), no panic
-/// reboot (so the panic loop's LED blink reports it), no PCI or modules, and no PS/2 devices to
-/// probe.
-pub const BASE_KERNEL_ARGS: &str =
-    "reboot=k panic=0 pci=off nomodule i8042.noaux i8042.nomux i8042.nokbd";
+pub use isocell_vmm_model::{descriptions, kernel_cmdline, BASE_KERNEL_ARGS};
 
 /// Failure to build the VM; nothing has run in the guest yet.
 #[derive(Debug, thiserror::Error)]
@@ -57,9 +58,12 @@ pub enum BuildError {
     /// The MP table could not be written.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
-    /// The ACPI tables could not be built or written.
+    /// The ACPI tables could not be built.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    /// The ACPI tables could not be written into guest memory.
+    #[error(transparent)]
+    AcpiWrite(#[from] acpi::AcpiWriteError),
     /// The boot page tables could not be written.
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
@@ -80,25 +84,6 @@ pub enum BuildError {
     Cpuid(#[source] kvm_ioctls::Error),
 }
 
-/// The full kernel command line for a configuration and its device plan.
-pub fn kernel_cmdline(config: &VmConfig, plan: &DevicePlan) -> String {
-    let mut args = vec![BASE_KERNEL_ARGS.to_owned()];
-    args.push(match config.console {
-        ConsoleConfig::Off => "8250.nr_uarts=0".to_owned(),
-        _ => "console=ttyS0".to_owned(),
-    });
-    for d in &plan.devices {
-        if let DeviceKind::VirtioBlock { root: true, read_only, guest_name, .. } = &d.kind {
-            args.push(format!("root=/dev/{guest_name} {}", if *read_only { "ro" } else { "rw" }));
-        }
-    }
-    args.extend(plan.kernel_args());
-    if !config.boot_args.is_empty() {
-        args.push(config.boot_args.clone());
-    }
-    args.join(" ")
-}
-
 /// What `isocell-vmm --describe` prints: the machine a configuration gives the guest, built from
 /// the same plan and table builders as the VM itself.
 pub fn describe(config: &VmConfig, plan: &DevicePlan) -> serde_json::Value {
@@ -110,20 +95,6 @@ pub fn describe(config: &VmConfig, plan: &DevicePlan) -> serde_json::Value {
         "devices": plan.devices,
         "descriptions": descriptions(config, plan),
         "cpuid": describe_cpuid(config.vcpus, true),
-    })
-}
-
-/// How the guest can learn its machine: every VM carries all three descriptions, so a kernel
-/// built either way finds its CPUs and devices.
-pub fn descriptions(config: &VmConfig, plan: &DevicePlan) -> serde_json::Value {
-    let acpi = match acpi::build(config.vcpus, plan) {
-        Ok(t) => serde_json::json!({ "e820": t.extent(), "tables": t.tables }),
-        Err(e) => serde_json::json!({ "error": e.to_string() }),
-    };
-    serde_json::json!({
-        "kernel_cmdline": plan.kernel_args(),
-        "mp_table": { "address": arch::x86_64::layout::EBDA_START, "cpus": config.vcpus },
-        "acpi": acpi,
     })
 }
 
@@ -202,7 +173,7 @@ pub fn boot(
     // Both descriptions of the machine, so a kernel finds its CPUs and devices either way: the
     // command line and MP table (the cell kernel), or ACPI (kernels built for other microVMs).
     let acpi = acpi::build(config.vcpus, plan)?;
-    acpi.write(&mem)?;
+    acpi::write(&acpi, &mem)?;
     boot::write_boot_params(&mem, mem_size, &kernel, &cmdline, initrd, Some(acpi.extent()))?;
     mptable::write(&mem, config.vcpus)?;
     regs::write_boot_tables(&mem)?;

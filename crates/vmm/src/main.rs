@@ -71,6 +71,10 @@ struct Args {
     /// Print the seccomp rules of every VMM thread kind as JSON, and exit.
     #[arg(long)]
     describe_seccomp: bool,
+    /// Print, as one line of JSON, the CPUID choices vCPU 0 of a VM with VCPUS vCPUs would see on
+    /// this host (what `isocell surface` shows as `cpu`), and exit; needs no configuration.
+    #[arg(long, value_name = "VCPUS")]
+    describe_cpuid: Option<u8>,
     /// The caller already ran the host check (no kvm-pvm, vmx/svm present) where it can see
     /// /proc/cpuinfo and /sys; a jailed VMM cannot. /dev/kvm's capabilities are still checked.
     #[arg(long)]
@@ -137,6 +141,11 @@ fn print_error(err: &dyn std::error::Error) {
 }
 
 fn run(args: Args, timeline: Arc<Timeline>) -> u8 {
+    if let Some(vcpus) = args.describe_cpuid {
+        let cpuid = isocell_vmm::describe_cpuid(vcpus, false);
+        println!("{}", serde_json::to_string(&cpuid).unwrap_or_default());
+        return 0;
+    }
     let plan_and_config = build_config(&args).and_then(|c| config::check(&c).map(|p| (c, p)));
     let (cfg, plan) = match plan_and_config {
         Ok(v) => v,

@@ -1,8 +1,9 @@
-//! Seccomp allow-lists for the VMM's threads, one per kind of thread.
+//! Seccomp filters for the VMM's threads, one per kind of thread.
 //!
-//! [`allowed_syscalls`] is the single source of truth: [`compile`] turns it into a BPF program
-//! and [`describe`] into the JSON published as part of the cell's attack surface. Anything not
-//! on a thread's list kills the whole VMM with `SIGSYS`.
+//! The allow-lists ([`allowed_syscalls`]) and their JSON description ([`describe`]) are
+//! [`isocell_vmm_model::seccomp`], re-exported here; [`compile`] turns a list into a BPF program
+//! with seccompiler and [`install`] applies it. Anything not on a thread's list kills the whole
+//! VMM with `SIGSYS`.
 //!
 //! Each thread installs its own filter ([`install`], no TSYNC), once its setup is done:
 //! - [`ThreadKind::Vcpu`]: first thing on each vCPU thread, before the first `KVM_RUN`;
@@ -17,43 +18,11 @@
 
 use std::collections::BTreeMap;
 
+pub use isocell_vmm_model::seccomp::*;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
-use serde_json::{json, Value};
-
-/// The kinds of thread the VMM runs, each with its own allow-list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ThreadKind {
-    /// The main thread, once the vCPUs run: waits for the exit, stops the vCPUs, cleans up,
-    /// writes the report and exits.
-    Main,
-    /// A vCPU thread: `KVM_RUN` and the device emulation its exits trigger.
-    Vcpu,
-    /// The vsock device's event thread: host Unix sockets.
-    Vsock,
-}
-
-impl ThreadKind {
-    /// Every kind, in the order of their names.
-    pub const ALL: [ThreadKind; 3] = [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Vsock];
-
-    /// Stable lowercase name, as used in [`describe`].
-    pub fn name(self) -> &'static str {
-        match self {
-            ThreadKind::Main => "main",
-            ThreadKind::Vcpu => "vcpu",
-            ThreadKind::Vsock => "vsock",
-        }
-    }
-}
-
-impl std::fmt::Display for ThreadKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// Failure to build or install a filter.
 #[derive(Debug, thiserror::Error)]
@@ -87,217 +56,6 @@ pub enum SeccompError {
     /// glibc refused to limit malloc to one arena.
     #[error("cannot limit malloc to one arena (mallopt failed)")]
     Mallopt,
-}
-
-/// How a syscall argument is compared. Every comparison is on the low 32 bits: all the
-/// arguments checked here are C `int`s, which the kernel truncates to 32 bits anyway.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ArgOp {
-    /// The argument equals the value.
-    Eq,
-    /// The argument's bits under the mask equal the value.
-    MaskedEq(u64),
-}
-
-/// One condition on one syscall argument.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ArgCheck {
-    /// Argument index (0-5).
-    pub index: u8,
-    /// The comparison.
-    pub op: ArgOp,
-    /// The value compared with.
-    pub value: u64,
-    /// What the value means (`KVM_RUN`, `AF_UNIX`, ...).
-    pub name: &'static str,
-}
-
-/// One allowed form of a syscall: allowed when every check in `args` holds (always, if
-/// `args` is empty). A syscall listed several times is allowed when any of its forms match.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct AllowedSyscall {
-    /// The syscall's name.
-    pub syscall: &'static str,
-    /// Its x86_64 number.
-    pub number: i64,
-    /// Conditions on its arguments, all of which must hold.
-    pub args: Vec<ArgCheck>,
-}
-
-/// Syscalls that are never allowed without an argument check.
-const MUST_CHECK_ARGS: [i64; 6] = [
-    libc::SYS_ioctl,
-    libc::SYS_socket,
-    libc::SYS_socketpair,
-    libc::SYS_mmap,
-    libc::SYS_mprotect,
-    libc::SYS_tgkill,
-];
-
-// ioctl request encoding (include/uapi/asm-generic/ioctl.h).
-const IOC_NRSHIFT: u32 = 0;
-const IOC_TYPESHIFT: u32 = 8;
-const IOC_SIZESHIFT: u32 = 16;
-const IOC_DIRSHIFT: u32 = 30;
-const IOC_NONE: u32 = 0;
-
-/// `_IOC(dir, type, nr, size)`.
-const fn ioc(dir: u32, ty: u32, nr: u32, size: u32) -> u32 {
-    (dir << IOC_DIRSHIFT) | (size << IOC_SIZESHIFT) | (ty << IOC_TYPESHIFT) | (nr << IOC_NRSHIFT)
-}
-
-/// `KVM_RUN`, `_IO(KVMIO, 0x80)` (kvm-ioctls does not export its request numbers).
-pub const KVM_RUN: u32 = ioc(IOC_NONE, kvm_bindings::KVMIO, 0x80, 0);
-
-fn any(syscall: &'static str, number: i64) -> AllowedSyscall {
-    AllowedSyscall { syscall, number, args: Vec::new() }
-}
-
-fn when(syscall: &'static str, number: i64, args: Vec<ArgCheck>) -> AllowedSyscall {
-    AllowedSyscall { syscall, number, args }
-}
-
-fn eq(index: u8, value: u64, name: &'static str) -> ArgCheck {
-    ArgCheck { index, op: ArgOp::Eq, value, name }
-}
-
-fn ioctl(request: u32, name: &'static str) -> AllowedSyscall {
-    when("ioctl", libc::SYS_ioctl, vec![eq(1, u64::from(request), name)])
-}
-
-/// std's `UnixStream` writes are `send(fd, buf, len, MSG_NOSIGNAL)`, i.e. `sendto`. The address
-/// is not checked (a pointer does not fit the 32-bit comparisons used here); stream sockets
-/// refuse one anyway.
-fn send_nosignal() -> AllowedSyscall {
-    when("sendto", libc::SYS_sendto, vec![eq(3, int(libc::MSG_NOSIGNAL), "MSG_NOSIGNAL")])
-}
-
-/// `mmap`/`mprotect` without `PROT_EXEC` (the protection is argument 2 of both).
-fn no_exec(syscall: &'static str, number: i64) -> AllowedSyscall {
-    let check = ArgCheck {
-        index: 2,
-        op: ArgOp::MaskedEq(libc::PROT_EXEC as u64),
-        value: 0,
-        name: "PROT_EXEC clear",
-    };
-    when(syscall, number, vec![check])
-}
-
-fn int(v: libc::c_int) -> u64 {
-    // Compared as 32-bit values; every constant used here is non-negative.
-    u64::from(v as u32)
-}
-
-/// What every thread needs from glibc and Rust's std: memory, locks, time, signals (the vCPU
-/// kick, `abort`), thread and process exit, and writing/closing what it owns.
-fn common() -> Vec<AllowedSyscall> {
-    vec![
-        // malloc: brk for the main arena, mmap/munmap/mremap for large blocks, mprotect to
-        // grow heaps, madvise(MADV_DONTNEED) to trim them and to drop a dead thread's stack.
-        any("brk", libc::SYS_brk),
-        no_exec("mmap", libc::SYS_mmap),
-        no_exec("mprotect", libc::SYS_mprotect),
-        any("munmap", libc::SYS_munmap),
-        any("mremap", libc::SYS_mremap),
-        when("madvise", libc::SYS_madvise, vec![eq(2, int(libc::MADV_DONTNEED), "MADV_DONTNEED")]),
-        // Mutexes, mpsc channels, parking and joins; spinning mpsc senders yield.
-        any("futex", libc::SYS_futex),
-        any("sched_yield", libc::SYS_sched_yield),
-        // Instant::now when the vDSO cannot serve it; HashMap keys.
-        any("clock_gettime", libc::SYS_clock_gettime),
-        any("getrandom", libc::SYS_getrandom),
-        // Returning from the kick handler; resuming a sleep or timed wait after SIGSTOP/SIGCONT.
-        any("rt_sigreturn", libc::SYS_rt_sigreturn),
-        any("restart_syscall", libc::SYS_restart_syscall),
-        // glibc blocks signals around pthread_kill and at thread exit; abort unblocks SIGABRT.
-        any("rt_sigprocmask", libc::SYS_rt_sigprocmask),
-        // Rust std drops a thread's alternate signal stack as the thread ends.
-        any("sigaltstack", libc::SYS_sigaltstack),
-        // abort() after a panic raises SIGABRT at itself: tgkill(getpid(), gettid(), SIGABRT).
-        any("getpid", libc::SYS_getpid),
-        any("gettid", libc::SYS_gettid),
-        when("tgkill", libc::SYS_tgkill, vec![eq(2, int(libc::SIGABRT), "SIGABRT")]),
-        // stderr, console, eventfds, sockets, the report; closing dropped files.
-        any("write", libc::SYS_write),
-        any("close", libc::SYS_close),
-        // Rust std built with debug assertions checks that an fd is open before closing it.
-        when("fcntl", libc::SYS_fcntl, vec![eq(1, int(libc::F_GETFD), "F_GETFD")]),
-        any("exit", libc::SYS_exit),
-        any("exit_group", libc::SYS_exit_group),
-    ]
-}
-
-/// The syscalls a thread of `kind` may make, sorted by name, then arguments.
-pub fn allowed_syscalls(kind: ThreadKind) -> Vec<AllowedSyscall> {
-    let mut list = common();
-    match kind {
-        ThreadKind::Main => list.extend([
-            // stop_vcpus: pthread_kill with the kick signal, sleeping between rounds.
-            when("tgkill", libc::SYS_tgkill, vec![eq(2, int(libc::SIGRTMIN()), "SIGRTMIN")]),
-            any("clock_nanosleep", libc::SYS_clock_nanosleep),
-            // remove_host_sockets.
-            any("unlink", libc::SYS_unlink),
-            // flush_disks.
-            any("fsync", libc::SYS_fsync),
-            // measure_self reads /proc/self/smaps; main writes the report file.
-            when(
-                "openat",
-                libc::SYS_openat,
-                vec![eq(2, int(libc::O_RDONLY | libc::O_CLOEXEC), "O_RDONLY|O_CLOEXEC")],
-            ),
-            when(
-                "openat",
-                libc::SYS_openat,
-                vec![eq(
-                    2,
-                    int(libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC),
-                    "O_WRONLY|O_CREAT|O_TRUNC|O_CLOEXEC",
-                )],
-            ),
-            any("read", libc::SYS_read),
-            // File::metadata in fs::read_to_string: statx, or fstat where statx is refused.
-            any("statx", libc::SYS_statx),
-            any("newfstatat", libc::SYS_newfstatat),
-        ]),
-        ThreadKind::Vcpu => list.extend([
-            ioctl(KVM_RUN, "KVM_RUN"),
-            // virtio-rng reads /dev/urandom; virtio-blk reads, writes and flushes its image.
-            any("read", libc::SYS_read),
-            any("pread64", libc::SYS_pread64),
-            any("pwrite64", libc::SYS_pwrite64),
-            any("fdatasync", libc::SYS_fdatasync),
-            // virtio-vsock queue work: guest connections to host Unix sockets.
-            when(
-                "socket",
-                libc::SYS_socket,
-                vec![
-                    eq(0, int(libc::AF_UNIX), "AF_UNIX"),
-                    eq(1, int(libc::SOCK_STREAM | libc::SOCK_CLOEXEC), "SOCK_STREAM|SOCK_CLOEXEC"),
-                ],
-            ),
-            any("connect", libc::SYS_connect),
-            ioctl(libc::FIONBIO as u32, "FIONBIO"),
-            any("recvfrom", libc::SYS_recvfrom),
-            send_nosignal(),
-            any("shutdown", libc::SYS_shutdown),
-            any("epoll_ctl", libc::SYS_epoll_ctl),
-        ]),
-        ThreadKind::Vsock => list.extend([
-            any("epoll_wait", libc::SYS_epoll_wait),
-            any("epoll_ctl", libc::SYS_epoll_ctl),
-            when(
-                "accept4",
-                libc::SYS_accept4,
-                vec![eq(3, int(libc::SOCK_CLOEXEC), "SOCK_CLOEXEC")],
-            ),
-            ioctl(libc::FIONBIO as u32, "FIONBIO"),
-            any("recvfrom", libc::SYS_recvfrom),
-            send_nosignal(),
-            any("shutdown", libc::SYS_shutdown),
-        ]),
-    }
-    list.sort();
-    list
 }
 
 /// Checks the list's own rules and groups it by syscall number, as seccompiler wants it.
@@ -390,38 +148,6 @@ pub fn prepare_process() -> Result<(), SeccompError> {
     Ok(())
 }
 
-fn arg_json(a: &ArgCheck) -> Value {
-    // Keys in alphabetical order, so the text is the same whether or not serde_json
-    // preserves insertion order.
-    match a.op {
-        ArgOp::Eq => json!({ "index": a.index, "name": a.name, "op": "eq", "value": a.value }),
-        ArgOp::MaskedEq(mask) => json!({
-            "index": a.index,
-            "mask": mask,
-            "name": a.name,
-            "op": "masked_eq",
-            "value": a.value,
-        }),
-    }
-}
-
-/// Every thread kind's allow-list as JSON, `{kind: [{syscall, number, args}]}`, sorted, from
-/// the same data [`compile`] uses. A syscall not listed for a kind kills the VMM.
-pub fn describe() -> Value {
-    let mut kinds = serde_json::Map::new();
-    for kind in ThreadKind::ALL {
-        let entries = allowed_syscalls(kind)
-            .iter()
-            .map(|s| {
-                let args: Vec<Value> = s.args.iter().map(arg_json).collect();
-                json!({ "args": args, "number": s.number, "syscall": s.syscall })
-            })
-            .collect();
-        kinds.insert(kind.name().to_owned(), Value::Array(entries));
-    }
-    Value::Object(kinds)
-}
-
 /// Test hook for end-to-end tests (reached only through a hidden VMM flag): makes a syscall
 /// that no thread kind allows, `socket(AF_INET, SOCK_STREAM)`, so that under any of these
 /// filters the VMM dies with `SIGSYS` here. Without a filter it closes the socket and returns.
@@ -451,6 +177,7 @@ mod tests {
     use std::thread;
     use std::time::{Duration, Instant};
 
+    use serde_json::json;
     use vmm_sys_util::epoll::EpollEvent;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     use vmm_sys_util::signal::{Killable, SIGRTMIN};
@@ -479,6 +206,7 @@ mod tests {
 
     #[test]
     fn ioctl_numbers_match_known_values() {
+        assert_eq!(KVMIO, kvm_bindings::KVMIO);
         assert_eq!(KVM_RUN, 0xAE80);
         const IOC_WRITE: u32 = 1;
         let irq_line = ioc(IOC_WRITE, kvm_bindings::KVMIO, 0x61, 8);
@@ -486,63 +214,6 @@ mod tests {
         assert_eq!(irq_line, 0x4008_AE61);
         assert_eq!(libc::FIONBIO, 0x5421);
         assert_eq!(libc::FIOCLEX, 0x5451);
-    }
-
-    #[test]
-    fn describe_is_deterministic_and_constrains_ioctl() {
-        let a = describe();
-        assert_eq!(serde_json::to_string(&a).unwrap(), serde_json::to_string(&describe()).unwrap());
-        let kinds: Vec<_> = a.as_object().unwrap().keys().cloned().collect();
-        assert_eq!(kinds, ["main", "vcpu", "vsock"]);
-        for kind in ThreadKind::ALL {
-            let list = a[kind.name()].as_array().unwrap();
-            let names: Vec<_> = list.iter().map(|e| e["syscall"].as_str().unwrap()).collect();
-            let mut sorted = names.clone();
-            sorted.sort();
-            assert_eq!(names, sorted, "{kind} is not sorted");
-            for e in list.iter().filter(|e| e["syscall"] == "ioctl") {
-                let args = e["args"].as_array().unwrap();
-                assert_eq!(args.len(), 1, "{e}");
-                assert_eq!(
-                    (args[0]["index"].as_u64(), args[0]["op"].as_str()),
-                    (Some(1), Some("eq"))
-                );
-            }
-        }
-        let vcpu_ioctls: Vec<_> = a["vcpu"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["syscall"] == "ioctl")
-            .map(|e| {
-                (e["args"][0]["name"].as_str().unwrap(), e["args"][0]["value"].as_u64().unwrap())
-            })
-            .collect();
-        assert_eq!(vcpu_ioctls, [("FIONBIO", 0x5421), ("KVM_RUN", 0xAE80)]);
-        assert!(!a["main"].as_array().unwrap().iter().any(|e| e["syscall"] == "ioctl"));
-    }
-
-    #[test]
-    fn dangerous_syscalls_are_narrowed() {
-        for kind in ThreadKind::ALL {
-            let list = allowed_syscalls(kind);
-            for s in &list {
-                assert!(
-                    !MUST_CHECK_ARGS.contains(&s.number) || !s.args.is_empty(),
-                    "{kind}: {} unchecked",
-                    s.syscall
-                );
-                if s.number == libc::SYS_socket {
-                    assert!(s.args.contains(&eq(0, 1, "AF_UNIX")), "{kind}: {s:?}");
-                }
-                if s.number == libc::SYS_mmap || s.number == libc::SYS_mprotect {
-                    assert_eq!(s.args[0].op, ArgOp::MaskedEq(libc::PROT_EXEC as u64));
-                }
-            }
-            for never in [libc::SYS_clone, libc::SYS_clone3, libc::SYS_execve, libc::SYS_ptrace] {
-                assert!(!list.iter().any(|s| s.number == never), "{kind} allows {never}");
-            }
-        }
     }
 
     // Enforcement runs in child processes: this test binary runs again with CHILD_ENV naming a

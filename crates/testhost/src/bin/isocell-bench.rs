@@ -123,7 +123,7 @@ fn native_evidence_cell(
     let policies =
         isocell_evidence::policy::Policies::load_standard(&host.state_dir.join("policies"), &[]);
     ev.costs.policy_ms += ms_since(t);
-    let request = plan.admission_request(&ev.host.profile, &m);
+    let request = plan.admission_request(&ev.host.profile, &m, None);
     let decision = ev.admit(policies, &request, &m).map_err(anyhow::Error::msg)?;
     if !decision.allowed {
         bail!("the default policy denied the benchmark cell: {}", decision.explain());

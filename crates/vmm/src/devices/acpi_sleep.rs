@@ -6,14 +6,9 @@
 use super::BusDevice;
 use crate::exit::{ExitRequester, VmExit};
 
-/// The sleep control register's port.
-pub const SLEEP_CONTROL_PORT: u16 = 0x600;
-/// The sleep status register's port (reads as 0: the guest never wakes from S5).
-pub const SLEEP_STATUS_PORT: u16 = 0x601;
-/// Ports the device answers on, from [`SLEEP_CONTROL_PORT`].
-pub const PORTS_LEN: u64 = 2;
-/// The sleep type the DSDT gives S5.
-pub const S5_SLEEP_TYPE: u8 = 5;
+pub use isocell_vmm_model::devices::acpi_sleep::{
+    PORTS_LEN, S5_SLEEP_TYPE, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT,
+};
 
 /// SLP_TYPx: bits 2-4 of the control register (ACPI 6.5, 4.8.3.7).
 const SLP_TYP_SHIFT: u8 = 2;

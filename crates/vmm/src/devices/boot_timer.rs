@@ -8,8 +8,7 @@ use crate::timeline::{Phase, Timeline};
 
 /// The byte the guest writes.
 pub const BOOT_TIMER_MAGIC: u8 = isocell_spec::vm::BOOT_TIMER_MAGIC;
-/// Size of the device's MMIO window.
-pub const BOOT_TIMER_LEN: u64 = 0x1000;
+pub use isocell_vmm_model::devices::boot_timer::BOOT_TIMER_LEN;
 
 /// Records [`Phase::GuestInit`] on the first magic write.
 pub struct BootTimer {

@@ -13,10 +13,7 @@ use std::collections::VecDeque;
 use super::BusDevice;
 use crate::exit::{ExitRequester, VmExit};
 
-/// Data port.
-pub const DATA_PORT: u64 = 0x60;
-/// Command (write) and status (read) port.
-pub const COMMAND_PORT: u64 = 0x64;
+pub use isocell_vmm_model::devices::i8042::{COMMAND_PORT, DATA_PORT};
 
 const STATUS_OUTPUT_FULL: u8 = 0x01;
 const STATUS_SYSTEM_FLAG: u8 = 0x04;

@@ -8,12 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
 
-/// COM1's port base.
-pub const COM1_BASE: u64 = 0x3f8;
-/// Number of UART registers.
-pub const COM1_LEN: u64 = 8;
-/// COM1's IRQ.
-pub const COM1_IRQ: u32 = 4;
+pub use isocell_vmm_model::devices::serial::{COM1_BASE, COM1_IRQ, COM1_LEN};
 
 /// Raises the UART's interrupt line by writing an eventfd registered as a KVM irqfd.
 pub struct IrqTrigger(pub EventFd);

@@ -4,7 +4,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpuid;
-pub mod layout;
+pub use isocell_vmm_model::layout;
 pub mod mptable;
 pub mod msrs;
 pub mod regs;

@@ -6,35 +6,21 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{read_config_bytes, VirtioDevice};
 
-/// virtio device id of a block device.
-pub const DEVICE_TYPE: u32 = 2;
-/// Size of the one request queue.
-pub const QUEUE_SIZE: u16 = 256;
+pub use isocell_vmm_model::devices::virtio::block::{offered_features, DEVICE_TYPE, QUEUE_SIZE};
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
 const HEADER_LEN: u32 = 16;
 /// Bounce buffer for file I/O; requests are copied through it in chunks of this size.
 const CHUNK: usize = 64 * 1024;
-
-/// The feature bits a block device offers.
-pub fn offered_features(read_only: bool) -> u64 {
-    let mut f = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_BLK_F_FLUSH);
-    if read_only {
-        f |= 1u64 << VIRTIO_BLK_F_RO;
-    }
-    f
-}
 
 /// A virtio-blk device.
 pub struct Block {
@@ -254,6 +240,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use std::io::Write;
 
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;

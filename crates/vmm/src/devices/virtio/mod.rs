@@ -5,13 +5,10 @@ pub mod mmio;
 pub mod rng;
 pub mod vsock;
 
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-/// Size of one virtio-mmio register window.
-pub const MMIO_WINDOW_LEN: u64 = 0x1000;
+pub use isocell_vmm_model::devices::virtio::{feature_names, MMIO_WINDOW_LEN};
 
 /// A virtio device model, independent of its transport.
 pub trait VirtioDevice: Send {
@@ -51,24 +48,6 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
-/// Names of the feature bits in `features`, for the device manifest.
-pub fn feature_names(device_type: u32, features: u64) -> Vec<String> {
-    let mut names = Vec::new();
-    for bit in 0..64u32 {
-        if features & (1u64 << bit) == 0 {
-            continue;
-        }
-        let name = match (device_type, bit) {
-            (_, VIRTIO_F_VERSION_1) => "VIRTIO_F_VERSION_1".to_owned(),
-            (block::DEVICE_TYPE, VIRTIO_BLK_F_RO) => "VIRTIO_BLK_F_RO".to_owned(),
-            (block::DEVICE_TYPE, VIRTIO_BLK_F_FLUSH) => "VIRTIO_BLK_F_FLUSH".to_owned(),
-            _ => format!("bit{bit}"),
-        };
-        names.push(name);
-    }
-    names
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,11 +62,12 @@ mod tests {
     }
 
     #[test]
-    fn names_features() {
-        let f = (1u64 << 32) | (1 << 5) | (1 << 9);
-        assert_eq!(
-            feature_names(2, f),
-            ["VIRTIO_BLK_F_RO", "VIRTIO_BLK_F_FLUSH", "VIRTIO_F_VERSION_1"]
-        );
+    fn model_feature_bits_match_virtio_bindings() {
+        use isocell_vmm_model::devices::virtio as model;
+        use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
+        use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+        assert_eq!(model::VIRTIO_F_VERSION_1, VIRTIO_F_VERSION_1);
+        assert_eq!(model::VIRTIO_BLK_F_RO, VIRTIO_BLK_F_RO);
+        assert_eq!(model::VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_FLUSH);
     }
 }

@@ -3,23 +3,14 @@
 use std::fs::File;
 use std::io::Read;
 
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::VirtioDevice;
 
-/// virtio device id of an entropy device.
-pub const DEVICE_TYPE: u32 = 4;
-/// Size of the one request queue.
-pub const QUEUE_SIZE: u16 = 256;
+pub use isocell_vmm_model::devices::virtio::rng::{offered_features, DEVICE_TYPE, QUEUE_SIZE};
 /// At most this many bytes per request, however large the guest's buffers are.
 const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
-
-/// The feature bits the entropy device offers.
-pub fn offered_features() -> u64 {
-    1u64 << VIRTIO_F_VERSION_1
-}
 
 /// A virtio entropy device.
 pub struct Rng {

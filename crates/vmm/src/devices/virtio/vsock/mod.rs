@@ -7,7 +7,6 @@ pub mod muxer;
 
 use std::sync::{Arc, Mutex};
 
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::GuestMemoryMmap;
@@ -17,19 +16,11 @@ use super::mmio::MmioTransport;
 use super::{read_config_bytes, VirtioDevice};
 use muxer::{Header, Muxer};
 
-/// virtio device id of a socket device.
-pub const DEVICE_TYPE: u32 = 19;
-/// Size of each of the three queues (receive, transmit, event).
-pub const QUEUE_SIZE: u16 = 256;
+pub use isocell_vmm_model::devices::virtio::vsock::{offered_features, DEVICE_TYPE, QUEUE_SIZE};
 /// Largest payload of one packet, either way (the Linux driver sends at most 64 KiB).
 const MAX_PKT_DATA: u32 = 64 * 1024;
 const RX: usize = 0;
 const TX: usize = 1;
-
-/// The feature bits the socket device offers.
-pub fn offered_features() -> u64 {
-    1u64 << VIRTIO_F_VERSION_1
-}
 
 /// A virtio socket device.
 pub struct Vsock {

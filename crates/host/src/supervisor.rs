@@ -1,0 +1,346 @@
+//! The per-cell supervisor: the small process that owns one long-lived cell for its whole life,
+//! apart from whoever asked for it (as a containerd shim or conmon does). It admits and starts
+//! the cell, holds the agent's control connection and the VMM (its child, which dies with it),
+//! takes requests on a Unix socket, and when the cell is deleted or its VMM stops it tears the
+//! cell down and signs the exit receipt. A daemon that restarts finds each live cell's
+//! supervisor at its socket; [`reconcile_lost`] ends the record of one that is gone.
+//!
+//! Start-up is reported on stdout as JSON lines ([`StartEvent`]); afterwards requests are one
+//! JSON line ([`Request`]) answered by one JSON line ([`Reply`]).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::cell::{open_evidence, Admitted, Cell, Verdict};
+use crate::evidence::CellEvidence;
+use crate::state::Host;
+use crate::vmm_process;
+use crate::{Cancel, CellError, CellPlan, CellRequest, HostConfig, OutputSink};
+
+/// Longest request line.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// How long one request connection may take to send its line.
+const REQUEST_LIMIT: Duration = Duration::from_secs(5);
+
+/// What a supervisor is started with (a JSON file named on its command line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SupervisorSpec {
+    /// The cell's id.
+    pub id: String,
+    /// The host side.
+    pub host: HostConfig,
+    /// The cell.
+    pub request: CellRequest,
+    /// Who asked for it (the Cedar principal of its admission).
+    pub client: Option<String>,
+    /// Policy files beyond the default and the state directory's.
+    pub policy_files: Vec<PathBuf>,
+    /// Limit on boot up to the agent's hello, seconds.
+    pub boot_timeout_secs: u64,
+}
+
+/// What a supervisor says on stdout while it starts the cell.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum StartEvent {
+    /// The cell's agent is up; requests are taken at the socket from now on.
+    Ready {
+        /// The launch digest.
+        launch_digest: String,
+        /// The VMM's pid on this host.
+        vmm_pid: Option<u32>,
+        /// Milliseconds from the VMM's start to the agent's hello.
+        boot_ms: u64,
+    },
+    /// The cell did not start; nothing of it is left.
+    Failed {
+        /// `denied`, `invalid`, `host`, `boot`, or `failed`.
+        kind: String,
+        /// What went wrong and what to do.
+        message: String,
+    },
+}
+
+/// A request to a running supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Is the cell still running?
+    Status,
+    /// Append an event to the cell's audit log (so all of a cell's entries come from one
+    /// writer and its receipts name the latest).
+    Log {
+        /// Event kind.
+        kind: String,
+        /// Event data.
+        data: Value,
+    },
+    /// End the cell; the reply comes once it is torn down and its exit receipt signed.
+    Delete {
+        /// Why: `deleted` (a client asked) or `idle_timeout`.
+        reason: String,
+    },
+}
+
+/// A supervisor's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    /// The cell runs.
+    Running {
+        /// The VMM's pid on this host.
+        vmm_pid: Option<u32>,
+    },
+    /// Done.
+    Ok,
+    /// The cell has ended.
+    Ended {
+        /// How it ended.
+        outcome: String,
+        /// Its signed exit receipt.
+        exit_receipt: PathBuf,
+        /// Whether every teardown check held.
+        clean: bool,
+    },
+    /// The request failed.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// Where the supervisor of cell `id` takes requests.
+pub fn socket_path(run_dir: &Path, id: &str) -> PathBuf {
+    run_dir.join("supervisors").join(format!("{id}.sock"))
+}
+
+/// Sends one request to the supervisor of cell `id` and waits up to `limit` for its reply.
+pub fn ask(run_dir: &Path, id: &str, request: &Request, limit: Duration) -> Result<Reply, String> {
+    let path = socket_path(run_dir, id);
+    let mut s = UnixStream::connect(&path).map_err(|e| {
+        format!("the supervisor of cell {id} is not there ({}): {e}", path.display())
+    })?;
+    s.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
+    let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
+    line.push('\n');
+    s.write_all(line.as_bytes()).map_err(|e| format!("cell {id}'s supervisor: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(std::io::Read::take(s, MAX_REQUEST))
+        .read_line(&mut reply)
+        .map_err(|e| format!("cell {id}'s supervisor did not answer: {e}"))?;
+    serde_json::from_str(&reply)
+        .map_err(|e| format!("cell {id}'s supervisor answered {reply:?}: {e}"))
+}
+
+/// Warnings go to the supervisor's stderr (its log file).
+struct Log;
+
+impl OutputSink for Log {
+    fn stdout(&mut self, _: &[u8]) {}
+    fn stderr(&mut self, _: &[u8]) {}
+    fn notice(&mut self, line: &str) {
+        let _ = writeln!(std::io::stderr(), "isocell-supervisor: {line}");
+    }
+}
+
+fn failure_kind(e: &CellError) -> &'static str {
+    match e {
+        CellError::Denied(_) => "denied",
+        CellError::Plan(_) => "invalid",
+        CellError::Host(_) => "host",
+        CellError::Boot(_) | CellError::Agent(_) => "boot",
+        _ => "failed",
+    }
+}
+
+fn say(out: &mut dyn Write, event: &StartEvent) {
+    if let Ok(line) = serde_json::to_string(event) {
+        let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+    }
+}
+
+/// Runs a supervisor: starts the cell, reports on `out`, serves requests until the cell ends.
+/// `cancel` (SIGTERM) ends the cell as a delete would. Returns the process exit status.
+pub fn supervise(spec: &SupervisorSpec, out: &mut dyn Write, cancel: &Cancel) -> i32 {
+    let started = Instant::now();
+    let mut cell = match start(spec, cancel) {
+        Ok(c) => c,
+        Err(e) => {
+            say(out, &StartEvent::Failed { kind: failure_kind(&e).into(), message: e.to_string() });
+            return 1;
+        }
+    };
+    let dir = socket_path(&spec.host.run_dir, &spec.id);
+    let listener = dir.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| {
+        let _ = std::fs::remove_file(&dir);
+        UnixListener::bind(&dir)
+    });
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) => {
+            let message = format!("cannot listen on {}: {e}", dir.display());
+            let _ = cell.delete(&Verdict { exit_code: None, outcome: "failed" }, &mut Log);
+            say(out, &StartEvent::Failed { kind: "failed".into(), message });
+            return 1;
+        }
+    };
+    say(
+        out,
+        &StartEvent::Ready {
+            launch_digest: cell.launch_digest().to_owned(),
+            vmm_pid: cell.vmm_pid(),
+            boot_ms: started.elapsed().as_millis() as u64,
+        },
+    );
+    let outcome = serve(&mut cell, &listener, cancel);
+    let (verdict, mut waiting) = match outcome {
+        Ended::Deleted(reason, stream) => {
+            (Verdict { exit_code: None, outcome: reason }, Some(stream))
+        }
+        Ended::Cancelled => (Verdict { exit_code: None, outcome: "supervisor_terminated" }, None),
+        Ended::VmmExited(status) => {
+            (Verdict { exit_code: None, outcome: vmm_outcome(status) }, None)
+        }
+    };
+    let reply = match cell.delete(&verdict, &mut Log) {
+        Ok(ended) => Reply::Ended {
+            outcome: verdict.outcome.into(),
+            exit_receipt: ended.exit_receipt,
+            clean: ended.checks.all_hold(),
+        },
+        Err(e) => Reply::Error { message: e.to_string() },
+    };
+    let _ = std::fs::remove_file(&dir);
+    if let Some(s) = waiting.as_mut() {
+        answer(s, &reply);
+    }
+    0
+}
+
+fn start(spec: &SupervisorSpec, cancel: &Cancel) -> Result<Cell, CellError> {
+    let ev = open_evidence(&spec.host, &spec.id)?;
+    let plan = CellPlan::new(&spec.host, &spec.id, spec.request.clone());
+    let plan = match plan {
+        Ok(p) => p,
+        Err(e) => {
+            let mut ev = ev;
+            let e = CellError::from(e);
+            let _ = ev.log("error", json!({ "message": e.to_string() }));
+            return Err(e);
+        }
+    };
+    let admitted = Admitted::new(plan, ev, &spec.policy_files, spec.client.as_deref())?;
+    let mut cell = admitted.start(&spec.host, &[])?;
+    if let Err(e) = cell.wait_ready(Duration::from_secs(spec.boot_timeout_secs), cancel) {
+        let _ = cell.log("error", json!({ "message": e.to_string() }));
+        let _ = cell.delete(&Verdict { exit_code: None, outcome: "failed" }, &mut Log);
+        return Err(e);
+    }
+    Ok(cell)
+}
+
+/// Why serving ended.
+enum Ended {
+    /// A client asked (the connection waits for the final reply).
+    Deleted(&'static str, UnixStream),
+    /// The supervisor was told to stop.
+    Cancelled,
+    /// The VMM stopped by itself.
+    VmmExited(ExitStatus),
+}
+
+/// What the exit receipt says of a VMM that stopped by itself (see `isocell-vmm --help`).
+fn vmm_outcome(status: ExitStatus) -> &'static str {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(0), _) => "guest_stopped",
+        (Some(3), _) => "guest_panic",
+        (Some(4), _) => "guest_crashed",
+        (Some(6), _) => "lifetime_expired",
+        (_, Some(libc::SIGSYS)) => "vmm_seccomp_violation",
+        (_, Some(_)) => "vmm_killed",
+        _ => "vmm_failed",
+    }
+}
+
+fn serve(cell: &mut Cell, listener: &UnixListener, cancel: &Cancel) -> Ended {
+    loop {
+        if let Some(status) = cell.vmm_exited() {
+            return Ended::VmmExited(status);
+        }
+        if cancel.is_cancelled() {
+            return Ended::Cancelled;
+        }
+        let mut fds =
+            vec![libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        if let Some(fd) = cell.vmm_exit_fd() {
+            fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+        }
+        // Wake for a request, the VMM's exit, or every 200 ms to look at `cancel`.
+        // SAFETY: `fds` is a valid array of pollfd structs for the whole call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 200) };
+        if n <= 0 || fds[0].revents == 0 {
+            continue;
+        }
+        let Ok((mut stream, _)) = listener.accept() else { continue };
+        let _ = stream.set_read_timeout(Some(REQUEST_LIMIT));
+        let mut line = String::new();
+        let read = BufReader::new(std::io::Read::take(&stream, MAX_REQUEST)).read_line(&mut line);
+        let request: Result<Request, String> = read
+            .map_err(|e| e.to_string())
+            .and_then(|_| serde_json::from_str(&line).map_err(|e| e.to_string()));
+        let reply = match request {
+            Ok(Request::Status) => Reply::Running { vmm_pid: cell.vmm_pid() },
+            Ok(Request::Log { kind, data }) => match cell.log(&kind, data) {
+                Ok(()) => Reply::Ok,
+                Err(e) => Reply::Error { message: e.to_string() },
+            },
+            Ok(Request::Delete { reason }) => {
+                let reason = if reason == "idle_timeout" { "idle_timeout" } else { "deleted" };
+                return Ended::Deleted(reason, stream);
+            }
+            Err(e) => Reply::Error { message: format!("bad request: {e}") },
+        };
+        answer(&mut stream, &reply);
+    }
+}
+
+fn answer(stream: &mut UnixStream, reply: &Reply) {
+    if let Ok(mut line) = serde_json::to_string(reply) {
+        line.push('\n');
+        let _ = stream.write_all(line.as_bytes());
+    }
+}
+
+/// Ends the record of cell `id` whose supervisor is gone: removes what it left (cgroup,
+/// directory) and, unless it signed one, signs an exit receipt saying what was found. Returns
+/// the exit receipt (`None` if the cell never launched), or `Err` if the supervisor is in fact
+/// still there.
+pub fn reconcile_lost(host: &HostConfig, id: &str) -> Result<Option<PathBuf>, CellError> {
+    let state = Host::load_or_init(&host.state_dir).map_err(CellError::Evidence)?;
+    let record = state.cell_record_dir(id).map_err(CellError::Evidence)?;
+    let exit = record.join("exit.json");
+    if exit.exists() {
+        return Ok(Some(exit));
+    }
+    let checks = vmm_process::sweep_one(&host.run_dir, id)
+        .ok_or_else(|| CellError::Start(format!("cell {id} still has a live owner")))?;
+    let _ = std::fs::remove_file(socket_path(&host.run_dir, id));
+    let Some(mut ev) = CellEvidence::resume(state, id).map_err(CellError::Evidence)? else {
+        return Ok(None);
+    };
+    let checks = serde_json::to_value(&checks).unwrap_or_default();
+    ev.log("error", json!({ "message": "the cell's supervisor was gone; its cell was torn down" }))
+        .map_err(CellError::Evidence)?;
+    let path =
+        ev.ended(None, "supervisor_lost", &checks, json!({})).map_err(CellError::Evidence)?;
+    Ok(Some(path))
+}
