@@ -11,6 +11,9 @@ use isocell_testhost::{Scenario, Step, StepResult};
 /// What every step starts with: a daemon of its own in `$D`, and a check for leftovers.
 const PRELUDE: &str = r#"
 set -u
+# Whatever an earlier step left (it failed half-way): its supervisors end their cells on SIGTERM.
+kill $(pidof isocelld) $(pidof isocell-supervisor) 2>/dev/null
+for i in $(seq 300); do [ -z "$(pidof isocell-supervisor)" ] && break; sleep 0.1; done
 D=/tmp/icd-$STEP; rm -rf $D; mkdir -p $D
 cat > $D/d.toml <<CONF
 socket = "$D/d.sock"
@@ -58,6 +61,12 @@ echo stdin=$(echo hello | {isocell} cell exec -i $A -- sh -c 'read x; echo got-$
 {isocell} cell exec $A -- sleep 300 & p=$!; sleep 4; kill -INT $p; wait $p; echo sigint_status=$?
 {isocell} cell exec $A -- /no/such/program; echo notfound_status=$?
 {isocell} cell sessions $A > $D/sessions; echo sessions=$(grep -c . $D/sessions)
+mkdir -p $D/up/tree/sub; head -c 3000000 /dev/urandom > $D/up/tree/big.bin; echo nested-file > $D/up/tree/sub/f.txt
+{isocell} cell cp $D/up/tree $A:/data; echo cp_in_status=$?
+echo hash_host=$(sha256sum $D/up/tree/big.bin | cut -d' ' -f1)
+echo hash_in_cell=$({isocell} cell exec $A -- sha256sum /data/tree/big.bin | cut -d' ' -f1)
+mkdir -p $D/down; {isocell} cell cp $A:/data/tree $D/down; echo cp_out_status=$?
+echo hash_back=$(sha256sum $D/down/tree/big.bin | cut -d' ' -f1) nested=$(cat $D/down/tree/sub/f.txt)
 {isocell} cell rm $A > $D/rm; echo rm_status=$?
 {isocell} cell exec $A -- true 2> $D/after; echo after_rm_status=$?; echo "after_rm: $(cat $D/after)"
 kill $DPID; wait $DPID
@@ -112,7 +121,8 @@ fn scenario() -> Scenario {
     Scenario {
         steps: vec![
             step("api", "", API, 600),
-            step("restart", "", RESTART, 900),
+            // Five one-vCPU cells on the nested host's one CPU.
+            step("restart", "cpu_overcommit = 8.0", RESTART, 900),
             step("load", three_cells, LOAD, 900),
         ],
         ..Scenario::default()
@@ -161,6 +171,16 @@ fn a_long_lived_cell_runs_many_commands_through_the_api() {
     assert_eq!(value(r, "tty"), "yes", "{}", r.explain());
     assert_eq!(value(r, "sigint_status"), "130", "{}", r.explain());
     assert_eq!(value(r, "notfound_status"), "127", "{}", r.explain());
+    assert_eq!(
+        (value(r, "cp_in_status"), value(r, "cp_out_status")),
+        ("0".into(), "0".into()),
+        "{}",
+        r.explain()
+    );
+    let host = value(r, "hash_host");
+    assert_eq!(value(r, "hash_in_cell"), host, "{}", r.explain());
+    assert_eq!(value(r, "hash_back"), host, "{}", r.explain());
+    assert_eq!(value(r, "nested"), "nested-file");
     assert_eq!(value(r, "rm_status"), "0", "{}", r.explain());
     assert_ne!(value(r, "after_rm_status"), "0", "{}", r.explain());
     assert!(r.stdout.contains("after_rm: isocell: error:"), "{}", r.explain());

@@ -7,14 +7,14 @@
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal as _, Read as _, Write as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
 use futures_util::{SinkExt as _, StreamExt as _};
 use http_body_util::{BodyExt as _, Full, Limited};
-use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -80,6 +80,9 @@ pub enum CellCmd {
     /// Run a command in a running cell, streaming its output; exits with its status.
     #[command(after_help = exit::TABLE)]
     Exec(ExecArgs),
+    /// Copy a file or directory tree into a running cell, or out of one.
+    #[command(after_help = CP_HELP)]
+    Cp(CpArgs),
     /// A cell's command sessions.
     Sessions {
         /// The cell.
@@ -151,6 +154,27 @@ pub struct ExecArgs {
     )]
     command: Vec<String>,
 }
+
+/// `isocell cell cp`.
+#[derive(Args, Debug)]
+pub struct CpArgs {
+    /// What to copy: a file or directory here, or ID:/PATH in a cell.
+    #[arg(value_name = "SRC")]
+    src: String,
+    /// Where to copy it: ID:/DIR in a cell (created if missing), or an existing directory here.
+    #[arg(value_name = "DST")]
+    dst: String,
+}
+
+/// The end of `isocell cell cp --help`.
+const CP_HELP: &str = "\
+Exactly one of SRC and DST is in a cell, written ID:/PATH (an absolute path); the other is
+here (write a local name that has a colon as ./NAME). SRC keeps its name under DST:
+  isocell cell cp ./app ID:/srv              makes /srv/app in the cell (a file or a tree)
+  isocell cell cp ID:/var/log/app.log .      makes ./app.log here
+Only regular files and directories are copied; other files in a tree sent to a cell are
+skipped with a warning. Files arrive with mode 0644, or 0755 if they are executable;
+directories with 0755.";
 
 /// Why a command failed, and the exit status that says so.
 #[derive(Debug)]
@@ -280,6 +304,38 @@ impl Daemon {
         })
     }
 
+    /// A failure talking to the daemon.
+    fn lost(&self, e: &dyn std::fmt::Display) -> Failure {
+        Failure::new(format!("the daemon at {}: {e}", self.socket.display()))
+    }
+
+    /// Sends `req` on a new connection; the answer (its body still to read) and the task that
+    /// drives the connection (abort it to drop the request's body early).
+    async fn send<B>(
+        &self,
+        req: Request<B>,
+    ) -> Result<(Response<Incoming>, tokio::task::JoinHandle<()>), Failure>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let stream = self.connect().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.lost(&e))?;
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        match sender.send_request(req).await {
+            Ok(resp) => Ok((resp, conn)),
+            Err(e) => {
+                conn.abort();
+                Err(self.lost(&e))
+            }
+        }
+    }
+
     /// `method path` with an optional JSON `body`; the answer's body if it is a success.
     async fn call(
         &self,
@@ -288,14 +344,6 @@ impl Daemon {
         body: Option<&Value>,
         headers: &[(&str, &str)],
     ) -> Result<Bytes, Failure> {
-        let stream = self.connect().await?;
-        let lost = |e: &dyn std::fmt::Display| {
-            Failure::new(format!("the daemon at {}: {e}", self.socket.display()))
-        };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| lost(&e))?;
-        tokio::spawn(conn);
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -316,12 +364,12 @@ impl Daemon {
         };
         let req =
             req.body(Full::new(payload)).map_err(|e| Failure::new(format!("request: {e}")))?;
-        let resp = sender.send_request(req).await.map_err(|e| lost(&e))?;
+        let (resp, _conn) = self.send(req).await?;
         let status = resp.status();
         let bytes = Limited::new(resp.into_body(), MAX_ANSWER)
             .collect()
             .await
-            .map_err(|e| lost(&e))?
+            .map_err(|e| self.lost(&e))?
             .to_bytes();
         if status.is_success() {
             Ok(bytes)
@@ -409,6 +457,10 @@ async fn dispatch(daemon: &Daemon, command: CellCmd) -> Result<u8, Failure> {
             Ok(0)
         }
         CellCmd::Exec(a) => exec(daemon, a).await,
+        CellCmd::Cp(a) => match cp_plan(&a.src, &a.dst)? {
+            Copy::In { host, id, dir } => upload(daemon, &host, &id, &dir).await,
+            Copy::Out { id, path, host } => download(daemon, &id, &path, &host).await,
+        },
         CellCmd::Sessions { id, json } => {
             let list = daemon.json(Method::GET, &cell_path(&id, "/sessions"), None, &[]).await?;
             if json {
@@ -909,6 +961,616 @@ async fn exec(daemon: &Daemon, a: ExecArgs) -> Result<u8, Failure> {
     }
 }
 
+// ---- cp ----
+
+/// What `cell cp SRC DST` is to do.
+#[derive(Debug, PartialEq, Eq)]
+enum Copy {
+    /// `host` (a file or a tree) into the directory `dir` of cell `id`.
+    In { host: PathBuf, id: String, dir: String },
+    /// `path` of cell `id` into the existing directory `host`.
+    Out { id: String, path: String, host: PathBuf },
+}
+
+/// `s` as `ID:/PATH`, if it is one: an id without `/`, then an absolute path.
+fn cell_side(s: &str) -> Option<(&str, &str)> {
+    let (id, path) = s.split_once(':')?;
+    (!id.is_empty() && !id.contains('/') && path.starts_with('/')).then_some((id, path))
+}
+
+/// Which way `cell cp SRC DST` copies.
+fn cp_plan(src: &str, dst: &str) -> Result<Copy, Failure> {
+    let no_nul = |s: &str| {
+        if s.contains('\0') {
+            Err(Failure::new(format!("{s:?}: a path cannot contain a NUL byte")))
+        } else {
+            Ok(())
+        }
+    };
+    no_nul(src)?;
+    no_nul(dst)?;
+    let local = |s: &str| {
+        if s.is_empty() {
+            Err(Failure::new("give a path here, not an empty one"))
+        } else {
+            Ok(PathBuf::from(s))
+        }
+    };
+    match (cell_side(src), cell_side(dst)) {
+        (None, Some((id, dir))) => {
+            Ok(Copy::In { host: local(src)?, id: id.to_owned(), dir: dir.to_owned() })
+        }
+        (Some((id, path)), None) => {
+            Ok(Copy::Out { id: id.to_owned(), path: path.to_owned(), host: local(dst)? })
+        }
+        (Some(_), Some(_)) => Err(Failure::new(
+            "both sides are in a cell; copy out to a directory here, then into the other cell",
+        )),
+        (None, None) => Err(Failure::new(format!(
+            "{src} {dst}: give one side as ID:/PATH in a cell (an absolute path), as in \
+             `isocell cell cp ./app ID:/srv` or `isocell cell cp ID:/var/log/app.log .`"
+        ))),
+    }
+}
+
+/// `/v1/cells/{id}/files?path=...`.
+fn files_path(id: &str, path: &str) -> String {
+    format!("{}?path={}", cell_path(id, "/files"), segment(path))
+}
+
+/// The mode a copied file gets: 0755 if any execute bit is set, else 0644.
+fn file_mode(mode: u32) -> u32 {
+    if mode & 0o111 != 0 {
+        0o755
+    } else {
+        0o644
+    }
+}
+
+/// One file or directory of an upload.
+#[derive(Debug)]
+struct Item {
+    /// Where it is here.
+    host: PathBuf,
+    /// Its name in the archive (no trailing `/`).
+    name: PathBuf,
+    /// A directory (else a regular file).
+    dir: bool,
+    /// A file's size when it was listed.
+    size: u64,
+    /// Any execute bit set.
+    exec: bool,
+    /// Modification time, seconds since the epoch.
+    mtime: u64,
+}
+
+impl Item {
+    fn new(host: PathBuf, name: PathBuf, meta: &std::fs::Metadata) -> Item {
+        use std::os::unix::fs::MetadataExt as _;
+        Item {
+            host,
+            name,
+            dir: meta.is_dir(),
+            size: if meta.is_dir() { 0 } else { meta.len() },
+            exec: meta.mode() & 0o111 != 0,
+            mtime: u64::try_from(meta.mtime()).unwrap_or(0),
+        }
+    }
+}
+
+/// What an upload of `src` sends, parents before what is in them; warns on stderr about what
+/// it skips (anything in a tree that is not a regular file or directory).
+fn upload_items(src: &Path) -> Result<Vec<Item>, Failure> {
+    let at = |p: &Path, e: &dyn std::fmt::Display| Failure::new(format!("{}: {e}", p.display()));
+    // The path given is followed if it is a symbolic link (it keeps its own name); nothing
+    // inside a tree is.
+    let meta = std::fs::metadata(src).map_err(|e| at(src, &e))?;
+    let root = if std::fs::symlink_metadata(src).map_err(|e| at(src, &e))?.is_symlink() {
+        std::fs::canonicalize(src).map_err(|e| at(src, &e))?
+    } else {
+        src.to_path_buf()
+    };
+    let base = match src.file_name() {
+        Some(n) => n.to_owned(),
+        None => std::fs::canonicalize(src)
+            .map_err(|e| at(src, &e))?
+            .file_name()
+            .map(|n| n.to_owned())
+            .ok_or_else(|| at(src, &"has no name to copy it under; name a directory in it"))?,
+    };
+    if !meta.is_dir() && !meta.is_file() {
+        return Err(at(src, &"not a regular file or directory"));
+    }
+    let mut items = vec![Item::new(root.clone(), PathBuf::from(&base), &meta)];
+    if !meta.is_dir() {
+        return Ok(items);
+    }
+    let mut dirs = vec![(root, PathBuf::from(&base))];
+    while let Some((host, name)) = dirs.pop() {
+        let mut entries = Vec::new();
+        for e in std::fs::read_dir(&host).map_err(|e| at(&host, &e))? {
+            let e = e.map_err(|e| at(&host, &e))?;
+            let path = e.path();
+            // Not followed: DirEntry::metadata is lstat's.
+            let m = e.metadata().map_err(|e| at(&path, &e))?;
+            entries.push((e.file_name(), path, m));
+        }
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut subdirs = Vec::new();
+        for (file_name, path, m) in entries {
+            let ft = m.file_type();
+            if ft.is_dir() {
+                items.push(Item::new(path.clone(), name.join(&file_name), &m));
+                subdirs.push((path, name.join(&file_name)));
+            } else if ft.is_file() {
+                items.push(Item::new(path, name.join(&file_name), &m));
+            } else {
+                tell!("isocell: skipping {}: not a regular file or directory", path.display());
+            }
+        }
+        dirs.extend(subdirs.into_iter().rev());
+    }
+    Ok(items)
+}
+
+/// A writer that refuses everything once `broken` is set (so that a `tar::Builder` dropped
+/// after an error does not end a cut-short archive as if it were whole).
+struct Guarded<W> {
+    inner: W,
+    broken: bool,
+}
+
+impl<W: std::io::Write> std::io::Write for Guarded<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.broken {
+            return Err(std::io::Error::other("the archive was abandoned"));
+        }
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.broken {
+            return Err(std::io::Error::other("the archive was abandoned"));
+        }
+        self.inner.flush()
+    }
+}
+
+/// Reads exactly `left` bytes of a file, failing if it has fewer.
+struct Exact<'a> {
+    inner: std::io::Take<std::fs::File>,
+    left: u64,
+    path: &'a Path,
+}
+
+impl std::io::Read for Exact<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && self.left > 0 && !buf.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("{}: it shrank while being read", self.path.display()),
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Appends one item to `b`.
+fn append_item<W: std::io::Write>(b: &mut tar::Builder<W>, item: &Item) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut h = tar::Header::new_gnu();
+    h.set_mtime(item.mtime);
+    h.set_uid(0);
+    h.set_gid(0);
+    if item.dir {
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(0);
+        h.set_mode(0o755);
+        let mut name = item.name.clone().into_os_string();
+        name.push("/");
+        return b.append_data(&mut h, name, std::io::empty());
+    }
+    let at =
+        |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", item.host.display()));
+    // Not through a symbolic link, and without blocking on something that has become a FIFO.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&item.host)
+        .map_err(at)?;
+    if !f.metadata().map_err(at)?.is_file() {
+        return Err(at(std::io::Error::other("it is no longer a regular file")));
+    }
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(item.size);
+    h.set_mode(file_mode(if item.exec { 0o755 } else { 0o644 }));
+    let data =
+        Exact { inner: std::io::Read::take(f, item.size), left: item.size, path: &item.host };
+    b.append_data(&mut h, &item.name, data)
+}
+
+/// Writes the tar archive of `items` to `w`: relative names, regular files and directories,
+/// owner 0, modes 0644/0755.
+fn write_upload<W: std::io::Write>(items: &[Item], w: W) -> std::io::Result<W> {
+    let mut b = tar::Builder::new(Guarded { inner: w, broken: false });
+    for item in items {
+        if let Err(e) = append_item(&mut b, item) {
+            b.get_mut().broken = true;
+            return Err(e);
+        }
+    }
+    Ok(b.into_inner()?.inner)
+}
+
+/// An upload's bytes on their way to the request body.
+type Chunk = std::io::Result<Bytes>;
+
+/// A writer that sends what it is given down a channel, in chunks (from a blocking thread).
+struct ChannelWriter {
+    tx: mpsc::Sender<Chunk>,
+    buf: Vec<u8>,
+}
+
+/// The size of a chunk of an upload.
+const CHUNK: usize = 256 << 10;
+
+impl ChannelWriter {
+    fn push(&mut self) -> std::io::Result<()> {
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx.blocking_send(Ok(Bytes::from(chunk))).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the daemon stopped taking the archive",
+            )
+        })
+    }
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.push()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.push()?;
+        }
+        Ok(())
+    }
+}
+
+/// A request body fed by a channel; an error in it aborts the request.
+struct ChannelBody {
+    rx: mpsc::Receiver<Chunk>,
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.rx.poll_recv(cx).map(|c| c.map(|r| r.map(Frame::data)))
+    }
+}
+
+/// Writes the archive of `items` to `tx` (on a blocking thread). `Err(Some(_))`: it failed
+/// here, and the body was ended with an error; `Err(None)`: the other end stopped reading.
+fn send_tar(items: &[Item], tx: mpsc::Sender<Chunk>) -> Result<(), Option<String>> {
+    let w = ChannelWriter { tx: tx.clone(), buf: Vec::with_capacity(CHUNK) };
+    let result = write_upload(items, w).and_then(|mut w| std::io::Write::flush(&mut w));
+    match result {
+        Ok(()) => Ok(()),
+        Err(_) if tx.is_closed() => Err(None),
+        Err(e) => {
+            let message = e.to_string();
+            let _ = tx.blocking_send(Err(e));
+            Err(Some(message))
+        }
+    }
+}
+
+/// `PUT /v1/cells/{id}/files?path=DIR` with the tar archive `body`; the answer's status and
+/// body.
+async fn put_files<B>(
+    daemon: &Daemon,
+    id: &str,
+    dir: &str,
+    body: B,
+) -> Result<(StatusCode, Bytes), Failure>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri(files_path(id, dir))
+        .header(hyper::header::HOST, "localhost")
+        .header(hyper::header::ACCEPT, "application/json")
+        .header(hyper::header::CONTENT_TYPE, "application/x-tar")
+        .body(body)
+        .map_err(|e| Failure::new(format!("request: {e}")))?;
+    let (resp, conn) = daemon.send(req).await?;
+    let status = resp.status();
+    let answer = Limited::new(resp.into_body(), MAX_ANSWER).collect().await;
+    // Whatever of the archive is still unsent goes nowhere now.
+    conn.abort();
+    answer.map(|b| (status, b.to_bytes())).map_err(|e| daemon.lost(&e))
+}
+
+/// `isocell cell cp HOSTPATH ID:/DIR`.
+async fn upload(daemon: &Daemon, host: &Path, id: &str, dir: &str) -> Result<u8, Failure> {
+    let items = upload_items(host)?;
+    let (tx, rx) = mpsc::channel::<Chunk>(4);
+    let builder = tokio::task::spawn_blocking(move || send_tar(&items, tx));
+    let answer = put_files(daemon, id, dir, ChannelBody { rx }).await;
+    let built = builder
+        .await
+        .map_err(|e| Failure::new(format!("the archive of {}: {e}", host.display())))?;
+    match (answer, built) {
+        (Ok((status, body)), _) if !status.is_success() => Err(api_failure(status, &body)),
+        (Ok(_), Ok(())) => Ok(0),
+        (_, Err(Some(message))) => Err(Failure::new(format!("copying into cell {id}: {message}"))),
+        (Ok(_), Err(None)) => Err(Failure::new(format!(
+            "the daemon answered before it had taken the whole archive of {}",
+            host.display()
+        ))),
+        (Err(f), _) => {
+            // A daemon that refuses the copy may answer and close before it has read the
+            // archive, and the connection can then break on the archive's way out before its
+            // answer is read. Asking again with an empty archive gets that answer (an empty
+            // archive only makes the directory).
+            let empty = write_upload(&[], Vec::new())
+                .map_err(|e| Failure::new(format!("an empty archive: {e}")))?;
+            match put_files(daemon, id, dir, Full::new(Bytes::from(empty))).await {
+                Ok((status, body)) if !status.is_success() => Err(api_failure(status, &body)),
+                _ => Err(f),
+            }
+        }
+    }
+}
+
+/// A reader of what a channel brings (on a blocking thread).
+struct ChannelReader {
+    rx: mpsc::Receiver<Chunk>,
+    cur: Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        self.cur = self.cur.slice(n..);
+        Ok(n)
+    }
+}
+
+/// What a tar entry type is, in words.
+fn kind_name(t: tar::EntryType) -> String {
+    match t {
+        tar::EntryType::Symlink => "symbolic link".into(),
+        tar::EntryType::Link => "hard link".into(),
+        tar::EntryType::Char => "character device".into(),
+        tar::EntryType::Block => "block device".into(),
+        tar::EntryType::Fifo => "FIFO".into(),
+        tar::EntryType::GNUSparse => "sparse file".into(),
+        other => format!("entry of type {:?}", char::from(other.as_byte())),
+    }
+}
+
+/// An entry's name as a relative path without `.` components; absolute names and `..` are
+/// refused.
+fn safe_name(name: &Path) -> Result<PathBuf, String> {
+    let mut out = PathBuf::new();
+    for c in name.components() {
+        match c {
+            std::path::Component::Normal(n) => out.push(n),
+            std::path::Component::CurDir => {}
+            std::path::Component::RootDir | std::path::Component::Prefix(_) => {
+                return Err(format!("{}: an absolute name; refused", name.display()))
+            }
+            std::path::Component::ParentDir => {
+                return Err(format!("{}: a name with `..`; refused", name.display()))
+            }
+        }
+    }
+    if out.as_os_str().is_empty() {
+        return Err(format!("{:?}: an empty name; refused", name.display().to_string()));
+    }
+    Ok(out)
+}
+
+/// Checks the way from `dest` to `dest/rel`: no symbolic link on it (not even at its end), and
+/// directories before its end. The first part of it that does not exist yet, if any.
+fn check_way(dest: &Path, rel: &Path) -> Result<Option<PathBuf>, String> {
+    let parts: Vec<_> = rel.components().collect();
+    let mut p = dest.to_path_buf();
+    for (i, c) in parts.iter().enumerate() {
+        p.push(c);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!(
+                    "{}: a symbolic link; refusing to write through it",
+                    p.display()
+                ))
+            }
+            Ok(m) if i + 1 < parts.len() && !m.is_dir() => {
+                return Err(format!("{}: not a directory", p.display()))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(p)),
+            Err(e) => return Err(format!("{}: {e}", p.display())),
+        }
+    }
+    Ok(None)
+}
+
+/// Extracts the tar archive `reader` under the directory `dest`: regular files and directories
+/// only, no absolute names or `..`, never through a symbolic link; files 0644 or 0755,
+/// directories 0755. On an error, what it created is removed. Returns the number of entries.
+fn extract<R: std::io::Read>(reader: R, dest: &Path) -> Result<u64, String> {
+    let mut created = Vec::new();
+    let result = extract_into(reader, dest, &mut created);
+    if result.is_err() {
+        for p in created.iter().rev() {
+            match std::fs::symlink_metadata(p) {
+                Ok(m) if m.is_dir() => {
+                    let _ = std::fs::remove_dir_all(p);
+                }
+                Ok(_) => {
+                    let _ = std::fs::remove_file(p);
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    result.map_err(|e| {
+        if created.is_empty() {
+            e
+        } else {
+            format!("{e} (what this copy had written is removed)")
+        }
+    })
+}
+
+fn extract_into<R: std::io::Read>(
+    reader: R,
+    dest: &Path,
+    created: &mut Vec<PathBuf>,
+) -> Result<u64, String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let bad = |e: &dyn std::fmt::Display| format!("the archive from the cell: {e}");
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(false);
+    archive.set_preserve_ownerships(false);
+    archive.set_unpack_xattrs(false);
+    archive.set_overwrite(true);
+    let mut count = 0u64;
+    for entry in archive.entries().map_err(|e| bad(&e))? {
+        let mut entry = entry.map_err(|e| bad(&e))?;
+        let name = entry.path().map_err(|e| bad(&e))?.into_owned();
+        let kind = entry.header().entry_type();
+        let dir = if kind.is_dir() {
+            true
+        } else if kind.is_file() {
+            false
+        } else {
+            return Err(bad(&format!(
+                "{}: a {}; only regular files and directories are copied",
+                name.display(),
+                kind_name(kind)
+            )));
+        };
+        let rel = safe_name(&name).map_err(|e| bad(&e))?;
+        let target = dest.join(&rel);
+        let first_new = check_way(dest, &rel)?;
+        count += 1;
+        if dir && first_new.is_none() && target.is_dir() {
+            continue; // already there; its mode is left alone
+        }
+        if let Some(p) = first_new {
+            created.push(p);
+        }
+        let mode = if dir { 0o755 } else { file_mode(entry.header().mode().unwrap_or(0)) };
+        match entry.unpack_in(dest) {
+            Ok(true) => {}
+            Ok(false) => return Err(bad(&format!("{}: refused", name.display()))),
+            Err(e) => return Err(format!("{}: {e}", target.display())),
+        }
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("{}: {e}", target.display()))?;
+    }
+    if count == 0 {
+        return Err(bad(&"it is empty"));
+    }
+    Ok(count)
+}
+
+/// `isocell cell cp ID:/PATH HOSTDIR`.
+async fn download(daemon: &Daemon, id: &str, path: &str, host: &Path) -> Result<u8, Failure> {
+    match std::fs::metadata(host) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Failure::new(format!(
+                "{}: not a directory; give an existing directory to copy into",
+                host.display()
+            )))
+        }
+        Err(e) => return Err(Failure::new(format!("{}: {e}", host.display()))),
+    }
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(files_path(id, path))
+        .header(hyper::header::HOST, "localhost")
+        .header(hyper::header::ACCEPT, "application/x-tar, application/json")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| Failure::new(format!("request: {e}")))?;
+    let (resp, conn) = daemon.send(req).await?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = Limited::new(resp.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| daemon.lost(&e))?
+            .to_bytes();
+        return Err(api_failure(status, &body));
+    }
+    let content_type = resp
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    if let Some(t) = content_type.filter(|t| !t.starts_with("application/x-tar")) {
+        conn.abort();
+        return Err(Failure::new(format!("the daemon answered with {t}, not a tar archive")));
+    }
+    let (tx, rx) = mpsc::channel::<Chunk>(8);
+    let dest = host.to_path_buf();
+    let extractor = tokio::task::spawn_blocking(move || {
+        extract(ChannelReader { rx, cur: Bytes::new() }, &dest)
+    });
+    let mut body = resp.into_body();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    if tx.send(Ok(data)).await.is_err() {
+                        break; // the extraction ended (done, or failed)
+                    }
+                }
+            }
+            Err(e) => {
+                let e = std::io::Error::other(format!("the daemon's stream broke off: {e}"));
+                let _ = tx.send(Err(e)).await;
+                break;
+            }
+        }
+    }
+    drop(tx);
+    drop(body);
+    conn.abort();
+    extractor
+        .await
+        .map_err(|e| Failure::new(format!("extracting into {}: {e}", host.display())))?
+        .map_err(|e| Failure::new(format!("copying out of cell {id}: {e}")))?;
+    Ok(0)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -1051,5 +1713,414 @@ mod tests {
         assert_eq!(cell_path("ab/../x", "/logs"), "/v1/cells/ab%2F..%2Fx/logs");
         assert_eq!(age(0, 0), "0s");
         assert_eq!(age(90_000_000_000, 0), "1041d");
+    }
+
+    // ---- cp ----
+
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn cp_sides() {
+        assert_eq!(
+            cp_plan("./app", "c1:/srv").unwrap(),
+            Copy::In { host: "./app".into(), id: "c1".into(), dir: "/srv".into() }
+        );
+        assert_eq!(
+            cp_plan("c1:/var/log/a:b.log", ".").unwrap(),
+            Copy::Out { id: "c1".into(), path: "/var/log/a:b.log".into(), host: ".".into() }
+        );
+        // A local name with a colon, written with a `/` before it.
+        assert_eq!(
+            cp_plan("./x:/y", "c1:/d").unwrap(),
+            Copy::In { host: "./x:/y".into(), id: "c1".into(), dir: "/d".into() }
+        );
+        assert!(cp_plan("c1:/a", "c2:/b").is_err());
+        assert!(cp_plan("a", "b").is_err());
+        assert!(cp_plan("a", "c1:relative").is_err());
+        assert!(cp_plan("", "c1:/d").is_err());
+        assert!(cp_plan("a\0b", "c1:/d").is_err());
+        let c = parse(&["cp", "./app", "c1:/srv"]);
+        let CellCmd::Cp(a) = c.command else { panic!("not cp") };
+        assert_eq!((a.src.as_str(), a.dst.as_str()), ("./app", "c1:/srv"));
+        assert_eq!(files_path("c1", "/srv/my app"), "/v1/cells/c1/files?path=%2Fsrv%2Fmy%20app");
+    }
+
+    fn write(p: &Path, data: &[u8], mode: u32) {
+        std::fs::write(p, data).unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    /// A tree with files, directories, a symbolic link and a FIFO.
+    fn sample_tree(root: &Path) -> PathBuf {
+        let top = root.join("top");
+        std::fs::create_dir_all(top.join("sub/deep")).unwrap();
+        std::fs::create_dir(top.join("bin")).unwrap();
+        std::fs::create_dir(top.join("empty")).unwrap();
+        write(&top.join("a.txt"), b"hello", 0o600);
+        write(&top.join("bin/run"), b"#!/bin/sh\n", 0o700);
+        write(&top.join("sub/deep/f"), b"deep", 0o444);
+        std::os::unix::fs::symlink("a.txt", top.join("link")).unwrap();
+        let fifo =
+            std::ffi::CString::new(top.join("fifo").into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path we pass.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        top
+    }
+
+    /// (name, is a directory, mode, data) of each entry of `archive`.
+    fn entries(archive: &[u8]) -> Vec<(String, bool, u32, Vec<u8>)> {
+        let mut a = tar::Archive::new(archive);
+        a.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let name = String::from_utf8(e.path_bytes().into_owned()).unwrap();
+                let h = e.header().clone();
+                assert!(h.entry_type().is_dir() || h.entry_type().is_file(), "{name}");
+                assert_eq!((h.uid().unwrap(), h.gid().unwrap()), (0, 0));
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+                (name, h.entry_type().is_dir(), h.mode().unwrap(), data)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn upload_tar_has_only_files_and_dirs_under_the_basename() {
+        let tmp = tempfile::tempdir().unwrap();
+        let top = sample_tree(tmp.path());
+        let items = upload_items(&top).unwrap();
+        let archive = write_upload(&items, Vec::new()).unwrap();
+        let got = entries(&archive);
+        let names: Vec<&str> = got.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "top/",
+                "top/a.txt",
+                "top/bin/",
+                "top/empty/",
+                "top/sub/",
+                "top/bin/run",
+                "top/sub/deep/",
+                "top/sub/deep/f"
+            ]
+        );
+        for (name, dir, mode, data) in &got {
+            let want = match name.as_str() {
+                "top/a.txt" => (false, 0o644, &b"hello"[..]),
+                "top/bin/run" => (false, 0o755, &b"#!/bin/sh\n"[..]),
+                "top/sub/deep/f" => (false, 0o644, &b"deep"[..]),
+                _ => (true, 0o755, &b""[..]),
+            };
+            assert_eq!((*dir, *mode, data.as_slice()), want, "{name}");
+        }
+
+        // One file: its name alone. A trailing `/.` still names the directory.
+        let one = write_upload(&upload_items(&top.join("bin/run")).unwrap(), Vec::new()).unwrap();
+        let got = entries(&one);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].0.as_str(), got[0].1, got[0].2), ("run", false, 0o755));
+        assert_eq!(upload_items(&top.join("sub/.")).unwrap()[0].name, PathBuf::from("sub"));
+
+        // The path given may be a symbolic link (followed, keeping its name); a FIFO may not.
+        std::os::unix::fs::symlink(top.join("sub"), tmp.path().join("alias")).unwrap();
+        let items = upload_items(&tmp.path().join("alias")).unwrap();
+        let names: Vec<_> = items.iter().map(|i| i.name.clone()).collect();
+        assert_eq!(names, [PathBuf::from("alias"), "alias/deep".into(), "alias/deep/f".into()]);
+        let e = upload_items(&top.join("fifo")).unwrap_err();
+        assert!(e.message.contains("not a regular file or directory"), "{}", e.message);
+        assert!(upload_items(&tmp.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn upload_fails_on_a_file_that_shrank_without_ending_the_archive() {
+        let tmp = tempfile::tempdir().unwrap();
+        let top = sample_tree(tmp.path());
+        let items = upload_items(&top).unwrap();
+        write(&top.join("bin/run"), b"#!", 0o700);
+        let mut out = Vec::new();
+        let e = write_upload(&items, &mut out).unwrap_err();
+        assert!(e.to_string().contains("shrank"), "{e}");
+        // The archive stops inside the cut-short entry: no padding, no end-of-archive blocks.
+        assert_eq!(out.len() % 512, 2);
+    }
+
+    #[test]
+    fn upload_and_extract_through_channels() {
+        let tmp = tempfile::tempdir().unwrap();
+        let top = sample_tree(tmp.path());
+        let dest = tmp.path().join("dest");
+        std::fs::create_dir(&dest).unwrap();
+        let items = upload_items(&top).unwrap();
+        let (tx, rx) = mpsc::channel::<Chunk>(2);
+        let sender = std::thread::spawn(move || send_tar(&items, tx));
+        let n = extract(ChannelReader { rx, cur: Bytes::new() }, &dest).unwrap();
+        sender.join().unwrap().unwrap();
+        assert_eq!(n, 8);
+        assert_eq!(std::fs::read(dest.join("top/a.txt")).unwrap(), b"hello");
+        assert_eq!(std::fs::read(dest.join("top/sub/deep/f")).unwrap(), b"deep");
+        assert_eq!(mode_of(&dest.join("top/a.txt")), 0o644);
+        assert_eq!(mode_of(&dest.join("top/bin/run")), 0o755);
+        assert_eq!(mode_of(&dest.join("top/sub/deep/f")), 0o644);
+        assert_eq!(mode_of(&dest.join("top/empty")), 0o755);
+        assert!(!dest.join("top/link").exists() && !dest.join("top/fifo").exists());
+    }
+
+    /// Appends an entry with a name written as it is (no checks).
+    fn raw(
+        b: &mut tar::Builder<Vec<u8>>,
+        name: &str,
+        kind: tar::EntryType,
+        mode: u32,
+        data: &[u8],
+    ) {
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_entry_type(kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_mtime(1_700_000_000);
+        if kind == tar::EntryType::Symlink {
+            h.set_link_name("/etc/passwd").unwrap();
+        }
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+
+    /// An archive with a directory and a file, then `last`.
+    fn archive_then(last: (&str, tar::EntryType)) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        raw(&mut b, "name/", tar::EntryType::Directory, 0o700, b"");
+        raw(&mut b, "name/ok", tar::EntryType::Regular, 0o4777, b"ok");
+        raw(&mut b, last.0, last.1, 0o644, if last.1.is_file() { b"bad" } else { b"" });
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn extraction_takes_files_and_dirs_with_fixed_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let archive = archive_then(("name/plain", tar::EntryType::Regular));
+        assert_eq!(extract(&archive[..], tmp.path()).unwrap(), 3);
+        assert_eq!(mode_of(&tmp.path().join("name")), 0o755);
+        assert_eq!(mode_of(&tmp.path().join("name/ok")), 0o755);
+        assert_eq!(mode_of(&tmp.path().join("name/plain")), 0o644);
+        assert_eq!(std::fs::read(tmp.path().join("name/plain")).unwrap(), b"bad");
+        // Again over what is there: files are replaced, an existing directory keeps its mode.
+        std::fs::set_permissions(tmp.path().join("name"), std::fs::Permissions::from_mode(0o750))
+            .unwrap();
+        assert_eq!(extract(&archive[..], tmp.path()).unwrap(), 3);
+        assert_eq!(mode_of(&tmp.path().join("name")), 0o750);
+    }
+
+    #[test]
+    fn extraction_refuses_escapes_and_links_and_leaves_nothing() {
+        for (last, why) in [
+            (("../x", tar::EntryType::Regular), "`..`"),
+            (("name/../../x", tar::EntryType::Regular), "`..`"),
+            (("/abs", tar::EntryType::Regular), "absolute"),
+            (("name/link", tar::EntryType::Symlink), "symbolic link"),
+            (("name/hard", tar::EntryType::Link), "hard link"),
+            (("name/dev", tar::EntryType::Char), "character device"),
+            (("name/pipe", tar::EntryType::Fifo), "FIFO"),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dest = tmp.path().join("dest");
+            std::fs::create_dir(&dest).unwrap();
+            std::fs::write(dest.join("mine"), b"keep").unwrap();
+            let e = extract(&archive_then(last)[..], &dest).unwrap_err();
+            assert!(e.contains(why), "{}: {e}", last.0);
+            assert!(e.contains("removed"), "{}: {e}", last.0);
+            let left: Vec<_> =
+                std::fs::read_dir(&dest).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(left, ["mine"], "{}", last.0);
+            assert_eq!(std::fs::read(dest.join("mine")).unwrap(), b"keep");
+            assert!(!tmp.path().join("x").exists() && !Path::new("/abs").exists());
+        }
+        // A bad first entry: nothing was created.
+        let mut b = tar::Builder::new(Vec::new());
+        raw(&mut b, "/abs", tar::EntryType::Regular, 0o644, b"x");
+        let tmp = tempfile::tempdir().unwrap();
+        let e = extract(&b.into_inner().unwrap()[..], tmp.path()).unwrap_err();
+        assert!(e.contains("absolute") && !e.contains("removed"), "{e}");
+        // An empty archive is an error too.
+        let empty = tar::Builder::new(Vec::new()).into_inner().unwrap();
+        assert!(extract(&empty[..], tmp.path()).unwrap_err().contains("empty"));
+    }
+
+    #[test]
+    fn extraction_never_goes_through_a_symlink_in_the_destination() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("dest");
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::create_dir(&dest).unwrap();
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::create_dir(dest.join("inside")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dest.join("name")).unwrap();
+        std::os::unix::fs::symlink(dest.join("inside"), dest.join("in")).unwrap();
+        for archive in [
+            archive_then(("name/plain", tar::EntryType::Regular)),
+            {
+                let mut b = tar::Builder::new(Vec::new());
+                raw(&mut b, "in/f", tar::EntryType::Regular, 0o644, b"x");
+                b.into_inner().unwrap()
+            },
+            {
+                let mut b = tar::Builder::new(Vec::new());
+                raw(&mut b, "in", tar::EntryType::Regular, 0o644, b"x");
+                b.into_inner().unwrap()
+            },
+        ] {
+            let e = extract(&archive[..], &dest).unwrap_err();
+            assert!(e.contains("symbolic link"), "{e}");
+        }
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(dest.join("inside")).unwrap().count(), 0);
+        assert!(std::fs::symlink_metadata(dest.join("name")).unwrap().is_symlink());
+        assert!(std::fs::symlink_metadata(dest.join("in")).unwrap().is_symlink());
+    }
+
+    /// Takes one request on `listener`: its head and (if `read_body`, chunked) body; then
+    /// answers `answer` and closes.
+    async fn serve_one(
+        listener: &tokio::net::UnixListener,
+        read_body: bool,
+        answer: Vec<u8>,
+    ) -> (String, Vec<u8>) {
+        use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut r = tokio::io::BufReader::new(stream);
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).await.unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let mut body = Vec::new();
+        if read_body {
+            assert!(head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
+            loop {
+                let mut line = String::new();
+                r.read_line(&mut line).await.unwrap();
+                let n = usize::from_str_radix(line.trim(), 16).unwrap();
+                let mut chunk = vec![0; n + 2];
+                r.read_exact(&mut chunk).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+        }
+        r.get_mut().write_all(&answer).await.unwrap();
+        r.get_mut().shutdown().await.unwrap();
+        (head, body)
+    }
+
+    fn answer(status: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+        let mut a = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        a.extend_from_slice(body);
+        a
+    }
+
+    #[test]
+    fn cp_against_a_fake_daemon() {
+        let tmp = tempfile::tempdir().unwrap();
+        let top = sample_tree(tmp.path());
+        // Big enough that the archive cannot sit in the channel and socket buffers.
+        write(&top.join("big"), &vec![7u8; 8 << 20], 0o644);
+        let socket = tmp.path().join("d.sock");
+        let dest = tmp.path().join("dest");
+        std::fs::create_dir(&dest).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+            let daemon = Daemon { socket: socket.clone() };
+            let cp = |src: &Path, dst: &str| {
+                CellCmd::Cp(CpArgs { src: src.display().to_string(), dst: dst.to_owned() })
+            };
+
+            // Upload: the whole archive as a chunked body; 204.
+            let server = async {
+                serve_one(&listener, true, b"HTTP/1.1 204 No Content\r\n\r\n".to_vec()).await
+            };
+            let (status, (head, body)) =
+                tokio::join!(dispatch(&daemon, cp(&top, "c1:/srv/my dir")), server);
+            assert_eq!(status.unwrap(), 0);
+            assert!(head.starts_with("PUT /v1/cells/c1/files?path=%2Fsrv%2Fmy%20dir HTTP/1.1"));
+            assert!(head.to_ascii_lowercase().contains("content-type: application/x-tar"));
+            let got = entries(&body);
+            assert_eq!(got.len(), 9);
+            assert!(got.iter().any(|e| e.0 == "top/big" && e.3.len() == 8 << 20));
+
+            // Download: that archive back, extracted under `dest`.
+            let server = serve_one(&listener, false, answer("200 OK", "application/x-tar", &body));
+            let to = dest.display().to_string();
+            let (status, (head, _)) = tokio::join!(
+                dispatch(&daemon, CellCmd::Cp(CpArgs { src: "c1:/srv/top".into(), dst: to })),
+                server
+            );
+            assert_eq!(status.unwrap(), 0);
+            assert!(head.starts_with("GET /v1/cells/c1/files?path=%2Fsrv%2Ftop HTTP/1.1"));
+            assert_eq!(std::fs::read(dest.join("top/big")).unwrap().len(), 8 << 20);
+            assert_eq!(mode_of(&dest.join("top/bin/run")), 0o755);
+
+            // A refusal before the body is read: the daemon's error, and no hang.
+            // (Its connection may break on the archive's way out before the answer is read;
+            // then isocell asks again with an empty archive.)
+            let denied = br#"{"error":{"code":"denied","message":"not your cell"}}"#;
+            let server = async {
+                loop {
+                    serve_one(&listener, false, answer("403 Forbidden", "application/json", denied))
+                        .await;
+                }
+            };
+            let status = tokio::select! {
+                s = dispatch(&daemon, cp(&top, "c1:/srv")) => s,
+                () = server => unreachable!(),
+            };
+            let f = status.unwrap_err();
+            assert_eq!((f.status, f.message.as_str()), (77, "not your cell"));
+            // The daemon closing without an answer, then answering the empty archive.
+            let server = async {
+                let (_, body) = serve_one(&listener, false, Vec::new()).await;
+                assert!(body.is_empty());
+                let a = answer("403 Forbidden", "application/json", denied);
+                let (head, body) = serve_one(&listener, true, a).await;
+                assert!(head.starts_with("PUT /v1/cells/c1/files?path=%2Fsrv "), "{head}");
+                assert_eq!(body, [0u8; 1024]);
+            };
+            let (status, ()) = tokio::join!(dispatch(&daemon, cp(&top, "c1:/srv")), server);
+            let f = status.unwrap_err();
+            assert_eq!((f.status, f.message.as_str()), (77, "not your cell"));
+
+            // A download error, and a bad archive that leaves nothing behind.
+            let missing = br#"{"error":{"code":"not_found","message":"no such path"}}"#;
+            let server =
+                serve_one(&listener, false, answer("404 Not Found", "application/json", missing));
+            let to = tmp.path().join("empty");
+            std::fs::create_dir(&to).unwrap();
+            let down =
+                || CellCmd::Cp(CpArgs { src: "c1:/x".into(), dst: to.display().to_string() });
+            let (status, _) = tokio::join!(dispatch(&daemon, down()), server);
+            let f = status.unwrap_err();
+            assert_eq!((f.status, f.message.as_str()), (125, "no such path"));
+            let bad = archive_then(("name/link", tar::EntryType::Symlink));
+            let server = serve_one(&listener, false, answer("200 OK", "application/x-tar", &bad));
+            let (status, _) = tokio::join!(dispatch(&daemon, down()), server);
+            assert!(status.unwrap_err().message.contains("symbolic link"));
+            assert_eq!(std::fs::read_dir(&to).unwrap().count(), 0);
+        });
     }
 }

@@ -5,9 +5,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::connect_info::{ConnectInfo, Connected};
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -288,6 +288,58 @@ async fn signal_session(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Where a file operation points in the cell.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct FilesQuery {
+    /// An absolute path in the cell: the directory an upload is extracted under, or the file
+    /// or directory a download packs.
+    pub path: String,
+}
+
+fn files_query(q: Result<Query<FilesQuery>, QueryRejection>) -> Result<FilesQuery, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::bad_request(format!("{}: give ?path=/ABSOLUTE/PATH", e.body_text())))
+}
+
+/// Uploads a tar stream (files and directories only), extracted under `path` in the cell.
+#[utoipa::path(put, path = "/v1/cells/{id}/files", params(("id" = String, Path), FilesQuery),
+    request_body(content = Vec<u8>, content_type = "application/x-tar"),
+    responses((status = 204, description = "Copied"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)))]
+async fn put_files(
+    State(app): State<Arc<App>>,
+    Client(client): Client,
+    Path(id): Path<String>,
+    q: Result<Query<FilesQuery>, QueryRejection>,
+    body: axum::body::Body,
+) -> Result<StatusCode, ApiError> {
+    let q = files_query(q)?;
+    let row = visible(&app, &client, &id).await?;
+    let dest = crate::files::cell_path(&q.path)?;
+    touch(&app, &id).await;
+    crate::files::upload(&app, &row, &dest, body).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Downloads a file or directory tree of the cell as a tar stream.
+#[utoipa::path(get, path = "/v1/cells/{id}/files", params(("id" = String, Path), FilesQuery),
+    responses((status = 200, content_type = "application/x-tar", body = Vec<u8>), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 502, body = ErrorBody, description = "The cell refused or sent something unsafe")))]
+async fn get_files(
+    State(app): State<Arc<App>>,
+    Client(client): Client,
+    Path(id): Path<String>,
+    q: Result<Query<FilesQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = files_query(q)?;
+    let row = visible(&app, &client, &id).await?;
+    let path = crate::files::cell_path(&q.path)?;
+    touch(&app, &id).await;
+    let body = crate::files::download(&app, &row, &path).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/x-tar")], body).into_response())
+}
+
 /// The last 64 KiB of a running cell's console (its kernel's and agent's messages).
 #[utoipa::path(get, path = "/v1/cells/{id}/logs", params(("id" = String, Path)),
     responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ErrorBody)))]
@@ -426,6 +478,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/cells/{id}/sessions/{session}", get(get_session))
         .route("/v1/cells/{id}/sessions/{session}/signal", post(signal_session))
         .route("/v1/cells/{id}/logs", get(cell_logs))
+        .route(
+            "/v1/cells/{id}/files",
+            get(get_files).put(put_files).layer(DefaultBodyLimit::max(
+                usize::try_from(crate::files::MAX_TRANSFER_BYTES).unwrap_or(usize::MAX),
+            )),
+        )
         .route("/v1/events", get(events))
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
@@ -556,7 +614,7 @@ mod tests {
         for (path, item) in paths {
             for method in item.as_object().unwrap().keys() {
                 operations += 1;
-                let uri = path.replace("{id}", "abc").replace("{session}", "1");
+                let uri = path.replace("{id}", "abc").replace("{session}", "1") + "?path=/x";
                 let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
                 if path == "/v1/events" {
                     // An event stream does not end: its status is enough.
@@ -569,7 +627,7 @@ mod tests {
                 assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
             }
         }
-        assert_eq!(operations, 14, "operations documented");
+        assert_eq!(operations, 16, "operations documented");
         let (status, body) = call(&app, Method::GET, "/v1/nothing", 1000, None).await;
         assert_eq!((status, code(&body)), (StatusCode::NOT_FOUND, "no_route"));
     }

@@ -10,6 +10,7 @@ mod config;
 mod db;
 mod error;
 mod exec;
+mod files;
 mod metrics;
 
 use std::os::fd::FromRawFd;

@@ -50,6 +50,8 @@ pub struct CellEvidence {
     started_ms: u64,
     /// `(seq, hash)` of the latest audit entry written for this cell.
     last_entry: Option<(u64, String)>,
+    /// The daemon client the cell belongs to, named in each of its audit entries.
+    client: Option<String>,
 }
 
 impl CellEvidence {
@@ -68,7 +70,13 @@ impl CellEvidence {
             launch_digest: None,
             started_ms: now_ms(),
             last_entry: None,
+            client: None,
         })
+    }
+
+    /// Names `client` (a daemon client's identity) in every later audit entry of this cell.
+    pub fn set_client(&mut self, client: &str) {
+        self.client = Some(client.to_owned());
     }
 
     /// Reopens the evidence of a cell launched earlier (by a process that is gone): its launch
@@ -89,7 +97,10 @@ impl CellEvidence {
 
     /// Appends a lifecycle event for this cell. A cell must not run without its record, so a
     /// failure here is an error for the caller.
-    pub fn log(&mut self, kind: &str, data: Value) -> Result<(), String> {
+    pub fn log(&mut self, kind: &str, mut data: Value) -> Result<(), String> {
+        if let (Some(c), Some(o)) = (&self.client, data.as_object_mut()) {
+            o.insert("client".into(), Value::String(c.clone()));
+        }
         let t = Instant::now();
         let r = self.audit.append(kind, Some(&self.cell_id), data);
         self.costs.audit_ms += ms_since(t);

@@ -226,12 +226,14 @@ pub fn supervise(spec: &SupervisorSpec, out: &mut dyn Write, cancel: &Cancel) ->
 }
 
 fn start(spec: &SupervisorSpec, cancel: &Cancel) -> Result<Cell, CellError> {
-    let ev = open_evidence(&spec.host, &spec.id)?;
+    let mut ev = open_evidence(&spec.host, &spec.id)?;
+    if let Some(c) = &spec.client {
+        ev.set_client(c);
+    }
     let plan = CellPlan::new(&spec.host, &spec.id, spec.request.clone());
     let plan = match plan {
         Ok(p) => p,
         Err(e) => {
-            let mut ev = ev;
             let e = CellError::from(e);
             let _ = ev.log("error", json!({ "message": e.to_string() }));
             return Err(e);

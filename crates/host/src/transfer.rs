@@ -155,6 +155,46 @@ fn put_file(
     reply(link, guest, deadline)
 }
 
+/// Writes `size` bytes from `data` to the file `guest` in the cell (mode `mode`; parents are
+/// made), by `deadline`. For callers whose data is not a host file (an uploaded tar entry).
+pub fn put_reader(
+    link: &mut AgentLink,
+    mut data: impl Read,
+    size: u64,
+    mode: u32,
+    guest: &str,
+    deadline: Instant,
+) -> Result<(), String> {
+    link.send(&Message::PutFile { path: guest.to_owned(), mode: mode & 0o7777, size })?;
+    let mut buf = vec![0u8; MAX_CHUNK];
+    let mut sent = 0u64;
+    while sent < size {
+        let want = usize::try_from(size - sent).unwrap_or(usize::MAX).min(buf.len());
+        let n = data.read(&mut buf[..want]).map_err(|e| format!("{guest}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        sent += n as u64;
+        link.send(&Message::Data(buf[..n].to_vec()))?;
+    }
+    link.send(&Message::DataEnd)?;
+    if sent != size {
+        return Err(format!("{guest}: {sent} of {size} bytes were there to copy"));
+    }
+    reply(link, guest, deadline)
+}
+
+/// Makes directory `guest` (and its parents) in the cell with `mode`, by `deadline`.
+pub fn make_dir(
+    link: &mut AgentLink,
+    guest: &str,
+    mode: u32,
+    deadline: Instant,
+) -> Result<(), String> {
+    link.send(&Message::MakeDir { path: guest.to_owned(), mode: mode & 0o7777 })?;
+    reply(link, guest, deadline)
+}
+
 fn reply(link: &mut AgentLink, what: &str, deadline: Instant) -> Result<(), String> {
     match link.expect_by(deadline, what)? {
         Message::Done => Ok(()),

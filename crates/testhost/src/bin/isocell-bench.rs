@@ -77,6 +77,75 @@ fn measured_step(name: String, argv: &[&str], timeout_secs: u64, report: &str) -
     }
 }
 
+/// Where the benchmark's daemon keeps its socket, state and run directories (in the test host).
+const DAEMON_DIR: &str = "/tmp/isocell-bench-daemon";
+
+/// A shell step with the benchmark daemon's socket in `ISOCELL_HOST`.
+fn daemon_step(name: String, script: &str) -> Step {
+    let script =
+        format!("export ISOCELL_HOST=unix://{DAEMON_DIR}/d.sock; D={DAEMON_DIR}; {script}");
+    Step {
+        name,
+        argv: vec!["sh".into(), "-c".into(), script],
+        timeout_secs: 600,
+        create_files: Default::default(),
+        write_files: Default::default(),
+        hash_files: vec![],
+        report_file: None,
+    }
+}
+
+/// The daemon series: `isocell run -- true` against create, exec `true` and delete through the
+/// API (alternating); `true` in a warm cell; three clients creating a cell each at once.
+fn daemon_steps(runs: usize, args: &Args) -> Vec<Step> {
+    let (cpus, memory) = (args.cpus, args.memory);
+    let start = format!(
+        r#"rm -rf $D; mkdir -p $D
+cat > $D/d.toml <<CONF
+socket = "$D/d.sock"
+state_dir = "$D/state"
+run_dir = "$D/run"
+idle_timeout_secs = 0
+CONF
+({{isocelld}} --config $D/d.toml 2> $D/daemon.log &)
+for i in $(seq 300); do {{isocell}} cell ls > /dev/null 2>&1 && break; sleep 0.1; done
+{{isocell}} cell create --cpus {cpus} --memory {memory} > $D/warm"#
+    );
+    let mut steps = vec![daemon_step("daemon-start".into(), &start)];
+    for i in 0..=runs {
+        steps.push(daemon_step(
+            format!("dcycle-run-{i}"),
+            &format!("{{isocell}} run --cpus {cpus} --memory {memory} -- true"),
+        ));
+        steps.push(daemon_step(
+            format!("dcycle-api-{i}"),
+            &format!(
+                "id=$({{isocell}} cell create --cpus {cpus} --memory {memory}) && \
+                 {{isocell}} cell exec $id -- true && {{isocell}} cell rm $id > /dev/null"
+            ),
+        ));
+    }
+    for i in 0..=runs {
+        steps.push(daemon_step(
+            format!("warm-exec-{i}"),
+            "{isocell} cell exec $(cat $D/warm) -- true",
+        ));
+    }
+    steps.push(daemon_step(
+        "concurrent-creates".into(),
+        &format!(
+            "for c in 1 2 3; do ({{isocell}} cell create --cpus {cpus} --memory {memory} > $D/c$c) & done; wait; \
+             for c in 1 2 3; do [ -s $D/c$c ] || exit 1; done"
+        ),
+    ));
+    steps.push(daemon_step(
+        "daemon-stop".into(),
+        "for f in $D/c1 $D/c2 $D/c3 $D/warm; do {isocell} cell rm $(cat $f) > /dev/null; done; \
+         kill $(pidof isocelld)",
+    ));
+    steps
+}
+
 fn run_phase(r: &StepResult, name: &str) -> Option<f64> {
     r.report.as_ref()?.get("phases")?.get(name)?.as_f64()
 }
@@ -400,6 +469,7 @@ fn main() -> Result<()> {
         steps.push(image_run_step(format!("base-{i}"), &args, ""));
         steps.push(image_run_step(format!("img-{i}"), &args, &img.reference));
     }
+    steps.extend(daemon_steps(args.runs, &args));
     // The CPU variants alternate too.
     for i in 0..=args.runs {
         for v in 0..CPU_VARIANTS.len() {
@@ -548,6 +618,21 @@ fn main() -> Result<()> {
         image_out[format!("container_{p}")] = json!(series(&img_runs, |r| run_phase(r, p)));
     }
     run_out["container_image"] = image_out;
+    let wall = |r: &StepResult| Some(r.wall_us as f64 / 1000.0);
+    let run_cycle = series(&of_kind("dcycle-run-"), wall);
+    let api_cycle = series(&of_kind("dcycle-api-"), wall);
+    let warm_exec = series(&of_kind("warm-exec-"), wall);
+    let concurrent = results.iter().find(|r| r.name == "concurrent-creates").map(|r| r.wall_us);
+    let cells_per_s = concurrent.map(|us| 3.0 / (us as f64 / 1e6));
+    run_out["daemon"] = json!({
+        "what": "isocelld in the same host: `isocell run -- true` against `isocell cell create` + `cell exec -- true` + `cell rm` (alternating, client processes included); `cell exec -- true` in a warm cell; three clients creating a cell each at once",
+        "run_true_wall_ms": run_cycle,
+        "api_create_exec_delete_wall_ms": api_cycle,
+        "ratio_api_cycle_to_run": ratio(api_cycle, run_cycle),
+        "warm_exec_true_wall_ms": warm_exec,
+        "ratio_warm_exec_to_run": ratio(warm_exec, run_cycle),
+        "concurrent_creates": { "clients": 3, "wall_ms": concurrent.map(|us| us as f64 / 1000.0), "cells_per_s": cells_per_s },
+    });
     run_out["samples"] =
         measured_runs.iter().map(|r| json!({ "wall_us": r.wall_us, "report": r.report })).collect();
 
@@ -583,6 +668,16 @@ fn main() -> Result<()> {
         if let Some(r) = ratio(given_cycle, *cycle) {
             println!("  full cycle as given / {name}: {r:.3}x (medians)");
         }
+    }
+    println!("\nisocelld, same host (client processes included)");
+    row("`isocell run -- true`", run_cycle, "ms");
+    row("API create + exec true + delete", api_cycle, "ms");
+    row("exec true in a warm cell", warm_exec, "ms");
+    if let Some(r) = ratio(warm_exec, run_cycle) {
+        println!("  warm exec / isocell run: {r:.3}x (medians)");
+    }
+    if let Some(c) = cells_per_s {
+        println!("  3 concurrent creates: {c:.2} cells/s");
     }
     println!("\n`isocell run -- true`, same host");
     row("wall (spawn -> exit)", run_total, "ms");
