@@ -458,8 +458,8 @@ async fn dispatch(daemon: &Daemon, command: CellCmd) -> Result<u8, Failure> {
         }
         CellCmd::Exec(a) => exec(daemon, a).await,
         CellCmd::Cp(a) => match cp_plan(&a.src, &a.dst)? {
-            Copy::In { host, id, dir } => upload(daemon, &host, &id, &dir).await,
-            Copy::Out { id, path, host } => download(daemon, &id, &path, &host).await,
+            Transfer::In { host, id, dir } => upload(daemon, &host, &id, &dir).await,
+            Transfer::Out { id, path, host } => download(daemon, &id, &path, &host).await,
         },
         CellCmd::Sessions { id, json } => {
             let list = daemon.json(Method::GET, &cell_path(&id, "/sessions"), None, &[]).await?;
@@ -965,7 +965,7 @@ async fn exec(daemon: &Daemon, a: ExecArgs) -> Result<u8, Failure> {
 
 /// What `cell cp SRC DST` is to do.
 #[derive(Debug, PartialEq, Eq)]
-enum Copy {
+enum Transfer {
     /// `host` (a file or a tree) into the directory `dir` of cell `id`.
     In { host: PathBuf, id: String, dir: String },
     /// `path` of cell `id` into the existing directory `host`.
@@ -979,7 +979,7 @@ fn cell_side(s: &str) -> Option<(&str, &str)> {
 }
 
 /// Which way `cell cp SRC DST` copies.
-fn cp_plan(src: &str, dst: &str) -> Result<Copy, Failure> {
+fn cp_plan(src: &str, dst: &str) -> Result<Transfer, Failure> {
     let no_nul = |s: &str| {
         if s.contains('\0') {
             Err(Failure::new(format!("{s:?}: a path cannot contain a NUL byte")))
@@ -998,10 +998,10 @@ fn cp_plan(src: &str, dst: &str) -> Result<Copy, Failure> {
     };
     match (cell_side(src), cell_side(dst)) {
         (None, Some((id, dir))) => {
-            Ok(Copy::In { host: local(src)?, id: id.to_owned(), dir: dir.to_owned() })
+            Ok(Transfer::In { host: local(src)?, id: id.to_owned(), dir: dir.to_owned() })
         }
         (Some((id, path)), None) => {
-            Ok(Copy::Out { id: id.to_owned(), path: path.to_owned(), host: local(dst)? })
+            Ok(Transfer::Out { id: id.to_owned(), path: path.to_owned(), host: local(dst)? })
         }
         (Some(_), Some(_)) => Err(Failure::new(
             "both sides are in a cell; copy out to a directory here, then into the other cell",
@@ -1081,6 +1081,9 @@ fn upload_items(src: &Path) -> Result<Vec<Item>, Failure> {
     if !meta.is_dir() && !meta.is_file() {
         return Err(at(src, &"not a regular file or directory"));
     }
+    if base.to_str().is_none() {
+        return Err(at(src, &"the name is not UTF-8; cells take UTF-8 names only"));
+    }
     let mut items = vec![Item::new(root.clone(), PathBuf::from(&base), &meta)];
     if !meta.is_dir() {
         return Ok(items);
@@ -1098,6 +1101,9 @@ fn upload_items(src: &Path) -> Result<Vec<Item>, Failure> {
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         let mut subdirs = Vec::new();
         for (file_name, path, m) in entries {
+            if file_name.to_str().is_none() {
+                return Err(at(&path, &"the name is not UTF-8; cells take UTF-8 names only"));
+            }
             let ft = m.file_type();
             if ft.is_dir() {
                 items.push(Item::new(path.clone(), name.join(&file_name), &m));
@@ -1111,6 +1117,46 @@ fn upload_items(src: &Path) -> Result<Vec<Item>, Failure> {
         dirs.extend(subdirs.into_iter().rev());
     }
     Ok(items)
+}
+
+/// The most bytes of archive one upload may have (the daemon's limit).
+const MAX_UPLOAD_BYTES: u64 = 4 << 30;
+/// The most files and directories one upload may have (the daemon's limit).
+const MAX_UPLOAD_ENTRIES: usize = 100_000;
+
+/// The size of the tar archive of `items`, bytes.
+fn archive_size(items: &[Item]) -> u64 {
+    let blocks = |n: u64| n.div_ceil(512) * 512;
+    let mut total = 1024; // the end of the archive
+    for item in items {
+        total += 512 + blocks(item.size);
+        let name_len = item.name.as_os_str().len() as u64 + u64::from(item.dir);
+        if name_len > 100 {
+            total += 512 + blocks(name_len + 1); // a GNU long name
+        }
+    }
+    total
+}
+
+/// Refuses an upload bigger than the daemon takes, before anything is sent.
+fn check_upload_size(host: &Path, items: &[Item]) -> Result<(), Failure> {
+    if items.len() > MAX_UPLOAD_ENTRIES {
+        return Err(Failure::new(format!(
+            "{}: {} files and directories; one copy into a cell may have at most \
+             {MAX_UPLOAD_ENTRIES}; copy it in parts",
+            host.display(),
+            items.len()
+        )));
+    }
+    let size = archive_size(items);
+    if size > MAX_UPLOAD_BYTES {
+        return Err(Failure::new(format!(
+            "{}: {size} bytes as a tar archive; one copy into a cell may be at most \
+             {MAX_UPLOAD_BYTES} bytes (4 GiB); copy it in parts",
+            host.display()
+        )));
+    }
+    Ok(())
 }
 
 /// A writer that refuses everything once `broken` is set (so that a `tar::Builder` dropped
@@ -1310,6 +1356,7 @@ where
 /// `isocell cell cp HOSTPATH ID:/DIR`.
 async fn upload(daemon: &Daemon, host: &Path, id: &str, dir: &str) -> Result<u8, Failure> {
     let items = upload_items(host)?;
+    check_upload_size(host, &items)?;
     let (tx, rx) = mpsc::channel::<Chunk>(4);
     let builder = tokio::task::spawn_blocking(move || send_tar(&items, tx));
     let answer = put_files(daemon, id, dir, ChannelBody { rx }).await;
@@ -1723,16 +1770,16 @@ mod tests {
     fn cp_sides() {
         assert_eq!(
             cp_plan("./app", "c1:/srv").unwrap(),
-            Copy::In { host: "./app".into(), id: "c1".into(), dir: "/srv".into() }
+            Transfer::In { host: "./app".into(), id: "c1".into(), dir: "/srv".into() }
         );
         assert_eq!(
             cp_plan("c1:/var/log/a:b.log", ".").unwrap(),
-            Copy::Out { id: "c1".into(), path: "/var/log/a:b.log".into(), host: ".".into() }
+            Transfer::Out { id: "c1".into(), path: "/var/log/a:b.log".into(), host: ".".into() }
         );
         // A local name with a colon, written with a `/` before it.
         assert_eq!(
             cp_plan("./x:/y", "c1:/d").unwrap(),
-            Copy::In { host: "./x:/y".into(), id: "c1".into(), dir: "/d".into() }
+            Transfer::In { host: "./x:/y".into(), id: "c1".into(), dir: "/d".into() }
         );
         assert!(cp_plan("c1:/a", "c2:/b").is_err());
         assert!(cp_plan("a", "b").is_err());
@@ -1832,6 +1879,28 @@ mod tests {
         let items = upload_items(&tmp.path().join("alias")).unwrap();
         let names: Vec<_> = items.iter().map(|i| i.name.clone()).collect();
         assert_eq!(names, [PathBuf::from("alias"), "alias/deep".into(), "alias/deep/f".into()]);
+        // The size estimate is the archive's size, long names included.
+        let long = top.join("x".repeat(150));
+        std::fs::create_dir(&long).unwrap();
+        write(&long.join("y".repeat(120)), &[1; 1000], 0o644);
+        let just = top.join("z".repeat(96)); // "top/zzz...": 100 bytes, the most a header holds
+        write(&just, b"z", 0o644);
+        let items = upload_items(&top).unwrap();
+        let archive = write_upload(&items, Vec::new()).unwrap();
+        assert_eq!(archive_size(&items), archive.len() as u64);
+        assert_eq!(entries(&archive).len(), 11);
+        assert!(check_upload_size(&top, &items).is_ok());
+        let mut huge = upload_items(&top.join("a.txt")).unwrap();
+        huge[0].size = MAX_UPLOAD_BYTES;
+        assert!(check_upload_size(&top, &huge).unwrap_err().message.contains("4 GiB"));
+        std::fs::remove_dir_all(&long).unwrap();
+        std::fs::remove_file(&just).unwrap();
+        // Names that are not UTF-8 are refused (the daemon takes UTF-8 names only).
+        let odd = tmp.path().join("odd");
+        std::fs::create_dir(&odd).unwrap();
+        let name = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"bad\xff");
+        std::fs::write(odd.join(name), b"").unwrap();
+        assert!(upload_items(&odd).unwrap_err().message.contains("not UTF-8"));
         let e = upload_items(&top.join("fifo")).unwrap_err();
         assert!(e.message.contains("not a regular file or directory"), "{}", e.message);
         assert!(upload_items(&tmp.path().join("missing")).is_err());
@@ -1984,7 +2053,7 @@ mod tests {
         assert!(std::fs::symlink_metadata(dest.join("in")).unwrap().is_symlink());
     }
 
-    /// Takes one request on `listener`: its head and (if `read_body`, chunked) body; then
+    /// Takes one request on `listener`: its head and (if `read_body`) body; then
     /// answers `answer` and closes.
     async fn serve_one(
         listener: &tokio::net::UnixListener,
@@ -2004,7 +2073,14 @@ mod tests {
             head.push_str(&line);
         }
         let mut body = Vec::new();
-        if read_body {
+        let length = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().unwrap())
+        });
+        if let (true, Some(n)) = (read_body, length) {
+            body.resize(n, 0);
+            r.read_exact(&mut body).await.unwrap();
+        } else if read_body {
             assert!(head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
             loop {
                 let mut line = String::new();
@@ -2082,8 +2158,12 @@ mod tests {
             let denied = br#"{"error":{"code":"denied","message":"not your cell"}}"#;
             let server = async {
                 loop {
-                    serve_one(&listener, false, answer("403 Forbidden", "application/json", denied))
-                        .await;
+                    serve_one(
+                        &listener,
+                        false,
+                        answer("403 Forbidden", "application/json", denied),
+                    )
+                    .await;
                 }
             };
             let status = tokio::select! {
