@@ -109,8 +109,8 @@ pids=""
 for i in $(seq 50); do ( timeout 400 {isocell} cell create --memory 256M > $D/c.$i 2> $D/e.$i; echo $? > $D/s.$i ) & pids="$pids $!"; done
 # Not a bare `wait`: the daemon is a background job of this shell too.
 for p in $pids; do wait $p; done
-echo created=$(grep -l '^0$' $D/s.* | wc -l) capacity=$(grep -l 'capacity' $D/e.* | wc -l) total=$(ls $D/s.* | wc -l)
-grep -h -v -e capacity -e '^$' $D/e.* | sort | uniq -c | head -5
+echo created=$(grep -l '^0$' $D/s.* | wc -l) capacity=$(grep -l 'cannot take a cell' $D/e.* | wc -l) total=$(ls $D/s.* | wc -l)
+grep -h 'isocell: error' $D/e.* | grep -v 'cannot take a cell' | sort | uniq -c | head -5
 echo running=$({isocell} cell ls | grep -c running) failed=$({isocell} cell ls | grep -c failed) creating=$({isocell} cell ls | grep -c creating)
 for f in $D/c.*; do id=$(cat $f); [ -n "$id" ] && {isocell} cell rm $id > /dev/null; done
 kill $DPID; wait $DPID

@@ -78,7 +78,12 @@ fn upload_name(p: &Path) -> Result<String, String> {
 pub async fn upload(app: &Arc<App>, row: &CellRow, dest: &str, body: Body) -> Result<(), ApiError> {
     running(row)?;
     let file = scratch(app, "upload")?;
-    let mut out = std::fs::File::create(&file.0).map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut out = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&file.0)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     let mut stream = body.into_data_stream();
     let mut total = 0u64;
     while let Some(chunk) = stream.next().await {
