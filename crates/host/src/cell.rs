@@ -42,7 +42,8 @@ pub struct Verdict {
     /// one.
     pub exit_code: Option<i32>,
     /// `exited`, `timed_out`, `interrupted`, `not_found`, `cannot_execute`, `failed`,
-    /// `no_exit_status`, `output_refused`.
+    /// `no_exit_status`; for long-lived cells also how they ended (`deleted`, `idle_timeout`,
+    /// `vmm_killed`, ...).
     pub outcome: &'static str,
 }
 

@@ -122,7 +122,7 @@ pub fn run(
     let mut output_error = None;
     let result = drive(&mut cell, &req, stdin, sink, cancel, &mut phases, &mut output_error);
     let t = Instant::now();
-    let verdict = verdict(&result, output_error.is_some());
+    let verdict = verdict(&result);
     let _ = cell.log("exit", json!({ "exit_code": verdict.exit_code, "outcome": verdict.outcome }));
     if let Err(e) = &result {
         if !matches!(e, CellError::Cancelled(_)) {
@@ -140,15 +140,15 @@ pub fn run(
 }
 
 /// The exit receipt's account of a run.
-fn verdict(result: &Result<Termination, CellError>, output_refused: bool) -> Verdict {
+fn verdict(result: &Result<Termination, CellError>) -> Verdict {
     match result {
         Ok(Termination::Exited(status)) if !(0..=255).contains(&status.shell_code()) => {
             Verdict { exit_code: None, outcome: "no_exit_status" }
         }
-        Ok(Termination::Exited(status)) => Verdict {
-            exit_code: Some(status.shell_code()),
-            outcome: if output_refused { "output_refused" } else { "exited" },
-        },
+        // A refused output has its own audit entry; the command itself exited.
+        Ok(Termination::Exited(status)) => {
+            Verdict { exit_code: Some(status.shell_code()), outcome: "exited" }
+        }
         Ok(Termination::TimedOut) => Verdict { exit_code: None, outcome: "timed_out" },
         Ok(Termination::Cancelled(_)) | Err(CellError::Cancelled(_)) => {
             Verdict { exit_code: None, outcome: "interrupted" }
