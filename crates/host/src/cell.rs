@@ -71,6 +71,16 @@ pub fn open_evidence(host: &HostConfig, id: &str) -> Result<CellEvidence, CellEr
     CellEvidence::open(state, id).map_err(CellError::Evidence)
 }
 
+/// Plans cell `id` (see [`CellPlan::new`]); a refused plan is recorded in its audit log.
+pub fn plan(
+    host: &HostConfig,
+    id: &str,
+    request: crate::CellRequest,
+    ev: &mut CellEvidence,
+) -> Result<CellPlan, CellError> {
+    logged(ev, CellPlan::new(host, id, request).map_err(CellError::from))
+}
+
 impl Admitted {
     /// Measures the launch and asks the admission policy (the state directory's, the default
     /// and `policy_files`), before anything exists. A denial is [`CellError::Denied`]; every

@@ -12,9 +12,7 @@ use serde_json::{json, Value};
 
 use crate::cell::{open_evidence, Admitted, Cell, Ended, Termination, Verdict};
 use crate::transfer::OutputBudget;
-use crate::{
-    vmm_process, Cancel, CellError, CellPlan, CellRequest, ExecFailure, HostConfig, OutputSink,
-};
+use crate::{vmm_process, Cancel, CellError, CellRequest, ExecFailure, HostConfig, OutputSink};
 
 /// Everything one run is asked to do.
 pub struct RunRequest {
@@ -99,15 +97,7 @@ pub fn run(
     }
     let mut phases = Phases::default();
     let cell = open_evidence(host, &id).and_then(|mut ev| {
-        let plan = CellPlan::new(host, &id, req.cell.clone());
-        let plan = match plan {
-            Ok(p) => p,
-            Err(e) => {
-                let e = CellError::from(e);
-                let _ = ev.log("error", json!({ "message": e.to_string() }));
-                return Err(e);
-            }
-        };
+        let plan = crate::cell::plan(host, &id, req.cell.clone(), &mut ev)?;
         Admitted::new(plan, ev, &req.policy_files, None)?.start(host, &req.process.argv)
     });
     let mut cell = match cell {

@@ -22,7 +22,7 @@ use crate::cell::{open_evidence, Admitted, Cell, Verdict};
 use crate::evidence::CellEvidence;
 use crate::state::Host;
 use crate::vmm_process;
-use crate::{Cancel, CellError, CellPlan, CellRequest, HostConfig, OutputSink};
+use crate::{Cancel, CellError, CellRequest, HostConfig, OutputSink};
 
 /// Longest request line.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -230,15 +230,7 @@ fn start(spec: &SupervisorSpec, cancel: &Cancel) -> Result<Cell, CellError> {
     if let Some(c) = &spec.client {
         ev.set_client(c);
     }
-    let plan = CellPlan::new(&spec.host, &spec.id, spec.request.clone());
-    let plan = match plan {
-        Ok(p) => p,
-        Err(e) => {
-            let e = CellError::from(e);
-            let _ = ev.log("error", json!({ "message": e.to_string() }));
-            return Err(e);
-        }
-    };
+    let plan = crate::cell::plan(&spec.host, &spec.id, spec.request.clone(), &mut ev)?;
     let admitted = Admitted::new(plan, ev, &spec.policy_files, spec.client.as_deref())?;
     let mut cell = admitted.start(&spec.host, &[])?;
     if let Err(e) = cell.wait_ready(Duration::from_secs(spec.boot_timeout_secs), cancel) {

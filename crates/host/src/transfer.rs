@@ -134,43 +134,32 @@ fn put_file(
     guest: &str,
     deadline: Instant,
 ) -> Result<(), String> {
-    let (mut f, meta) = open_regular("--input", host)?;
+    let (f, meta) = open_regular("--input", host)?;
     let size = meta.len();
-    link.send(&Message::PutFile { path: guest.to_owned(), mode: meta.mode() & 0o7777, size })?;
-    let mut buf = vec![0u8; MAX_CHUNK];
-    let mut sent = 0u64;
-    while sent < size {
-        let want = usize::try_from(size - sent).unwrap_or(usize::MAX).min(buf.len());
-        let n = f.read(&mut buf[..want]).map_err(|e| format!("--input {}: {e}", host.display()))?;
-        if n == 0 {
-            break;
-        }
-        sent += n as u64;
-        link.send(&Message::Data(buf[..n].to_vec()))?;
-    }
-    link.send(&Message::DataEnd)?;
+    let what = format!("--input {}", host.display());
+    let sent = send_file(link, f, size, meta.mode(), guest, &what)?;
     if sent != size {
         return Err(format!("--input {}: the file changed while it was copied", host.display()));
     }
     reply(link, guest, deadline)
 }
 
-/// Writes `size` bytes from `data` to the file `guest` in the cell (mode `mode`; parents are
-/// made), by `deadline`. For callers whose data is not a host file (an uploaded tar entry).
-pub fn put_reader(
+/// Sends `PutFile` and up to `size` bytes of `data` as `Data` chunks, then `DataEnd`; returns
+/// how many bytes there were. Read errors name `what`.
+fn send_file(
     link: &mut AgentLink,
     mut data: impl Read,
     size: u64,
     mode: u32,
     guest: &str,
-    deadline: Instant,
-) -> Result<(), String> {
+    what: &str,
+) -> Result<u64, String> {
     link.send(&Message::PutFile { path: guest.to_owned(), mode: mode & 0o7777, size })?;
     let mut buf = vec![0u8; MAX_CHUNK];
     let mut sent = 0u64;
     while sent < size {
         let want = usize::try_from(size - sent).unwrap_or(usize::MAX).min(buf.len());
-        let n = data.read(&mut buf[..want]).map_err(|e| format!("{guest}: {e}"))?;
+        let n = data.read(&mut buf[..want]).map_err(|e| format!("{what}: {e}"))?;
         if n == 0 {
             break;
         }
@@ -178,6 +167,20 @@ pub fn put_reader(
         link.send(&Message::Data(buf[..n].to_vec()))?;
     }
     link.send(&Message::DataEnd)?;
+    Ok(sent)
+}
+
+/// Writes `size` bytes from `data` to the file `guest` in the cell (mode `mode`; parents are
+/// made), by `deadline`. For callers whose data is not a host file (an uploaded tar entry).
+pub fn put_reader(
+    link: &mut AgentLink,
+    data: impl Read,
+    size: u64,
+    mode: u32,
+    guest: &str,
+    deadline: Instant,
+) -> Result<(), String> {
+    let sent = send_file(link, data, size, mode, guest, guest)?;
     if sent != size {
         return Err(format!("{guest}: {sent} of {size} bytes were there to copy"));
     }
