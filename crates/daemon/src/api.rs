@@ -440,6 +440,8 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         list_sessions,
         get_session,
         signal_session,
+        put_files,
+        get_files,
         cell_logs,
         events,
         metrics,

@@ -341,9 +341,9 @@ impl App {
         &self,
         spec: &SupervisorSpec,
     ) -> Result<(StartEvent, tokio::process::Child), String> {
-        let dir = self.host.run_dir.join("supervisors");
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let dir = supervisor::private_dir(&self.host.run_dir).map_err(|e| {
+            format!("cannot create {}/supervisors: {e}", self.host.run_dir.display())
+        })?;
         let spec_path = dir.join(format!("{}.json", spec.id));
         let text = serde_json::to_vec(spec).map_err(|e| e.to_string())?;
         std::fs::write(&spec_path, text)

@@ -64,14 +64,71 @@ fn running(row: &CellRow) -> Result<(), ApiError> {
     }
 }
 
-/// A relative name from an uploaded tar: normal components only.
-fn upload_name(p: &Path) -> Result<String, String> {
-    let ok = p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+/// Where an uploaded entry goes beneath the destination: `None` for the destination itself
+/// (`.` or `./`), else a relative name of normal components joined by `/`.
+fn upload_name(p: &Path) -> Result<Option<String>, String> {
     let s = p.to_str().ok_or_else(|| format!("{}: names must be UTF-8", p.display()))?;
-    if !ok || s.is_empty() {
-        return Err(format!("{s:?}: names in the tar must be relative, without `..`"));
+    let mut parts = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => parts.push(n.to_str().unwrap_or_default()),
+            Component::CurDir => {}
+            _ => return Err(format!("{s:?}: names in the tar must be relative, without `..`")),
+        }
     }
-    Ok(p.components().filter_map(|c| c.as_os_str().to_str()).collect::<Vec<_>>().join("/"))
+    if s.is_empty() {
+        return Err("an entry without a name: names in the tar must be relative paths".into());
+    }
+    Ok((!parts.is_empty()).then(|| parts.join("/")))
+}
+
+/// One checked entry of an upload: where it goes and what it is.
+#[derive(Debug, PartialEq)]
+enum Upload {
+    Dir { name: String, mode: u32 },
+    File { name: String, mode: u32, size: u64 },
+}
+
+/// Checks one tar entry of an upload: only files and directories, with a safe name. The
+/// destination itself (`.`) may appear as a directory and is skipped (`None`).
+fn check_entry<R: std::io::Read>(e: &tar::Entry<'_, R>) -> Result<Option<Upload>, String> {
+    let path = e.path().map_err(|err| format!("an entry's name: {err}"))?;
+    let name = upload_name(&path)?;
+    let header = e.header();
+    let kind = header.entry_type();
+    let mode =
+        header.mode().map_err(|err| format!("{}: its mode: {err}", path.display()))? & 0o7777;
+    match (name, kind.is_dir(), kind.is_file()) {
+        (None, true, _) => Ok(None),
+        (Some(name), true, _) => Ok(Some(Upload::Dir { name, mode })),
+        (Some(name), _, true) => {
+            let size =
+                header.size().map_err(|err| format!("{}: its size: {err}", path.display()))?;
+            Ok(Some(Upload::File { name, mode, size }))
+        }
+        (None, ..) => Err(format!("{}: only a directory may name the destination", path.display())),
+        (Some(_), ..) => Err(format!(
+            "{}: only files and directories can be copied into a cell (this is {kind:?})",
+            path.display()
+        )),
+    }
+}
+
+/// Pass one over an upload: every entry checked before the cell sees any. Returns how many
+/// entries will be copied.
+fn check_upload<R: std::io::Read>(tar: R) -> Result<u64, String> {
+    let mut archive = tar::Archive::new(tar);
+    let mut entries = 0u64;
+    for e in archive.entries().map_err(|e| format!("not a tar stream: {e}"))? {
+        let e = e.map_err(|e| format!("not a tar stream: {e}"))?;
+        if check_entry(&e)?.is_some() {
+            entries += 1;
+        }
+        if entries > MAX_ENTRIES {
+            return Err(format!("more than {MAX_ENTRIES} entries; send the tree in parts"));
+        }
+    }
+    Ok(entries)
 }
 
 /// Extracts an uploaded tar (the body) under `dest` in cell `row`.
@@ -106,26 +163,7 @@ pub async fn upload(app: &Arc<App>, row: &CellRow, dest: &str, body: Body) -> Re
         // Pass one: every entry is a file or directory with a safe name, before the cell sees
         // anything.
         f.rewind().map_err(|e| ApiError::internal(e.to_string()))?;
-        let mut entries = 0u64;
-        for e in tar::Archive::new(&mut f)
-            .entries()
-            .map_err(|e| ApiError::bad_request(format!("not a tar stream: {e}")))?
-        {
-            let e = e.map_err(|e| ApiError::bad_request(format!("not a tar stream: {e}")))?;
-            let path = e.path().map_err(|e| ApiError::bad_request(e.to_string()))?.into_owned();
-            upload_name(&path).map_err(ApiError::bad_request)?;
-            let kind = e.header().entry_type();
-            if !(kind.is_file() || kind.is_dir()) {
-                return Err(ApiError::bad_request(format!(
-                    "{}: only files and directories can be copied into a cell",
-                    path.display()
-                )));
-            }
-            entries += 1;
-            if entries > MAX_ENTRIES {
-                return Err(ApiError::bad_request(format!("more than {MAX_ENTRIES} entries")));
-            }
-        }
+        check_upload(&mut f).map_err(ApiError::bad_request)?;
         // Pass two: into the cell.
         f.rewind().map_err(|e| ApiError::internal(e.to_string()))?;
         let mut link = socket
@@ -135,19 +173,19 @@ pub async fn upload(app: &Arc<App>, row: &CellRow, dest: &str, body: Body) -> Re
         let in_cell = |e: String| ApiError::new(StatusCode::BAD_GATEWAY, "cell_failed", e);
         transfer::make_dir(&mut link, &dest, 0o755, by).map_err(in_cell)?;
         let base = if dest == "/" { String::new() } else { dest.clone() };
-        for e in
-            tar::Archive::new(&mut f).entries().map_err(|e| ApiError::internal(e.to_string()))?
-        {
+        let mut archive = tar::Archive::new(&mut f);
+        for e in archive.entries().map_err(|e| ApiError::internal(e.to_string()))? {
             let e = e.map_err(|e| ApiError::internal(e.to_string()))?;
-            let name = upload_name(&e.path().map_err(|e| ApiError::internal(e.to_string()))?)
-                .map_err(ApiError::bad_request)?;
-            let target = format!("{base}/{name}");
-            let mode = e.header().mode().unwrap_or(0o644);
-            if e.header().entry_type().is_dir() {
-                transfer::make_dir(&mut link, &target, mode, by).map_err(in_cell)?;
-            } else {
-                let size = e.header().size().map_err(|e| ApiError::bad_request(e.to_string()))?;
-                transfer::put_reader(&mut link, e, size, mode, &target, by).map_err(in_cell)?;
+            match check_entry(&e).map_err(ApiError::bad_request)? {
+                None => {}
+                Some(Upload::Dir { name, mode }) => {
+                    transfer::make_dir(&mut link, &format!("{base}/{name}"), mode, by)
+                        .map_err(in_cell)?;
+                }
+                Some(Upload::File { name, mode, size }) => {
+                    let target = format!("{base}/{name}");
+                    transfer::put_reader(&mut link, e, size, mode, &target, by).map_err(in_cell)?;
+                }
             }
         }
         Ok(())
@@ -210,17 +248,140 @@ pub async fn download(app: &Arc<App>, row: &CellRow, path: &str) -> Result<Body,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn uploaded_names_stay_beneath_their_destination() {
-        assert_eq!(upload_name(Path::new("tree/sub/f.txt")).as_deref(), Ok("tree/sub/f.txt"));
-        assert_eq!(upload_name(Path::new("./tree/")).as_deref(), Ok("tree"));
-        for bad in ["../etc/passwd", "/etc/passwd", "tree/../../x", ""] {
-            assert!(upload_name(Path::new(bad)).is_err(), "{bad}");
+        let name = |p: &str| upload_name(Path::new(p));
+        assert_eq!(name("tree/sub/f.txt"), Ok(Some("tree/sub/f.txt".into())));
+        assert_eq!(name("./tree/"), Ok(Some("tree".into())));
+        assert_eq!(name("./"), Ok(None));
+        for bad in ["../etc/passwd", "/etc/passwd", "tree/../../x", "a/..", ""] {
+            assert!(name(bad).is_err(), "{bad}");
         }
         assert!(cell_path("relative").is_err());
         assert!(cell_path("/a\0b").is_err());
         assert_eq!(cell_path("/data/").ok().as_deref(), Some("/data"));
         assert_eq!(cell_path("/").ok().as_deref(), Some("/"));
+    }
+
+    /// One entry of a generated tar: raw name bytes (written into the header as they are, so
+    /// names the tar crate's own writer would refuse get through) and an entry type.
+    fn tar_of(entries: &[(String, u8, Vec<u8>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, kind, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            let raw = &mut h.as_gnu_mut().unwrap().name;
+            let n = name.len().min(raw.len());
+            raw[..n].copy_from_slice(&name.as_bytes()[..n]);
+            h.set_entry_type(tar::EntryType::new(*kind));
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            if *kind == b'1' || *kind == b'2' {
+                h.set_link_name("../../etc/shadow").unwrap();
+            }
+            h.set_cksum();
+            out.extend_from_slice(h.as_bytes());
+            out.extend_from_slice(data);
+            out.resize(out.len().div_ceil(512) * 512, 0);
+        }
+        out.extend_from_slice(&[0; 1024]);
+        out
+    }
+
+    fn segment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[a-z0-9_.-]{1,8}",
+            1 => Just("..".to_owned()),
+            1 => Just(".".to_owned()),
+            1 => Just(String::new()),
+        ]
+    }
+
+    fn entry() -> impl Strategy<Value = (String, u8, Vec<u8>)> {
+        let name = (proptest::bool::weighted(0.1), proptest::collection::vec(segment(), 1..5))
+            .prop_map(|(absolute, parts)| {
+                format!("{}{}", if absolute { "/" } else { "" }, parts.join("/"))
+            });
+        // Regular file, directory, hard link, symlink, character device, FIFO.
+        let kind = proptest::sample::select(vec![b'0', b'0', b'5', b'5', b'1', b'2', b'3', b'6']);
+        (name, kind, proptest::collection::vec(any::<u8>(), 0..40)).prop_map(|(n, k, d)| {
+            if k == b'0' {
+                (n, k, d)
+            } else {
+                (n, k, Vec::new())
+            }
+        })
+    }
+
+    /// Whether the daemon should take `name` of type `kind`, decided without the tar crate.
+    fn acceptable(name: &str, kind: u8) -> bool {
+        let parts: Vec<&str> = name.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+        if name.is_empty() || name.starts_with('/') || parts.contains(&"..") {
+            return false;
+        }
+        match kind {
+            b'5' => true,
+            b'0' => !parts.is_empty(),
+            _ => false,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever bytes a client sends, checking them returns an answer and never panics.
+        #[test]
+        fn any_bytes_get_an_answer(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = check_upload(&bytes[..]);
+        }
+
+        /// A generated upload is taken exactly when every entry is a file or directory with a
+        /// relative name without `..`; every name taken stays beneath the destination.
+        #[test]
+        fn uploads_are_taken_exactly_when_every_entry_is_safe(
+            entries in proptest::collection::vec(entry(), 1..8)
+        ) {
+            let tar = tar_of(&entries);
+            let want = entries.iter().all(|(n, k, _)| acceptable(n, *k));
+            let got = check_upload(&tar[..]);
+            prop_assert_eq!(got.is_ok(), want, "{:?} -> {:?}", entries, got);
+            if want {
+                let mut archive = tar::Archive::new(&tar[..]);
+                for e in archive.entries().unwrap() {
+                    let name = match check_entry(&e.unwrap()).unwrap() {
+                        None => continue,
+                        Some(Upload::Dir { name, .. } | Upload::File { name, .. }) => name,
+                    };
+                    let target = PathBuf::from(format!("/dest/{name}"));
+                    prop_assert!(target.components().skip(2).all(|c| matches!(c, Component::Normal(_))));
+                    prop_assert!(target.starts_with("/dest/"));
+                }
+            }
+        }
+
+        /// A generated upload cut short or with one bit changed never panics, and whatever is
+        /// taken passes the independent check above.
+        #[test]
+        fn damaged_uploads_never_slip_through(
+            entries in proptest::collection::vec(entry(), 1..4),
+            cut in any::<prop::sample::Index>(),
+            flip in any::<prop::sample::Index>(),
+            bit in 0u8..8,
+        ) {
+            let mut tar = tar_of(&entries);
+            let at = flip.index(tar.len());
+            tar[at] ^= 1 << bit;
+            tar.truncate(cut.index(tar.len() + 1));
+            if check_upload(&tar[..]).is_ok() {
+                let mut archive = tar::Archive::new(&tar[..]);
+                for e in archive.entries().unwrap() {
+                    let Ok(e) = e else { break };
+                    let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+                    let kind = e.header().entry_type().as_byte();
+                    prop_assert!(acceptable(&name, kind), "{name:?} of type {kind} slipped through");
+                }
+            }
+        }
     }
 }

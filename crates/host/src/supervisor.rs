@@ -117,6 +117,17 @@ pub enum Reply {
     },
 }
 
+/// The directory of supervisor sockets, specs and logs, created private (0700): a socket there
+/// deletes a cell, so only root (the daemon) may reach it.
+pub fn private_dir(run_dir: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = run_dir.join("supervisors");
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+    // An older directory keeps its mode through create: make it private too.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(dir)
+}
+
 /// Where the supervisor of cell `id` takes requests.
 pub fn socket_path(run_dir: &Path, id: &str) -> PathBuf {
     run_dir.join("supervisors").join(format!("{id}.sock"))
@@ -179,7 +190,7 @@ pub fn supervise(spec: &SupervisorSpec, out: &mut dyn Write, cancel: &Cancel) ->
         }
     };
     let dir = socket_path(&spec.host.run_dir, &spec.id);
-    let listener = dir.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| {
+    let listener = private_dir(&spec.host.run_dir).and_then(|_| {
         let _ = std::fs::remove_file(&dir);
         UnixListener::bind(&dir)
     });
