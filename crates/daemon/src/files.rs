@@ -247,6 +247,7 @@ pub async fn download(app: &Arc<App>, row: &CellRow, path: &str) -> Result<Body,
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use proptest::prelude::*;
 
