@@ -37,6 +37,60 @@ leftovers() {
 }
 "#;
 
+/// A CA, the daemon's certificate for 127.0.0.1, a client CA and two clients: alice (from the
+/// client CA) and mallory (same name, another CA); shell lines that write them under
+/// `$D/tls`, and the `[tls]` configuration that uses them.
+#[allow(clippy::unwrap_used)] // test set-up: a failure here is a broken test host
+fn tls_material(dir: &str) -> (String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        (p.self_signed(&key).unwrap(), key)
+    };
+    let issue = |by: &(rcgen::Certificate, KeyPair), dn: &[(DnType, &str)], names: &[&str]| {
+        let key = KeyPair::generate().unwrap();
+        let mut p =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                .unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        for (t, v) in dn {
+            p.distinguished_name.push(t.clone(), *v);
+        }
+        (p.signed_by(&key, &by.0, &by.1).unwrap().pem(), key.serialize_pem())
+    };
+    let server_ca = ca("isocelld test CA");
+    let client_ca = ca("isocell clients CA");
+    let other_ca = ca("someone else's CA");
+    let server = issue(&server_ca, &[(DnType::CommonName, "isocelld")], &["127.0.0.1"]);
+    let alice = issue(
+        &client_ca,
+        &[(DnType::CommonName, "alice"), (DnType::OrganizationName, "tenant-a")],
+        &[],
+    );
+    let mallory = issue(&other_ca, &[(DnType::CommonName, "alice")], &[]);
+    let mut files = format!("mkdir -p {dir}\n");
+    for (name, text) in [
+        ("server-ca.pem", server_ca.0.pem()),
+        ("client-ca.pem", client_ca.0.pem()),
+        ("server.pem", server.0),
+        ("server.key", server.1),
+        ("alice.pem", alice.0),
+        ("alice.key", alice.1),
+        ("mallory.pem", mallory.0),
+        ("mallory.key", mallory.1),
+    ] {
+        files.push_str(&format!("cat > {dir}/{name} <<'PEM'\n{text}PEM\n"));
+    }
+    let config = format!(
+        "[tls]\nlisten = '127.0.0.1:7443'\ncert = '{dir}/server.pem'\nkey = '{dir}/server.key'\n\
+         client_ca = '{dir}/client-ca.pem'"
+    );
+    (files, config)
+}
+
 fn step(name: &str, extra_config: &str, body: &str, timeout: u64) -> Step {
     let script = format!("STEP={name}\nEXTRA=\"{extra_config}\"\n{PRELUDE}\n{body}");
     shell_step(name, &script, timeout)
@@ -68,10 +122,19 @@ echo hash_in_cell=$({isocell} cell exec $A -- sha256sum /data/tree/big.bin | cut
 mkdir -p $D/down; {isocell} cell cp $A:/data/tree $D/down; echo cp_out_status=$?
 echo hash_back=$(sha256sum $D/down/tree/big.bin | cut -d' ' -f1) nested=$(cat $D/down/tree/sub/f.txt)
 {isocell} cell rm $A > $D/rm; echo rm_status=$?
+# The same daemon over TLS: a client known by its certificate's subject, and one from another CA.
+tls() { who=$1; shift; {isocell} cell --host https://127.0.0.1:7443 --tls-ca $D/tls/server-ca.pem --tls-cert $D/tls/$who.pem --tls-key $D/tls/$who.key "$@"; }
+T=$(tls alice create 2> $D/tls-create) || { echo tls_create_failed; cat $D/tls-create; }
+echo tls_exec=$(tls alice exec $T -- echo over-tls)
+echo tls_owner=$(tls alice inspect $T | grep '"owner"' | cut -d'"' -f4)
+tls alice ls > $D/tls-ls; echo tls_sees=$(grep -c . $D/tls-ls)
+tls mallory ls > /dev/null 2> $D/mallory; echo mallory_status=$?; echo "mallory: $(cat $D/mallory)"
+tls alice rm $T > /dev/null; echo tls_rm_status=$?
 {isocell} cell exec $A -- true 2> $D/after; echo after_rm_status=$?; echo "after_rm: $(cat $D/after)"
 kill $DPID; wait $DPID
 leftovers
 {isocell} audit verify > $D/audit 2>&1; echo audit_status=$?; cat $D/audit
+echo audit_alice=$(cat $D/state/audit/* | grep -c 'x509:CN=alice,O=tenant-a')
 "#;
 
 const RESTART: &str = r#"
@@ -120,9 +183,11 @@ leftovers
 fn scenario() -> Scenario {
     // Room for three 256 MiB cells: the nested host's memory less three cells and a little.
     let three_cells = "reserved_memory_mib = $(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) - 3 * 256 - 100 ))";
+    // The api step's directory is /tmp/icd-api (PRELUDE: D=/tmp/icd-$STEP).
+    let (tls_files, tls_config) = tls_material("/tmp/icd-api/tls");
     Scenario {
         steps: vec![
-            step("api", "", API, 600),
+            step("api", &tls_config, &format!("{tls_files}{API}"), 600),
             // Five one-vCPU cells on the nested host's one CPU.
             step("restart", "cpu_overcommit = 8.0", RESTART, 900),
             step("load", three_cells, LOAD, 900),
@@ -184,6 +249,13 @@ fn a_long_lived_cell_runs_many_commands_through_the_api() {
     assert_eq!(value(r, "hash_back"), host, "{}", r.explain());
     assert_eq!(value(r, "nested"), "nested-file");
     assert_eq!(value(r, "rm_status"), "0", "{}", r.explain());
+    assert_eq!(value(r, "tls_exec"), "over-tls", "{}", r.explain());
+    assert_eq!(value(r, "tls_owner"), "x509:CN=alice,O=tenant-a", "{}", r.explain());
+    assert_eq!(value(r, "tls_sees"), "2", "alice sees her cell only (and the header)");
+    assert_ne!(value(r, "mallory_status"), "0", "{}", r.explain());
+    assert!(r.stdout.contains("mallory: isocell: error: the daemon at https://127.0.0.1:7443"));
+    assert_eq!(value(r, "tls_rm_status"), "0", "{}", r.explain());
+    assert!(value(r, "audit_alice").parse::<u32>().is_ok_and(|n| n >= 2), "{}", r.explain());
     assert_ne!(value(r, "after_rm_status"), "0", "{}", r.explain());
     assert!(r.stdout.contains("after_rm: isocell: error:"), "{}", r.explain());
     assert_eq!(value(r, "audit_status"), "0", "{}", r.explain());

@@ -1,13 +1,15 @@
 //! `isocell cell ...`: the command line as a client of the daemon `isocelld`.
 //!
-//! Requests are HTTP/1.1 on the daemon's Unix socket (JSON in, JSON out); the daemon knows the
-//! client by its peer credentials. `cell exec` is the daemon's streaming exec: a WebSocket on
+//! Requests are HTTP/1.1 (JSON in, JSON out) on the daemon's Unix socket, where the daemon knows
+//! the client by its peer credentials, or over TLS to its TCP listener (`--host https://...`),
+//! where the client's certificate (`--tls-cert`/`--tls-key`) is its identity. `cell exec` is the daemon's streaming exec: a WebSocket on
 //! `GET /v1/cells/{id}/exec` whose first message is the request, then binary frames (0 stdin
 //! from here, 1 stdout and 2 stderr from the daemon) and JSON control messages.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal as _, Read as _, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
@@ -42,10 +44,21 @@ const MAX_ANSWER: usize = 64 << 20;
 /// `isocell cell`: long-lived cells through the daemon.
 #[derive(Args, Debug)]
 pub struct CellArgs {
-    /// The daemon, as unix:///PATH [default: $ISOCELL_HOST, else
-    /// unix:///run/isocell/isocelld.sock].
+    /// The daemon, as unix:///PATH or https://HOST[:PORT] (port 7443 unless given) [default:
+    /// $ISOCELL_HOST, else unix:///run/isocell/isocelld.sock].
     #[arg(long, global = true, value_name = "URL")]
     host: Option<String>,
+    /// With https://: this client's certificate (PEM), whose subject is its identity
+    /// [default: $ISOCELL_TLS_CERT].
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// With https://: the private key of --tls-cert (PEM) [default: $ISOCELL_TLS_KEY].
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// With https://: the CA certificate(s) (PEM) the daemon's certificate must chain to
+    /// [default: $ISOCELL_TLS_CA].
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     command: CellCmd,
 }
@@ -244,27 +257,107 @@ fn api_failure(status: StatusCode, body: &[u8]) -> Failure {
     }
 }
 
-/// The socket that `--host` (else `ISOCELL_HOST`, else the default) names.
-fn socket_path(host: Option<&str>) -> Result<PathBuf, Failure> {
+/// Where the daemon listens.
+#[derive(Debug, PartialEq)]
+enum Endpoint {
+    /// Its Unix socket.
+    Unix(PathBuf),
+    /// Its TLS listener: host name or address (as the certificate names it) and port.
+    Tls { host: String, port: u16 },
+}
+
+/// The port of `https://HOST` without one.
+const DEFAULT_TLS_PORT: u16 = 7443;
+
+/// The endpoint that `--host` (else `ISOCELL_HOST`, else the default) names.
+fn endpoint(host: Option<&str>) -> Result<Endpoint, Failure> {
     let from_env = std::env::var("ISOCELL_HOST").ok().filter(|s| !s.is_empty());
     let url = host.or(from_env.as_deref()).unwrap_or(DEFAULT_HOST);
     if let Some(path) = url.strip_prefix("unix://") {
         if path.starts_with('/') {
-            return Ok(PathBuf::from(path));
+            return Ok(Endpoint::Unix(PathBuf::from(path)));
         }
         return Err(Failure::new(format!(
             "--host {url}: give the socket's absolute path, as unix:///run/isocell/isocelld.sock"
         )));
     }
-    if url.starts_with("https://") {
+    if let Some(rest) = url.strip_prefix("https://") {
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        let bad = || {
+            Failure::new(format!(
+                "--host {url}: give https://HOST or https://HOST:PORT (an IPv6 address in \
+                 brackets), without a path"
+            ))
+        };
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(v6) => {
+                let (addr, after) = v6.split_once(']').ok_or_else(bad)?;
+                (addr, after.strip_prefix(':'))
+            }
+            None => match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            },
+        };
+        let port = match port {
+            Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?,
+            None => DEFAULT_TLS_PORT,
+        };
+        if host.is_empty() || host.contains(['/', '?', '#', '@', ' ']) {
+            return Err(bad());
+        }
+        return Ok(Endpoint::Tls { host: host.to_owned(), port });
+    }
+    if url.starts_with("http://") {
         return Err(Failure::new(format!(
-            "--host {url}: TLS client support is not there yet; use the daemon's Unix socket \
-             (unix:///PATH) on its host"
+            "--host {url}: the daemon's TCP listener speaks only TLS; use https://"
         )));
     }
-    Err(Failure::new(format!(
-        "--host {url}: give unix:///PATH (only the daemon's Unix socket is supported for now)"
-    )))
+    Err(Failure::new(format!("--host {url}: give unix:///PATH or https://HOST[:PORT]")))
+}
+
+/// The client side of TLS: the daemon's CA and this client's certificate and key, from the
+/// flags or else `ISOCELL_TLS_CA`, `ISOCELL_TLS_CERT` and `ISOCELL_TLS_KEY`.
+fn tls_client(args: &CellArgs) -> Result<Arc<rustls::ClientConfig>, Failure> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let file = |flag: &Option<PathBuf>, name: &str, env: &str| {
+        flag.clone()
+            .or_else(|| std::env::var_os(env).filter(|v| !v.is_empty()).map(PathBuf::from))
+            .ok_or_else(|| {
+                Failure::new(format!(
+                    "an https:// daemon needs --tls-{name} FILE (or {env}): the daemon accepts \
+                     only clients with a certificate its client CA signed"
+                ))
+            })
+    };
+    let ca = file(&args.tls_ca, "ca", "ISOCELL_TLS_CA")?;
+    let cert = file(&args.tls_cert, "cert", "ISOCELL_TLS_CERT")?;
+    let key = file(&args.tls_key, "key", "ISOCELL_TLS_KEY")?;
+    let certs = |path: &Path, flag: &str| {
+        CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| Failure::new(format!("--{flag} {}: {e}", path.display())))
+            .and_then(|c| {
+                if c.is_empty() {
+                    Err(Failure::new(format!("--{flag} {}: no PEM certificate", path.display())))
+                } else {
+                    Ok(c)
+                }
+            })
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(&ca, "tls-ca")? {
+        roots.add(c).map_err(|e| Failure::new(format!("--tls-ca {}: {e}", ca.display())))?;
+    }
+    let chain = certs(&cert, "tls-cert")?;
+    let key = PrivateKeyDer::from_pem_file(&key)
+        .map_err(|e| Failure::new(format!("--tls-key {}: {e}", key.display())))?;
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| Failure::new(format!("--tls-cert with --tls-key: {e}")))?;
+    Ok(Arc::new(config))
 }
 
 /// `s` as one URL path segment.
@@ -280,16 +373,73 @@ fn segment(s: &str) -> String {
     out
 }
 
-/// The daemon at a Unix socket.
+/// A connection to the daemon: a Unix socket or a TLS stream.
+trait Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Conn for T {}
+
+/// The daemon.
 struct Daemon {
-    socket: PathBuf,
+    endpoint: Endpoint,
+    /// With a TLS endpoint: the client's TLS configuration.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Daemon {
+    /// Where it is, for messages.
+    fn name(&self) -> String {
+        match &self.endpoint {
+            Endpoint::Unix(p) => p.display().to_string(),
+            Endpoint::Tls { host, port } if host.contains(':') => {
+                format!("https://[{host}]:{port}")
+            }
+            Endpoint::Tls { host, port } => format!("https://{host}:{port}"),
+        }
+    }
+
+    /// The Host header of requests.
+    fn authority(&self) -> String {
+        match &self.endpoint {
+            Endpoint::Unix(_) => "localhost".into(),
+            Endpoint::Tls { .. } => self.name().trim_start_matches("https://").to_owned(),
+        }
+    }
+
     /// A new connection to it.
-    async fn connect(&self) -> Result<UnixStream, Failure> {
-        UnixStream::connect(&self.socket).await.map_err(|e| {
-            let at = self.socket.display();
+    async fn connect(&self) -> Result<Box<dyn Conn>, Failure> {
+        match (&self.endpoint, &self.tls) {
+            (Endpoint::Unix(socket), _) => self.connect_unix(socket).await,
+            (Endpoint::Tls { host, port }, Some(config)) => {
+                let tcp =
+                    tokio::net::TcpStream::connect((host.as_str(), *port)).await.map_err(|e| {
+                        Failure::new(format!(
+                            "the daemon is not reachable at {} ({e}); is its [tls] listener on?",
+                            self.name()
+                        ))
+                    })?;
+                let _ = tcp.set_nodelay(true);
+                let server = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| Failure::new(format!("--host {}: {e}", self.name())))?;
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(server, tcp)
+                    .await
+                    .map_err(|e| {
+                        Failure::new(format!(
+                            "the daemon at {}: TLS: {e} (the daemon's certificate must chain to \
+                             --tls-ca and name this host; yours must be signed by its client CA)",
+                            self.name()
+                        ))
+                    })?;
+                Ok(Box::new(tls))
+            }
+            (Endpoint::Tls { .. }, None) => {
+                Err(Failure::new(format!("{}: no TLS configuration", self.name())))
+            }
+        }
+    }
+
+    async fn connect_unix(&self, socket: &Path) -> Result<Box<dyn Conn>, Failure> {
+        let stream = UnixStream::connect(socket).await.map_err(|e| {
+            let at = socket.display();
             if e.kind() == std::io::ErrorKind::PermissionDenied {
                 Failure::new(format!(
                     "the daemon's socket {at}: permission denied; it is for root and the \
@@ -301,12 +451,13 @@ impl Daemon {
                      isocelld` (or `isocelld &`), or point --host or ISOCELL_HOST at its socket"
                 ))
             }
-        })
+        })?;
+        Ok(Box::new(stream))
     }
 
     /// A failure talking to the daemon.
     fn lost(&self, e: &dyn std::fmt::Display) -> Failure {
-        Failure::new(format!("the daemon at {}: {e}", self.socket.display()))
+        Failure::new(format!("the daemon at {}: {e}", self.name()))
     }
 
     /// Sends `req` on a new connection; the answer (its body still to read) and the task that
@@ -347,7 +498,7 @@ impl Daemon {
         let mut req = Request::builder()
             .method(method)
             .uri(path)
-            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::HOST, self.authority())
             .header(hyper::header::ACCEPT, "application/json");
         for (name, value) in headers {
             if hyper::header::HeaderValue::from_str(value).is_err() {
@@ -394,15 +545,22 @@ impl Daemon {
 
 /// Runs `isocell cell ...`; returns the exit status.
 pub fn cell(args: CellArgs) -> u8 {
-    let socket = match socket_path(args.host.as_deref()) {
-        Ok(s) => s,
+    let endpoint = match endpoint(args.host.as_deref()) {
+        Ok(e) => e,
         Err(f) => return f.report(),
+    };
+    let tls = match endpoint {
+        Endpoint::Tls { .. } => match tls_client(&args) {
+            Ok(c) => Some(c),
+            Err(f) => return f.report(),
+        },
+        Endpoint::Unix(_) => None,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => return exit::fail(&format!("async runtime: {e}")),
     };
-    let daemon = Daemon { socket };
+    let daemon = Daemon { endpoint, tls };
     match runtime.block_on(dispatch(&daemon, args.command)) {
         Ok(status) => status,
         Err(f) => f.report(),
@@ -842,10 +1000,9 @@ async fn exec(daemon: &Daemon, a: ExecArgs) -> Result<u8, Failure> {
         tokio_tungstenite::tungstenite::Error::Http(resp) => {
             api_failure(resp.status(), resp.body().as_deref().unwrap_or_default())
         }
-        other => Failure::new(format!(
-            "the daemon at {}: the exec connection: {other}",
-            daemon.socket.display()
-        )),
+        other => {
+            Failure::new(format!("the daemon at {}: the exec connection: {other}", daemon.name()))
+        }
     })?;
     let (mut tx, mut rx) = ws.split();
     let lost = |e: &dyn std::fmt::Display| {
@@ -1648,14 +1805,32 @@ mod tests {
     #[test]
     fn host_urls() {
         assert_eq!(
-            socket_path(Some("unix:///run/x/d.sock")).unwrap(),
-            PathBuf::from("/run/x/d.sock")
+            endpoint(Some("unix:///run/x/d.sock")).unwrap(),
+            Endpoint::Unix(PathBuf::from("/run/x/d.sock"))
         );
-        let tls = socket_path(Some("https://cells.example:8443")).unwrap_err();
-        assert_eq!(tls.status, 125);
-        assert!(tls.message.contains("TLS client support is not there yet"), "{}", tls.message);
-        assert!(socket_path(Some("unix://relative.sock")).is_err());
-        assert!(socket_path(Some("tcp://127.0.0.1:1")).is_err());
+        let tls = |host: &str, port| Endpoint::Tls { host: host.into(), port };
+        assert_eq!(
+            endpoint(Some("https://cells.example:8443")).unwrap(),
+            tls("cells.example", 8443)
+        );
+        assert_eq!(endpoint(Some("https://cells.example/")).unwrap(), tls("cells.example", 7443));
+        assert_eq!(endpoint(Some("https://127.0.0.1:9")).unwrap(), tls("127.0.0.1", 9));
+        assert_eq!(endpoint(Some("https://[::1]:9")).unwrap(), tls("::1", 9));
+        for bad in [
+            "unix://relative.sock",
+            "tcp://127.0.0.1:1",
+            "https://",
+            "https://h:0",
+            "https://h:99999",
+            "https://h:1/v1",
+            "https://[::1",
+            "https://u@h:1",
+        ] {
+            let f = endpoint(Some(bad)).unwrap_err();
+            assert_eq!(f.status, 125, "{bad}");
+        }
+        let plain = endpoint(Some("http://127.0.0.1:1")).unwrap_err();
+        assert!(plain.message.contains("only TLS"), "{}", plain.message);
         assert!(DEFAULT_HOST.starts_with("unix:///"));
     }
 
@@ -2122,7 +2297,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-            let daemon = Daemon { socket: socket.clone() };
+            let daemon = Daemon { endpoint: Endpoint::Unix(socket.clone()), tls: None };
             let cp = |src: &Path, dst: &str| {
                 CellCmd::Cp(CpArgs { src: src.display().to_string(), dst: dst.to_owned() })
             };

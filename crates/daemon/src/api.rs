@@ -24,16 +24,23 @@ use crate::db::{CellRow, SessionRow};
 use crate::error::{ApiError, ErrorBody};
 use crate::exec::{ExecRequest, ExecResult};
 
-/// Who is on the other end of a Unix-socket connection (`SO_PEERCRED`).
-#[derive(Clone, Copy, Debug)]
+/// Who is on the other end of a connection: `unix:uid=N` from a Unix socket's peer
+/// credentials (`SO_PEERCRED`), `x509:SUBJECT` from a verified TLS client certificate.
+#[derive(Clone, Debug)]
 pub struct Peer {
-    /// Its uid, if the kernel said.
-    pub uid: Option<u32>,
+    /// The identity, if the kernel or the certificate said.
+    pub client: Option<String>,
 }
 
 impl Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>> for Peer {
     fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
-        Peer { uid: stream.io().peer_cred().ok().map(|c| c.uid()) }
+        Peer { client: stream.io().peer_cred().ok().map(|c| format!("unix:uid={}", c.uid())) }
+    }
+}
+
+impl Connected<axum::serve::IncomingStream<'_, crate::tls::TlsListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, crate::tls::TlsListener>) -> Self {
+        Peer { client: stream.remote_addr().clone() }
     }
 }
 
@@ -45,11 +52,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Client {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
         match parts.extensions.get::<ConnectInfo<Peer>>() {
-            Some(ConnectInfo(Peer { uid: Some(uid) })) => Ok(Client(format!("unix:uid={uid}"))),
+            Some(ConnectInfo(Peer { client: Some(who) })) => Ok(Client(who.clone())),
             _ => Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "the client's identity is unknown (no peer credentials)",
+                "the client's identity is unknown (no peer credentials or client certificate)",
             )),
         }
     }
@@ -596,7 +603,7 @@ mod tests {
         }
         let mut req =
             req.body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned()))).unwrap();
-        req.extensions_mut().insert(ConnectInfo(Peer { uid: Some(uid) }));
+        req.extensions_mut().insert(ConnectInfo(Peer { client: Some(format!("unix:uid={uid}")) }));
         let resp = router(app.clone()).oneshot(req).await.unwrap();
         (resp.status(), resp)
     }
@@ -668,11 +675,11 @@ mod tests {
         let (got, v) = call(&app, Method::POST, "/v1/cells", 1000, Some(&huge)).await;
         assert_eq!((got, code(&v)), (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"), "{v}");
         let mut req = HttpRequest::post("/v1/cells").body(Body::from("{}")).unwrap();
-        req.extensions_mut().insert(ConnectInfo(Peer { uid: Some(1000) }));
+        req.extensions_mut().insert(ConnectInfo(Peer { client: Some("unix:uid=1000".into()) }));
         let resp = router(app.clone()).oneshot(req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
         let mut req = HttpRequest::get("/v1/cells").body(Body::empty()).unwrap();
-        req.extensions_mut().insert(ConnectInfo(Peer { uid: None }));
+        req.extensions_mut().insert(ConnectInfo(Peer { client: None }));
         let resp = router(app.clone()).oneshot(req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
         assert!(app.db.cells(None).unwrap().is_empty(), "a refused create left a row");
@@ -710,6 +717,145 @@ mod tests {
         // Its owner sees it.
         let (status, _) = call(&app, Method::GET, "/v1/cells/theirs1", 2000, None).await;
         assert_eq!(status, StatusCode::OK);
+    }
+
+    /// A CA, and certificates it signs (server: localhost and 127.0.0.1).
+    struct Pki {
+        dir: PathBuf,
+        ca: rcgen::Certificate,
+        ca_key: rcgen::KeyPair,
+    }
+
+    impl Pki {
+        fn new(dir: &std::path::Path, name: &str) -> Pki {
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.distinguished_name.push(rcgen::DnType::CommonName, name);
+            let ca = p.self_signed(&ca_key).unwrap();
+            let dir = dir.join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+            Pki { dir, ca, ca_key }
+        }
+
+        /// Signs a certificate; returns (cert, key) PEM files.
+        fn issue(
+            &self,
+            file: &str,
+            dn: &[(rcgen::DnType, &str)],
+            names: &[&str],
+        ) -> (PathBuf, PathBuf) {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+            let mut p = rcgen::CertificateParams::new(names).unwrap();
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            for (t, v) in dn {
+                p.distinguished_name.push(t.clone(), *v);
+            }
+            let cert = p.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+            let (c, k) =
+                (self.dir.join(format!("{file}.pem")), self.dir.join(format!("{file}.key")));
+            std::fs::write(&c, cert.pem()).unwrap();
+            std::fs::write(&k, key.serialize_pem()).unwrap();
+            (c, k)
+        }
+    }
+
+    /// GET `path` over TLS as the client `cert` (if any); the answer's status line and body,
+    /// or the error that ended the connection.
+    async fn tls_get(
+        port: u16,
+        ca: &std::path::Path,
+        cert: Option<&(PathBuf, PathBuf)>,
+        path: &str,
+    ) -> Result<String, String> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_file(ca).unwrap()).unwrap();
+        let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+        let config = match cert {
+            Some((c, k)) => builder
+                .with_client_auth_cert(
+                    vec![CertificateDer::from_pem_file(c).unwrap()],
+                    PrivateKeyDer::from_pem_file(k).unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let req = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
+        tls.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+        let mut answer = Vec::new();
+        tls.read_to_end(&mut answer).await.map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        if text.is_empty() {
+            return Err("closed without an answer".into());
+        }
+        Ok(text)
+    }
+
+    #[tokio::test]
+    async fn tls_clients_are_known_by_their_certificate_subject_and_need_one() {
+        use rcgen::DnType;
+        let dir = tempfile::tempdir().unwrap();
+        let server_pki = Pki::new(dir.path(), "server-ca");
+        let client_pki = Pki::new(dir.path(), "client-ca");
+        let stranger_pki = Pki::new(dir.path(), "stranger-ca");
+        let (cert, key) =
+            server_pki.issue("server", &[(DnType::CommonName, "isocelld")], &["127.0.0.1"]);
+        let alice = client_pki.issue(
+            "alice",
+            &[(DnType::CommonName, "alice"), (DnType::OrganizationName, "tenant-a")],
+            &[],
+        );
+        let mallory = stranger_pki.issue("mallory", &[(DnType::CommonName, "alice")], &[]);
+        let config = crate::tls::TlsConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            cert,
+            key,
+            client_ca: client_pki.dir.join("ca.pem"),
+        };
+        let app = app(dir.path());
+        insert(&app, &row("alices1", "x509:CN=alice,O=tenant-a", "running"));
+        insert(&app, &row("uid1000", "unix:uid=1000", "running"));
+        let listener = crate::tls::TlsListener::bind(&config).await.unwrap();
+        let port = listener.local.port();
+        let service = router(app.clone()).into_make_service_with_connect_info::<Peer>();
+        tokio::spawn(async move { axum::serve(listener, service).await });
+        let ca = server_pki.dir.join("ca.pem");
+
+        // A client that connects and says nothing holds up no one.
+        let _silent = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+
+        // Alice sees her cell, named by her certificate's subject, and not the Unix client's.
+        let answer = tls_get(port, &ca, Some(&alice), "/v1/cells").await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("\"alices1\""), "{answer}");
+        assert!(!answer.contains("uid1000"), "{answer}");
+        let answer = tls_get(port, &ca, Some(&alice), "/v1/cells/uid1000").await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+
+        // No certificate, or one from another CA with the same name: no answer at all.
+        for who in [None, Some(&mallory)] {
+            let refused = tls_get(port, &ca, who, "/v1/cells").await;
+            assert!(refused.as_ref().is_err_and(|e| e.contains("alert")), "{refused:?}");
+        }
+
+        // Files that are not what they should be are named in the error.
+        let bad = crate::tls::TlsConfig { key: config.client_ca.clone(), ..config.clone() };
+        let e = crate::tls::server_config(&bad).err().unwrap();
+        assert!(e.starts_with("tls.key "), "{e}");
+        let bad = crate::tls::TlsConfig { client_ca: dir.path().join("none.pem"), ..config };
+        let e = crate::tls::server_config(&bad).err().unwrap();
+        assert!(e.starts_with("tls.client_ca "), "{e}");
     }
 
     #[tokio::test]

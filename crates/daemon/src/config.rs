@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::tls::TlsConfig;
+
 /// The configuration file, as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -35,6 +37,8 @@ pub struct DaemonConfig {
     pub max_body_bytes: usize,
     /// Registries spoken to over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// The optional TCP listener, TLS with client certificates (none by default).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for DaemonConfig {
@@ -52,6 +56,7 @@ impl Default for DaemonConfig {
             boot_timeout_secs: 120,
             max_body_bytes: 1 << 20,
             insecure_registries: Vec::new(),
+            tls: None,
         }
     }
 }

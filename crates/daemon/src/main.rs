@@ -12,6 +12,7 @@ mod error;
 mod exec;
 mod files;
 mod metrics;
+mod tls;
 
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::PermissionsExt;
@@ -154,17 +155,46 @@ fn main() {
         let _ = listener.set_nonblocking(true);
         let listener = tokio::net::UnixListener::from_std(listener)
             .unwrap_or_else(|e| fail(&format!("the API socket: {e}")));
-        let service = api::router(app).into_make_service_with_connect_info::<api::Peer>();
-        eprintln!("isocelld: listening");
+        let tls = match &app.config.tls {
+            Some(c) => Some(tls::TlsListener::bind(c).await.unwrap_or_else(|e| fail(&e))),
+            None => None,
+        };
+        let router = api::router(app);
         // Stopping the daemon leaves every cell running: their supervisors own them.
-        let stop = async {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.changed().await;
+            }
+        };
+        let unix = axum::serve(
+            listener,
+            router.clone().into_make_service_with_connect_info::<api::Peer>(),
+        )
+        .with_graceful_shutdown(stopped());
+        let tcp = async {
+            match tls {
+                Some(l) => {
+                    eprintln!("isocelld: listening on {} (TLS, client certificates)", l.local);
+                    axum::serve(l, router.into_make_service_with_connect_info::<api::Peer>())
+                        .with_graceful_shutdown(stopped())
+                        .await
+                }
+                None => Ok(()),
+            }
+        };
+        eprintln!("isocelld: listening");
+        let signals = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
             }
+            let _ = stop_tx.send(());
         };
-        if let Err(e) = axum::serve(listener, service).with_graceful_shutdown(stop).await {
+        let (served, tcp_served, ()) = tokio::join!(async { unix.await }, tcp, signals);
+        if let Err(e) = served.and(tcp_served) {
             fail(&format!("serving: {e}"));
         }
     });
