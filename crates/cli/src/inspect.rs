@@ -166,7 +166,7 @@ pub fn host(cmd: HostCmd) -> u8 {
     };
     match result {
         Ok(()) => 0,
-        Err(e) => exit::fail(&e),
+        Err(e) => exit::fail(&e.to_string()),
     }
 }
 
@@ -198,7 +198,7 @@ pub fn audit(cmd: AuditCmd) -> u8 {
 
 /// Appends a signed checkpoint to this host's log and returns it, written to `out` too.
 fn checkpoint(out: Option<&Path>) -> Result<String, String> {
-    let host = Host::load(&state_dir())?;
+    let host = Host::load(&state_dir()).map_err(|e| e.to_string())?;
     let log = audit::AuditLog::open(&host.dir.join("audit"), host.key.clone())
         .map_err(|e| format!("cannot open the audit log: {e}"))?;
     let text = log.signed_checkpoint().map_err(|e| format!("cannot checkpoint: {e}"))?;
@@ -391,15 +391,15 @@ fn surface_of(args: &SurfaceArgs) -> Result<serde_json::Value, String> {
     let host = HostConfig {
         state_dir: state_dir(),
         run_dir: locate::run_dir(),
-        vmm: locate::vmm()?,
+        vmm: locate::vmm().map_err(|e| e.to_string())?,
         // Described, not run: the jailer need not be here.
         jailer: (!args.no_jail).then(|| PathBuf::from("isocell-jailer")),
-        agent_initrd: locate::agent_initrd(None)?,
+        agent_initrd: locate::agent_initrd(None).map_err(|e| e.to_string())?,
         seccomp_probe: None,
     };
     let request = CellRequest {
-        kernel: locate::kernel(None)?,
-        image: CellImage::Block(locate::image(None)?),
+        kernel: locate::kernel(None).map_err(|e| e.to_string())?,
+        image: CellImage::Block(locate::image(None).map_err(|e| e.to_string())?),
         cpus: args.cpus,
         memory: args.memory.unwrap_or_default(),
         kernel_args: String::new(),

@@ -226,7 +226,7 @@ const MAX_TEXT_FILE: u64 = 1 << 20;
 /// anything over [`MAX_TEXT_FILE`].
 fn read_text_file(flag: &str, path: &Path) -> Result<String, String> {
     use std::io::Read as _;
-    let (f, meta) = transfer::open_regular(flag, path)?;
+    let (f, meta) = transfer::open_regular(flag, path).map_err(|e| e.to_string())?;
     if meta.len() > MAX_TEXT_FILE {
         return Err(format!(
             "{flag} {}: {} bytes is too large (at most {MAX_TEXT_FILE})",
@@ -381,8 +381,10 @@ fn options(mut args: RunArgs) -> Result<run::Run, String> {
     let image_name = args.image.as_deref().or(args.image_arg.as_deref());
     let parsed = image_name.map(isocell_image::ImageRef::parse).transpose()?;
     let (image, process) = match parsed {
-        None => (CellImage::Block(locate::image(None)?), None),
-        Some(isocell_image::ImageRef::Raw(p)) => (CellImage::Block(locate::image(Some(&p))?), None),
+        None => (CellImage::Block(locate::image(None).map_err(|e| e.to_string())?), None),
+        Some(isocell_image::ImageRef::Raw(p)) => {
+            (CellImage::Block(locate::image(Some(&p)).map_err(|e| e.to_string())?), None)
+        }
         Some(r) => {
             let resolved = images::resolve(&r, &args.fetch, false)?;
             let (passwd, group) = isocell_image::Store::user_db(&resolved.dir);
@@ -429,7 +431,7 @@ fn options(mut args: RunArgs) -> Result<run::Run, String> {
             }
         }
     };
-    let kernel = locate::kernel(args.kernel.as_deref())?;
+    let kernel = locate::kernel(args.kernel.as_deref()).map_err(|e| e.to_string())?;
     if !args.no_jail {
         need_root()?;
     }

@@ -170,7 +170,9 @@ pub async fn upload(app: &Arc<App>, row: &CellRow, dest: &str, body: Body) -> Re
             .connect()
             .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "cell_failed", e.to_string()))?;
         let by = isocell_host::cell::deadline(TRANSFER_LIMIT);
-        let in_cell = |e: String| ApiError::new(StatusCode::BAD_GATEWAY, "cell_failed", e);
+        let in_cell = |e: transfer::TransferError| {
+            ApiError::new(StatusCode::BAD_GATEWAY, "cell_failed", e.to_string())
+        };
         transfer::make_dir(&mut link, &dest, 0o755, by).map_err(in_cell)?;
         let base = if dest == "/" { String::new() } else { dest.clone() };
         let mut archive = tar::Archive::new(&mut f);
@@ -216,7 +218,7 @@ pub async fn download(app: &Arc<App>, row: &CellRow, path: &str) -> Result<Body,
             ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "cell_failed",
-                e.trim_start_matches("--output ").to_owned(),
+                e.to_string().trim_start_matches("--output ").to_owned(),
             )
         })?;
         let out =

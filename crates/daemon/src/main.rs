@@ -119,9 +119,9 @@ fn main() {
     if let Some(d) = &config.run_dir {
         host.run_dir = d.clone();
     }
-    let kernel = locate::kernel(None).unwrap_or_else(|e| fail(&e));
-    let base_image = locate::image(None).unwrap_or_else(|e| fail(&e));
-    let supervisor = locate::supervisor().unwrap_or_else(|e| fail(&e));
+    let kernel = locate::kernel(None).unwrap_or_else(|e| fail(&e.to_string()));
+    let base_image = locate::image(None).unwrap_or_else(|e| fail(&e.to_string()));
+    let supervisor = locate::supervisor().unwrap_or_else(|e| fail(&e.to_string()));
     std::fs::create_dir_all(&host.state_dir)
         .unwrap_or_else(|e| fail(&format!("cannot create {}: {e}", host.state_dir.display())));
     let db_path = host.state_dir.join("isocelld.db");

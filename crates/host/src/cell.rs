@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::agent_link::{deadline_in, AgentLink};
 use crate::command;
-use crate::evidence::{ms_since, CellEvidence, Costs};
+use crate::evidence::{ms_since, CellEvidence, Costs, EvidenceError};
 use crate::state::Host;
 use crate::transfer::{self, OutputBudget};
 use crate::vmm_process::{self, TeardownChecks, Vmm};
@@ -67,8 +67,8 @@ fn logged<T>(ev: &mut CellEvidence, r: Result<T, CellError>) -> Result<T, CellEr
 
 /// Opens the state directory and the audit log for cell `id`.
 pub fn open_evidence(host: &HostConfig, id: &str) -> Result<CellEvidence, CellError> {
-    let state = Host::load_or_init(&host.state_dir).map_err(CellError::Evidence)?;
-    CellEvidence::open(state, id).map_err(CellError::Evidence)
+    let state = Host::load_or_init(&host.state_dir).map_err(EvidenceError::from)?;
+    Ok(CellEvidence::open(state, id)?)
 }
 
 /// Plans cell `id` (see [`CellPlan::new`]); a refused plan is recorded in its audit log.
@@ -105,13 +105,13 @@ impl Admitted {
     ) -> Result<(LaunchMeasurement, AdmissionDecision), CellError> {
         let t = Instant::now();
         let cache = DigestCache::new(ev.host.dir.join("digests"));
-        let measurement = plan.measure(Some(&cache)).map_err(CellError::Evidence)?;
+        let measurement = plan.measure(Some(&cache))?;
         ev.costs.measure_ms += ms_since(t);
         let t = Instant::now();
         let policies = Policies::load_standard(&ev.host.dir.join("policies"), policy_files);
         ev.costs.policy_ms += ms_since(t);
         let request = plan.admission_request(&ev.host.profile, &measurement, client);
-        let decision = ev.admit(policies, &request, &measurement).map_err(CellError::Evidence)?;
+        let decision = ev.admit(policies, &request, &measurement)?;
         if !decision.allowed {
             return Err(CellError::Denied(decision.explain()));
         }
@@ -142,7 +142,7 @@ impl Admitted {
         let identity = cell.plan.image_identity();
         let receipt = cell.ev.launched(&cell.measurement, &self.decision, command, pid, &identity);
         // On failure the cell's VMM goes with `cell` (its Drop tears down).
-        cell.launch_receipt = logged(&mut cell.ev, receipt.map_err(CellError::Evidence))?;
+        cell.launch_receipt = logged(&mut cell.ev, receipt.map_err(CellError::from))?;
         Ok(cell)
     }
 
@@ -240,7 +240,7 @@ impl Cell {
 
     /// Records an audit event for this cell.
     pub fn log(&mut self, kind: &str, data: Value) -> Result<(), CellError> {
-        self.ev.log(kind, data).map_err(CellError::Evidence)
+        Ok(self.ev.log(kind, data)?)
     }
 
     /// Waits, at most `timeout`, for the agent to connect and complete the handshake.
@@ -272,7 +272,7 @@ impl Cell {
 
     /// Copies `host` (a file or a tree) to `guest` in the cell, by `deadline`.
     pub fn put(&mut self, host: &Path, guest: &str, deadline: Instant) -> Result<(), CellError> {
-        transfer::put(self.link()?, host, guest, deadline).map_err(CellError::Transfer)
+        Ok(transfer::put(self.link()?, host, guest, deadline)?)
     }
 
     /// Copies `guest` (a file or a tree) out of the cell to `host`, within `budget`. Nothing
@@ -286,10 +286,10 @@ impl Cell {
     ) -> Result<(), CellError> {
         let r = transfer::get(self.link()?, guest, host, budget);
         if let Err(e) = &r {
-            let _ = self.log("output_refused", json!({ "output": guest, "reason": e }));
+            let _ = self.log("output_refused", json!({ "output": guest, "reason": e.to_string() }));
             self.link = None;
         }
-        r.map_err(CellError::Transfer)
+        Ok(r?)
     }
 
     /// Runs `process` in the cell, its output to `sink` as it comes, `stdin` (if any)
@@ -365,7 +365,7 @@ impl Cell {
             });
             ev.ended(verdict.exit_code, verdict.outcome, &checks_json, facts)
         })();
-        let exit_receipt = result.map_err(CellError::Evidence)?;
+        let exit_receipt = result?;
         Ok(Ended {
             exit_receipt,
             launch_receipt,

@@ -35,9 +35,8 @@ pub fn request(process: &Process, stdin: bool) -> ExecRequest {
 /// Sends `start` (an `Exec` or `ExecSession`) and waits for the agent to confirm the command
 /// started. Returns its pid in the cell.
 pub fn start(link: &mut AgentLink, start: &Message) -> Result<u32, CellError> {
-    let agent = CellError::Agent;
-    link.send(start).map_err(agent)?;
-    match link.expect(EXEC_START_LIMIT, "the command start").map_err(agent)? {
+    link.send(start)?;
+    match link.expect(EXEC_START_LIMIT, "the command start")? {
         Message::Started { pid } => Ok(pid),
         Message::ExecFailed { errno, message } => {
             let kind = match errno {
@@ -50,7 +49,7 @@ pub fn start(link: &mut AgentLink, start: &Message) -> Result<u32, CellError> {
             Err(CellError::Exec { kind, message })
         }
         Message::Error { message } => Err(CellError::Exec { kind: ExecFailure::Other, message }),
-        other => Err(agent(format!("unexpected reply {other:?} to exec"))),
+        other => Err(CellError::Agent(format!("unexpected reply {other:?} to exec"))),
     }
 }
 
@@ -63,18 +62,19 @@ pub fn stream(
     timeout: Option<Duration>,
     cancel: &Cancel,
 ) -> Result<Termination, CellError> {
-    let agent = CellError::Agent;
     let started = Instant::now();
     let mut stopping: Option<(Termination, Instant)> = None;
     loop {
-        match link.recv(Duration::from_millis(50)).map_err(agent)? {
+        match link.recv(Duration::from_millis(50))? {
             Some(Message::Stdout(bytes)) => sink.stdout(&bytes),
             Some(Message::Stderr(bytes)) => sink.stderr(&bytes),
             Some(Message::Exited(status)) => {
                 return Ok(stopping.map_or(Termination::Exited(status), |(t, _)| t))
             }
             Some(other) => {
-                return Err(agent(format!("unexpected message {other:?} from the agent")))
+                return Err(CellError::Agent(format!(
+                    "unexpected message {other:?} from the agent"
+                )))
             }
             None => {}
         }
@@ -94,7 +94,7 @@ pub fn stream(
             None => None,
         };
         if let Some(t) = why {
-            link.send(&Message::Signal(libc::SIGKILL)).map_err(agent)?;
+            link.send(&Message::Signal(libc::SIGKILL))?;
             stopping = Some((t, Instant::now()));
         }
     }

@@ -27,8 +27,8 @@ pub struct HostConfig {
 
 /// A host file or program the lifecycle needs could not be found.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct DiscoverError(pub String);
+#[error(transparent)]
+pub struct DiscoverError(#[from] pub locate::LocateError);
 
 impl HostConfig {
     /// Finds everything the usual way: `ISOCELL_STATE_DIR`, `ISOCELL_RUN_DIR`, `ISOCELL_VMM`,
@@ -38,9 +38,9 @@ impl HostConfig {
         Ok(HostConfig {
             state_dir: locate::state_dir(),
             run_dir: locate::run_dir(),
-            vmm: locate::vmm().map_err(DiscoverError)?,
-            jailer: if jailed { Some(locate::jailer().map_err(DiscoverError)?) } else { None },
-            agent_initrd: locate::agent_initrd(None).map_err(DiscoverError)?,
+            vmm: locate::vmm()?,
+            jailer: if jailed { Some(locate::jailer()?) } else { None },
+            agent_initrd: locate::agent_initrd(None)?,
             seccomp_probe: std::env::var("ISOCELL_TEST_SECCOMP_PROBE").ok(),
         })
     }

@@ -49,6 +49,17 @@ pub struct VmmView {
     pub cell_dir: PathBuf,
 }
 
+/// A file a cell is launched from that cannot be opened (see [`Pinned`]).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open {}: {source}", path.display())]
+pub struct PinError {
+    /// The file.
+    pub path: PathBuf,
+    /// The underlying error.
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// The kernel, initramfs, image and VMM binary held open from the moment they are measured:
 /// the launch measurement reads them through these descriptors and the jail mounts exactly
 /// these files, so replacing a path after the measurement changes nothing that runs.
@@ -61,9 +72,9 @@ pub struct Pinned {
 
 impl Pinned {
     /// Opens the four files.
-    pub fn open(from: &Binaries) -> Result<Pinned, String> {
+    pub fn open(from: &Binaries) -> Result<Pinned, PinError> {
         let open = |p: &Path| {
-            std::fs::File::open(p).map_err(|e| format!("cannot open {}: {e}", p.display()))
+            std::fs::File::open(p).map_err(|source| PinError { path: p.to_owned(), source })
         };
         Ok(Pinned {
             kernel: open(from.kernel)?,
@@ -239,23 +250,49 @@ pub fn surface(
 /// links no KVM code), or `{"unavailable": why}` if it cannot say. Its output is read up to
 /// [`CPUID_OUTPUT_LIMIT`] and it is killed after [`CPUID_TIMEOUT`].
 pub fn describe_cpuid(vmm: &Path, vcpus: u8) -> Value {
-    run_describe_cpuid(vmm, vcpus).unwrap_or_else(|why| json!({ "unavailable": why }))
+    run_describe_cpuid(vmm, vcpus).unwrap_or_else(|why| json!({ "unavailable": why.to_string() }))
 }
 
-fn run_describe_cpuid(vmm: &Path, vcpus: u8) -> Result<Value, String> {
+/// Why `isocell-vmm --describe-cpuid` gave no description; `what` is the command line.
+#[derive(Debug, thiserror::Error)]
+enum CpuidError {
+    #[error("cannot run {what}: {source}")]
+    Spawn { what: String, source: std::io::Error },
+    #[error("{what}: no output pipe")]
+    NoPipe { what: String },
+    #[error("{what} printed more than {CPUID_OUTPUT_LIMIT} bytes")]
+    TooLong { what: String },
+    #[error("cannot read the output of {what}: {source}")]
+    Read { what: String, source: std::io::Error },
+    #[error("{what} did not finish within {secs}s", secs = CPUID_TIMEOUT.as_secs())]
+    Timeout { what: String },
+    #[error("cannot wait for {what}: {source}")]
+    Wait { what: String, source: std::io::Error },
+    #[error("{what} failed ({status})")]
+    Failed { what: String, status: std::process::ExitStatus },
+    #[error("{what} printed JSON that is not an object")]
+    NotObject { what: String },
+    #[error("{what} printed no JSON: {source}")]
+    NoJson { what: String, source: serde_json::Error },
+}
+
+fn run_describe_cpuid(vmm: &Path, vcpus: u8) -> Result<Value, CpuidError> {
     let what = format!("{} --describe-cpuid {vcpus}", vmm.display());
-    let mut child = Command::new(vmm)
+    let mut child = match Command::new(vmm)
         .arg("--describe-cpuid")
         .arg(vcpus.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    {
+        Ok(c) => c,
+        Err(source) => return Err(CpuidError::Spawn { what, source }),
+    };
     let Some(stdout) = child.stdout.take() else {
         let _ = child.kill();
         let _ = child.wait();
-        return Err(format!("{what}: no output pipe"));
+        return Err(CpuidError::NoPipe { what });
     };
     // Read on a helper thread so that a VMM that hangs is killed after the timeout; the thread
     // ends when the pipe closes.
@@ -268,22 +305,25 @@ fn run_describe_cpuid(vmm: &Path, vcpus: u8) -> Result<Value, String> {
     let read = rx.recv_timeout(CPUID_TIMEOUT);
     let out = match read {
         Ok(Ok(out)) if out.len() as u64 <= CPUID_OUTPUT_LIMIT => Ok(out),
-        Ok(Ok(_)) => Err(format!("{what} printed more than {CPUID_OUTPUT_LIMIT} bytes")),
-        Ok(Err(e)) => Err(format!("cannot read the output of {what}: {e}")),
-        Err(_) => Err(format!("{what} did not finish within {}s", CPUID_TIMEOUT.as_secs())),
+        Ok(Ok(_)) => Err(CpuidError::TooLong { what: what.clone() }),
+        Ok(Err(source)) => Err(CpuidError::Read { what: what.clone(), source }),
+        Err(_) => Err(CpuidError::Timeout { what: what.clone() }),
     };
     if out.is_err() {
         let _ = child.kill();
     }
-    let status = child.wait().map_err(|e| format!("cannot wait for {what}: {e}"))?;
+    let status = match child.wait() {
+        Ok(s) => s,
+        Err(source) => return Err(CpuidError::Wait { what, source }),
+    };
     let out = out?;
     if !status.success() {
-        return Err(format!("{what} failed ({status})"));
+        return Err(CpuidError::Failed { what, status });
     }
     match serde_json::from_slice::<Value>(&out) {
         Ok(v) if v.is_object() => Ok(v),
-        Ok(_) => Err(format!("{what} printed JSON that is not an object")),
-        Err(e) => Err(format!("{what} printed no JSON: {e}")),
+        Ok(_) => Err(CpuidError::NotObject { what }),
+        Err(source) => Err(CpuidError::NoJson { what, source }),
     }
 }
 

@@ -1,5 +1,16 @@
 //! Typed errors of the lifecycle. Each says what was wrong and what to do; the CLI maps them to
-//! exit statuses and the daemon to HTTP statuses, so neither convention lives here.
+//! exit statuses and the daemon to HTTP statuses, so neither convention lives here. The errors
+//! of each part ([`AgentLinkError`], [`EvidenceError`], [`StateError`], [`TransferError`],
+//! [`VmmError`], [`PinError`], [`AskError`], [`LocateError`]) live beside it and are re-exported here.
+
+pub use crate::agent_link::AgentLinkError;
+pub use crate::confine::PinError;
+pub use crate::evidence::EvidenceError;
+pub use crate::locate::LocateError;
+pub use crate::state::StateError;
+pub use crate::supervisor::AskError;
+pub use crate::transfer::TransferError;
+pub use crate::vmm_process::VmmError;
 
 /// Why a cell could not be planned: the request or the host's files. Nothing exists yet.
 #[derive(Debug, thiserror::Error)]
@@ -8,8 +19,8 @@ pub enum PlanError {
     #[error("{0}")]
     Invalid(String),
     /// A file the cell is built from cannot be used.
-    #[error("{0}")]
-    File(String),
+    #[error(transparent)]
+    File(#[from] PinError),
     /// The devices cannot be placed (more disks than windows, overlaps).
     #[error("{0}")]
     Devices(String),
@@ -42,20 +53,24 @@ pub enum CellError {
     #[error("{0}")]
     Host(String),
     /// The state directory, audit log or receipts could not be written or read.
-    #[error("{0}")]
-    Evidence(String),
+    #[error(transparent)]
+    Evidence(#[from] EvidenceError),
     /// The cell's directory, cgroup, jail or VMM could not be set up.
-    #[error("{0}")]
-    Start(String),
+    #[error(transparent)]
+    Start(VmmError),
     /// The cell did not come up (VMM stopped, agent silent past the boot timeout).
-    #[error("{0}")]
-    Boot(String),
-    /// The agent broke the protocol, went away or did not answer in time.
+    #[error(transparent)]
+    Boot(VmmError),
+    /// The agent broke the protocol or refused what was asked.
     #[error("{0}")]
     Agent(String),
+    /// The connection to the agent failed: it went away, sent a bad frame or did not answer in
+    /// time.
+    #[error(transparent)]
+    Link(#[from] AgentLinkError),
     /// A file or tree copy into or out of the cell failed (nothing half-copied is kept).
-    #[error("{0}")]
-    Transfer(String),
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
     /// The command did not start.
     #[error("{message}")]
     Exec {

@@ -5,14 +5,66 @@
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use isocell_evidence::audit::AuditLog;
+use isocell_evidence::audit::{AuditError, AuditLog};
 use isocell_evidence::measure::LaunchMeasurement;
 use isocell_evidence::policy::{AdmissionDecision, AdmissionRequest, Policies};
 use isocell_evidence::receipt;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::state::Host;
+use crate::state::{Host, StateError};
+
+/// Why a cell's evidence (measurement, admission, audit entries, receipts) could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum EvidenceError {
+    /// The state directory or the host's profile.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The audit log could not be opened.
+    #[error("cannot open the audit log: {0}")]
+    OpenAudit(#[source] AuditError),
+    /// An entry could not be appended to the audit log.
+    #[error("cannot write the audit log: {0}")]
+    Append(#[source] AuditError),
+    /// The closing checkpoint could not be written.
+    #[error("cannot checkpoint the audit log: {0}")]
+    Checkpoint(#[source] AuditError),
+    /// The launch could not be measured (a file could not be read).
+    #[error("{0}")]
+    Measure(String),
+    /// The admission policies could not be loaded or evaluated.
+    #[error("{0}")]
+    Policy(String),
+    /// A stored launch receipt is not JSON.
+    #[error("{}: not JSON: {source}", path.display())]
+    NotJson {
+        /// The receipt.
+        path: PathBuf,
+        /// What the parser said.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A stored launch receipt does not verify.
+    #[error("{}: {reason}", path.display())]
+    BadReceipt {
+        /// The receipt.
+        path: PathBuf,
+        /// Why it does not verify.
+        reason: String,
+    },
+    /// A record could not be serialized.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// A record could not be written.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        /// The record.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// Milliseconds spent on evidence, by kind.
 #[derive(Debug, Default, Serialize)]
@@ -56,10 +108,10 @@ pub struct CellEvidence {
 
 impl CellEvidence {
     /// Opens the host's audit log for cell `cell_id`.
-    pub fn open(host: Host, cell_id: &str) -> Result<Self, String> {
+    pub fn open(host: Host, cell_id: &str) -> Result<Self, EvidenceError> {
         let t = Instant::now();
         let audit = AuditLog::open(&host.dir.join("audit"), host.key.clone())
-            .map_err(|e| format!("cannot open the audit log: {e}"))?;
+            .map_err(EvidenceError::OpenAudit)?;
         let mut costs = Costs::default();
         costs.audit_ms += ms_since(t);
         Ok(CellEvidence {
@@ -81,13 +133,13 @@ impl CellEvidence {
 
     /// Reopens the evidence of a cell launched earlier (by a process that is gone): its launch
     /// digest and start time come from its signed launch receipt. `None` if it has none.
-    pub fn resume(host: Host, cell_id: &str) -> Result<Option<Self>, String> {
+    pub fn resume(host: Host, cell_id: &str) -> Result<Option<Self>, EvidenceError> {
         let path = host.cell_record_dir(cell_id)?.join("launch.json");
         let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
         let doc: Value = serde_json::from_str(&text)
-            .map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+            .map_err(|source| EvidenceError::NotJson { path: path.clone(), source })?;
         receipt::verify(&doc, &host.key.verifying_key())
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|reason| EvidenceError::BadReceipt { path, reason })?;
         let body = &doc["receipt"];
         let mut ev = Self::open(host, cell_id)?;
         ev.launch_digest = body["launch_digest"].as_str().map(str::to_owned);
@@ -97,7 +149,7 @@ impl CellEvidence {
 
     /// Appends a lifecycle event for this cell. A cell must not run without its record, so a
     /// failure here is an error for the caller.
-    pub fn log(&mut self, kind: &str, mut data: Value) -> Result<(), String> {
+    pub fn log(&mut self, kind: &str, mut data: Value) -> Result<(), EvidenceError> {
         if let (Some(c), Some(o)) = (&self.client, data.as_object_mut()) {
             o.insert("client".into(), Value::String(c.clone()));
         }
@@ -105,7 +157,7 @@ impl CellEvidence {
         let r = self.audit.append(kind, Some(&self.cell_id), data);
         self.costs.audit_ms += ms_since(t);
         self.costs.audit_entries += 1;
-        let entry = r.map_err(|e| format!("cannot write the audit log: {e}"))?;
+        let entry = r.map_err(EvidenceError::Append)?;
         self.last_entry = Some(entry);
         Ok(())
     }
@@ -120,13 +172,14 @@ impl CellEvidence {
         }
     }
 
-    /// Evaluates the admission policies and logs the decision, allow or deny.
+    /// Evaluates the admission policies and logs the decision, allow or deny. `policies` is as
+    /// [`Policies::load_standard`] returned it (its error is that crate's message).
     pub fn admit(
         &mut self,
         policies: Result<Policies, String>,
         req: &AdmissionRequest,
         measurement: &LaunchMeasurement,
-    ) -> Result<AdmissionDecision, String> {
+    ) -> Result<AdmissionDecision, EvidenceError> {
         let t = Instant::now();
         let decision = policies.and_then(|p| p.decide(req));
         self.costs.policy_ms += ms_since(t);
@@ -134,7 +187,7 @@ impl CellEvidence {
             Ok(d) => d,
             Err(e) => {
                 self.log("error", json!({ "stage": "admission", "message": e }))?;
-                return Err(e);
+                return Err(EvidenceError::Policy(e));
             }
         };
         self.log(
@@ -152,7 +205,7 @@ impl CellEvidence {
         Ok(decision)
     }
 
-    fn write_receipt(&mut self, name: &str, body: Value) -> Result<PathBuf, String> {
+    fn write_receipt(&mut self, name: &str, body: Value) -> Result<PathBuf, EvidenceError> {
         let t = Instant::now();
         let path = self.write_record(name, &receipt::sign(&body, &self.host.key))?;
         self.costs.receipts_ms += ms_since(t);
@@ -172,7 +225,7 @@ impl CellEvidence {
         argv: &[String],
         vmm_pid: Option<u32>,
         image: &Value,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<PathBuf, EvidenceError> {
         self.launch_digest = Some(m.launch_digest.clone());
         let command_digest = isocell_evidence::canonical::sha256_hex(
             serde_json::to_string(argv).unwrap_or_default().as_bytes(),
@@ -200,11 +253,12 @@ impl CellEvidence {
     }
 
     /// Stores `value` as `name` in the cell's record.
-    pub fn write_record(&self, name: &str, value: &Value) -> Result<PathBuf, String> {
+    pub fn write_record(&self, name: &str, value: &Value) -> Result<PathBuf, EvidenceError> {
         let path = self.host.cell_record_dir(&self.cell_id)?.join(name);
-        let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text + "\n")
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        let text = serde_json::to_string_pretty(value)?;
+        if let Err(source) = std::fs::write(&path, text + "\n") {
+            return Err(EvidenceError::Write { path, source });
+        }
         Ok(path)
     }
 
@@ -216,7 +270,7 @@ impl CellEvidence {
         outcome: &str,
         checks: &Value,
         facts: Value,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<PathBuf, EvidenceError> {
         let ended = now_ms();
         let body = json!({
             "kind": "exit",
@@ -239,7 +293,7 @@ impl CellEvidence {
         let r = self.audit.checkpoint();
         self.costs.audit_ms += ms_since(t);
         self.costs.audit_entries += 1;
-        r.map_err(|e| format!("cannot checkpoint the audit log: {e}"))?;
+        r.map_err(EvidenceError::Checkpoint)?;
         Ok(path)
     }
 }

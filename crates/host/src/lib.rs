@@ -31,7 +31,10 @@ pub mod vmm_process;
 pub use cancel::{Cancel, CancelReason};
 pub use cell::{Admitted, Cell, Ended, Termination, Verdict};
 pub use config::HostConfig;
-pub use error::{CellError, ExecFailure, PlanError};
+pub use error::{
+    AgentLinkError, AskError, CellError, EvidenceError, ExecFailure, LocateError, PinError,
+    PlanError, StateError, TransferError, VmmError,
+};
 pub use plan::{CellImage, CellPlan, CellRequest, ContainerImage};
 pub use run::{run, Phases, RunOutcome, RunRequest};
 pub use sink::OutputSink;

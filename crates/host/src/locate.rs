@@ -9,6 +9,57 @@ use std::path::{Path, PathBuf};
 /// Where the built guest artefacts live, relative to the project root.
 const GUEST_DIR: &str = "build/guest";
 
+/// Why a file or program a cell is made of was not found.
+#[derive(Debug, thiserror::Error)]
+pub enum LocateError {
+    /// No flag, no environment variable, and no `build/guest` to look in.
+    #[error(
+        "{what} not found: no {dir} directory above this program or the current directory. \
+         Build it with scripts/build-all.sh, or give its path with the flag or {env}",
+        dir = GUEST_DIR
+    )]
+    NoGuestDir {
+        /// What was looked for ("the cell kernel", ...).
+        what: &'static str,
+        /// The environment variable that would name it.
+        env: &'static str,
+    },
+    /// The path names something that is not a regular file.
+    #[error("{what} {} is not a regular file; give the path of one", path.display())]
+    NotRegular {
+        /// What was looked for.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+    },
+    /// Nothing at the path.
+    #[error(
+        "{what} {} does not exist. Build it with scripts/build-all.sh (or guest/build-kernel.sh \
+         and guest/build-rootfs.sh), or give another path",
+        path.display()
+    )]
+    Missing {
+        /// What was looked for.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+    },
+    /// This program's own path is unknown.
+    #[error("cannot find this program: {0}")]
+    CurrentExe(#[source] std::io::Error),
+    /// No program of that name next to this one.
+    #[error(
+        "{} does not exist; build it with `cargo build --release --workspace --bins` or set {env}",
+        path.display()
+    )]
+    NoProgram {
+        /// Where it was looked for.
+        path: PathBuf,
+        /// The environment variable that would name it.
+        env: &'static str,
+    },
+}
+
 /// The project's `build/guest` directory: `ISOCELL_GUEST_DIR`, else found above the running
 /// binary (`target/<triple>/release/isocell`) or the current directory.
 fn guest_dir() -> Option<PathBuf> {
@@ -29,80 +80,72 @@ fn guest_dir() -> Option<PathBuf> {
     None
 }
 
-fn find(flag: Option<&Path>, env: &str, file: &str, what: &str) -> Result<PathBuf, String> {
+fn find(
+    flag: Option<&Path>,
+    env: &'static str,
+    file: &str,
+    what: &'static str,
+) -> Result<PathBuf, LocateError> {
     let path = match (flag, std::env::var_os(env)) {
         (Some(p), _) => p.to_owned(),
         (None, Some(p)) => PathBuf::from(p),
         (None, None) => match guest_dir() {
             Some(d) => d.join(file),
-            None => {
-                return Err(format!(
-                    "{what} not found: no {GUEST_DIR} directory above this program or the current \
-                     directory. Build it with scripts/build-all.sh, or give its path with the flag \
-                     or {env}"
-                ))
-            }
+            None => return Err(LocateError::NoGuestDir { what, env }),
         },
     };
     if path.is_file() {
         Ok(path)
     } else if path.exists() {
-        Err(format!("{what} {} is not a regular file; give the path of one", path.display()))
+        Err(LocateError::NotRegular { what, path })
     } else {
-        Err(format!(
-            "{what} {} does not exist. Build it with scripts/build-all.sh (or guest/build-kernel.sh \
-             and guest/build-rootfs.sh), or give another path",
-            path.display()
-        ))
+        Err(LocateError::Missing { what, path })
     }
 }
 
 /// The cell kernel (`--kernel`, `ISOCELL_KERNEL`, or `build/guest/vmlinux`).
-pub fn kernel(flag: Option<&Path>) -> Result<PathBuf, String> {
+pub fn kernel(flag: Option<&Path>) -> Result<PathBuf, LocateError> {
     find(flag, "ISOCELL_KERNEL", "vmlinux", "the cell kernel")
 }
 
 /// The agent's initramfs, which every cell boots with (`ISOCELL_AGENT_INITRD`, or
 /// `build/guest/agent-initrd.cpio`).
-pub fn agent_initrd(flag: Option<&Path>) -> Result<PathBuf, String> {
+pub fn agent_initrd(flag: Option<&Path>) -> Result<PathBuf, LocateError> {
     find(flag, "ISOCELL_AGENT_INITRD", "agent-initrd.cpio", "the agent initramfs")
 }
 
 /// The root image (`IMAGE`/`--image`, `ISOCELL_IMAGE`, or `build/guest/rootfs.ext4`).
-pub fn image(flag: Option<&Path>) -> Result<PathBuf, String> {
+pub fn image(flag: Option<&Path>) -> Result<PathBuf, LocateError> {
     find(flag, "ISOCELL_IMAGE", "rootfs.ext4", "the base image")
 }
 
 /// The VMM: `ISOCELL_VMM`, else `isocell-vmm` next to this program.
-pub fn vmm() -> Result<PathBuf, String> {
+pub fn vmm() -> Result<PathBuf, LocateError> {
     sibling("ISOCELL_VMM", "isocell-vmm")
 }
 
 /// The jailer: `ISOCELL_JAILER`, else `isocell-jailer` next to this program.
-pub fn jailer() -> Result<PathBuf, String> {
+pub fn jailer() -> Result<PathBuf, LocateError> {
     sibling("ISOCELL_JAILER", "isocell-jailer")
 }
 
 /// The per-cell supervisor: `ISOCELL_SUPERVISOR`, else `isocell-supervisor` next to this
 /// program.
-pub fn supervisor() -> Result<PathBuf, String> {
+pub fn supervisor() -> Result<PathBuf, LocateError> {
     sibling("ISOCELL_SUPERVISOR", "isocell-supervisor")
 }
 
 /// The program `env` names, else `name` next to this program.
-fn sibling(env: &str, name: &str) -> Result<PathBuf, String> {
+fn sibling(env: &'static str, name: &str) -> Result<PathBuf, LocateError> {
     if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));
     }
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let exe = std::env::current_exe().map_err(LocateError::CurrentExe)?;
     let path = exe.with_file_name(name);
     if path.is_file() {
         Ok(path)
     } else {
-        Err(format!(
-            "{} does not exist; build it with `cargo build --release --workspace --bins` or set {env}",
-            path.display()
-        ))
+        Err(LocateError::NoProgram { path, env })
     }
 }
 

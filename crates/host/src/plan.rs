@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::confine::{self, JailPlan, Pinned, VmmView};
+use crate::evidence::EvidenceError;
 use crate::{HostConfig, PlanError};
 
 /// The guest's vsock context id; each VMM has its own vsock namespace, so every cell uses 3.
@@ -110,7 +111,7 @@ impl CellPlan {
         };
         // Jailed cells run exactly the files measured (see `Pinned`).
         let pinned = match host.jailer {
-            Some(_) => Some(Pinned::open(&from).map_err(PlanError::File)?),
+            Some(_) => Some(Pinned::open(&from)?),
             None => None,
         };
         let (view, jail) = confine::plan(
@@ -208,7 +209,7 @@ impl CellPlan {
     pub fn measure(
         &self,
         cache: Option<&isocell_evidence::measure::DigestCache>,
-    ) -> Result<isocell_evidence::measure::LaunchMeasurement, String> {
+    ) -> Result<isocell_evidence::measure::LaunchMeasurement, EvidenceError> {
         let own = self.pinned.as_ref().map(|p| (p.own_paths(), p.own_initrd_path()));
         let ((kernel, image, vmm), initrd) = match &own {
             Some(((k, i, v), r)) => ((k.as_path(), i.as_path(), v.as_path()), r.as_path()),
@@ -237,6 +238,7 @@ impl CellPlan {
             },
             cache,
         )
+        .map_err(EvidenceError::Measure)
     }
 
     /// The admission question for this cell on a host with `profile`, asked by `client` (a

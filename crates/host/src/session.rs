@@ -64,7 +64,7 @@ impl SessionSocket {
             )));
         }
         s.set_read_timeout(None).map_err(gone)?;
-        AgentLink::session(s).map_err(CellError::Agent)
+        Ok(AgentLink::session(s)?)
     }
 
     /// Starts `process` as session `id` (on a terminal of `tty` if given). Returns the
@@ -91,9 +91,9 @@ impl SessionSocket {
     /// Waits until session `id` has ended and returns its status (at once if it has).
     pub fn wait(&self, id: u64) -> Result<ExitStatus, CellError> {
         let mut link = self.connect()?;
-        link.send(&Message::WaitSession { id }).map_err(CellError::Agent)?;
+        link.send(&Message::WaitSession { id })?;
         loop {
-            match link.recv(Duration::from_secs(3600)).map_err(CellError::Agent)? {
+            match link.recv(Duration::from_secs(3600))? {
                 Some(Message::Exited(status)) => return Ok(status),
                 Some(Message::Error { message }) => return Err(CellError::Agent(message)),
                 Some(other) => {
@@ -107,8 +107,8 @@ impl SessionSocket {
     /// Sends `signal` to session `id`'s processes.
     pub fn signal(&self, id: u64, signal: i32) -> Result<(), CellError> {
         let mut link = self.connect()?;
-        link.send(&Message::SignalSession { id, signal }).map_err(CellError::Agent)?;
-        match link.expect(CONNECT_LIMIT, "a signal").map_err(CellError::Agent)? {
+        link.send(&Message::SignalSession { id, signal })?;
+        match link.expect(CONNECT_LIMIT, "a signal")? {
             Message::Done => Ok(()),
             Message::Error { message } => Err(CellError::Agent(message)),
             other => Err(CellError::Agent(format!("unexpected reply {other:?} to a signal"))),
@@ -123,7 +123,7 @@ pub struct SessionInput(Arc<Mutex<UnixStream>>);
 
 impl SessionInput {
     fn send(&self, m: &Message) -> Result<(), CellError> {
-        send_on(&self.0, m).map_err(CellError::Agent)
+        Ok(send_on(&self.0, m)?)
     }
 
     /// Bytes for the command's standard input.

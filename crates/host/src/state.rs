@@ -9,7 +9,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
-use isocell_evidence::audit::{verifying_key_hex, AuditLog};
+use isocell_evidence::audit::{verifying_key_hex, AuditError, AuditLog};
 use isocell_spec::HostProfile;
 use serde_json::json;
 
@@ -17,19 +17,83 @@ use serde_json::json;
 /// so that its audit log starts with a genesis entry (see [`Host::init`]).
 pub const PROFILE_FILE: &str = "host.toml";
 
-fn mkdir(dir: &Path) -> Result<(), String> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))
+/// Why the state directory, the host profile or its key could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A file system operation failed.
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        /// What was being done ("create", "read the signing key", ...).
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The host profile does not exist ([`Host::load`]).
+    #[error("{} does not exist: this host was never set up (`isocell host init`)", path.display())]
+    NotSetUp {
+        /// The profile's path.
+        path: PathBuf,
+    },
+    /// The host profile cannot be parsed.
+    #[error(
+        "{} is invalid: {source}; fix it or recreate it with `isocell host init`",
+        path.display()
+    )]
+    BadProfile {
+        /// The profile's path.
+        path: PathBuf,
+        /// What the parser said.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// The signing key named by the profile is not a key.
+    #[error("{} is not a 32-byte hex Ed25519 seed", path.display())]
+    BadKey {
+        /// The key's path.
+        path: PathBuf,
+    },
+    /// The key kept by `init` is not a key.
+    #[error("{} is not a 32-byte hex seed", path.display())]
+    BadSeed {
+        /// The key's path.
+        path: PathBuf,
+    },
+    /// A profile exists and `init` was not forced.
+    #[error("{} exists; add --force to replace it", path.display())]
+    Exists {
+        /// The profile's path.
+        path: PathBuf,
+    },
+    /// The audit log could not be opened.
+    #[error("cannot open the audit log: {0}")]
+    OpenAudit(#[source] AuditError),
+    /// The audit log's genesis entry could not be written.
+    #[error("cannot write the audit log's genesis entry: {0}")]
+    Genesis(#[source] AuditError),
+    /// An entry could not be appended to the audit log.
+    #[error("cannot write the audit log: {0}")]
+    AppendAudit(#[source] AuditError),
+    /// The profile could not be serialized.
+    #[error(transparent)]
+    Serialize(#[from] toml::ser::Error),
 }
 
-fn random_bytes<const N: usize>() -> Result<[u8; N], String> {
+/// `StateError::Io` for `action` on `path`, for `map_err`.
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StateError + 'a {
+    move |source| StateError::Io { action, path: path.to_owned(), source }
+}
+
+fn mkdir(dir: &Path) -> Result<(), StateError> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io("create", dir))
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], StateError> {
     let mut b = [0u8; N];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+    let urandom = Path::new("/dev/urandom");
+    fs::File::open(urandom).and_then(|mut f| f.read_exact(&mut b)).map_err(io("read", urandom))?;
     Ok(b)
 }
 
@@ -45,7 +109,7 @@ pub struct Host {
 
 /// Holds the state directory's lock (`host.lock`) until dropped, so that two first runs at once
 /// do not both create a key and a profile.
-fn lock_state(dir: &Path) -> Result<fs::File, String> {
+fn lock_state(dir: &Path) -> Result<fs::File, StateError> {
     mkdir(dir)?;
     let lock_path = dir.join("host.lock");
     let lock = OpenOptions::new()
@@ -54,11 +118,10 @@ fn lock_state(dir: &Path) -> Result<fs::File, String> {
         .write(true)
         .mode(0o600)
         .open(&lock_path)
-        .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+        .map_err(io("open", &lock_path))?;
     // SAFETY: flock on a descriptor we own; it is released when `lock` is closed.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(format!("cannot lock {}: {e}", lock_path.display()));
+        return Err(io("lock", &lock_path)(std::io::Error::last_os_error()));
     }
     Ok(lock)
 }
@@ -66,7 +129,7 @@ fn lock_state(dir: &Path) -> Result<fs::File, String> {
 impl Host {
     /// Loads `host.toml` and the key it names from `dir`, creating a profile with
     /// "unspecified" jurisdiction, zone and operator and a fresh key on first use.
-    pub fn load_or_init(dir: &Path) -> Result<Host, String> {
+    pub fn load_or_init(dir: &Path) -> Result<Host, StateError> {
         let _lock = lock_state(dir)?;
         if !dir.join(PROFILE_FILE).exists() {
             return Host::init_locked(dir, "unspecified", "unspecified", "unspecified", false);
@@ -75,34 +138,26 @@ impl Host {
     }
 
     /// Loads an existing profile and its key; an error if the host was never set up.
-    pub fn load(dir: &Path) -> Result<Host, String> {
+    pub fn load(dir: &Path) -> Result<Host, StateError> {
         let _lock = lock_state(dir)?;
         if !dir.join(PROFILE_FILE).exists() {
-            return Err(format!(
-                "{} does not exist: this host was never set up (`isocell host init`)",
-                dir.join(PROFILE_FILE).display()
-            ));
+            return Err(StateError::NotSetUp { path: dir.join(PROFILE_FILE) });
         }
         Host::load_existing(dir)
     }
 
-    fn load_existing(dir: &Path) -> Result<Host, String> {
+    fn load_existing(dir: &Path) -> Result<Host, StateError> {
         let profile_path = dir.join(PROFILE_FILE);
-        let text = fs::read_to_string(&profile_path)
-            .map_err(|e| format!("cannot read {}: {e}", profile_path.display()))?;
-        let profile: HostProfile = toml::from_str(&text).map_err(|e| {
-            format!(
-                "{} is invalid: {e}; fix it or recreate it with `isocell host init`",
-                profile_path.display()
-            )
-        })?;
+        let text = fs::read_to_string(&profile_path).map_err(io("read", &profile_path))?;
+        let profile: HostProfile = toml::from_str(&text)
+            .map_err(|source| StateError::BadProfile { path: profile_path.clone(), source })?;
         let key_path = dir.join(&profile.signing_key);
-        let hex_seed = fs::read_to_string(&key_path)
-            .map_err(|e| format!("cannot read the signing key {}: {e}", key_path.display()))?;
+        let hex_seed =
+            fs::read_to_string(&key_path).map_err(io("read the signing key", &key_path))?;
         let seed: [u8; 32] = hex::decode(hex_seed.trim())
             .ok()
             .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| format!("{} is not a 32-byte hex Ed25519 seed", key_path.display()))?;
+            .ok_or_else(|| StateError::BadKey { path: key_path.clone() })?;
         Ok(Host { profile, key: SigningKey::from_bytes(&seed), dir: dir.to_owned() })
     }
 
@@ -114,7 +169,7 @@ impl Host {
         zone: &str,
         operator: &str,
         force: bool,
-    ) -> Result<Host, String> {
+    ) -> Result<Host, StateError> {
         let _lock = lock_state(dir)?;
         Host::init_locked(dir, jurisdiction, zone, operator, force)
     }
@@ -126,11 +181,11 @@ impl Host {
         zone: &str,
         operator: &str,
         force: bool,
-    ) -> Result<Host, String> {
+    ) -> Result<Host, StateError> {
         mkdir(dir)?;
         let profile_path = dir.join(PROFILE_FILE);
         if profile_path.exists() && !force {
-            return Err(format!("{} exists; add --force to replace it", profile_path.display()));
+            return Err(StateError::Exists { path: profile_path });
         }
         let key_path = dir.join("host.key");
         let key = match fs::read_to_string(&key_path) {
@@ -138,7 +193,7 @@ impl Host {
                 let seed: [u8; 32] = hex::decode(text.trim())
                     .ok()
                     .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| format!("{} is not a 32-byte hex seed", key_path.display()))?;
+                    .ok_or_else(|| StateError::BadSeed { path: key_path.clone() })?;
                 SigningKey::from_bytes(&seed)
             }
             Err(_) => {
@@ -148,16 +203,16 @@ impl Host {
                     .create_new(true)
                     .mode(0o600)
                     .open(&key_path)
-                    .map_err(|e| format!("cannot create {}: {e}", key_path.display()))?;
+                    .map_err(io("create", &key_path))?;
                 f.write_all(hex::encode(key.to_bytes()).as_bytes())
                     .and_then(|()| f.sync_all())
-                    .map_err(|e| format!("cannot write {}: {e}", key_path.display()))?;
+                    .map_err(io("write", &key_path))?;
                 key
             }
         };
         let pub_path = dir.join("host.pub");
         fs::write(&pub_path, hex::encode(key.verifying_key().to_bytes()) + "\n")
-            .map_err(|e| format!("cannot write {}: {e}", pub_path.display()))?;
+            .map_err(io("write", &pub_path))?;
         let profile = HostProfile {
             host_id: hex::encode(random_bytes::<8>()?),
             jurisdiction: jurisdiction.to_owned(),
@@ -174,8 +229,8 @@ impl Host {
         // wipe it is meant to expose. A replaced profile is recorded as a `host_init` entry
         // instead (a changed jurisdiction or operator is itself evidence); on a wiped log that
         // entry comes first, and verification still fails.
-        let audit = AuditLog::open(&dir.join("audit"), key.clone())
-            .map_err(|e| format!("cannot open the audit log: {e}"))?;
+        let audit =
+            AuditLog::open(&dir.join("audit"), key.clone()).map_err(StateError::OpenAudit)?;
         let facts = json!({
             "host_id": profile.host_id,
             "jurisdiction": profile.jurisdiction,
@@ -184,25 +239,20 @@ impl Host {
             "public_key": verifying_key_hex(&key.verifying_key()),
         });
         let wrote_genesis = !profile_path.exists()
-            && audit
-                .genesis(facts.clone())
-                .map_err(|e| format!("cannot write the audit log's genesis entry: {e}"))?
-                .is_some();
+            && audit.genesis(facts.clone()).map_err(StateError::Genesis)?.is_some();
         if !wrote_genesis {
-            audit
-                .append("host_init", None, facts)
-                .map_err(|e| format!("cannot write the audit log: {e}"))?;
+            audit.append("host_init", None, facts).map_err(StateError::AppendAudit)?;
         }
-        let text = toml::to_string(&profile).map_err(|e| e.to_string())?;
+        let text = toml::to_string(&profile)?;
         let tmp = dir.join("host.toml.tmp");
         fs::write(&tmp, text)
             .and_then(|()| fs::rename(&tmp, &profile_path))
-            .map_err(|e| format!("cannot write {}: {e}", profile_path.display()))?;
+            .map_err(io("write", &profile_path))?;
         Ok(Host { profile, key, dir: dir.to_owned() })
     }
 
     /// The directory that keeps one cell's records.
-    pub fn cell_record_dir(&self, cell_id: &str) -> Result<PathBuf, String> {
+    pub fn cell_record_dir(&self, cell_id: &str) -> Result<PathBuf, StateError> {
         let d = self.dir.join("cells").join(cell_id);
         mkdir(&d)?;
         Ok(d)

@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::cell::{open_evidence, Admitted, Cell, Verdict};
-use crate::evidence::CellEvidence;
+use crate::evidence::{CellEvidence, EvidenceError};
 use crate::state::Host;
-use crate::vmm_process;
+use crate::vmm_process::{self, VmmError};
 use crate::{Cancel, CellError, CellRequest, HostConfig, OutputSink};
 
 /// Longest request line.
@@ -133,22 +133,81 @@ pub fn socket_path(run_dir: &Path, id: &str) -> PathBuf {
     run_dir.join("supervisors").join(format!("{id}.sock"))
 }
 
+/// Why a request to a supervisor got no reply ([`ask`]).
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    /// Nothing listens at the supervisor's socket.
+    #[error("the supervisor of cell {id} is not there ({}): {source}", path.display())]
+    NotThere {
+        /// The cell.
+        id: String,
+        /// The socket.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection could not be set up.
+    #[error(transparent)]
+    Socket(std::io::Error),
+    /// The request could not be serialized.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// The request could not be sent.
+    #[error("cell {id}'s supervisor: {source}")]
+    Send {
+        /// The cell.
+        id: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No reply came.
+    #[error("cell {id}'s supervisor did not answer: {source}")]
+    NoAnswer {
+        /// The cell.
+        id: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The reply is not a [`Reply`].
+    #[error("cell {id}'s supervisor answered {reply:?}: {source}")]
+    BadReply {
+        /// The cell.
+        id: String,
+        /// The line it sent.
+        reply: String,
+        /// What the parser said.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 /// Sends one request to the supervisor of cell `id` and waits up to `limit` for its reply.
-pub fn ask(run_dir: &Path, id: &str, request: &Request, limit: Duration) -> Result<Reply, String> {
+pub fn ask(
+    run_dir: &Path,
+    id: &str,
+    request: &Request,
+    limit: Duration,
+) -> Result<Reply, AskError> {
     let path = socket_path(run_dir, id);
-    let mut s = UnixStream::connect(&path).map_err(|e| {
-        format!("the supervisor of cell {id} is not there ({}): {e}", path.display())
-    })?;
-    s.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
-    let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
+    let id = id.to_owned();
+    let mut s = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(source) => return Err(AskError::NotThere { id, path, source }),
+    };
+    s.set_read_timeout(Some(limit)).map_err(AskError::Socket)?;
+    let mut line = serde_json::to_string(request)?;
     line.push('\n');
-    s.write_all(line.as_bytes()).map_err(|e| format!("cell {id}'s supervisor: {e}"))?;
+    if let Err(source) = s.write_all(line.as_bytes()) {
+        return Err(AskError::Send { id, source });
+    }
     let mut reply = String::new();
-    BufReader::new(std::io::Read::take(s, MAX_REQUEST))
-        .read_line(&mut reply)
-        .map_err(|e| format!("cell {id}'s supervisor did not answer: {e}"))?;
-    serde_json::from_str(&reply)
-        .map_err(|e| format!("cell {id}'s supervisor answered {reply:?}: {e}"))
+    if let Err(source) = BufReader::new(std::io::Read::take(s, MAX_REQUEST)).read_line(&mut reply) {
+        return Err(AskError::NoAnswer { id, source });
+    }
+    serde_json::from_str(&reply).map_err(|source| AskError::BadReply { id, reply, source })
 }
 
 /// Warnings go to the supervisor's stderr (its log file).
@@ -167,7 +226,7 @@ fn failure_kind(e: &CellError) -> &'static str {
         CellError::Denied(_) => "denied",
         CellError::Plan(_) => "invalid",
         CellError::Host(_) => "host",
-        CellError::Boot(_) | CellError::Agent(_) => "boot",
+        CellError::Boot(_) | CellError::Agent(_) | CellError::Link(_) => "boot",
         _ => "failed",
     }
 }
@@ -299,9 +358,9 @@ fn serve(cell: &mut Cell, listener: &UnixListener, cancel: &Cancel) -> Ended {
         let _ = stream.set_read_timeout(Some(REQUEST_LIMIT));
         let mut line = String::new();
         let read = BufReader::new(std::io::Read::take(&stream, MAX_REQUEST)).read_line(&mut line);
-        let request: Result<Request, String> = read
-            .map_err(|e| e.to_string())
-            .and_then(|_| serde_json::from_str(&line).map_err(|e| e.to_string()));
+        let request = read
+            .map_err(BadRequest::Read)
+            .and_then(|_| serde_json::from_str::<Request>(&line).map_err(BadRequest::Json));
         let reply = match request {
             Ok(Request::Status) => Reply::Running { vmm_pid: cell.vmm_pid() },
             Ok(Request::Log { kind, data }) => match cell.log(&kind, data) {
@@ -318,6 +377,15 @@ fn serve(cell: &mut Cell, listener: &UnixListener, cancel: &Cancel) -> Ended {
     }
 }
 
+/// Why a request line could not be taken.
+#[derive(Debug, thiserror::Error)]
+enum BadRequest {
+    #[error(transparent)]
+    Read(std::io::Error),
+    #[error(transparent)]
+    Json(serde_json::Error),
+}
+
 fn answer(stream: &mut UnixStream, reply: &Reply) {
     if let Ok(mut line) = serde_json::to_string(reply) {
         line.push('\n');
@@ -330,22 +398,23 @@ fn answer(stream: &mut UnixStream, reply: &Reply) {
 /// the exit receipt (`None` if the cell never launched), or `Err` if the supervisor is in fact
 /// still there.
 pub fn reconcile_lost(host: &HostConfig, id: &str) -> Result<Option<PathBuf>, CellError> {
-    let state = Host::load_or_init(&host.state_dir).map_err(CellError::Evidence)?;
-    let record = state.cell_record_dir(id).map_err(CellError::Evidence)?;
+    let state = Host::load_or_init(&host.state_dir).map_err(EvidenceError::from)?;
+    let record = state.cell_record_dir(id).map_err(EvidenceError::from)?;
     let exit = record.join("exit.json");
     if exit.exists() {
         return Ok(Some(exit));
     }
     let checks = vmm_process::sweep_one(&host.run_dir, id)
-        .ok_or_else(|| CellError::Start(format!("cell {id} still has a live owner")))?;
+        .ok_or_else(|| CellError::Start(VmmError::LiveOwner(id.to_owned())))?;
     let _ = std::fs::remove_file(socket_path(&host.run_dir, id));
-    let Some(mut ev) = CellEvidence::resume(state, id).map_err(CellError::Evidence)? else {
+    let Some(mut ev) = CellEvidence::resume(state, id)? else {
         return Ok(None);
     };
     let checks = serde_json::to_value(&checks).unwrap_or_default();
-    ev.log("error", json!({ "message": "the cell's supervisor was gone; its cell was torn down" }))
-        .map_err(CellError::Evidence)?;
-    let path =
-        ev.ended(None, "supervisor_lost", &checks, json!({})).map_err(CellError::Evidence)?;
+    ev.log(
+        "error",
+        json!({ "message": "the cell's supervisor was gone; its cell was torn down" }),
+    )?;
+    let path = ev.ended(None, "supervisor_lost", &checks, json!({}))?;
     Ok(Some(path))
 }

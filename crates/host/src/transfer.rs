@@ -19,7 +19,275 @@ use std::time::{Duration, Instant};
 
 use isocell_proto::{EntryKind, Message, MAX_CHUNK};
 
-use crate::agent_link::{deadline_in, AgentLink};
+use crate::agent_link::{deadline_in, AgentLink, AgentLinkError};
+
+/// Why a copy into or out of a cell failed. The texts of `--output` failures start with
+/// `--output `.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// The connection to the agent failed.
+    #[error(transparent)]
+    Agent(#[from] AgentLinkError),
+    /// A host file named by `flag` cannot be opened or looked at.
+    #[error("{flag} {}: {source}", path.display())]
+    HostFile {
+        /// The option that named it (`--input`, ...).
+        flag: String,
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A host file named by `flag` is a device, FIFO or socket.
+    #[error(
+        "{flag} {}: not a regular file (devices, FIFOs and sockets are refused)",
+        path.display()
+    )]
+    NotRegular {
+        /// The option that named it.
+        flag: String,
+        /// The file.
+        path: PathBuf,
+    },
+    /// An input tree holds a name that is not UTF-8.
+    #[error("--input: {} has a name that is not UTF-8", path.display())]
+    NotUtf8 {
+        /// The entry.
+        path: PathBuf,
+    },
+    /// An input file changed size while it was copied.
+    #[error("--input {}: the file changed while it was copied", path.display())]
+    Changed {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Reading the data to send failed.
+    #[error("{what}: {source}")]
+    Read {
+        /// What was read.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Fewer bytes were there to send than announced.
+    #[error("{guest}: {sent} of {size} bytes were there to copy")]
+    Short {
+        /// The file in the cell.
+        guest: String,
+        /// Bytes sent.
+        sent: u64,
+        /// Bytes announced.
+        size: u64,
+    },
+    /// The agent refused an operation.
+    #[error("in the cell: {0}")]
+    InCell(String),
+    /// The agent answered an operation with something else than `Done` or `Error`.
+    #[error("unexpected reply {reply} for {what}")]
+    UnexpectedReply {
+        /// The reply, described briefly.
+        reply: String,
+        /// The path the operation was on.
+        what: String,
+    },
+    /// The cell sent a path with `..`, a root or a NUL (truncated).
+    #[error("the cell sent an unsafe path {0:?}; refused")]
+    UnsafePath(String),
+    /// A host path holds a NUL.
+    #[error("{}: path has a NUL", path.display())]
+    Nul {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The staging directory of an output cannot be created.
+    #[error("--output {}: cannot create {}: {source}", dest.display(), dir.display())]
+    Staging {
+        /// The output's destination.
+        dest: PathBuf,
+        /// The staging directory.
+        dir: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A host path of an output cannot be opened or renamed.
+    #[error("--output {}: {source}", path.display())]
+    Output {
+        /// The path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The destination is a directory that is not empty.
+    #[error("--output {}: exists and is not empty; give a new path or remove it", dest.display())]
+    NotEmpty {
+        /// The destination.
+        dest: PathBuf,
+    },
+    /// The destination is of another kind than the copy (a file for a tree, or the reverse).
+    #[error(
+        "--output {}: exists as another kind of file; give a new path or remove it",
+        dest.display()
+    )]
+    OtherKind {
+        /// The destination.
+        dest: PathBuf,
+    },
+    /// Copying the outputs took longer than `--copy-timeout`.
+    #[error("--output {guest}: copying outputs took longer than --copy-timeout {secs} s; stopped")]
+    Timeout {
+        /// The path in the cell.
+        guest: String,
+        /// The bound.
+        secs: u64,
+    },
+    /// The cell began an entry before it ended a file.
+    #[error("--output {guest}: the cell began an entry inside a file")]
+    EntryInFile {
+        /// The path in the cell.
+        guest: String,
+    },
+    /// More entries than `--output-max-entries`.
+    #[error(
+        "--output {guest}: more than --output-max-entries {max} files and directories; stopped"
+    )]
+    MaxEntries {
+        /// The path in the cell.
+        guest: String,
+        /// The cap.
+        max: u64,
+    },
+    /// The first entry was not the root, or the root came again.
+    #[error("--output {guest}: the cell sent entries out of order ({path:?})")]
+    OutOfOrder {
+        /// The path in the cell.
+        guest: String,
+        /// The entry's path (truncated).
+        path: String,
+    },
+    /// An entry cannot be created in the staging directory.
+    #[error("--output {guest}: {path}: {source}")]
+    Create {
+        /// The path in the cell.
+        guest: String,
+        /// The entry's path (truncated).
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file would pass `--output-max-bytes`.
+    #[error("--output {guest}: {path} would pass --output-max-bytes {max}; stopped")]
+    MaxBytes {
+        /// The path in the cell.
+        guest: String,
+        /// The entry's path (truncated).
+        path: String,
+        /// The cap.
+        max: u64,
+    },
+    /// A file is larger than the free space of the destination's filesystem.
+    #[error(
+        "--output {guest}: {path} ({size} bytes) does not fit on the destination's filesystem"
+    )]
+    NoSpace {
+        /// The path in the cell.
+        guest: String,
+        /// The entry's path (truncated).
+        path: String,
+        /// Its declared size.
+        size: u64,
+    },
+    /// Data came outside a file.
+    #[error("--output {guest}: the cell sent data outside a file")]
+    DataOutsideFile {
+        /// The path in the cell.
+        guest: String,
+    },
+    /// A file got more data than its declared size.
+    #[error(
+        "--output {guest}: the cell sent more than the {declared} bytes it declared for {}; \
+         stopped",
+        file.display()
+    )]
+    TooMuchData {
+        /// The path in the cell.
+        guest: String,
+        /// The file.
+        file: PathBuf,
+        /// Its declared size.
+        declared: u64,
+    },
+    /// Writing a file in the staging directory failed.
+    #[error("--output {guest}: writing {}: {source}", file.display())]
+    Write {
+        /// The path in the cell.
+        guest: String,
+        /// The file.
+        file: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file ended that never began.
+    #[error("--output {guest}: the cell ended a file it never began")]
+    EndWithoutBegin {
+        /// The path in the cell.
+        guest: String,
+    },
+    /// A file ended short of its declared size.
+    #[error(
+        "--output {guest}: the cell sent {written} bytes for {}, not the {declared} it declared",
+        file.display()
+    )]
+    SizeMismatch {
+        /// The path in the cell.
+        guest: String,
+        /// The file.
+        file: PathBuf,
+        /// Bytes received.
+        written: u64,
+        /// Its declared size.
+        declared: u64,
+    },
+    /// The copy ended inside a file.
+    #[error("--output {guest}: the cell stopped in the middle of a file")]
+    Unfinished {
+        /// The path in the cell.
+        guest: String,
+    },
+    /// The copy ended before any entry.
+    #[error("--output {guest}: the cell sent nothing")]
+    Nothing {
+        /// The path in the cell.
+        guest: String,
+    },
+    /// The agent reported an error (its message, truncated).
+    #[error("--output {guest}: {message}")]
+    Refused {
+        /// The path in the cell.
+        guest: String,
+        /// The agent's message.
+        message: String,
+    },
+    /// The cell sent a message that has no place in a copy.
+    #[error("--output {guest}: unexpected message {message} from the cell")]
+    UnexpectedMessage {
+        /// The path in the cell.
+        guest: String,
+        /// The message, described briefly.
+        message: String,
+    },
+    /// The directory an output goes into does not exist.
+    #[error("directory {} does not exist", path.display())]
+    NoDirectory {
+        /// The directory.
+        path: PathBuf,
+    },
+}
 
 /// Default cap on the files and directories all `--output`s of one run may create.
 pub const DEFAULT_OUTPUT_MAX_ENTRIES: u64 = 100_000;
@@ -68,8 +336,8 @@ pub fn put(
     host: &Path,
     guest: &str,
     deadline: Instant,
-) -> Result<(), String> {
-    let meta = fs::metadata(host).map_err(|e| format!("--input {}: {e}", host.display()))?;
+) -> Result<(), TransferError> {
+    let meta = fs::metadata(host).map_err(input(host))?;
     if meta.is_dir() {
         put_dir(link, host, guest, deadline)
     } else {
@@ -82,23 +350,20 @@ fn put_dir(
     host: &Path,
     guest: &str,
     deadline: Instant,
-) -> Result<(), String> {
+) -> Result<(), TransferError> {
     let mode = fs::metadata(host).map(|m| m.mode() & 0o7777).unwrap_or(0o755);
     link.send(&Message::MakeDir { path: guest.to_owned(), mode })?;
     reply(link, guest, deadline)?;
-    let mut entries: Vec<_> = fs::read_dir(host)
-        .map_err(|e| format!("--input {}: {e}", host.display()))?
-        .filter_map(Result::ok)
-        .collect();
+    let mut entries: Vec<_> =
+        fs::read_dir(host).map_err(input(host))?.filter_map(Result::ok).collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let name = e.file_name();
         let Some(name) = name.to_str() else {
-            return Err(format!("--input: {} has a name that is not UTF-8", e.path().display()));
+            return Err(TransferError::NotUtf8 { path: e.path() });
         };
         let child = format!("{}/{name}", guest.trim_end_matches('/'));
-        let meta = fs::metadata(e.path())
-            .map_err(|err| format!("--input {}: {err}", e.path().display()))?;
+        let meta = fs::metadata(e.path()).map_err(input(&e.path()))?;
         if meta.is_dir() {
             put_dir(link, &e.path(), &child, deadline)?;
         } else if meta.is_file() {
@@ -110,20 +375,30 @@ fn put_dir(
     Ok(())
 }
 
+/// [`TransferError::HostFile`] for `path`, named by `flag`, for `map_err`.
+fn host_file<'a>(
+    flag: &'a str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> TransferError + 'a {
+    move |source| TransferError::HostFile { flag: flag.to_owned(), path: path.to_owned(), source }
+}
+
+/// [`host_file`] for `--input`.
+fn input(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
+    host_file("--input", path)
+}
+
 /// Opens a host file named by `flag` without blocking (a FIFO put in its place after the
 /// options were checked must not hang us) and checks that what was opened is a regular file.
-pub fn open_regular(flag: &str, path: &Path) -> Result<(File, fs::Metadata), String> {
+pub fn open_regular(flag: &str, path: &Path) -> Result<(File, fs::Metadata), TransferError> {
     let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
-        .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
-    let meta = f.metadata().map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+        .map_err(host_file(flag, path))?;
+    let meta = f.metadata().map_err(host_file(flag, path))?;
     if !meta.is_file() {
-        return Err(format!(
-            "{flag} {}: not a regular file (devices, FIFOs and sockets are refused)",
-            path.display()
-        ));
+        return Err(TransferError::NotRegular { flag: flag.to_owned(), path: path.to_owned() });
     }
     Ok((f, meta))
 }
@@ -133,13 +408,13 @@ fn put_file(
     host: &Path,
     guest: &str,
     deadline: Instant,
-) -> Result<(), String> {
+) -> Result<(), TransferError> {
     let (f, meta) = open_regular("--input", host)?;
     let size = meta.len();
     let what = format!("--input {}", host.display());
     let sent = send_file(link, f, size, meta.mode(), guest, &what)?;
     if sent != size {
-        return Err(format!("--input {}: the file changed while it was copied", host.display()));
+        return Err(TransferError::Changed { path: host.to_owned() });
     }
     reply(link, guest, deadline)
 }
@@ -153,13 +428,15 @@ fn send_file(
     mode: u32,
     guest: &str,
     what: &str,
-) -> Result<u64, String> {
+) -> Result<u64, TransferError> {
     link.send(&Message::PutFile { path: guest.to_owned(), mode: mode & 0o7777, size })?;
     let mut buf = vec![0u8; MAX_CHUNK];
     let mut sent = 0u64;
     while sent < size {
         let want = usize::try_from(size - sent).unwrap_or(usize::MAX).min(buf.len());
-        let n = data.read(&mut buf[..want]).map_err(|e| format!("{what}: {e}"))?;
+        let n = data
+            .read(&mut buf[..want])
+            .map_err(|source| TransferError::Read { what: what.to_owned(), source })?;
         if n == 0 {
             break;
         }
@@ -179,10 +456,10 @@ pub fn put_reader(
     mode: u32,
     guest: &str,
     deadline: Instant,
-) -> Result<(), String> {
+) -> Result<(), TransferError> {
     let sent = send_file(link, data, size, mode, guest, guest)?;
     if sent != size {
-        return Err(format!("{guest}: {sent} of {size} bytes were there to copy"));
+        return Err(TransferError::Short { guest: guest.to_owned(), sent, size });
     }
     reply(link, guest, deadline)
 }
@@ -193,16 +470,18 @@ pub fn make_dir(
     guest: &str,
     mode: u32,
     deadline: Instant,
-) -> Result<(), String> {
+) -> Result<(), TransferError> {
     link.send(&Message::MakeDir { path: guest.to_owned(), mode: mode & 0o7777 })?;
     reply(link, guest, deadline)
 }
 
-fn reply(link: &mut AgentLink, what: &str, deadline: Instant) -> Result<(), String> {
+fn reply(link: &mut AgentLink, what: &str, deadline: Instant) -> Result<(), TransferError> {
     match link.expect_by(deadline, what)? {
         Message::Done => Ok(()),
-        Message::Error { message } => Err(format!("in the cell: {message}")),
-        other => Err(format!("unexpected reply {} for {what}", describe(&other))),
+        Message::Error { message } => Err(TransferError::InCell(message)),
+        other => {
+            Err(TransferError::UnexpectedReply { reply: describe(&other), what: what.to_owned() })
+        }
     }
 }
 
@@ -222,14 +501,14 @@ fn describe(m: &Message) -> String {
 }
 
 /// Checks a relative path from the cell: no `..`, no root, nothing odd.
-fn safe_relative(rel: &str) -> Result<PathBuf, String> {
+fn safe_relative(rel: &str) -> Result<PathBuf, TransferError> {
     let p = Path::new(rel);
     let ok = p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
         && !rel.contains('\0');
     if ok && !rel.is_empty() {
         Ok(p.components().filter(|c| matches!(c, Component::Normal(_))).collect())
     } else {
-        Err(format!("the cell sent an unsafe path {:?}; refused", truncated(rel)))
+        Err(TransferError::UnsafePath(truncated(rel).to_owned()))
     }
 }
 
@@ -240,8 +519,8 @@ fn truncated(s: &str) -> &str {
     }
 }
 
-fn cstring(p: &Path) -> Result<CString, String> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| format!("{}: path has a NUL", p.display()))
+fn cstring(p: &Path) -> Result<CString, TransferError> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| TransferError::Nul { path: p.to_owned() })
 }
 
 /// Opens `rel` beneath the directory `dir` without following any link, `..` or mount crossing
@@ -322,12 +601,12 @@ struct Staging {
 const STAGED: &str = "data";
 
 impl Staging {
-    fn new(dest: PathBuf) -> Result<Staging, String> {
+    fn new(dest: PathBuf) -> Result<Staging, TransferError> {
         let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let dir = parent.join(format!(".isocell-output-{}", crate::vmm_process::new_id()));
-        fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| {
-            format!("--output {}: cannot create {}: {e}", dest.display(), dir.display())
-        })?;
+        if let Err(source) = fs::DirBuilder::new().mode(0o700).create(&dir) {
+            return Err(TransferError::Staging { dest, dir, source });
+        }
         let fd = match fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
@@ -336,7 +615,7 @@ impl Staging {
             Ok(f) => OwnedFd::from(f),
             Err(e) => {
                 let _ = fs::remove_dir(&dir);
-                return Err(format!("--output {}: {e}", dir.display()));
+                return Err(TransferError::Output { path: dir, source: e });
             }
         };
         Ok(Staging { dir, fd, dest, done: false })
@@ -345,22 +624,17 @@ impl Staging {
     /// Moves the complete copy into place. A file replaces an existing file (or link: the
     /// link itself, never its target); a directory takes the place of nothing or of an empty
     /// directory, never merges into a full one.
-    fn commit(mut self) -> Result<(), String> {
+    fn commit(mut self) -> Result<(), TransferError> {
         let from = cstring(&self.dir.join(STAGED))?;
         let to = cstring(&self.dest)?;
         // SAFETY: rename with two NUL-terminated paths that outlive the call.
         if unsafe { libc::rename(from.as_ptr(), to.as_ptr()) } != 0 {
             let err = std::io::Error::last_os_error();
+            let dest = self.dest.clone();
             return Err(match err.raw_os_error() {
-                Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => format!(
-                    "--output {}: exists and is not empty; give a new path or remove it",
-                    self.dest.display()
-                ),
-                Some(libc::EISDIR) | Some(libc::ENOTDIR) => format!(
-                    "--output {}: exists as another kind of file; give a new path or remove it",
-                    self.dest.display()
-                ),
-                _ => format!("--output {}: {err}", self.dest.display()),
+                Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => TransferError::NotEmpty { dest },
+                Some(libc::EISDIR) | Some(libc::ENOTDIR) => TransferError::OtherKind { dest },
+                _ => TransferError::Output { path: dest, source: err },
             });
         }
         self.done = true;
@@ -393,7 +667,7 @@ pub fn get(
     guest: &str,
     host: &Path,
     budget: &mut OutputBudget,
-) -> Result<(), String> {
+) -> Result<(), TransferError> {
     // A single file copied onto an existing directory lands inside it (decided on the first
     // entry, when the kind is known).
     let into_dir = fs::metadata(host).is_ok_and(|m| m.is_dir());
@@ -401,37 +675,28 @@ pub fn get(
     link.send(&Message::GetPath { path: guest.to_owned() })?;
     let mut staging: Option<Staging> = None;
     let mut current: Option<Incoming> = None;
+    let g = || guest.to_owned();
     loop {
         let msg = link.expect_by(budget.deadline, guest).map_err(|e| {
             if Instant::now() >= budget.deadline {
-                format!(
-                    "--output {guest}: copying outputs took longer than --copy-timeout {} s; \
-                     stopped",
-                    budget.timeout.as_secs()
-                )
+                TransferError::Timeout { guest: g(), secs: budget.timeout.as_secs() }
             } else {
-                e
+                e.into()
             }
         })?;
         match msg {
             Message::Entry { path, kind, mode, size } => {
                 if current.is_some() {
-                    return Err(format!("--output {guest}: the cell began an entry inside a file"));
+                    return Err(TransferError::EntryInFile { guest: g() });
                 }
                 budget.entries = budget.entries.checked_sub(1).ok_or_else(|| {
-                    format!(
-                        "--output {guest}: more than --output-max-entries {} files and \
-                         directories; stopped",
-                        budget.max_entries
-                    )
+                    TransferError::MaxEntries { guest: g(), max: budget.max_entries }
                 })?;
                 let rel = safe_relative(&path)?;
                 let is_root = rel.as_os_str().is_empty();
+                let short = || truncated(&path).to_owned();
                 if staging.is_none() != is_root {
-                    return Err(format!(
-                        "--output {guest}: the cell sent entries out of order ({:?})",
-                        truncated(&path)
-                    ));
+                    return Err(TransferError::OutOfOrder { guest: g(), path: short() });
                 }
                 if is_root {
                     let dest = match (&guest_name, kind) {
@@ -443,31 +708,33 @@ pub fn get(
                 let Some(stage) = &staging else { continue };
                 let at = if is_root { PathBuf::from(STAGED) } else { Path::new(STAGED).join(&rel) };
                 match kind {
-                    EntryKind::Dir => mkdir_beneath(stage.fd.as_raw_fd(), &at)
-                        .map_err(|e| format!("--output {guest}: {}: {e}", truncated(&path)))?,
+                    EntryKind::Dir => {
+                        mkdir_beneath(stage.fd.as_raw_fd(), &at).map_err(|source| {
+                            TransferError::Create { guest: g(), path: short(), source }
+                        })?
+                    }
                     EntryKind::File => {
                         if size > budget.bytes {
-                            return Err(format!(
-                                "--output {guest}: {} would pass --output-max-bytes {}; stopped",
-                                truncated(&path),
-                                budget.max_bytes
-                            ));
+                            return Err(TransferError::MaxBytes {
+                                guest: g(),
+                                path: short(),
+                                max: budget.max_bytes,
+                            });
                         }
                         if free_bytes(stage.fd.as_raw_fd()).is_some_and(|free| size > free) {
-                            return Err(format!(
-                                "--output {guest}: {} ({size} bytes) does not fit on the \
-                                 destination's filesystem",
-                                truncated(&path)
-                            ));
+                            return Err(TransferError::NoSpace { guest: g(), path: short(), size });
                         }
                         let file_mode = if mode & 0o111 != 0 { 0o755 } else { FILE_MODE };
-                        let fd = open_beneath(
-                            stage.fd.as_raw_fd(),
-                            &at,
-                            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
-                            file_mode,
-                        )
-                        .map_err(|e| format!("--output {guest}: {}: {e}", truncated(&path)))?;
+                        let fd =
+                            open_beneath(
+                                stage.fd.as_raw_fd(),
+                                &at,
+                                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                                file_mode,
+                            )
+                            .map_err(|source| {
+                                TransferError::Create { guest: g(), path: short(), source }
+                            })?;
                         // The root of a single-file output is named after the cell's path.
                         let rel = if is_root { PathBuf::from(guest) } else { rel };
                         current = Some(Incoming {
@@ -481,65 +748,65 @@ pub fn get(
             }
             Message::Data(bytes) => {
                 let Some(cur) = &mut current else {
-                    return Err(format!("--output {guest}: the cell sent data outside a file"));
+                    return Err(TransferError::DataOutsideFile { guest: g() });
                 };
                 let n = bytes.len() as u64;
                 if cur.written.saturating_add(n) > cur.declared {
-                    return Err(format!(
-                        "--output {guest}: the cell sent more than the {} bytes it declared for \
-                         {}; stopped",
-                        cur.declared,
-                        cur.rel.display()
-                    ));
+                    return Err(TransferError::TooMuchData {
+                        guest: g(),
+                        file: cur.rel.clone(),
+                        declared: cur.declared,
+                    });
                 }
-                cur.file
-                    .write_all(&bytes)
-                    .map_err(|e| format!("--output {guest}: writing {}: {e}", cur.rel.display()))?;
+                if let Err(source) = cur.file.write_all(&bytes) {
+                    return Err(TransferError::Write { guest: g(), file: cur.rel.clone(), source });
+                }
                 cur.written += n;
                 budget.bytes = budget.bytes.saturating_sub(n);
             }
             Message::DataEnd => {
                 let Some(cur) = current.take() else {
-                    return Err(format!("--output {guest}: the cell ended a file it never began"));
+                    return Err(TransferError::EndWithoutBegin { guest: g() });
                 };
                 if cur.written != cur.declared {
-                    return Err(format!(
-                        "--output {guest}: the cell sent {} bytes for {}, not the {} it declared",
-                        cur.written,
-                        cur.rel.display(),
-                        cur.declared
-                    ));
+                    return Err(TransferError::SizeMismatch {
+                        guest: g(),
+                        file: cur.rel,
+                        written: cur.written,
+                        declared: cur.declared,
+                    });
                 }
             }
             Message::Done => {
                 if current.is_some() {
-                    return Err(format!(
-                        "--output {guest}: the cell stopped in the middle of a file"
-                    ));
+                    return Err(TransferError::Unfinished { guest: g() });
                 }
                 return match staging {
                     Some(s) => s.commit(),
-                    None => Err(format!("--output {guest}: the cell sent nothing")),
+                    None => Err(TransferError::Nothing { guest: g() }),
                 };
             }
             Message::Error { message } => {
-                return Err(format!("--output {guest}: {}", truncated(&message)))
+                return Err(TransferError::Refused {
+                    guest: g(),
+                    message: truncated(&message).to_owned(),
+                })
             }
             other => {
-                return Err(format!(
-                    "--output {guest}: unexpected message {} from the cell",
-                    describe(&other)
-                ))
+                return Err(TransferError::UnexpectedMessage {
+                    guest: g(),
+                    message: describe(&other),
+                })
             }
         }
     }
 }
 
 /// The host path an output goes to, checked before anything starts: its directory must exist.
-pub fn check_output_dest(host: &Path) -> Result<(), String> {
+pub fn check_output_dest(host: &Path) -> Result<(), TransferError> {
     let parent = host.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !parent.is_dir() {
-        return Err(format!("directory {} does not exist", parent.display()));
+        return Err(TransferError::NoDirectory { path: parent.to_owned() });
     }
     Ok(())
 }
@@ -645,7 +912,7 @@ mod tests {
         // Into the existing directory full of links: refused, nothing written through them.
         let err = get(&mut hostile_agent(script.clone()), "/o", &t.0.join("dst"), &mut budget())
             .unwrap_err();
-        assert!(err.contains("not empty"), "{err}");
+        assert!(err.to_string().contains("not empty"), "{err}");
         assert_eq!(fs::read_to_string(t.0.join("victim")).unwrap(), "keep");
         assert!(t.names("victim-dir").is_empty());
         // Into a new path: the copy is complete and holds plain files only.
@@ -745,7 +1012,7 @@ mod tests {
         for (expect, script, mut b) in cases {
             let t = Scratch::new();
             let err = get(&mut hostile_agent(script), "/o", &t.0.join("out"), &mut b).unwrap_err();
-            assert!(err.contains(expect), "expected {expect:?}, got {err}");
+            assert!(err.to_string().contains(expect), "expected {expect:?}, got {err}");
             assert!(t.names("").is_empty(), "{expect}: left {:?}", t.names(""));
         }
     }
@@ -815,6 +1082,7 @@ mod tests {
     fn input_refuses_devices_and_fifos() {
         assert!(open_regular("--input", Path::new("/dev/zero"))
             .unwrap_err()
+            .to_string()
             .contains("not a regular file"));
         let t = Scratch::new();
         let fifo = cstring(&t.0.join("fifo")).unwrap();
@@ -823,6 +1091,7 @@ mod tests {
         // Opened without blocking, and refused.
         assert!(open_regular("--input", &t.0.join("fifo"))
             .unwrap_err()
+            .to_string()
             .contains("not a regular file"));
     }
 

@@ -12,11 +12,109 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use isocell_jail::cgroup::{self, CellCgroup};
+use isocell_jail::cgroup::{self, CellCgroup, CgroupError};
 use isocell_proto::AGENT_PORT;
 use isocell_spec::VmConfig;
 
 use crate::confine::{host_dirs, JailPlan};
+
+/// Why a cell's VMM could not be set up and started, or did not bring its agent up.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// A file system or process operation failed.
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        /// What was being done ("create", "write", "listen on", "start", ...).
+        action: &'static str,
+        /// The file, directory or program.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A directory of the run directory's path could not be looked at.
+    #[error("{}: {source}", path.display())]
+    Inspect {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The run directory could be changed by someone other than root.
+    #[error(
+        "the run directory {} is not safe for jailed cells: {} must be owned by root and \
+         writable only by root (set ISOCELL_RUN_DIR to such a directory, default /run/isocell)",
+        dir.display(),
+        at.display()
+    )]
+    UnsafeRunDir {
+        /// The run directory.
+        dir: PathBuf,
+        /// The directory on its path that is not root's alone.
+        at: PathBuf,
+    },
+    /// The owner file could not be locked.
+    #[error("cannot lock {}", path.display())]
+    Lock {
+        /// The owner file.
+        path: PathBuf,
+    },
+    /// The VMM's log could not be created.
+    #[error("cannot create the VMM log: {0}")]
+    Log(#[source] std::io::Error),
+    /// A path could not be given to the jail's user.
+    #[error("cannot hand {} to the jail: {source}", path.display())]
+    Chown {
+        /// The path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The cell's cgroup could not be created.
+    #[error("cannot create the cell's cgroup: {0}")]
+    Cgroup(#[source] CgroupError),
+    /// The VM configuration or jail spec could not be serialized.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// The cell was started without an agent socket.
+    #[error("the cell has no agent socket")]
+    NoAgentSocket,
+    /// The agent's socket could not be set up.
+    #[error("agent socket: {0}")]
+    AgentSocket(#[source] std::io::Error),
+    /// Accepting the agent's connection failed.
+    #[error("waiting for the agent: {0}")]
+    Accept(#[source] std::io::Error),
+    /// The VMM exited before the agent connected.
+    #[error("the cell stopped before its agent came up (VMM {status}){diagnostics}")]
+    Stopped {
+        /// The VMM's exit status.
+        status: ExitStatus,
+        /// The VMM's log and console tail ([`Vmm::diagnostics`]).
+        diagnostics: String,
+    },
+    /// The wait was interrupted.
+    #[error("interrupted while the cell was booting")]
+    Interrupted,
+    /// The agent did not connect in time.
+    #[error("the agent did not come up within {secs} s{diagnostics}")]
+    NoAgent {
+        /// The boot timeout.
+        secs: u64,
+        /// The VMM's log and console tail ([`Vmm::diagnostics`]).
+        diagnostics: String,
+    },
+    /// A cell's directory is still owned by a live process (see [`sweep_one`]).
+    #[error("cell {0} still has a live owner")]
+    LiveOwner(String),
+}
+
+/// `VmmError::Io` for `action` on `path`, for `map_err`.
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> VmmError + 'a {
+    move |source| VmmError::Io { action, path: path.to_owned(), source }
+}
 
 /// Teardown facts, each checked rather than assumed.
 #[derive(Debug, serde::Serialize)]
@@ -118,39 +216,38 @@ fn try_lock(file: &File) -> bool {
 /// Creates the owner file of the cell in `dir`, locked for as long as the returned file is
 /// open: created and locked under a temporary name, then renamed, so a sweep never sees it
 /// unlocked.
-fn own(dir: &Path) -> Result<File, String> {
+fn own(dir: &Path) -> Result<File, VmmError> {
     let tmp = dir.join("owner.tmp");
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&tmp)
-        .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        .map_err(io("create", &tmp))?;
     if !try_lock(&f) {
-        return Err(format!("cannot lock {}", tmp.display()));
+        return Err(VmmError::Lock { path: tmp });
     }
     use std::io::Write;
     f.write_all(std::process::id().to_string().as_bytes())
         .and_then(|()| fs::rename(&tmp, dir.join(OWNER_FILE)))
-        .map_err(|e| format!("cannot write the owner of {}: {e}", dir.display()))?;
+        .map_err(io("write the owner of", dir))?;
     Ok(f)
 }
 
 /// Refuses a directory that anyone but root could change: `dir` and each directory above it
 /// must be owned by root and not writable by group or others (unless sticky, like /tmp). The
 /// jailer runs as root on what is written there.
-fn check_root_only(dir: &Path) -> Result<(), String> {
+fn check_root_only(dir: &Path) -> Result<(), VmmError> {
     use std::os::unix::fs::MetadataExt;
-    let real = dir.canonicalize().map_err(|e| format!("{}: {e}", dir.display()))?;
+    let inspect = |path: &Path| {
+        let path = path.to_owned();
+        move |source| VmmError::Inspect { path, source }
+    };
+    let real = dir.canonicalize().map_err(inspect(dir))?;
     for d in real.ancestors() {
-        let m = fs::metadata(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        let m = fs::metadata(d).map_err(inspect(d))?;
         let sticky = m.mode() & 0o1000 != 0;
         if m.uid() != 0 || (m.mode() & 0o022 != 0 && !(sticky && d != real)) {
-            return Err(format!(
-                "the run directory {} is not safe for jailed cells: {} must be owned by root and \
-                 writable only by root (set ISOCELL_RUN_DIR to such a directory, default /run/isocell)",
-                dir.display(),
-                d.display()
-            ));
+            return Err(VmmError::UnsafeRunDir { dir: dir.to_owned(), at: d.to_owned() });
         }
     }
     Ok(())
@@ -238,7 +335,7 @@ impl Vmm {
         config: &VmConfig,
         jail: Option<&JailPlan>,
         seccomp_probe: Option<&str>,
-    ) -> Result<Vmm, String> {
+    ) -> Result<Vmm, VmmError> {
         let probe: Vec<String> = match seccomp_probe {
             Some(kind) => vec!["--seccomp-probe".into(), kind.into()],
             None => Vec::new(),
@@ -247,15 +344,12 @@ impl Vmm {
             .recursive(true)
             .mode(0o700)
             .create(run_dir)
-            .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
+            .map_err(io("create", run_dir))?;
         let (dir, shared, root) = host_dirs(run_dir, id);
         if jail.is_some() {
             check_root_only(run_dir)?;
         }
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        fs::DirBuilder::new().mode(0o700).create(&dir).map_err(io("create", &dir))?;
         let mut cell = Vmm {
             dir: dir.clone(),
             shared: shared.clone(),
@@ -269,21 +363,16 @@ impl Vmm {
         };
         // From here on, dropping `cell` removes everything made so far.
         cell.owner = Some(own(&dir)?);
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&shared)
-            .map_err(|e| format!("cannot create {}: {e}", shared.display()))?;
+        fs::DirBuilder::new().mode(0o700).create(&shared).map_err(io("create", &shared))?;
         // The agent dials host port AGENT_PORT; the VMM connects that to `vsock.sock_PORT`.
         let agent_path = shared.join(format!("vsock.sock_{AGENT_PORT}"));
         let listener = UnixListener::bind(&agent_path)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|e| format!("cannot listen on {}: {e}", agent_path.display()))?;
+            .map_err(io("listen on", &agent_path))?;
         let config_path = shared.join("vm.json");
-        let json = serde_json::to_string_pretty(config).map_err(|e| e.to_string())?;
-        fs::write(&config_path, json)
-            .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
-        let vmm_log = File::create(dir.join("vmm.log"))
-            .map_err(|e| format!("cannot create the VMM log: {e}"))?;
+        let json = serde_json::to_string_pretty(config)?;
+        fs::write(&config_path, json).map_err(io("write", &config_path))?;
+        let vmm_log = File::create(dir.join("vmm.log")).map_err(VmmError::Log)?;
 
         let mut cmd = match jail {
             Some(j) => {
@@ -291,20 +380,18 @@ impl Vmm {
                 let (uid, gid) = (Some(j.spec.uid), Some(j.spec.gid));
                 for p in [&shared, &agent_path] {
                     std::os::unix::fs::chown(p, uid, gid)
-                        .map_err(|e| format!("cannot hand {} to the jail: {e}", p.display()))?;
+                        .map_err(|source| VmmError::Chown { path: p.clone(), source })?;
                 }
-                fs::create_dir(&root)
-                    .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
-                let cg = CellCgroup::create(&cgroup::root(), id, &j.limits)
-                    .map_err(|e| format!("cannot create the cell's cgroup: {e}"))?;
+                fs::create_dir(&root).map_err(io("create", &root))?;
+                let cg =
+                    CellCgroup::create(&cgroup::root(), id, &j.limits).map_err(VmmError::Cgroup)?;
                 let mut spec = j.spec.clone();
                 spec.cgroup = Some(cg.path().to_owned());
                 spec.argv.extend(probe.iter().cloned());
                 cell.cgroup = Some(cg);
                 let spec_path = dir.join("jail.json");
-                let text = serde_json::to_string_pretty(&spec).map_err(|e| e.to_string())?;
-                fs::write(&spec_path, text)
-                    .map_err(|e| format!("cannot write {}: {e}", spec_path.display()))?;
+                let text = serde_json::to_string_pretty(&spec)?;
+                fs::write(&spec_path, text).map_err(io("write", &spec_path))?;
                 let mut cmd = Command::new(&j.jailer);
                 cmd.arg(&spec_path);
                 cmd
@@ -334,8 +421,7 @@ impl Vmm {
         }
         cell.agent_listener = Some(listener);
         let program = jail.map_or(vmm, |j| j.jailer.as_path()).to_owned();
-        let mut child =
-            cmd.spawn().map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+        let mut child = cmd.spawn().map_err(io("start", &program))?;
         cell.jailer_report = child.stdout.take();
         cell.vmm_exited = pidfd(child.id());
         cell.vmm = Some(child);
@@ -349,34 +435,30 @@ impl Vmm {
         &mut self,
         timeout: Duration,
         interrupted: impl Fn() -> bool,
-    ) -> Result<UnixStream, String> {
+    ) -> Result<UnixStream, VmmError> {
         let start = Instant::now();
-        let listener = self.agent_listener.take().ok_or("the cell has no agent socket")?;
+        let listener = self.agent_listener.take().ok_or(VmmError::NoAgentSocket)?;
         loop {
             match listener.accept() {
                 Ok((s, _)) => {
-                    s.set_nonblocking(false).map_err(|e| format!("agent socket: {e}"))?;
+                    s.set_nonblocking(false).map_err(VmmError::AgentSocket)?;
                     return Ok(s);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(e) => return Err(format!("waiting for the agent: {e}")),
+                Err(e) => return Err(VmmError::Accept(e)),
             }
             if let Some(status) = self.try_wait_vmm() {
-                return Err(format!(
-                    "the cell stopped before its agent came up (VMM {status}){}",
-                    self.diagnostics()
-                ));
+                return Err(VmmError::Stopped { status, diagnostics: self.diagnostics() });
             }
             if interrupted() {
-                return Err("interrupted while the cell was booting".into());
+                return Err(VmmError::Interrupted);
             }
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
-                return Err(format!(
-                    "the agent did not come up within {} s{}",
-                    timeout.as_secs(),
-                    self.diagnostics()
-                ));
+                return Err(VmmError::NoAgent {
+                    secs: timeout.as_secs(),
+                    diagnostics: self.diagnostics(),
+                });
             }
             // Wake for the agent, the VMM's exit, or every 100 ms to look at `interrupted`.
             let mut fds = vec![listener.as_raw_fd()];
