@@ -24,6 +24,8 @@ use tokio_rustls::TlsAcceptor;
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// Finished handshakes waiting for the HTTP server.
 const BACKLOG: usize = 64;
+/// Handshakes under way at once; further connections wait in the kernel's listen queue.
+const MAX_HANDSHAKES: usize = 256;
 
 /// The `[tls]` section of the configuration: all four keys are needed.
 #[derive(Debug, Clone, Deserialize)]
@@ -145,7 +147,9 @@ async fn accept_loop(
     acceptor: TlsAcceptor,
     done: mpsc::Sender<(TlsStream<TcpStream>, Option<String>)>,
 ) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
+        let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
         let stream = match tcp.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
@@ -158,6 +162,7 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let tx = done.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let tls = match tokio::time::timeout(HANDSHAKE_LIMIT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 // A failed handshake already told the client why (a TLS alert).
