@@ -670,6 +670,8 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o size=80% tmpfs /tmp
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+# Loopback up, for tests that serve on 127.0.0.1 (the daemon's TLS listener).
+ip link set lo up || echo "isocell-testhost: loopback did not come up"
 for m in irqbypass kvm ccp kvm-amd; do
   args=; [ $m = kvm-amd ] && args="@KVM_AMD_PARAMS@"
   insmod /modules/$m.ko $args || echo "isocell-testhost: insmod $m $args failed"
