@@ -12,6 +12,28 @@ pub use crate::supervisor::AskError;
 pub use crate::transfer::TransferError;
 pub use crate::vmm_process::VmmError;
 
+/// A file system or process operation on one path failed: shared by [`StateError`] and
+/// [`VmmError`].
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} {}: {source}", path.display())]
+pub struct PathError {
+    /// What was being done ("create", "write", "listen on", "start", ...).
+    pub action: &'static str,
+    /// The file, directory or program.
+    pub path: std::path::PathBuf,
+    /// The underlying error.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// A [`PathError`] for `action` on `path`, for `map_err`.
+pub(crate) fn io<'a>(
+    action: &'static str,
+    path: &'a std::path::Path,
+) -> impl FnOnce(std::io::Error) -> PathError + 'a {
+    move |source| PathError { action, path: path.to_owned(), source }
+}
+
 /// Why a cell could not be planned: the request or the host's files. Nothing exists yet.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {

@@ -20,12 +20,6 @@ pub enum EvidenceError {
     /// The state directory or the host's profile.
     #[error(transparent)]
     State(#[from] StateError),
-    /// The audit log could not be opened.
-    #[error("cannot open the audit log: {0}")]
-    OpenAudit(#[source] AuditError),
-    /// An entry could not be appended to the audit log.
-    #[error("cannot write the audit log: {0}")]
-    Append(#[source] AuditError),
     /// The closing checkpoint could not be written.
     #[error("cannot checkpoint the audit log: {0}")]
     Checkpoint(#[source] AuditError),
@@ -111,7 +105,7 @@ impl CellEvidence {
     pub fn open(host: Host, cell_id: &str) -> Result<Self, EvidenceError> {
         let t = Instant::now();
         let audit = AuditLog::open(&host.dir.join("audit"), host.key.clone())
-            .map_err(EvidenceError::OpenAudit)?;
+            .map_err(StateError::OpenAudit)?;
         let mut costs = Costs::default();
         costs.audit_ms += ms_since(t);
         Ok(CellEvidence {
@@ -157,7 +151,7 @@ impl CellEvidence {
         let r = self.audit.append(kind, Some(&self.cell_id), data);
         self.costs.audit_ms += ms_since(t);
         self.costs.audit_entries += 1;
-        let entry = r.map_err(EvidenceError::Append)?;
+        let entry = r.map_err(StateError::AppendAudit)?;
         self.last_entry = Some(entry);
         Ok(())
     }

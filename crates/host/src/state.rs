@@ -13,6 +13,8 @@ use isocell_evidence::audit::{verifying_key_hex, AuditError, AuditLog};
 use isocell_spec::HostProfile;
 use serde_json::json;
 
+use crate::error::io;
+
 /// The host profile's file in the state directory. Its presence means the host was set up, and
 /// so that its audit log starts with a genesis entry (see [`Host::init`]).
 pub const PROFILE_FILE: &str = "host.toml";
@@ -20,17 +22,9 @@ pub const PROFILE_FILE: &str = "host.toml";
 /// Why the state directory, the host profile or its key could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// A file system operation failed.
-    #[error("cannot {action} {}: {source}", path.display())]
-    Io {
-        /// What was being done ("create", "read the signing key", ...).
-        action: &'static str,
-        /// The file or directory.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file system or process operation failed.
+    #[error(transparent)]
+    Io(#[from] crate::error::PathError),
     /// The host profile does not exist ([`Host::load`]).
     #[error("{} does not exist: this host was never set up (`isocell host init`)", path.display())]
     NotSetUp {
@@ -81,13 +75,8 @@ pub enum StateError {
     Serialize(#[from] toml::ser::Error),
 }
 
-/// `StateError::Io` for `action` on `path`, for `map_err`.
-fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StateError + 'a {
-    move |source| StateError::Io { action, path: path.to_owned(), source }
-}
-
 fn mkdir(dir: &Path) -> Result<(), StateError> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io("create", dir))
+    Ok(fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io("create", dir))?)
 }
 
 fn random_bytes<const N: usize>() -> Result<[u8; N], StateError> {
@@ -121,7 +110,7 @@ fn lock_state(dir: &Path) -> Result<fs::File, StateError> {
         .map_err(io("open", &lock_path))?;
     // SAFETY: flock on a descriptor we own; it is released when `lock` is closed.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(io("lock", &lock_path)(std::io::Error::last_os_error()));
+        return Err(io("lock", &lock_path)(std::io::Error::last_os_error()).into());
     }
     Ok(lock)
 }

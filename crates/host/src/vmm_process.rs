@@ -17,21 +17,14 @@ use isocell_proto::AGENT_PORT;
 use isocell_spec::VmConfig;
 
 use crate::confine::{host_dirs, JailPlan};
+use crate::error::io;
 
 /// Why a cell's VMM could not be set up and started, or did not bring its agent up.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
     /// A file system or process operation failed.
-    #[error("cannot {action} {}: {source}", path.display())]
-    Io {
-        /// What was being done ("create", "write", "listen on", "start", ...).
-        action: &'static str,
-        /// The file, directory or program.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::error::PathError),
     /// A directory of the run directory's path could not be looked at.
     #[error("{}: {source}", path.display())]
     Inspect {
@@ -109,11 +102,6 @@ pub enum VmmError {
     /// A cell's directory is still owned by a live process (see [`sweep_one`]).
     #[error("cell {0} still has a live owner")]
     LiveOwner(String),
-}
-
-/// `VmmError::Io` for `action` on `path`, for `map_err`.
-fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> VmmError + 'a {
-    move |source| VmmError::Io { action, path: path.to_owned(), source }
 }
 
 /// Teardown facts, each checked rather than assumed.
