@@ -6,6 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use isocell_testhost::guest_tools::{
+    command_line, helper_socket, serve_during, TOOLS_DISK, TOOLS_DRIVE, VSOCK_PORT, VSOCK_UDS,
+};
 use isocell_testhost::host::Paths;
 use isocell_testhost::{Scenario, Step, StepResult, TestHost};
 
@@ -13,6 +16,13 @@ pub use isocell_testhost::registry::{self, layout_digest, test_images, Registry}
 
 /// Size of the data disk the guest fills in the `disk` step.
 pub const DATA_DISK_BYTES: u64 = 1 << 20;
+
+/// Size of the data disk the `device-reset` guest writes and reads back after the resets.
+pub const RESET_DISK_BYTES: u64 = 4 << 20;
+
+/// Bytes the `device-reset` guest sends (and reads back) over a new vsock connection after the
+/// resets.
+pub const RESET_VSOCK_BYTES: u64 = 1 << 20;
 
 /// A VMM step: `isocell-vmm ARGS --report {work}/report.json`.
 pub fn vmm_step(name: &str, args: &[&str], timeout_secs: u64) -> Step {
@@ -222,7 +232,62 @@ pub fn vmm_scenario() -> Scenario {
     );
     steps[4].create_files.insert("{work}/data.img".into(), DATA_DISK_BYTES);
     steps[4].hash_files.push("{work}/data.img".into());
+    steps.push(device_reset_step());
+    // The seccomp debug mode names the refused call: the rng worker's probe makes socket(2).
+    steps.push(vmm_step(
+        "seccomp-trap",
+        &[
+            "--kernel",
+            "{bzimage}",
+            "--drive",
+            ROOT_RO,
+            "--seccomp",
+            "trap",
+            "--seccomp-probe",
+            "virtio-rng",
+        ],
+        60,
+    ));
     Scenario { steps, ..Default::default() }
+}
+
+/// The guest resets every virtio device (unbind and bind its driver, twice) and uses each
+/// again: the tools disk, a data disk, the rng and vsock. On the host `isocell-hostile
+/// unix-echo` serves two guest connections: one the guest holds across the resets, one it
+/// opens after them.
+fn device_reset_step() -> Step {
+    let vsock = format!("cid=3,uds={VSOCK_UDS}");
+    let boot_args = format!(
+        "init=/sbin/scenario-init isocell_scenario=reset isocell_vsock_port={VSOCK_PORT} \
+         isocell_vsock_bytes={RESET_VSOCK_BYTES}"
+    );
+    let vmm = command_line(&[
+        "{vmm}",
+        "--kernel",
+        "{bzimage}",
+        "--initrd",
+        "{initrd}",
+        "--memory",
+        "128",
+        "--drive",
+        TOOLS_DRIVE,
+        "--drive",
+        "id=data,path={work}/data.img",
+        "--vsock",
+        &vsock,
+        "--boot-args",
+        &boot_args,
+        "--report",
+        "{work}/report.json",
+    ]);
+    let socket = helper_socket();
+    let helper = format!("{{hostile}} unix-echo {socket} 2");
+    let script = format!("{TOOLS_DISK} || exit 1\n{}", serve_during(&helper, &socket, &vmm));
+    let mut step = shell_step("device-reset", &script, 240);
+    step.create_files.insert("{work}/data.img".into(), RESET_DISK_BYTES);
+    step.hash_files.push("{work}/data.img".into());
+    step.report_file = Some("{work}/report.json".into());
+    step
 }
 
 /// A step running a shell command line on the test host (placeholders such as `{isocell}` and

@@ -46,7 +46,7 @@ fn scenario() -> Scenario {
             shell_step(
                 "seccomp-probe",
                 &script(&format!(
-                    "for k in main vcpu vsock; do \
+                    "for k in main vcpu virtio-blk virtio-rng virtio-vsock; do \
                        ISOCELL_TEST_SECCOMP_PROBE=$k {run} -- true 2>{{work}}/$k.err; \
                        echo \"$k rc=$?\"; grep -o 'killed by SIGSYS[^;]*' {{work}}/$k.err | head -n 1; \
                      done; leftovers"
@@ -152,11 +152,13 @@ fn assert_no_leftovers(r: &StepResult) {
 #[test]
 fn a_forbidden_syscall_kills_the_vmm_with_sigsys_and_isocell_says_so() {
     let r = ok("seccomp-probe");
-    for kind in ["main", "vcpu", "vsock"] {
+    // Every thread kind, the device workers included.
+    let kinds = ["main", "vcpu", "virtio-blk", "virtio-rng", "virtio-vsock"];
+    for kind in kinds {
         let rc = format!("{kind} rc=125");
         assert!(r.stdout.contains(&rc), "{rc}\n{}", r.explain());
     }
-    assert_eq!(r.stdout.matches("killed by SIGSYS").count(), 3, "{}", r.explain());
+    assert_eq!(r.stdout.matches("killed by SIGSYS").count(), kinds.len(), "{}", r.explain());
     assert_no_leftovers(r);
 }
 

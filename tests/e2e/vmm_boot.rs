@@ -5,7 +5,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use isocell_e2e::{local_bzimage, local_vmm, step, DATA_DISK_BYTES};
+use isocell_e2e::{
+    local_bzimage, local_vmm, step, DATA_DISK_BYTES, RESET_DISK_BYTES, RESET_VSOCK_BYTES,
+};
 use serde_json::Value;
 
 fn report(name: &str) -> &'static Value {
@@ -185,6 +187,50 @@ fn hung_guest_fails_at_the_bound_with_its_console() {
     assert!(r.explain().contains("hanging on purpose"), "{}", r.explain());
 }
 
+#[test]
+fn every_virtio_device_works_again_after_the_guest_resets_it_twice() {
+    let r = step("device-reset");
+    assert_eq!(r.exit_code, Some(0), "{}", r.explain());
+    assert_eq!(report("device-reset")["exit_reason"], "reboot", "{}", r.explain());
+    let g = r.guest_result();
+    // Two disks, the rng and vsock; each driver let go of its device and took it back, twice.
+    assert_eq!(g["devices"], 4, "{}", r.explain());
+    assert_eq!(g["rebound"], 8, "failed: {}\n{}", g["failed"], r.explain());
+    let before = g["drivers_before"].as_str().unwrap_or("");
+    for driver in ["virtio_blk", "virtio_rng", "vmw_vsock_virtio_transport"] {
+        assert!(before.contains(driver), "{driver} missing: {g}");
+    }
+    assert_eq!(g["drivers_after"], before, "{g}");
+    // The data disk: what the guest wrote after the resets reads back and reached the file.
+    assert_eq!(g["disk_ok"], true, "{g}");
+    assert_eq!(g["disk_bytes"], RESET_DISK_BYTES, "{g}");
+    let guest_hash = g["disk_sha256"].as_str().unwrap_or("");
+    assert_eq!(r.hashes.get("{work}/data.img").map(String::as_str), Some(guest_hash), "{g}");
+    assert!(g["rng_current"].as_str().unwrap_or("").starts_with("virtio_rng"), "{g}");
+    assert_eq!(g["hwrng_bytes"], 32, "{g}");
+    // A new connection after the resets carries every byte there and back.
+    let v = &g["vsock"];
+    assert_eq!(v["ok"], true, "{g}\n{}", r.explain());
+    assert_eq!(v["bytes"], RESET_VSOCK_BYTES, "{g}");
+    assert_eq!(v["received"], RESET_VSOCK_BYTES, "{g}");
+    // The connection held across the resets ended in the guest (its driver went away)...
+    assert!(g["held"]["ended"].is_string() && g["held"]["ended"] != "timeout", "{g}");
+    // ...and on the host when the device reset, not when the VMM exited: before the guest's
+    // new connection arrived.
+    let log = |what: &str| {
+        r.stderr.find(what).unwrap_or_else(|| {
+            panic!("the host's echo server never said {what:?}\n{}", r.explain())
+        })
+    };
+    assert!(
+        log("host: unix-echo: connection 1 ended") < log("host: unix-echo: connection 2 accepted"),
+        "the VMM kept the host's connection open across the device reset\n{}",
+        r.explain()
+    );
+    let echoed = format!("connection 2 ended (eof) after echoing {RESET_VSOCK_BYTES} bytes");
+    assert!(r.stderr.contains(&echoed), "{}", r.explain());
+}
+
 /// Runs the local VMM, which must refuse before creating anything.
 fn refuse(args: &[&str]) -> (i32, String) {
     let out = Command::new(local_vmm())
@@ -312,5 +358,18 @@ fn describe_lists_every_device_with_its_place() {
         cmdline.contains("virtio_mmio.device=4K@0xd0001000:5")
             && cmdline.contains("root=/dev/vda ro"),
         "{cmdline}"
+    );
+}
+
+#[test]
+fn the_seccomp_trap_mode_names_the_refused_call_and_its_thread() {
+    let r = step("seccomp-trap");
+    // 128 + SIGSYS: the trap handler's own exit, not a kill.
+    assert_eq!(r.exit_code, Some(159), "{}", r.explain());
+    assert!(
+        r.stderr
+            .contains("the virtio-rng thread made syscall 41 (socket), which its filter refuses"),
+        "{}",
+        r.explain()
     );
 }

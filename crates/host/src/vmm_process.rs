@@ -324,10 +324,14 @@ impl Vmm {
         jail: Option<&JailPlan>,
         seccomp_probe: Option<&str>,
     ) -> Result<Vmm, VmmError> {
-        let probe: Vec<String> = match seccomp_probe {
+        let mut probe: Vec<String> = match seccomp_probe {
             Some(kind) => vec!["--seccomp-probe".into(), kind.into()],
             None => Vec::new(),
         };
+        // A developer's debugging aid: name a refused call (trap) or let it pass and log it.
+        if let Ok(mode) = std::env::var("ISOCELL_VMM_SECCOMP") {
+            probe.extend(["--seccomp".into(), mode]);
+        }
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)

@@ -121,6 +121,21 @@ pub enum DeviceKind {
     },
 }
 
+impl DeviceKind {
+    /// The kind's name, as the plan's JSON spells it (`serial`, `virtio_block`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeviceKind::Serial { .. } => "serial",
+            DeviceKind::I8042 => "i8042",
+            DeviceKind::BootTimer => "boot_timer",
+            DeviceKind::AcpiSleep => "acpi_sleep",
+            DeviceKind::VirtioBlock { .. } => "virtio_block",
+            DeviceKind::VirtioVsock { .. } => "virtio_vsock",
+            DeviceKind::VirtioRng { .. } => "virtio_rng",
+        }
+    }
+}
+
 /// One device as planned: stable id, kind, ranges and interrupt.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PlannedDevice {

@@ -7,7 +7,8 @@
 //!
 //! Each thread installs its own filter (no TSYNC), once its setup is done:
 //! - [`ThreadKind::Vcpu`]: first thing on each vCPU thread, before the first `KVM_RUN`;
-//! - [`ThreadKind::Vsock`]: first thing on the vsock event thread;
+//! - [`ThreadKind::VirtioBlock`], [`ThreadKind::VirtioRng`], [`ThreadKind::VirtioVsock`]: first
+//!   thing on each device's worker thread, before it touches a queue;
 //! - [`ThreadKind::Main`]: on the main thread right after the vCPU threads are started, so it
 //!   never needs `clone`. A filter is inherited by threads created later, so no thread may be
 //!   spawned after it.
@@ -20,23 +21,41 @@ pub enum ThreadKind {
     /// The main thread, once the vCPUs run: waits for the exit, stops the vCPUs, cleans up,
     /// writes the report and exits.
     Main,
-    /// A vCPU thread: `KVM_RUN` and the device emulation its exits trigger.
+    /// A vCPU thread: `KVM_RUN` and the register accesses its exits carry. Queue work never
+    /// runs here: notifies go to ioeventfds, interrupts come from irqfds.
     Vcpu,
-    /// The vsock device's event thread: host Unix sockets.
-    Vsock,
+    /// A virtio-blk worker: the disk image's reads, writes and flushes.
+    VirtioBlock,
+    /// A virtio-rng worker: reads from the host's entropy source.
+    VirtioRng,
+    /// A virtio-vsock worker: the guest's connections as host Unix sockets.
+    VirtioVsock,
 }
 
 impl ThreadKind {
     /// Every kind, in the order of their names.
-    pub const ALL: [ThreadKind; 3] = [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Vsock];
+    pub const ALL: [ThreadKind; 5] = [
+        ThreadKind::Main,
+        ThreadKind::Vcpu,
+        ThreadKind::VirtioBlock,
+        ThreadKind::VirtioRng,
+        ThreadKind::VirtioVsock,
+    ];
 
-    /// Stable lowercase name, as used in [`describe`].
+    /// Stable lowercase name, as used in [`describe`] and in thread names.
     pub fn name(self) -> &'static str {
         match self {
             ThreadKind::Main => "main",
             ThreadKind::Vcpu => "vcpu",
-            ThreadKind::Vsock => "vsock",
+            ThreadKind::VirtioBlock => "virtio-blk",
+            ThreadKind::VirtioRng => "virtio-rng",
+            ThreadKind::VirtioVsock => "virtio-vsock",
         }
+    }
+
+    /// The kind named `name`, as [`ThreadKind::name`] spells it.
+    pub fn from_name(name: &str) -> Option<ThreadKind> {
+        ThreadKind::ALL.into_iter().find(|k| k.name() == name)
     }
 }
 
@@ -145,6 +164,15 @@ fn no_exec(syscall: &'static str, number: i64) -> AllowedSyscall {
     when(syscall, number, vec![check])
 }
 
+/// What every device worker needs besides its backend's calls: waiting on its epoll set
+/// (queue ioeventfds, the control eventfd, the backend), reading those eventfds and the backend
+/// (`read`; writing the irqfd is `write`, in [`common`]).
+fn worker<const N: usize>(backend: [AllowedSyscall; N]) -> Vec<AllowedSyscall> {
+    let mut list = vec![any("epoll_wait", libc::SYS_epoll_wait), any("read", libc::SYS_read)];
+    list.extend(backend);
+    list
+}
+
 fn int(v: libc::c_int) -> u64 {
     // Compared as 32-bit values; every constant used here is non-negative.
     u64::from(v as u32)
@@ -221,14 +249,24 @@ pub fn allowed_syscalls(kind: ThreadKind) -> Vec<AllowedSyscall> {
             any("statx", libc::SYS_statx),
             any("newfstatat", libc::SYS_newfstatat),
         ]),
-        ThreadKind::Vcpu => list.extend([
-            ioctl(KVM_RUN, "KVM_RUN"),
-            // virtio-rng reads /dev/urandom; virtio-blk reads, writes and flushes its image.
-            any("read", libc::SYS_read),
+        ThreadKind::Vcpu => list.extend([ioctl(KVM_RUN, "KVM_RUN")]),
+        ThreadKind::VirtioBlock => list.extend(worker([
+            // Requests: reads and writes at an offset, flushes.
             any("pread64", libc::SYS_pread64),
             any("pwrite64", libc::SYS_pwrite64),
             any("fdatasync", libc::SYS_fdatasync),
-            // virtio-vsock queue work: guest connections to host Unix sockets.
+        ])),
+        ThreadKind::VirtioRng => list.extend(worker([])),
+        ThreadKind::VirtioVsock => list.extend(worker([
+            // The muxer's epoll set of host sockets, nested in the worker's.
+            any("epoll_ctl", libc::SYS_epoll_ctl),
+            // Host-initiated connections: accepted from the listening socket.
+            when(
+                "accept4",
+                libc::SYS_accept4,
+                vec![eq(3, int(libc::SOCK_CLOEXEC), "SOCK_CLOEXEC")],
+            ),
+            // Guest-initiated connections: to the host's listener for that port.
             when(
                 "socket",
                 libc::SYS_socket,
@@ -242,21 +280,7 @@ pub fn allowed_syscalls(kind: ThreadKind) -> Vec<AllowedSyscall> {
             any("recvfrom", libc::SYS_recvfrom),
             send_nosignal(),
             any("shutdown", libc::SYS_shutdown),
-            any("epoll_ctl", libc::SYS_epoll_ctl),
-        ]),
-        ThreadKind::Vsock => list.extend([
-            any("epoll_wait", libc::SYS_epoll_wait),
-            any("epoll_ctl", libc::SYS_epoll_ctl),
-            when(
-                "accept4",
-                libc::SYS_accept4,
-                vec![eq(3, int(libc::SOCK_CLOEXEC), "SOCK_CLOEXEC")],
-            ),
-            ioctl(libc::FIONBIO as u32, "FIONBIO"),
-            any("recvfrom", libc::SYS_recvfrom),
-            send_nosignal(),
-            any("shutdown", libc::SYS_shutdown),
-        ]),
+        ])),
     }
     list.sort();
     list
@@ -305,7 +329,7 @@ mod tests {
         let a = describe();
         assert_eq!(serde_json::to_string(&a).unwrap(), serde_json::to_string(&describe()).unwrap());
         let kinds: Vec<_> = a.as_object().unwrap().keys().cloned().collect();
-        assert_eq!(kinds, ["main", "vcpu", "vsock"]);
+        assert_eq!(kinds, ["main", "vcpu", "virtio-blk", "virtio-rng", "virtio-vsock"]);
         for kind in ThreadKind::ALL {
             let list = a[kind.name()].as_array().unwrap();
             let names: Vec<_> = list.iter().map(|e| e["syscall"].as_str().unwrap()).collect();
@@ -330,7 +354,13 @@ mod tests {
                 (e["args"][0]["name"].as_str().unwrap(), e["args"][0]["value"].as_u64().unwrap())
             })
             .collect();
-        assert_eq!(vcpu_ioctls, [("FIONBIO", 0x5421), ("KVM_RUN", 0xAE80)]);
+        assert_eq!(vcpu_ioctls, [("KVM_RUN", 0xAE80)]);
+        // Device work is off the vCPU threads: no sockets and no file I/O there.
+        let vcpu: Vec<_> =
+            a["vcpu"].as_array().unwrap().iter().map(|e| e["syscall"].as_str().unwrap()).collect();
+        for never in ["socket", "connect", "sendto", "recvfrom", "pread64", "pwrite64", "read"] {
+            assert!(!vcpu.contains(&never), "vcpu allows {never}");
+        }
         assert!(!a["main"].as_array().unwrap().iter().any(|e| e["syscall"] == "ioctl"));
     }
 

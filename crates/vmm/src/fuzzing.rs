@@ -699,6 +699,135 @@ mod tests {
         assert_eq!(op, 2, "RESPONSE");
     }
 
+    /// Saves a live transport, sends the state through JSON, restores it into a fresh device
+    /// and transport and checks that the state reads back the same.
+    fn round_trip(
+        t: &mut MmioTransport,
+        fresh: Box<dyn VirtioDevice>,
+        mem: &GuestMemoryMmap,
+    ) -> MmioTransport {
+        let saved = t.save().unwrap();
+        let json = serde_json::to_string(&saved).unwrap();
+        let parsed: crate::devices::virtio::mmio::MmioState = serde_json::from_str(&json).unwrap();
+        assert_eq!(parsed, saved);
+        let mut restored = transport(fresh, mem.clone()).unwrap();
+        restored.restore(&parsed).unwrap();
+        assert_eq!(restored.save().unwrap(), saved);
+        restored
+    }
+
+    #[test]
+    fn block_state_round_trips_and_the_restored_device_goes_on() {
+        let seed = &seeds("block_queue")[0];
+        let mut input = Input(seed);
+        let _opts = input.u8();
+        let mem = memory().unwrap();
+        let q = queue_layout(&mut input, QUEUE_A);
+        lay_chains(&mut input, &mem, q);
+        mem.write_slice(input.rest(), GuestAddress(DATA)).unwrap();
+        let disk = memfd(DISK_LEN).unwrap();
+        let again = disk.try_clone().unwrap();
+        let blk = Block::new("fuzz0".into(), disk, false).unwrap();
+        let mut t = transport(Box::new(blk), mem.clone()).unwrap();
+        bring_up(&mut t, &[(0, q)]);
+        write32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        let saved = t.save().unwrap();
+        assert_eq!(saved.queues[0].next_used, 1, "the device's progress is saved");
+        let fresh = Block::new("fuzz0".into(), again.try_clone().unwrap(), false).unwrap();
+        let mut restored = round_trip(&mut t, Box::new(fresh), &mem);
+        // The guest makes the same request available again: the restored device serves it
+        // as the second one.
+        mem.write_obj(2u16, GuestAddress(q.avail + 2)).unwrap();
+        mem.write_obj(0u16, GuestAddress(q.avail + 6)).unwrap();
+        write32(&mut restored, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(q.used + 2)).unwrap(), 2);
+        // State of another disk, or of another kind, is refused.
+        let other = Block::new("other".into(), again, false).unwrap();
+        let mut wrong = transport(Box::new(other), mem.clone()).unwrap();
+        assert!(wrong.restore(&saved).is_err());
+        let mut rng = transport(Box::new(zero_rng().unwrap()), mem).unwrap();
+        assert!(rng.restore(&saved).is_err());
+    }
+
+    #[test]
+    fn rng_state_round_trips() {
+        let mem = memory().unwrap();
+        let mut t = transport(Box::new(zero_rng().unwrap()), mem.clone()).unwrap();
+        let q = QueueLayout {
+            size: 16,
+            desc: QUEUE_A,
+            avail: QUEUE_A + 0x1000,
+            used: QUEUE_A + 0x2000,
+        };
+        bring_up(&mut t, &[(0, q)]);
+        let restored = round_trip(&mut t, Box::new(zero_rng().unwrap()), &mem);
+        assert!(restored.consistent());
+    }
+
+    #[test]
+    fn vsock_state_round_trips_without_its_connections() {
+        let mem = memory().unwrap();
+        let host = VsockHost::new().unwrap();
+        let vsock = Vsock::new(GUEST_CID, &host.uds).unwrap();
+        let mut t = transport(Box::new(vsock), mem.clone()).unwrap();
+        let tx = QueueLayout {
+            size: 16,
+            desc: QUEUE_A,
+            avail: QUEUE_A + 0x1000,
+            used: QUEUE_A + 0x2000,
+        };
+        let rx = QueueLayout {
+            size: 16,
+            desc: QUEUE_B,
+            avail: QUEUE_B + 0x1000,
+            used: QUEUE_B + 0x2000,
+        };
+        bring_up(&mut t, &[(1, tx), (0, rx)]);
+        let saved = t.save().unwrap();
+        let other = VsockHost::new().unwrap();
+        let fresh = Vsock::new(GUEST_CID, &other.uds).unwrap();
+        round_trip(&mut t, Box::new(fresh), &mem);
+        let third = VsockHost::new().unwrap();
+        let wrong_cid = Vsock::new(GUEST_CID + 1, &third.uds).unwrap();
+        let mut wrong = transport(Box::new(wrong_cid), mem).unwrap();
+        assert!(wrong.restore(&saved).is_err());
+    }
+
+    /// A driver reset drops every vsock connection: the host end sees its socket close.
+    #[test]
+    fn a_vsock_reset_drops_its_connections() {
+        let seed = &seeds("vsock_queue")[0];
+        let mut input = Input(seed);
+        let _opts = input.u8();
+        let _port = input.u32();
+        let mem = memory().unwrap();
+        let host = VsockHost::new().unwrap();
+        let mut path = host.uds.clone().into_os_string();
+        path.push(format!("_{LISTENING_PORT}"));
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        let tx = queue_layout(&mut input, QUEUE_A);
+        lay_chains(&mut input, &mem, tx);
+        let rx = queue_layout(&mut input, QUEUE_B);
+        lay_chains(&mut input, &mem, rx);
+        mem.write_slice(input.rest(), GuestAddress(DATA)).unwrap();
+        let vsock = Vsock::new(GUEST_CID, &host.uds).unwrap();
+        let mut t = transport(Box::new(vsock), mem.clone()).unwrap();
+        bring_up(&mut t, &[(1, tx), (0, rx)]);
+        write32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        write32(&mut t, VIRTIO_MMIO_STATUS, 0);
+        let mut b = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut conn, &mut b).unwrap(), 0, "closed by the reset");
+        assert_eq!(read32(&mut t, VIRTIO_MMIO_STATUS), 0);
+        // The driver can bind again.
+        bring_up(&mut t, &[(1, tx), (0, rx)]);
+        assert_eq!(
+            read32(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_DRIVER_OK,
+            VIRTIO_CONFIG_S_DRIVER_OK
+        );
+    }
+
     fn mutated(name: &'static str) -> impl Strategy<Value = Vec<u8>> {
         let seeds = seeds(name);
         let n = seeds.len();

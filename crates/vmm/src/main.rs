@@ -79,8 +79,13 @@ struct Args {
     /// /proc/cpuinfo and /sys; a jailed VMM cannot. /dev/kvm's capabilities are still checked.
     #[arg(long)]
     host_checked: bool,
-    /// Test aid: a thread of this kind (main, vcpu, vsock) makes a forbidden syscall right
-    /// after installing its filter, so the VMM dies with SIGSYS.
+    /// What a system call off a thread's seccomp list does: kill (the default: SIGSYS ends the
+    /// VMM), trap (prints which thread made which call and exits with 159) or log (allowed,
+    /// recorded in the kernel's audit log). trap and log are for debugging only.
+    #[arg(long, value_enum, default_value_t = seccomp::Mode::Kill, value_name = "MODE")]
+    seccomp: seccomp::Mode,
+    /// Test aid: a thread of this kind (main, vcpu, virtio-blk, virtio-rng, virtio-vsock)
+    /// makes a forbidden syscall right after installing its filter, so the VMM dies with SIGSYS.
     #[arg(long, hide = true, value_name = "KIND")]
     seccomp_probe: Option<String>,
 }
@@ -159,13 +164,21 @@ fn run(args: Args, timeline: Arc<Timeline>) -> u8 {
         return 0;
     }
     if let Some(kind) = &args.seccomp_probe {
-        match seccomp::ThreadKind::ALL.into_iter().find(|k| k.name() == kind) {
+        match seccomp::ThreadKind::from_name(kind) {
             Some(k) => seccomp::set_probe(k),
             None => {
-                eprintln!("isocell-vmm: error: --seccomp-probe {kind:?}: use main, vcpu or vsock");
+                let kinds: Vec<&str> = seccomp::ThreadKind::ALL.iter().map(|k| k.name()).collect();
+                eprintln!(
+                    "isocell-vmm: error: --seccomp-probe {kind:?}: use one of {}",
+                    kinds.join(", ")
+                );
                 return EXIT_BAD_CONFIG as u8;
             }
         }
+    }
+    if let Err(e) = seccomp::set_mode(args.seccomp) {
+        print_error(&e);
+        return EXIT_VMM_ERROR as u8;
     }
     if args.describe {
         let description = isocell_vmm::describe(&cfg, &plan);

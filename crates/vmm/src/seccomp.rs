@@ -12,6 +12,12 @@
 //!   never needs `clone`. A filter is inherited by threads created later, so no thread may be
 //!   spawned after it.
 //!
+//! What a refused call does is the [`Mode`], chosen once per process with `--seccomp`: `kill`
+//! (the default: `SIGSYS` kills the VMM), `trap` (the VMM prints which thread made which call
+//! and exits with status 159, 128 + SIGSYS), or `log` (the call is allowed and the kernel's audit
+//! log records it: `dmesg | grep 'type=1326'`). The last two are for developers and bug
+//! reports, never for production.
+//!
 //! glibc's malloc, when it shrinks a secondary arena, may open and read
 //! `/proc/sys/vm/overcommit_memory` from whatever thread frees memory. [`prepare_process`] keeps
 //! every thread on the main arena so that never happens; call it first thing in `main`.
@@ -56,6 +62,9 @@ pub enum SeccompError {
     /// glibc refused to limit malloc to one arena.
     #[error("cannot limit malloc to one arena (mallopt failed)")]
     Mallopt,
+    /// The `SIGSYS` handler of the `trap` mode could not be installed.
+    #[error("cannot install the SIGSYS handler of --seccomp trap")]
+    Handler,
 }
 
 /// Checks the list's own rules and groups it by syscall number, as seccompiler wants it.
@@ -98,17 +107,140 @@ fn rule_map(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Seccomp
     Ok(map.into_iter().map(|(nr, (_, _, rules))| (nr, rules)).collect())
 }
 
-/// Compiles the filter of `kind` for x86_64: listed syscalls are allowed, anything else kills
-/// the process.
+/// What a call off a thread's list does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// `SIGSYS` kills the whole VMM (production).
+    #[default]
+    Kill,
+    /// The VMM names the thread and the call on stderr and exits with status 159.
+    Trap,
+    /// The call goes through; the kernel's audit log records it.
+    Log,
+}
+
+static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
+
+/// Chooses what refused calls do, for every filter installed afterwards. Call once, before any
+/// thread installs its filter; `trap` also installs the `SIGSYS` handler that names the call.
+pub fn set_mode(mode: Mode) -> Result<(), SeccompError> {
+    let _ = MODE.set(mode);
+    if mode == Mode::Trap {
+        let _ = SYSCALL_NAMES.set(known_syscalls());
+        vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
+            .map_err(|_| SeccompError::Handler)?;
+    }
+    Ok(())
+}
+
+fn mode() -> Mode {
+    MODE.get().copied().unwrap_or_default()
+}
+
+/// Every syscall name the allow-lists know, plus the usual suspects, for the trap message.
+static SYSCALL_NAMES: std::sync::OnceLock<Vec<(i64, &'static str)>> = std::sync::OnceLock::new();
+
+fn known_syscalls() -> Vec<(i64, &'static str)> {
+    let mut names: Vec<(i64, &'static str)> = ThreadKind::ALL
+        .iter()
+        .flat_map(|k| allowed_syscalls(*k))
+        .map(|s| (s.number, s.syscall))
+        .collect();
+    names.extend([
+        (libc::SYS_read, "read"),
+        (libc::SYS_openat, "openat"),
+        (libc::SYS_open, "open"),
+        (libc::SYS_socket, "socket"),
+        (libc::SYS_connect, "connect"),
+        (libc::SYS_clone, "clone"),
+        (libc::SYS_clone3, "clone3"),
+        (libc::SYS_execve, "execve"),
+        (libc::SYS_ptrace, "ptrace"),
+        (libc::SYS_ioctl, "ioctl"),
+        (libc::SYS_mmap, "mmap"),
+        (libc::SYS_mprotect, "mprotect"),
+        (libc::SYS_prctl, "prctl"),
+        (libc::SYS_getdents64, "getdents64"),
+    ]);
+    names.sort_unstable();
+    names.dedup_by_key(|n| n.0);
+    names
+}
+
+thread_local! {
+    /// This thread's kind, for the trap message (const-initialised: safe in a signal handler).
+    static THREAD_KIND: std::cell::Cell<Option<ThreadKind>> = const { std::cell::Cell::new(None) };
+}
+
+/// `SIGSYS` from a `trap` filter: writes "seccomp: THREAD thread made syscall N (NAME), which
+/// its filter refuses" to stderr and exits. Only async-signal-safe work: no allocation, and
+/// only `write` and `exit_group`, which every list allows.
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // `si_syscall` sits at byte 24 of a SIGSYS siginfo on x86_64 (`_sigsys` in the union at
+    // 16: `_call_addr` pointer, then `_syscall`).
+    // SAFETY: the kernel hands a valid siginfo for SIGSYS; the offset is fixed by its ABI.
+    let nr = unsafe { info.cast::<u8>().add(24).cast::<i32>().read_unaligned() };
+    let kind = THREAD_KIND.with(|k| k.get()).map_or("unfiltered", ThreadKind::name);
+    let name = SYSCALL_NAMES
+        .get()
+        .and_then(|names| {
+            names.binary_search_by_key(&i64::from(nr), |n| n.0).ok().map(|i| names[i].1)
+        })
+        .unwrap_or("?");
+    let mut buf = [0u8; 160];
+    let mut len = 0;
+    for part in [
+        "isocell-vmm: seccomp: the ",
+        kind,
+        " thread made syscall ",
+        decimal(nr, &mut [0u8; 12]),
+        " (",
+        name,
+        "), which its filter refuses\n",
+    ] {
+        let bytes = part.as_bytes();
+        let n = bytes.len().min(buf.len() - len);
+        buf[len..len + n].copy_from_slice(&bytes[..n]);
+        len += n;
+    }
+    // SAFETY: writes `len` bytes of a live stack buffer to stderr, then ends the process.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), len);
+        libc::syscall(libc::SYS_exit_group, 128 + libc::SIGSYS);
+    }
+}
+
+/// `n` in decimal, written into `out` (no allocation: used in the signal handler).
+fn decimal(n: i32, out: &mut [u8; 12]) -> &str {
+    let mut v = i64::from(n).unsigned_abs();
+    let mut i = out.len();
+    loop {
+        i -= 1;
+        out[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 || i == 1 {
+            break;
+        }
+    }
+    if n < 0 {
+        i -= 1;
+        out[i] = b'-';
+    }
+    std::str::from_utf8(&out[i..]).unwrap_or("?")
+}
+
+/// Compiles the filter of `kind` for x86_64: listed syscalls are allowed, anything else does
+/// what the [`Mode`] says (kills the process, by default).
 pub fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let backend = |source| SeccompError::Compile { kind, source };
-    let filter = SeccompFilter::new(
-        rule_map(kind)?,
-        SeccompAction::KillProcess,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(backend)?;
+    let refused = match mode() {
+        Mode::Kill => SeccompAction::KillProcess,
+        Mode::Trap => SeccompAction::Trap,
+        Mode::Log => SeccompAction::Log,
+    };
+    let filter =
+        SeccompFilter::new(rule_map(kind)?, refused, SeccompAction::Allow, TargetArch::x86_64)
+            .map_err(backend)?;
     BpfProgram::try_from(filter).map_err(backend)
 }
 
@@ -117,6 +249,7 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
 /// Irreversible; threads this thread creates afterwards inherit the filter.
 pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     let program = compile(kind)?;
+    THREAD_KIND.with(|k| k.set(Some(kind)));
     seccompiler::apply_filter(&program).map_err(|source| SeccompError::Install { kind, source })?;
     if PROBE.get() == Some(&kind) {
         forbidden_syscall_probe();
@@ -172,7 +305,7 @@ mod tests {
     use std::path::PathBuf;
     use std::process::Command;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::mpsc::{channel, Receiver};
+    use std::sync::mpsc::channel;
     use std::sync::{Arc, Mutex};
     use std::thread;
     use std::time::{Duration, Instant};
@@ -186,6 +319,10 @@ mod tests {
     use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_LEN, BOOT_TIMER_MAGIC};
     use crate::devices::i8042::{self, I8042};
     use crate::devices::serial::{SerialConsole, COM1_BASE, COM1_LEN};
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use crate::devices::virtio::mmio::MmioTransport;
+    use crate::devices::virtio::rng::Rng;
     use crate::devices::virtio::vsock::muxer::{op, Header, Muxer, HOST_CID, TYPE_STREAM};
     use crate::devices::Bus;
     use crate::exit::{ExitRequester, VmExit};
@@ -201,7 +338,10 @@ mod tests {
             assert!(!program.is_empty() && program.len() < 4096, "{kind}: {}", program.len());
         }
         let names: Vec<_> = ThreadKind::ALL.iter().map(|k| k.name()).collect();
-        assert_eq!(names, ["main", "vcpu", "vsock"]);
+        assert_eq!(names, ["main", "vcpu", "virtio-blk", "virtio-rng", "virtio-vsock"]);
+        for kind in ThreadKind::ALL {
+            assert_eq!(ThreadKind::from_name(kind.name()), Some(kind));
+        }
     }
 
     #[test]
@@ -250,9 +390,10 @@ mod tests {
             libc::alarm(60);
         }
         let result = match case.as_str() {
-            "probe-main" => probe(ThreadKind::Main),
-            "probe-vcpu" => probe(ThreadKind::Vcpu),
-            "probe-vsock" => probe(ThreadKind::Vsock),
+            other if other.starts_with("probe-") => match ThreadKind::from_name(&other[6..]) {
+                Some(kind) => probe(kind),
+                None => Err(format!("unknown thread kind in {other}")),
+            },
             "pipe-write" => pipe_write(),
             "devices" => devices(),
             "main-epilogue" => main_epilogue(),
@@ -348,41 +489,35 @@ mod tests {
         }
     }
 
-    type Packet = (Header, Vec<u8>);
-
     /// The next packet for the guest with operation `want` (others, such as credit updates,
-    /// are skipped): from the muxer directly, as the vCPU's receive-queue refill takes them,
-    /// or forwarded by the event thread.
-    fn wait_for(
-        muxer: &Mutex<Muxer>,
-        forwarded: &Receiver<Packet>,
-        want: u16,
-    ) -> Result<Packet, String> {
+    /// are skipped), polling the host sockets as the vsock worker does.
+    fn wait_for(muxer: &mut Muxer, want: u16) -> Result<(Header, Vec<u8>), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
+        let epoll = muxer.epoll();
+        let mut events = [EpollEvent::default(); 1];
         let mut buf = vec![0u8; 4096];
         while Instant::now() < deadline {
-            let direct = muxer.lock().unwrap().next_packet(&mut buf);
-            let packet = match direct {
-                Some(h) => Some((h, buf[..h.len as usize].to_vec())),
-                None => forwarded.recv_timeout(Duration::from_millis(20)).ok(),
-            };
-            if let Some(p) = packet.filter(|p| p.0.op == want) {
-                return Ok(p);
+            muxer.poll();
+            while let Some(h) = muxer.next_packet(&mut buf) {
+                if h.op == want {
+                    return Ok((h, buf[..h.len as usize].to_vec()));
+                }
             }
+            let _ = epoll.wait(20, &mut events);
         }
         Err(format!("no packet with op {want} for the guest"))
     }
 
-    /// A vCPU thread and the vsock event thread, each under its filter, run the real devices:
-    /// serial, i8042 reset, boot timer, block-style file I/O, urandom, and vsock connections
-    /// both ways through the real muxer; the vCPU thread is kicked and both threads end.
+    /// Every thread kind, each under its filter, doing its real work: a vCPU thread drives
+    /// serial, i8042 reset, the boot timer and a virtio transport (bring-up, notify, reset)
+    /// whose rng worker runs on its own thread; a block worker's file I/O; a vsock worker's
+    /// connections both ways through the real muxer; the vCPU thread is kicked and all end.
     fn devices() -> Result<(), String> {
         prepare_process().map_err(s)?;
         let dir = temp_dir("devices")?;
         let uds = dir.join("v.sock");
         let guest_target = UnixListener::bind(format!("{}_1024", uds.display())).map_err(s)?;
-        let muxer = Arc::new(Mutex::new(Muxer::new(CID, &uds).map_err(s)?));
-        let epoll = muxer.lock().unwrap().epoll();
+        let mut muxer = Muxer::new(CID, &uds).map_err(s)?;
         let irq = EventFd::new(EFD_NONBLOCK).map_err(s)?;
         let (exit_tx, exit_rx) = channel();
         let exit = ExitRequester::new(exit_tx);
@@ -396,6 +531,13 @@ mod tests {
         let mut mmio = Bus::new();
         let timer = Arc::new(Mutex::new(BootTimer::new(timeline.clone())));
         mmio.insert("boot_timer", 0xd000_0000, BOOT_TIMER_LEN, timer).map_err(s)?;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).map_err(s)?;
+        let rng =
+            MmioTransport::new(Box::new(Rng::new().map_err(s)?), mem, irq.try_clone().map_err(s)?)
+                .map_err(s)?;
+        // The worker installs its VirtioRng filter before this returns.
+        let (rng, queue_events) = rng.start_worker("virtio-rng".into()).map_err(s)?;
+        mmio.insert("rng0", 0xd000_1000, 0x1000, Arc::new(Mutex::new(rng))).map_err(s)?;
         let disk = OpenOptions::new()
             .read(true)
             .write(true)
@@ -404,84 +546,75 @@ mod tests {
             .open(dir.join("disk.img"))
             .map_err(s)?;
         disk.set_len(1 << 20).map_err(s)?;
-        let urandom = File::open("/dev/urandom").map_err(s)?;
         register_kick_signal().map_err(s)?;
-        let (fwd_tx, fwd_rx) = channel::<Packet>();
         let (kick_tx, kick_rx) = channel::<()>();
         let (go_tx, go_rx) = channel::<()>();
-        let stop = Arc::new(AtomicBool::new(false));
 
-        let event_thread = {
-            let (muxer, stop, irq) = (muxer.clone(), stop.clone(), irq.try_clone().map_err(s)?);
-            thread::spawn(move || -> Result<(), String> {
-                install(ThreadKind::Vsock).map_err(s)?;
-                let mut events = [EpollEvent::default(); 1];
-                let mut buf = vec![0u8; 4096];
-                while !stop.load(Ordering::SeqCst) {
-                    match epoll.wait(50, &mut events) {
-                        Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(e.to_string()),
-                    }
-                    let mut m = muxer.lock().unwrap();
-                    m.poll();
-                    while let Some(h) = m.next_packet(&mut buf) {
-                        let _ = fwd_tx.send((h, buf[..h.len as usize].to_vec()));
-                        irq.write(1).map_err(s)?;
-                    }
-                }
-                Ok(())
-            })
-        };
+        let block = thread::spawn(move || -> Result<(), String> {
+            install(ThreadKind::VirtioBlock).map_err(s)?;
+            let sector = vec![7u8; 4096];
+            disk.write_all_at(&sector, 512).map_err(s)?;
+            let mut back = vec![0u8; 4096];
+            disk.read_exact_at(&mut back, 512).map_err(s)?;
+            disk.sync_data().map_err(s)?;
+            if back != sector {
+                return Err("the disk read back something else".into());
+            }
+            Ok(())
+        });
+        join(block)?;
 
-        let vcpu = {
-            let muxer = muxer.clone();
-            thread::spawn(move || -> Result<(), String> {
-                install(ThreadKind::Vcpu).map_err(s)?;
-                for b in b"console line\n" {
-                    pio.write(COM1_BASE, &[*b]);
-                }
-                mmio.write(0xd000_0000, &[BOOT_TIMER_MAGIC]);
-                let sector = vec![7u8; 4096];
-                disk.write_all_at(&sector, 512).map_err(s)?;
-                let mut back = vec![0u8; 4096];
-                disk.read_exact_at(&mut back, 512).map_err(s)?;
-                disk.sync_data().map_err(s)?;
-                let mut random = [0u8; 64];
-                (&urandom).read_exact(&mut random).map_err(s)?;
-                let exit_counts = ExitCounts::default();
-                exit_counts.add(ExitKind::PioOut, None);
-                drop(exit_counts.sorted());
-                drop(vec![1u8; 8 << 20]);
+        let vsock = thread::spawn(move || -> Result<(), String> {
+            install(ThreadKind::VirtioVsock).map_err(s)?;
+            // Guest-initiated: connect to the host's listener at uds_1024, talk, shut down.
+            muxer.guest_packet(&from_guest(op::REQUEST, 1024, 5000, 0), &[]);
+            wait_for(&mut muxer, op::RESPONSE)?;
+            muxer.guest_packet(&from_guest(op::RW, 1024, 5000, 4), b"ping");
+            let (_, data) = wait_for(&mut muxer, op::RW)?;
+            if data != b"pong" {
+                return Err(format!("expected pong, got {data:?}"));
+            }
+            let mut shut = from_guest(op::SHUTDOWN, 1024, 5000, 0);
+            shut.flags = 3;
+            muxer.guest_packet(&shut, &[]);
+            // Host-initiated: accepted, and the request forwarded to the guest.
+            let (req, _) = wait_for(&mut muxer, op::REQUEST)?;
+            muxer.guest_packet(&from_guest(op::RESPONSE, req.src_port, req.dst_port, 0), &[]);
+            muxer.guest_packet(&from_guest(op::RW, req.src_port, req.dst_port, 5), b"hello");
+            muxer.guest_packet(&from_guest(op::RST, req.src_port, req.dst_port, 0), &[]);
+            // A driver reset drops every connection.
+            muxer.clear();
+            Ok(())
+        });
 
-                // Guest-initiated: connect to the host's listener at uds_1024, talk, shut down.
-                muxer.lock().unwrap().guest_packet(&from_guest(op::REQUEST, 1024, 5000, 0), &[]);
-                wait_for(&muxer, &fwd_rx, op::RESPONSE)?;
-                muxer.lock().unwrap().guest_packet(&from_guest(op::RW, 1024, 5000, 4), b"ping");
-                let (_, data) = wait_for(&muxer, &fwd_rx, op::RW)?;
-                if data != b"pong" {
-                    return Err(format!("expected pong, got {data:?}"));
-                }
-                let mut shut = from_guest(op::SHUTDOWN, 1024, 5000, 0);
-                shut.flags = 3;
-                muxer.lock().unwrap().guest_packet(&shut, &[]);
-
-                // Host-initiated: the event thread accepts it and forwards the request.
-                let (req, _) = wait_for(&muxer, &fwd_rx, op::REQUEST)?;
-                let resp = from_guest(op::RESPONSE, req.src_port, req.dst_port, 0);
-                muxer.lock().unwrap().guest_packet(&resp, &[]);
-                let data = from_guest(op::RW, req.src_port, req.dst_port, 5);
-                muxer.lock().unwrap().guest_packet(&data, b"hello");
-                let rst = from_guest(op::RST, req.src_port, req.dst_port, 0);
-                muxer.lock().unwrap().guest_packet(&rst, &[]);
-
-                // Reset through the i8042, then wait to be kicked as stop_vcpus would.
-                pio.write(i8042::COMMAND_PORT, &[0xfe]);
-                kick_tx.send(()).map_err(s)?;
-                go_rx.recv_timeout(Duration::from_secs(10)).map_err(s)?;
-                Ok(())
-            })
-        };
+        let vcpu = thread::spawn(move || -> Result<(), String> {
+            install(ThreadKind::Vcpu).map_err(s)?;
+            for b in b"console line\n" {
+                pio.write(COM1_BASE, &[*b]);
+            }
+            mmio.write(0xd000_0000, &[BOOT_TIMER_MAGIC]);
+            // A driver brings the rng up (no queue ready), notifies and resets it: commands to
+            // its worker, a notify eventfd, and a reset the vCPU waits for.
+            for status in [1u32, 3, 11, 15] {
+                mmio.write(0xd000_1000 + 0x70, &status.to_le_bytes());
+            }
+            mmio.write(0xd000_1000 + 0x50, &0u32.to_le_bytes());
+            mmio.write(0xd000_1000 + 0x70, &0u32.to_le_bytes());
+            let mut status = [0xffu8; 4];
+            mmio.read(0xd000_1000 + 0x70, &mut status);
+            if status != [0; 4] {
+                return Err(format!("status after reset: {status:?}"));
+            }
+            let exit_counts = ExitCounts::default();
+            exit_counts.add(ExitKind::PioOut, None);
+            drop(exit_counts.sorted());
+            drop(vec![1u8; 8 << 20]);
+            // Reset through the i8042, then wait to be kicked as stop_vcpus would.
+            pio.write(i8042::COMMAND_PORT, &[0xfe]);
+            kick_tx.send(()).map_err(s)?;
+            go_rx.recv_timeout(Duration::from_secs(10)).map_err(s)?;
+            Ok(())
+        });
 
         // The host side, unfiltered.
         let (mut guest_conn, _) = guest_target.accept().map_err(s)?;
@@ -500,14 +633,14 @@ mod tests {
         }
         let mut hello = [0u8; 5];
         host.read_exact(&mut hello).map_err(s)?;
+        join(vsock)?;
 
         kick_rx.recv_timeout(Duration::from_secs(10)).map_err(s)?;
         vcpu.kill(SIGRTMIN()).map_err(s)?;
         thread::sleep(Duration::from_millis(50));
         go_tx.send(()).map_err(s)?;
         join(vcpu)?;
-        stop.store(true, Ordering::SeqCst);
-        join(event_thread)?;
+        drop(queue_events);
 
         if !line.starts_with(b"OK ") || &hello != b"hello" || &ping != b"ping" {
             return Err(format!("host saw {line:?} {hello:?} {ping:?}"));

@@ -2,6 +2,12 @@
 //! phases and the VMM's memory overhead, then runs `isocell run -- true` repeatedly and reports
 //! its phases (median, min, max) as JSON. Not a test: timings are never asserted, only recorded
 //! with the machine they ran on. Both series run in the same test host, so they compare.
+//!
+//! The device benchmark boots a guest (scenario init `devbench`) that writes and reads a 256 MiB
+//! disk through virtio-blk and sends 16 MiB to the host over vsock, timed in the guest, and
+//! records the boot phases and the VM exits by kind and device per boot. With
+//! `--baseline-vmm PATH` the same boots run with another VMM build too, interleaved, and the
+//! figures are printed side by side with the ratio of medians (`devices.json`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -10,6 +16,9 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use isocell_host::{CellImage, CellPlan, CellRequest, HostConfig};
 use isocell_spec::MemorySize;
+use isocell_testhost::guest_tools::{
+    command_line, helper_socket, serve_during, TOOLS_DISK, TOOLS_DRIVE, VSOCK_PORT, VSOCK_UDS,
+};
 use isocell_testhost::host::{self, project_root};
 use isocell_testhost::stats::{summarize, Summary};
 use isocell_testhost::{HostKind, Scenario, Step, StepResult, TestHost};
@@ -42,9 +51,17 @@ struct Args {
     /// Only measure the evidence cost per cell natively on this machine (boots nothing).
     #[arg(long)]
     evidence_only: bool,
-    /// Directory for the JSON results (`vmm-boot.json`, `isocell-run.json`).
+    /// Directory for the JSON results (`vmm-boot.json`, `isocell-run.json`, `devices.json`).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Another `isocell-vmm` (an earlier build, say): the device benchmark's boots also run
+    /// with it, interleaved with this build's, and the figures are compared (new / baseline).
+    #[arg(long, value_name = "PATH")]
+    baseline_vmm: Option<PathBuf>,
+    /// Measured boots of the device benchmark per VMM (each moves 512 MiB through virtio-blk,
+    /// slow under the nested host; one extra warm-up boot is discarded).
+    #[arg(long, default_value_t = 3)]
+    device_runs: usize,
 }
 
 /// Phases `isocell run --report` records, in order.
@@ -295,6 +312,168 @@ fn cpu_step(i: usize, variant: usize, args: &Args) -> Step {
     vmm_boot_step(format!("cpu-{name}-{i}"), args, "stdout", boot_args.trim_end())
 }
 
+/// Size of the device benchmark's data disk, written and read whole.
+const DEVBENCH_DISK_BYTES: u64 = 256 << 20;
+/// Bytes the device benchmark's guest sends to the host over vsock.
+const DEVBENCH_VSOCK_BYTES: u64 = 16 << 20;
+/// The VMMs the device benchmark can run: this build, and the `--baseline-vmm` one (a scenario
+/// file, so it travels into the nested host).
+const DEVBENCH_VMMS: [(&str, &str); 2] = [("new", "{vmm}"), ("baseline", "{baseline_vmm}")];
+
+/// A boot of the `devbench` guest with VMM `vmm` (an index into `DEVBENCH_VMMS`): the tools
+/// disk, a 256 MiB data disk and vsock, with `isocell-hostile unix-sink` counting what the
+/// guest sends.
+fn devbench_step(i: usize, vmm: usize, args: &Args) -> Step {
+    let (label, binary) = DEVBENCH_VMMS[vmm];
+    let (cpus, memory) = (args.cpus.to_string(), args.memory.to_string());
+    let vsock = format!("cid=3,uds={VSOCK_UDS}");
+    let boot_args = format!(
+        "init=/sbin/scenario-init isocell_scenario=devbench quiet isocell_vsock_port={VSOCK_PORT}"
+    );
+    let command = command_line(&[
+        binary,
+        "--kernel",
+        "{vmlinux}",
+        "--initrd",
+        "{initrd}",
+        "--console",
+        "stdout",
+        "--cpus",
+        &cpus,
+        "--memory",
+        &memory,
+        "--drive",
+        TOOLS_DRIVE,
+        "--drive",
+        "id=data,path={work}/data.img",
+        "--vsock",
+        &vsock,
+        "--boot-args",
+        &boot_args,
+        "--report",
+        "{work}/report.json",
+    ]);
+    let socket = helper_socket();
+    let helper = format!("{{hostile}} unix-sink {socket}");
+    let script = format!("{TOOLS_DISK} || exit 1\n{}", serve_during(&helper, &socket, &command));
+    let mut step = measured_step(
+        format!("devbench-{label}-{i}"),
+        &["sh", "-c", &script],
+        300,
+        "{work}/report.json",
+    );
+    step.create_files.insert("{work}/data.img".into(), DEVBENCH_DISK_BYTES);
+    step
+}
+
+/// Why a `devbench` boot does not count, if it does not: every transfer must have completed.
+fn devbench_failure(r: &StepResult) -> Option<String> {
+    let g = r.guest_results.first();
+    let ok = |v: Option<&Value>| v == Some(&Value::Bool(true));
+    let complete = ok(g.and_then(|g| g.get("write_ok")))
+        && ok(g.and_then(|g| g.get("read_ok")))
+        && ok(g.and_then(|g| g.get("vsock")).and_then(|v| v.get("ok")))
+        && g.and_then(|g| g.get("block_bytes")).and_then(Value::as_u64)
+            == Some(DEVBENCH_DISK_BYTES);
+    (!complete).then(|| format!("a device benchmark boot did not complete:\n{}", r.explain()))
+}
+
+/// Throughput in MB/s (10^6 bytes per second) from the guest's byte count and microseconds.
+fn devbench_rate(r: &StepResult, bytes: &str, us: &str) -> Option<f64> {
+    let g = r.guest_results.first()?;
+    let us = g.get(us)?.as_f64().filter(|us| *us > 0.0)?;
+    Some(g.get(bytes)?.as_f64()? / us)
+}
+
+fn devbench_vsock_rate(r: &StepResult) -> Option<f64> {
+    let v = r.guest_results.first()?.get("vsock")?;
+    let us = v.get("us")?.as_f64().filter(|us| *us > 0.0)?;
+    Some(v.get("bytes")?.as_f64()? / us)
+}
+
+/// The report's exit counts (`[["mmio_write data", 123], ...]`, or an object of the same) by
+/// kind and device. The VMM lists the most frequent 20; one not listed counts as 0.
+fn exit_counts(r: &StepResult) -> std::collections::BTreeMap<String, f64> {
+    let mut counts = std::collections::BTreeMap::new();
+    match r.report.as_ref().and_then(|v| v.get("exit_counts")) {
+        Some(Value::Array(pairs)) => {
+            for p in pairs {
+                if let (Some(name), Some(n)) = (p[0].as_str(), p[1].as_f64()) {
+                    counts.insert(name.to_owned(), n);
+                }
+            }
+        }
+        Some(Value::Object(map)) => {
+            for (name, n) in map {
+                if let Some(n) = n.as_f64() {
+                    counts.insert(name.clone(), n);
+                }
+            }
+        }
+        _ => {}
+    }
+    counts
+}
+
+/// One figure of the device benchmark: its name, unit and how to read it from a boot.
+type DevFigure = (&'static str, &'static str, fn(&StepResult) -> Option<f64>);
+
+/// The device benchmark's figures, in the order they are printed.
+const DEVBENCH_FIGURES: [DevFigure; 7] = [
+    ("VM built", "ms", |r| ms(phase(r, "vm_built_us"))),
+    ("guest init (boot timer)", "ms", |r| ms(phase(r, "guest_init_us"))),
+    ("VM stopped", "ms", |r| ms(phase(r, "exit_us"))),
+    ("block write 256 MiB", "MB/s", |r| devbench_rate(r, "block_bytes", "write_us")),
+    ("block read 256 MiB", "MB/s", |r| devbench_rate(r, "block_bytes", "read_us")),
+    ("vsock guest->host 16 MiB", "MB/s", devbench_vsock_rate),
+    ("VM exits per boot (listed)", "", |r| Some(exit_counts(r).values().sum())),
+];
+
+/// Prints a figure for this build and, when there is one, the baseline with the ratio of
+/// medians.
+fn print_pair(label: &str, new: Option<Summary>, base: Option<Option<Summary>>, unit: &str) {
+    let Some(base) = base else { return print_row(label, new, unit) };
+    let median = |s: Option<Summary>| s.map_or("-".to_owned(), |s| format!("{:.1}", s.median));
+    let r = ratio(new, base).map_or("-".to_owned(), |r| format!("{r:.3}x"));
+    let n = new.map_or(0, |s| s.n);
+    println!(
+        "{label:<28} new {:>9} {unit:<4}  baseline {:>9}  new/baseline {r:>7}  (medians, n={n})",
+        median(new),
+        median(base)
+    );
+}
+
+/// One VMM's device benchmark: each of `DEVBENCH_FIGURES` and the exits per boot by kind and
+/// device, summarized over its boots.
+struct DevSeries {
+    figures: Vec<Option<Summary>>,
+    exits: std::collections::BTreeMap<String, Option<Summary>>,
+}
+
+fn dev_series(runs: &[StepResult], exit_names: &std::collections::BTreeSet<String>) -> DevSeries {
+    let figures = DEVBENCH_FIGURES.iter().map(|(_, _, f)| series(runs, f)).collect();
+    let counts: Vec<_> = runs.iter().map(exit_counts).collect();
+    let exits = exit_names
+        .iter()
+        .map(|name| {
+            let per_boot: Vec<f64> =
+                counts.iter().map(|c| c.get(name).copied().unwrap_or(0.0)).collect();
+            (name.clone(), summarize(&per_boot))
+        })
+        .collect();
+    DevSeries { figures, exits }
+}
+
+impl DevSeries {
+    fn json(&self) -> Value {
+        let mut v = json!({ "exits_per_boot": self.exits });
+        for ((name, unit, _), s) in DEVBENCH_FIGURES.iter().zip(&self.figures) {
+            v[format!("{name} ({unit})").trim_end_matches(" ()")] = json!(s);
+        }
+        v
+    }
+}
+
 /// A figure from the guest's result line.
 fn guest_figure(r: &StepResult, key: &str) -> Option<f64> {
     r.guest_results.first()?.get(key)?.as_f64()
@@ -450,6 +629,17 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
+    // Checked before anything runs: the benchmark takes a while to get to it.
+    let baseline = match &args.baseline_vmm {
+        Some(p) => {
+            let p = p.canonicalize().with_context(|| format!("--baseline-vmm {}", p.display()))?;
+            if !p.is_file() {
+                bail!("--baseline-vmm {} is not a file", p.display());
+            }
+            Some(p)
+        }
+        None => None,
+    };
     let host = TestHost::detect()?;
     eprintln!(
         "isocell-bench: {} runs + 1 warm-up on the {} test host",
@@ -476,13 +666,28 @@ fn main() -> Result<()> {
             steps.push(cpu_step(i, v, &args));
         }
     }
-    let files = std::collections::BTreeMap::from([(
+    let mut files = std::collections::BTreeMap::from([(
         "images".to_owned(),
         img.store_copy.path().join("images").display().to_string(),
     )]);
+    // The device benchmark: this VMM and the baseline alternate, so both see the same host.
+    if let Some(p) = &baseline {
+        files.insert("baseline_vmm".to_owned(), p.display().to_string());
+    }
+    let vmms = if baseline.is_some() { DEVBENCH_VMMS.len() } else { 1 };
+    for i in 0..=args.device_runs {
+        for v in 0..vmms {
+            steps.push(devbench_step(i, v, &args));
+        }
+    }
     let results = host.run(&Scenario { steps, files })?;
     if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
         bail!("a benchmark step failed:\n{}", bad.explain());
+    }
+    if let Some(why) =
+        results.iter().filter(|r| r.name.starts_with("devbench-")).find_map(devbench_failure)
+    {
+        bail!("{why}");
     }
     // The first of each kind warms caches and is not counted.
     let of_kind = |prefix: &str| -> Vec<StepResult> {
@@ -644,6 +849,42 @@ fn main() -> Result<()> {
     let run_path = dir.join("isocell-run.json");
     std::fs::write(&run_path, serde_json::to_string_pretty(&run_out)?)
         .with_context(|| format!("writing {}", run_path.display()))?;
+    let dev_new = of_kind("devbench-new-");
+    let dev_base = baseline.as_ref().map(|_| of_kind("devbench-baseline-"));
+    let exit_names: std::collections::BTreeSet<String> = dev_new
+        .iter()
+        .chain(dev_base.iter().flatten())
+        .flat_map(|r| exit_counts(r).into_keys())
+        .collect();
+    let dev_new = dev_series(&dev_new, &exit_names);
+    let dev_base = dev_base.map(|runs| dev_series(&runs, &exit_names));
+    let mut dev_out = json!({
+        "benchmark": "vmm-devices",
+        "host": host.kind().name(),
+        "host_cpu": cpu_model(),
+        "runs": args.device_runs,
+        "vcpus": args.cpus,
+        "memory_mib": args.memory,
+        "what": "the devbench guest (initramfs, vmlinux): dd of the 256 MiB data disk through virtio-blk with O_DIRECT in 1 MiB blocks (write with fsync, then read), 16 MiB guest->host over vsock until the host's count came back, timed in the guest (MB/s = 10^6 bytes/s); boot phases and VM exits by kind and device per boot from the VMM report (its 20 most frequent; unlisted count 0); this build and the baseline alternate in the same host",
+        "block_bytes": DEVBENCH_DISK_BYTES,
+        "vsock_bytes": DEVBENCH_VSOCK_BYTES,
+        "new": dev_new.json(),
+    });
+    if let (Some(base), Some(path)) = (&dev_base, &baseline) {
+        let mut b = base.json();
+        b["vmm"] = json!(path.display().to_string());
+        dev_out["baseline"] = b;
+        let mut ratios = json!({});
+        for (((name, unit, _), n), b) in
+            DEVBENCH_FIGURES.iter().zip(&dev_new.figures).zip(&base.figures)
+        {
+            ratios[format!("{name} ({unit})").trim_end_matches(" ()")] = json!(ratio(*n, *b));
+        }
+        dev_out["ratio_new_to_baseline"] = ratios;
+    }
+    let dev_path = dir.join("devices.json");
+    std::fs::write(&dev_path, serde_json::to_string_pretty(&dev_out)?)
+        .with_context(|| format!("writing {}", dev_path.display()))?;
 
     let row = print_row;
     println!("IsoCell VMM boot benchmark, {} host ({})", host.kind().name(), cpu_model());
@@ -739,5 +980,25 @@ fn main() -> Result<()> {
         println!("  container image / base image: {r:.3}x (medians, same host, alternating)");
     }
     println!("results: {} and {}", path.display(), run_path.display());
+    match &baseline {
+        Some(p) => println!(
+            "\ndevices (devbench guest), this build against {}, same host, alternating",
+            p.display()
+        ),
+        None => println!("\ndevices (devbench guest), same host"),
+    }
+    let base_figures = |i: usize| dev_base.as_ref().map(|b| b.figures[i]);
+    for (i, (name, unit, _)) in DEVBENCH_FIGURES.iter().enumerate() {
+        print_pair(name, dev_new.figures[i], base_figures(i), unit);
+    }
+    println!("VM exits per boot, by kind and device");
+    let mut names: Vec<&String> = exit_names.iter().collect();
+    let new_median = |n: &String| dev_new.exits.get(n).copied().flatten().map_or(0.0, |s| s.median);
+    names.sort_by(|a, b| new_median(b).total_cmp(&new_median(a)));
+    for name in names {
+        let base = dev_base.as_ref().map(|b| b.exits.get(name).copied().flatten());
+        print_pair(&format!("  {name}"), dev_new.exits.get(name).copied().flatten(), base, "");
+    }
+    println!("results: {}", dev_path.display());
     Ok(())
 }

@@ -12,13 +12,35 @@
 //! - `unmapped COUNT`: reads COUNT distinct guest-physical addresses where nothing is mapped,
 //!   each one an exit to the VMM.
 //!
+//! The VMM's device tests (scenario init `reset` and `devbench`, which unpack it from a disk)
+//! use it as a guest-side client of the host over vsock, and as its host-side server:
+//!
+//! - `vsock-echo PORT BYTES` (guest): connects to the host's PORT, sends BYTES pseudo-random
+//!   bytes while reading the echo back, compares; prints one JSON object;
+//! - `vsock-send PORT BYTES` (guest): sends BYTES to the host's PORT, then waits for the host's
+//!   count; prints one JSON object with the time taken;
+//! - `vsock-hold PORT` (guest): connects, checks a short echo, prints `{"established": true}`,
+//!   then waits for the connection to end (reset, eof or a timeout) and prints how;
+//! - `clock` (guest): CLOCK_MONOTONIC in microseconds (busybox `date` has no sub-second
+//!   format);
+//! - `unix-echo PATH CONNECTIONS` (host): listens at PATH (the VMM's vsock `uds_path` + `_PORT`),
+//!   echoes CONNECTIONS connections, each in its own thread, logging when each is accepted and
+//!   ends; exits when all have ended;
+//! - `unix-sink PATH` (host): listens at PATH, reads one connection to its end and answers with
+//!   the byte count; exits.
+//!
+//! The host-side modes exit by themselves after `HELPER_LIFETIME`, so one whose guest never
+//! came cannot outlive its test.
+//!
 //! It is a test tool: it is built like every binary of the project (static), never shipped in
 //! an image.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
 
 use isocell_proto::{encode, EntryKind, ExitStatus, FrameBuffer, Message};
 
@@ -28,7 +50,16 @@ fn main() {
         ["protocol", mode] => protocol(mode),
         ["mmio"] => mmio(),
         ["unmapped", count] => count.parse().map_err(|e| format!("count: {e}")).and_then(unmapped),
-        _ => Err("usage: isocell-hostile protocol MODE | mmio | unmapped COUNT".into()),
+        ["vsock-echo", port, bytes] => number(port).and_then(|p| vsock_echo(p, number(bytes)?)),
+        ["vsock-send", port, bytes] => number(port).and_then(|p| vsock_send(p, number(bytes)?)),
+        ["vsock-hold", port] => number(port).and_then(vsock_hold),
+        ["clock"] => clock(),
+        ["unix-echo", path, connections] => number(connections).and_then(|n| unix_echo(path, n)),
+        ["unix-sink", path] => unix_sink(path),
+        _ => Err("usage: isocell-hostile protocol MODE | mmio | unmapped COUNT | \
+                  vsock-echo PORT BYTES | vsock-send PORT BYTES | vsock-hold PORT | clock | \
+                  unix-echo PATH CONNECTIONS | unix-sink PATH"
+            .into()),
     };
     if let Err(e) = result {
         let _ = writeln!(std::io::stderr(), "isocell-hostile: {e}");
@@ -270,5 +301,273 @@ fn unmapped(count: u64) -> Result<(), String> {
             .wrapping_add(u64::from(unsafe { std::ptr::read_volatile(p.add(off).cast::<u32>()) }));
     }
     println!("hostile: read {count} unmapped addresses (sum {sum:#x})");
+    Ok(())
+}
+
+fn number<T: std::str::FromStr>(s: &str) -> Result<T, String> {
+    s.parse().map_err(|_| format!("{s:?} is not a number"))
+}
+
+/// Size of each read and write of the vsock and Unix-socket modes.
+const CHUNK: usize = 64 * 1024;
+/// How long a guest-side mode waits on a stalled connection before giving up.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a host-side mode lives at most: past any step that runs it.
+const HELPER_LIFETIME: Duration = Duration::from_secs(900);
+
+/// Byte `i` of the stream the vsock modes send: pseudo-random (splitmix64 of `i / 8`), the same
+/// every run, with no period a misplaced chunk could hide in.
+fn pattern_byte(i: u64) -> u8 {
+    let mut x = (i >> 3).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    (x >> ((i & 7) * 8)) as u8
+}
+
+fn fill_pattern(buf: &mut [u8], start: u64) {
+    for (k, b) in buf.iter_mut().enumerate() {
+        *b = pattern_byte(start + k as u64);
+    }
+}
+
+/// A stream connection to `port` of the host (CID 2), with read and write timeouts.
+fn vsock_connect(port: u32) -> Result<UnixStream, String> {
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(os_err("socket(AF_VSOCK)"));
+    }
+    // SAFETY: a fresh descriptor, owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let addr = libc::sockaddr_vm {
+        svm_family: libc::AF_VSOCK as libc::sa_family_t,
+        svm_reserved1: 0,
+        svm_port: port,
+        svm_cid: libc::VMADDR_CID_HOST,
+        svm_zero: [0; 4],
+    };
+    // SAFETY: `addr` is a complete sockaddr_vm and its exact size is passed.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(os_err(&format!("connect to host port {port}")));
+    }
+    // A vsock stream reads, writes, shuts down and times out like a Unix stream: only those
+    // calls (all plain socket calls) are made on it.
+    let sock = UnixStream::from(fd);
+    sock.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| format!("SO_RCVTIMEO: {e}"))?;
+    sock.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
+    Ok(sock)
+}
+
+/// Reads until end of file or an error; `each` sees every chunk. Returns the bytes read and
+/// how the stream ended ("eof", or the error).
+fn read_to_end_with(sock: &mut UnixStream, mut each: impl FnMut(u64, &[u8])) -> (u64, String) {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) => return (total, "eof".into()),
+            Ok(n) => {
+                each(total, &buf[..n]);
+                total += n as u64;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return (total, e.to_string()),
+        }
+    }
+}
+
+/// Sends `bytes` of the pattern from a second thread while this one reads the echo back, so
+/// neither side can stall on a full buffer; prints what came back.
+fn vsock_echo(port: u32, bytes: u64) -> Result<(), String> {
+    let start = Instant::now();
+    let mut sock = vsock_connect(port)?;
+    let mut writer = sock.try_clone().map_err(|e| format!("dup: {e}"))?;
+    let sender = std::thread::spawn(move || -> Result<(), String> {
+        let mut buf = vec![0u8; CHUNK];
+        let mut sent = 0u64;
+        while sent < bytes {
+            let n = (bytes - sent).min(CHUNK as u64) as usize;
+            fill_pattern(&mut buf[..n], sent);
+            writer.write_all(&buf[..n]).map_err(|e| format!("send after {sent} bytes: {e}"))?;
+            sent += n as u64;
+        }
+        writer.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))
+    });
+    let mut first_mismatch = None;
+    let (received, ended) = read_to_end_with(&mut sock, |at, chunk| {
+        if first_mismatch.is_none() {
+            first_mismatch =
+                chunk.iter().zip(at..).find(|(b, i)| **b != pattern_byte(*i)).map(|(_, i)| i);
+        }
+    });
+    let sent = match sender.join() {
+        Ok(r) => r,
+        Err(_) => Err("the sending thread panicked".into()),
+    };
+    let ok = sent.is_ok() && received == bytes && first_mismatch.is_none() && ended == "eof";
+    println!(
+        "{}",
+        serde_json::json!({
+            "ok": ok,
+            "port": port,
+            "bytes": bytes,
+            "received": received,
+            "first_mismatch": first_mismatch,
+            "ended": ended,
+            "send_error": sent.err(),
+            "us": start.elapsed().as_micros() as u64,
+        })
+    );
+    if ok {
+        Ok(())
+    } else {
+        Err("the echo did not match".into())
+    }
+}
+
+/// Sends `bytes` (a pattern chunk, repeated) and waits for the host's count of what it got:
+/// the time runs from before the connection to the count, so every byte reached the host.
+fn vsock_send(port: u32, bytes: u64) -> Result<(), String> {
+    let mut buf = vec![0u8; CHUNK];
+    fill_pattern(&mut buf, 0);
+    let start = Instant::now();
+    let mut sock = vsock_connect(port)?;
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(CHUNK as u64) as usize;
+        sock.write_all(&buf[..n]).map_err(|e| format!("send after {sent} bytes: {e}"))?;
+        sent += n as u64;
+    }
+    sock.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
+    let mut answer = Vec::new();
+    let (_, ended) = read_to_end_with(&mut sock, |_, chunk| {
+        if answer.len() < 64 {
+            answer.extend_from_slice(chunk);
+        }
+    });
+    let us = start.elapsed().as_micros() as u64;
+    let acked: Option<u64> = std::str::from_utf8(&answer).ok().and_then(|s| s.trim().parse().ok());
+    let ok = acked == Some(bytes) && ended == "eof";
+    println!(
+        "{}",
+        serde_json::json!({
+            "ok": ok,
+            "port": port,
+            "bytes": bytes,
+            "acked": acked,
+            "ended": ended,
+            "us": us,
+            "mb_per_s": bytes as f64 / us.max(1) as f64,
+        })
+    );
+    if ok {
+        Ok(())
+    } else {
+        Err("the host did not count every byte".into())
+    }
+}
+
+/// Holds a connection open across whatever the guest does next (a device reset) and says how
+/// it ended.
+fn vsock_hold(port: u32) -> Result<(), String> {
+    let mut sock = vsock_connect(port)?;
+    sock.write_all(b"hold\n").map_err(|e| format!("send: {e}"))?;
+    let mut echo = [0u8; 5];
+    sock.read_exact(&mut echo).map_err(|e| format!("echo: {e}"))?;
+    if &echo != b"hold\n" {
+        return Err(format!("echo: got {echo:?}"));
+    }
+    println!("{}", serde_json::json!({ "established": true }));
+    let _ = std::io::stdout().flush();
+    let mut byte = [0u8; 1];
+    let ended = loop {
+        match sock.read(&mut byte) {
+            Ok(0) => break "eof".to_owned(),
+            Ok(_) => break "data".to_owned(),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                break "timeout".to_owned()
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break "reset".to_owned(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    println!("{}", serde_json::json!({ "ended": ended }));
+    Ok(())
+}
+
+fn clock() -> Result<(), String> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the kernel to fill.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return Err(os_err("clock_gettime"));
+    }
+    println!("{}", ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000);
+    Ok(())
+}
+
+/// Ends this process after [`HELPER_LIFETIME`], whatever it is waiting for.
+fn start_lifetime() {
+    std::thread::spawn(|| {
+        std::thread::sleep(HELPER_LIFETIME);
+        let _ = writeln!(std::io::stderr(), "isocell-hostile: lifetime over, exiting");
+        std::process::exit(3);
+    });
+}
+
+fn listen(path: &str) -> Result<UnixListener, String> {
+    UnixListener::bind(path).map_err(|e| format!("listening at {path}: {e}"))
+}
+
+/// Echoes `connections` connections at `path`, each in its own thread, so one the VMM keeps
+/// open cannot hold up the next; the log says in which order they came and went.
+fn unix_echo(path: &str, connections: u32) -> Result<(), String> {
+    start_lifetime();
+    let listener = listen(path)?;
+    let mut workers = Vec::new();
+    for k in 1..=connections {
+        let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        println!("unix-echo: connection {k} accepted");
+        workers.push(std::thread::spawn(move || {
+            let mut writer = match conn.try_clone() {
+                Ok(w) => w,
+                Err(e) => return println!("unix-echo: connection {k} ended (dup: {e})"),
+            };
+            let mut write_error = None;
+            let (echoed, ended) = read_to_end_with(&mut conn, |_, chunk| {
+                if write_error.is_none() {
+                    write_error = writer.write_all(chunk).err();
+                }
+            });
+            let ended = write_error.map_or(ended, |e| format!("write: {e}"));
+            println!("unix-echo: connection {k} ended ({ended}) after echoing {echoed} bytes");
+        }));
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    let _ = fs::remove_file(path);
+    println!("unix-echo: done");
+    Ok(())
+}
+
+/// Reads one connection at `path` to its end and answers with the number of bytes read.
+fn unix_sink(path: &str) -> Result<(), String> {
+    start_lifetime();
+    let listener = listen(path)?;
+    let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+    let (received, ended) = read_to_end_with(&mut conn, |_, _| {});
+    let answered = conn.write_all(format!("{received}\n").as_bytes());
+    let _ = fs::remove_file(path);
+    println!("unix-sink: received {received} bytes ({ended}), answer {answered:?}");
+    println!("unix-sink: done");
     Ok(())
 }

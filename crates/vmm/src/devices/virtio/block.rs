@@ -13,7 +13,10 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{read_config_bytes, VirtioDevice};
+use serde::{Deserialize, Serialize};
+
+use super::{DeviceInfo, DeviceState, RestoreError, VirtioDevice};
+use crate::seccomp::ThreadKind;
 
 pub use isocell_vmm_model::devices::virtio::block::{offered_features, DEVICE_TYPE, QUEUE_SIZE};
 /// Sector size of the virtio-blk protocol.
@@ -202,21 +205,56 @@ impl Block {
     }
 }
 
+/// What a block device's backing must still be when its state is restored (requests are
+/// carried out whole on the worker, so none is ever in flight at a save).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    /// The id the guest reads with GET_ID.
+    pub id: String,
+    /// Usable bytes of the image.
+    pub capacity: u64,
+    /// Whether writes are refused.
+    pub read_only: bool,
+}
+
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        DEVICE_TYPE
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            device_type: DEVICE_TYPE,
+            queue_max_sizes: vec![QUEUE_SIZE],
+            offered_features: offered_features(self.read_only),
+            config: self.config.to_vec(),
+        }
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+    fn thread_kind(&self) -> ThreadKind {
+        ThreadKind::VirtioBlock
     }
 
-    fn offered_features(&self) -> u64 {
-        offered_features(self.read_only)
+    fn reset(&mut self) {
+        // Nothing is kept between requests: every request completes before the next is taken.
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+    fn save(&self) -> DeviceState {
+        DeviceState::Block(BlockState {
+            id: self.id.clone(),
+            capacity: self.capacity,
+            read_only: self.read_only,
+        })
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), RestoreError> {
+        let DeviceState::Block(saved) = state else {
+            return Err(RestoreError::Kind { saved: state.kind_name(), device: "block" });
+        };
+        let current =
+            BlockState { id: self.id.clone(), capacity: self.capacity, read_only: self.read_only };
+        if *saved != current {
+            return Err(RestoreError::Mismatch(format!(
+                "saved for {saved:?}, the disk is {current:?}"
+            )));
+        }
+        Ok(())
     }
 
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
@@ -310,7 +348,7 @@ mod tests {
     #[test]
     fn refuses_out_of_range_and_read_only_writes() {
         let mut blk = disk(&[0u8; 4096], true);
-        assert_ne!(blk.offered_features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_ne!(blk.info().offered_features & (1 << VIRTIO_BLK_F_RO), 0);
         let (_, _, status) = run(&mut blk, VIRTIO_BLK_T_OUT, 0, &[(512, false)]);
         assert_eq!(status as u32, VIRTIO_BLK_S_IOERR);
         let (_, _, status) = run(&mut blk, VIRTIO_BLK_T_IN, 8, &[(512, true)]);
@@ -327,9 +365,7 @@ mod tests {
     #[test]
     fn reports_id_and_capacity() {
         let mut blk = disk(&[0u8; 4096 + 100], true);
-        let mut cap = [0u8; 8];
-        blk.read_config(0, &mut cap);
-        assert_eq!(u64::from_le_bytes(cap), 8);
+        assert_eq!(blk.info().config, 8u64.to_le_bytes());
         let (mem, addrs, status) = run(&mut blk, VIRTIO_BLK_T_GET_ID, 0, &[(20, true)]);
         assert_eq!(status as u32, VIRTIO_BLK_S_OK);
         let mut id = [0u8; 5];

@@ -1,7 +1,13 @@
 //! The virtio-mmio transport (virtio 1.x, "version 2" registers). Every register access comes
-//! from the guest and is checked; queue processing happens synchronously on the vCPU thread that
-//! wrote `QueueNotify`, and the interrupt goes out through an irqfd.
+//! from the guest and is checked. The transport is only the register file: the device and its
+//! queue work live on the device's worker ([`super::worker`]). `QueueNotify` writes reach the
+//! worker through per-queue eventfds (KVM ioeventfds in a VM, so they never leave the kernel),
+//! and the worker raises interrupts through the irqfd.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_F_VERSION_1,
@@ -9,9 +15,12 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::VirtioDevice;
+use super::worker::{self, Command, DeviceWorker, WorkerHandle};
+use super::{
+    read_config_bytes, DeviceInfo, DeviceState, QueueSnapshot, RestoreError, VirtioDevice,
+};
 use crate::devices::BusDevice;
 
 const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
@@ -19,11 +28,20 @@ const MMIO_VERSION: u32 = 2;
 /// "ISOC", the vendor id the devices report.
 const VENDOR_ID: u32 = 0x434f_5349;
 
-/// One virtio device behind its MMIO register window.
+/// Where the device runs.
+enum Worker {
+    /// In line, on the caller's thread (unit tests and fuzz targets: deterministic).
+    Inline(Box<DeviceWorker>),
+    /// On its own thread; notifies go to `queue_events`.
+    Thread { handle: WorkerHandle, queue_events: Vec<EventFd> },
+}
+
+/// One virtio device's register window.
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
+    info: DeviceInfo,
     mem: GuestMemoryMmap,
-    irq: EventFd,
+    worker: Worker,
+    /// The queues as the driver configures them; the worker gets copies at `DRIVER_OK`.
     queues: Vec<Queue>,
     queue_select: u32,
     device_features_select: u32,
@@ -32,31 +50,49 @@ pub struct MmioTransport {
     /// Features accepted at the last FEATURES_OK, for the cell's record.
     negotiated: Option<u64>,
     status: u32,
-    interrupt_status: u32,
+    /// Shared with the worker, which sets the cause of each interrupt it raises.
+    interrupt_status: Arc<AtomicU32>,
+}
+
+/// The transport's saved state, with its device's: plain serde data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    /// The device status register.
+    pub status: u32,
+    /// Registers the driver selects with.
+    pub queue_select: u32,
+    #[allow(missing_docs)]
+    pub device_features_select: u32,
+    #[allow(missing_docs)]
+    pub driver_features_select: u32,
+    /// Features the driver wrote.
+    pub driver_features: u64,
+    /// Features accepted at the last FEATURES_OK.
+    pub negotiated: Option<u64>,
+    /// Interrupt causes not yet acknowledged.
+    pub interrupt_status: u32,
+    /// Every queue: its configuration and, while the device is live, the device's progress.
+    pub queues: Vec<QueueSnapshot>,
+    /// The device's own state.
+    pub device: DeviceState,
 }
 
 impl MmioTransport {
-    /// The device type and the feature bits the driver last had accepted (FEATURES_OK): what
-    /// the guest used of this device. Kept across resets (a rebooting guest resets devices).
-    pub fn negotiated_features(&self) -> (u32, Option<u64>) {
-        (self.device.device_type(), self.negotiated)
-    }
-
-    /// Wraps `device`; its interrupts go to `irq`.
+    /// Wraps `device`, run in line on the caller's thread; its interrupts go to `irq`.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         irq: EventFd,
     ) -> Result<Self, virtio_queue::Error> {
-        let queues = device
-            .queue_max_sizes()
-            .iter()
-            .map(|max| Queue::new(*max))
-            .collect::<Result<_, _>>()?;
+        let info = device.info();
+        let queues =
+            info.queue_max_sizes.iter().map(|max| Queue::new(*max)).collect::<Result<_, _>>()?;
+        let interrupt_status = Arc::new(AtomicU32::new(0));
+        let worker = DeviceWorker::new(device, mem.clone(), irq, interrupt_status.clone());
         Ok(MmioTransport {
-            device,
+            info,
             mem,
-            irq,
+            worker: Worker::Inline(Box::new(worker)),
             queues,
             queue_select: 0,
             device_features_select: 0,
@@ -64,8 +100,31 @@ impl MmioTransport {
             driver_features: 0,
             negotiated: None,
             status: 0,
-            interrupt_status: 0,
+            interrupt_status,
         })
+    }
+
+    /// Moves the device onto a worker thread named `name`, waiting on one new eventfd per
+    /// queue; returns the transport and those eventfds (in queue order), for KVM to signal on
+    /// notifies.
+    pub fn start_worker(mut self, name: String) -> std::io::Result<(Self, Vec<EventFd>)> {
+        let Worker::Inline(inline) = self.worker else {
+            return Err(std::io::Error::other("the worker already runs on its thread"));
+        };
+        let events = (0..self.queues.len())
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let theirs = events.iter().map(EventFd::try_clone).collect::<std::io::Result<Vec<_>>>()?;
+        let ours = events.iter().map(EventFd::try_clone).collect::<std::io::Result<Vec<_>>>()?;
+        let handle = worker::spawn(*inline, theirs, name)?;
+        self.worker = Worker::Thread { handle, queue_events: ours };
+        Ok((self, events))
+    }
+
+    /// The device type and the feature bits the driver last had accepted (FEATURES_OK): what
+    /// the guest used of this device. Kept across resets (a rebooting guest resets devices).
+    pub fn negotiated_features(&self) -> (u32, Option<u64>) {
+        (self.info.device_type, self.negotiated)
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -78,7 +137,26 @@ impl MmioTransport {
             && self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0
     }
 
+    fn live(&self) -> bool {
+        self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.status & VIRTIO_CONFIG_S_FAILED == 0
+    }
+
+    fn send(&mut self, command: Command) {
+        match &mut self.worker {
+            Worker::Inline(w) => w.handle(command),
+            Worker::Thread { handle, .. } => handle.send(command),
+        }
+    }
+
+    /// The driver's reset: the device lets go of everything, then the registers clear.
     fn reset(&mut self) {
+        match &mut self.worker {
+            Worker::Inline(w) => {
+                let (done, _finished) = std::sync::mpsc::sync_channel(1);
+                w.handle(Command::Reset(done));
+            }
+            Worker::Thread { handle, .. } => handle.reset(),
+        }
         for q in &mut self.queues {
             q.reset();
         }
@@ -87,7 +165,7 @@ impl MmioTransport {
         self.driver_features_select = 0;
         self.driver_features = 0;
         self.status = 0;
-        self.interrupt_status = 0;
+        self.interrupt_status.store(0, Ordering::SeqCst);
     }
 
     fn set_status(&mut self, value: u32) {
@@ -103,7 +181,7 @@ impl MmioTransport {
         let mut value = value;
         let newly = value & !self.status;
         if newly & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
-            let offered = self.device.offered_features();
+            let offered = self.info.offered_features;
             let valid = self.driver_features & !offered == 0
                 && self.driver_features & (1u64 << VIRTIO_F_VERSION_1) != 0;
             if valid {
@@ -120,69 +198,126 @@ impl MmioTransport {
             }
         }
         self.status = value;
+        if newly & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.live() {
+            let queues = self.queues.iter().map(copy_queue).collect();
+            let features = self.driver_features;
+            self.send(Command::Activate { queues, features });
+        }
     }
 
     /// Whether the device is in a state it may process queues in only with every ready queue
     /// valid (checked by the fuzz targets after every access).
     pub(crate) fn consistent(&self) -> bool {
-        let live = self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
-            && self.status & VIRTIO_CONFIG_S_FAILED == 0;
-        !live || self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem))
+        !self.live() || self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem))
     }
 
+    /// A `QueueNotify` that reached the VMM (in a VM, KVM's ioeventfds take the usual ones).
     fn notify(&mut self, index: u32) {
-        if self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 || self.status & VIRTIO_CONFIG_S_FAILED != 0
-        {
+        if !self.live() {
             return;
         }
-        if !self.queues.get(index as usize).is_some_and(|q| q.ready()) {
-            return;
+        let index = index as usize;
+        match &mut self.worker {
+            Worker::Inline(w) => w.queue_event(index),
+            Worker::Thread { queue_events, .. } => {
+                if let Some(evt) = queue_events.get(index) {
+                    let _ = evt.write(1);
+                }
+            }
         }
-        let used = self.device.process_queue(index as usize, &mut self.queues, &self.mem);
-        self.signal_used(used);
     }
 
-    /// Lets the device act on its host-side backend (from the device's event thread).
+    /// Lets an in-line device act on its host-side backend (tests and fuzz targets; a device
+    /// on its thread does this itself).
     pub fn process_backend(&mut self) {
-        let active = self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
-            && self.status & VIRTIO_CONFIG_S_FAILED == 0;
-        let used = self.device.process_backend(active, &mut self.queues, &self.mem);
-        self.signal_used(used);
+        if let Worker::Inline(w) = &mut self.worker {
+            w.backend_event();
+        }
     }
 
-    fn signal_used(&mut self, used: bool) {
-        // Without EVENT_IDX this honours the driver's NO_INTERRUPT flag; on a malformed ring
-        // we interrupt anyway and let the driver look.
-        if !used {
-            return;
+    /// The transport's and the device's state, for a snapshot.
+    pub fn save(&mut self) -> Option<MmioState> {
+        let (device, progress) = match &mut self.worker {
+            Worker::Inline(w) => w.save(),
+            Worker::Thread { handle, .. } => handle.ask(Command::Save)?,
+        };
+        let queues = match progress {
+            Some(q) if q.len() == self.queues.len() => q,
+            _ => self.queues.iter().map(|q| q.state().into()).collect(),
+        };
+        Some(MmioState {
+            status: self.status,
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            negotiated: self.negotiated,
+            interrupt_status: self.interrupt_status.load(Ordering::SeqCst),
+            queues,
+            device,
+        })
+    }
+
+    /// Takes back `state` into a freshly made transport for the same device and backing; a
+    /// live device starts working on its restored queues at once.
+    pub fn restore(&mut self, state: &MmioState) -> Result<(), RestoreError> {
+        if state.queues.len() != self.queues.len() {
+            return Err(RestoreError::Mismatch(format!(
+                "{} queues saved, the device has {}",
+                state.queues.len(),
+                self.queues.len()
+            )));
         }
-        let mem = &self.mem;
-        let wanted = self
-            .queues
-            .iter_mut()
-            .filter(|q| q.ready())
-            .any(|q| q.needs_notification(mem).unwrap_or(true));
-        if wanted {
-            self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
-            // Failing to signal only delays the guest; nothing to do about it here.
-            let _ = self.irq.write(1);
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (i, (saved, max)) in state.queues.iter().zip(&self.info.queue_max_sizes).enumerate() {
+            if saved.max_size != *max {
+                return Err(RestoreError::Queue(i, format!("maximum size {}", saved.max_size)));
+            }
+            queues.push(saved.to_queue().map_err(|e| RestoreError::Queue(i, e.to_string()))?);
         }
+        let restored = match &mut self.worker {
+            Worker::Inline(w) => {
+                let (reply, answer) = std::sync::mpsc::sync_channel(1);
+                w.handle(Command::Restore(state.device.clone(), reply));
+                answer.recv().ok()
+            }
+            Worker::Thread { handle, .. } => {
+                let device = state.device.clone();
+                handle.ask(|reply| Command::Restore(device, reply))
+            }
+        };
+        restored.ok_or_else(|| RestoreError::Mismatch("the device's worker is gone".into()))??;
+        self.queues = queues;
+        self.status = state.status;
+        self.queue_select = state.queue_select;
+        self.device_features_select = state.device_features_select;
+        self.driver_features_select = state.driver_features_select;
+        self.driver_features = state.driver_features;
+        self.negotiated = state.negotiated;
+        self.interrupt_status.store(state.interrupt_status, Ordering::SeqCst);
+        if self.live() {
+            let queues = self.queues.iter().map(copy_queue).collect();
+            let features = self.driver_features;
+            self.send(Command::Activate { queues, features });
+        }
+        Ok(())
     }
 
     fn read_register(&mut self, offset: u32) -> u32 {
+        let features = self.info.offered_features;
         match offset {
             VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC,
             VIRTIO_MMIO_VERSION => MMIO_VERSION,
-            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_DEVICE_ID => self.info.device_type,
             VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
             VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_select {
-                0 => self.device.offered_features() as u32,
-                1 => (self.device.offered_features() >> 32) as u32,
+                0 => features as u32,
+                1 => (features >> 32) as u32,
                 _ => 0,
             },
             VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
             VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
-            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status,
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status.load(Ordering::SeqCst),
             VIRTIO_MMIO_STATUS => self.status,
             VIRTIO_MMIO_CONFIG_GENERATION => 0,
             _ => 0,
@@ -205,7 +340,9 @@ impl MmioTransport {
             }
             VIRTIO_MMIO_QUEUE_SEL => self.queue_select = value,
             VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(value),
-            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !value,
+            VIRTIO_MMIO_INTERRUPT_ACK => {
+                self.interrupt_status.fetch_and(!value, Ordering::SeqCst);
+            }
             VIRTIO_MMIO_STATUS => self.set_status(value),
             _ if allowed => {
                 let Some(q) = self.selected_queue() else { return };
@@ -228,10 +365,16 @@ impl MmioTransport {
     }
 }
 
+/// A copy of a configured queue for the worker (`Queue` is not `Clone`; its state is). The
+/// register writes only ever store values `virtio_queue` accepts, so the copy is exact.
+fn copy_queue(q: &Queue) -> Queue {
+    Queue::try_from(q.state()).unwrap_or_default()
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
-            self.device.read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
+            read_config_bytes(&self.info.config, offset - u64::from(VIRTIO_MMIO_CONFIG), data);
             return;
         }
         // Registers are 32 bits wide and must be accessed as such.

@@ -6,7 +6,8 @@ use std::io::Read;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::VirtioDevice;
+use super::{DeviceInfo, DeviceState, RestoreError, VirtioDevice};
+use crate::seccomp::ThreadKind;
 
 pub use isocell_vmm_model::devices::virtio::rng::{offered_features, DEVICE_TYPE, QUEUE_SIZE};
 /// At most this many bytes per request, however large the guest's buffers are.
@@ -31,20 +32,32 @@ impl Rng {
 }
 
 impl VirtioDevice for Rng {
-    fn device_type(&self) -> u32 {
-        DEVICE_TYPE
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            device_type: DEVICE_TYPE,
+            queue_max_sizes: vec![QUEUE_SIZE],
+            offered_features: offered_features(),
+            config: Vec::new(),
+        }
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+    fn thread_kind(&self) -> ThreadKind {
+        ThreadKind::VirtioRng
     }
 
-    fn offered_features(&self) -> u64 {
-        offered_features()
+    fn reset(&mut self) {
+        // Stateless: each request is answered whole.
     }
 
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
+    fn save(&self) -> DeviceState {
+        DeviceState::Rng
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), RestoreError> {
+        match state {
+            DeviceState::Rng => Ok(()),
+            other => Err(RestoreError::Kind { saved: other.kind_name(), device: "rng" }),
+        }
     }
 
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {

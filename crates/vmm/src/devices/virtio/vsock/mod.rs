@@ -1,19 +1,19 @@
 //! virtio-vsock: the guest's stream sockets to the host, carried by Unix sockets on the host
-//! (see [`muxer`]). Queue work triggered by the guest runs on the vCPU thread that notified; work
-//! triggered by the host sockets runs on the device's own event thread. Both take the transport's
-//! lock, so the device is never entered twice at once.
+//! (see [`muxer`]). Everything runs on the device's worker: queue notifies, and the host sockets
+//! (the muxer's epoll set is the worker's backend descriptor).
 
 pub mod muxer;
 
-use std::sync::{Arc, Mutex};
+use std::os::unix::io::RawFd;
+use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
-use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{Epoll, EpollEvent};
+use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::mmio::MmioTransport;
-use super::{read_config_bytes, VirtioDevice};
+use super::{DeviceInfo, DeviceState, RestoreError, VirtioDevice};
+use crate::seccomp::ThreadKind;
 use muxer::{Header, Muxer};
 
 pub use isocell_vmm_model::devices::virtio::vsock::{offered_features, DEVICE_TYPE, QUEUE_SIZE};
@@ -21,12 +21,27 @@ pub use isocell_vmm_model::devices::virtio::vsock::{offered_features, DEVICE_TYP
 const MAX_PKT_DATA: u32 = 64 * 1024;
 const RX: usize = 0;
 const TX: usize = 1;
+const EVENT: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: the guest's connections are gone (after a restore).
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// A virtio socket device.
 pub struct Vsock {
     guest_cid: u64,
     muxer: Muxer,
     buf: Vec<u8>,
+    /// A transport-reset event is owed to the guest (its connections did not survive a restore).
+    reset_event_due: bool,
+}
+
+/// A vsock device's saved state. Connections are host sockets, which a snapshot cannot hold:
+/// a restored device has none and tells the guest so with a transport-reset event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    /// The guest's context id.
+    pub guest_cid: u64,
+    /// The next host-side port for host-initiated connections.
+    pub next_local_port: u32,
 }
 
 impl Vsock {
@@ -37,12 +52,26 @@ impl Vsock {
             guest_cid,
             muxer: Muxer::new(guest_cid, uds_path)?,
             buf: vec![0; MAX_PKT_DATA as usize],
+            reset_event_due: false,
         })
     }
 
-    /// The epoll set of the host sockets, for the event thread.
-    pub fn epoll(&self) -> Arc<Epoll> {
-        self.muxer.epoll()
+    /// Sends the owed transport-reset event, if the guest gave a buffer for it.
+    fn send_reset_event(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(q) = queues.get_mut(EVENT).filter(|q| self.reset_event_due && q.ready()) else {
+            return false;
+        };
+        let Some(chain) = q.pop_descriptor_chain(mem) else { return false };
+        let head = chain.head_index();
+        let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+        let written = chain
+            .filter(|d| d.is_write_only() && d.len() >= 4)
+            .take(1)
+            .map(|d| mem.write_slice(&event, d.addr()).is_ok())
+            .next()
+            .unwrap_or(false);
+        self.reset_event_due = false;
+        q.add_used(mem, head, if written { 4 } else { 0 }).is_ok()
     }
 
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
@@ -123,20 +152,22 @@ impl Vsock {
 }
 
 impl VirtioDevice for Vsock {
-    fn device_type(&self) -> u32 {
-        DEVICE_TYPE
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            device_type: DEVICE_TYPE,
+            queue_max_sizes: vec![QUEUE_SIZE; 3],
+            offered_features: offered_features(),
+            config: self.guest_cid.to_le_bytes().to_vec(),
+        }
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE; 3]
+    fn thread_kind(&self) -> ThreadKind {
+        ThreadKind::VirtioVsock
     }
 
-    fn offered_features(&self) -> u64 {
-        offered_features()
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    fn reset(&mut self) {
+        // The driver's sockets are gone with its reset; so are ours.
+        self.muxer.clear();
     }
 
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
@@ -146,6 +177,7 @@ impl VirtioDevice for Vsock {
                 used |= self.process_tx(q, mem);
             }
         }
+        used |= self.send_reset_event(queues, mem);
         // Whatever the guest did may have produced replies, or given us receive buffers.
         if let Some(q) = queues.get_mut(RX).filter(|q| q.ready()) {
             used |= self.fill_rx(q, mem);
@@ -153,46 +185,44 @@ impl VirtioDevice for Vsock {
         used
     }
 
-    fn process_backend(
-        &mut self,
-        active: bool,
-        queues: &mut [Queue],
-        mem: &GuestMemoryMmap,
-    ) -> bool {
-        self.muxer.poll();
-        match queues.get_mut(RX).filter(|q| active && q.ready()) {
-            Some(q) => self.fill_rx(q, mem),
-            None => false,
-        }
+    fn backend_fd(&self) -> Option<RawFd> {
+        Some(self.muxer.epoll_fd())
     }
-}
 
-/// Starts the thread that waits on the host sockets and lets the device act on them.
-pub fn spawn_event_thread(
-    transport: Arc<Mutex<MmioTransport>>,
-    epoll: Arc<Epoll>,
-) -> std::io::Result<()> {
-    let (installed_tx, installed) = std::sync::mpsc::sync_channel(1);
-    std::thread::Builder::new().name("vsock".into()).spawn(move || {
-        // The filter is in place before this thread touches anything the guest controls.
-        let installed = crate::seccomp::install(crate::seccomp::ThreadKind::Vsock);
-        let failed = installed.is_err();
-        let _ = installed_tx.send(installed);
-        if failed {
-            return;
+    fn backend_timeout(&self) -> Option<Duration> {
+        self.muxer.next_deadline()
+    }
+
+    fn process_backend(&mut self, queues: Option<&mut [Queue]>, mem: &GuestMemoryMmap) -> bool {
+        self.muxer.poll();
+        let Some(queues) = queues else { return false };
+        let mut used = self.send_reset_event(queues, mem);
+        if let Some(q) = queues.get_mut(RX).filter(|q| q.ready()) {
+            used |= self.fill_rx(q, mem);
         }
-        let mut events = [EpollEvent::default(); 1];
-        loop {
-            match epoll.wait(-1, &mut events) {
-                Ok(_) => transport.lock().unwrap_or_else(|p| p.into_inner()).process_backend(),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return,
-            }
+        used
+    }
+
+    fn save(&self) -> DeviceState {
+        DeviceState::Vsock(VsockState {
+            guest_cid: self.guest_cid,
+            next_local_port: self.muxer.next_local_port(),
+        })
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), RestoreError> {
+        let DeviceState::Vsock(saved) = state else {
+            return Err(RestoreError::Kind { saved: state.kind_name(), device: "vsock" });
+        };
+        if saved.guest_cid != self.guest_cid {
+            return Err(RestoreError::Mismatch(format!(
+                "saved for guest cid {}, the device has {}",
+                saved.guest_cid, self.guest_cid
+            )));
         }
-    })?;
-    match installed.recv() {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(std::io::Error::other(format!("vsock thread: {e}"))),
-        Err(_) => Err(std::io::Error::other("the vsock thread ended before installing its filter")),
+        self.muxer.clear();
+        self.muxer.set_next_local_port(saved.next_local_port);
+        self.reset_event_due = true;
+        Ok(())
     }
 }

@@ -12,6 +12,11 @@
 //! control packets waiting for guest receive buffers are capped, and connections are capped: a
 //! flooding or malformed guest only loses its own connections.
 //!
+//! Connections are served in turn (round robin), so one busy connection cannot starve the
+//! others. A half-closed connection cannot hold its slot for ever: once the host side has
+//! finished, the guest has [`SHUTDOWN_TIMEOUT`] to reset it, and a connection the guest shut in
+//! one direction must move a byte at least every [`HALF_CLOSED_IDLE`].
+//!
 //! This type knows nothing of virtqueues: the device moves [`Header`]s and payloads between it
 //! and the guest's queues. The sockets are registered with an epoll set that the device's event
 //! thread waits on.
@@ -24,6 +29,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -63,6 +69,10 @@ const MAX_CONTROL_PACKETS: usize = 1024;
 const MAX_CONNECT_LINE: usize = 32;
 /// Host-side ports for host-initiated connections are allocated from here up.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// How long the guest has to reset a connection after the host side finished it.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a connection the guest shut in one direction may go without moving a byte.
+pub const HALF_CLOSED_IDLE: Duration = Duration::from_secs(30);
 /// Epoll token of the listening socket; connection tokens start above it.
 const LISTENER_TOKEN: u64 = 0;
 
@@ -123,6 +133,10 @@ struct Conn {
     credit_update_due: bool,
     /// Events currently registered for the socket.
     interest: EventSet,
+    /// When the host side's end was sent to the guest, which must answer with a reset.
+    shutdown_sent: Option<Instant>,
+    /// When bytes last moved either way (for connections the guest half-closed).
+    last_progress: Instant,
 }
 
 impl Conn {
@@ -144,7 +158,17 @@ impl Conn {
             guest_rcv_shut: false,
             credit_update_due: false,
             interest: EventSet::empty(),
+            shutdown_sent: None,
+            last_progress: Instant::now(),
         }
+    }
+
+    /// When the connection is given up if nothing changes, if ever.
+    fn deadline(&self) -> Option<Instant> {
+        if let Some(sent) = self.shutdown_sent {
+            return Some(sent + SHUTDOWN_TIMEOUT);
+        }
+        (self.guest_send_shut || self.guest_rcv_shut).then(|| self.last_progress + HALF_CLOSED_IDLE)
     }
 
     /// How many more bytes the guest can take on this connection.
@@ -175,6 +199,7 @@ impl Conn {
             match self.stream.write(front) {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
                 Ok(n) => {
+                    self.last_progress = Instant::now();
                     self.to_host.drain(..n);
                     let ours = n.min(self.uncounted);
                     self.uncounted -= ours;
@@ -214,6 +239,8 @@ pub struct Muxer {
     tokens: HashMap<u64, Key>,
     pending: HashMap<u64, PendingHost>,
     control: VecDeque<(Key, u16, u32)>,
+    /// Every connection once, in the order they are next served.
+    turns: VecDeque<Key>,
     next_token: u64,
     next_local_port: u32,
 }
@@ -238,6 +265,7 @@ impl Muxer {
             tokens: HashMap::new(),
             pending: HashMap::new(),
             control: VecDeque::new(),
+            turns: VecDeque::new(),
             next_token: LISTENER_TOKEN + 1,
             next_local_port: FIRST_LOCAL_PORT,
         })
@@ -248,8 +276,60 @@ impl Muxer {
         self.epoll.clone()
     }
 
-    /// Handles whatever the host sockets have ready, without blocking.
+    /// The descriptor of the epoll set, for the device's worker to wait on.
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Drops every connection and pending host socket (the driver was reset: the guest's side
+    /// of them is gone). The listening socket stays.
+    pub fn clear(&mut self) {
+        let keys: Vec<Key> = self.conns.keys().copied().collect();
+        for key in keys {
+            self.remove(key);
+        }
+        for (_, p) in self.pending.drain() {
+            let fd = p.stream.as_raw_fd();
+            let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+        self.control.clear();
+        self.turns.clear();
+    }
+
+    /// The next host port a host-initiated connection gets.
+    pub fn next_local_port(&self) -> u32 {
+        self.next_local_port
+    }
+
+    /// Continues numbering host ports from `port` (a restored device).
+    pub fn set_next_local_port(&mut self, port: u32) {
+        self.next_local_port = port.max(FIRST_LOCAL_PORT);
+    }
+
+    /// How long until a connection's deadline passes ([`Muxer::poll`] then resets it).
+    pub fn next_deadline(&self) -> Option<Duration> {
+        let soonest = self.conns.values().filter_map(Conn::deadline).min()?;
+        Some(soonest.saturating_duration_since(Instant::now()))
+    }
+
+    /// Resets the connections whose deadline has passed.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline().is_some_and(|d| d <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            self.reset(key);
+        }
+    }
+
+    /// Handles whatever the host sockets have ready, without blocking, and gives up
+    /// connections past their deadline.
     pub fn poll(&mut self) {
+        self.expire();
         let mut events = [EpollEvent::default(); 32];
         let n = match self.epoll.wait(0, &mut events) {
             Ok(n) => n,
@@ -350,9 +430,11 @@ impl Muxer {
         if let Some((key, op, flags)) = self.control.pop_front() {
             return Some(self.header(key, op, flags, 0));
         }
-        let keys: Vec<Key> = self.conns.keys().copied().collect();
-        for key in keys {
+        // Each connection gets one turn at most, starting after the one served last.
+        for _ in 0..self.turns.len() {
+            let Some(key) = self.turns.pop_front() else { break };
             let Some(conn) = self.conns.get_mut(&key) else { continue };
+            self.turns.push_back(key);
             let credit = conn.peer_credit() as usize;
             if conn.host_readable && conn.wants_to_read() && credit > 0 && !buf.is_empty() {
                 let want = buf.len().min(credit);
@@ -360,6 +442,7 @@ impl Muxer {
                     Ok(0) => self.host_finished(key),
                     Ok(n) => {
                         conn.rx_cnt = conn.rx_cnt.wrapping_add(n as u32);
+                        conn.last_progress = Instant::now();
                         return Some(self.header(key, op::RW, 0, n as u32));
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -441,8 +524,7 @@ impl Muxer {
         }
         let mut conn = Conn::new(stream, token, State::Established, h);
         conn.interest = EventSet::IN;
-        self.conns.insert(key, conn);
-        self.tokens.insert(token, key);
+        self.insert(key, token, conn);
         self.queue_control(key, op::RESPONSE, 0);
     }
 
@@ -485,8 +567,7 @@ impl Muxer {
         let local_port = self.allocate_local_port();
         let key = Key { local_port, peer_port };
         let conn = Conn::new(p.stream, token, State::Connecting, &Header::default());
-        self.conns.insert(key, conn);
-        self.tokens.insert(token, key);
+        self.insert(key, token, conn);
         self.sync_interest(key);
         self.queue_control(key, op::REQUEST, 0);
     }
@@ -537,6 +618,7 @@ impl Muxer {
         let registered = !conn.host_done && !conn.hung_up;
         conn.host_done = true;
         conn.host_readable = false;
+        conn.shutdown_sent = Some(Instant::now());
         if registered {
             self.deregister(fd);
         }
@@ -565,7 +647,15 @@ impl Muxer {
         let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
     }
 
+    fn insert(&mut self, key: Key, token: u64, conn: Conn) {
+        self.conns.insert(key, conn);
+        self.tokens.insert(token, key);
+        self.turns.retain(|k| *k != key);
+        self.turns.push_back(key);
+    }
+
     fn remove(&mut self, key: Key) {
+        self.turns.retain(|k| *k != key);
         if let Some(conn) = self.conns.remove(&key) {
             self.tokens.remove(&conn.token);
             if !conn.host_done && !conn.hung_up {
@@ -718,6 +808,70 @@ mod tests {
             m.guest_packet(&from_guest(op::RW, 100, i, 0), &[]);
         }
         assert_eq!(m.control.len(), MAX_CONTROL_PACKETS);
+    }
+
+    /// Two connections with host data waiting are served in turn, not one until it runs dry.
+    #[test]
+    fn busy_connections_take_turns() {
+        let path = temp_path("turns");
+        let mut m = Muxer::new(CID, &path).unwrap();
+        let listener = UnixListener::bind(format!("{}_7", path.display())).unwrap();
+        let mut hosts = Vec::new();
+        for peer in [1, 2] {
+            m.guest_packet(&from_guest(op::REQUEST, 7, peer, 0), &[]);
+            let (h, _) = listener.accept().unwrap();
+            hosts.push(h);
+        }
+        let _ = drain(&mut m);
+        for (h, byte) in hosts.iter_mut().zip([1u8, 2]) {
+            h.write_all(&[byte; 32 * 1024]).unwrap();
+        }
+        for _ in 0..20 {
+            m.poll();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut buf = [0u8; 1024];
+        let mut order = Vec::new();
+        while order.len() < 8 {
+            let Some(h) = m.next_packet(&mut buf) else { break };
+            if h.op == op::RW {
+                order.push(h.dst_port);
+            }
+        }
+        assert_eq!(order.len(), 8, "{order:?}");
+        assert!(order.windows(2).all(|w| w[0] != w[1]), "not in turn: {order:?}");
+    }
+
+    /// A guest that never answers the host side's end with a reset loses the connection after
+    /// the timeout; so does a half-closed connection that moves nothing.
+    #[test]
+    fn half_closed_connections_expire() {
+        let path = temp_path("expire");
+        let mut m = Muxer::new(CID, &path).unwrap();
+        let listener = UnixListener::bind(format!("{}_8", path.display())).unwrap();
+        m.guest_packet(&from_guest(op::REQUEST, 8, 1, 0), &[]);
+        let (host, _) = listener.accept().unwrap();
+        m.guest_packet(&from_guest(op::REQUEST, 8, 2, 0), &[]);
+        let (_host2, _) = listener.accept().unwrap();
+        let _ = drain(&mut m);
+        assert_eq!(m.next_deadline(), None);
+        drop(host);
+        let pkts = drain(&mut m);
+        assert_eq!(pkts.last().unwrap().0.op, op::SHUTDOWN);
+        assert!(m.next_deadline().unwrap() <= SHUTDOWN_TIMEOUT);
+        let mut shut = from_guest(op::SHUTDOWN, 8, 2, 0);
+        shut.flags = SHUTDOWN_SEND;
+        m.guest_packet(&shut, &[]);
+        // Move both deadlines into the past rather than wait for them.
+        let long_ago = Instant::now() - HALF_CLOSED_IDLE - Duration::from_secs(1);
+        for c in m.conns.values_mut() {
+            c.shutdown_sent = c.shutdown_sent.map(|_| long_ago);
+            c.last_progress = long_ago;
+        }
+        m.poll();
+        assert_eq!(m.connection_count(), 0);
+        let resets = m.control.iter().filter(|c| c.1 == op::RST).count();
+        assert_eq!(resets, 2);
     }
 
     #[test]
