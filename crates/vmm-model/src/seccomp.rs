@@ -266,13 +266,18 @@ pub fn allowed_syscalls(kind: ThreadKind) -> Vec<AllowedSyscall> {
                 libc::SYS_accept4,
                 vec![eq(3, int(libc::SOCK_CLOEXEC), "SOCK_CLOEXEC")],
             ),
-            // Guest-initiated connections: to the host's listener for that port.
+            // Guest-initiated connections: to the host's listener for that port, never waiting
+            // (a full listen queue is a refusal).
             when(
                 "socket",
                 libc::SYS_socket,
                 vec![
                     eq(0, int(libc::AF_UNIX), "AF_UNIX"),
-                    eq(1, int(libc::SOCK_STREAM | libc::SOCK_CLOEXEC), "SOCK_STREAM|SOCK_CLOEXEC"),
+                    eq(
+                        1,
+                        int(libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK),
+                        "SOCK_STREAM|SOCK_CLOEXEC|SOCK_NONBLOCK",
+                    ),
                 ],
             ),
             any("connect", libc::SYS_connect),

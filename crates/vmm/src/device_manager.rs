@@ -212,14 +212,14 @@ impl DeviceManager {
         Ok(manager)
     }
 
-    /// Every virtio device's state (transport, queues, device), by device id; a device whose
-    /// worker does not answer is missing. The basis of the snapshot issue.
-    pub fn save_virtio(&self) -> BTreeMap<String, MmioState> {
+    /// Every virtio device's state (transport, queues, device), by device id, or the id of a
+    /// device whose worker did not answer. The basis of snapshots.
+    pub fn save_virtio(&self) -> Result<BTreeMap<String, MmioState>, String> {
         self.virtio
             .iter()
-            .filter_map(|(id, t)| {
-                let state = t.lock().unwrap_or_else(|p| p.into_inner()).save()?;
-                Some((id.clone(), state))
+            .map(|(id, t)| {
+                let state = t.lock().unwrap_or_else(|p| p.into_inner()).save();
+                state.map(|s| (id.clone(), s)).ok_or_else(|| id.clone())
             })
             .collect()
     }

@@ -192,8 +192,9 @@ impl MmioTransport {
             }
         }
         if newly & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
-            let mem = &self.mem;
-            if self.queues.iter().any(|q| q.ready() && !q.is_valid(mem)) {
+            // A device is live only with accepted features and every ready queue valid.
+            let features_ok = value & VIRTIO_CONFIG_S_FEATURES_OK != 0;
+            if !features_ok || !self.queues_valid() {
                 value |= VIRTIO_CONFIG_S_FAILED;
             }
         }
@@ -205,10 +206,14 @@ impl MmioTransport {
         }
     }
 
+    fn queues_valid(&self) -> bool {
+        self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem))
+    }
+
     /// Whether the device is in a state it may process queues in only with every ready queue
     /// valid (checked by the fuzz targets after every access).
     pub(crate) fn consistent(&self) -> bool {
-        !self.live() || self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem))
+        !self.live() || self.queues_valid()
     }
 
     /// A `QueueNotify` that reached the VMM (in a VM, KVM's ioeventfds take the usual ones).
@@ -258,8 +263,9 @@ impl MmioTransport {
         })
     }
 
-    /// Takes back `state` into a freshly made transport for the same device and backing; a
-    /// live device starts working on its restored queues at once.
+    /// Takes back `state` into a transport for the same device and backing; a live device
+    /// starts working on its restored queues at once. Whatever the device did before is
+    /// reset first; a live state whose queues do not fit guest memory is refused.
     pub fn restore(&mut self, state: &MmioState) -> Result<(), RestoreError> {
         if state.queues.len() != self.queues.len() {
             return Err(RestoreError::Mismatch(format!(
@@ -273,8 +279,18 @@ impl MmioTransport {
             if saved.max_size != *max {
                 return Err(RestoreError::Queue(i, format!("maximum size {}", saved.max_size)));
             }
-            queues.push(saved.to_queue().map_err(|e| RestoreError::Queue(i, e.to_string()))?);
+            let queue = saved.to_queue().map_err(|e| RestoreError::Queue(i, e.to_string()))?;
+            let live = state.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+                && state.status & VIRTIO_CONFIG_S_FAILED == 0;
+            if live && queue.ready() && !queue.is_valid(&self.mem) {
+                return Err(RestoreError::Queue(i, "its rings are not in guest memory".into()));
+            }
+            if live && state.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+                return Err(RestoreError::Mismatch("live without accepted features".into()));
+            }
+            queues.push(queue);
         }
+        self.reset();
         let restored = match &mut self.worker {
             Worker::Inline(w) => {
                 let (reply, answer) = std::sync::mpsc::sync_channel(1);
@@ -493,6 +509,15 @@ mod tests {
         // A reset clears everything.
         write32(&mut t, VIRTIO_MMIO_STATUS, 0);
         assert_eq!(read32(&mut t, VIRTIO_MMIO_STATUS), 0);
+    }
+
+    #[test]
+    fn driver_ok_without_accepted_features_fails_the_device() {
+        let mut t = transport();
+        write32(&mut t, VIRTIO_MMIO_STATUS, 1 | 2);
+        write32(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 4);
+        assert_eq!(read32(&mut t, VIRTIO_MMIO_STATUS) & 0x80, 0x80);
+        assert!(!t.live());
     }
 
     #[test]

@@ -131,8 +131,9 @@ impl DeviceWorker {
     }
 
     fn signal_used(&mut self, used: bool) {
-        // Without EVENT_IDX this honours the driver's NO_INTERRUPT flag; on a malformed ring
-        // we interrupt anyway and let the driver look.
+        // Without EVENT_IDX every used buffer is worth an interrupt (virtio-queue says so even
+        // when the driver set NO_INTERRUPT, which the spec allows); a malformed ring gets one
+        // too, and the driver looks.
         let Some(queues) = self.queues.as_mut().filter(|_| used) else { return };
         let mem = &self.mem;
         let wanted = queues
@@ -235,12 +236,15 @@ fn run(
         let timeout = worker
             .device()
             .backend_timeout()
-            .map_or(-1, |d| i32::try_from(d.as_millis().max(1)).unwrap_or(i32::MAX));
+            .map_or(-1, |d| i32::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i32::MAX));
         let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => return,
         };
+        // The wake-up is consumed before the channel is read, never after: a command sent
+        // meanwhile leaves the eventfd set for the next round instead of being lost.
+        let _ = wake.read();
         loop {
             match commands.try_recv() {
                 Ok(command) => worker.handle(command),
@@ -249,14 +253,13 @@ fn run(
                 Err(TryRecvError::Disconnected) => return,
             }
         }
-        if n == 0 {
+        // The device's timer ran out, whether or not anything else woke the worker.
+        if n == 0 || worker.device().backend_timeout() == Some(Duration::ZERO) {
             worker.backend_event();
         }
         for ev in &events[..n] {
             match ev.data() {
-                CONTROL => {
-                    let _ = wake.read();
-                }
+                CONTROL => {}
                 BACKEND => worker.backend_event(),
                 token => {
                     let index = (token - FIRST_QUEUE) as usize;

@@ -168,6 +168,7 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         // The driver's sockets are gone with its reset; so are ours.
         self.muxer.clear();
+        self.reset_event_due = false;
     }
 
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {

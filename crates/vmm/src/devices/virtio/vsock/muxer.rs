@@ -13,7 +13,8 @@
 //! flooding or malformed guest only loses its own connections.
 //!
 //! Connections are served in turn (round robin), so one busy connection cannot starve the
-//! others. A half-closed connection cannot hold its slot for ever: once the host side has
+//! others. A connection cannot hold its slot for ever: the guest has [`CONNECT_TIMEOUT`] to
+//! answer a host's request, and once the host side has
 //! finished, the guest has [`SHUTDOWN_TIMEOUT`] to reset it, and a connection the guest shut in
 //! one direction must move a byte at least every [`HALF_CLOSED_IDLE`].
 //!
@@ -69,6 +70,8 @@ const MAX_CONTROL_PACKETS: usize = 1024;
 const MAX_CONNECT_LINE: usize = 32;
 /// Host-side ports for host-initiated connections are allocated from here up.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// How long the guest has to answer a host-initiated connection request.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the guest has to reset a connection after the host side finished it.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a connection the guest shut in one direction may go without moving a byte.
@@ -165,6 +168,9 @@ impl Conn {
 
     /// When the connection is given up if nothing changes, if ever.
     fn deadline(&self) -> Option<Instant> {
+        if self.state == State::Connecting {
+            return Some(self.last_progress + CONNECT_TIMEOUT);
+        }
         if let Some(sent) = self.shutdown_sent {
             return Some(sent + SHUTDOWN_TIMEOUT);
         }
@@ -510,12 +516,9 @@ impl Muxer {
         }
         let mut path = OsString::from(self.uds_path.as_os_str());
         path.push(format!("_{}", key.local_port));
-        let stream = match UnixStream::connect(&path) {
-            Ok(s) if s.set_nonblocking(true).is_ok() => s,
-            _ => {
-                self.queue_control(key, op::RST, 0);
-                return;
-            }
+        let Ok(stream) = connect_nonblocking(Path::new(&path)) else {
+            self.queue_control(key, op::RST, 0);
+            return;
         };
         let token = self.token();
         if self.register(stream.as_raw_fd(), token, EventSet::IN).is_err() {
@@ -668,6 +671,16 @@ impl Muxer {
         self.remove(key);
         self.queue_control(key, op::RST, 0);
     }
+}
+
+/// Connects to the host listener at `path` without ever waiting: a listener whose queue is full
+/// (a host service that does not keep up, or a guest flooding it) is a refusal, not a stall of
+/// the device's worker.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None)?;
+    socket.connect(&SockAddr::unix(path)?)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(socket)))
 }
 
 fn parse_connect(line: &[u8]) -> Option<u32> {
