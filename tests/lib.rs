@@ -6,9 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use isocell_testhost::guest_tools::{
-    command_line, helper_socket, serve_during, TOOLS_DISK, TOOLS_DRIVE, VSOCK_PORT, VSOCK_UDS,
-};
+use isocell_testhost::guest_tools::{device_step_script, VSOCK_PORT};
 use isocell_testhost::host::Paths;
 use isocell_testhost::{Scenario, Step, StepResult, TestHost};
 
@@ -256,33 +254,12 @@ pub fn vmm_scenario() -> Scenario {
 /// unix-echo` serves two guest connections: one the guest holds across the resets, one it
 /// opens after them.
 fn device_reset_step() -> Step {
-    let vsock = format!("cid=3,uds={VSOCK_UDS}");
     let boot_args = format!(
         "init=/sbin/scenario-init isocell_scenario=reset isocell_vsock_port={VSOCK_PORT} \
          isocell_vsock_bytes={RESET_VSOCK_BYTES}"
     );
-    let vmm = command_line(&[
-        "{vmm}",
-        "--kernel",
-        "{bzimage}",
-        "--initrd",
-        "{initrd}",
-        "--memory",
-        "128",
-        "--drive",
-        TOOLS_DRIVE,
-        "--drive",
-        "id=data,path={work}/data.img",
-        "--vsock",
-        &vsock,
-        "--boot-args",
-        &boot_args,
-        "--report",
-        "{work}/report.json",
-    ]);
-    let socket = helper_socket();
-    let helper = format!("{{hostile}} unix-echo {socket} 2");
-    let script = format!("{TOOLS_DISK} || exit 1\n{}", serve_during(&helper, &socket, &vmm));
+    let vmm = ["{vmm}", "--kernel", "{bzimage}", "--initrd", "{initrd}", "--memory", "128"];
+    let script = device_step_script(&vmm, &boot_args, "unix-echo", &["2"]);
     let mut step = shell_step("device-reset", &script, 240);
     step.create_files.insert("{work}/data.img".into(), RESET_DISK_BYTES);
     step.hash_files.push("{work}/data.img".into());

@@ -44,6 +44,35 @@ exit $status"
     )
 }
 
+/// The whole script of a device step: writes the tools disk, starts the host-side helper
+/// `isocell-hostile MODE SOCKET ARGS...` and runs
+/// `vmm` (the VMM and its kernel, memory and console flags) with what every device step adds:
+/// the tools disk, the data disk `{work}/data.img`, vsock, `boot_args` and the report at
+/// `{work}/report.json`.
+pub fn device_step_script(vmm: &[&str], boot_args: &str, mode: &str, args: &[&str]) -> String {
+    let vsock = format!("cid=3,uds={VSOCK_UDS}");
+    let mut argv = vmm.to_vec();
+    argv.extend([
+        "--drive",
+        TOOLS_DRIVE,
+        "--drive",
+        "id=data,path={work}/data.img",
+        "--vsock",
+        &vsock,
+        "--boot-args",
+        boot_args,
+        "--report",
+        "{work}/report.json",
+    ]);
+    let socket = helper_socket();
+    let mut helper = vec!["{hostile}", mode, &socket];
+    helper.extend(args);
+    format!(
+        "{TOOLS_DISK} || exit 1\n{}",
+        serve_during(&command_line(&helper), &socket, &command_line(&argv))
+    )
+}
+
 /// `argv` as one shell command line: words with nothing the shell treats specially stay as
 /// they are (so placeholders read as written), others are single-quoted.
 pub fn command_line(argv: &[&str]) -> String {

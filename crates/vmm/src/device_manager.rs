@@ -275,7 +275,8 @@ fn start_virtio(
         transport.start_worker(name).map_err(|e| DeviceError::Worker(id.clone(), e))?;
     let window = planned.ranges.iter().find(|r| r.space == AddressSpace::Mmio);
     let notify = window.map(|r| r.base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
-    let notify = notify.ok_or_else(|| DeviceError::UnknownKind(id.clone(), planned.kind.name()))?;
+    let notify =
+        notify.ok_or_else(|| DeviceError::Queue(id.clone(), "it has no MMIO window".into()))?;
     for (index, evt) in queue_events.iter().enumerate() {
         cx.vm.register_ioevent(evt, &IoEventAddress::Mmio(notify), index as u32).map_err(|e| {
             DeviceError::Irq(id.clone(), std::io::Error::from_raw_os_error(e.errno()))

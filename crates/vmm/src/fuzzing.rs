@@ -672,10 +672,10 @@ mod tests {
         assert_eq!(mem.read_obj::<u16>(GuestAddress(0x2002)).unwrap(), 1, "one used entry");
     }
 
-    #[test]
-    fn vsock_seed_connects_to_the_host_listener() {
-        // The first vsock seed is a guest REQUEST to the listening port: the device must answer
-        // with a RESPONSE (op 2) in the receive buffer.
+    /// The first vsock seed (a guest REQUEST to the listening port, which a host process
+    /// listens on) laid out in guest memory and sent: the device is up and has connected.
+    /// Also the transmit and receive queue layouts, for bringing it up again.
+    fn vsock_seed_sent() -> VsockSeed {
         let seed = &seeds("vsock_queue")[0];
         let mut input = Input(seed);
         let opts = input.u8();
@@ -685,7 +685,7 @@ mod tests {
         let host = VsockHost::new().unwrap();
         let mut path = host.uds.clone().into_os_string();
         path.push(format!("_{LISTENING_PORT}"));
-        let _listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
         let tx = queue_layout(&mut input, QUEUE_A);
         lay_chains(&mut input, &mem, tx);
         let rx = queue_layout(&mut input, QUEUE_B);
@@ -695,7 +695,23 @@ mod tests {
         let mut t = transport(Box::new(vsock), mem.clone()).unwrap();
         bring_up(&mut t, &[(1, tx), (0, rx)]);
         write32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
-        let op: u16 = mem.read_obj(GuestAddress(DATA + 0x1000 + 30)).unwrap();
+        VsockSeed { mem, _host: host, listener, t, queues: [(1, tx), (0, rx)] }
+    }
+
+    struct VsockSeed {
+        mem: GuestMemoryMmap,
+        _host: VsockHost,
+        listener: std::os::unix::net::UnixListener,
+        t: MmioTransport,
+        queues: [(u32, QueueLayout); 2],
+    }
+
+    #[test]
+    fn vsock_seed_connects_to_the_host_listener() {
+        // The first vsock seed is a guest REQUEST to the listening port: the device must answer
+        // with a RESPONSE (op 2) in the receive buffer.
+        let seed = vsock_seed_sent();
+        let op: u16 = seed.mem.read_obj(GuestAddress(DATA + 0x1000 + 30)).unwrap();
         assert_eq!(op, 2, "RESPONSE");
     }
 
@@ -796,24 +812,7 @@ mod tests {
     /// A driver reset drops every vsock connection: the host end sees its socket close.
     #[test]
     fn a_vsock_reset_drops_its_connections() {
-        let seed = &seeds("vsock_queue")[0];
-        let mut input = Input(seed);
-        let _opts = input.u8();
-        let _port = input.u32();
-        let mem = memory().unwrap();
-        let host = VsockHost::new().unwrap();
-        let mut path = host.uds.clone().into_os_string();
-        path.push(format!("_{LISTENING_PORT}"));
-        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
-        let tx = queue_layout(&mut input, QUEUE_A);
-        lay_chains(&mut input, &mem, tx);
-        let rx = queue_layout(&mut input, QUEUE_B);
-        lay_chains(&mut input, &mem, rx);
-        mem.write_slice(input.rest(), GuestAddress(DATA)).unwrap();
-        let vsock = Vsock::new(GUEST_CID, &host.uds).unwrap();
-        let mut t = transport(Box::new(vsock), mem.clone()).unwrap();
-        bring_up(&mut t, &[(1, tx), (0, rx)]);
-        write32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
+        let VsockSeed { listener, mut t, queues, .. } = vsock_seed_sent();
         let (mut conn, _) = listener.accept().unwrap();
         conn.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
         write32(&mut t, VIRTIO_MMIO_STATUS, 0);
@@ -821,7 +820,7 @@ mod tests {
         assert_eq!(std::io::Read::read(&mut conn, &mut b).unwrap(), 0, "closed by the reset");
         assert_eq!(read32(&mut t, VIRTIO_MMIO_STATUS), 0);
         // The driver can bind again.
-        bring_up(&mut t, &[(1, tx), (0, rx)]);
+        bring_up(&mut t, &queues);
         assert_eq!(
             read32(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_DRIVER_OK,
             VIRTIO_CONFIG_S_DRIVER_OK

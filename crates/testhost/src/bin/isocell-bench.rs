@@ -16,9 +16,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use isocell_host::{CellImage, CellPlan, CellRequest, HostConfig};
 use isocell_spec::MemorySize;
-use isocell_testhost::guest_tools::{
-    command_line, helper_socket, serve_during, TOOLS_DISK, TOOLS_DRIVE, VSOCK_PORT, VSOCK_UDS,
-};
+use isocell_testhost::guest_tools::{device_step_script, VSOCK_PORT};
 use isocell_testhost::host::{self, project_root};
 use isocell_testhost::stats::{summarize, Summary};
 use isocell_testhost::{HostKind, Scenario, Step, StepResult, TestHost};
@@ -326,36 +324,13 @@ const DEVBENCH_VMMS: [(&str, &str); 2] = [("new", "{vmm}"), ("baseline", "{basel
 fn devbench_step(i: usize, vmm: usize, args: &Args) -> Step {
     let (label, binary) = DEVBENCH_VMMS[vmm];
     let (cpus, memory) = (args.cpus.to_string(), args.memory.to_string());
-    let vsock = format!("cid=3,uds={VSOCK_UDS}");
     let boot_args = format!(
         "init=/sbin/scenario-init isocell_scenario=devbench quiet isocell_vsock_port={VSOCK_PORT}"
     );
-    let command = command_line(&[
-        binary,
-        "--kernel",
-        "{vmlinux}",
-        "--initrd",
-        "{initrd}",
-        "--console",
-        "stdout",
-        "--cpus",
-        &cpus,
-        "--memory",
-        &memory,
-        "--drive",
-        TOOLS_DRIVE,
-        "--drive",
-        "id=data,path={work}/data.img",
-        "--vsock",
-        &vsock,
-        "--boot-args",
-        &boot_args,
-        "--report",
-        "{work}/report.json",
-    ]);
-    let socket = helper_socket();
-    let helper = format!("{{hostile}} unix-sink {socket}");
-    let script = format!("{TOOLS_DISK} || exit 1\n{}", serve_during(&helper, &socket, &command));
+    let vmm = [binary, "--kernel", "{vmlinux}", "--initrd", "{initrd}", "--console", "stdout"];
+    let sizes = ["--cpus", &cpus, "--memory", &memory];
+    let vmm: Vec<&str> = vmm.iter().chain(&sizes).copied().collect();
+    let script = device_step_script(&vmm, &boot_args, "unix-sink", &[]);
     let mut step = measured_step(
         format!("devbench-{label}-{i}"),
         &["sh", "-c", &script],

@@ -5,6 +5,7 @@
 //! and the worker raises interrupts through the irqfd.
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -148,15 +149,22 @@ impl MmioTransport {
         }
     }
 
-    /// The driver's reset: the device lets go of everything, then the registers clear.
-    fn reset(&mut self) {
+    /// Sends a command that answers, and waits for the answer (`None`: the worker is gone or
+    /// did not answer in time).
+    fn ask<T>(&mut self, make: impl FnOnce(SyncSender<T>) -> Command) -> Option<T> {
         match &mut self.worker {
             Worker::Inline(w) => {
-                let (done, _finished) = std::sync::mpsc::sync_channel(1);
-                w.handle(Command::Reset(done));
+                let (reply, answer) = sync_channel(1);
+                w.handle(make(reply));
+                answer.try_recv().ok()
             }
-            Worker::Thread { handle, .. } => handle.reset(),
+            Worker::Thread { handle, .. } => handle.ask(make),
         }
+    }
+
+    /// The driver's reset: the device lets go of everything, then the registers clear.
+    fn reset(&mut self) {
+        let _ = self.ask(Command::Reset);
         for q in &mut self.queues {
             q.reset();
         }
@@ -242,10 +250,7 @@ impl MmioTransport {
 
     /// The transport's and the device's state, for a snapshot.
     pub fn save(&mut self) -> Option<MmioState> {
-        let (device, progress) = match &mut self.worker {
-            Worker::Inline(w) => w.save(),
-            Worker::Thread { handle, .. } => handle.ask(Command::Save)?,
-        };
+        let (device, progress) = self.ask(Command::Save)?;
         let queues = match progress {
             Some(q) if q.len() == self.queues.len() => q,
             _ => self.queues.iter().map(|q| q.state().into()).collect(),
@@ -274,35 +279,26 @@ impl MmioTransport {
                 self.queues.len()
             )));
         }
+        let live = state.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && state.status & VIRTIO_CONFIG_S_FAILED == 0;
+        if live && state.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+            return Err(RestoreError::Mismatch("live without accepted features".into()));
+        }
         let mut queues = Vec::with_capacity(state.queues.len());
         for (i, (saved, max)) in state.queues.iter().zip(&self.info.queue_max_sizes).enumerate() {
             if saved.max_size != *max {
                 return Err(RestoreError::Queue(i, format!("maximum size {}", saved.max_size)));
             }
             let queue = saved.to_queue().map_err(|e| RestoreError::Queue(i, e.to_string()))?;
-            let live = state.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
-                && state.status & VIRTIO_CONFIG_S_FAILED == 0;
             if live && queue.ready() && !queue.is_valid(&self.mem) {
                 return Err(RestoreError::Queue(i, "its rings are not in guest memory".into()));
-            }
-            if live && state.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
-                return Err(RestoreError::Mismatch("live without accepted features".into()));
             }
             queues.push(queue);
         }
         self.reset();
-        let restored = match &mut self.worker {
-            Worker::Inline(w) => {
-                let (reply, answer) = std::sync::mpsc::sync_channel(1);
-                w.handle(Command::Restore(state.device.clone(), reply));
-                answer.recv().ok()
-            }
-            Worker::Thread { handle, .. } => {
-                let device = state.device.clone();
-                handle.ask(|reply| Command::Restore(device, reply))
-            }
-        };
-        restored.ok_or_else(|| RestoreError::Mismatch("the device's worker is gone".into()))??;
+        let device = state.device.clone();
+        self.ask(|reply| Command::Restore(device, reply))
+            .ok_or_else(|| RestoreError::Mismatch("the device's worker is gone".into()))??;
         self.queues = queues;
         self.status = state.status;
         self.queue_select = state.queue_select;

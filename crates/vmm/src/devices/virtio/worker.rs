@@ -108,7 +108,7 @@ impl DeviceWorker {
     }
 
     /// The device's state and, while it is set up, its queues.
-    pub fn save(&self) -> (DeviceState, Option<Vec<QueueSnapshot>>) {
+    fn save(&self) -> (DeviceState, Option<Vec<QueueSnapshot>>) {
         let queues = self.queues.as_ref().map(|qs| qs.iter().map(|q| q.state().into()).collect());
         (self.device.save(), queues)
     }
@@ -166,14 +166,8 @@ impl WorkerHandle {
         }
     }
 
-    /// Resets the device and waits until the worker has let go of the old queues.
-    pub fn reset(&self) {
-        let (done, finished) = sync_channel(1);
-        self.send(Command::Reset(done));
-        let _ = finished.recv_timeout(RESET_PATIENCE);
-    }
-
-    /// Asks for something and waits for the answer (`None`: the worker is gone).
+    /// Asks for something and waits for the answer (`None`: the worker is gone or took longer
+    /// than [`RESET_PATIENCE`]). A reset answers once the old queues are let go.
     pub fn ask<T>(&self, make: impl FnOnce(SyncSender<T>) -> Command) -> Option<T> {
         let (reply, answer) = sync_channel(1);
         self.send(make(reply));
