@@ -8,6 +8,7 @@
 pub mod codec;
 pub mod frame;
 pub mod message;
+pub mod net;
 
 pub use codec::{decode, DecodeError};
 pub use frame::{encode, read_frame, write_frame, FrameBuffer, ReadError};
