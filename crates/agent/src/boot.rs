@@ -6,6 +6,7 @@
 //! | `isocell.root=DEVICE` | the agent runs from an initramfs; the image is `DEVICE` (read-only) |
 //! | `isocell.rootfstype=TYPE` | its filesystem (default `ext4`) |
 //! | `isocell.hostname=NAME` | the cell's host name (default `cell`) |
+//! | `isocell.net=LIST` | the cell's network, a comma list of `egress` and `ingress` (default none) |
 //!
 //! Without `isocell.root=`, the kernel has mounted the image as the root and the agent is its
 //! `/sbin/init` (images built before the initramfs existed).
@@ -14,6 +15,15 @@
 pub const DEFAULT_HOSTNAME: &str = "cell";
 /// The image's filesystem type when none is given.
 pub const DEFAULT_ROOT_FSTYPE: &str = "ext4";
+
+/// The parts of the network a cell has (see `isocell_proto::net`); none by default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Net {
+    /// Outgoing TCP connections and DNS, through the host.
+    pub egress: bool,
+    /// Published ports: the host's connections to the cell's loopback.
+    pub ingress: bool,
+}
 
 /// The agent's boot parameters.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +34,8 @@ pub struct BootArgs {
     pub root_fstype: String,
     /// The cell's host name (validated).
     pub hostname: String,
+    /// Which parts of the network the cell has.
+    pub net: Net,
     /// Problems with the parameters, for the console; none is fatal.
     pub warnings: Vec<String>,
 }
@@ -36,6 +48,7 @@ impl BootArgs {
             root: None,
             root_fstype: DEFAULT_ROOT_FSTYPE.to_owned(),
             hostname: DEFAULT_HOSTNAME.to_owned(),
+            net: Net::default(),
             warnings: Vec::new(),
         };
         for word in split(cmdline) {
@@ -68,6 +81,18 @@ impl BootArgs {
                              at most 63); using {DEFAULT_HOSTNAME}"
                         ));
                         DEFAULT_HOSTNAME.clone_into(&mut args.hostname);
+                    }
+                }
+                "isocell.net" => {
+                    args.net = Net::default();
+                    for part in value.split(',').filter(|p| !p.is_empty()) {
+                        match part {
+                            "egress" => args.net.egress = true,
+                            "ingress" => args.net.ingress = true,
+                            other => args.warnings.push(format!(
+                                "ignoring {other:?} in isocell.net= (egress, ingress)"
+                            )),
+                        }
                     }
                 }
                 _ => {}
@@ -140,7 +165,25 @@ mod tests {
         assert_eq!(a.root, None);
         assert_eq!(a.root_fstype, "ext4");
         assert_eq!(a.hostname, "cell");
+        assert_eq!(a.net, Net::default());
         assert!(a.warnings.is_empty());
+    }
+
+    #[test]
+    fn network_parts_are_a_comma_list_and_the_last_parameter_wins() {
+        let a = BootArgs::parse("isocell.net=egress,ingress");
+        assert_eq!(a.net, Net { egress: true, ingress: true });
+        assert!(a.warnings.is_empty());
+        let a = BootArgs::parse("isocell.net=egress,ingress isocell.net=ingress");
+        assert_eq!(a.net, Net { egress: false, ingress: true });
+        let a = BootArgs::parse("isocell.net= isocell.net=,egress,");
+        assert_eq!(a.net, Net { egress: true, ingress: false });
+        assert!(a.warnings.is_empty());
+        let a = BootArgs::parse("isocell.net=egress,udp,EGRESS");
+        assert_eq!(a.net, Net { egress: true, ingress: false });
+        assert_eq!(a.warnings.len(), 2, "{:?}", a.warnings);
+        let a = BootArgs::parse("isocell.net");
+        assert_eq!(a.net, Net::default());
     }
 
     #[test]

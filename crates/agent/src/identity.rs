@@ -8,11 +8,12 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-/// Writes the cell's files under `root` (`/` in the cell) and sets the host name. Every
-/// failure is collected rather than fatal: a cell without them still runs its command.
-pub fn set_up(root: &Path, hostname: &str) -> Vec<String> {
+/// Writes the cell's files under `root` (`/` in the cell) and sets the host name; with
+/// `egress`, name lookups go to the agent's DNS forwarder on the loopback. Every failure is
+/// collected rather than fatal: a cell without them still runs its command.
+pub fn set_up(root: &Path, hostname: &str, egress: bool) -> Vec<String> {
     let mut problems = Vec::new();
-    if let Err(e) = write_files(root, hostname) {
+    if let Err(e) = write_files(root, hostname, egress) {
         problems.push(e);
     }
     if let Err(e) = nix::unistd::sethostname(hostname) {
@@ -21,22 +22,27 @@ pub fn set_up(root: &Path, hostname: &str) -> Vec<String> {
     problems
 }
 
-/// The files' contents for host name `name`.
-pub fn files(name: &str) -> [(&'static str, String); 3] {
+/// The files' contents for host name `name`, with or without egress.
+pub fn files(name: &str, egress: bool) -> [(&'static str, String); 3] {
+    let resolv = if egress {
+        "# isocell: the agent forwards DNS queries to the host\nnameserver 127.0.0.1\n"
+    } else {
+        "# isocell: this cell has no network, so no name servers\n"
+    };
     [
         ("hostname", format!("{name}\n")),
         (
             "hosts",
             format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{name}\n"),
         ),
-        ("resolv.conf", "# isocell: this cell has no network, so no name servers\n".to_owned()),
+        ("resolv.conf", resolv.to_owned()),
     ]
 }
 
-fn write_files(root: &Path, name: &str) -> Result<(), String> {
+fn write_files(root: &Path, name: &str, egress: bool) -> Result<(), String> {
     let etc = root.join("etc");
     make_dir(&etc)?;
-    for (file, text) in files(name) {
+    for (file, text) in files(name, egress) {
         let path = etc.join(file);
         replace(&path, text.as_bytes())?;
     }
@@ -102,7 +108,7 @@ mod tests {
         std::os::unix::fs::symlink(&outside, root.join("etc/hosts")).unwrap();
         std::os::unix::fs::symlink("/nonexistent", root.join("etc/resolv.conf")).unwrap();
         fs::create_dir(root.join("etc/hostname")).unwrap();
-        write_files(&root, "web-1").unwrap();
+        write_files(&root, "web-1", false).unwrap();
         assert_eq!(fs::read_to_string(&outside).unwrap(), "keep");
         assert_eq!(fs::read_to_string(root.join("etc/hostname")).unwrap(), "web-1\n");
         let hosts = fs::read_to_string(root.join("etc/hosts")).unwrap();
@@ -116,14 +122,26 @@ mod tests {
     }
 
     #[test]
+    fn with_egress_the_cell_asks_the_agents_forwarder() {
+        let resolv = |egress| files("cell", egress)[2].1.clone();
+        let on = resolv(true);
+        let servers: Vec<_> = on.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(servers, ["nameserver 127.0.0.1"], "{on}");
+        assert!(on.starts_with('#') && on.ends_with('\n'));
+        let off = resolv(false);
+        assert!(off.lines().all(|l| l.starts_with('#')), "{off}");
+        assert_eq!(files("cell", true)[2].0, "resolv.conf");
+    }
+
+    #[test]
     fn a_missing_or_linked_etc_becomes_a_directory() {
         let root = scratch("etc");
-        write_files(&root, "cell").unwrap();
+        write_files(&root, "cell", true).unwrap();
         assert!(root.join("etc/hostname").is_file());
         let root2 = scratch("etc-link");
         fs::create_dir(root2.join("elsewhere")).unwrap();
         std::os::unix::fs::symlink(root2.join("elsewhere"), root2.join("etc")).unwrap();
-        write_files(&root2, "cell").unwrap();
+        write_files(&root2, "cell", false).unwrap();
         assert!(fs::symlink_metadata(root2.join("etc")).unwrap().is_dir());
         assert_eq!(fs::read_dir(root2.join("elsewhere")).unwrap().count(), 0);
         let _ = fs::remove_dir_all(&root);

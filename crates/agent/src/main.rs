@@ -1,15 +1,17 @@
 //! `isocell-agent`: PID 1 of every cell, started from the host's initramfs (as `/init`). It
 //! tells the VMM's boot timer that init is running, mounts the cell image named on the kernel
 //! command line read-only under a tmpfs overlay and switches into it, writes the cell's own
-//! /etc files, connects to the host over vsock and serves the host's requests (see
-//! `isocell-proto`), then powers the cell off. Whatever goes wrong, it says so in one line on
-//! the console and stops the VM: a cell never outlives its purpose.
+//! /etc files, sets up the cell's network (see `net`), connects to the host over vsock and
+//! serves the host's requests (see `isocell-proto`), then powers the cell off. Whatever goes
+//! wrong, it says so in one line on the console and stops the VM: a cell never outlives its
+//! purpose.
 
 mod boot;
 mod exec;
 mod files;
 mod identity;
 mod mounts;
+mod net;
 mod session;
 
 use std::fs::OpenOptions;
@@ -219,9 +221,10 @@ fn main() {
         log(&e);
         power_off();
     }
-    for problem in identity::set_up(std::path::Path::new("/"), &args.hostname) {
+    for problem in identity::set_up(std::path::Path::new("/"), &args.hostname, args.net.egress) {
         log(&problem);
     }
+    net::set_up(args.net);
     exec::start_reaper();
     if let Some(stream) = connect() {
         session::listen();

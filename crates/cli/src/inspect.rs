@@ -94,6 +94,12 @@ pub struct SurfaceArgs {
     /// Describe a cell started with --no-jail.
     #[arg(long)]
     no_jail: bool,
+    /// Describe a cell with this egress rule (repeatable), as `isocell run --egress`.
+    #[arg(long = "egress", value_name = "RULE")]
+    egress: Vec<String>,
+    /// Describe a cell with this published port (repeatable), as `isocell run --publish`.
+    #[arg(long = "publish", value_name = "[IP:]PORT:PORT")]
+    publish: Vec<String>,
     /// Compare with this surface (JSON); print what the cell exposes beyond it and exit 1 if
     /// there is anything.
     #[arg(long, value_name = "BASELINE")]
@@ -405,6 +411,8 @@ fn surface_of(args: &SurfaceArgs) -> Result<serde_json::Value, String> {
         kernel_args: String::new(),
         max_lifetime_secs: None,
         constraints: Default::default(),
+        network: isocell_spec::Network::parse(&args.egress, &args.publish)
+            .map_err(|e| e.to_string())?,
     };
     let plan = CellPlan::new(&host, "surface", request).map_err(|e| e.to_string())?;
     Ok(plan.surface(None))

@@ -138,6 +138,14 @@ struct RunArgs {
     /// The longest the cell may live, in seconds (enforced by the VMM).
     #[arg(long, value_name = "SECS")]
     max_lifetime: Option<u64>,
+    /// Where the cell may connect (repeatable): HOST:PORT, *.DOMAIN:PORT or A.B.C.D[/LEN]:PORT.
+    /// Without it the cell has no network at all. Replaces the spec's `egress`.
+    #[arg(long = "egress", value_name = "RULE")]
+    egress: Vec<String>,
+    /// Forward a host port into the cell (repeatable): [HOST_IP:]HOST_PORT:GUEST_PORT; the host
+    /// IP defaults to 127.0.0.1. Replaces the spec's `publish`.
+    #[arg(long = "publish", value_name = "[IP:]PORT:PORT")]
+    publish: Vec<String>,
     /// An admission policy file (Cedar) to add to the default and the state directory's.
     #[arg(long = "policy", value_name = "FILE")]
     policies: Vec<PathBuf>,
@@ -364,6 +372,9 @@ fn options(mut args: RunArgs) -> Result<run::Run, String> {
     for p in &args.policies {
         read_text_file("--policy", p)?;
     }
+    let egress = if args.egress.is_empty() { &spec.egress } else { &args.egress };
+    let publish = if args.publish.is_empty() { &spec.publish } else { &args.publish };
+    let network = isocell_spec::Network::parse(egress, publish).map_err(|e| e.to_string())?;
     let cpus = u8::try_from(cpus_arg)
         .ok()
         .filter(|n| (isocell_spec::vm::MIN_VCPUS..=isocell_spec::vm::MAX_VCPUS).contains(n))
@@ -445,6 +456,7 @@ fn options(mut args: RunArgs) -> Result<run::Run, String> {
             kernel_args: args.kernel_args.unwrap_or_default(),
             max_lifetime_secs: None,
             constraints,
+            network,
         },
         process,
         inputs: parse_inputs(&args.inputs)?,

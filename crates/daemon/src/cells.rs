@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use isocell_host::supervisor::{self, Reply, Request, StartEvent, SupervisorSpec};
 use isocell_host::{CellImage, CellRequest, ContainerImage, HostConfig};
 use isocell_image::{ImageRef, PullPolicy, RegistryOptions, Store};
-use isocell_spec::{Constraints, MemorySize};
+use isocell_spec::{Constraints, MemorySize, Network};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
@@ -44,6 +44,13 @@ pub struct CreateCell {
     /// Admission constraints: jurisdictions, classification, allowed image digests.
     #[schema(value_type = Option<Object>)]
     pub constraints: Option<Constraints>,
+    /// Where the cell may connect: `host:port`, `*.domain:port`, `a.b.c.d[/len]:port`
+    /// (default: nowhere; the cell has no network).
+    #[serde(default)]
+    pub egress: Vec<String>,
+    /// Host ports forwarded into the cell: `[host_ip:]host_port:guest_port`.
+    #[serde(default)]
+    pub publish: Vec<String>,
 }
 
 /// A lifecycle change, for the event stream.
@@ -204,6 +211,8 @@ impl App {
             kernel_args: String::new(),
             max_lifetime_secs: constraints.max_lifetime_secs,
             constraints,
+            network: Network::parse(&c.egress, &c.publish)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?,
         })
     }
 

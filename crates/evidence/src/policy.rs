@@ -67,6 +67,23 @@ pub struct AdmissionRequest {
     pub max_lifetime_secs: Option<u64>,
     /// The VMM runs jailed and seccomp-filtered (not `--no-jail`).
     pub jailed: bool,
+    /// The cell's egress allowlist; each rule is also asked as action `egress`.
+    pub egress: Vec<EgressRequest>,
+    /// Its published ports, `host_ip:host_port:guest_port`.
+    pub publish: Vec<String>,
+}
+
+/// One egress rule as policies see it (`context.egress` of action `egress`).
+#[derive(Clone, Debug, Serialize)]
+pub struct EgressRequest {
+    /// The rule as written, `api.example.eu:443`.
+    pub rule: String,
+    /// What it names: `api.example.eu`, `*.example.eu` or `10.0.0.0/8`.
+    pub target: String,
+    /// `name`, `domain` (a `*.` rule) or `address`.
+    pub kind: String,
+    /// The TCP port.
+    pub port: u16,
 }
 
 /// The outcome: allow or deny, which policies determined it, and any evaluation errors.
@@ -83,15 +100,22 @@ pub struct AdmissionDecision {
     pub errored: Vec<String>,
     /// Errors met while evaluating, as Cedar words them.
     pub errors: Vec<String>,
+    /// The egress rule that was refused (action `egress`), when that is why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_rule: Option<String>,
 }
 
 impl AdmissionDecision {
     /// A one-line explanation for a user.
     pub fn explain(&self) -> String {
-        let verdict = if self.allowed { "allowed" } else { "denied" };
+        let verdict = match &self.egress_rule {
+            Some(rule) if !self.allowed => format!("egress rule {rule:?} denied"),
+            _ if self.allowed => "allowed".to_owned(),
+            _ => "denied".to_owned(),
+        };
         if !self.allowed && !self.errored.is_empty() && self.policies == self.errored {
             return format!(
-                "denied because the policy {} errored, and a policy that errors denies (fail \
+                "{verdict} because the policy {} errored, and a policy that errors denies (fail \
                  closed): {}",
                 self.errored.join(", "),
                 self.errors.join("; ")
@@ -152,16 +176,13 @@ impl Policies {
         Policies::load(&sources)
     }
 
-    /// Decides whether the cell may run.
+    /// Decides whether the cell may run (action `run`), then whether each of its egress rules
+    /// may stand (action `egress`, with `context.egress`): the first refusal decides.
     pub fn decide(&self, req: &AdmissionRequest) -> Result<AdmissionDecision, String> {
-        let uid = |kind: &str, id: &str| {
-            EntityUid::from_str(&format!("IsoCell::{kind}::{}", json!(id)))
-                .map_err(|e| format!("bad entity id {id:?}: {e}"))
-        };
         if !matches!(req.principal_kind.as_str(), "Operator" | "Client") {
             return Err(format!("unknown principal kind {:?}", req.principal_kind));
         }
-        let context = json!({
+        let mut context = json!({
             "principal": { "kind": req.principal_kind, "id": req.principal },
             "host": {
                 "id": req.host_id,
@@ -185,13 +206,42 @@ impl Policies {
                 "has_max_lifetime": req.max_lifetime_secs.is_some(),
                 "max_lifetime_secs": req.max_lifetime_secs.unwrap_or(0),
                 "jailed": req.jailed,
+                "egress": req.egress.iter().map(|e| e.rule.clone()).collect::<Vec<_>>(),
+                "has_egress": !req.egress.is_empty(),
+                "publish": req.publish,
+                "has_published_ports": !req.publish.is_empty(),
             },
         });
+        let run = self.evaluate(req, "run", context.clone())?;
+        if !run.allowed {
+            return Ok(run);
+        }
+        for e in &req.egress {
+            context["egress"] = json!(e);
+            let mut d = self.evaluate(req, "egress", context.clone())?;
+            if !d.allowed {
+                d.egress_rule = Some(e.rule.clone());
+                return Ok(d);
+            }
+        }
+        Ok(run)
+    }
+
+    fn evaluate(
+        &self,
+        req: &AdmissionRequest,
+        action: &str,
+        context: serde_json::Value,
+    ) -> Result<AdmissionDecision, String> {
+        let uid = |kind: &str, id: &str| {
+            EntityUid::from_str(&format!("IsoCell::{kind}::{}", json!(id)))
+                .map_err(|e| format!("bad entity id {id:?}: {e}"))
+        };
         let context = Context::from_json_value(context, None)
             .map_err(|e| format!("admission context: {e}"))?;
         let request = Request::new(
             uid(&req.principal_kind, &req.principal)?,
-            uid("Action", "run")?,
+            uid("Action", action)?,
             uid("Cell", &req.cell_id)?,
             context,
             None,
@@ -223,7 +273,7 @@ impl Policies {
         } else {
             reason
         };
-        Ok(AdmissionDecision { allowed, policies, errored, errors })
+        Ok(AdmissionDecision { allowed, policies, errored, errors, egress_rule: None })
     }
 }
 
@@ -306,7 +356,57 @@ mod tests {
             image_digests: vec![],
             max_lifetime_secs: None,
             jailed: true,
+            egress: vec![],
+            publish: vec![],
         }
+    }
+
+    fn egress(rule: &str, target: &str, kind: &str) -> EgressRequest {
+        EgressRequest { rule: rule.into(), target: target.into(), kind: kind.into(), port: 443 }
+    }
+
+    /// Restricted cells have no egress unless a site policy permits it; a site policy can
+    /// hold confidential cells to some domains, rule by rule.
+    #[test]
+    fn egress_rules_are_asked_one_by_one() {
+        let p = Policies::load(&[("default".into(), DEFAULT_POLICY.into())]).unwrap();
+        let mut r = request();
+        r.egress = vec![egress("api.example.eu:443", "api.example.eu", "name")];
+        assert!(p.decide(&r).unwrap().allowed);
+        r.classification = "restricted".into();
+        r.classification_level = 3;
+        r.max_lifetime_secs = Some(60);
+        let d = p.decide(&r).unwrap();
+        assert!(!d.allowed && d.egress_rule.as_deref() == Some("api.example.eu:443"));
+        assert!(
+            d.explain().starts_with("egress rule \"api.example.eu:443\" denied"),
+            "{}",
+            d.explain()
+        );
+        r.egress.clear();
+        assert!(p.decide(&r).unwrap().allowed, "restricted cells without a network run");
+
+        let site = r#"
+            @id("restricted-to-nhs") permit (principal, action == IsoCell::Action::"egress", resource)
+            when { context.cell.classification == "restricted" && context.egress.target like "*.nhs.uk" };
+            @id("confidential-eu-only") forbid (principal, action == IsoCell::Action::"egress", resource)
+            when { context.cell.classification == "confidential" && !(context.egress.target like "*.eu") };
+        "#;
+        let p = Policies::load(&[
+            ("default".into(), DEFAULT_POLICY.into()),
+            ("site".into(), site.into()),
+        ])
+        .unwrap();
+        r.egress = vec![egress("records.nhs.uk:443", "records.nhs.uk", "name")];
+        assert!(p.decide(&r).unwrap().allowed, "a site policy permits restricted egress");
+        r.classification = "confidential".into();
+        r.classification_level = 2;
+        r.egress.push(egress("10.0.0.0/8:443", "10.0.0.0/8", "address"));
+        let d = p.decide(&r).unwrap();
+        assert!(!d.allowed, "{d:?}");
+        assert_eq!(d.policies, ["site:confidential-eu-only"]);
+        r.egress = vec![egress("*.example.eu:443", "*.example.eu", "domain")];
+        assert!(p.decide(&r).unwrap().allowed);
     }
 
     fn default_policies() -> Policies {

@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 use isocell_evidence::measure::{DigestCache, LaunchMeasurement};
 use isocell_evidence::policy::{AdmissionDecision, Policies};
 use isocell_image::runconfig::Process;
+use isocell_proto::net::{DNS_PORT, EGRESS_PORT};
 use isocell_proto::{ExitStatus, Message};
 use serde_json::{json, Value};
 
 use crate::agent_link::{deadline_in, AgentLink};
 use crate::command;
 use crate::evidence::{ms_since, CellEvidence, Costs, EvidenceError};
+use crate::network;
 use crate::state::Host;
 use crate::transfer::{self, OutputBudget};
 use crate::vmm_process::{self, TeardownChecks, Vmm};
@@ -126,12 +128,29 @@ impl Admitted {
     /// Checks that this host can run the cell, then starts its VMM (jailed if planned so) and
     /// signs the launch receipt naming `command`. On failure the error is in the audit log.
     pub fn start(mut self, host: &HostConfig, command: &[String]) -> Result<Cell, CellError> {
+        let published =
+            network::bind_published(&self.plan.request.network).map_err(CellError::Host);
+        let published = logged(&mut self.ev, published)?;
         let vmm = self.start_vmm(host);
-        let vmm = logged(&mut self.ev, vmm)?;
+        let mut vmm = logged(&mut self.ev, vmm)?;
+        let net = &self.plan.request.network;
+        let service = (!net.is_none()).then(|| {
+            network::Service::start(network::Start {
+                network: net.clone(),
+                cell: self.plan.id.clone(),
+                client: self.ev.client().map(str::to_owned),
+                audit: self.ev.audit_writer(),
+                egress: vmm.take_listener(EGRESS_PORT),
+                dns: vmm.take_listener(DNS_PORT),
+                published,
+                vsock_path: vmm.vsock_path(),
+            })
+        });
         let mut cell = Cell {
             plan: self.plan,
             ev: self.ev,
             vmm,
+            network: service,
             link: None,
             measurement: self.measurement,
             launch_receipt: PathBuf::new(),
@@ -163,6 +182,12 @@ impl Admitted {
         for stale in vmm_process::sweep_stale(&host.run_dir) {
             let _ = self.ev.log("cleanup", json!({ "stale_cell": stale }));
         }
+        // The cell's egress and DNS services listen on host vsock ports, only with egress rules.
+        let ports: &[u32] = if self.plan.request.network.egress.is_empty() {
+            &[]
+        } else {
+            &[EGRESS_PORT, DNS_PORT]
+        };
         Vmm::start(
             &host.run_dir,
             &self.plan.id,
@@ -170,6 +195,7 @@ impl Admitted {
             &self.plan.config,
             self.plan.jail.as_ref(),
             host.seccomp_probe.as_deref(),
+            ports,
         )
         .map_err(CellError::Start)
     }
@@ -180,6 +206,8 @@ pub struct Cell {
     plan: CellPlan,
     ev: CellEvidence,
     vmm: Vmm,
+    /// The cell's network service (egress, DNS, published ports), if it has a network.
+    network: Option<network::Service>,
     link: Option<AgentLink>,
     measurement: LaunchMeasurement,
     launch_receipt: PathBuf,
@@ -338,6 +366,9 @@ impl Cell {
             let _ = link.send(&Message::Shutdown);
         }
         let status = self.vmm.stop(SHUTDOWN_GRACE);
+        // With the VMM gone every relayed connection has ended; their events are written
+        // before the exit receipt, which carries the totals.
+        let network = self.network.take().map(network::Service::stop);
         if !status.is_some_and(|s| s.success()) {
             sink.notice(&format!(
                 "warning: the cell did not shut down cleanly (VMM {}){}",
@@ -362,6 +393,7 @@ impl Cell {
                     isocell_evidence::canonical::to_canonical_string(&surface).as_bytes(),
                 ),
                 "oom_kills": oom_kills,
+                "network": network,
             });
             ev.ended(verdict.exit_code, verdict.outcome, &checks_json, facts)
         })();

@@ -217,6 +217,7 @@ pub fn surface(
     plan: &DevicePlan,
     jail: Option<&JailPlan>,
     negotiated: Option<&Value>,
+    network: &isocell_spec::Network,
 ) -> Value {
     let devices: Vec<Value> = plan
         .devices
@@ -242,6 +243,23 @@ pub fn surface(
             Some(j) => j.spec.surface(Some(&j.limits)),
             None => json!({ "enabled": false }),
         },
+        "network": network_surface(network),
+    })
+}
+
+/// The network part of a surface: `"none"`, or each egress rule and published port (so a
+/// `--diff` against a narrower cell names every rule that widens it).
+pub fn network_surface(n: &isocell_spec::Network) -> Value {
+    if n.is_none() {
+        return json!("none");
+    }
+    json!({
+        "egress": n.egress_strings(),
+        "publish": n.publish_strings(),
+        "device": "none: TCP is relayed over vsock by the agent and the host",
+        "dns": if n.egress.is_empty() { "none" } else { "answered by the host for allowed names only" },
+        "udp": "not carried (DNS only)",
+        "ipv6": "not carried",
     })
 }
 
@@ -386,6 +404,20 @@ mod tests {
         jail.spec.validate().unwrap();
         assert_eq!(jail.spec.root, Path::new("/run/isocell/abc/root"));
         assert!(jail.spec.mounts.iter().all(|m| m.writable == (m.jail == Path::new(CELL_DIR))));
+    }
+
+    #[test]
+    fn a_wider_network_shows_in_the_diff() {
+        let net = |e: &[&str]| {
+            let e: Vec<String> = e.iter().map(|x| x.to_string()).collect();
+            json!({ "network": network_surface(&isocell_spec::Network::parse(&e, &[]).unwrap()) })
+        };
+        assert_eq!(net(&[])["network"], "none");
+        let one = net(&["api.example.eu:443"]);
+        let two = net(&["api.example.eu:443", "10.0.0.0/8:5432"]);
+        assert!(beyond(&one, &one).is_empty());
+        assert_eq!(beyond(&two, &one), ["network.egress has \"10.0.0.0/8:5432\""]);
+        assert!(beyond(&one, &net(&[])).iter().any(|f| f.contains("api.example.eu:443")));
     }
 
     #[test]

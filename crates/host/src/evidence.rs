@@ -125,6 +125,17 @@ impl CellEvidence {
         self.client = Some(client.to_owned());
     }
 
+    /// The daemon client named in this cell's entries, if any.
+    pub fn client(&self) -> Option<&str> {
+        self.client.as_deref()
+    }
+
+    /// Another writer of the same audit log, for events written by other threads (the cell's
+    /// network); the log's lock keeps every writer's entries whole and in one chain.
+    pub fn audit_writer(&self) -> Option<AuditLog> {
+        AuditLog::open(&self.host.dir.join("audit"), self.host.key.clone()).ok()
+    }
+
     /// Reopens the evidence of a cell launched earlier (by a process that is gone): its launch
     /// digest and start time come from its signed launch receipt. `None` if it has none.
     pub fn resume(host: Host, cell_id: &str) -> Result<Option<Self>, EvidenceError> {
@@ -319,6 +330,7 @@ mod tests {
             policies: vec!["default:allow-cells".into()],
             errored: vec![],
             errors: vec![],
+            egress_rule: None,
         };
         let launch =
             ev.launched(&m, &decision, &["true".into()], None, &json!({"kind": "raw"})).unwrap();

@@ -19,6 +19,7 @@ pub mod confine;
 pub mod error;
 pub mod evidence;
 pub mod locate;
+pub mod network;
 pub mod plan;
 pub mod run;
 pub mod session;

@@ -6,9 +6,11 @@
 use std::path::PathBuf;
 
 use isocell_evidence::measure::LaunchInputs;
-use isocell_evidence::policy::AdmissionRequest;
+use isocell_evidence::policy::{AdmissionRequest, EgressRequest};
 use isocell_spec::VsockConfig;
-use isocell_spec::{ConsoleConfig, Constraints, DriveConfig, HostProfile, MemorySize, VmConfig};
+use isocell_spec::{
+    ConsoleConfig, Constraints, DriveConfig, HostProfile, MemorySize, Network, Target, VmConfig,
+};
 use isocell_vmm_model::device_plan::DevicePlan;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -61,6 +63,9 @@ pub struct CellRequest {
     pub max_lifetime_secs: Option<u64>,
     /// Admission constraints.
     pub constraints: Constraints,
+    /// Where the cell may connect and which of its ports are published.
+    #[serde(default)]
+    pub network: Network,
 }
 
 /// The plan of one cell.
@@ -139,6 +144,7 @@ impl CellPlan {
             root_fstype: "ext4".to_owned(),
             image_args,
             hostname: HOSTNAME.to_owned(),
+            net: net_arg(&request.network),
         };
         let config = vm_config(&view, &boot);
         config.validate().map_err(|e| PlanError::Invalid(e.to_string()))?;
@@ -285,13 +291,37 @@ impl CellPlan {
             image_digests: c.image_digests.clone(),
             max_lifetime_secs: c.max_lifetime_secs,
             jailed: self.jail.is_some(),
+            egress: r
+                .network
+                .egress
+                .iter()
+                .map(|e| EgressRequest {
+                    rule: e.to_string(),
+                    target: e.target.to_string(),
+                    kind: match e.target {
+                        Target::Name(_) => "name",
+                        Target::Suffix(_) => "domain",
+                        Target::Net { .. } => "address",
+                    }
+                    .to_owned(),
+                    port: e.port,
+                })
+                .collect(),
+            publish: r.network.publish_strings(),
         }
     }
 
     /// The cell's attack surface; `negotiated` adds the features the guest negotiated, for a
     /// cell that ran. Its CPU part comes from running the VMM binary (`--describe-cpuid`).
     pub fn surface(&self, negotiated: Option<&Value>) -> Value {
-        confine::surface(&self.vmm, &self.config, &self.devices, self.jail.as_ref(), negotiated)
+        confine::surface(
+            &self.vmm,
+            &self.config,
+            &self.devices,
+            self.jail.as_ref(),
+            negotiated,
+            &self.request.network,
+        )
     }
 }
 
@@ -311,6 +341,15 @@ struct Boot {
     image_args: String,
     /// `isocell.hostname=`.
     hostname: String,
+    /// `isocell.net=`: which parts of the network the agent sets up (empty: none).
+    net: String,
+}
+
+/// The agent's part of a network: `egress` (redirect, DNS) when there are egress rules,
+/// `ingress` when ports are published.
+fn net_arg(n: &Network) -> String {
+    let parts = [(!n.egress.is_empty(), "egress"), (!n.publish.is_empty(), "ingress")];
+    parts.iter().filter(|(on, _)| *on).map(|(_, w)| *w).collect::<Vec<_>>().join(",")
 }
 
 /// The kernel arguments of a cell beyond the VMM's own: the operator's first, then the ones
@@ -323,6 +362,7 @@ fn boot_args(b: &Boot) -> String {
         &format!("isocell.root={}", b.root_device),
         &format!("isocell.rootfstype={}", b.root_fstype),
         &format!("isocell.hostname={}", b.hostname),
+        &if b.net.is_empty() { String::new() } else { format!("isocell.net={}", b.net) },
         b.image_args.trim(),
     ];
     words.iter().filter(|w| !w.is_empty()).copied().collect::<Vec<_>>().join(" ")
@@ -374,6 +414,7 @@ fn measured_config(config: &VmConfig, view: &VmmView) -> Value {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use std::path::Path;
 
     use super::*;
@@ -397,6 +438,7 @@ mod tests {
             root_fstype: "ext4".into(),
             image_args: String::new(),
             hostname: HOSTNAME.into(),
+            net: String::new(),
         }
     }
 
@@ -409,6 +451,21 @@ mod tests {
             c.boot_args,
             "quiet loglevel=7 isocell.root=/dev/vda isocell.rootfstype=ext4 isocell.hostname=cell"
         );
+    }
+
+    #[test]
+    fn the_agent_is_told_which_network_parts_to_set_up() {
+        let n = |e: &[&str], p: &[&str]| {
+            let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+            net_arg(&Network::parse(&s(e), &s(p)).unwrap())
+        };
+        assert_eq!(n(&[], &[]), "");
+        assert_eq!(n(&["a.example.eu:443"], &[]), "egress");
+        assert_eq!(n(&["a.example.eu:443"], &["8080:80"]), "egress,ingress");
+        assert_eq!(n(&[], &["8080:80"]), "ingress");
+        let c = vm_config(&view(), &Boot { net: "egress".into(), ..boot() });
+        assert!(c.boot_args.contains(" isocell.net=egress"), "{}", c.boot_args);
+        assert!(!vm_config(&view(), &boot()).boot_args.contains("isocell.net"));
     }
 
     #[test]

@@ -142,6 +142,8 @@ pub struct Vmm {
     /// nested host every wake-up is paid for by the guest's vCPU.
     vmm_exited: Option<OwnedFd>,
     agent_listener: Option<UnixListener>,
+    /// Host vsock ports the cell's services listen on (egress, DNS), bound before the VMM runs.
+    host_listeners: Vec<(u32, UnixListener)>,
     vmm_status: Option<ExitStatus>,
     cgroup: Option<CellCgroup>,
     /// The locked owner file: while it is open, no sweep takes this cell for abandoned.
@@ -323,6 +325,7 @@ impl Vmm {
         config: &VmConfig,
         jail: Option<&JailPlan>,
         seccomp_probe: Option<&str>,
+        host_ports: &[u32],
     ) -> Result<Vmm, VmmError> {
         let mut probe: Vec<String> = match seccomp_probe {
             Some(kind) => vec!["--seccomp-probe".into(), kind.into()],
@@ -348,6 +351,7 @@ impl Vmm {
             vmm: None,
             vmm_exited: None,
             agent_listener: None,
+            host_listeners: Vec::new(),
             owner: None,
             vmm_status: None,
             cgroup: None,
@@ -361,6 +365,14 @@ impl Vmm {
         let listener = UnixListener::bind(&agent_path)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(io("listen on", &agent_path))?;
+        // The cell's other host services (egress, DNS) listen the same way, before the VMM runs.
+        let mut socket_paths = vec![agent_path.clone()];
+        for &port in host_ports {
+            let path = shared.join(format!("vsock.sock_{port}"));
+            let l = UnixListener::bind(&path).map_err(io("listen on", &path))?;
+            cell.host_listeners.push((port, l));
+            socket_paths.push(path);
+        }
         let config_path = shared.join("vm.json");
         let json = serde_json::to_string_pretty(config)?;
         fs::write(&config_path, json).map_err(io("write", &config_path))?;
@@ -370,7 +382,7 @@ impl Vmm {
             Some(j) => {
                 // The jailed VMM owns the shared directory and may connect to the agent socket.
                 let (uid, gid) = (Some(j.spec.uid), Some(j.spec.gid));
-                for p in [&shared, &agent_path] {
+                for p in std::iter::once(&shared).chain(&socket_paths) {
                     std::os::unix::fs::chown(p, uid, gid)
                         .map_err(|source| VmmError::Chown { path: p.clone(), source })?;
                 }
@@ -499,6 +511,17 @@ impl Vmm {
             out.push_str(console.trim_end());
         }
         out
+    }
+
+    /// The listener bound for host vsock port `port` (once).
+    pub fn take_listener(&mut self, port: u32) -> Option<UnixListener> {
+        let i = self.host_listeners.iter().position(|(p, _)| *p == port)?;
+        Some(self.host_listeners.swap_remove(i).1)
+    }
+
+    /// The VMM's socket for host-initiated vsock connections (`CONNECT PORT`).
+    pub fn vsock_path(&self) -> PathBuf {
+        self.shared.join("vsock.sock")
     }
 
     /// Waits up to `grace` for the VMM to exit by itself, then kills it. Returns its status.

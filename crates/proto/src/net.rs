@@ -111,7 +111,10 @@ pub fn read_line(r: &mut impl std::io::Read) -> Result<String, std::io::Error> {
     let mut byte = [0u8; 1];
     loop {
         if r.read(&mut byte)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, LineError::Truncated));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                LineError::Truncated,
+            ));
         }
         if byte[0] == b'\n' {
             break;
@@ -142,9 +145,16 @@ mod tests {
 
     #[test]
     fn bad_connect_lines_are_refused() {
-        for bad in ["", "CONNECT", "CONNECT x:1", "CONNECT 1.2.3.4", "CONNECT 1.2.3.4:0",
-            "connect 1.2.3.4:80", "CONNECT [::1]:80", "CONNECT 1.2.3.4:80 extra"]
-        {
+        for bad in [
+            "",
+            "CONNECT",
+            "CONNECT x:1",
+            "CONNECT 1.2.3.4",
+            "CONNECT 1.2.3.4:0",
+            "connect 1.2.3.4:80",
+            "CONNECT [::1]:80",
+            "CONNECT 1.2.3.4:80 extra",
+        ] {
             assert!(parse_connect(bad).is_err(), "{bad:?}");
         }
     }

@@ -8,6 +8,8 @@
 //! memory = "512M"
 //! timeout_secs = 600
 //! env = { MODE = "batch" }
+//! egress = ["api.internal.example:443", "10.20.0.0/16:5432"]   # see `network`
+//! publish = ["8080:80"]
 //!
 //! [constraints]
 //! jurisdictions = ["EU"]            # the host's jurisdiction must be one of these
@@ -112,6 +114,12 @@ pub struct CellSpec {
     /// Limit on the command's run time, seconds.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// Where the cell may connect (`--egress`): see [`crate::network`]. Empty: nowhere.
+    #[serde(default)]
+    pub egress: Vec<String>,
+    /// Host ports forwarded into the cell (`--publish`).
+    #[serde(default)]
+    pub publish: Vec<String>,
     /// Admission constraints.
     #[serde(default)]
     pub constraints: Constraints,

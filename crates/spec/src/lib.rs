@@ -5,9 +5,11 @@
 pub mod cell;
 pub mod host;
 pub mod memory;
+pub mod network;
 pub mod vm;
 
 pub use cell::{CellSpec, Classification, Constraints};
 pub use host::HostProfile;
 pub use memory::{MemorySize, MemorySizeError};
+pub use network::{EgressRule, Network, NetworkError, Publish, Target};
 pub use vm::{ConsoleConfig, DriveConfig, MmioPlacement, VmConfig, VmConfigError, VsockConfig};

@@ -196,6 +196,7 @@ fn native_evidence_cell(
         kernel_args: String::new(),
         max_lifetime_secs: None,
         constraints: Default::default(),
+        network: Default::default(),
     };
     let plan = CellPlan::new(host, &id, request)?;
     let mut ev = isocell_host::cell::open_evidence(host, &id)?;

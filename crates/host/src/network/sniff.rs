@@ -1,0 +1,226 @@
+//! What name a connection's first bytes ask for: the server name of a TLS ClientHello, or the
+//! `Host` header of an HTTP/1 request. The bytes are the guest's: every length is checked and
+//! nothing here can panic or read past what was given.
+
+/// The most bytes looked at before deciding.
+pub const MAX_SNIFF: usize = 16 * 1024 + 5;
+
+/// What the first bytes are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sniffed {
+    /// Not enough yet to tell.
+    NeedMore,
+    /// A TLS ClientHello, with its server name if it gives one.
+    Tls(Option<String>),
+    /// An HTTP/1 request, with its `Host` (port removed) if it gives one.
+    Http(Option<String>),
+    /// Neither: a protocol whose names the proxy cannot see.
+    Other,
+}
+
+const METHODS: [&str; 9] =
+    ["GET ", "POST ", "PUT ", "HEAD ", "DELETE ", "OPTIONS ", "PATCH ", "TRACE ", "CONNECT "];
+
+/// Looks at the first bytes of a connection. `NeedMore` only while fewer than [`MAX_SNIFF`]
+/// bytes were given; at that size the answer is final.
+pub fn sniff(buf: &[u8]) -> Sniffed {
+    if buf.is_empty() {
+        return Sniffed::NeedMore;
+    }
+    if buf[0] == 0x16 {
+        return tls(buf);
+    }
+    let prefix = &buf[..buf.len().min(8)];
+    let could_be = METHODS.iter().any(|m| {
+        let m = m.as_bytes();
+        m.starts_with(prefix) || prefix.starts_with(m)
+    });
+    if !could_be {
+        return Sniffed::Other;
+    }
+    if !METHODS.iter().any(|m| buf.starts_with(m.as_bytes())) {
+        return if buf.len() >= 8 { Sniffed::Other } else { Sniffed::NeedMore };
+    }
+    match find(buf, b"\r\n\r\n") {
+        Some(end) => Sniffed::Http(host_header(&buf[..end])),
+        None if buf.len() >= MAX_SNIFF => Sniffed::Http(None),
+        None => Sniffed::NeedMore,
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn host_header(head: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(head).ok()?;
+    let mut hosts = text.split("\r\n").skip(1).filter_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.trim().eq_ignore_ascii_case("host").then(|| value.trim())
+    });
+    let host = hosts.next()?;
+    if hosts.next().is_some() {
+        return None; // two Host headers: ambiguous, so no name
+    }
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    normal(host)
+}
+
+fn normal(name: &str) -> Option<String> {
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    isocell_spec::network::valid_name(&name).then_some(name)
+}
+
+/// A cursor over the guest's bytes that fails instead of panicking.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.buf.len() {
+            return None;
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<usize> {
+        self.take(1).map(|b| usize::from(b[0]))
+    }
+    fn u16(&mut self) -> Option<usize> {
+        self.take(2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+    }
+    fn vec8(&mut self) -> Option<&'a [u8]> {
+        let n = self.u8()?;
+        self.take(n)
+    }
+    fn vec16(&mut self) -> Option<&'a [u8]> {
+        let n = self.u16()?;
+        self.take(n)
+    }
+}
+
+fn tls(buf: &[u8]) -> Sniffed {
+    if buf.len() < 5 {
+        return Sniffed::NeedMore;
+    }
+    if buf[1] != 3 {
+        return Sniffed::Other;
+    }
+    let len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+    if buf.len() < 5 + len {
+        return if buf.len() >= MAX_SNIFF { Sniffed::Tls(None) } else { Sniffed::NeedMore };
+    }
+    Sniffed::Tls(client_hello_name(&buf[5..5 + len]))
+}
+
+/// The server name of a ClientHello handshake message (RFC 8446 4.1.2, RFC 6066 3).
+fn client_hello_name(msg: &[u8]) -> Option<String> {
+    let mut r = Reader { buf: msg };
+    if r.u8()? != 1 {
+        return None; // not a ClientHello
+    }
+    let len = r.take(3)?;
+    let len = (usize::from(len[0]) << 16) | (usize::from(len[1]) << 8) | usize::from(len[2]);
+    let mut r = Reader { buf: r.take(len)? };
+    r.take(2 + 32)?; // legacy_version, random
+    r.vec8()?; // session id
+    r.vec16()?; // cipher suites
+    r.vec8()?; // compression methods
+    let mut exts = Reader { buf: r.vec16()? };
+    while !exts.buf.is_empty() {
+        let kind = exts.u16()?;
+        let data = exts.vec16()?;
+        if kind != 0 {
+            continue;
+        }
+        let mut list = Reader { buf: Reader { buf: data }.vec16()? };
+        while !list.buf.is_empty() {
+            let name_type = list.u8()?;
+            let name = list.vec16()?;
+            if name_type == 0 {
+                return normal(std::str::from_utf8(name).ok()?);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A minimal ClientHello record naming `name`.
+    pub fn client_hello(name: &str) -> Vec<u8> {
+        let mut sni = Vec::new();
+        sni.extend((name.len() as u16 + 3).to_be_bytes());
+        sni.push(0);
+        sni.extend((name.len() as u16).to_be_bytes());
+        sni.extend(name.as_bytes());
+        let mut exts = vec![0, 0];
+        exts.extend((sni.len() as u16).to_be_bytes());
+        exts.extend(sni);
+        let mut body = vec![3, 3];
+        body.extend([7u8; 32]);
+        body.extend([0, 0, 2, 0x13, 1, 1, 0]);
+        body.extend((exts.len() as u16).to_be_bytes());
+        body.extend(exts);
+        let mut hs = vec![1, 0, (body.len() >> 8) as u8, body.len() as u8];
+        hs.extend(body);
+        let mut rec = vec![0x16, 3, 1];
+        rec.extend((hs.len() as u16).to_be_bytes());
+        rec.extend(hs);
+        rec
+    }
+
+    #[test]
+    fn tls_server_names_are_read_whole_or_not_at_all() {
+        let hello = client_hello("API.Example.EU");
+        assert_eq!(sniff(&hello), Sniffed::Tls(Some("api.example.eu".into())));
+        for cut in 1..hello.len() {
+            assert_eq!(sniff(&hello[..cut]), Sniffed::NeedMore, "{cut}");
+        }
+        let mut bad = hello.clone();
+        bad[9 + 34] = 0xff; // the session id's length, past the end
+        assert_eq!(sniff(&bad), Sniffed::Tls(None));
+    }
+
+    #[test]
+    fn http_hosts_lose_their_port_and_ambiguity_gives_no_name() {
+        let req = b"GET /x HTTP/1.1\r\nUser-Agent: t\r\nhost: Payload.Test:8080\r\n\r\nbody";
+        assert_eq!(sniff(req), Sniffed::Http(Some("payload.test".into())));
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\nHost: a\r\n"), Sniffed::NeedMore);
+        assert_eq!(sniff(b"GET / HTTP/1.0\r\n\r\n"), Sniffed::Http(None));
+        let two = b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n";
+        assert_eq!(sniff(two), Sniffed::Http(None));
+        assert_eq!(sniff(b"GE"), Sniffed::NeedMore);
+        assert_eq!(sniff(b"SSH-2.0-OpenSSH\r\n"), Sniffed::Other);
+        assert_eq!(sniff(b"\0\0\0\x08\x04\xd2\x16\x2f"), Sniffed::Other);
+        let mut endless = b"GET / HTTP/1.1\r\n".to_vec();
+        endless.resize(MAX_SNIFF, b'a');
+        assert_eq!(sniff(&endless), Sniffed::Http(None));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for len in 0..2000usize {
+            let mut buf = vec![0u8; len % 700];
+            for b in buf.iter_mut() {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                *b = seed as u8;
+            }
+            if let Some(first) = buf.first_mut() {
+                *first = [0x16, b'G', b'P', 0][len % 4];
+            }
+            let _ = sniff(&buf);
+        }
+    }
+}
