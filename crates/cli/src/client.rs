@@ -126,6 +126,13 @@ pub struct CreateArgs {
     /// daemon's].
     #[arg(long, value_name = "SECS")]
     idle_timeout: Option<u64>,
+    /// Where the cell may connect (repeatable): HOST:PORT, *.DOMAIN:PORT, A.B.C.D[/LEN]:PORT
+    /// [default: nowhere].
+    #[arg(long = "egress", value_name = "RULE")]
+    egress: Vec<String>,
+    /// Forward a port of the daemon's host into the cell (repeatable): [HOST_IP:]HOST_PORT:GUEST_PORT.
+    #[arg(long = "publish", value_name = "[IP:]PORT:PORT")]
+    publish: Vec<String>,
     /// Makes a retried create return the cell the first one made.
     #[arg(long, value_name = "KEY")]
     idempotency_key: Option<String>,
@@ -654,6 +661,12 @@ fn create_body(a: &CreateArgs) -> Value {
     }
     if let Some(s) = a.idle_timeout {
         m.insert("idle_timeout_secs".into(), json!(s));
+    }
+    if !a.egress.is_empty() {
+        m.insert("egress".into(), json!(a.egress));
+    }
+    if !a.publish.is_empty() {
+        m.insert("publish".into(), json!(a.publish));
     }
     Value::Object(m)
 }

@@ -144,6 +144,7 @@ impl Admitted {
                 dns: vmm.take_listener(DNS_PORT),
                 published,
                 vsock_path: vmm.vsock_path(),
+                resolve: network::dns::host_lookup,
             })
         });
         let mut cell = Cell {

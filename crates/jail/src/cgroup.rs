@@ -31,8 +31,8 @@ pub struct Limits {
 }
 
 /// Memory a VMM may use beyond guest memory: its binary, stacks, page tables, device and vsock
-/// buffers (64 connections x 256 KiB credit at most).
-pub const VMM_ALLOWANCE_MIB: u64 = 64;
+/// buffers (256 vsock connections x 256 KiB credit at most: 64 MiB).
+pub const VMM_ALLOWANCE_MIB: u64 = 112;
 
 impl Limits {
     /// Limits for a cell with `vcpus` vCPUs and `memory_mib` of guest memory: its vCPUs plus

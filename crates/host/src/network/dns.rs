@@ -95,14 +95,16 @@ fn lock(list: &std::sync::Mutex<Allowlist>) -> std::sync::MutexGuard<'_, Allowli
     list.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Looks `name` up on this host (its resolver: /etc/hosts, then its name servers); IPv4 only.
+/// Looks `name` up on this host (its resolver: /etc/hosts, then its name servers); IPv4 only,
+/// and never a loopback address: in the cell that would be the cell itself, and the host's own
+/// loopback services are not the cell's to reach by name.
 pub fn host_lookup(name: &str) -> std::io::Result<Vec<Ipv4Addr>> {
     use std::net::ToSocketAddrs;
     Ok((name, 0u16)
         .to_socket_addrs()?
         .filter_map(|a| match a.ip() {
-            std::net::IpAddr::V4(ip) => Some(ip),
-            std::net::IpAddr::V6(_) => None,
+            std::net::IpAddr::V4(ip) if !ip.is_loopback() => Some(ip),
+            _ => None,
         })
         .collect())
 }
@@ -156,6 +158,11 @@ mod tests {
         let failing = |_: &str| Err(std::io::Error::other("down"));
         let (_, a) = answer(&query(3, "payload.test", TYPE::A).unwrap(), &l, &failing).unwrap();
         assert_eq!(a.result, "servfail");
+    }
+
+    #[test]
+    fn the_host_never_answers_a_loopback_address() {
+        assert!(host_lookup("localhost").map(|a| a.is_empty()).unwrap_or(true));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! - **Published ports**: a TCP listener per `--publish`, each connection relayed into the cell
 //!   through a host-initiated vsock connection to the agent's ingress port.
 //!
-//! Every connection, allowed or not, and every DNS answer is an audit event; a guest that
+//! Every connection, allowed or not, and every DNS answer is an audit event (a denial is
+//! written before the guest hears it); a guest that
 //! floods denials gets them counted in `network_suppressed` events past a rate, not one fsync
 //! each. Connections are bounded per cell; a slow or silent guest holds only its own slots.
 
@@ -36,8 +37,9 @@ use serde_json::{json, Value};
 use allow::Allowlist;
 use sniff::{sniff, Sniffed, MAX_SNIFF};
 
-/// Most connections (egress and published) one cell may have open at once.
-pub const MAX_CONNECTIONS: usize = 256;
+/// Most connections (egress, DNS and published) one cell may have open at once; below the
+/// VMM's vsock limit (256), so the proxy, not the VMM, is the one that says why it refuses.
+pub const MAX_CONNECTIONS: usize = 200;
 /// How long the guest has to send a request line, and an upstream to accept a connection.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -131,6 +133,7 @@ struct Shared {
     stopping: AtomicBool,
     /// The VMM's socket for host-initiated connections (published ports).
     vsock_path: PathBuf,
+    resolve: Resolver,
 }
 
 /// A slot among the cell's [`MAX_CONNECTIONS`]; freed (and its sockets forgotten) on drop.
@@ -216,7 +219,12 @@ pub struct Start {
     pub published: Vec<(Publish, TcpListener)>,
     /// The VMM's socket for host-initiated vsock connections.
     pub vsock_path: PathBuf,
+    /// How names are looked up: [`dns::host_lookup`] (tests give their own).
+    pub resolve: Resolver,
 }
+
+/// Looks a name up for the cell's DNS.
+pub type Resolver = fn(&str) -> std::io::Result<Vec<std::net::Ipv4Addr>>;
 
 impl Service {
     /// Starts serving; the events of the cell's network go to `start.audit` as they happen.
@@ -237,6 +245,7 @@ impl Service {
             next_id: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             vsock_path: start.vsock_path,
+            resolve: start.resolve,
         });
         let mut service = Service { shared, listeners: Vec::new(), threads: Vec::new() };
         if let Some(l) = start.egress {
@@ -400,8 +409,8 @@ fn egress(shared: &Arc<Shared>, mut conn: UnixStream) {
     let started = Instant::now();
     let mut event = json!({ "direction": "egress" });
     let Some(slot) = Slot::take(shared) else {
-        refuse(&mut conn, "DENIED", "too many connections");
-        return deny(shared, event, "too many connections (the cell's limit)");
+        deny(shared, event, "too many connections (the cell's limit)");
+        return refuse(&mut conn, "DENIED", "too many connections");
     };
     slot.track(&conn);
     let _ = conn.set_read_timeout(Some(HEADER_TIMEOUT));
@@ -411,8 +420,8 @@ fn egress(shared: &Arc<Shared>, mut conn: UnixStream) {
     {
         Ok(d) => d,
         Err(e) => {
-            refuse(&mut conn, "DENIED", "malformed request");
-            return deny(shared, event, &format!("malformed request: {e}"));
+            deny(shared, event, &format!("malformed request: {e}"));
+            return refuse(&mut conn, "DENIED", "malformed request");
         }
     };
     event["dest"] = json!(dest.to_string());
@@ -420,16 +429,16 @@ fn egress(shared: &Arc<Shared>, mut conn: UnixStream) {
     let decision = lock(&shared.list).decide(dest);
     let Some(rule) = decision.rule.clone() else {
         let reason = decision.reason.unwrap_or_default();
-        refuse(&mut conn, "DENIED", &reason);
-        return deny(shared, event, &reason);
+        deny(shared, event, &reason);
+        return refuse(&mut conn, "DENIED", &reason);
     };
     event["rule"] = json!(rule);
     event["name"] = json!(decision.name);
     let upstream = match TcpStream::connect_timeout(&SocketAddr::V4(dest), CONNECT_TIMEOUT) {
         Ok(s) => s,
         Err(e) => {
-            refuse(&mut conn, "DENIED", &format!("cannot connect: {e}"));
-            return deny(shared, event, &format!("allowed, but cannot connect: {e}"));
+            deny(shared, event, &format!("allowed, but cannot connect: {e}"));
+            return refuse(&mut conn, "DENIED", &format!("cannot connect: {e}"));
         }
     };
     slot.track(&upstream);
@@ -530,7 +539,7 @@ fn dns_stream(shared: &Arc<Shared>, mut conn: UnixStream) {
         if conn.read_exact(&mut query).is_err() {
             return;
         }
-        let Some((reply, answered)) = dns::answer(&query, &shared.list, &dns::host_lookup) else {
+        let Some((reply, answered)) = dns::answer(&query, &shared.list, &shared.resolve) else {
             return;
         };
         let refused = matches!(answered.result, "nxdomain" | "formerr");
@@ -558,6 +567,34 @@ fn dns_stream(shared: &Arc<Shared>, mut conn: UnixStream) {
     }
 }
 
+/// A host-initiated vsock connection to the agent's ingress port, through the VMM's socket.
+/// The VMM sheds host sockets past a few dozen waiting at once, so a burst of clients is
+/// retried a few times before a client is turned away.
+fn vmm_connect(vsock_path: &std::path::Path) -> Result<UnixStream, String> {
+    let mut last = String::new();
+    for wait_ms in [0, 20, 100, 500] {
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        let mut s = match UnixStream::connect(vsock_path) {
+            Ok(s) => s,
+            Err(e) => {
+                last = format!("vsock: {e}");
+                continue;
+            }
+        };
+        let _ = s.set_read_timeout(Some(HEADER_TIMEOUT));
+        if let Err(e) = s.write_all(format!("CONNECT {}\n", wire::INGRESS_PORT).as_bytes()) {
+            last = format!("vsock: {e}");
+            continue;
+        }
+        match wire::read_line(&mut s) {
+            Ok(ok) if ok.starts_with("OK ") => return Ok(s),
+            Ok(other) => return Err(format!("the cell does not take published ports ({other})")),
+            Err(e) => last = format!("the cell's agent: {e}"),
+        }
+    }
+    Err(last)
+}
+
 /// One connection to a published port: into the cell through the agent's ingress port.
 fn ingress(shared: &Arc<Shared>, publish: &Publish, client: TcpStream) {
     let started = Instant::now();
@@ -578,15 +615,8 @@ fn ingress(shared: &Arc<Shared>, publish: &Publish, client: TcpStream) {
     slot.track(&client);
     let _ = client.set_nodelay(true);
     let cell = (|| -> Result<UnixStream, String> {
-        let mut s = UnixStream::connect(&shared.vsock_path).map_err(|e| format!("vsock: {e}"))?;
+        let mut s = vmm_connect(&shared.vsock_path)?;
         slot.track(&s);
-        s.set_read_timeout(Some(HEADER_TIMEOUT)).map_err(|e| e.to_string())?;
-        s.write_all(format!("CONNECT {}\n", wire::INGRESS_PORT).as_bytes())
-            .map_err(|e| format!("vsock: {e}"))?;
-        let ok = wire::read_line(&mut s).map_err(|e| format!("the cell's agent: {e}"))?;
-        if !ok.starts_with("OK ") {
-            return Err(format!("the cell's agent does not take published ports ({ok})"));
-        }
         s.write_all(wire::port_line(publish.guest_port).as_bytes()).map_err(|e| e.to_string())?;
         match Answer::parse(&wire::read_line(&mut s).map_err(|e| e.to_string())?) {
             Answer::Ok => {}
@@ -618,3 +648,6 @@ fn ingress(shared: &Arc<Shared>, publish: &Publish, client: TcpStream) {
     lock(&shared.events).emit("network", event, false, &shared.totals);
     drop(slot);
 }
+
+#[cfg(test)]
+mod tests;

@@ -656,6 +656,7 @@ fn main() -> Result<()> {
             steps.push(devbench_step(i, v, &args));
         }
     }
+    steps.extend(net_steps(args.runs));
     let results = host.run(&Scenario { steps, files })?;
     if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
         bail!("a benchmark step failed:\n{}", bad.explain());
@@ -976,5 +977,114 @@ fn main() -> Result<()> {
         print_pair(&format!("  {name}"), dev_new.exits.get(name).copied().flatten(), base, "");
     }
     println!("results: {}", dev_path.display());
+    net_report(&results, &dir, &host)
+}
+
+/// The network benchmark's HTTP server: busybox httpd on an address given to the loopback of a
+/// network namespace the step makes (nothing outside is contacted), `payload.test` naming it.
+const NET_SETUP: &str =
+    "cd {work} && mkdir -p www && head -c 16777216 /dev/zero > www/payload.bin && \
+    echo small > www/small.txt && echo '10.99.0.1 payload.test' > hosts && cat > ns.sh <<'NS'
+ip link set lo up && ip addr add 10.99.0.1/32 dev lo
+mkdir -p /etc && touch /etc/hosts && mount --bind {work}/hosts /etc/hosts
+busybox httpd -f -p 10.99.0.1:8080 -h {work}/www & httpd=$!
+";
+
+/// Times, in the cell and on the host alike, one 16 MiB download and 20 small fetches (each a
+/// new connection: connect latency plus one request), with a monotonic clock in microseconds.
+const NET_TIMING: &str = "t=$($CLOCK); wget -q -O /dev/null http://payload.test:8080/payload.bin; echo ${P}download_us=$(( $($CLOCK) - t ))
+t=$($CLOCK); for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do wget -q -O /dev/null http://payload.test:8080/small.txt; done; echo ${P}small20_us=$(( $($CLOCK) - t ))
+";
+
+/// Network steps: throughput and connect latency through the proxy against the same on the
+/// host, and `isocell run -- true` with and without egress, alternating.
+fn net_steps(runs: usize) -> Vec<Step> {
+    let run = "ISOCELL_RUN_DIR={work}/run ISOCELL_STATE_DIR={work}/state {isocell} run";
+    let mut steps = Vec::new();
+    for i in 0..=runs.min(5) {
+        let script = format!(
+            "{NET_SETUP}CLOCK='{{hostile}} clock' P=host_\n{NET_TIMING}\
+             cat > {{work}}/g.sh <<'G'\nCLOCK='/hostile clock' P=cell_\n{NET_TIMING}G\n\
+             {run} --egress payload.test:8080 --input {{hostile}}:/hostile --input {{work}}/g.sh:/g.sh -- sh /g.sh\n\
+             kill $httpd\nNS\nunshare -mn sh ns.sh"
+        )
+        .replace("\\n", "\n");
+        steps.push(measured_step(format!("netbench-{i}"), &["sh", "-c", &script], 600, ""));
+    }
+    for i in 0..=runs {
+        for (kind, extra) in [("off", ""), ("on", "--egress payload.test:8080 --publish 18080:80")]
+        {
+            let script = format!("{run} {extra} -- true");
+            steps.push(plain_step(format!("netboot-{kind}-{i}"), &script, 300));
+        }
+    }
+    steps
+}
+
+/// A shell step without a report file.
+fn plain_step(name: String, script: &str, timeout_secs: u64) -> Step {
+    Step { report_file: None, ..measured_step(name, &["sh", "-c", script], timeout_secs, "") }
+}
+
+/// Prints one row: the cell's median, the host's, and their ratio.
+fn print_vs(
+    label: &str,
+    cell: Option<Summary>,
+    host: Option<Summary>,
+    unit: &str,
+    names: (&str, &str),
+) {
+    let median = |s: Option<Summary>| s.map_or("-".to_owned(), |s| format!("{:.1}", s.median));
+    let r = ratio(cell, host).map_or("-".to_owned(), |r| format!("{r:.3}x"));
+    let n = cell.map_or(0, |s| s.n);
+    println!(
+        "{label:<34} {} {:>8} {unit:<5} {} {:>8}  ratio {r:>7}  (medians, n={n})",
+        names.0,
+        median(cell),
+        names.1,
+        median(host)
+    );
+}
+
+/// A `key=N` figure from a step's output.
+fn figure(r: &StepResult, key: &str) -> Option<f64> {
+    r.stdout.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=')?.trim().parse().ok())
+}
+
+fn net_report(results: &[StepResult], dir: &std::path::Path, host: &TestHost) -> Result<()> {
+    let of_kind = |prefix: &str| -> Vec<StepResult> {
+        results.iter().filter(|r| r.name.starts_with(prefix)).skip(1).cloned().collect()
+    };
+    let bench = of_kind("netbench-");
+    if let Some(bad) = bench.iter().find(|r| figure(r, "cell_download_us").is_none()) {
+        bail!("the network benchmark step did not measure:\n{}", bad.explain());
+    }
+    let mib_s =
+        |key: &'static str| move |r: &StepResult| figure(r, key).map(|us| 16.0 / (us / 1e6));
+    let per_conn =
+        |key: &'static str| move |r: &StepResult| figure(r, key).map(|us| us / 20.0 / 1000.0);
+    let host_rate = series(&bench, mib_s("host_download_us"));
+    let cell_rate = series(&bench, mib_s("cell_download_us"));
+    let host_conn = series(&bench, per_conn("host_small20_us"));
+    let cell_conn = series(&bench, per_conn("cell_small20_us"));
+    let off = series(&of_kind("netboot-off-"), |r| Some(r.wall_us as f64 / 1000.0));
+    let on = series(&of_kind("netboot-on-"), |r| Some(r.wall_us as f64 / 1000.0));
+    let out = json!({
+        "benchmark": "network",
+        "host": host.kind().name(),
+        "host_cpu": cpu_model(),
+        "what": "16 MiB download and 20 small fetches (a connection each), in a cell through the egress proxy against the same wget on the host, in the same step; isocell run -- true with --egress and --publish against without, alternating",
+        "download_mib_s": { "host": host_rate, "cell": cell_rate, "ratio_cell_to_host": ratio(cell_rate, host_rate) },
+        "fetch_ms": { "host": host_conn, "cell": cell_conn, "ratio_cell_to_host": ratio(cell_conn, host_conn) },
+        "run_true_ms": { "without_network": off, "with_network": on, "ratio_with_to_without": ratio(on, off) },
+    });
+    let path = dir.join("network.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&out)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("\nnetwork (egress proxy against the host's own loopback, same step)");
+    print_vs("download 16 MiB", cell_rate, host_rate, "MiB/s", ("cell", "host"));
+    print_vs("fetch (connect + small GET)", cell_conn, host_conn, "ms", ("cell", "host"));
+    print_vs("isocell run -- true", on, off, "ms", ("network", "none"));
+    println!("results: {}", path.display());
     Ok(())
 }

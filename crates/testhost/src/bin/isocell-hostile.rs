@@ -29,6 +29,14 @@
 //! - `unix-sink PATH` (host): listens at PATH, reads one connection to its end and answers with
 //!   the byte count; exits.
 //!
+//! The network tests use it as an attacker of the cell's egress proxy:
+//!
+//! - `net-abuse ALLOWED` (guest, a cell with egress to `ALLOWED`, `a.b.c.d:port`, a server
+//!   that sends a lot): malformed and oversized request lines straight on the host's egress
+//!   vsock port, a flood of redirected connections to a denied address, more silent streams
+//!   than the host allows at once, a connection to `ALLOWED` that never reads, and then one
+//!   ordinary connection to `ALLOWED`, which must still work; prints `key=value` lines.
+//!
 //! The host-side modes exit by themselves after `HELPER_LIFETIME`, so one whose guest never
 //! came cannot outlive its test.
 //!
@@ -54,10 +62,11 @@ fn main() {
         ["vsock-send", port, bytes] => number(port).and_then(|p| vsock_send(p, number(bytes)?)),
         ["vsock-hold", port] => number(port).and_then(vsock_hold),
         ["clock"] => clock(),
+        ["net-abuse", allowed] => net_abuse(allowed),
         ["unix-echo", path, connections] => number(connections).and_then(|n| unix_echo(path, n)),
         ["unix-sink", path] => unix_sink(path),
         _ => Err("usage: isocell-hostile protocol MODE | mmio | unmapped COUNT | \
-                  vsock-echo PORT BYTES | vsock-send PORT BYTES | vsock-hold PORT | clock | \
+                  vsock-echo PORT BYTES | vsock-send PORT BYTES | vsock-hold PORT | clock | net-abuse ADDR | \
                   unix-echo PATH CONNECTIONS | unix-sink PATH"
             .into()),
     };
@@ -569,5 +578,109 @@ fn unix_sink(path: &str) -> Result<(), String> {
     let _ = fs::remove_file(path);
     println!("unix-sink: received {received} bytes ({ended}), answer {answered:?}");
     println!("unix-sink: done");
+    Ok(())
+}
+
+/// The host's answer line on an egress stream, or how the stream ended without one.
+fn answer_of(s: &mut UnixStream) -> String {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+    match isocell_proto::net::read_line(s) {
+        Ok(line) => line,
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => "closed".into(),
+        Err(e) => format!("error {e}"),
+    }
+}
+
+fn net_abuse(allowed: &str) -> Result<(), String> {
+    use isocell_proto::net::EGRESS_PORT;
+    use std::net::TcpStream;
+    let allowed: std::net::SocketAddr = allowed.parse().map_err(|e| format!("{allowed}: {e}"))?;
+
+    // 1. Request lines no proxy should take, straight on the host's egress port.
+    let bad: [&[u8]; 6] = [
+        &[b'A'; 4096],
+        b"CONNECT 1.2.3.4:99999\n",
+        &[0xff; 100],
+        b"CONNECT [::1]:80\n",
+        b"GET / HTTP/1.1\nHost: x\n\n",
+        b"CONNECT 1.2.3.4:80 CONNECT 5.6.7.8:80 CONNECT 9.9.9.9:80 CONNECT 1.1.1.1:80 CONNECT\n",
+    ];
+    let (mut denied, mut other) = (0, Vec::new());
+    for i in 0..300 {
+        let mut s = vsock_connect(EGRESS_PORT)?;
+        let _ = s.write_all(bad[i % bad.len()]);
+        let _ = s.write_all(b"\n");
+        let a = answer_of(&mut s);
+        if a.starts_with("DENIED") {
+            denied += 1;
+        } else if other.len() < 3 {
+            other.push(a);
+        }
+    }
+    println!("malformed_denied={denied}");
+    println!("malformed_other={other:?}");
+
+    // 2. A flood of redirected connections to an address no rule names: each must fail at
+    // once (a reset or an end, never data and never a hang).
+    let started = Instant::now();
+    let flood: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(|| {
+                let mut failed = 0;
+                for _ in 0..125 {
+                    let dest = std::net::SocketAddr::from(([192, 0, 2, 1], 80));
+                    let ok = TcpStream::connect_timeout(&dest, Duration::from_secs(20))
+                        .and_then(|mut c| {
+                            c.set_read_timeout(Some(Duration::from_secs(20)))?;
+                            let mut b = [0u8; 1];
+                            c.read(&mut b)
+                        })
+                        .is_ok_and(|n| n > 0);
+                    if !ok {
+                        failed += 1;
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let failed: usize = flood.into_iter().map(|h| h.join().unwrap_or(0)).sum();
+    println!("flood_failed={failed}");
+    println!("flood_secs={}", started.elapsed().as_secs());
+
+    // 3. More silent streams than the host serves at once (200), fewer than the VMM carries
+    // (256): the next request is refused for
+    // that reason, not left waiting.
+    let held: Vec<UnixStream> = (0..250).filter_map(|_| vsock_connect(EGRESS_PORT).ok()).collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut s = vsock_connect(EGRESS_PORT)?;
+    let _ = s.write_all(
+        isocell_proto::net::connect_line(match allowed {
+            std::net::SocketAddr::V4(a) => a,
+            std::net::SocketAddr::V6(_) => return Err("IPv4 only".into()),
+        })
+        .as_bytes(),
+    );
+    println!("held={}", held.len());
+    println!("over_limit={}", answer_of(&mut s));
+    drop(held);
+    std::thread::sleep(Duration::from_secs(1));
+
+    // 4. A connection whose server sends a lot that the cell never reads.
+    let mut lazy = TcpStream::connect_timeout(&allowed, Duration::from_secs(20))
+        .map_err(|e| format!("connect {allowed}: {e}"))?;
+    let _ = lazy.write_all(b"GET /payload.bin HTTP/1.0\r\nHost: payload.test\r\n\r\n");
+    std::thread::sleep(Duration::from_secs(5));
+    drop(lazy);
+
+    // 5. The cell's network still works.
+    let mut c = TcpStream::connect_timeout(&allowed, Duration::from_secs(20))
+        .map_err(|e| format!("connect {allowed}: {e}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    c.write_all(b"GET /small.txt HTTP/1.0\r\nHost: payload.test\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    let _ = c.read_to_string(&mut reply);
+    println!("after_abuse={}", reply.lines().next().unwrap_or("nothing"));
     Ok(())
 }

@@ -61,9 +61,9 @@ const SHUTDOWN_SEND: u32 = 2;
 /// Bytes buffered per connection towards the host, advertised to the guest as its credit.
 pub const CONN_BUF_SIZE: u32 = 256 * 1024;
 /// Most connections at once; more are refused with a reset.
-pub const MAX_CONNECTIONS: usize = 64;
+pub const MAX_CONNECTIONS: usize = 256;
 /// Most host sockets that have connected but not yet sent their `CONNECT` line.
-const MAX_PENDING_HOST: usize = 16;
+const MAX_PENDING_HOST: usize = 64;
 /// Most control packets waiting for guest receive buffers; more are dropped.
 const MAX_CONTROL_PACKETS: usize = 1024;
 /// Longest `CONNECT PORT\n` line.
