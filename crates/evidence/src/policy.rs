@@ -69,8 +69,23 @@ pub struct AdmissionRequest {
     pub jailed: bool,
     /// The cell's egress allowlist; each rule is also asked as action `egress`.
     pub egress: Vec<EgressRequest>,
-    /// Its published ports, `host_ip:host_port:guest_port`.
-    pub publish: Vec<String>,
+    /// Its published ports; each is also asked as action `publish`.
+    pub publish: Vec<PublishRequest>,
+}
+
+/// One published port as policies see it (`context.publish` of action `publish`).
+#[derive(Clone, Debug, Serialize)]
+pub struct PublishRequest {
+    /// As written, `127.0.0.1:8080:80`.
+    pub published: String,
+    /// The host address it listens on.
+    pub host_ip: String,
+    /// The host port.
+    pub host_port: u16,
+    /// The port in the cell.
+    pub guest_port: u16,
+    /// Whether it listens on a loopback address only (reachable from this host alone).
+    pub loopback: bool,
 }
 
 /// One egress rule as policies see it (`context.egress` of action `egress`).
@@ -100,7 +115,8 @@ pub struct AdmissionDecision {
     pub errored: Vec<String>,
     /// Errors met while evaluating, as Cedar words them.
     pub errors: Vec<String>,
-    /// The egress rule that was refused (action `egress`), when that is why.
+    /// The egress rule or published port that was refused (action `egress` or `publish`),
+    /// when that is why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub egress_rule: Option<String>,
 }
@@ -109,6 +125,7 @@ impl AdmissionDecision {
     /// A one-line explanation for a user.
     pub fn explain(&self) -> String {
         let verdict = match &self.egress_rule {
+            Some(rule) if !self.allowed && rule.starts_with("publish ") => format!("{rule} denied"),
             Some(rule) if !self.allowed => format!("egress rule {rule:?} denied"),
             _ if self.allowed => "allowed".to_owned(),
             _ => "denied".to_owned(),
@@ -208,7 +225,7 @@ impl Policies {
                 "jailed": req.jailed,
                 "egress": req.egress.iter().map(|e| e.rule.clone()).collect::<Vec<_>>(),
                 "has_egress": !req.egress.is_empty(),
-                "publish": req.publish,
+                "publish": req.publish.iter().map(|p| p.published.clone()).collect::<Vec<_>>(),
                 "has_published_ports": !req.publish.is_empty(),
             },
         });
@@ -221,6 +238,17 @@ impl Policies {
             let mut d = self.evaluate(req, "egress", context.clone())?;
             if !d.allowed {
                 d.egress_rule = Some(e.rule.clone());
+                return Ok(d);
+            }
+        }
+        if let Some(o) = context.as_object_mut() {
+            o.remove("egress");
+        }
+        for p in &req.publish {
+            context["publish"] = json!(p);
+            let mut d = self.evaluate(req, "publish", context.clone())?;
+            if !d.allowed {
+                d.egress_rule = Some(format!("publish {:?}", p.published));
                 return Ok(d);
             }
         }
@@ -407,6 +435,27 @@ mod tests {
         assert_eq!(d.policies, ["site:confidential-eu-only"]);
         r.egress = vec![egress("*.example.eu:443", "*.example.eu", "domain")];
         assert!(p.decide(&r).unwrap().allowed);
+    }
+
+    /// Published ports are asked one by one too: none for restricted cells by default.
+    #[test]
+    fn published_ports_are_asked_one_by_one() {
+        let p = Policies::load(&[("default".into(), DEFAULT_POLICY.into())]).unwrap();
+        let mut r = request();
+        r.publish = vec![PublishRequest {
+            published: "0.0.0.0:8080:80".into(),
+            host_ip: "0.0.0.0".into(),
+            host_port: 8080,
+            guest_port: 80,
+            loopback: false,
+        }];
+        assert!(p.decide(&r).unwrap().allowed);
+        r.classification = "restricted".into();
+        r.classification_level = 3;
+        r.max_lifetime_secs = Some(60);
+        let d = p.decide(&r).unwrap();
+        assert!(!d.allowed, "{d:?}");
+        assert!(d.explain().starts_with("publish \"0.0.0.0:8080:80\" denied"), "{}", d.explain());
     }
 
     fn default_policies() -> Policies {

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use isocell_evidence::measure::LaunchInputs;
-use isocell_evidence::policy::{AdmissionRequest, EgressRequest};
+use isocell_evidence::policy::{AdmissionRequest, EgressRequest, PublishRequest};
 use isocell_spec::VsockConfig;
 use isocell_spec::{
     ConsoleConfig, Constraints, DriveConfig, HostProfile, MemorySize, Network, Target, VmConfig,
@@ -307,7 +307,18 @@ impl CellPlan {
                     port: e.port,
                 })
                 .collect(),
-            publish: r.network.publish_strings(),
+            publish: r
+                .network
+                .publish
+                .iter()
+                .map(|p| PublishRequest {
+                    published: p.to_string(),
+                    host_ip: p.host_ip.to_string(),
+                    host_port: p.host_port,
+                    guest_port: p.guest_port,
+                    loopback: p.host_ip.is_loopback(),
+                })
+                .collect(),
         }
     }
 

@@ -19,8 +19,11 @@ pub const MAX_RELAYS: usize = 1024;
 const BUFFER: usize = 64 * 1024;
 /// How long the host may take to answer a `CONNECT` (it dials out in the meantime).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long an ingress connection may take to name its port, and the cell's program to accept.
+/// How long an ingress connection may take to name its port.
 const INGRESS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the cell's program may take to accept it: a server whose listen backlog is full
+/// drops the SYN and TCP retries it (after 1, then 3 s more, ...), as for any client.
+const INGRESS_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A count of running relays, bounded by [`MAX_RELAYS`].
 struct Slots(AtomicUsize);
@@ -190,7 +193,7 @@ fn ingress(mut vsock: VsockStream) {
     };
     let _ = vsock.set_read_timeout(None);
     let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    match TcpStream::connect_timeout(&target, INGRESS_TIMEOUT) {
+    match TcpStream::connect_timeout(&target, INGRESS_CONNECT_TIMEOUT) {
         Ok(tcp) => match vsock.write_all(Answer::Ok.line("OK").as_bytes()) {
             Ok(()) => relay(tcp, vsock),
             Err(_) => reset(tcp),

@@ -6,9 +6,11 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use isocell_spec::network::{EgressRule, Target};
 
-/// Most addresses the host remembers having resolved for one cell (an address past this is
-/// still answered, but a connection to it cannot be allowed by name).
+/// Most (address, name) pairs the host remembers having answered for one cell, and most names
+/// for one address: past either, a name is not answered (the guest sees no address for it).
 pub const MAX_REMEMBERED: usize = 4096;
+/// See [`MAX_REMEMBERED`].
+pub const MAX_NAMES_PER_ADDRESS: usize = 32;
 
 /// Cloud metadata services: never reached unless an address rule names them.
 const METADATA: [Ipv4Addr; 3] = [
@@ -17,22 +19,35 @@ const METADATA: [Ipv4Addr; 3] = [
     Ipv4Addr::new(100, 100, 100, 200),
 ];
 
+/// Blocks of special addresses: (network, prefix, what an address in it is).
+const BLOCKS: [(Ipv4Addr, u8, &str); 9] = [
+    (Ipv4Addr::new(0, 0, 0, 0), 8, "not a unicast address"),
+    (Ipv4Addr::new(10, 0, 0, 0), 8, "a private address"),
+    (Ipv4Addr::new(100, 64, 0, 0), 10, "a private address"),
+    (Ipv4Addr::new(127, 0, 0, 0), 8, "a loopback address"),
+    (Ipv4Addr::new(169, 254, 0, 0), 16, "a link-local address"),
+    (Ipv4Addr::new(172, 16, 0, 0), 12, "a private address"),
+    (Ipv4Addr::new(192, 168, 0, 0), 16, "a private address"),
+    (Ipv4Addr::new(224, 0, 0, 0), 4, "not a unicast address"),
+    (Ipv4Addr::new(240, 0, 0, 0), 4, "not a unicast address"),
+];
+
+fn in_net(ip: Ipv4Addr, net: Ipv4Addr, prefix: u8) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    u32::from(ip) & mask == u32::from(net)
+}
+
+/// The special block `ip` is in (a metadata address is its own /32 block).
+fn block(ip: Ipv4Addr) -> Option<(Ipv4Addr, u8, &'static str)> {
+    if METADATA.contains(&ip) {
+        return Some((ip, 32, "a cloud metadata address"));
+    }
+    BLOCKS.into_iter().find(|&(net, prefix, _)| in_net(ip, net, prefix))
+}
+
 /// What kind of address a destination is, when it is not an ordinary public one.
 pub fn special(ip: Ipv4Addr) -> Option<&'static str> {
-    let [a, b, ..] = ip.octets();
-    if METADATA.contains(&ip) {
-        Some("a cloud metadata address")
-    } else if ip.is_loopback() {
-        Some("a loopback address")
-    } else if ip.is_link_local() {
-        Some("a link-local address")
-    } else if ip.is_private() || (a == 100 && (64..128).contains(&b)) {
-        Some("a private address")
-    } else if ip.is_unspecified() || a == 0 || ip.is_broadcast() || ip.is_multicast() || a >= 240 {
-        Some("not a unicast address")
-    } else {
-        None
-    }
+    block(ip).map(|b| b.2)
 }
 
 /// How a connection was judged.
@@ -65,12 +80,14 @@ impl Decision {
 pub struct Allowlist {
     rules: Vec<EgressRule>,
     resolved: BTreeMap<Ipv4Addr, BTreeSet<String>>,
+    /// (address, name) pairs in `resolved`.
+    pairs: usize,
 }
 
 impl Allowlist {
     /// The allowlist of `rules`.
     pub fn new(rules: Vec<EgressRule>) -> Allowlist {
-        Allowlist { rules, resolved: BTreeMap::new() }
+        Allowlist { rules, resolved: BTreeMap::new(), pairs: 0 }
     }
 
     /// Whether DNS may answer `name` (lower case, no trailing dot): some name rule holds it.
@@ -80,20 +97,37 @@ impl Allowlist {
 
     /// Records that the host answered `name` with `ip`. False when the table is full.
     pub fn remember(&mut self, name: &str, ip: Ipv4Addr) -> bool {
-        if !self.resolved.contains_key(&ip) && self.resolved.len() >= MAX_REMEMBERED {
+        let names = self.resolved.get(&ip);
+        if names.is_some_and(|n| n.contains(name)) {
+            return true;
+        }
+        if self.pairs >= MAX_REMEMBERED || names.is_some_and(|n| n.len() >= MAX_NAMES_PER_ADDRESS) {
             return false;
         }
         self.resolved.entry(ip).or_default().insert(name.to_owned());
+        self.pairs += 1;
         true
     }
 
-    /// Judges a connection to `dest`. An address rule allows what it holds, special or not. A
-    /// name rule allows an address the host resolved for a name it holds; a special address
-    /// only for an exact name (never a `*.` rule), and cloud metadata or link-local never.
+    /// Judges a connection to `dest`. An address rule allows what it holds, but a special
+    /// address only when the rule lies inside that address's block (`10.20.0.0/16` may reach
+    /// 10.20.1.2; `0.0.0.0/0` may not reach 10.20.1.2, the host's loopback or a metadata
+    /// service), and an address that is not unicast never. A name rule allows an address the
+    /// host resolved for a name it holds; a private address only for an exact name (never a
+    /// `*.` rule); link-local and metadata addresses never.
     pub fn decide(&self, dest: SocketAddrV4) -> Decision {
         let ip = *dest.ip();
         let on_port = || self.rules.iter().filter(move |r| r.port == dest.port());
-        if let Some(r) = on_port().find(|r| r.target.holds_addr(ip)) {
+        let block = block(ip);
+        let covers = |r: &EgressRule| match (&r.target, block) {
+            (_, Some((_, _, "not a unicast address"))) => false,
+            (Target::Net { addr, prefix }, Some((net, len, _))) => {
+                *prefix >= len && in_net(*addr, net, len)
+            }
+            (t, None) => t.holds_addr(ip),
+            _ => false,
+        };
+        if let Some(r) = on_port().find(|r| r.target.holds_addr(ip) && covers(r)) {
             return Decision {
                 rule: Some(r.to_string()),
                 name: None,
@@ -110,6 +144,8 @@ impl Allowlist {
             for r in on_port().filter(|r| r.target.holds_name(name)) {
                 let ok = match (kind, &r.target) {
                     (None, _) => true,
+                    // The host's lookup never answers a loopback address (`dns::host_lookup`);
+                    // only a test's resolver can put one here.
                     (Some("a private address" | "a loopback address"), Target::Name(_)) => true,
                     (Some(k), _) => {
                         refused_special = Some(format!(
@@ -129,6 +165,11 @@ impl Allowlist {
         }
         if let Some(reason) = refused_special {
             return Decision::deny(reason);
+        }
+        if let (Some(k), Some(r)) = (kind, on_port().find(|r| r.target.holds_addr(ip))) {
+            return Decision::deny(format!(
+                "{ip} is {k}; the rule {r} is wider than its block, so it does not reach it"
+            ));
         }
         let what = match names {
             Some(n) => format!("{dest} ({})", n.iter().cloned().collect::<Vec<_>>().join(", ")),
@@ -158,6 +199,14 @@ mod tests {
         assert!(!l.decide(at("10.20.3.4:5433")).allowed());
         assert!(!l.decide(at("10.21.3.4:5432")).allowed());
         assert!(l.decide(at("169.254.169.254:80")).allowed(), "named by an address rule");
+        let wide = list(&["0.0.0.0/0:80", "10.0.0.0/8:80"]);
+        assert!(wide.decide(at("93.184.216.34:80")).allowed());
+        assert!(wide.decide(at("10.1.1.1:80")).allowed(), "inside its block");
+        for inside in ["169.254.169.254:80", "127.0.0.1:80", "192.168.1.1:80", "0.0.0.1:80"] {
+            let d = wide.decide(at(inside));
+            assert!(!d.allowed() && d.reason.unwrap().contains("wider"), "{inside}");
+        }
+        assert!(!list(&["0.0.0.0/8:80"]).decide(at("0.0.0.1:80")).allowed(), "never");
         assert!(l.decide(at("10.20.3.4:5432")).names.is_empty(), "no name check");
     }
 
@@ -217,6 +266,12 @@ mod tests {
             assert!(l.remember("a.example.eu", Ipv4Addr::from(0x0100_0000 + i)));
         }
         assert!(!l.remember("a.example.eu", "9.9.9.9".parse().unwrap()));
-        assert!(l.remember("b.example.eu", Ipv4Addr::from(0x0100_0000)), "known address");
+        assert!(l.remember("a.example.eu", Ipv4Addr::from(0x0100_0000)), "already known");
+        let mut l = list(&["*.example.eu:1"]);
+        let ip = "9.9.9.9".parse().unwrap();
+        for i in 0..MAX_NAMES_PER_ADDRESS {
+            assert!(l.remember(&format!("n{i}.example.eu"), ip));
+        }
+        assert!(!l.remember("one-more.example.eu", ip), "names per address are bounded");
     }
 }

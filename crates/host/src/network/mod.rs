@@ -21,7 +21,7 @@ pub mod sniff;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,12 +37,21 @@ use serde_json::{json, Value};
 use allow::Allowlist;
 use sniff::{sniff, Sniffed, MAX_SNIFF};
 
-/// Most connections (egress, DNS and published) one cell may have open at once; below the
-/// VMM's vsock limit (256), so the proxy, not the VMM, is the one that says why it refuses.
-pub const MAX_CONNECTIONS: usize = 200;
+/// Most connections of each kind one cell may have open at once: egress, published ports and
+/// DNS streams each have their own budget, so neither the cell nor outside clients can use up
+/// the other's. Together they stay below the VMM's 256 vsock connections, so the proxy, not the
+/// VMM, is the one that refuses, and says why.
+pub const MAX_EGRESS: usize = 120;
+/// See [`MAX_EGRESS`].
+pub const MAX_INGRESS: usize = 110;
+/// See [`MAX_EGRESS`].
+pub const MAX_DNS_STREAMS: usize = 4;
 /// How long the guest has to send a request line, and an upstream to accept a connection.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent may take to connect a published port to the cell's server (it allows
+/// 30 s).
+const INGRESS_ANSWER: Duration = Duration::from_secs(40);
 /// At most this many rate-limited audit events per second (denials, DNS), after a burst.
 const EVENTS_PER_SEC: f64 = 50.0;
 const EVENT_BURST: f64 = 200.0;
@@ -127,7 +136,7 @@ struct Shared {
     events: Mutex<Events>,
     totals: Mutex<Totals>,
     /// Open connections: their sockets, so `stop` can shut them down.
-    open: Mutex<HashMap<u64, Vec<socket2::Socket>>>,
+    open: Mutex<Open>,
     drained: Condvar,
     next_id: AtomicU64,
     stopping: AtomicBool,
@@ -136,33 +145,59 @@ struct Shared {
     resolve: Resolver,
 }
 
-/// A slot among the cell's [`MAX_CONNECTIONS`]; freed (and its sockets forgotten) on drop.
+/// The kinds of connection, each with its own budget.
+#[derive(Clone, Copy)]
+enum Kind {
+    Egress,
+    Ingress,
+    Dns,
+}
+
+impl Kind {
+    fn budget(self) -> usize {
+        match self {
+            Kind::Egress => MAX_EGRESS,
+            Kind::Ingress => MAX_INGRESS,
+            Kind::Dns => MAX_DNS_STREAMS,
+        }
+    }
+}
+
+/// The open connections: each one's sockets (duplicates, close-on-exec), and counts by kind.
+#[derive(Default)]
+struct Open {
+    sockets: HashMap<u64, Vec<socket2::Socket>>,
+    counts: [usize; 3],
+}
+
+/// A connection's place in its kind's budget; freed (and its sockets forgotten) on drop.
 struct Slot {
     shared: Arc<Shared>,
     id: u64,
+    kind: Kind,
 }
 
 impl Slot {
-    fn take(shared: &Arc<Shared>) -> Option<Slot> {
+    /// A slot, or why there is none.
+    fn take(shared: &Arc<Shared>, kind: Kind) -> Result<Slot, &'static str> {
         let mut open = lock(&shared.open);
-        if open.len() >= MAX_CONNECTIONS || shared.stopping.load(Ordering::Acquire) {
-            return None;
+        if shared.stopping.load(Ordering::Acquire) {
+            return Err("the cell is stopping");
+        }
+        if open.counts[kind as usize] >= kind.budget() {
+            return Err("too many connections (the cell's limit)");
         }
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        open.insert(id, Vec::new());
-        Some(Slot { shared: shared.clone(), id })
+        open.sockets.insert(id, Vec::new());
+        open.counts[kind as usize] += 1;
+        Ok(Slot { shared: shared.clone(), id, kind })
     }
 
     /// Remembers a socket of this connection, to shut it down at `stop`.
-    fn track(&self, fd: &impl AsRawFd) {
-        // SAFETY: dup gives a new descriptor of the same socket, owned by the Socket made
-        // from it (closed when the slot ends); the original is not touched.
-        let dup = unsafe { libc::dup(fd.as_raw_fd()) };
-        if dup >= 0 {
-            // SAFETY: `dup` is a fresh descriptor that nothing else owns.
-            let s = unsafe { <socket2::Socket as std::os::fd::FromRawFd>::from_raw_fd(dup) };
-            if let Some(v) = lock(&self.shared.open).get_mut(&self.id) {
-                v.push(s);
+    fn track(&self, fd: &impl AsFd) {
+        if let Ok(dup) = fd.as_fd().try_clone_to_owned() {
+            if let Some(v) = lock(&self.shared.open).sockets.get_mut(&self.id) {
+                v.push(socket2::Socket::from(dup));
             }
         }
     }
@@ -171,8 +206,9 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut open = lock(&self.shared.open);
-        open.remove(&self.id);
-        if open.is_empty() {
+        open.sockets.remove(&self.id);
+        open.counts[self.kind as usize] -= 1;
+        if open.sockets.is_empty() {
             self.shared.drained.notify_all();
         }
     }
@@ -240,7 +276,7 @@ impl Service {
                 suppressed: 0,
             }),
             totals: Mutex::new(Totals::default()),
-            open: Mutex::new(HashMap::new()),
+            open: Mutex::new(Open::default()),
             drained: Condvar::new(),
             next_id: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
@@ -276,12 +312,10 @@ impl Service {
         service
     }
 
-    fn keep(&mut self, l: &impl AsRawFd) {
-        // SAFETY: as in `Slot::track`: a duplicate descriptor, owned by the Socket.
-        let dup = unsafe { libc::dup(l.as_raw_fd()) };
-        if dup >= 0 {
-            // SAFETY: `dup` is a fresh descriptor that nothing else owns.
-            self.listeners.push(unsafe { std::os::fd::FromRawFd::from_raw_fd(dup) });
+    /// Keeps a duplicate (close-on-exec) of a listener, to shut it down at `stop`.
+    fn keep(&mut self, l: &impl AsFd) {
+        if let Ok(dup) = l.as_fd().try_clone_to_owned() {
+            self.listeners.push(socket2::Socket::from(dup));
         }
     }
 
@@ -339,12 +373,12 @@ impl Service {
         }
         let deadline = Instant::now() + STOP_PATIENCE;
         let mut open = lock(&self.shared.open);
-        for socks in open.values() {
+        for socks in open.sockets.values() {
             for s in socks {
                 let _ = s.shutdown(Shutdown::Both);
             }
         }
-        while !open.is_empty() {
+        while !open.sockets.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -356,7 +390,10 @@ impl Service {
                 .map_or_else(|p| p.into_inner().0, |r| r.0);
         }
         drop(open);
-        lock(&self.shared.events).flush_suppressed();
+        // A thread still inside a host lookup or a connect gets no say after the receipt.
+        let mut events = lock(&self.shared.events);
+        events.flush_suppressed();
+        events.audit = None;
     }
 }
 
@@ -368,36 +405,64 @@ impl Drop for Service {
     }
 }
 
-/// Copies `from` to `to` until EOF, then shuts `to`'s write side; returns the bytes copied.
-fn pump(mut from: impl Read, mut to: impl Write + AsRawFd) -> u64 {
+/// Copies `from` to `to` until EOF, then shuts `to`'s write side (both sides of both on an
+/// error); returns the bytes copied.
+fn pump(mut from: impl Read + AsFd, mut to: impl Write + AsFd) -> u64 {
     let mut buf = vec![0u8; 64 * 1024];
     let mut n = 0u64;
-    loop {
+    let failed = loop {
         match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break false,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break true,
             Ok(k) => {
                 if to.write_all(&buf[..k]).is_err() {
-                    break;
+                    break true;
                 }
                 n += k as u64;
             }
         }
+    };
+    let how = if failed { Shutdown::Both } else { Shutdown::Write };
+    let _ = socket2::SockRef::from(&to).shutdown(how);
+    if failed {
+        let _ = socket2::SockRef::from(&from).shutdown(Shutdown::Both);
     }
-    // SAFETY: shutdown on a descriptor this function's caller keeps open; no memory involved.
-    unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
     n
 }
 
-/// Relays both ways between the cell's stream and a host socket, `first` (bytes already read
-/// from the cell) sent ahead. Returns (bytes out of the cell, bytes into it).
-fn relay(cell: UnixStream, host: TcpStream, first: &[u8]) -> (u64, u64) {
-    let (Ok(cell_w), Ok(host_r)) = (cell.try_clone(), host.try_clone()) else { return (0, 0) };
-    let back = std::thread::Builder::new().name("relay".into()).spawn(move || pump(host_r, cell_w));
-    let mut host_w = host;
-    let sent =
-        if host_w.write_all(first).is_ok() { first.len() as u64 + pump(cell, host_w) } else { 0 };
-    let received = back.ok().and_then(|h| h.join().ok()).unwrap_or(0);
-    (sent, received)
+/// Starts the host-to-cell direction of a relay; `None` (both shut down) if no thread could be
+/// made, so the connection ends instead of hanging.
+fn start_back(cell: &UnixStream, host: &TcpStream) -> Option<JoinHandle<u64>> {
+    let shut = || {
+        let _ = cell.shutdown(Shutdown::Both);
+        let _ = host.shutdown(Shutdown::Both);
+    };
+    let (Ok(cell_w), Ok(host_r)) = (cell.try_clone(), host.try_clone()) else {
+        shut();
+        return None;
+    };
+    let h = std::thread::Builder::new().name("relay".into()).spawn(move || pump(host_r, cell_w));
+    h.map_err(|_| shut()).ok()
+}
+
+/// The cell-to-host direction, `first` (bytes already read from the cell) sent ahead; then
+/// waits for `back`. Returns (bytes out of the cell, bytes into it).
+fn finish(
+    cell: UnixStream,
+    mut host: TcpStream,
+    first: &[u8],
+    back: JoinHandle<u64>,
+) -> (u64, u64) {
+    let sent = match host.write_all(first) {
+        Ok(()) => first.len() as u64 + pump(cell, host),
+        Err(_) => {
+            let _ = cell.shutdown(Shutdown::Both);
+            let _ = host.shutdown(Shutdown::Both);
+            0
+        }
+    };
+    (sent, back.join().unwrap_or(0))
 }
 
 fn refuse(conn: &mut UnixStream, word: &str, reason: &str) {
@@ -408,9 +473,12 @@ fn refuse(conn: &mut UnixStream, word: &str, reason: &str) {
 fn egress(shared: &Arc<Shared>, mut conn: UnixStream) {
     let started = Instant::now();
     let mut event = json!({ "direction": "egress" });
-    let Some(slot) = Slot::take(shared) else {
-        deny(shared, event, "too many connections (the cell's limit)");
-        return refuse(&mut conn, "DENIED", "too many connections");
+    let slot = match Slot::take(shared, Kind::Egress) {
+        Ok(s) => s,
+        Err(why) => {
+            deny(shared, event, why);
+            return refuse(&mut conn, "DENIED", why);
+        }
     };
     slot.track(&conn);
     let _ = conn.set_read_timeout(Some(HEADER_TIMEOUT));
@@ -447,18 +515,23 @@ fn egress(shared: &Arc<Shared>, mut conn: UnixStream) {
     if conn.write_all(b"OK\n").is_err() {
         return deny(shared, event, "the cell went away");
     }
-    // A name rule: the first bytes must name an allowed name (TLS server name, HTTP Host).
-    // The upstream may speak first meanwhile, so that direction flows already.
+    // The upstream may speak first (SMTP, MySQL), so that direction flows from here on.
+    let Some(back) = start_back(&conn, &upstream) else {
+        return deny(shared, event, "no thread for the relay");
+    };
+    // A name rule: the first bytes must name an allowed name (TLS server name, HTTP Host)
+    // before any of them goes out.
     let (first, verdict) = if decision.names.is_empty() {
         (Vec::new(), Ok(()))
     } else {
         first_bytes(&mut conn, &decision.names)
     };
     let (out, inn) = match verdict {
-        Ok(()) => relay(conn, upstream, &first),
+        Ok(()) => finish(conn, upstream, &first, back),
         Err(reason) => {
             let _ = upstream.shutdown(Shutdown::Both);
             let _ = conn.shutdown(Shutdown::Both);
+            let _ = back.join();
             return deny(shared, event, &reason);
         }
     };
@@ -489,7 +562,12 @@ fn first_bytes(
             Sniffed::NeedMore => {
                 let want = (MAX_SNIFF - buf.len()).min(chunk.len());
                 match conn.read(&mut chunk[..want]) {
-                    Ok(0) | Err(_) => return (buf, Ok(())), // nothing more: nothing to send
+                    // Nothing sent at all: nothing to check. A head cut short is refused: a
+                    // server may still act on what it got.
+                    Ok(0) | Err(_) if buf.is_empty() => return (buf, Ok(())),
+                    Ok(0) | Err(_) => {
+                        return (buf, Err("the connection ended inside its first request".into()))
+                    }
                     Ok(k) => {
                         buf.extend_from_slice(&chunk[..k]);
                         continue;
@@ -497,6 +575,9 @@ fn first_bytes(
                 }
             }
             Sniffed::Other => return (buf, Ok(())),
+            Sniffed::Http2 => {
+                return (buf, Err("HTTP/2 without TLS under a name rule: no name to check".into()))
+            }
             Sniffed::Tls(n) => ("TLS server name", n),
             Sniffed::Http(n) => ("HTTP Host", n),
         };
@@ -524,7 +605,7 @@ fn deny(shared: &Arc<Shared>, mut event: Value, reason: &str) {
 
 /// The cell's DNS stream: framed queries in, framed answers out, in turn.
 fn dns_stream(shared: &Arc<Shared>, mut conn: UnixStream) {
-    let Some(slot) = Slot::take(shared) else { return };
+    let Ok(slot) = Slot::take(shared, Kind::Dns) else { return };
     slot.track(&conn);
     loop {
         let mut len = [0u8; 2];
@@ -609,8 +690,9 @@ fn ingress(shared: &Arc<Shared>, publish: &Publish, client: TcpStream) {
         event["reason"] = json!(reason);
         lock(&shared.events).emit("network", event, true, &shared.totals);
     };
-    let Some(slot) = Slot::take(shared) else {
-        return refused(event, "too many connections (the cell's limit)".into());
+    let slot = match Slot::take(shared, Kind::Ingress) {
+        Ok(s) => s,
+        Err(why) => return refused(event, why.into()),
     };
     slot.track(&client);
     let _ = client.set_nodelay(true);
@@ -618,6 +700,9 @@ fn ingress(shared: &Arc<Shared>, publish: &Publish, client: TcpStream) {
         let mut s = vmm_connect(&shared.vsock_path)?;
         slot.track(&s);
         s.write_all(wire::port_line(publish.guest_port).as_bytes()).map_err(|e| e.to_string())?;
+        // The agent gives the cell's server a while to accept (a full backlog is retried by
+        // TCP), so wait longer than that for its answer.
+        s.set_read_timeout(Some(INGRESS_ANSWER)).map_err(|e| e.to_string())?;
         match Answer::parse(&wire::read_line(&mut s).map_err(|e| e.to_string())?) {
             Answer::Ok => {}
             Answer::Refused(r) => {
@@ -634,7 +719,10 @@ fn ingress(shared: &Arc<Shared>, publish: &Publish, client: TcpStream) {
             return refused(event, reason);
         }
     };
-    let (out, inn) = relay(cell, client, &[]);
+    let Some(back) = start_back(&cell, &client) else {
+        return refused(event, "no thread for the relay".into());
+    };
+    let (out, inn) = finish(cell, client, &[], back);
     {
         let mut t = lock(&shared.totals);
         t.ingress += 1;

@@ -12,8 +12,10 @@ pub enum Sniffed {
     NeedMore,
     /// A TLS ClientHello, with its server name if it gives one.
     Tls(Option<String>),
-    /// An HTTP/1 request, with its `Host` (port removed) if it gives one.
+    /// An HTTP/1 request, with its `Host` (port removed) if it gives exactly one name.
     Http(Option<String>),
+    /// The HTTP/2 cleartext preface: the name is inside compressed headers, unseen.
+    Http2,
     /// Neither: a protocol whose names the proxy cannot see.
     Other,
 }
@@ -21,14 +23,26 @@ pub enum Sniffed {
 const METHODS: [&str; 9] =
     ["GET ", "POST ", "PUT ", "HEAD ", "DELETE ", "OPTIONS ", "PATCH ", "TRACE ", "CONNECT "];
 
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
 /// Looks at the first bytes of a connection. `NeedMore` only while fewer than [`MAX_SNIFF`]
 /// bytes were given; at that size the answer is final.
+///
+/// Only the first request of an HTTP/1 connection is seen: a server that serves another site
+/// to a later request on the same connection is not stopped here (TLS is, by its server name).
 pub fn sniff(buf: &[u8]) -> Sniffed {
-    if buf.is_empty() {
-        return Sniffed::NeedMore;
-    }
-    if buf[0] == 0x16 {
+    if buf.first() == Some(&0x16) {
         return tls(buf);
+    }
+    // Servers skip empty lines before a request, so the proxy does too.
+    let start = buf.iter().position(|b| *b != b'\r' && *b != b'\n').unwrap_or(buf.len());
+    let buf = &buf[start..];
+    if buf.is_empty() {
+        return if start >= MAX_SNIFF { Sniffed::Other } else { Sniffed::NeedMore };
+    }
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return if n == H2_PREFACE.len() { Sniffed::Http2 } else { Sniffed::NeedMore };
     }
     let prefix = &buf[..buf.len().min(8)];
     let could_be = METHODS.iter().any(|m| {
@@ -41,9 +55,12 @@ pub fn sniff(buf: &[u8]) -> Sniffed {
     if !METHODS.iter().any(|m| buf.starts_with(m.as_bytes())) {
         return if buf.len() >= 8 { Sniffed::Other } else { Sniffed::NeedMore };
     }
-    match find(buf, b"\r\n\r\n") {
-        Some(end) => Sniffed::Http(host_header(&buf[..end])),
-        None if buf.len() >= MAX_SNIFF => Sniffed::Http(None),
+    // The head ends at an empty line, whether lines end in CRLF or (as lenient servers take
+    // it) a bare LF.
+    let end = [find(buf, b"\r\n\r\n"), find(buf, b"\n\n")].into_iter().flatten().min();
+    match end {
+        Some(end) => Sniffed::Http(host_of(&buf[..end])),
+        None if buf.len() + start >= MAX_SNIFF => Sniffed::Http(None),
         None => Sniffed::NeedMore,
     }
 }
@@ -52,9 +69,16 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn host_header(head: &[u8]) -> Option<String> {
+/// The one name a request head asks for: its `Host`, which an absolute-form target
+/// (`GET http://name/`) must agree with. `None` when there is no name, or more than one.
+fn host_of(head: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(head).ok()?;
-    let mut hosts = text.split("\r\n").skip(1).filter_map(|line| {
+    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let request = lines.next()?;
+    if text.bytes().zip(text.bytes().skip(1)).any(|(a, b)| a == b'\r' && b != b'\n') {
+        return None; // a bare CR: servers split lines differently
+    }
+    let mut hosts = lines.filter_map(|line| {
         let (key, value) = line.split_once(':')?;
         key.trim().eq_ignore_ascii_case("host").then(|| value.trim())
     });
@@ -62,11 +86,26 @@ fn host_header(head: &[u8]) -> Option<String> {
     if hosts.next().is_some() {
         return None; // two Host headers: ambiguous, so no name
     }
-    let host = match host.rsplit_once(':') {
-        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    };
-    normal(host)
+    let name = strip_port(host).and_then(normal)?;
+    let target = request.split(' ').nth(1)?;
+    let lower = target.to_ascii_lowercase();
+    if let Some(rest) = lower.strip_prefix("http://").or_else(|| lower.strip_prefix("https://")) {
+        let authority = rest.split(['/', '?', '#']).next()?;
+        let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+        if strip_port(authority).and_then(normal)? != name {
+            return None;
+        }
+    }
+    Some(name)
+}
+
+/// `name:port` or `name` → `name`.
+fn strip_port(host: &str) -> Option<&str> {
+    match host.rsplit_once(':') {
+        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => Some(h),
+        Some(_) => None,
+        None => Some(host),
+    }
 }
 
 fn normal(name: &str) -> Option<String> {
@@ -199,6 +238,20 @@ mod tests {
         let two = b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n";
         assert_eq!(sniff(two), Sniffed::Http(None));
         assert_eq!(sniff(b"GE"), Sniffed::NeedMore);
+        // What lenient servers accept is read as they read it.
+        let lf = b"\r\nGET / HTTP/1.1\nHost: evil.test\n\n";
+        assert_eq!(sniff(lf), Sniffed::Http(Some("evil.test".into())));
+        let pipelined =
+            b"GET / HTTP/1.1\nHost: evil.test\n\nGET / HTTP/1.1\r\nHost: ok.test\r\n\r\n";
+        assert_eq!(sniff(pipelined), Sniffed::Http(Some("evil.test".into())));
+        let absolute = b"GET http://evil.test/x HTTP/1.1\r\nHost: ok.test\r\n\r\n";
+        assert_eq!(sniff(absolute), Sniffed::Http(None));
+        let agreeing = b"GET http://OK.test:80/x HTTP/1.1\r\nHost: ok.test\r\n\r\n";
+        assert_eq!(sniff(agreeing), Sniffed::Http(Some("ok.test".into())));
+        assert_eq!(sniff(b"GET / HTTP/1.1\rHost: a.test\r\n\r\n"), Sniffed::Http(None));
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Sniffed::Http2);
+        assert_eq!(sniff(b"PRI * HT"), Sniffed::NeedMore);
+        assert_eq!(sniff(b"\r\n"), Sniffed::NeedMore);
         assert_eq!(sniff(b"SSH-2.0-OpenSSH\r\n"), Sniffed::Other);
         assert_eq!(sniff(b"\0\0\0\x08\x04\xd2\x16\x2f"), Sniffed::Other);
         let mut endless = b"GET / HTTP/1.1\r\n".to_vec();

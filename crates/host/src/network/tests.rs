@@ -173,15 +173,42 @@ fn a_name_rule_needs_the_host_to_have_resolved_it_and_the_request_to_name_it() {
 }
 
 #[test]
+fn a_server_that_speaks_first_is_heard_under_a_name_rule() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        c.write_all(b"220 hello\r\n").unwrap();
+        let mut got = [0u8; 4];
+        c.read_exact(&mut got).unwrap();
+        c.write_all(&got).unwrap();
+    });
+    let f = start(&[format!("payload.test:{port}")], &[]);
+    f.resolve("payload.test");
+    let (mut s, answer) =
+        f.ask(connect_line(format!("127.0.0.1:{port}").parse().unwrap()).as_bytes());
+    assert_eq!(answer, "OK");
+    let mut greeting = [0u8; 11];
+    s.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting, b"220 hello\r\n");
+    s.write_all(b"QUIT").unwrap();
+    let mut echo = [0u8; 4];
+    s.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"QUIT", "not TLS, not HTTP: the address was resolved for the name");
+}
+
+#[test]
 fn a_silent_or_flooding_guest_holds_only_its_own_slots() {
     let port = server(b"");
     let f = start(&[format!("127.0.0.1:{port}")], &[]);
     // Streams that never send their request line each hold a slot until the header timeout.
     let silent: Vec<UnixStream> =
-        (0..MAX_CONNECTIONS).map(|_| UnixStream::connect(f.dir.join("egress")).unwrap()).collect();
+        (0..MAX_EGRESS).map(|_| UnixStream::connect(f.dir.join("egress")).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(300));
     let (_, answer) = f.ask(connect_line(format!("127.0.0.1:{port}").parse().unwrap()).as_bytes());
     assert!(answer.contains("too many connections"), "{answer}");
+    // DNS has its own budget.
+    assert_eq!(f.resolve("nothing.test").0, simple_dns::RCODE::NameError);
     drop(silent);
     let t0 = Instant::now();
     let t = f.stop();
