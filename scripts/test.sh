@@ -16,5 +16,5 @@ step "tests (unit and end-to-end)"
 cargo test --release --workspace
 step "fuzzing what a guest controls, time-boxed (scripts/fuzz.sh SECONDS for longer runs)"
 scripts/fuzz.sh "${ISOCELL_FUZZ_SECS:-20}"
-step "benchmark (figures in build/bench/vmm-boot.json and isocell-run.json)"
+step "benchmark (figures in build/bench/: vmm-boot, isocell-run, devices, network .json)"
 target/x86_64-unknown-linux-gnu/release/isocell-bench --runs 10

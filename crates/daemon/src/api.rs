@@ -664,6 +664,14 @@ mod tests {
             ),
             ("{\"image\": \"oci:/root/secret\"}", StatusCode::FORBIDDEN, "forbidden", "only root"),
             ("{\"max_lifetime_secs\": 0}", StatusCode::BAD_REQUEST, "bad_request", "at least 1"),
+            (
+                "{\"egress\": [\"api.example.eu\"]}",
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "no port",
+            ),
+            ("{\"publish\": [\"80\"]}", StatusCode::BAD_REQUEST, "bad_request", "such as 8080:80"),
+            ("{\"egress\": \"x:1\"}", StatusCode::UNPROCESSABLE_ENTITY, "bad_request", "egress"),
         ];
         for (body, status, want, says) in cases {
             let (got, v) = call(&app, Method::POST, "/v1/cells", 1000, Some(body)).await;

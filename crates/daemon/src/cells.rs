@@ -158,6 +158,9 @@ impl App {
                 )));
             }
         }
+        // Checked before the image is looked at: a bad rule costs no pull.
+        let network = Network::parse(&c.egress, &c.publish)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let image = match c.image.as_deref() {
             None => CellImage::Block(self.base_image.clone()),
             Some(name) => {
@@ -211,8 +214,7 @@ impl App {
             kernel_args: String::new(),
             max_lifetime_secs: constraints.max_lifetime_secs,
             constraints,
-            network: Network::parse(&c.egress, &c.publish)
-                .map_err(|e| ApiError::bad_request(e.to_string()))?,
+            network,
         })
     }
 

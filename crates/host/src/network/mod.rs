@@ -465,8 +465,20 @@ fn finish(
     (sent, back.join().unwrap_or(0))
 }
 
+/// Answers a refusal, then reads (and drops) what the cell still sends, briefly: closing on
+/// unread bytes would have the VMM reset the stream, and the answer could be lost with it.
 fn refuse(conn: &mut UnixStream, word: &str, reason: &str) {
     let _ = conn.write_all(Answer::Refused(reason.to_owned()).line(word).as_bytes());
+    let _ = conn.shutdown(Shutdown::Write);
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut sink = [0u8; 4096];
+    let mut left: usize = 64 * 1024;
+    while left > 0 {
+        match conn.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
 }
 
 /// One egress connection from the cell.

@@ -56,6 +56,9 @@ struct Args {
     /// with it, interleaved with this build's, and the figures are compared (new / baseline).
     #[arg(long, value_name = "PATH")]
     baseline_vmm: Option<PathBuf>,
+    /// Only the network series (the egress proxy against the host, and the boot time it adds).
+    #[arg(long)]
+    network_only: bool,
     /// Measured boots of the device benchmark per VMM (each moves 512 MiB through virtio-blk,
     /// slow under the nested host; one extra warm-up boot is discarded).
     #[arg(long, default_value_t = 3)]
@@ -617,6 +620,13 @@ fn main() -> Result<()> {
         None => None,
     };
     let host = TestHost::detect()?;
+    if args.network_only {
+        let results = host.run(&Scenario { steps: net_steps(args.runs), ..Default::default() })?;
+        if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
+            bail!("a benchmark step failed:\n{}", bad.explain());
+        }
+        return net_report(&results, &out_dir(&args)?, &host);
+    }
     eprintln!(
         "isocell-bench: {} runs + 1 warm-up on the {} test host",
         args.runs,
@@ -818,8 +828,7 @@ fn main() -> Result<()> {
     run_out["samples"] =
         measured_runs.iter().map(|r| json!({ "wall_us": r.wall_us, "report": r.report })).collect();
 
-    let dir = args.out.unwrap_or_else(|| project_root().join("build/bench"));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = out_dir(&args)?;
     let path = dir.join("vmm-boot.json");
     std::fs::write(&path, serde_json::to_string_pretty(&out)?)
         .with_context(|| format!("writing {}", path.display()))?;
@@ -978,6 +987,13 @@ fn main() -> Result<()> {
     }
     println!("results: {}", dev_path.display());
     net_report(&results, &dir, &host)
+}
+
+/// Where the JSON results go (made if missing).
+fn out_dir(args: &Args) -> Result<PathBuf> {
+    let dir = args.out.clone().unwrap_or_else(|| project_root().join("build/bench"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }
 
 /// The network benchmark's HTTP server: busybox httpd on an address given to the loopback of a
