@@ -64,12 +64,14 @@ nslookup other.test 127.0.0.1 >/tmp/ns 2>&1; echo nslookup_other=$?
 echo small=$(wget -q -O- http://payload.test:8080/small.txt)
 ";
 
-/// What the cell serves in the published-port step: a 1 MiB blob on port 80 (busybox httpd),
-/// and port 81, where one connection tells it to end.
-const PUBLISH_GUEST: &str = "mkdir -p /tmp/www && head -c 1048576 /dev/urandom > /tmp/www/blob
-echo blob_sha=$(sha256sum /tmp/www/blob | cut -d' ' -f1)
-httpd -p 80 -h /tmp/www
+/// What the cell serves in the published-port step: a 1 MiB blob on port 80 (a small HTTP
+/// server with a listen backlog for 100 clients: busybox httpd's 9 drops SYNs that TCP then
+/// retries for longer than the test waits), and port 81, where one connection tells it to end.
+const PUBLISH_GUEST: &str = "head -c 1048576 /dev/urandom > /tmp/blob
+echo blob_sha=$(sha256sum /tmp/blob | cut -d' ' -f1)
+/hostile http-serve 80 /tmp/blob >/dev/null 2>&1 & server=$!
 nc -l -p 81 >/dev/null
+kill $server
 echo guest_done
 ";
 
@@ -80,7 +82,7 @@ fn scenario() -> Scenario {
     ), false);
     let publish = in_namespace(&format!(
         "cat > {{work}}/g.sh <<'G'\n{PUBLISH_GUEST}G\n\
-         $run --publish 8080:80 --publish 8081:81 --input {{work}}/g.sh:/g.sh -- sh /g.sh > {{work}}/cell.out 2>&1 & cell=$!
+         $run --publish 8080:80 --publish 8081:81 --input {{hostile}}:/hostile --input {{work}}/g.sh:/g.sh -- sh /g.sh > {{work}}/cell.out 2>&1 & cell=$!
 i=0; until wget -q -O /dev/null http://127.0.0.1:8080/blob 2>/dev/null; do i=$((i+1)); [ $i -gt 180 ] && break; sleep 1; done
 echo ready_after=$i
 mkdir -p {{work}}/fetched
@@ -252,7 +254,8 @@ fn a_hostile_guest_gets_clear_denials_and_bounded_host_memory() {
     assert!(held > 120, "the host's egress budget (network::MAX_EGRESS): {context}");
     let over = v.get("over_limit").map_or("", String::as_str);
     assert!(over.starts_with("DENIED") && over.contains("too many"), "{context}");
-    assert_eq!(v.get("after_abuse").map(String::as_str), Some("HTTP/1.0 200 OK"), "{context}");
+    let after = v.get("after_abuse").map_or("", String::as_str);
+    assert!(after.starts_with("HTTP/1.") && after.ends_with(" 200 OK"), "{context}");
     assert!(v.get("other_cell").is_some_and(|o| o == "0 small-file"), "{context}");
     let peak: u64 = v.get("host_rss_peak_kib").and_then(|p| p.parse().ok()).unwrap_or(u64::MAX);
     assert!(peak < 256 * 1024, "the proxy's process grew to {peak} KiB\n{context}");

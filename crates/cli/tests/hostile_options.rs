@@ -44,6 +44,7 @@ fn every_bad_option_is_refused_with_a_clear_message() {
     let spec_big = env.path("big.toml");
     let spec_huge = env.path("huge-timeout.toml");
     let spec_bad = env.path("bad-field.toml");
+    let long_name = format!("{}:443", "a".repeat(300));
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--timeout", "18446744073709550936"], "between 1 and"),
         (vec!["--timeout", "0"], "between 1 and"),
@@ -82,6 +83,13 @@ fn every_bad_option_is_refused_with_a_clear_message() {
         (vec!["--workdir", "relative"], "absolute"),
         (vec!["--allow-image-digest", "sha256:zz"], "64 hex digits"),
         (vec!["--classification", "secret"], "--classification"),
+        (vec!["--egress", ""], "egress rule"),
+        (vec!["--egress", &long_name], "not a host name"),
+        (vec!["--egress", "[::1]:443"], "IPv6"),
+        (vec!["--egress", "10.0.0.1/8:80"], "host bits"),
+        (vec!["--egress", "*.com:443"], "too wide"),
+        (vec!["--publish", "99999:80"], "not a port"),
+        (vec!["--publish", "8080:80", "--publish", "8080:81"], "published twice"),
     ];
     let mut wrong = Vec::new();
     for (flags, expect) in cases {

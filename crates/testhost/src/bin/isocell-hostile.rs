@@ -37,6 +37,10 @@
 //!   than the host allows at once, a connection to `ALLOWED` that never reads, and then one
 //!   ordinary connection to `ALLOWED`, which must still work; prints `key=value` lines.
 //!
+//! - `http-serve PORT FILE` (guest): a small HTTP/1.0 server on PORT that answers every request
+//!   with FILE, a thread per connection and a listen backlog of 128 (busybox httpd's is 9, too
+//!   few for the network test's 100 clients at once under emulation); runs until killed.
+//!
 //! The host-side modes exit by themselves after `HELPER_LIFETIME`, so one whose guest never
 //! came cannot outlive its test.
 //!
@@ -63,10 +67,11 @@ fn main() {
         ["vsock-hold", port] => number(port).and_then(vsock_hold),
         ["clock"] => clock(),
         ["net-abuse", allowed] => net_abuse(allowed),
+        ["http-serve", port, file] => number(port).and_then(|p| http_serve(p, file)),
         ["unix-echo", path, connections] => number(connections).and_then(|n| unix_echo(path, n)),
         ["unix-sink", path] => unix_sink(path),
         _ => Err("usage: isocell-hostile protocol MODE | mmio | unmapped COUNT | \
-                  vsock-echo PORT BYTES | vsock-send PORT BYTES | vsock-hold PORT | clock | net-abuse ADDR | \
+                  vsock-echo PORT BYTES | vsock-send PORT BYTES | vsock-hold PORT | clock | net-abuse ADDR | http-serve PORT FILE | \
                   unix-echo PATH CONNECTIONS | unix-sink PATH"
             .into()),
     };
@@ -684,5 +689,30 @@ fn net_abuse(allowed: &str) -> Result<(), String> {
     let mut reply = String::new();
     let _ = c.read_to_string(&mut reply);
     println!("after_abuse={}", reply.lines().next().unwrap_or("nothing"));
+    Ok(())
+}
+
+fn http_serve(port: u32, file: &str) -> Result<(), String> {
+    let body = std::sync::Arc::new(fs::read(file).map_err(|e| format!("{file}: {e}"))?);
+    let port = u16::try_from(port).map_err(|_| format!("port {port}"))?;
+    let listener =
+        std::net::TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind: {e}"))?;
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let body = body.clone();
+        std::thread::spawn(move || {
+            // The request head, up to its empty line (its contents do not matter here).
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
+                match conn.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => return,
+                }
+            }
+            let header = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+            let _ = conn.write_all(header.as_bytes()).and_then(|()| conn.write_all(&body));
+        });
+    }
     Ok(())
 }
