@@ -199,7 +199,8 @@ fn the_jailed_vmm_sees_only_its_own_files_and_runs_unprivileged() {
     assert!(limits.contains("Max core file size        0"), "{}", r.explain());
     let cgroup = section(out, "cgroup");
     assert!(cgroup.first().is_some_and(|c| c.contains("/isocell/")), "{}", r.explain());
-    assert_eq!(cgroup.get(1).copied(), Some(((128 + 64) << 20).to_string().as_str()));
+    // Guest memory plus the VMM's allowance (isocell_jail::cgroup::VMM_ALLOWANCE_MIB).
+    assert_eq!(cgroup.get(1).copied(), Some(((128 + 112) << 20).to_string().as_str()));
     assert!(out.contains("run rc=0"), "{}", r.explain());
     assert!(out.contains("same rc=0") && out.contains("nojail rc=1"), "{}", r.explain());
 }

@@ -56,7 +56,8 @@ pub fn answer(
     }
     reply.set_flags(PacketFlag::RECURSION_AVAILABLE);
     reply.questions.push(Question::new(q.qname.clone(), q.qtype, q.qclass, false));
-    let allowed = lock(list).name_allowed(&name);
+    // A name is looked up only if it is a DNS name we accept, and the allowlist holds it.
+    let allowed = isocell_spec::network::valid_name(&name) && lock(list).name_allowed(&name);
     answered.result = if !allowed {
         *reply.rcode_mut() = RCODE::NameError;
         "nxdomain"

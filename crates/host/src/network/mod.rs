@@ -193,11 +193,17 @@ impl Slot {
         Ok(Slot { shared: shared.clone(), id, kind })
     }
 
-    /// Remembers a socket of this connection, to shut it down at `stop`.
+    /// Remembers a socket of this connection, to shut it down at `stop` (at once if `stop`
+    /// has begun: a connect that finished late does not outlive the cell).
     fn track(&self, fd: &impl AsFd) {
         if let Ok(dup) = fd.as_fd().try_clone_to_owned() {
-            if let Some(v) = lock(&self.shared.open).sockets.get_mut(&self.id) {
-                v.push(socket2::Socket::from(dup));
+            let sock = socket2::Socket::from(dup);
+            let mut open = lock(&self.shared.open);
+            if self.shared.stopping.load(Ordering::Acquire) {
+                let _ = sock.shutdown(Shutdown::Both);
+            }
+            if let Some(v) = open.sockets.get_mut(&self.id) {
+                v.push(sock);
             }
         }
     }
@@ -291,7 +297,9 @@ impl Service {
             service.serve_unix(l, "dns", dns_stream);
         }
         for (publish, l) in start.published {
-            service.keep(&l);
+            if !service.keep(&l) {
+                continue;
+            }
             let shared = service.shared.clone();
             service.spawn("publish", move || {
                 for conn in l.incoming() {
@@ -312,10 +320,16 @@ impl Service {
         service
     }
 
-    /// Keeps a duplicate (close-on-exec) of a listener, to shut it down at `stop`.
-    fn keep(&mut self, l: &impl AsFd) {
-        if let Ok(dup) = l.as_fd().try_clone_to_owned() {
-            self.listeners.push(socket2::Socket::from(dup));
+    /// Keeps a duplicate (close-on-exec) of a listener, to shut it down at `stop`. False if
+    /// there is none (out of descriptors): then the listener is not served at all, since
+    /// `stop` could not end its thread.
+    fn keep(&mut self, l: &impl AsFd) -> bool {
+        match l.as_fd().try_clone_to_owned() {
+            Ok(dup) => {
+                self.listeners.push(socket2::Socket::from(dup));
+                true
+            }
+            Err(_) => false,
         }
     }
 
@@ -331,7 +345,9 @@ impl Service {
         name: &'static str,
         handle: fn(&Arc<Shared>, UnixStream),
     ) {
-        self.keep(&l);
+        if !self.keep(&l) {
+            return;
+        }
         let shared = self.shared.clone();
         self.spawn(name, move || {
             for conn in l.incoming() {
@@ -470,10 +486,14 @@ fn finish(
 fn refuse(conn: &mut UnixStream, word: &str, reason: &str) {
     let _ = conn.write_all(Answer::Refused(reason.to_owned()).line(word).as_bytes());
     let _ = conn.shutdown(Shutdown::Write);
-    let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+    let end = Instant::now() + Duration::from_millis(500);
     let mut sink = [0u8; 4096];
     let mut left: usize = 64 * 1024;
     while left > 0 {
+        let wait = end.saturating_duration_since(Instant::now());
+        if wait.is_zero() || conn.set_read_timeout(Some(wait)).is_err() {
+            break;
+        }
         match conn.read(&mut sink) {
             Ok(0) | Err(_) => break,
             Ok(n) => left = left.saturating_sub(n),
@@ -543,7 +563,10 @@ fn egress(shared: &Arc<Shared>, mut conn: UnixStream) {
         Err(reason) => {
             let _ = upstream.shutdown(Shutdown::Both);
             let _ = conn.shutdown(Shutdown::Both);
-            let _ = back.join();
+            // What the upstream sent before the refusal did reach the cell.
+            let inn = back.join().unwrap_or(0);
+            lock(&shared.totals).bytes_in += inn;
+            event["bytes_in"] = json!(inn);
             return deny(shared, event, &reason);
         }
     };

@@ -20,9 +20,6 @@ pub enum Sniffed {
     Other,
 }
 
-const METHODS: [&str; 9] =
-    ["GET ", "POST ", "PUT ", "HEAD ", "DELETE ", "OPTIONS ", "PATCH ", "TRACE ", "CONNECT "];
-
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 /// Looks at the first bytes of a connection. `NeedMore` only while fewer than [`MAX_SNIFF`]
@@ -31,8 +28,13 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 /// Only the first request of an HTTP/1 connection is seen: a server that serves another site
 /// to a later request on the same connection is not stopped here (TLS is, by its server name).
 pub fn sniff(buf: &[u8]) -> Sniffed {
-    if buf.first() == Some(&0x16) {
-        return tls(buf);
+    match buf {
+        [0x16, ..] => return tls(buf),
+        // Another TLS record first (an alert, change cipher spec, data): lenient servers skip
+        // or take it, so it is TLS whose name cannot be read here.
+        [0x14 | 0x15 | 0x17] => return Sniffed::NeedMore,
+        [0x14 | 0x15 | 0x17, v, ..] if *v < 0x10 => return Sniffed::Tls(None),
+        _ => {}
     }
     // Servers skip empty lines before a request, so the proxy does too.
     let start = buf.iter().position(|b| *b != b'\r' && *b != b'\n').unwrap_or(buf.len());
@@ -44,16 +46,26 @@ pub fn sniff(buf: &[u8]) -> Sniffed {
     if buf[..n] == H2_PREFACE[..n] {
         return if n == H2_PREFACE.len() { Sniffed::Http2 } else { Sniffed::NeedMore };
     }
-    let prefix = &buf[..buf.len().min(8)];
-    let could_be = METHODS.iter().any(|m| {
-        let m = m.as_bytes();
-        m.starts_with(prefix) || prefix.starts_with(m)
-    });
-    if !could_be {
+    // A request line is a method token (any: servers route WebDAV or made-up methods by Host
+    // too), a space, and, once the line is whole, an `HTTP/` version at its end.
+    let token = buf.iter().take_while(|b| b.is_ascii_alphabetic() || **b == b'-' || **b == b'_');
+    let token = token.count();
+    if token == buf.len() {
+        return if token < 32 { Sniffed::NeedMore } else { Sniffed::Other };
+    }
+    if token == 0 || buf[token] != b' ' {
         return Sniffed::Other;
     }
-    if !METHODS.iter().any(|m| buf.starts_with(m.as_bytes())) {
-        return if buf.len() >= 8 { Sniffed::Other } else { Sniffed::NeedMore };
+    let Some(line_end) = buf.iter().position(|b| *b == b'\n') else {
+        return if buf.len() + start >= MAX_SNIFF {
+            Sniffed::Http(None)
+        } else {
+            Sniffed::NeedMore
+        };
+    };
+    let line = &buf[..line_end];
+    if !line.windows(6).any(|w| w == b" HTTP/") {
+        return Sniffed::Other;
     }
     // The head ends at an empty line, whether lines end in CRLF or (as lenient servers take
     // it) a bare LF.
@@ -87,16 +99,21 @@ fn host_of(head: &[u8]) -> Option<String> {
         return None; // two Host headers: ambiguous, so no name
     }
     let name = strip_port(host).and_then(normal)?;
-    let target = request.split(' ').nth(1)?;
-    let lower = target.to_ascii_lowercase();
-    if let Some(rest) = lower.strip_prefix("http://").or_else(|| lower.strip_prefix("https://")) {
-        let authority = rest.split(['/', '?', '#']).next()?;
-        let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
-        if strip_port(authority).and_then(normal)? != name {
-            return None;
-        }
+    // The target: origin form (`/path`) and `*` name nothing; an absolute form (`scheme://`)
+    // or authority form (CONNECT's `name:port`) names a host, which must be the same.
+    let mut words = request.split_ascii_whitespace();
+    let method = words.next()?;
+    let target = words.next()?.to_ascii_lowercase();
+    if target.starts_with('/') || target == "*" {
+        return Some(name);
     }
-    Some(name)
+    let authority = match target.split_once("://") {
+        Some((_, rest)) => rest.split(['/', '?', '#']).next()?,
+        None if method.eq_ignore_ascii_case("CONNECT") => target.as_str(),
+        None => return None,
+    };
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    (strip_port(authority).and_then(normal)? == name).then_some(name)
 }
 
 /// `name:port` or `name` → `name`.
@@ -148,7 +165,7 @@ fn tls(buf: &[u8]) -> Sniffed {
         return Sniffed::NeedMore;
     }
     if buf[1] != 3 {
-        return Sniffed::Other;
+        return Sniffed::Tls(None); // a handshake record of another version: no name read
     }
     let len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
     if buf.len() < 5 + len {
@@ -171,22 +188,29 @@ fn client_hello_name(msg: &[u8]) -> Option<String> {
     r.vec16()?; // cipher suites
     r.vec8()?; // compression methods
     let mut exts = Reader { buf: r.vec16()? };
+    let mut server_name = None;
     while !exts.buf.is_empty() {
         let kind = exts.u16()?;
         let data = exts.vec16()?;
-        if kind != 0 {
-            continue;
-        }
-        let mut list = Reader { buf: Reader { buf: data }.vec16()? };
-        while !list.buf.is_empty() {
-            let name_type = list.u8()?;
-            let name = list.vec16()?;
-            if name_type == 0 {
-                return normal(std::str::from_utf8(name).ok()?);
+        match kind {
+            0 if server_name.is_none() => {
+                let mut list = Reader { buf: Reader { buf: data }.vec16()? };
+                while !list.buf.is_empty() {
+                    let name_type = list.u8()?;
+                    let name = list.vec16()?;
+                    if name_type == 0 {
+                        server_name = Some(normal(std::str::from_utf8(name).ok()?)?);
+                        break;
+                    }
+                }
             }
+            0 => return None, // two server name extensions
+            // Encrypted Client Hello: the server would route by the hidden inner name.
+            0xfe0d | 0xffce => return None,
+            _ => {}
         }
     }
-    None
+    server_name
 }
 
 #[cfg(test)]
@@ -196,6 +220,11 @@ mod tests {
 
     /// A minimal ClientHello record naming `name`.
     pub fn client_hello(name: &str) -> Vec<u8> {
+        client_hello_with(name, None)
+    }
+
+    /// The same with one more (empty) extension of type `extra`.
+    fn client_hello_with(name: &str, extra: Option<u16>) -> Vec<u8> {
         let mut sni = Vec::new();
         sni.extend((name.len() as u16 + 3).to_be_bytes());
         sni.push(0);
@@ -204,6 +233,10 @@ mod tests {
         let mut exts = vec![0, 0];
         exts.extend((sni.len() as u16).to_be_bytes());
         exts.extend(sni);
+        if let Some(kind) = extra {
+            exts.extend(kind.to_be_bytes());
+            exts.extend([0, 0]);
+        }
         let mut body = vec![3, 3];
         body.extend([7u8; 32]);
         body.extend([0, 0, 2, 0x13, 1, 1, 0]);
@@ -224,6 +257,16 @@ mod tests {
         for cut in 1..hello.len() {
             assert_eq!(sniff(&hello[..cut]), Sniffed::NeedMore, "{cut}");
         }
+        // Encrypted Client Hello: the outer name is not the one served.
+        assert_eq!(sniff(&client_hello_with("ok.test", Some(0xfe0d))), Sniffed::Tls(None));
+        assert_eq!(
+            sniff(&client_hello_with("ok.test", Some(0x002b))),
+            Sniffed::Tls(Some("ok.test".into()))
+        );
+        // Other records first, or another version: TLS without a readable name.
+        assert_eq!(sniff(&[0x15, 3, 1, 0, 2, 1, 0x5a]), Sniffed::Tls(None));
+        assert_eq!(sniff(&[0x16, 0, 1, 0, 2, 1, 0]), Sniffed::Tls(None));
+        assert_eq!(sniff(&[0x15]), Sniffed::NeedMore);
         let mut bad = hello.clone();
         bad[9 + 34] = 0xff; // the session id's length, past the end
         assert_eq!(sniff(&bad), Sniffed::Tls(None));
@@ -238,6 +281,19 @@ mod tests {
         let two = b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n";
         assert_eq!(sniff(two), Sniffed::Http(None));
         assert_eq!(sniff(b"GE"), Sniffed::NeedMore);
+        // Any method, any spacing, any scheme and CONNECT's authority are read.
+        let webdav = b"PROPFIND / HTTP/1.1\r\nHost: evil.test\r\n\r\n";
+        assert_eq!(sniff(webdav), Sniffed::Http(Some("evil.test".into())));
+        let spaced = b"GET  http://evil.test/ HTTP/1.1\r\nHost: ok.test\r\n\r\n";
+        assert_eq!(sniff(spaced), Sniffed::Http(None));
+        let scheme = b"GET foo://evil.test/ HTTP/1.1\r\nHost: ok.test\r\n\r\n";
+        assert_eq!(sniff(scheme), Sniffed::Http(None));
+        let connect = b"CONNECT evil.test:443 HTTP/1.1\r\nHost: ok.test\r\n\r\n";
+        assert_eq!(sniff(connect), Sniffed::Http(None));
+        let star = b"OPTIONS * HTTP/1.1\r\nHost: ok.test\r\n\r\n";
+        assert_eq!(sniff(star), Sniffed::Http(Some("ok.test".into())));
+        assert_eq!(sniff(b"HELO mail.test\r\n"), Sniffed::Other, "not an HTTP line");
+        assert_eq!(sniff(b"PROPFIND / HT"), Sniffed::NeedMore);
         // What lenient servers accept is read as they read it.
         let lf = b"\r\nGET / HTTP/1.1\nHost: evil.test\n\n";
         assert_eq!(sniff(lf), Sniffed::Http(Some("evil.test".into())));
