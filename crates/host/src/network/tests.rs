@@ -179,7 +179,7 @@ fn a_server_that_speaks_first_is_heard_under_a_name_rule() {
     std::thread::spawn(move || {
         let (mut c, _) = l.accept().unwrap();
         c.write_all(b"220 hello\r\n").unwrap();
-        let mut got = [0u8; 4];
+        let mut got = [0u8; 6];
         c.read_exact(&mut got).unwrap();
         c.write_all(&got).unwrap();
     });
@@ -191,10 +191,10 @@ fn a_server_that_speaks_first_is_heard_under_a_name_rule() {
     let mut greeting = [0u8; 11];
     s.read_exact(&mut greeting).unwrap();
     assert_eq!(&greeting, b"220 hello\r\n");
-    s.write_all(b"QUIT").unwrap();
-    let mut echo = [0u8; 4];
+    s.write_all(b"QUIT\r\n").unwrap();
+    let mut echo = [0u8; 6];
     s.read_exact(&mut echo).unwrap();
-    assert_eq!(&echo, b"QUIT", "not TLS, not HTTP: the address was resolved for the name");
+    assert_eq!(&echo, b"QUIT\r\n", "not TLS, not HTTP: the address was resolved for the name");
 }
 
 #[test]
