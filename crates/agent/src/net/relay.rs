@@ -152,30 +152,41 @@ fn egress(tcp: TcpStream) {
     }
 }
 
-/// Serves the egress listener for the rest of the agent's life.
-pub fn serve_egress(listener: TcpListener) -> Result<(), String> {
+/// Accepts connections with `accept` on a thread called `name` for the rest of the agent's
+/// life, each served by `serve` on its own thread while it holds one of `slots`; one past the
+/// limit goes to `busy`. If no thread can be made for one, it is dropped (closed).
+fn accept_loop<S: Send + 'static>(
+    name: &str,
+    mut accept: impl FnMut() -> io::Result<S> + Send + 'static,
+    slots: &'static Slots,
+    busy: fn(S),
+    serve: fn(S),
+) -> Result<(), String> {
+    let conn_name = format!("{name}-conn");
     std::thread::Builder::new()
-        .name("egress".into())
-        .spawn(move || {
-            for tcp in listener.incoming() {
-                let Ok(tcp) = tcp else {
-                    // Out of descriptors or memory: let some connections end.
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                let Some(slot) = EGRESS_SLOTS.take() else {
-                    reset(tcp);
-                    continue;
-                };
-                // If no thread can be made, the closure is dropped and `tcp` closed.
-                let _ = std::thread::Builder::new().name("egress-conn".into()).spawn(move || {
-                    let _slot = slot;
-                    egress(tcp);
-                });
-            }
+        .name(name.into())
+        .spawn(move || loop {
+            let Ok(conn) = accept() else {
+                // Out of descriptors or memory: let some connections end.
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            let Some(slot) = slots.take() else {
+                busy(conn);
+                continue;
+            };
+            let _ = std::thread::Builder::new().name(conn_name.clone()).spawn(move || {
+                let _slot = slot;
+                serve(conn);
+            });
         })
         .map(drop)
-        .map_err(|e| format!("egress thread: {e}"))
+        .map_err(|e| format!("{name} thread: {e}"))
+}
+
+/// Serves the egress listener for the rest of the agent's life.
+pub fn serve_egress(listener: TcpListener) -> Result<(), String> {
+    accept_loop("egress", move || listener.accept().map(|(s, _)| s), &EGRESS_SLOTS, reset, egress)
 }
 
 /// Serves one connection from the host to a published port.
@@ -206,27 +217,11 @@ fn ingress(mut vsock: VsockStream) {
 pub fn listen_ingress() -> Result<(), String> {
     let listener = VsockListener::bind_with_cid_port(VMADDR_CID_ANY, INGRESS_PORT)
         .map_err(|e| format!("listen: {e}"))?;
-    std::thread::Builder::new()
-        .name("ingress".into())
-        .spawn(move || {
-            for vsock in listener.incoming() {
-                let Ok(mut vsock) = vsock else {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                let Some(slot) = INGRESS_SLOTS.take() else {
-                    let busy = Answer::Refused(format!("{MAX_RELAYS} connections are open"));
-                    let _ = vsock.write_all(busy.line("REFUSED").as_bytes());
-                    continue;
-                };
-                let _ = std::thread::Builder::new().name("ingress-conn".into()).spawn(move || {
-                    let _slot = slot;
-                    ingress(vsock);
-                });
-            }
-        })
-        .map(drop)
-        .map_err(|e| format!("ingress thread: {e}"))
+    let busy = |mut vsock: VsockStream| {
+        let busy = Answer::Refused(format!("{MAX_RELAYS} connections are open"));
+        let _ = vsock.write_all(busy.line("REFUSED").as_bytes());
+    };
+    accept_loop("ingress", move || listener.accept().map(|(s, _)| s), &INGRESS_SLOTS, busy, ingress)
 }
 
 #[cfg(test)]

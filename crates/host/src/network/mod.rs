@@ -570,9 +570,25 @@ fn egress(shared: &Arc<Shared>, mut conn: UnixStream) {
             return deny(shared, event, &reason);
         }
     };
+    relayed(shared, event, started, (out, inn), Kind::Egress);
+    drop(slot);
+}
+
+/// Counts a relayed connection of `kind` with its bytes (out of the cell, into it) and writes
+/// its `allowed` event.
+fn relayed(
+    shared: &Shared,
+    mut event: Value,
+    started: Instant,
+    (out, inn): (u64, u64),
+    kind: Kind,
+) {
     {
         let mut t = lock(&shared.totals);
-        t.egress_allowed += 1;
+        match kind {
+            Kind::Ingress => t.ingress += 1,
+            Kind::Egress | Kind::Dns => t.egress_allowed += 1,
+        }
         t.bytes_out += out;
         t.bytes_in += inn;
     }
@@ -581,7 +597,6 @@ fn egress(shared: &Arc<Shared>, mut conn: UnixStream) {
     event["bytes_in"] = json!(inn);
     event["duration_ms"] = json!(started.elapsed().as_millis() as u64);
     lock(&shared.events).emit("network", event, false, &shared.totals);
-    drop(slot);
 }
 
 /// Reads the cell's first bytes until [`sniff`] can tell, and checks the name they give.
@@ -714,7 +729,7 @@ fn vmm_connect(vsock_path: &std::path::Path) -> Result<UnixStream, String> {
 /// One connection to a published port: into the cell through the agent's ingress port.
 fn ingress(shared: &Arc<Shared>, publish: &Publish, client: TcpStream) {
     let started = Instant::now();
-    let mut event = json!({
+    let event = json!({
         "direction": "ingress",
         "published": publish.to_string(),
         "from": client.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -758,17 +773,7 @@ fn ingress(shared: &Arc<Shared>, publish: &Publish, client: TcpStream) {
         return refused(event, "no thread for the relay".into());
     };
     let (out, inn) = finish(cell, client, &[], back);
-    {
-        let mut t = lock(&shared.totals);
-        t.ingress += 1;
-        t.bytes_out += out;
-        t.bytes_in += inn;
-    }
-    event["verdict"] = json!("allowed");
-    event["bytes_out"] = json!(out);
-    event["bytes_in"] = json!(inn);
-    event["duration_ms"] = json!(started.elapsed().as_millis() as u64);
-    lock(&shared.events).emit("network", event, false, &shared.totals);
+    relayed(shared, event, started, (out, inn), Kind::Ingress);
     drop(slot);
 }
 
