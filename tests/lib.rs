@@ -231,6 +231,7 @@ pub fn vmm_scenario() -> Scenario {
     steps[4].create_files.insert("{work}/data.img".into(), DATA_DISK_BYTES);
     steps[4].hash_files.push("{work}/data.img".into());
     steps.push(device_reset_step());
+    steps.push(snapshot_step());
     // The seccomp debug mode names the refused call: the rng worker's probe makes socket(2).
     steps.push(vmm_step(
         "seccomp-trap",
@@ -247,6 +248,36 @@ pub fn vmm_scenario() -> Scenario {
         60,
     ));
     Scenario { steps, ..Default::default() }
+}
+
+/// Saves a booted guest as a snapshot (SIGUSR1 to `--snapshot-save`), restores two copies
+/// of it at once, checks the memory file is unchanged, then tries restores that must be
+/// refused: another kernel command line, another memory size, a truncated memory file.
+fn snapshot_step() -> Step {
+    let args = "init=/sbin/scenario-init isocell_scenario=snapshot quiet";
+    let vmm = format!("{{vmm}} --kernel {{bzimage}} --drive {ROOT_RO} --memory 128");
+    let script = format!(
+        "d={{work}}/snap; mkdir -p $d
+         {vmm} --boot-args '{args}' --console file:{{work}}/c0.log --snapshot-save $d --report {{work}}/save.json & p=$!
+         i=0; until grep -q isocell-snapshot-ready {{work}}/c0.log 2>/dev/null; do
+           sleep 0.1; i=$((i+1)); [ $i -gt 1200 ] && {{ echo never ready; kill $p; exit 3; }}; done
+         kill -USR1 $p; wait $p; echo \"save rc=$?\"
+         echo \"saved-vm-results $(grep -c ISOCELL-RESULT {{work}}/c0.log)\"
+         ls -l $d; sha256sum $d/memory > {{work}}/before
+         {vmm} --boot-args '{args}' --console file:{{work}}/c1.log --restore $d --report {{work}}/r1.json & a=$!
+         {vmm} --boot-args '{args}' --console file:{{work}}/c2.log --restore $d --report {{work}}/r2.json & b=$!
+         wait $a; echo \"restore1 rc=$?\"; wait $b; echo \"restore2 rc=$?\"
+         grep -h ISOCELL-RESULT {{work}}/c1.log {{work}}/c2.log
+         sha256sum -c {{work}}/before >/dev/null && echo memory-unchanged
+         {vmm} --boot-args '{args} extra' --console file:{{work}}/c3.log --restore $d 2>{{work}}/e3; echo \"other-cmdline rc=$?\"; cat {{work}}/e3
+         {vmm} --boot-args '{args}' --memory 256 --console file:{{work}}/c4.log --restore $d 2>{{work}}/e4; echo \"other-memory rc=$?\"; cat {{work}}/e4
+         head -c 1000 $d/memory > {{work}}/short && cp $d/vm.json {{work}}/ && mkdir {{work}}/cut && mv {{work}}/short {{work}}/cut/memory && mv {{work}}/vm.json {{work}}/cut/
+         {vmm} --boot-args '{args}' --console file:{{work}}/c5.log --restore {{work}}/cut 2>{{work}}/e5; echo \"short-memory rc=$?\"; cat {{work}}/e5
+         cat {{work}}/r1.json"
+    );
+    let mut step = shell_step("snapshot", &script, 300);
+    step.report_file = Some("{work}/save.json".into());
+    step
 }
 
 /// The guest resets every virtio device (unbind and bind its driver, twice) and uses each

@@ -373,3 +373,33 @@ fn the_seccomp_trap_mode_names_the_refused_call_and_its_thread() {
         r.explain()
     );
 }
+
+#[test]
+fn a_saved_guest_restores_twice_from_an_unchanged_snapshot_and_a_misfit_is_refused() {
+    let r = step("snapshot");
+    let out = &r.stdout;
+    assert!(out.contains("save rc=0"), "{}", r.explain());
+    assert_eq!(report("snapshot")["exit_reason"], "saved");
+    // The saved VM never went on past the point it was saved at.
+    assert!(out.contains("saved-vm-results 0"), "{}", r.explain());
+    assert!(out.contains("restore1 rc=0") && out.contains("restore2 rc=0"), "{}", r.explain());
+    let results: Vec<Value> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("ISOCELL-RESULT "))
+        .map(|j| serde_json::from_str(j).unwrap_or_else(|e| panic!("{e}: {j}")))
+        .collect();
+    assert_eq!(results.len(), 2, "{}", r.explain());
+    for g in &results {
+        assert_eq!(g["restored"], true);
+        assert_eq!(g["hwrng"].as_str().map(str::len), Some(32), "{}", r.explain());
+    }
+    // The rng device works in each copy, from the host's entropy: the copies differ.
+    assert_ne!(results[0]["hwrng"], results[1]["hwrng"]);
+    assert!(out.contains("memory-unchanged"), "{}", r.explain());
+    for refused in ["other-cmdline rc=2", "other-memory rc=2", "short-memory rc=1"] {
+        assert!(out.contains(refused), "{refused}\n{}", r.explain());
+    }
+    assert!(out.contains("kernel command line: the snapshot has"), "{}", r.explain());
+    assert!(out.contains("memory: the snapshot has 128 MiB, this VM 256 MiB"), "{}", r.explain());
+    assert!(out.contains("the file holds 1000 bytes"), "{}", r.explain());
+}

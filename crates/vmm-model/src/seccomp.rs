@@ -30,12 +30,16 @@ pub enum ThreadKind {
     VirtioRng,
     /// A virtio-vsock worker: the guest's connections as host Unix sockets.
     VirtioVsock,
+    /// The main thread of a VMM started with `--snapshot-save`: the main thread's calls, and
+    /// reading (never setting) the paused VM's state for the snapshot.
+    MainSnapshot,
 }
 
 impl ThreadKind {
     /// Every kind, in the order of their names.
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Main,
+        ThreadKind::MainSnapshot,
         ThreadKind::Vcpu,
         ThreadKind::VirtioBlock,
         ThreadKind::VirtioRng,
@@ -46,6 +50,7 @@ impl ThreadKind {
     pub fn name(self) -> &'static str {
         match self {
             ThreadKind::Main => "main",
+            ThreadKind::MainSnapshot => "main-snapshot",
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::VirtioBlock => "virtio-blk",
             ThreadKind::VirtioRng => "virtio-rng",
@@ -129,6 +134,28 @@ pub const KVMIO: u32 = 0xAE;
 
 /// `KVM_RUN`, `_IO(KVMIO, 0x80)` (kvm-ioctls does not export its request numbers).
 pub const KVM_RUN: u32 = ioc(IOC_NONE, KVMIO, 0x80, 0);
+
+const IOC_WRITE: u32 = 1;
+const IOC_READ: u32 = 2;
+
+/// The requests that read a paused VM's state for a snapshot, with the sizes of the structures
+/// they fill (`include/uapi/linux/kvm.h`, x86); the VMM's tests check each size against
+/// `kvm_bindings`.
+pub const SNAPSHOT_IOCTLS: [(u32, &str); 13] = [
+    (ioc(IOC_READ, KVMIO, 0x81, 144), "KVM_GET_REGS"),
+    (ioc(IOC_READ, KVMIO, 0x83, 312), "KVM_GET_SREGS"),
+    (ioc(IOC_READ | IOC_WRITE, KVMIO, 0x88, 8), "KVM_GET_MSRS"),
+    (ioc(IOC_READ, KVMIO, 0x8e, 1024), "KVM_GET_LAPIC"),
+    (ioc(IOC_READ, KVMIO, 0x98, 4), "KVM_GET_MP_STATE"),
+    (ioc(IOC_READ, KVMIO, 0x9f, 64), "KVM_GET_VCPU_EVENTS"),
+    (ioc(IOC_READ, KVMIO, 0xa1, 128), "KVM_GET_DEBUGREGS"),
+    (ioc(IOC_NONE, KVMIO, 0xa3, 0), "KVM_GET_TSC_KHZ"),
+    (ioc(IOC_READ, KVMIO, 0xa4, 4096), "KVM_GET_XSAVE"),
+    (ioc(IOC_READ, KVMIO, 0xa6, 392), "KVM_GET_XCRS"),
+    (ioc(IOC_READ | IOC_WRITE, KVMIO, 0x62, 520), "KVM_GET_IRQCHIP"),
+    (ioc(IOC_READ, KVMIO, 0x9f, 112), "KVM_GET_PIT2"),
+    (ioc(IOC_READ, KVMIO, 0x7c, 48), "KVM_GET_CLOCK"),
+];
 
 fn any(syscall: &'static str, number: i64) -> AllowedSyscall {
     AllowedSyscall { syscall, number, args: Vec::new() }
@@ -221,6 +248,10 @@ fn common() -> Vec<AllowedSyscall> {
 pub fn allowed_syscalls(kind: ThreadKind) -> Vec<AllowedSyscall> {
     let mut list = common();
     match kind {
+        ThreadKind::MainSnapshot => {
+            list = allowed_syscalls(ThreadKind::Main);
+            list.extend(SNAPSHOT_IOCTLS.iter().map(|&(request, name)| ioctl(request, name)));
+        }
         ThreadKind::Main => list.extend([
             // stop_vcpus: pthread_kill with the kick signal, sleeping between rounds.
             when("tgkill", libc::SYS_tgkill, vec![eq(2, int(libc::SIGRTMIN()), "SIGRTMIN")]),
@@ -334,7 +365,10 @@ mod tests {
         let a = describe();
         assert_eq!(serde_json::to_string(&a).unwrap(), serde_json::to_string(&describe()).unwrap());
         let kinds: Vec<_> = a.as_object().unwrap().keys().cloned().collect();
-        assert_eq!(kinds, ["main", "vcpu", "virtio-blk", "virtio-rng", "virtio-vsock"]);
+        assert_eq!(
+            kinds,
+            ["main", "main-snapshot", "vcpu", "virtio-blk", "virtio-rng", "virtio-vsock"]
+        );
         for kind in ThreadKind::ALL {
             let list = a[kind.name()].as_array().unwrap();
             let names: Vec<_> = list.iter().map(|e| e["syscall"].as_str().unwrap()).collect();

@@ -143,6 +143,15 @@ fn build_rng(planned: &PlannedDevice, _: &BuildContext) -> Result<Built, DeviceE
     Ok(Built::Virtio { device: Box::new(device), flush: None, socket: None })
 }
 
+/// Every device's state in a snapshot, by device id.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DeviceStates {
+    /// virtio devices: transport, queues and device.
+    pub virtio: BTreeMap<String, MmioState>,
+    /// Other devices that keep state (the UART, the i8042).
+    pub plain: BTreeMap<String, serde_json::Value>,
+}
+
 /// The live devices of a running VM.
 pub struct DeviceManager {
     /// Port I/O bus.
@@ -151,6 +160,8 @@ pub struct DeviceManager {
     pub mmio: Arc<Bus>,
     /// Every virtio transport with its device id.
     virtio: Vec<(String, Arc<Mutex<MmioTransport>>)>,
+    /// Every other device with its id.
+    plain: Vec<(String, SharedDevice)>,
     block_count: usize,
     block_files: Vec<File>,
     socket_paths: Vec<PathBuf>,
@@ -173,6 +184,7 @@ impl DeviceManager {
             pio: Arc::default(),
             mmio: Arc::default(),
             virtio: Vec::new(),
+            plain: Vec::new(),
             block_count: 0,
             block_files: Vec::new(),
             socket_paths: Vec::new(),
@@ -186,7 +198,10 @@ impl DeviceManager {
                 .map(|(_, build)| build)
                 .ok_or_else(|| DeviceError::UnknownKind(id.clone(), kind))?;
             let device: SharedDevice = match build(planned, &cx)? {
-                Built::Plain(device) => device,
+                Built::Plain(device) => {
+                    manager.plain.push((id.clone(), device.clone()));
+                    device
+                }
                 Built::Virtio { device, flush, socket } => {
                     manager.socket_paths.extend(socket);
                     if let DeviceKind::VirtioBlock { .. } = planned.kind {
@@ -222,6 +237,56 @@ impl DeviceManager {
                 state.map(|s| (id.clone(), s)).ok_or_else(|| id.clone())
             })
             .collect()
+    }
+
+    /// Every device's state for a snapshot of a paused VM, after which no device touches guest
+    /// memory again (the VM never resumes). Errs with the id of a device that did not answer.
+    pub fn save_for_snapshot(&self) -> Result<DeviceStates, String> {
+        let virtio = self
+            .virtio
+            .iter()
+            .map(|(id, t)| {
+                let state = t.lock().unwrap_or_else(|p| p.into_inner()).save_and_stop();
+                state.map(|s| (id.clone(), s)).ok_or_else(|| id.clone())
+            })
+            .collect::<Result<_, _>>()?;
+        let plain = self
+            .plain
+            .iter()
+            .filter_map(|(id, d)| {
+                let state = d.lock().unwrap_or_else(|p| p.into_inner()).save_state()?;
+                Some((id.clone(), state))
+            })
+            .collect();
+        Ok(DeviceStates { virtio, plain })
+    }
+
+    /// Gives every device the state a snapshot saved, before any vCPU runs. Every device of
+    /// the plan must be in it and nothing else.
+    pub fn restore(&self, states: &DeviceStates) -> Result<(), String> {
+        let ids: Vec<&String> = self.virtio.iter().map(|(id, _)| id).collect();
+        let saved: Vec<&String> = states.virtio.keys().collect();
+        if ids.iter().collect::<std::collections::BTreeSet<_>>()
+            != saved.iter().collect::<std::collections::BTreeSet<_>>()
+        {
+            return Err(format!("the snapshot has virtio devices {saved:?}, this VM {ids:?}"));
+        }
+        for (id, t) in &self.virtio {
+            let state = states.virtio.get(id).ok_or_else(|| format!("{id}: not saved"))?;
+            t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore(state)
+                .map_err(|e| format!("{id}: {e}"))?;
+        }
+        for (id, d) in &self.plain {
+            if let Some(state) = states.plain.get(id) {
+                d.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .restore_state(state)
+                    .map_err(|e| format!("{id}: {e}"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Makes every write the guest made to a writable disk durable.

@@ -45,13 +45,15 @@ pub enum VmExit {
     },
     /// The VMM itself failed while the VM ran.
     VmmError(String),
+    /// The VM was paused and saved as a snapshot (`--snapshot-save`); it never resumes.
+    Saved,
 }
 
 impl VmExit {
     /// The process exit status for this reason.
     pub fn code(&self) -> i32 {
         match self {
-            VmExit::Reboot | VmExit::PowerOff => EXIT_OK,
+            VmExit::Reboot | VmExit::PowerOff | VmExit::Saved => EXIT_OK,
             VmExit::GuestPanic => EXIT_GUEST_PANIC,
             VmExit::TripleFault { .. } | VmExit::KvmFailure { .. } => EXIT_GUEST_CRASH,
             VmExit::LifetimeExceeded { .. } => EXIT_LIFETIME_EXCEEDED,
@@ -69,6 +71,7 @@ impl VmExit {
             VmExit::KvmFailure { .. } => "kvm_failure",
             VmExit::LifetimeExceeded { .. } => "lifetime_exceeded",
             VmExit::VmmError(_) => "vmm_error",
+            VmExit::Saved => "saved",
         }
     }
 }
@@ -85,6 +88,7 @@ impl std::fmt::Display for VmExit {
                 write!(f, "the VM ran past its lifetime limit of {secs} s and was stopped")
             }
             VmExit::VmmError(e) => write!(f, "VMM failure: {e}"),
+            VmExit::Saved => write!(f, "the VM was paused and saved as a snapshot"),
         }
     }
 }

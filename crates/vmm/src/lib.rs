@@ -18,15 +18,18 @@ pub mod fuzzing;
 pub mod host_check;
 pub mod report;
 pub mod seccomp;
+pub mod snapshot;
 pub mod timeline;
 pub mod vstate;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::sync::atomic::AtomicBool;
-use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use isocell_spec::VmConfig;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -38,8 +41,11 @@ use arch::x86_64::{acpi, boot, cpuid, mptable, regs};
 use device_manager::{DeviceManager, DevicePlan};
 use exit::{ExitRequester, VmExit};
 use report::MemoryUse;
+use snapshot::{MachineShape, SnapshotError, SnapshotState};
 use timeline::{Phase, Timeline};
-use vstate::vcpu::{register_kick_signal, stop_vcpus, ExitCounts, Vcpu, VcpuContext};
+use vstate::vcpu::{
+    pause_vcpus, register_kick_signal, stop_vcpus, ExitCounts, Vcpu, VcpuContext,
+};
 
 pub use isocell_vmm_model::{descriptions, kernel_cmdline, BASE_KERNEL_ARGS};
 
@@ -82,7 +88,36 @@ pub enum BuildError {
     /// KVM's supported CPUID could not be read.
     #[error("cannot read the CPUID KVM supports")]
     Cpuid(#[source] kvm_ioctls::Error),
+    /// The snapshot to restore cannot be used.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// A device refused the state the snapshot holds for it.
+    #[error("the snapshot's device state does not fit: {0}")]
+    DeviceState(String),
+    /// The signal that asks for a snapshot could not be set up.
+    #[error("cannot handle SIGUSR1: {0}")]
+    Signal(String),
 }
+
+/// How a VM starts and whether it may be saved.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BootOptions<'a> {
+    /// Start from the snapshot in this directory instead of booting the kernel.
+    pub restore: Option<&'a Path>,
+    /// On SIGUSR1, pause the VM, save it as a snapshot into this (existing) directory and
+    /// stop ([`VmExit::Saved`]). The VM never resumes.
+    pub save_to: Option<&'a Path>,
+}
+
+/// Set by the SIGUSR1 handler of a VMM started with a snapshot directory.
+static SAVE_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn save_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    SAVE_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// How often the main thread of a VMM that may be saved looks for the request.
+const SAVE_POLL: Duration = Duration::from_millis(5);
 
 /// What `isocell-vmm --describe` prints: the machine a configuration gives the guest, built from
 /// the same plan and table builders as the VM itself.
@@ -144,49 +179,72 @@ pub struct StoppedVm {
     _devices: DeviceManager,
 }
 
-/// Builds the VM described by `config` (already checked into `plan`) and runs it until it stops.
+/// Builds the VM described by `config` (already checked into `plan`), booting its kernel or
+/// restoring a snapshot, and runs it until it stops.
 pub fn boot(
     config: &VmConfig,
     plan: &DevicePlan,
     timeline: Arc<Timeline>,
+    options: BootOptions<'_>,
 ) -> Result<StoppedVm, BuildError> {
     let kvm = Kvm::new().map_err(|e| host_check::HostError::NoKvm(e.to_string()))?;
     host_check::check_capabilities(&kvm)?;
     let mem_size = config.memory_mib << 20;
-    let mem = vstate::vm::create_guest_memory(mem_size)?;
-    let vm = vstate::vm::create_vm(&kvm, &mem)?;
-
-    let mut kernel_file =
-        File::open(&config.kernel).map_err(|e| BuildError::Open(config.kernel.clone(), e))?;
-    let kernel = boot::load_kernel(&mem, &mut kernel_file)?;
-    let initrd = match &config.initrd {
-        Some(path) => {
-            let mut f = File::open(path).map_err(|e| BuildError::Open(path.clone(), e))?;
-            Some(boot::load_initrd(&mem, mem_size, &kernel, &mut f)?)
-        }
+    let machine = MachineShape::of(config, plan);
+    let restored = match options.restore {
+        Some(dir) => Some(SnapshotState::load(dir, &machine)?),
         None => None,
     };
-    let mut cmdline: Cmdline = boot::new_cmdline();
-    cmdline
-        .insert_str(kernel_cmdline(config, plan))
-        .map_err(|e| BuildError::Boot(boot::BootError::Cmdline(e.to_string())))?;
-    // Both descriptions of the machine, so a kernel finds its CPUs and devices either way: the
-    // command line and MP table (the cell kernel), or ACPI (kernels built for other microVMs).
-    let acpi = acpi::build(config.vcpus, plan)?;
-    acpi::write(&acpi, &mem)?;
-    boot::write_boot_params(&mem, mem_size, &kernel, &cmdline, initrd, Some(acpi.extent()))?;
-    mptable::write(&mem, config.vcpus)?;
-    regs::write_boot_tables(&mem)?;
+    let mem = match options.restore {
+        Some(dir) => {
+            let path = dir.join(snapshot::MEMORY_FILE);
+            let file = File::open(&path).map_err(|e| BuildError::Open(path.clone(), e))?;
+            vstate::vm::guest_memory_from_file(mem_size, file)?
+        }
+        None => vstate::vm::create_guest_memory(mem_size)?,
+    };
+    let vm = vstate::vm::create_vm(&kvm, &mem)?;
+    let entry = match &restored {
+        Some(state) => {
+            vstate::vm::restore_state(&vm, &state.vm)?;
+            0
+        }
+        None => load_guest(config, plan, &mem, mem_size)?,
+    };
 
     let (tx, rx) = channel();
     let exit = ExitRequester::new(tx);
     let devices = DeviceManager::create(plan, config, &vm, &mem, &exit, &timeline)?;
+    if let Some(state) = &restored {
+        devices.restore(&state.devices).map_err(BuildError::DeviceState)?;
+    }
 
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(BuildError::Cpuid)?;
     let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
-    let vcpus = (0..config.vcpus)
-        .map(|i| Vcpu::new(&vm, &supported, tsc_deadline, i, config.vcpus, kernel.entry))
-        .collect::<Result<Vec<_>, _>>()?;
+    let vcpus = match &restored {
+        Some(state) => state
+            .vcpus
+            .iter()
+            .zip(0..config.vcpus)
+            .map(|(s, i)| Vcpu::restore(&vm, &supported, tsc_deadline, i, config.vcpus, s))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => (0..config.vcpus)
+            .map(|i| Vcpu::new(&vm, &supported, tsc_deadline, i, config.vcpus, entry))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    // The MSRs a snapshot saves: KVM's list, read now, before the filter forbids asking.
+    let msr_index = match options.save_to {
+        Some(_) => {
+            SAVE_REQUESTED.store(false, Ordering::SeqCst);
+            vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, save_handler)
+                .map_err(|e| BuildError::Signal(e.to_string()))?;
+            kvm.get_msr_index_list()
+                .map_err(|e| BuildError::Signal(format!("cannot list MSRs: {e}")))?
+                .as_slice()
+                .to_vec()
+        }
+        None => Vec::new(),
+    };
     timeline.mark(Phase::VmBuilt);
 
     let exit_counts = ExitCounts::new(&devices.pio, &devices.mmio);
@@ -196,27 +254,32 @@ pub fn boot(
         exit,
         exit_counts: exit_counts.clone(),
         stopping: AtomicBool::new(false),
+        pausing: AtomicBool::new(false),
     });
     register_kick_signal()?;
     let threads = vcpus.into_iter().map(|v| v.start(ctx.clone())).collect::<Result<Vec<_>, _>>()?;
     // Every thread exists now; from here the main thread only waits, stops and reports.
-    if let Err(e) = seccomp::install(seccomp::ThreadKind::Main) {
+    let main_kind = match options.save_to {
+        Some(_) => seccomp::ThreadKind::MainSnapshot,
+        None => seccomp::ThreadKind::Main,
+    };
+    if let Err(e) = seccomp::install(main_kind) {
         stop_vcpus(&ctx, threads, Duration::from_secs(2));
         return Err(BuildError::Seccomp(e));
     }
 
-    let mut reason = match config.max_lifetime_secs {
-        Some(secs) => match rx.recv_timeout(Duration::from_secs(secs)) {
-            Ok(e) => e,
-            Err(RecvTimeoutError::Timeout) => VmExit::LifetimeExceeded { secs },
-            Err(RecvTimeoutError::Disconnected) => {
-                VmExit::VmmError("all vCPU threads ended".into())
-            }
-        },
-        None => rx.recv().unwrap_or_else(|_| VmExit::VmmError("all vCPU threads ended".into())),
-    };
+    let mut reason = wait_for_exit(&rx, config.max_lifetime_secs, options.save_to.is_some());
     timeline.mark(Phase::Exited);
-    let stuck = stop_vcpus(&ctx, threads, Duration::from_secs(2));
+    let stuck = match (&reason, options.save_to) {
+        (VmExit::Saved, Some(dir)) => {
+            let parts = SnapshotParts { vm: &vm, mem: &mem, devices: &devices, msr_index: &msr_index };
+            if let Err(e) = save_snapshot(dir, &ctx, threads, machine, &parts) {
+                reason = VmExit::VmmError(format!("cannot save the snapshot: {e}"));
+            }
+            0
+        }
+        _ => stop_vcpus(&ctx, threads, Duration::from_secs(2)),
+    };
     if stuck > 0 && reason.code() == exit::EXIT_OK {
         reason = VmExit::VmmError(format!("{stuck} vCPU thread(s) did not stop"));
     }
@@ -235,4 +298,109 @@ pub fn boot(
         _mem: mem,
         _devices: devices,
     })
+}
+
+/// Loads the kernel, initrd, command line and boot tables into fresh guest memory; returns the
+/// kernel's 64-bit entry point.
+fn load_guest(
+    config: &VmConfig,
+    plan: &DevicePlan,
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+) -> Result<u64, BuildError> {
+    let mut kernel_file =
+        File::open(&config.kernel).map_err(|e| BuildError::Open(config.kernel.clone(), e))?;
+    let kernel = boot::load_kernel(mem, &mut kernel_file)?;
+    let initrd = match &config.initrd {
+        Some(path) => {
+            let mut f = File::open(path).map_err(|e| BuildError::Open(path.clone(), e))?;
+            Some(boot::load_initrd(mem, mem_size, &kernel, &mut f)?)
+        }
+        None => None,
+    };
+    let mut cmdline: Cmdline = boot::new_cmdline();
+    cmdline
+        .insert_str(kernel_cmdline(config, plan))
+        .map_err(|e| BuildError::Boot(boot::BootError::Cmdline(e.to_string())))?;
+    // Both descriptions of the machine, so a kernel finds its CPUs and devices either way: the
+    // command line and MP table (the cell kernel), or ACPI (kernels built for other microVMs).
+    let acpi = acpi::build(config.vcpus, plan)?;
+    acpi::write(&acpi, mem)?;
+    boot::write_boot_params(mem, mem_size, &kernel, &cmdline, initrd, Some(acpi.extent()))?;
+    mptable::write(mem, config.vcpus)?;
+    regs::write_boot_tables(mem)?;
+    Ok(kernel.entry)
+}
+
+/// Waits for the first stop request, the lifetime limit or, when the VM may be saved, SIGUSR1.
+fn wait_for_exit(rx: &Receiver<VmExit>, lifetime: Option<u64>, may_save: bool) -> VmExit {
+    let deadline = lifetime.map(|secs| (Instant::now() + Duration::from_secs(secs), secs));
+    let gone = || VmExit::VmmError("all vCPU threads ended".into());
+    loop {
+        let left = deadline.map(|(at, _)| at.saturating_duration_since(Instant::now()));
+        let wait = match (left, may_save) {
+            (Some(l), true) => l.min(SAVE_POLL),
+            (Some(l), false) => l,
+            (None, true) => SAVE_POLL,
+            (None, false) => return rx.recv().unwrap_or_else(|_| gone()),
+        };
+        match rx.recv_timeout(wait) {
+            Ok(e) => return e,
+            Err(RecvTimeoutError::Disconnected) => return gone(),
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if may_save && SAVE_REQUESTED.load(Ordering::SeqCst) {
+            return VmExit::Saved;
+        }
+        if let Some((at, secs)) = deadline {
+            if Instant::now() >= at {
+                return VmExit::LifetimeExceeded { secs };
+            }
+        }
+    }
+}
+
+/// What a snapshot reads besides the vCPUs.
+struct SnapshotParts<'a> {
+    vm: &'a VmFd,
+    mem: &'a GuestMemoryMmap,
+    devices: &'a DeviceManager,
+    msr_index: &'a [u32],
+}
+
+/// Pauses the VM and saves it into `dir`: devices first (after which they do nothing more),
+/// then the VM-wide and vCPU state, then guest memory, which nothing changes any more.
+fn save_snapshot(
+    dir: &Path,
+    ctx: &VcpuContext,
+    threads: Vec<JoinHandle<Vcpu>>,
+    machine: MachineShape,
+    parts: &SnapshotParts<'_>,
+) -> Result<(), String> {
+    let vcpus = pause_vcpus(ctx, threads, Duration::from_secs(2))
+        .ok_or_else(|| "a vCPU did not pause".to_owned())?;
+    let devices = parts
+        .devices
+        .save_for_snapshot()
+        .map_err(|id| format!("device {id} did not give its state"))?;
+    let vm = vstate::vm::save_state(parts.vm).map_err(|e| e.to_string())?;
+    let vcpus = vcpus
+        .iter()
+        .map(|v| v.save(parts.msr_index))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let path = dir.join(snapshot::MEMORY_FILE);
+    let mut file = snapshot::create_private(&path).map_err(|e| e.to_string())?;
+    vstate::vm::write_memory(parts.mem, &mut file)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let state = SnapshotState {
+        format: snapshot::FORMAT,
+        vmm_version: env!("CARGO_PKG_VERSION").to_owned(),
+        machine,
+        vm,
+        vcpus,
+        devices,
+    };
+    state.write(dir).map_err(|e| e.to_string())
 }

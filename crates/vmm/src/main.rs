@@ -61,6 +61,15 @@ struct Args {
     /// Stop the VM after this many seconds.
     #[arg(long)]
     max_lifetime: Option<u64>,
+    /// Start from the snapshot in DIR (written by --snapshot-save with the same configuration)
+    /// instead of booting the kernel: guest memory is mapped copy-on-write from DIR/memory and
+    /// never written back.
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
+    /// On SIGUSR1, pause the VM, save its memory and complete state into DIR (an existing
+    /// directory) and exit with status 0. The saved VM never resumes.
+    #[arg(long, value_name = "DIR")]
+    snapshot_save: Option<PathBuf>,
     /// Write a JSON run report (exit reason, boot phases, memory) here when the VM stops.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -192,12 +201,28 @@ fn run(args: Args, timeline: Arc<Timeline>) -> u8 {
     }
     timeline.mark(Phase::ConfigChecked);
 
-    let stopped = match isocell_vmm::boot(&cfg, &plan, timeline.clone()) {
+    if let Some(dir) = &args.snapshot_save {
+        if !dir.is_dir() {
+            eprintln!(
+                "isocell-vmm: error: --snapshot-save {}: not a directory (create it first)",
+                dir.display()
+            );
+            return EXIT_BAD_CONFIG as u8;
+        }
+    }
+    let options = isocell_vmm::BootOptions {
+        restore: args.restore.as_deref(),
+        save_to: args.snapshot_save.as_deref(),
+    };
+    let stopped = match isocell_vmm::boot(&cfg, &plan, timeline.clone(), options) {
         Ok(s) => s,
         Err(e) => {
             print_error(&e);
             return match e {
                 BuildError::Host(_) => EXIT_NO_HARDWARE_VIRT as u8,
+                // A snapshot that does not fit is refused before anything ran: like a bad
+                // configuration.
+                BuildError::Snapshot(_) => EXIT_BAD_CONFIG as u8,
                 _ => EXIT_VMM_ERROR as u8,
             };
         }

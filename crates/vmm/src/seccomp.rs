@@ -338,7 +338,10 @@ mod tests {
             assert!(!program.is_empty() && program.len() < 4096, "{kind}: {}", program.len());
         }
         let names: Vec<_> = ThreadKind::ALL.iter().map(|k| k.name()).collect();
-        assert_eq!(names, ["main", "vcpu", "virtio-blk", "virtio-rng", "virtio-vsock"]);
+        assert_eq!(
+            names,
+            ["main", "main-snapshot", "vcpu", "virtio-blk", "virtio-rng", "virtio-vsock"]
+        );
         for kind in ThreadKind::ALL {
             assert_eq!(ThreadKind::from_name(kind.name()), Some(kind));
         }
@@ -354,6 +357,33 @@ mod tests {
         assert_eq!(irq_line, 0x4008_AE61);
         assert_eq!(libc::FIONBIO, 0x5421);
         assert_eq!(libc::FIOCLEX, 0x5451);
+    }
+
+    #[test]
+    fn snapshot_ioctls_carry_the_sizes_of_their_structures() {
+        use kvm_bindings as k;
+        use std::mem::size_of;
+        let sizes = [
+            ("KVM_GET_REGS", size_of::<k::kvm_regs>()),
+            ("KVM_GET_SREGS", size_of::<k::kvm_sregs>()),
+            ("KVM_GET_MSRS", size_of::<k::kvm_msrs>()),
+            ("KVM_GET_LAPIC", size_of::<k::kvm_lapic_state>()),
+            ("KVM_GET_MP_STATE", size_of::<k::kvm_mp_state>()),
+            ("KVM_GET_VCPU_EVENTS", size_of::<k::kvm_vcpu_events>()),
+            ("KVM_GET_DEBUGREGS", size_of::<k::kvm_debugregs>()),
+            ("KVM_GET_TSC_KHZ", 0),
+            ("KVM_GET_XSAVE", size_of::<k::kvm_xsave>()),
+            ("KVM_GET_XCRS", size_of::<k::kvm_xcrs>()),
+            ("KVM_GET_IRQCHIP", size_of::<k::kvm_irqchip>()),
+            ("KVM_GET_PIT2", size_of::<k::kvm_pit_state2>()),
+            ("KVM_GET_CLOCK", size_of::<k::kvm_clock_data>()),
+        ];
+        assert_eq!(SNAPSHOT_IOCTLS.len(), sizes.len());
+        for ((request, name), (want_name, size)) in SNAPSHOT_IOCTLS.iter().zip(sizes) {
+            assert_eq!(*name, want_name);
+            assert_eq!((request >> 16) & 0x3fff, size as u32, "{name}");
+            assert_eq!((request >> 8) & 0xff, KVMIO, "{name}");
+        }
     }
 
     // Enforcement runs in child processes: this test binary runs again with CHILD_ENV naming a
@@ -683,6 +713,7 @@ mod tests {
             exit: ExitRequester::new(tx),
             exit_counts: ExitCounts::default(),
             stopping: AtomicBool::new(false),
+            pausing: AtomicBool::new(false),
         });
         let timeline = Arc::new(Timeline::new(Instant::now()));
         let report_path = dir.join("report.json");

@@ -54,6 +54,17 @@ pub struct I8042 {
     exit: ExitRequester,
 }
 
+/// The controller's registers and buffered output, for snapshots.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ControllerState {
+    ctr: u8,
+    output: Vec<u8>,
+    last_output: u8,
+    pending: Option<u8>,
+    last_was_command: bool,
+    last_kbd_byte: Option<u8>,
+}
+
 impl I8042 {
     /// A controller that reports resets and panics through `exit`.
     pub fn new(exit: ExitRequester) -> Self {
@@ -128,6 +139,32 @@ impl I8042 {
 }
 
 impl BusDevice for I8042 {
+    fn save_state(&mut self) -> Option<serde_json::Value> {
+        let state = ControllerState {
+            ctr: self.ctr,
+            output: self.output.iter().copied().collect(),
+            last_output: self.last_output,
+            pending: self.pending,
+            last_was_command: self.last_was_command,
+            last_kbd_byte: self.last_kbd_byte,
+        };
+        serde_json::to_value(state).ok()
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let s: ControllerState = serde_json::from_value(state.clone()).map_err(|e| e.to_string())?;
+        if s.output.len() > OUTPUT_CAPACITY {
+            return Err(format!("{} buffered bytes", s.output.len()));
+        }
+        self.ctr = s.ctr;
+        self.output = s.output.into();
+        self.last_output = s.last_output;
+        self.pending = s.pending;
+        self.last_was_command = s.last_was_command;
+        self.last_kbd_byte = s.last_kbd_byte;
+        Ok(())
+    }
+
     fn read(&mut self, base: u64, _offset: u64, data: &mut [u8]) {
         let [byte] = data else { return };
         *byte = match base {

@@ -18,6 +18,15 @@ pub trait BusDevice: Send {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]);
     /// Guest writes `data` at `offset` into the range registered at `base`.
     fn write(&mut self, base: u64, offset: u64, data: &[u8]);
+    /// The device's state for a snapshot; `None`: it keeps none (a restored VM gets the
+    /// device as built).
+    fn save_state(&mut self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Takes back what [`BusDevice::save_state`] gave, or says why it cannot.
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A device shared between the bus and its owner.

@@ -2,7 +2,7 @@
 
 use std::io::{self, Write};
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -79,7 +79,61 @@ impl SerialConsole {
     }
 }
 
+/// The UART's registers and unread input, for snapshots (vm-superio's `SerialState`, which
+/// is not serde).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct UartState {
+    divisor: [u8; 2],
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
 impl BusDevice for SerialConsole {
+    fn save_state(&mut self) -> Option<serde_json::Value> {
+        let s = self.uart.state();
+        let state = UartState {
+            divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        };
+        serde_json::to_value(state).ok()
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let s: UartState = serde_json::from_value(state.clone()).map_err(|e| e.to_string())?;
+        let state = SerialState {
+            baud_divisor_low: s.divisor[0],
+            baud_divisor_high: s.divisor[1],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        };
+        let irq = self.uart.interrupt_evt().0.try_clone().map_err(|e| e.to_string())?;
+        let spare = IrqTrigger(irq.try_clone().map_err(|e| e.to_string())?);
+        let placeholder = Serial::new(spare, Box::new(io::sink()) as Box<dyn Write + Send>);
+        let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        self.uart = Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(())
+    }
+
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         if let (Ok(off), [byte]) = (u8::try_from(offset), data) {
             *byte = self.uart.read(off);

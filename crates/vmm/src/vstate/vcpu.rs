@@ -7,8 +7,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::CpuId;
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::x86_64::{cpuid, msrs, regs};
@@ -33,13 +37,53 @@ pub enum VcpuError {
     /// The vCPU thread could not be started.
     #[error("could not start the thread of vCPU {0}")]
     Spawn(u8, #[source] std::io::Error),
+    /// KVM would not give or take part of the vCPU's state.
+    #[error("KVM refused to {1} of vCPU {0}")]
+    State(u8, &'static str, #[source] kvm_ioctls::Error),
+    /// A snapshot's vCPU cannot run on this host as it was saved.
+    #[error("vCPU {0}: {1}")]
+    Mismatch(u8, String),
 }
 
 /// One configured vCPU, ready to run.
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    /// The CPUID it was given, kept for its snapshot.
+    cpuid: Vec<kvm_cpuid_entry2>,
 }
+
+/// Everything KVM holds for one vCPU: what a snapshot saves and a restore sets again, in the
+/// order it is set (CPUID and TSC frequency first: the rest is checked against them).
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    /// The CPUID the guest has seen; a restore refuses a host that would give another.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// The guest's TSC frequency; a restore sets it (KVM scales) or refuses.
+    pub tsc_khz: Option<u32>,
+    #[allow(missing_docs)]
+    pub mp_state: kvm_mp_state,
+    #[allow(missing_docs)]
+    pub regs: kvm_regs,
+    #[allow(missing_docs)]
+    pub sregs: kvm_sregs,
+    /// FPU, SSE and AVX state (no dynamically enabled features, so 4 KiB holds it all).
+    pub xsave: kvm_xsave,
+    #[allow(missing_docs)]
+    pub xcrs: kvm_xcrs,
+    #[allow(missing_docs)]
+    pub debug_regs: kvm_debugregs,
+    #[allow(missing_docs)]
+    pub lapic: kvm_lapic_state,
+    /// Every MSR KVM lists that it could read, by ascending index (the TSC before the
+    /// TSC deadline, which is relative to it).
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Pending exceptions, interrupts and NMIs, last of all.
+    pub events: kvm_vcpu_events,
+}
+
+/// How many MSRs one `KVM_GET_MSRS`/`KVM_SET_MSRS` call carries.
+const MSR_CHUNK: usize = 64;
 
 /// What the vCPU threads share: the buses and the way to stop the VM.
 pub struct VcpuContext {
@@ -53,6 +97,9 @@ pub struct VcpuContext {
     pub exit_counts: ExitCounts,
     /// Set when the VM is stopping; vCPU threads leave their loop when they see it.
     pub stopping: AtomicBool,
+    /// Set with `stopping` when the VM is paused for a snapshot: a vCPU thread then completes
+    /// the exit it was handling, so its registers are whole, and hands its vCPU back.
+    pub pausing: AtomicBool,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -65,14 +112,38 @@ pub fn register_kick_signal() -> Result<(), VcpuError> {
 
 /// Stops the vCPU threads: marks the VM as stopping and signals each thread until it has left
 /// `KVM_RUN` and ended. Returns how many threads did not end within `patience`.
-pub fn stop_vcpus(ctx: &VcpuContext, threads: Vec<JoinHandle<()>>, patience: Duration) -> usize {
+pub fn stop_vcpus<T>(ctx: &VcpuContext, threads: Vec<JoinHandle<T>>, patience: Duration) -> usize {
+    stop_and_collect(ctx, threads, patience).1
+}
+
+/// Pauses the VM for a snapshot: every vCPU thread completes the exit it was in, leaves
+/// `KVM_RUN` and hands its vCPU back. `None` if a thread did not end within `patience`.
+pub fn pause_vcpus(
+    ctx: &VcpuContext,
+    threads: Vec<JoinHandle<Vcpu>>,
+    patience: Duration,
+) -> Option<Vec<Vcpu>> {
+    ctx.pausing.store(true, Ordering::SeqCst);
+    let (mut vcpus, stuck) = stop_and_collect(ctx, threads, patience);
+    vcpus.sort_by_key(|v| v.index);
+    (stuck == 0).then_some(vcpus)
+}
+
+fn stop_and_collect<T>(
+    ctx: &VcpuContext,
+    threads: Vec<JoinHandle<T>>,
+    patience: Duration,
+) -> (Vec<T>, usize) {
     ctx.stopping.store(true, Ordering::SeqCst);
     let start = std::time::Instant::now();
     let mut left = threads;
+    let mut ended = Vec::new();
     while !left.is_empty() && start.elapsed() < patience {
         let (done, running): (Vec<_>, Vec<_>) = left.into_iter().partition(|t| t.is_finished());
         for t in done {
-            let _ = t.join();
+            if let Ok(v) = t.join() {
+                ended.push(v);
+            }
         }
         for t in &running {
             // The signal interrupts KVM_RUN (EINTR); a thread between two runs sees `stopping`.
@@ -83,7 +154,7 @@ pub fn stop_vcpus(ctx: &VcpuContext, threads: Vec<JoinHandle<()>>, patience: Dur
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-    left.len()
+    (ended, left.len())
 }
 
 /// The kinds of VM exit the VMM counts.
@@ -253,11 +324,126 @@ impl Vcpu {
         regs::setup_sregs(&fd).map_err(|e| VcpuError::Regs(index, e))?;
         regs::setup_fpu(&fd).map_err(|e| VcpuError::Regs(index, e))?;
         regs::setup_lint(&fd).map_err(|e| VcpuError::Regs(index, e))?;
-        Ok(Vcpu { index, fd })
+        Ok(Vcpu { index, fd, cpuid: cpuid.as_slice().to_vec() })
     }
 
-    /// Runs the vCPU on a new thread until the VM stops.
-    pub fn start(self, ctx: Arc<VcpuContext>) -> Result<JoinHandle<()>, VcpuError> {
+    /// Creates vCPU `index` of `count` in the state `state` saved. Refuses, before setting
+    /// anything, a host whose CPUID for this vCPU differs from the one the guest has seen, and a
+    /// TSC frequency KVM cannot give.
+    pub fn restore(
+        vm: &VmFd,
+        supported: &CpuId,
+        tsc_deadline: bool,
+        index: u8,
+        count: u8,
+        state: &VcpuState,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm.create_vcpu(u64::from(index)).map_err(|e| VcpuError::Create(index, e))?;
+        let kvm_err = |what: &'static str| move |e| VcpuError::State(index, what, e);
+        if let Some(khz) = state.tsc_khz {
+            if fd.get_tsc_khz().ok() != Some(khz) {
+                fd.set_tsc_khz(khz).map_err(|_| {
+                    VcpuError::Mismatch(
+                        index,
+                        format!(
+                            "the snapshot's TSC runs at {khz} kHz and KVM cannot scale this \
+                             host's to it: take the snapshot on this host"
+                        ),
+                    )
+                })?;
+            }
+        }
+        let inputs = cpuid::CpuidInputs::for_host(tsc_deadline, state.tsc_khz);
+        let here = cpuid::for_vcpu(supported, index, count, &inputs)
+            .map_err(|e| VcpuError::Cpuid(index, format!("{e:?}")))?;
+        if let Some(leaf) = first_difference(here.as_slice(), &state.cpuid) {
+            return Err(VcpuError::Mismatch(
+                index,
+                format!(
+                    "this host's CPU differs from the one the snapshot was taken on (CPUID leaf \
+                     {leaf:#x}): take the snapshot on this host's CPU model"
+                ),
+            ));
+        }
+        let saved = CpuId::from_entries(&state.cpuid)
+            .map_err(|e| VcpuError::Cpuid(index, format!("{e:?}")))?;
+        fd.set_cpuid2(&saved).map_err(|e| VcpuError::Cpuid(index, e.to_string()))?;
+        fd.set_mp_state(state.mp_state).map_err(kvm_err("set the run state"))?;
+        fd.set_regs(&state.regs).map_err(kvm_err("set the registers"))?;
+        fd.set_sregs(&state.sregs).map_err(kvm_err("set the special registers"))?;
+        // SAFETY: the VMM never enables dynamic XSAVE features (no ARCH_REQ_XCOMP_GUEST_PERM),
+        // so the kernel's XSAVE area fits the 4 KiB `kvm_xsave` it reads from.
+        unsafe { fd.set_xsave(&state.xsave) }.map_err(kvm_err("set the FPU state"))?;
+        fd.set_xcrs(&state.xcrs).map_err(kvm_err("set the XCRs"))?;
+        fd.set_debug_regs(&state.debug_regs).map_err(kvm_err("set the debug registers"))?;
+        fd.set_lapic(&state.lapic).map_err(kvm_err("set the local APIC"))?;
+        for chunk in state.msrs.chunks(MSR_CHUNK) {
+            let msrs = Msrs::from_entries(chunk).map_err(|e| {
+                VcpuError::Mismatch(index, format!("cannot carry the saved MSRs: {e:?}"))
+            })?;
+            let set = fd.set_msrs(&msrs).map_err(kvm_err("set the MSRs"))?;
+            if let Some(refused) = chunk.get(set) {
+                return Err(VcpuError::Mismatch(
+                    index,
+                    format!("KVM refused the saved value of MSR {:#x}", refused.index),
+                ));
+            }
+        }
+        fd.set_vcpu_events(&state.events).map_err(kvm_err("set the pending events"))?;
+        Ok(Vcpu { index, fd, cpuid: state.cpuid.clone() })
+    }
+
+    /// Reads the vCPU's whole state. The vCPU must not be running, and the exit it last took
+    /// must have been completed ([`pause_vcpus`] does both). `msr_index`: the MSRs KVM lists.
+    pub fn save(&self, msr_index: &[u32]) -> Result<VcpuState, VcpuError> {
+        let index = self.index;
+        let fd = &self.fd;
+        let kvm_err = |what: &'static str| move |e| VcpuError::State(index, what, e);
+        Ok(VcpuState {
+            cpuid: self.cpuid.clone(),
+            tsc_khz: fd.get_tsc_khz().ok(),
+            mp_state: fd.get_mp_state().map_err(kvm_err("read the run state"))?,
+            regs: fd.get_regs().map_err(kvm_err("read the registers"))?,
+            sregs: fd.get_sregs().map_err(kvm_err("read the special registers"))?,
+            xsave: fd.get_xsave().map_err(kvm_err("read the FPU state"))?,
+            xcrs: fd.get_xcrs().map_err(kvm_err("read the XCRs"))?,
+            debug_regs: fd.get_debug_regs().map_err(kvm_err("read the debug registers"))?,
+            lapic: fd.get_lapic().map_err(kvm_err("read the local APIC"))?,
+            msrs: self.read_msrs(msr_index)?,
+            events: fd.get_vcpu_events().map_err(kvm_err("read the pending events"))?,
+        })
+    }
+
+    /// Reads every MSR of `msr_index` KVM will give, in ascending order. KVM lists some it
+    /// cannot read for this vCPU; each refused one is left out and the rest read again.
+    fn read_msrs(&self, msr_index: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuError> {
+        let index = self.index;
+        let mut wanted: Vec<u32> = msr_index.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut read = Vec::with_capacity(wanted.len());
+        for chunk in wanted.chunks(MSR_CHUNK) {
+            let mut chunk: Vec<u32> = chunk.to_vec();
+            while !chunk.is_empty() {
+                let entries: Vec<kvm_msr_entry> =
+                    chunk.iter().map(|&i| kvm_msr_entry { index: i, ..Default::default() }).collect();
+                let mut msrs = Msrs::from_entries(&entries).map_err(|e| {
+                    VcpuError::Mismatch(index, format!("cannot list the MSRs: {e:?}"))
+                })?;
+                let got = self
+                    .fd
+                    .get_msrs(&mut msrs)
+                    .map_err(|e| VcpuError::State(index, "read the MSRs", e))?;
+                read.extend_from_slice(&msrs.as_slice()[..got.min(chunk.len())]);
+                // Entries up to `got` were read; the one at `got` was refused.
+                chunk.drain(..(got + 1).min(chunk.len()));
+            }
+        }
+        Ok(read)
+    }
+
+    /// Runs the vCPU on a new thread until the VM stops, and hands it back.
+    pub fn start(self, ctx: Arc<VcpuContext>) -> Result<JoinHandle<Vcpu>, VcpuError> {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
@@ -265,20 +451,29 @@ impl Vcpu {
                 // The filter is in place before the first KVM_RUN: before any guest code runs.
                 if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
                     ctx.exit.request(VmExit::VmmError(format!("vCPU {index}: {e}")));
-                    return;
+                    return self;
                 }
                 self.run(&ctx)
             })
             .map_err(|e| VcpuError::Spawn(index, e))
     }
 
-    fn run(mut self, ctx: &VcpuContext) {
+    fn run(mut self, ctx: &VcpuContext) -> Self {
         while !ctx.stopping.load(Ordering::SeqCst) {
             if let Some(exit) = self.run_once(ctx) {
                 ctx.exit.request(exit);
-                return;
+                return self;
             }
         }
+        if ctx.pausing.load(Ordering::SeqCst) {
+            // The last port or MMIO read was answered into the run area but reaches the
+            // guest's registers only on the next entry: enter once with immediate_exit set, so
+            // KVM completes it and returns at once (EINTR) without running guest code.
+            self.fd.set_kvm_immediate_exit(1);
+            let _ = self.fd.run();
+            self.fd.set_kvm_immediate_exit(0);
+        }
+        self
     }
 
     /// Runs until the next exit to user space; returns why the VM must stop, if it must.
@@ -334,7 +529,26 @@ impl Vcpu {
 
     /// Wraps an already created vCPU fd (tests that run hand-made guest code).
     pub fn from_fd(index: u8, fd: VcpuFd) -> Self {
-        Vcpu { index, fd }
+        Vcpu { index, fd, cpuid: Vec::new() }
+    }
+}
+
+/// The first CPUID leaf (function) on which `here` and `saved` differ, if any.
+fn first_difference(here: &[kvm_cpuid_entry2], saved: &[kvm_cpuid_entry2]) -> Option<u32> {
+    let key = |e: &kvm_cpuid_entry2| (e.function, e.index);
+    let mut a: Vec<_> = here.to_vec();
+    let mut b: Vec<_> = saved.to_vec();
+    a.sort_by_key(key);
+    b.sort_by_key(key);
+    for (x, y) in a.iter().zip(&b) {
+        if x != y {
+            return Some(x.function.min(y.function));
+        }
+    }
+    match a.len().cmp(&b.len()) {
+        std::cmp::Ordering::Equal => None,
+        std::cmp::Ordering::Greater => a.get(b.len()).map(|e| e.function),
+        std::cmp::Ordering::Less => b.get(a.len()).map(|e| e.function),
     }
 }
 
@@ -372,6 +586,7 @@ mod tests {
             exit: ExitRequester::new(tx),
             exit_counts,
             stopping: AtomicBool::new(false),
+            pausing: AtomicBool::new(false),
         }
     }
 

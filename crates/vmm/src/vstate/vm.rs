@@ -1,8 +1,19 @@
 //! The KVM VM: guest memory, in-kernel interrupt controllers and PIT.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use std::fs::File;
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use serde::{Deserialize, Serialize};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use crate::arch::x86_64::layout::{ram_ranges, KVM_TSS_ADDR};
 
@@ -18,6 +29,104 @@ pub enum VmError {
     /// Guest memory could not be mapped.
     #[error("cannot allocate {0} MiB of guest memory")]
     Memory(u64, #[source] vm_memory::mmap::FromRangesError),
+    /// A snapshot's memory file could not be mapped.
+    #[error("cannot map the snapshot's guest memory: {0}")]
+    SnapshotMemory(String),
+}
+
+/// What KVM holds for the VM as a whole: the interrupt controllers, the PIT and the clock.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmState {
+    #[allow(missing_docs)]
+    pub pic_master: kvm_irqchip,
+    #[allow(missing_docs)]
+    pub pic_slave: kvm_irqchip,
+    #[allow(missing_docs)]
+    pub ioapic: kvm_irqchip,
+    #[allow(missing_docs)]
+    pub pit: kvm_pit_state2,
+    /// kvmclock's value when the VM was paused: a restored guest's clock goes on from there.
+    pub clock: kvm_clock_data,
+}
+
+fn irqchip(id: u32) -> kvm_irqchip {
+    kvm_irqchip { chip_id: id, ..Default::default() }
+}
+
+/// Reads the VM-wide state; the vCPUs must be paused.
+pub fn save_state(vm: &VmFd) -> Result<VmState, VmError> {
+    let chip = |id| {
+        let mut c = irqchip(id);
+        vm.get_irqchip(&mut c).map(|_| c).map_err(|e| VmError::Kvm("read the irqchip", e))
+    };
+    let mut clock = vm.get_clock().map_err(|e| VmError::Kvm("read the clock", e))?;
+    // Only the value is set again; the flags describe how it was read.
+    clock.flags = 0;
+    Ok(VmState {
+        pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+        pit: vm.get_pit2().map_err(|e| VmError::Kvm("read the PIT", e))?,
+        clock,
+    })
+}
+
+/// Sets the VM-wide state of a VM made by [`create_vm`], before its vCPUs run.
+pub fn restore_state(vm: &VmFd, state: &VmState) -> Result<(), VmError> {
+    let chips = [
+        (KVM_IRQCHIP_PIC_MASTER, &state.pic_master),
+        (KVM_IRQCHIP_PIC_SLAVE, &state.pic_slave),
+        (KVM_IRQCHIP_IOAPIC, &state.ioapic),
+    ];
+    for (id, chip) in chips {
+        if chip.chip_id != id {
+            return Err(VmError::SnapshotMemory(format!("irqchip {id} was saved as {}", chip.chip_id)));
+        }
+        vm.set_irqchip(chip).map_err(|e| VmError::Kvm("set the irqchip", e))?;
+    }
+    vm.set_pit2(&state.pit).map_err(|e| VmError::Kvm("set the PIT", e))?;
+    let mut clock = state.clock;
+    clock.flags = 0;
+    vm.set_clock(&clock).map_err(|e| VmError::Kvm("set the clock", e))?;
+    Ok(())
+}
+
+/// Maps a snapshot's guest memory from `file` (its regions back to back, as [`write_memory`]
+/// wrote them): private and copy-on-write, so the guest's writes never reach the file, and
+/// pages are read from it only when first touched.
+pub fn guest_memory_from_file(mem_size: u64, file: File) -> Result<GuestMemoryMmap, VmError> {
+    let err = |e: String| VmError::SnapshotMemory(e);
+    let needed: u64 = ram_ranges(mem_size).iter().map(|(_, l)| *l).sum();
+    let len = file.metadata().map_err(|e| err(e.to_string()))?.len();
+    if len != needed {
+        return Err(err(format!("the file holds {len} bytes, the VM has {needed}")));
+    }
+    let file = Arc::new(file);
+    let mut offset = 0u64;
+    let mut regions = Vec::new();
+    for (start, size) in ram_ranges(mem_size) {
+        let mapping = MmapRegionBuilder::new(size as usize)
+            .with_file_offset(FileOffset::from_arc(file.clone(), offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| err(format!("region at {start:#x} does not fit")))?;
+        regions.push(region);
+        offset += size;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))
+}
+
+/// Writes every region of guest memory to `out`, back to back.
+pub fn write_memory(mem: &GuestMemoryMmap, out: &mut File) -> std::io::Result<()> {
+    use vm_memory::Bytes;
+    for region in mem.iter() {
+        mem.write_all_volatile_to(region.start_addr(), out, region.len() as usize)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Creates the guest memory mapping (anonymous, private, not reserved up front).

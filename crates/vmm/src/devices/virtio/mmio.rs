@@ -250,7 +250,20 @@ impl MmioTransport {
 
     /// The transport's and the device's state, for a snapshot.
     pub fn save(&mut self) -> Option<MmioState> {
-        let (device, progress) = self.ask(Command::Save)?;
+        self.save_with(Command::Save)
+    }
+
+    /// The state as [`MmioTransport::save`] gives it, after which the device does nothing
+    /// more: for a VM saved as a snapshot, which never resumes.
+    pub fn save_and_stop(&mut self) -> Option<MmioState> {
+        self.save_with(Command::SaveAndStop)
+    }
+
+    fn save_with(
+        &mut self,
+        command: fn(SyncSender<(DeviceState, Option<Vec<QueueSnapshot>>)>) -> Command,
+    ) -> Option<MmioState> {
+        let (device, progress) = self.ask(command)?;
         let queues = match progress {
             Some(q) if q.len() == self.queues.len() => q,
             _ => self.queues.iter().map(|q| q.state().into()).collect(),

@@ -43,6 +43,10 @@ pub enum Command {
     Save(SyncSender<(DeviceState, Option<Vec<QueueSnapshot>>)>),
     /// Take back saved device state.
     Restore(DeviceState, SyncSender<Result<(), RestoreError>>),
+    /// Send back the state as [`Command::Save`] does, then never touch guest memory or the
+    /// backend again: the VM is being saved as a snapshot and never resumes, so nothing may
+    /// change after its state was taken.
+    SaveAndStop(SyncSender<(DeviceState, Option<Vec<QueueSnapshot>>)>),
 }
 
 /// A device and what it works on.
@@ -53,6 +57,8 @@ pub struct DeviceWorker {
     interrupt_status: Arc<AtomicU32>,
     /// The queues, while the driver has the device set up.
     queues: Option<Vec<Queue>>,
+    /// Set by [`Command::SaveAndStop`]: the worker does nothing more.
+    stopped: bool,
 }
 
 impl DeviceWorker {
@@ -64,7 +70,7 @@ impl DeviceWorker {
         irq: EventFd,
         interrupt_status: Arc<AtomicU32>,
     ) -> Self {
-        DeviceWorker { device, mem, irq, interrupt_status, queues: None }
+        DeviceWorker { device, mem, irq, interrupt_status, queues: None, stopped: false }
     }
 
     /// The device (for its kind and backend while setting up the thread).
@@ -74,6 +80,9 @@ impl DeviceWorker {
 
     /// Carries out one command.
     pub fn handle(&mut self, command: Command) {
+        if self.stopped {
+            return;
+        }
         match command {
             Command::Activate { queues, features } => self.activate(queues, features),
             Command::Reset(done) => {
@@ -85,6 +94,10 @@ impl DeviceWorker {
             }
             Command::Restore(state, reply) => {
                 let _ = reply.send(self.device.restore(&state));
+            }
+            Command::SaveAndStop(reply) => {
+                self.stopped = true;
+                let _ = reply.send(self.save());
             }
         }
     }
@@ -115,6 +128,9 @@ impl DeviceWorker {
 
     /// The guest notified queue `index`.
     pub fn queue_event(&mut self, index: usize) {
+        if self.stopped {
+            return;
+        }
         let Some(queues) = self.queues.as_mut() else { return };
         if !queues.get(index).is_some_and(|q| q.ready()) {
             return;
@@ -125,6 +141,9 @@ impl DeviceWorker {
 
     /// The backend has work (or its timer ran out).
     pub fn backend_event(&mut self) {
+        if self.stopped {
+            return;
+        }
         let queues = self.queues.as_deref_mut();
         let used = self.device.process_backend(queues, &self.mem);
         self.signal_used(used);
@@ -246,6 +265,9 @@ fn run(
                 // The transport is gone: the VM is being torn down.
                 Err(TryRecvError::Disconnected) => return,
             }
+        }
+        if worker.stopped {
+            return;
         }
         // The device's timer ran out, whether or not anything else woke the worker.
         if n == 0 || worker.device().backend_timeout() == Some(Duration::ZERO) {
