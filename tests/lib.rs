@@ -255,25 +255,25 @@ pub fn vmm_scenario() -> Scenario {
 /// refused: another kernel command line, another memory size, a truncated memory file.
 fn snapshot_step() -> Step {
     let args = "init=/sbin/scenario-init isocell_scenario=snapshot quiet";
-    let vmm = format!("{{vmm}} --kernel {{bzimage}} --drive {ROOT_RO} --memory 128");
+    let vmm = format!("{{vmm}} --kernel {{bzimage}} --drive {ROOT_RO}");
     let script = format!(
         "d={{work}}/snap; mkdir -p $d
-         {vmm} --boot-args '{args}' --console file:{{work}}/c0.log --snapshot-save $d --report {{work}}/save.json & p=$!
+         {vmm} --memory 128 --boot-args '{args}' --console file:{{work}}/c0.log --snapshot-save $d --report {{work}}/save.json & p=$!
          i=0; until grep -q isocell-snapshot-ready {{work}}/c0.log 2>/dev/null; do
            sleep 0.1; i=$((i+1)); [ $i -gt 1200 ] && {{ echo never ready; kill $p; exit 3; }}; done
          kill -USR1 $p; wait $p; echo \"save rc=$?\"
          echo \"saved-vm-results $(grep -c ISOCELL-RESULT {{work}}/c0.log)\"
          ls -l $d; sha256sum $d/memory > {{work}}/before
-         {vmm} --boot-args '{args}' --console file:{{work}}/c1.log --restore $d --report {{work}}/r1.json & a=$!
-         {vmm} --boot-args '{args}' --console file:{{work}}/c2.log --restore $d --report {{work}}/r2.json & b=$!
+         {vmm} --memory 128 --boot-args '{args}' --console file:{{work}}/c1.log --restore $d --report {{work}}/r1.json & a=$!
+         {vmm} --memory 128 --boot-args '{args}' --console file:{{work}}/c2.log --restore $d --report {{work}}/r2.json & b=$!
          wait $a; echo \"restore1 rc=$?\"; wait $b; echo \"restore2 rc=$?\"
          grep -h ISOCELL-RESULT {{work}}/c1.log {{work}}/c2.log
          sha256sum -c {{work}}/before >/dev/null && echo memory-unchanged
-         {vmm} --boot-args '{args} extra' --console file:{{work}}/c3.log --restore $d 2>{{work}}/e3; echo \"other-cmdline rc=$?\"; cat {{work}}/e3
-         {vmm} --boot-args '{args}' --memory 256 --console file:{{work}}/c4.log --restore $d 2>{{work}}/e4; echo \"other-memory rc=$?\"; cat {{work}}/e4
+         {vmm} --memory 128 --boot-args '{args} extra' --console file:{{work}}/c3.log --restore $d 2>{{work}}/e3; echo \"other-cmdline rc=$?\"; cat {{work}}/e3
+         {vmm} --memory 256 --boot-args '{args}' --console file:{{work}}/c4.log --restore $d 2>{{work}}/e4; echo \"other-memory rc=$?\"; cat {{work}}/e4
          head -c 1000 $d/memory > {{work}}/short && cp $d/vm.json {{work}}/ && mkdir {{work}}/cut && mv {{work}}/short {{work}}/cut/memory && mv {{work}}/vm.json {{work}}/cut/
-         {vmm} --boot-args '{args}' --console file:{{work}}/c5.log --restore {{work}}/cut 2>{{work}}/e5; echo \"short-memory rc=$?\"; cat {{work}}/e5
-         cat {{work}}/r1.json"
+         {vmm} --memory 128 --boot-args '{args}' --console file:{{work}}/c5.log --restore {{work}}/cut 2>{{work}}/e5; echo \"short-memory rc=$?\"; cat {{work}}/e5
+         echo restore-report; cat {{work}}/r1.json"
     );
     let mut step = shell_step("snapshot", &script, 300);
     step.report_file = Some("{work}/save.json".into());

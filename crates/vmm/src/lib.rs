@@ -43,9 +43,7 @@ use exit::{ExitRequester, VmExit};
 use report::MemoryUse;
 use snapshot::{MachineShape, SnapshotError, SnapshotState};
 use timeline::{Phase, Timeline};
-use vstate::vcpu::{
-    pause_vcpus, register_kick_signal, stop_vcpus, ExitCounts, Vcpu, VcpuContext,
-};
+use vstate::vcpu::{pause_vcpus, register_kick_signal, stop_vcpus, ExitCounts, Vcpu, VcpuContext};
 
 pub use isocell_vmm_model::{descriptions, kernel_cmdline, BASE_KERNEL_ARGS};
 
@@ -272,7 +270,8 @@ pub fn boot(
     timeline.mark(Phase::Exited);
     let stuck = match (&reason, options.save_to) {
         (VmExit::Saved, Some(dir)) => {
-            let parts = SnapshotParts { vm: &vm, mem: &mem, devices: &devices, msr_index: &msr_index };
+            let parts =
+                SnapshotParts { vm: &vm, mem: &mem, devices: &devices, msr_index: &msr_index };
             if let Err(e) = save_snapshot(dir, &ctx, threads, machine, &parts) {
                 reason = VmExit::VmmError(format!("cannot save the snapshot: {e}"));
             }

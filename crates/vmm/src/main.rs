@@ -222,7 +222,11 @@ fn run(args: Args, timeline: Arc<Timeline>) -> u8 {
                 BuildError::Host(_) => EXIT_NO_HARDWARE_VIRT as u8,
                 // A snapshot that does not fit is refused before anything ran: like a bad
                 // configuration.
-                BuildError::Snapshot(_) => EXIT_BAD_CONFIG as u8,
+                BuildError::Snapshot(_)
+                | BuildError::Vcpu(isocell_vmm::vstate::vcpu::VcpuError::Mismatch(..))
+                | BuildError::Vm(isocell_vmm::vstate::vm::VmError::SnapshotMemory(_)) => {
+                    EXIT_BAD_CONFIG as u8
+                }
                 _ => EXIT_VMM_ERROR as u8,
             };
         }

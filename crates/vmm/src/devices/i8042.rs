@@ -152,7 +152,8 @@ impl BusDevice for I8042 {
     }
 
     fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        let s: ControllerState = serde_json::from_value(state.clone()).map_err(|e| e.to_string())?;
+        let s: ControllerState =
+            serde_json::from_value(state.clone()).map_err(|e| e.to_string())?;
         if s.output.len() > OUTPUT_CAPACITY {
             return Err(format!("{} buffered bytes", s.output.len()));
         }

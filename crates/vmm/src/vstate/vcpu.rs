@@ -425,8 +425,10 @@ impl Vcpu {
         for chunk in wanted.chunks(MSR_CHUNK) {
             let mut chunk: Vec<u32> = chunk.to_vec();
             while !chunk.is_empty() {
-                let entries: Vec<kvm_msr_entry> =
-                    chunk.iter().map(|&i| kvm_msr_entry { index: i, ..Default::default() }).collect();
+                let entries: Vec<kvm_msr_entry> = chunk
+                    .iter()
+                    .map(|&i| kvm_msr_entry { index: i, ..Default::default() })
+                    .collect();
                 let mut msrs = Msrs::from_entries(&entries).map_err(|e| {
                     VcpuError::Mismatch(index, format!("cannot list the MSRs: {e:?}"))
                 })?;

@@ -80,7 +80,10 @@ pub fn restore_state(vm: &VmFd, state: &VmState) -> Result<(), VmError> {
     ];
     for (id, chip) in chips {
         if chip.chip_id != id {
-            return Err(VmError::SnapshotMemory(format!("irqchip {id} was saved as {}", chip.chip_id)));
+            return Err(VmError::SnapshotMemory(format!(
+                "irqchip {id} was saved as {}",
+                chip.chip_id
+            )));
         }
         vm.set_irqchip(chip).map_err(|e| VmError::Kvm("set the irqchip", e))?;
     }

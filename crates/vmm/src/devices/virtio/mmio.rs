@@ -259,10 +259,7 @@ impl MmioTransport {
         self.save_with(Command::SaveAndStop)
     }
 
-    fn save_with(
-        &mut self,
-        command: fn(SyncSender<(DeviceState, Option<Vec<QueueSnapshot>>)>) -> Command,
-    ) -> Option<MmioState> {
+    fn save_with(&mut self, command: fn(worker::SaveReply) -> Command) -> Option<MmioState> {
         let (device, progress) = self.ask(command)?;
         let queues = match progress {
             Some(q) if q.len() == self.queues.len() => q,

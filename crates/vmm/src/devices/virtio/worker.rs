@@ -27,6 +27,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{DeviceState, QueueSnapshot, RestoreError, VirtioDevice};
 
+/// Where a worker sends the device's state and its queues' progress.
+pub type SaveReply = SyncSender<(DeviceState, Option<Vec<QueueSnapshot>>)>;
+
 /// What the transport asks of the worker.
 pub enum Command {
     /// The driver set `DRIVER_OK`: work on these queues with these features.
@@ -40,13 +43,13 @@ pub enum Command {
     /// left, so no used buffer lands in rings the driver has freed.
     Reset(SyncSender<()>),
     /// Send back the device's state and its queues' progress.
-    Save(SyncSender<(DeviceState, Option<Vec<QueueSnapshot>>)>),
+    Save(SaveReply),
     /// Take back saved device state.
     Restore(DeviceState, SyncSender<Result<(), RestoreError>>),
     /// Send back the state as [`Command::Save`] does, then never touch guest memory or the
     /// backend again: the VM is being saved as a snapshot and never resumes, so nothing may
     /// change after its state was taken.
-    SaveAndStop(SyncSender<(DeviceState, Option<Vec<QueueSnapshot>>)>),
+    SaveAndStop(SaveReply),
 }
 
 /// A device and what it works on.
