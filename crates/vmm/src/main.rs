@@ -17,7 +17,7 @@ const EXIT_STATUS_HELP: &str = "\
 Exit status:
   0  the guest rebooted or powered off (ACPI S5)
   1  the VMM failed
-  2  invalid configuration or flags; no VM was created
+  2  invalid configuration or flags, or a snapshot that does not fit; no VM was created
   3  the guest kernel panicked
   4  the guest crashed a vCPU (triple fault, KVM internal error)
   5  this host has no hardware virtualization behind /dev/kvm
