@@ -12,6 +12,7 @@ mod files;
 mod identity;
 mod mounts;
 mod net;
+mod reseed;
 mod session;
 
 use std::fs::OpenOptions;
@@ -94,8 +95,17 @@ fn connect() -> Option<VsockStream> {
     }
 }
 
+/// How a connection to the host ended without an error.
+enum Served {
+    /// The host asked the cell to power off.
+    Shutdown,
+    /// The connection broke after `PrepareSnapshot`: this is a copy restored from the
+    /// snapshot, and must dial its new host.
+    Restored,
+}
+
 /// Serves the host until it asks for shutdown or goes away.
-fn serve(stream: VsockStream) -> Result<(), String> {
+fn serve(stream: VsockStream) -> Result<Served, String> {
     let reader = stream.try_clone().map_err(|e| format!("vsock: {e}"))?;
     let mut reader = BufReader::with_capacity(128 * 1024, reader);
     let link = Arc::new(Link { writer: Mutex::new(stream) });
@@ -110,13 +120,26 @@ fn serve(stream: VsockStream) -> Result<(), String> {
     }
 
     let mut running: Option<exec::Running> = None;
+    let mut prepared = false;
     loop {
         let msg = match read_frame(&mut reader) {
             Ok(Some(m)) => m,
+            Ok(None) | Err(_) if prepared => return Ok(Served::Restored),
             Ok(None) => return Err("the host closed the connection".into()),
             Err(e) => return Err(format!("reading from the host: {e}")),
         };
         let reply = match msg {
+            // Only a cell that has run nothing may be saved; it then waits for the break.
+            Message::PrepareSnapshot if running.is_none() => {
+                prepared = true;
+                Some(Message::Done)
+            }
+            Message::PrepareSnapshot => {
+                Some(Message::Error { message: "this cell has run a command".into() })
+            }
+            Message::Reseed { entropy, unix_time_ns } => {
+                Some(result_message(reseed::reseed(&entropy, unix_time_ns)))
+            }
             Message::Exec(req) => {
                 if running.as_ref().is_some_and(|r| !r.finished()) {
                     Some(Message::Error { message: "a command is already running".into() })
@@ -156,7 +179,7 @@ fn serve(stream: VsockStream) -> Result<(), String> {
                     r.signal(libc::SIGKILL);
                     r.wait_sent();
                 }
-                return Ok(());
+                return Ok(Served::Shutdown);
             }
             other => file_operation(other, &mut reader, &link),
         };
@@ -226,10 +249,17 @@ fn main() {
     }
     net::set_up(args.net);
     exec::start_reaper();
-    if let Some(stream) = connect() {
-        session::listen();
-        if let Err(e) = serve(stream) {
-            log(&e);
+    session::listen();
+    // A copy restored from a snapshot goes round again: its old connection broke with the
+    // vsock transport reset, and its new host is waiting.
+    while let Some(stream) = connect() {
+        match serve(stream) {
+            Ok(Served::Restored) => continue,
+            Ok(Served::Shutdown) => break,
+            Err(e) => {
+                log(&e);
+                break;
+            }
         }
     }
     power_off();

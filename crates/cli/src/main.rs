@@ -21,6 +21,7 @@ mod exit;
 mod images;
 mod inspect;
 mod run;
+mod snapshots;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -62,6 +63,9 @@ enum Command {
     Image(images::ImageCmd),
     /// Long-lived cells through the daemon (isocelld): create, ls, inspect, exec, logs, rm.
     Cell(client::CellArgs),
+    /// Snapshots: cells saved before they ran anything, started with `run --snapshot`.
+    #[command(subcommand)]
+    Snapshot(snapshots::SnapshotCmd),
 }
 
 #[derive(Args, Debug)]
@@ -156,6 +160,16 @@ struct RunArgs {
     /// Write a JSON report of the run (phases, VMM boot timeline, memory) here.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
+    /// Start the cell from this snapshot (isocell snapshot create) instead of booting it: its
+    /// image, kernel, vCPUs and memory are the snapshot's, it has no network, and its RNG is
+    /// reseeded from this host before the command runs. The default policy allows it for
+    /// public and internal data only.
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with_all = ["image", "image_arg", "kernel", "kernel_args", "cpus", "memory", "egress", "publish"]
+    )]
+    snapshot: Option<String>,
     /// The image: a registry reference (registry.example:5000/team/app:1.4, debian:12,
     /// app@sha256:...), oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:REPO:TAG], or
     /// the path of a block image [default: ISOCELL_IMAGE, or this project's base image].
@@ -169,7 +183,7 @@ struct RunArgs {
 }
 
 /// `--memory`, parsed and range-checked once.
-fn parse_memory(s: &str) -> Result<MemorySize, String> {
+pub(crate) fn parse_memory(s: &str) -> Result<MemorySize, String> {
     s.parse().map_err(|e: isocell_spec::MemorySizeError| e.to_string())
 }
 
@@ -389,31 +403,44 @@ fn options(mut args: RunArgs) -> Result<run::Run, String> {
     let copy_timeout = seconds("--copy-timeout", args.copy_timeout)?;
     let output_max_bytes = parse_size("--output-max-bytes", &args.output_max_bytes)?;
     let env = parse_env(&args.env)?;
+    let snapshot = match &args.snapshot {
+        Some(name) => {
+            let fixed = spec.image.is_some()
+                || spec.kernel.is_some()
+                || spec.cpus.is_some()
+                || spec.memory.is_some()
+                || !spec.egress.is_empty()
+                || !spec.publish.is_empty();
+            if fixed {
+                return Err(format!(
+                    "--snapshot {name}: the cell's image, kernel, vCPUs, memory and network are \
+                     the snapshot's; leave them out of the cell spec"
+                ));
+            }
+            if !args.no_jail {
+                need_root()?;
+            }
+            let host = HostConfig::discover(!args.no_jail).map_err(|e| e.to_string())?;
+            Some(isocell_host::snapshot::restore_request(&host, name).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
     let image_name = args.image.as_deref().or(args.image_arg.as_deref());
     let parsed = image_name.map(isocell_image::ImageRef::parse).transpose()?;
-    let (image, process) = match parsed {
-        None => (CellImage::Block(locate::image(None).map_err(|e| e.to_string())?), None),
-        Some(isocell_image::ImageRef::Raw(p)) => {
+    let (image, process) = match (&snapshot, parsed) {
+        (Some(snap), _) => match &snap.image {
+            CellImage::Container(c) => {
+                (snap.image.clone(), Some(container_process(&c.resolved, &args, &env)?))
+            }
+            CellImage::Block(_) => (snap.image.clone(), None),
+        },
+        (None, None) => (CellImage::Block(locate::image(None).map_err(|e| e.to_string())?), None),
+        (None, Some(isocell_image::ImageRef::Raw(p))) => {
             (CellImage::Block(locate::image(Some(&p)).map_err(|e| e.to_string())?), None)
         }
-        Some(r) => {
+        (None, Some(r)) => {
             let resolved = images::resolve(&r, &args.fetch, false)?;
-            let (passwd, group) = isocell_image::Store::user_db(&resolved.dir);
-            let overrides = isocell_image::runconfig::Overrides {
-                entrypoint: args.entrypoint.clone(),
-                command: args.command.clone(),
-                env: env.clone(),
-                workdir: args.workdir.clone(),
-                user: args.user.clone(),
-            };
-            let process = isocell_image::runconfig::plan(
-                &resolved.record.run_config,
-                &overrides,
-                passwd.as_deref(),
-                group.as_deref(),
-                HOSTNAME,
-            )
-            .map_err(|e| format!("image {}: {e}", resolved.name))?;
+            let process = container_process(&resolved, &args, &env)?;
             let pinned = r.pinned_digest().is_some();
             (CellImage::Container(Box::new(ContainerImage { resolved, pinned })), Some(process))
         }
@@ -447,8 +474,10 @@ fn options(mut args: RunArgs) -> Result<run::Run, String> {
         need_root()?;
     }
     let host = HostConfig::discover(!args.no_jail).map_err(|e| e.to_string())?;
-    let request = RunRequest {
-        cell: CellRequest {
+    let cell = match snapshot {
+        // The snapshot's own cell, under this run's constraints.
+        Some(snap) => CellRequest { max_lifetime_secs: None, constraints, ..snap },
+        None => CellRequest {
             kernel,
             image,
             cpus,
@@ -457,7 +486,11 @@ fn options(mut args: RunArgs) -> Result<run::Run, String> {
             max_lifetime_secs: None,
             constraints,
             network,
+            snapshot: Default::default(),
         },
+    };
+    let request = RunRequest {
+        cell,
         process,
         inputs: parse_inputs(&args.inputs)?,
         outputs: parse_outputs(&args.outputs)?,
@@ -471,8 +504,32 @@ fn options(mut args: RunArgs) -> Result<run::Run, String> {
     Ok(run::Run { host, request, interactive: args.interactive, report: args.report })
 }
 
+/// The process a container image runs, from its configuration and the run's overrides.
+fn container_process(
+    resolved: &isocell_image::Resolved,
+    args: &RunArgs,
+    env: &[(String, String)],
+) -> Result<isocell_image::runconfig::Process, String> {
+    let (passwd, group) = isocell_image::Store::user_db(&resolved.dir);
+    let overrides = isocell_image::runconfig::Overrides {
+        entrypoint: args.entrypoint.clone(),
+        command: args.command.clone(),
+        env: env.to_vec(),
+        workdir: args.workdir.clone(),
+        user: args.user.clone(),
+    };
+    isocell_image::runconfig::plan(
+        &resolved.record.run_config,
+        &overrides,
+        passwd.as_deref(),
+        group.as_deref(),
+        HOSTNAME,
+    )
+    .map_err(|e| format!("image {}: {e}", resolved.name))
+}
+
 /// The jail needs root to build.
-fn need_root() -> Result<(), String> {
+pub(crate) fn need_root() -> Result<(), String> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Err("the cell's jail (namespaces, cgroup, an unprivileged uid) needs root: run \
@@ -502,6 +559,7 @@ fn main() -> ExitCode {
         Command::Surface(args) => inspect::surface(args),
         Command::Image(cmd) => images::image(cmd),
         Command::Cell(args) => client::cell(args),
+        Command::Snapshot(cmd) => snapshots::snapshot(cmd),
     };
     ExitCode::from(code)
 }

@@ -26,7 +26,7 @@ pub struct Run {
 
 /// Our terminal: output as it comes, notices as `isocell: ...` lines on stderr. A stdout or
 /// stderr that cannot be written is ignored (it must not change the exit status).
-struct Terminal;
+pub(crate) struct Terminal;
 
 impl OutputSink for Terminal {
     fn stdout(&mut self, bytes: &[u8]) {
@@ -42,7 +42,7 @@ impl OutputSink for Terminal {
 }
 
 /// SIGINT, SIGTERM and SIGHUP cancel the run (it then tears the cell down in order).
-fn cancel_on_signals() -> Cancel {
+pub(crate) fn cancel_on_signals() -> Cancel {
     let cancel = Cancel::new();
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         let c = cancel.clone();
@@ -97,7 +97,7 @@ fn cancelled(reason: CancelReason) -> u8 {
 }
 
 /// Says what went wrong and gives the status for it.
-fn error_status(e: &CellError) -> u8 {
+pub(crate) fn error_status(e: &CellError) -> u8 {
     if let CellError::Cancelled(reason) = e {
         return cancelled(*reason);
     }

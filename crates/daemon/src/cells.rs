@@ -215,6 +215,7 @@ impl App {
             max_lifetime_secs: constraints.max_lifetime_secs,
             constraints,
             network,
+            snapshot: Default::default(),
         })
     }
 

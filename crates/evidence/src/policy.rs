@@ -67,6 +67,8 @@ pub struct AdmissionRequest {
     pub max_lifetime_secs: Option<u64>,
     /// The VMM runs jailed and seccomp-filtered (not `--no-jail`).
     pub jailed: bool,
+    /// The cell starts from this snapshot (its name) instead of a fresh boot.
+    pub snapshot: Option<String>,
     /// The cell's egress allowlist; each rule is also asked as action `egress`.
     pub egress: Vec<EgressRequest>,
     /// Its published ports; each is also asked as action `publish`.
@@ -223,6 +225,8 @@ impl Policies {
                 "has_max_lifetime": req.max_lifetime_secs.is_some(),
                 "max_lifetime_secs": req.max_lifetime_secs.unwrap_or(0),
                 "jailed": req.jailed,
+                "restored": req.snapshot.is_some(),
+                "snapshot": req.snapshot.clone().unwrap_or_default(),
                 "egress": req.egress.iter().map(|e| e.rule.clone()).collect::<Vec<_>>(),
                 "has_egress": !req.egress.is_empty(),
                 "publish": req.publish.iter().map(|p| p.published.clone()).collect::<Vec<_>>(),
@@ -384,6 +388,7 @@ mod tests {
             image_digests: vec![],
             max_lifetime_secs: None,
             jailed: true,
+            snapshot: None,
             egress: vec![],
             publish: vec![],
         }
@@ -518,6 +523,18 @@ mod tests {
         r.classification = "internal".into();
         r.classification_level = 1;
         assert_eq!(p.decide(&r).unwrap().policies, ["default:jail-for-non-public"]);
+
+        // A snapshot start is fresh enough for public and internal data, not for more.
+        let mut r = request();
+        r.snapshot = Some("base".into());
+        assert!(p.decide(&r).unwrap().allowed, "public data may start from a snapshot");
+        r.classification = "confidential".into();
+        r.classification_level = 2;
+        r.image_kind = "raw".into();
+        r.host_jurisdiction = "EU".into();
+        assert_eq!(p.decide(&r).unwrap().policies, ["default:classified-needs-cold-boot"]);
+        r.snapshot = None;
+        assert!(p.decide(&r).unwrap().allowed, "a cold boot is allowed");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::evidence::{ms_since, CellEvidence, Costs, EvidenceError};
 use crate::network;
 use crate::state::Host;
 use crate::transfer::{self, OutputBudget};
+use crate::plan::SnapshotUse;
 use crate::vmm_process::{self, TeardownChecks, Vmm};
 use crate::{Cancel, CancelReason, CellError, CellPlan, HostConfig, OutputSink};
 
@@ -109,6 +110,9 @@ impl Admitted {
         let cache = DigestCache::new(ev.host.dir.join("digests"));
         let measurement = plan.measure(Some(&cache))?;
         ev.costs.measure_ms += ms_since(t);
+        if let SnapshotUse::Restore { name, components, .. } = &plan.request.snapshot {
+            crate::snapshot::check_components(name, components, &measurement.components)?;
+        }
         let t = Instant::now();
         let policies = Policies::load_standard(&ev.host.dir.join("policies"), policy_files);
         ev.costs.policy_ms += ms_since(t);
@@ -123,6 +127,11 @@ impl Admitted {
     /// The launch digest.
     pub fn launch_digest(&self) -> &str {
         &self.measurement.launch_digest
+    }
+
+    /// The measured components (kernel, initrd, image, VMM, ...) by name.
+    pub fn components(&self) -> &std::collections::BTreeMap<String, String> {
+        &self.measurement.components
     }
 
     /// Checks that this host can run the cell, then starts its VMM (jailed if planned so) and
@@ -160,7 +169,9 @@ impl Admitted {
         let pid = cell.vmm.vmm_pid(Duration::from_secs(5));
         cell.vmm_pid = pid;
         let identity = cell.plan.image_identity();
-        let receipt = cell.ev.launched(&cell.measurement, &self.decision, command, pid, &identity);
+        let start = cell.plan.start_identity();
+        let receipt =
+            cell.ev.launched(&cell.measurement, &self.decision, command, pid, &identity, &start);
         // On failure the cell's VMM goes with `cell` (its Drop tears down).
         cell.launch_receipt = logged(&mut cell.ev, receipt.map_err(CellError::from))?;
         Ok(cell)
@@ -197,6 +208,7 @@ impl Admitted {
             self.plan.jail.as_ref(),
             host.seccomp_probe.as_deref(),
             ports,
+            &self.plan.vmm_args,
         )
         .map_err(CellError::Start)
     }
@@ -289,8 +301,62 @@ impl Cell {
         let (link, agent) = AgentLink::handshake(stream, timeout)
             .map_err(|e| CellError::Agent(format!("{e}{}", self.vmm.diagnostics())))?;
         self.link = Some(link);
+        if let SnapshotUse::Restore { name, .. } = &self.plan.request.snapshot {
+            let name = name.clone();
+            self.reseed(timeout)?;
+            self.log("restored", json!({ "snapshot": name, "reseeded": true }))?;
+        }
         self.log("start", json!({ "agent": agent, "boot_ms": boot_ms.round() as u64 }))?;
         Ok(agent)
+    }
+
+    /// A cell restored from a snapshot shares its RNG state and stopped clock with every
+    /// other copy: before anything runs, the agent mixes in fresh entropy from this host,
+    /// reseeds, and sets the clock.
+    fn reseed(&mut self, timeout: Duration) -> Result<(), CellError> {
+        let mut entropy = vec![0u8; 64];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut entropy))
+            .map_err(|e| CellError::Host(format!("cannot read this host's entropy: {e}")))?;
+        let unix_time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let link = self.link()?;
+        link.send(&Message::Reseed { entropy, unix_time_ns })
+            .map_err(|e| CellError::Agent(e.to_string()))?;
+        match link.expect(timeout, "the reseed answer") {
+            Ok(Message::Done) => Ok(()),
+            Ok(Message::Error { message }) => {
+                Err(CellError::Agent(format!("the restored cell could not reseed: {message}")))
+            }
+            Ok(other) => Err(CellError::Agent(format!("unexpected answer to reseed: {other:?}"))),
+            Err(e) => Err(CellError::Agent(e.to_string())),
+        }
+    }
+
+    /// Asks the agent of a cell that has run nothing to get ready to be saved: it answers,
+    /// then only waits for its connection to break (see `Message::PrepareSnapshot`).
+    pub fn prepare_snapshot(&mut self, timeout: Duration) -> Result<(), CellError> {
+        let link = self.link()?;
+        link.send(&Message::PrepareSnapshot).map_err(|e| CellError::Agent(e.to_string()))?;
+        match link.expect(timeout, "the snapshot answer") {
+            Ok(Message::Done) => Ok(()),
+            Ok(other) => Err(CellError::Agent(format!("the agent will not be saved: {other:?}"))),
+            Err(e) => Err(CellError::Agent(e.to_string())),
+        }
+    }
+
+    /// Waits up to `timeout` for the VMM to exit by itself (killing it after), keeping the
+    /// agent connection open until then. Returns its status.
+    pub fn wait_vmm_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let status = self.vmm.stop(timeout);
+        self.link = None;
+        status
+    }
+
+    /// The VMM's own report, once it has exited.
+    pub fn vmm_report(&self) -> Option<Value> {
+        self.vmm.vmm_report()
     }
 
     fn link(&mut self) -> Result<&mut AgentLink, CellError> {

@@ -170,6 +170,7 @@ pub fn plan(
         cgroup: None,
         uid,
         gid: uid,
+        groups: Vec::new(),
         mounts: vec![
             vmm_mount,
             ro(from.kernel, JAIL_KERNEL, k),

@@ -230,6 +230,7 @@ impl CellEvidence {
         argv: &[String],
         vmm_pid: Option<u32>,
         image: &Value,
+        start: &Value,
     ) -> Result<PathBuf, EvidenceError> {
         self.launch_digest = Some(m.launch_digest.clone());
         let command_digest = isocell_evidence::canonical::sha256_hex(
@@ -244,6 +245,7 @@ impl CellEvidence {
             "launch_digest": m.launch_digest,
             "components": m.components,
             "image": image,
+            "start": start,
             "admission": { "decision": "allow", "policies": decision.policies },
             "command_sha256": command_digest,
             "vmm_pid": vmm_pid,
@@ -333,7 +335,8 @@ mod tests {
             egress_rule: None,
         };
         let launch =
-            ev.launched(&m, &decision, &["true".into()], None, &json!({"kind": "raw"})).unwrap();
+            ev.launched(&m, &decision, &["true".into()], None, &json!({"kind": "raw"}), &json!({}))
+                .unwrap();
         let old_log = std::fs::read(dir.join("audit").join(LOG_FILE)).unwrap();
         let old_head = std::fs::read(dir.join("audit").join(HEAD_FILE)).unwrap();
         ev.log("exit", json!({"exit_code": 0})).unwrap();

@@ -24,6 +24,7 @@ pub mod plan;
 pub mod run;
 pub mod session;
 pub mod sink;
+pub mod snapshot;
 pub mod state;
 pub mod supervisor;
 pub mod transfer;

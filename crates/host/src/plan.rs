@@ -66,7 +66,38 @@ pub struct CellRequest {
     /// Where the cell may connect and which of its ports are published.
     #[serde(default)]
     pub network: Network,
+    /// Whether it is saved as, or started from, a snapshot.
+    #[serde(default)]
+    pub snapshot: SnapshotUse,
 }
+
+/// Whether a cell is saved as, or started from, a snapshot (see `crate::snapshot`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub enum SnapshotUse {
+    /// A fresh boot, nothing saved: every cell unless asked otherwise.
+    #[default]
+    None,
+    /// A fresh boot that is saved into this directory once its agent is ready.
+    Create(PathBuf),
+    /// A start from the snapshot `name` in `dir`, whose files the host has checked against
+    /// these digests.
+    Restore {
+        /// The snapshot's name.
+        name: String,
+        /// Its directory.
+        dir: PathBuf,
+        /// Digest of its memory file, `sha256:HEX`.
+        memory_digest: String,
+        /// Digest of its state file.
+        state_digest: String,
+        /// What it was booted from (kernel, initrd, root image, VMM), as the launch
+        /// measurement names them: the cell must measure the same.
+        components: std::collections::BTreeMap<String, String>,
+    },
+}
+
+/// Where a jailed VMM sees the snapshot directory.
+const JAIL_SNAPSHOT: &str = "/snapshot";
 
 /// The plan of one cell.
 pub struct CellPlan {
@@ -94,6 +125,9 @@ pub struct CellPlan {
     vmm: PathBuf,
     /// The seccomp rules, canonical JSON.
     seccomp: String,
+    /// Arguments an unjailed VMM gets besides its configuration (a jailed one has them in its
+    /// jail spec).
+    pub vmm_args: Vec<String>,
 }
 
 impl CellPlan {
@@ -119,7 +153,7 @@ impl CellPlan {
             Some(_) => Some(Pinned::open(&from)?),
             None => None,
         };
-        let (view, jail) = confine::plan(
+        let (view, mut jail) = confine::plan(
             &host.run_dir,
             id,
             &from,
@@ -127,6 +161,36 @@ impl CellPlan {
             request.cpus,
             request.memory.mib(),
         );
+        let snapshot = match &request.snapshot {
+            SnapshotUse::None => None,
+            SnapshotUse::Create(dir) => Some((dir, "--snapshot-save", true)),
+            SnapshotUse::Restore { dir, .. } => Some((dir, "--restore", false)),
+        };
+        let mut vmm_args = Vec::new();
+        if let Some((dir, flag, writable)) = snapshot {
+            match jail.as_mut() {
+                Some(j) => {
+                    j.spec.mounts.push(isocell_jail::BindMount {
+                        host: dir.clone(),
+                        jail: JAIL_SNAPSHOT.into(),
+                        writable,
+                        exec: false,
+                        pinned: None,
+                    });
+                    j.spec.argv.extend([flag.to_owned(), JAIL_SNAPSHOT.to_owned()]);
+                    if !writable {
+                        // The snapshot's files are root's, readable by this group only.
+                        j.spec.groups.push(isocell_jail::SNAPSHOT_READER_GID);
+                    }
+                    if writable {
+                        // The VMM writes all of guest memory into one file.
+                        let memory = (request.memory.mib() << 20) + (64 << 20);
+                        j.spec.rlimits.fsize = j.spec.rlimits.fsize.max(memory);
+                    }
+                }
+                None => vmm_args = vec![flag.to_owned(), dir.display().to_string()],
+            }
+        }
         // A container image boots through dm-verity: the kernel builds /dev/dm-0 over the
         // image's disk from the measured command line and refuses any block that differs.
         let (root_device, image_args) = match &request.image {
@@ -166,6 +230,7 @@ impl CellPlan {
             image_path,
             pinned,
             seccomp,
+            vmm_args,
         })
     }
 
@@ -205,10 +270,35 @@ impl CellPlan {
         }
     }
 
+    /// How the cell starts, for its launch receipt: a fresh boot, a fresh boot saved as a
+    /// snapshot, or a restore from a named snapshot with the digests of its files.
+    pub fn start_identity(&self) -> Value {
+        match &self.request.snapshot {
+            SnapshotUse::None => json!({ "kind": "cold_boot" }),
+            SnapshotUse::Create(_) => json!({ "kind": "cold_boot", "saved_as_snapshot": true }),
+            SnapshotUse::Restore { name, memory_digest, state_digest, .. } => json!({
+                "kind": "restored",
+                "snapshot": name,
+                "memory_digest": memory_digest,
+                "state_digest": state_digest,
+            }),
+        }
+    }
+
     /// The measured VM configuration: the configuration (cell directory as `{cell}`) and the
     /// confinement.
     pub fn measured_vm(&self) -> Value {
-        json!({ "vm": measured_config(&self.config, &self.view), "confinement": self.confinement() })
+        let vm = measured_config(&self.config, &self.view);
+        let snapshot = match &self.request.snapshot {
+            SnapshotUse::None => return json!({ "vm": vm, "confinement": self.confinement() }),
+            SnapshotUse::Create(_) => json!({ "create": true }),
+            SnapshotUse::Restore { name, memory_digest, state_digest, .. } => json!({
+                "restore": name,
+                "memory": memory_digest,
+                "state": state_digest,
+            }),
+        };
+        json!({ "vm": vm, "confinement": self.confinement(), "snapshot": snapshot })
     }
 
     /// Measures the launch from the files as this process holds them (pinned when jailed).
@@ -291,6 +381,10 @@ impl CellPlan {
             image_digests: c.image_digests.clone(),
             max_lifetime_secs: c.max_lifetime_secs,
             jailed: self.jail.is_some(),
+            snapshot: match &r.snapshot {
+                SnapshotUse::Restore { name, .. } => Some(name.clone()),
+                _ => None,
+            },
             egress: r
                 .network
                 .egress

@@ -326,6 +326,7 @@ impl Vmm {
         jail: Option<&JailPlan>,
         seccomp_probe: Option<&str>,
         host_ports: &[u32],
+        extra_args: &[String],
     ) -> Result<Vmm, VmmError> {
         let mut probe: Vec<String> = match seccomp_probe {
             Some(kind) => vec!["--seccomp-probe".into(), kind.into()],
@@ -404,6 +405,7 @@ impl Vmm {
                 let mut cmd = Command::new(vmm);
                 cmd.arg("--config").arg(&config_path);
                 cmd.arg("--report").arg(shared.join("vmm-report.json"));
+                cmd.args(extra_args);
                 cmd.args(&probe);
                 cmd
             }

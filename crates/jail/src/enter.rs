@@ -296,7 +296,8 @@ fn confine(
     unsafe { libc::umask(0o077) };
 
     drop_capabilities_for_good()?;
-    unistd::setgroups(&[]).map_err(step("setgroups"))?;
+    let groups: Vec<Gid> = spec.groups.iter().map(|&g| Gid::from_raw(g)).collect();
+    unistd::setgroups(&groups).map_err(step("setgroups"))?;
     unistd::setresgid(gid, gid, gid).map_err(step("setresgid"))?;
     unistd::setresuid(uid, uid, uid).map_err(step("setresuid"))?;
     if unistd::setuid(Uid::from_raw(0)).is_ok() {

@@ -92,8 +92,11 @@ pub struct JailSpec {
     pub cgroup: Option<PathBuf>,
     /// Unprivileged uid the VMM runs as.
     pub uid: u32,
-    /// Its gid (no supplementary groups).
+    /// Its gid.
     pub gid: u32,
+    /// Supplementary groups (none, unless the cell reads a snapshot: [`SNAPSHOT_READER_GID`]).
+    #[serde(default)]
+    pub groups: Vec<u32>,
     /// Host files and directories made visible.
     pub mounts: Vec<BindMount>,
     /// Device nodes created.
@@ -219,6 +222,11 @@ impl JailSpec {
     }
 }
 
+/// The group that may read the host's snapshots (their memory and state files are
+/// `root:SNAPSHOT_READER_GID`, mode 0640): a jailed VMM that restores a cell gets it as a
+/// supplementary group. Just above the per-cell range of [`cell_uid`].
+pub const SNAPSHOT_READER_GID: u32 = 0x7100_0000;
+
 /// A per-cell unprivileged uid (and gid) from the cell id: 0x7000_0000 plus 24 bits of it, above
 /// the ranges distributions, systemd (up to 0x6fffffff for containers) and subuid files hand out.
 pub fn cell_uid(cell_id: &str) -> u32 {
@@ -240,6 +248,7 @@ mod tests {
             cgroup: None,
             uid: cell_uid("abc"),
             gid: cell_uid("abc"),
+            groups: Vec::new(),
             mounts: vec![
                 BindMount {
                     host: "/k".into(),

@@ -39,6 +39,7 @@ fn spec(dir: &Path, kernel: BindMount, script: &str) -> JailSpec {
         cgroup: None,
         uid,
         gid: uid,
+        groups: Vec::new(),
         mounts: vec![
             BindMount {
                 host: BUSYBOX.into(),

@@ -73,6 +73,8 @@ mod tag {
     pub const RESIZE: u8 = 22;
     pub const WAIT_SESSION: u8 = 23;
     pub const SIGNAL_SESSION: u8 = 24;
+    pub const PREPARE_SNAPSHOT: u8 = 25;
+    pub const RESEED: u8 = 26;
 }
 
 /// Appends the body of `msg` to `out`.
@@ -193,6 +195,12 @@ pub(crate) fn encode_body(msg: &Message, out: &mut Vec<u8>) {
             w.u64(*id);
             w.i32(*signal);
         }
+        Message::PrepareSnapshot => w.u8(tag::PREPARE_SNAPSHOT),
+        Message::Reseed { entropy, unix_time_ns } => {
+            w.u8(tag::RESEED);
+            w.bytes(entropy);
+            w.u64(*unix_time_ns);
+        }
     }
 }
 
@@ -249,6 +257,8 @@ pub fn decode(body: &[u8]) -> Result<Message, DecodeError> {
         tag::RESIZE => Message::Resize(r.window()?),
         tag::WAIT_SESSION => Message::WaitSession { id: r.u64()? },
         tag::SIGNAL_SESSION => Message::SignalSession { id: r.u64()?, signal: r.i32()? },
+        tag::PREPARE_SNAPSHOT => Message::PrepareSnapshot,
+        tag::RESEED => Message::Reseed { entropy: r.bytes()?.to_vec(), unix_time_ns: r.u64()? },
         unknown => return Err(DecodeError::UnknownTag(unknown)),
     };
     match r.0.len() {
@@ -469,7 +479,7 @@ mod tests {
     #[test]
     fn unknown_tags_are_refused() {
         assert_eq!(decode(&[0]), Err(DecodeError::UnknownTag(0)));
-        assert_eq!(decode(&[25]), Err(DecodeError::UnknownTag(25)));
+        assert_eq!(decode(&[27]), Err(DecodeError::UnknownTag(27)));
         assert_eq!(decode(&[255, 1, 2]), Err(DecodeError::UnknownTag(255)));
     }
 

@@ -16,7 +16,7 @@ pub use message::{EntryKind, ExecRequest, ExitStatus, Message, WindowSize};
 
 /// Version of this protocol, exchanged in `Hello` and `Welcome`. 2: `ExecRequest::groups`.
 /// 3: sessions (`ExecSession`, `Resize`, `WaitSession`, `SignalSession`) on [`SESSION_PORT`].
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Largest frame body accepted (bytes after the 4-byte length prefix).
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// Largest data chunk senders put in one Stdout/Stderr/Stdin/Data message.
@@ -146,6 +146,8 @@ pub(crate) mod samples {
             Message::Resize(WindowSize { rows: 0, cols: u16::MAX }),
             Message::WaitSession { id: 7 },
             Message::SignalSession { id: 7, signal: i32::MIN },
+            Message::PrepareSnapshot,
+            Message::Reseed { entropy: vec![9; 64], unix_time_ns: u64::MAX },
         ]
     }
 }

@@ -115,6 +115,20 @@ pub enum Message {
         /// The signal number.
         signal: i32,
     },
+    /// Host → agent, to a cell that has run nothing: it is about to be saved as a snapshot.
+    /// The agent replies `Done` and then only waits for its connection to break, which
+    /// happens in a copy restored from the snapshot (the vsock transport is reset); it then
+    /// dials the host again and says `Hello` anew.
+    PrepareSnapshot,
+    /// Host → agent, the first request to a cell restored from a snapshot, before anything
+    /// runs: mix `entropy` into the kernel's pool and reseed its RNG, so no two copies share
+    /// random state, and set the wall clock to `unix_time_ns`. Reply: `Done` or `Error`.
+    Reseed {
+        /// Fresh random bytes from the host (at least 32).
+        entropy: Vec<u8>,
+        /// The host's wall-clock time, in nanoseconds since the Unix epoch.
+        unix_time_ns: u64,
+    },
 }
 
 /// A terminal's size in character cells.

@@ -81,6 +81,9 @@ fn message() -> impl Strategy<Value = Message> {
             .prop_map(|(rows, cols)| Message::Resize(WindowSize { rows, cols })),
         any::<u64>().prop_map(|id| Message::WaitSession { id }),
         (any::<u64>(), any::<i32>()).prop_map(|(id, signal)| Message::SignalSession { id, signal }),
+        Just(Message::PrepareSnapshot),
+        (bytes(), any::<u64>())
+            .prop_map(|(entropy, unix_time_ns)| Message::Reseed { entropy, unix_time_ns }),
     ]
 }
 

@@ -200,6 +200,7 @@ fn native_evidence_cell(
         max_lifetime_secs: None,
         constraints: Default::default(),
         network: Default::default(),
+        snapshot: Default::default(),
     };
     let plan = CellPlan::new(host, &id, request)?;
     let mut ev = isocell_host::cell::open_evidence(host, &id)?;
@@ -217,7 +218,8 @@ fn native_evidence_cell(
         bail!("the default policy denied the benchmark cell: {}", decision.explain());
     }
     let argv = ["true".to_owned()];
-    ev.launched(&m, &decision, &argv, None, &plan.image_identity()).map_err(anyhow::Error::msg)?;
+    ev.launched(&m, &decision, &argv, None, &plan.image_identity(), &plan.start_identity())
+        .map_err(anyhow::Error::msg)?;
     for (kind, data) in [
         ("start", json!({ "boot_ms": 100 })),
         ("exec", json!({ "program": "true" })),
