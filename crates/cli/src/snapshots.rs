@@ -11,7 +11,14 @@ use isocell_spec::MemorySize;
 use crate::run::{cancel_on_signals, error_status, Terminal};
 use crate::{exit, images, locate, need_root};
 
+/// One line on stdout (a closed stdout is not an error of ours).
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
 /// Snapshots on this host.
+#[allow(clippy::large_enum_variant)] // parsed once, from the command line
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCmd {
     /// Boot a fresh cell, wait until its agent is ready, and save it (memory and complete VM
@@ -113,7 +120,7 @@ pub fn snapshot(cmd: SnapshotCmd) -> u8 {
             let timeout = std::time::Duration::from_secs(boot_timeout);
             match snapshot::create(&host, &name, request, timeout, &cancel, &mut Terminal) {
                 Ok(m) => {
-                    println!("{}", snapshot::describe(&m));
+                    say(&snapshot::describe(&m).to_string());
                     0
                 }
                 Err(e) => error_status(&e),
@@ -122,7 +129,7 @@ pub fn snapshot(cmd: SnapshotCmd) -> u8 {
         SnapshotCmd::List => match HostConfig::discover(false) {
             Ok(host) => {
                 for m in snapshot::list(&host) {
-                    println!("{}", snapshot::describe(&m));
+                    say(&snapshot::describe(&m).to_string());
                 }
                 0
             }

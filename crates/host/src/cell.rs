@@ -18,9 +18,9 @@ use crate::agent_link::{deadline_in, AgentLink};
 use crate::command;
 use crate::evidence::{ms_since, CellEvidence, Costs, EvidenceError};
 use crate::network;
+use crate::plan::SnapshotUse;
 use crate::state::Host;
 use crate::transfer::{self, OutputBudget};
-use crate::plan::SnapshotUse;
 use crate::vmm_process::{self, TeardownChecks, Vmm};
 use crate::{Cancel, CancelReason, CellError, CellPlan, HostConfig, OutputSink};
 
@@ -200,15 +200,19 @@ impl Admitted {
         } else {
             &[EGRESS_PORT, DNS_PORT]
         };
+        // A jailed VMM has the snapshot's arguments in its jail spec already.
+        let mut vmm_args = self.plan.vmm_args.clone();
+        if let Some(kind) = &host.seccomp_probe {
+            vmm_args.extend(["--seccomp-probe".to_owned(), kind.clone()]);
+        }
         Vmm::start(
             &host.run_dir,
             &self.plan.id,
             &host.vmm,
             &self.plan.config,
             self.plan.jail.as_ref(),
-            host.seccomp_probe.as_deref(),
             ports,
-            &self.plan.vmm_args,
+            &vmm_args,
         )
         .map_err(CellError::Start)
     }

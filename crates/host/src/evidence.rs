@@ -334,9 +334,9 @@ mod tests {
             errors: vec![],
             egress_rule: None,
         };
-        let launch =
-            ev.launched(&m, &decision, &["true".into()], None, &json!({"kind": "raw"}), &json!({}))
-                .unwrap();
+        let launch = ev
+            .launched(&m, &decision, &["true".into()], None, &json!({"kind": "raw"}), &json!({}))
+            .unwrap();
         let old_log = std::fs::read(dir.join("audit").join(LOG_FILE)).unwrap();
         let old_head = std::fs::read(dir.join("audit").join(HEAD_FILE)).unwrap();
         ev.log("exit", json!({"exit_code": 0})).unwrap();

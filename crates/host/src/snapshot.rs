@@ -96,8 +96,10 @@ fn cpu_model() -> String {
     fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned()))
+            t.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
         })
         .unwrap_or_else(|| "unknown".into())
 }
@@ -121,7 +123,11 @@ pub fn create(
         ));
     }
     let store = store(host);
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(&store).map_err(|e| io("create", &store, e))?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&store)
+        .map_err(|e| io("create", &store, e))?;
     let target = store.join(name);
     if target.exists() {
         return Err(invalid(format!(
@@ -147,7 +153,8 @@ pub fn create(
         let saved = (|| {
             cell.wait_ready(boot_timeout, cancel)?;
             cell.prepare_snapshot(boot_timeout)?;
-            let pid = cell.vmm_pid().ok_or_else(|| CellError::Host("the VMM's pid is unknown".into()))?;
+            let pid =
+                cell.vmm_pid().ok_or_else(|| CellError::Host("the VMM's pid is unknown".into()))?;
             // SAFETY: kill only sends SIGUSR1 to the cell's VMM, which asked for it
             // (--snapshot-save) and is still running.
             if unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR1) } != 0 {
@@ -158,7 +165,8 @@ pub fn create(
             }
             // Writing all of guest memory takes a while on a slow disk.
             let status = cell.wait_vmm_exit(Duration::from_secs(120));
-            let reason = cell.vmm_report().and_then(|r| r["exit_reason"].as_str().map(str::to_owned));
+            let reason =
+                cell.vmm_report().and_then(|r| r["exit_reason"].as_str().map(str::to_owned));
             match (status, reason.as_deref()) {
                 (Some(s), Some("saved")) if s.success() => Ok(()),
                 (s, r) => Err(CellError::Host(format!(
@@ -215,9 +223,11 @@ fn finish(
         cpu_model: cpu_model(),
     };
     let path = staging.join(MANIFEST);
-    let text = serde_json::to_string_pretty(&manifest).map_err(|e| CellError::Host(e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(&manifest).map_err(|e| CellError::Host(e.to_string()))?;
     fs::write(&path, text).map_err(|e| io("write", &path, e))?;
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(|e| io("restrict", &path, e))?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+        .map_err(|e| io("restrict", &path, e))?;
     fs::rename(staging, target).map_err(|e| io("move the snapshot to", target, e))?;
     Ok(manifest)
 }
@@ -237,7 +247,9 @@ pub fn manifest(host: &HostConfig, name: &str) -> Result<Manifest, CellError> {
     let m: Manifest = serde_json::from_slice(&text)
         .map_err(|e| invalid(format!("snapshot {name}: its manifest is damaged: {e}")))?;
     if m.format != FORMAT || m.name != name {
-        return Err(invalid(format!("snapshot {name}: its manifest is not one this isocell reads")));
+        return Err(invalid(format!(
+            "snapshot {name}: its manifest is not one this isocell reads"
+        )));
     }
     Ok(m)
 }

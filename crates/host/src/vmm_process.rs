@@ -316,22 +316,19 @@ pub fn new_id() -> String {
 
 impl Vmm {
     /// Creates the cell's directory under `run_dir`, listens for the agent and starts `vmm`
-    /// with `config`, inside `jail` when given. `seccomp_probe` is the test aid of
-    /// [`crate::HostConfig::seccomp_probe`].
+    /// with `config`, inside `jail` when given. `extra_args` go to the VMM as well (a snapshot
+    /// to save or restore, the seccomp probe test aid of
+    /// [`crate::HostConfig::seccomp_probe`]).
     pub fn start(
         run_dir: &Path,
         id: &str,
         vmm: &Path,
         config: &VmConfig,
         jail: Option<&JailPlan>,
-        seccomp_probe: Option<&str>,
         host_ports: &[u32],
         extra_args: &[String],
     ) -> Result<Vmm, VmmError> {
-        let mut probe: Vec<String> = match seccomp_probe {
-            Some(kind) => vec!["--seccomp-probe".into(), kind.into()],
-            None => Vec::new(),
-        };
+        let mut probe: Vec<String> = extra_args.to_vec();
         // A developer's debugging aid: name a refused call (trap) or let it pass and log it.
         if let Ok(mode) = std::env::var("ISOCELL_VMM_SECCOMP") {
             probe.extend(["--seccomp".into(), mode]);
@@ -405,7 +402,6 @@ impl Vmm {
                 let mut cmd = Command::new(vmm);
                 cmd.arg("--config").arg(&config_path);
                 cmd.arg("--report").arg(shared.join("vmm-report.json"));
-                cmd.args(extra_args);
                 cmd.args(&probe);
                 cmd
             }

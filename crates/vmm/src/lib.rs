@@ -213,9 +213,6 @@ pub fn boot(
     let (tx, rx) = channel();
     let exit = ExitRequester::new(tx);
     let devices = DeviceManager::create(plan, config, &vm, &mem, &exit, &timeline)?;
-    if let Some(state) = &restored {
-        devices.restore(&state.devices).map_err(BuildError::DeviceState)?;
-    }
 
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(BuildError::Cpuid)?;
     let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
@@ -230,6 +227,11 @@ pub fn boot(
             .map(|i| Vcpu::new(&vm, &supported, tsc_deadline, i, config.vcpus, entry))
             .collect::<Result<Vec<_>, _>>()?,
     };
+    // Devices take their state last: a restored device may raise its interrupt at once (vsock
+    // owes the guest a transport reset), and setting a vCPU's LAPIC afterwards would drop it.
+    if let Some(state) = &restored {
+        devices.restore(&state.devices).map_err(BuildError::DeviceState)?;
+    }
     // The MSRs a snapshot saves: KVM's list, read now, before the filter forbids asking.
     let msr_index = match options.save_to {
         Some(_) => {
