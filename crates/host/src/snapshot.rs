@@ -14,7 +14,8 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -122,6 +123,14 @@ pub fn create(
                 .into(),
         ));
     }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(CellError::Host(
+            "a snapshot is root's (its files are root's, readable by jailed VMMs only): run \
+             isocell snapshot create as root"
+                .into(),
+        ));
+    }
     let store = store(host);
     fs::DirBuilder::new()
         .recursive(true)
@@ -134,6 +143,7 @@ pub fn create(
             "a snapshot named {name} exists already: remove it first (isocell snapshot rm {name})"
         )));
     }
+    sweep_staging(&store);
     let id = vmm_process::new_id();
     let staging = store.join(format!(".new-{id}"));
     fs::DirBuilder::new().mode(0o700).create(&staging).map_err(|e| io("create", &staging, e))?;
@@ -189,6 +199,21 @@ pub fn create(
     result
 }
 
+/// Removes what a `create` that was killed left: staging directories older than an hour (a
+/// `create` takes seconds; a running one is far younger).
+fn sweep_staging(store: &Path) {
+    let Ok(entries) = fs::read_dir(store) else { return };
+    for e in entries.flatten() {
+        let stale = e.file_name().to_string_lossy().starts_with(".new-")
+            && e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(3600)));
+        if stale {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// Takes the saved files root's alone, digests them and moves the snapshot into place.
 fn finish(
     staging: &Path,
@@ -199,17 +224,43 @@ fn finish(
     launch_digest: String,
 ) -> Result<Manifest, CellError> {
     let readers = Some(isocell_jail::SNAPSHOT_READER_GID);
-    let mut digests = Vec::new();
-    for file in [MEMORY_FILE, STATE_FILE] {
-        let path = staging.join(file);
-        std::os::unix::fs::chown(&path, Some(0), readers).map_err(|e| io("take", &path, e))?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o640))
-            .map_err(|e| io("restrict", &path, e))?;
-        digests.push(file_digest(&path).map_err(|e| io("digest", &path, e))?);
-    }
+    // The directory was the jailed VMM's: take it back first, so nothing more appears in it,
+    // then touch only what the VMM was to write, through descriptors that refuse links.
     std::os::unix::fs::chown(staging, Some(0), readers).map_err(|e| io("take", staging, e))?;
     fs::set_permissions(staging, fs::Permissions::from_mode(0o750))
         .map_err(|e| io("restrict", staging, e))?;
+    let entries = fs::read_dir(staging).map_err(|e| io("list", staging, e))?;
+    for entry in entries {
+        let name = entry.map_err(|e| io("list", staging, e))?.file_name();
+        if name != MEMORY_FILE && name != STATE_FILE {
+            return Err(CellError::Host(format!(
+                "the VMM left {name:?} in {}, which a snapshot never holds; not kept",
+                staging.display()
+            )));
+        }
+    }
+    let mut digests = Vec::new();
+    for file in [MEMORY_FILE, STATE_FILE] {
+        let path = staging.join(file);
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| io("open", &path, e))?;
+        let meta = f.metadata().map_err(|e| io("inspect", &path, e))?;
+        if !meta.is_file() || meta.nlink() != 1 {
+            return Err(CellError::Host(format!(
+                "{} is not a plain file of its own; not kept",
+                path.display()
+            )));
+        }
+        std::os::unix::fs::fchown(&f, Some(0), readers).map_err(|e| io("take", &path, e))?;
+        f.set_permissions(fs::Permissions::from_mode(0o640))
+            .map_err(|e| io("restrict", &path, e))?;
+        // Digest the very file just checked, through its descriptor.
+        let own = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+        digests.push(file_digest(&own).map_err(|e| io("digest", &path, e))?);
+    }
     request.snapshot = SnapshotUse::None;
     let manifest = Manifest {
         format: FORMAT,

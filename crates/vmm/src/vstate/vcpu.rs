@@ -124,9 +124,11 @@ pub fn pause_vcpus(
     patience: Duration,
 ) -> Option<Vec<Vcpu>> {
     ctx.pausing.store(true, Ordering::SeqCst);
+    let count = threads.len();
     let (mut vcpus, stuck) = stop_and_collect(ctx, threads, patience);
     vcpus.sort_by_key(|v| v.index);
-    (stuck == 0).then_some(vcpus)
+    // Every vCPU must come back (one whose thread panicked does not).
+    (stuck == 0 && vcpus.len() == count).then_some(vcpus)
 }
 
 fn stop_and_collect<T>(
