@@ -167,6 +167,10 @@ fn a_restored_cell_gives_the_same_results_as_a_cold_one() {
             .take_while(|l| !l.starts_with("== "))
             .collect();
         assert!(!cold.is_empty(), "{label}\n{}", r.explain());
+        // stdout and stderr are separate streams: their lines may interleave either way.
+        let (mut cold, mut warm) = (cold, warm);
+        cold.sort_unstable();
+        warm.sort_unstable();
         assert_eq!(cold, warm, "{label}\n{}", r.explain());
     }
     assert!(out.contains("hello-from-a-cell\nrc=0"), "{}", r.explain());
