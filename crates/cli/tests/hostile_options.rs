@@ -90,6 +90,12 @@ fn every_bad_option_is_refused_with_a_clear_message() {
         (vec!["--egress", "*.com:443"], "too wide"),
         (vec!["--publish", "99999:80"], "not a port"),
         (vec!["--publish", "8080:80", "--publish", "8080:81"], "published twice"),
+        (vec!["--snapshot", ""], "snapshot name"),
+        (vec!["--snapshot", "../../etc"], "snapshot name"),
+        (vec!["--snapshot", &long_name], "snapshot name"),
+        (vec!["--snapshot", "missing"], "no snapshot named missing"),
+        (vec!["--snapshot", "base", "--cpus", "2"], "cannot be used with"),
+        (vec!["--snapshot", "base", "--egress", "example.com:443"], "cannot be used with"),
     ];
     let mut wrong = Vec::new();
     for (flags, expect) in cases {
