@@ -227,18 +227,6 @@ impl DeviceManager {
         Ok(manager)
     }
 
-    /// Every virtio device's state (transport, queues, device), by device id, or the id of a
-    /// device whose worker did not answer. The basis of snapshots.
-    pub fn save_virtio(&self) -> Result<BTreeMap<String, MmioState>, String> {
-        self.virtio
-            .iter()
-            .map(|(id, t)| {
-                let state = t.lock().unwrap_or_else(|p| p.into_inner()).save();
-                state.map(|s| (id.clone(), s)).ok_or_else(|| id.clone())
-            })
-            .collect()
-    }
-
     /// Every device's state for a snapshot of a paused VM, after which no device touches guest
     /// memory again (the VM never resumes). Errs with the id of a device that did not answer.
     pub fn save_for_snapshot(&self) -> Result<DeviceStates, String> {

@@ -92,6 +92,9 @@ pub enum BuildError {
     /// A device refused the state the snapshot holds for it.
     #[error("the snapshot's device state does not fit: {0}")]
     DeviceState(String),
+    /// KVM's list of MSRs, which a snapshot saves, could not be read.
+    #[error("cannot read the list of MSRs KVM saves")]
+    MsrList(#[source] kvm_ioctls::Error),
     /// The signal that asks for a snapshot could not be set up.
     #[error("cannot handle SIGUSR1: {0}")]
     Signal(String),
@@ -238,10 +241,7 @@ pub fn boot(
             SAVE_REQUESTED.store(false, Ordering::SeqCst);
             vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, save_handler)
                 .map_err(|e| BuildError::Signal(e.to_string()))?;
-            kvm.get_msr_index_list()
-                .map_err(|e| BuildError::Signal(format!("cannot list MSRs: {e}")))?
-                .as_slice()
-                .to_vec()
+            kvm.get_msr_index_list().map_err(BuildError::MsrList)?.as_slice().to_vec()
         }
         None => Vec::new(),
     };
