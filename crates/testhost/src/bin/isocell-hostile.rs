@@ -103,7 +103,8 @@ fn freeze_agent() -> Result<(), String> {
     Ok(())
 }
 
-/// A copy of the agent's connection to the host: its first socket descriptor.
+/// A copy of the agent's connection to the host: the first of its sockets that is
+/// connected to the host (the agent also holds the session listener, which is not).
 fn steal_agent_socket() -> Result<UnixStream, String> {
     // SAFETY: pidfd_open takes a pid and flags; it returns a new descriptor or -1.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, 1, 0) } as i32;
@@ -119,15 +120,31 @@ fn steal_agent_socket() -> Result<UnixStream, String> {
         .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
         .collect();
     fds.sort();
-    let target = *fds.first().ok_or("the agent holds no socket")?;
-    // SAFETY: pidfd_getfd duplicates the agent's descriptor into this process.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, target, 0) } as i32;
-    if fd < 0 {
-        return Err(os_err("pidfd_getfd"));
+    for target in fds {
+        // SAFETY: pidfd_getfd duplicates the agent's descriptor into this process.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, target, 0) } as i32;
+        if fd < 0 {
+            return Err(os_err("pidfd_getfd"));
+        }
+        // SAFETY: a fresh descriptor owned by nothing else here; OwnedFd closes it if unused.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        if peer_is_host(&owned) {
+            // A vsock stream reads and writes like a Unix stream; only read/write are used.
+            return Ok(UnixStream::from(owned));
+        }
     }
-    // SAFETY: a fresh descriptor of a stream socket, owned by nothing else here. A vsock
-    // stream reads and writes like a Unix stream; only read/write are used.
-    Ok(unsafe { UnixStream::from_raw_fd(fd) })
+    Err("the agent holds no socket connected to the host".into())
+}
+
+/// Whether `fd` is a vsock stream whose peer is the host.
+fn peer_is_host(fd: &OwnedFd) -> bool {
+    // SAFETY: sockaddr_vm is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: getpeername writes at most `len` bytes into `addr`, which is that large.
+    let rc =
+        unsafe { libc::getpeername(fd.as_raw_fd(), std::ptr::addr_of_mut!(addr).cast(), &mut len) };
+    rc == 0 && addr.svm_family == libc::AF_VSOCK as libc::sa_family_t && addr.svm_cid == 2
 }
 
 fn send(sock: &mut UnixStream, m: &Message) -> Result<(), String> {
