@@ -19,7 +19,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use isocell_evidence::measure::file_digest;
+use isocell_evidence::measure::DigestCache;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -191,7 +191,8 @@ pub fn create(
         let ended = cell.delete(&verdict, sink);
         saved?;
         ended?;
-        finish(&staging, &target, name, request, components, launch_digest)
+        let cache = digest_cache(host);
+        finish(&staging, &target, name, request, components, launch_digest, &cache)
     })();
     if result.is_err() {
         let _ = fs::remove_dir_all(&staging);
@@ -222,6 +223,7 @@ fn finish(
     mut request: CellRequest,
     components: BTreeMap<String, String>,
     launch_digest: String,
+    cache: &DigestCache,
 ) -> Result<Manifest, CellError> {
     let readers = Some(isocell_jail::SNAPSHOT_READER_GID);
     // The directory was the jailed VMM's: take it back first, so nothing more appears in it,
@@ -257,9 +259,11 @@ fn finish(
         std::os::unix::fs::fchown(&f, Some(0), readers).map_err(|e| io("take", &path, e))?;
         f.set_permissions(fs::Permissions::from_mode(0o640))
             .map_err(|e| io("restrict", &path, e))?;
-        // Digest the very file just checked, through its descriptor.
+        // Digest the very file just checked, through its descriptor. The digest goes into the
+        // cache under the file's identity (device, inode, size, mtime, ctime), so starts find
+        // it there until the file changes in any way (see `restore_request`).
         let own = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
-        digests.push(file_digest(&own).map_err(|e| io("digest", &path, e))?);
+        digests.push(cache.file_digest(&own).map_err(|e| io("digest", &path, e))?);
     }
     request.snapshot = SnapshotUse::None;
     let manifest = Manifest {
@@ -305,14 +309,24 @@ pub fn manifest(host: &HostConfig, name: &str) -> Result<Manifest, CellError> {
     Ok(m)
 }
 
+/// The digest cache the launch measurement uses too (`STATE/digests`, root's).
+fn digest_cache(host: &HostConfig) -> DigestCache {
+    DigestCache::new(host.state_dir.join("digests"))
+}
+
 /// The request for a cell started from snapshot `name`: the snapshot's own request, with
 /// its files checked against the manifest's digests. A file that changed is refused.
+///
+/// The check reads a file whole only when its identity (device, inode, size, mtime and
+/// ctime, which no write, `chmod` or `utimes` leaves as it was) is not in the digest cache:
+/// hashing 128 MiB on every start would cost more than the restore itself.
 pub fn restore_request(host: &HostConfig, name: &str) -> Result<CellRequest, CellError> {
     let m = manifest(host, name)?;
     let dir = store(host).join(name);
+    let cache = digest_cache(host);
     for (file, want) in [(MEMORY_FILE, &m.memory_digest), (STATE_FILE, &m.state_digest)] {
         let path = dir.join(file);
-        let got = file_digest(&path).map_err(|e| io("read", &path, e))?;
+        let got = cache.file_digest(&path).map_err(|e| io("read", &path, e))?;
         if &got != want {
             return Err(invalid(format!(
                 "snapshot {name}: {file} has changed since it was taken (digest {got}, the \

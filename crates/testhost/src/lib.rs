@@ -5,6 +5,7 @@
 
 pub mod guest_tools;
 pub mod host;
+pub mod peer;
 pub mod registry;
 pub mod runner;
 pub mod scenario;

@@ -41,6 +41,13 @@
 //!   with FILE, a thread per connection and a listen backlog of 128 (busybox httpd's is 9, too
 //!   few for the network test's 100 clients at once under emulation); runs until killed.
 //!
+//! The benchmark uses it to time a VMM from outside, the same way for ours and its peer:
+//!
+//! - `time-boot GUEST_MIB REPORT -- VMM ARGS...` (host): runs the VMM with its console on a
+//!   pipe, passing the console through; notes when the guest's init marker appears and what the
+//!   VMM's memory is then (guest mappings apart), and when it exits; writes one JSON object to
+//!   REPORT and exits with 0 only if the VMM exited 0 and the marker came.
+//!
 //! The host-side modes exit by themselves after `HELPER_LIFETIME`, so one whose guest never
 //! came cannot outlive its test.
 //!
@@ -70,9 +77,13 @@ fn main() {
         ["http-serve", port, file] => number(port).and_then(|p| http_serve(p, file)),
         ["unix-echo", path, connections] => number(connections).and_then(|n| unix_echo(path, n)),
         ["unix-sink", path] => unix_sink(path),
+        ["time-boot", mib, report, "--", vmm @ ..] if !vmm.is_empty() => {
+            number(mib).and_then(|m| time_boot(m, report, vmm))
+        }
         _ => Err("usage: isocell-hostile protocol MODE | mmio | unmapped COUNT | \
                   vsock-echo PORT BYTES | vsock-send PORT BYTES | vsock-hold PORT | clock | net-abuse ADDR | http-serve PORT FILE | \
-                  unix-echo PATH CONNECTIONS | unix-sink PATH"
+                  unix-echo PATH CONNECTIONS | unix-sink PATH | \
+                  time-boot GUEST_MIB REPORT -- VMM ARGS..."
             .into()),
     };
     if let Err(e) = result {
@@ -601,6 +612,54 @@ fn unix_sink(path: &str) -> Result<(), String> {
     println!("unix-sink: received {received} bytes ({ended}), answer {answered:?}");
     println!("unix-sink: done");
     Ok(())
+}
+
+/// Runs `vmm` and times it from outside (see the module documentation).
+fn time_boot(guest_mib: u64, report: &str, vmm: &[&str]) -> Result<(), String> {
+    use isocell_testhost::peer::{split_rss, INIT_MARKER};
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    start_lifetime();
+    let started = Instant::now();
+    let mut cmd = std::process::Command::new(vmm[0]);
+    cmd.args(&vmm[1..]).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped());
+    // SAFETY: between fork and exec the child only asks for SIGKILL when this process dies,
+    // so a VMM never outlives its timer.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("{}: {e}", vmm[0]))?;
+    let pid = child.id();
+    let console = child.stdout.take().ok_or("no console pipe")?;
+    let mut at_init = None;
+    for line in std::io::BufReader::new(console).split(b'\n') {
+        let Ok(line) = line else { break };
+        let text = String::from_utf8_lossy(&line);
+        if at_init.is_none() && text.contains(INIT_MARKER) {
+            let us = started.elapsed().as_micros() as u64;
+            let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+            at_init = Some((us, split_rss(&smaps, guest_mib << 20)));
+        }
+        println!("{}", text.trim_end_matches('\r'));
+    }
+    let status = child.wait().map_err(|e| format!("wait: {e}"))?;
+    let full_cycle_us = started.elapsed().as_micros() as u64;
+    let out = serde_json::json!({
+        "full_cycle_us": full_cycle_us,
+        "init_us": at_init.map(|a| a.0),
+        "guest_rss_kib": at_init.map(|a| a.1.guest_kib),
+        "vmm_overhead_kib": at_init.map(|a| a.1.other_kib),
+        "exit_code": status.code(),
+    });
+    fs::write(report, out.to_string()).map_err(|e| format!("{report}: {e}"))?;
+    match (status.success(), at_init) {
+        (true, Some(_)) => Ok(()),
+        (true, None) => Err(format!("the guest never printed {INIT_MARKER}")),
+        (false, _) => Err(format!("{} exited with {status}", vmm[0])),
+    }
 }
 
 /// The host's answer line on an egress stream, or how the stream ended without one.

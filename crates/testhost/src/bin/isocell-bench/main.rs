@@ -8,6 +8,11 @@
 //! records the boot phases and the VM exits by kind and device per boot. With
 //! `--baseline-vmm PATH` the same boots run with another VMM build too, interleaved, and the
 //! figures are printed side by side with the ratio of medians (`devices.json`).
+//!
+//! The peer series (`peers`) boots the same kernel and image under QEMU's `microvm` machine
+//! too, and compares cold starts with starts from a snapshot (`peers.json`).
+
+mod peers;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -22,10 +27,6 @@ use isocell_testhost::stats::{summarize, Summary};
 use isocell_testhost::{HostKind, Scenario, Step, StepResult, TestHost};
 use serde_json::{json, Value};
 
-/// Firecracker's full boot cycle with our kernel in the nested host (shared/design), in ms.
-const FIRECRACKER_NESTED_CYCLE_MS: f64 = 2100.0;
-/// Target: a full cycle at most this fraction of Firecracker's.
-const CYCLE_TARGET_RATIO: f64 = 0.8;
 /// Target: `isocell run -- true` at most this multiple of the bare VMM boot cycle.
 const RUN_TARGET_RATIO: f64 = 1.3;
 /// Target: evidence work per cell (measurement, policy, receipts, audit appends), ms.
@@ -59,6 +60,10 @@ struct Args {
     /// Only the network series (the egress proxy against the host, and the boot time it adds).
     #[arg(long)]
     network_only: bool,
+    /// Only the peer series: our VMM against QEMU microvm, and cold starts against snapshot
+    /// starts.
+    #[arg(long)]
+    peers_only: bool,
     /// Measured boots of the device benchmark per VMM (each moves 512 MiB through virtio-blk,
     /// slow under the nested host; one extra warm-up boot is discarded).
     #[arg(long, default_value_t = 3)]
@@ -629,6 +634,16 @@ fn main() -> Result<()> {
         }
         return net_report(&results, &out_dir(&args)?, &host);
     }
+    let qemu_dir = tempfile::tempdir()?;
+    let qemu = peers::stage(qemu_dir.path())?;
+    if args.peers_only {
+        let files = std::collections::BTreeMap::from([("qemu".to_owned(), qemu)]);
+        let results = host.run(&Scenario { steps: peers::steps(&args), files })?;
+        if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
+            bail!("a benchmark step failed:\n{}", bad.explain());
+        }
+        return peers::report(&results, &out_dir(&args)?, &host, &args);
+    }
     eprintln!(
         "isocell-bench: {} runs + 1 warm-up on the {} test host",
         args.runs,
@@ -669,6 +684,8 @@ fn main() -> Result<()> {
         }
     }
     steps.extend(net_steps(args.runs));
+    steps.extend(peers::steps(&args));
+    files.insert("qemu".to_owned(), qemu);
     let results = host.run(&Scenario { steps, files })?;
     if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
         bail!("a benchmark step failed:\n{}", bad.explain());
@@ -705,15 +722,8 @@ fn main() -> Result<()> {
         "guest_rss_kib": series(&measured, |r| memory(r, "guest_rss_kib")),
     });
     let mut targets = json!({ "vmm_overhead_kib_max": OVERHEAD_TARGET_KIB });
+    targets["peers"] = Value::from("peers.json: against QEMU microvm in the same run");
     if host.kind() == HostKind::Nested {
-        // The Firecracker reference was measured in the nested host; on hardware compare
-        // against Firecracker run on the same machine instead.
-        targets["full_cycle_ms_max"] =
-            Value::from(FIRECRACKER_NESTED_CYCLE_MS * CYCLE_TARGET_RATIO);
-        targets["firecracker_full_cycle_ms"] = Value::from(FIRECRACKER_NESTED_CYCLE_MS);
-        // The reference ran under QEMU 7.2; the nested host now runs under the QEMU recorded
-        // here, so the ratio holds only as far as the two emulate the guest equally fast.
-        targets["firecracker_measured_under_qemu"] = Value::from("7.2");
         out["nested_qemu"] =
             Value::from(host::qemu_version().map(|(a, b)| format!("{a}.{b}")).unwrap_or_default());
     }
@@ -881,12 +891,6 @@ fn main() -> Result<()> {
     row("guest init (boot timer)", series(&measured, |r| ms(phase(r, "guest_init_us"))), "ms");
     row("VM stopped", series(&measured, |r| ms(phase(r, "exit_us"))), "ms");
     row("VMM overhead (RSS - guest)", overhead, "KiB");
-    if let (Some(c), HostKind::Nested) = (full_cycle, host.kind()) {
-        println!(
-            "full cycle vs Firecracker in the nested host: {:.2}x (target <= {CYCLE_TARGET_RATIO})",
-            c.median / FIRECRACKER_NESTED_CYCLE_MS
-        );
-    }
     println!("guest CPU variants (console on, kernel quiet), same host, alternating");
     for (name, idle, up, cycle) in &cpu_rows {
         row(&format!("  {name}: idle at init"), *idle, "s");
@@ -988,7 +992,8 @@ fn main() -> Result<()> {
         print_pair(&format!("  {name}"), dev_new.exits.get(name).copied().flatten(), base, "");
     }
     println!("results: {}", dev_path.display());
-    net_report(&results, &dir, &host)
+    net_report(&results, &dir, &host)?;
+    peers::report(&results, &dir, &host, &args)
 }
 
 /// Where the JSON results go (made if missing).

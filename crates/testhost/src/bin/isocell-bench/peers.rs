@@ -1,0 +1,235 @@
+//! Same-run comparisons for fast start (issue 15): our VMM against QEMU's `microvm` machine,
+//! booting the same kernel and image in the same test host, alternating and timed the same way
+//! from outside (`isocell-hostile time-boot`); one boot of each that prints the guest's own
+//! boot timeline and what it was told; and a cold `isocell run -- true` against one started
+//! from a snapshot, alternating.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use isocell_testhost::peer::{qemu_argv, stage_qemu, PeerBoot};
+use isocell_testhost::stats::Summary;
+use isocell_testhost::{Step, StepResult, TestHost};
+use serde_json::{json, Value};
+
+use super::{cpu_model, measured_step, print_vs, ratio, run_phase, series, Args, RUN_PHASES};
+
+/// Target: our full cycle at most this fraction of QEMU microvm's.
+const PEER_CYCLE_TARGET: f64 = 0.5;
+/// Target: our memory overhead at most this fraction of QEMU microvm's.
+const PEER_OVERHEAD_TARGET: f64 = 0.5;
+/// Target: a start from a snapshot at least this many times faster than a cold one.
+const SNAPSHOT_SPEEDUP_TARGET: f64 = 10.0;
+
+/// The VMMs compared: ours and the peer.
+const VMMS: [&str; 2] = ["isocell", "qemu"];
+
+/// The snapshot the benchmark makes and removes again.
+const SNAPSHOT: &str = "bench-snap";
+
+/// Stages QEMU for the test host under `dir` (a scenario file named `qemu`).
+pub fn stage(dir: &Path) -> Result<String> {
+    let bundle = stage_qemu(&dir.join("qemu")).map_err(anyhow::Error::msg)?;
+    Ok(bundle.display().to_string())
+}
+
+/// The command line that boots the cell kernel from the base image under `vmm`, console on
+/// stdout.
+fn boot_argv(vmm: &str, args: &Args, boot_args: &str) -> Vec<String> {
+    let (cpus, memory) = (args.cpus.to_string(), args.memory.to_string());
+    match vmm {
+        "qemu" => qemu_argv(&PeerBoot {
+            bundle: "{qemu}",
+            kernel: "{vmlinux}",
+            rootfs: "{rootfs}",
+            cpus: args.cpus,
+            memory_mib: args.memory,
+            boot_args,
+        }),
+        _ => [
+            "{vmm}",
+            "--kernel",
+            "{vmlinux}",
+            "--drive",
+            "id=root,path={rootfs},ro,root",
+            "--console",
+            "stdout",
+            "--cpus",
+            &cpus,
+            "--memory",
+            &memory,
+            "--boot-args",
+            boot_args,
+        ]
+        .map(String::from)
+        .into(),
+    }
+}
+
+/// A boot to init and back out, timed from outside.
+fn peer_step(i: usize, vmm: &str, args: &Args) -> Step {
+    let boot = boot_argv(vmm, args, "quiet init=/sbin/scenario-init isocell_scenario=peer");
+    let memory = args.memory.to_string();
+    let mut argv = vec!["{hostile}", "time-boot", &memory, "{work}/report.json", "--"];
+    argv.extend(boot.iter().map(String::as_str));
+    measured_step(format!("peer-{vmm}-{i}"), &argv, 120, "{work}/report.json")
+}
+
+/// A boot that prints the kernel's own timeline (`initcall_debug`, `printk.time`), its command
+/// line, CPU flags and clock source.
+fn guest_view_step(vmm: &str, args: &Args) -> Step {
+    let boot_args = "quiet printk.time=1 initcall_debug log_buf_len=1M \
+                     init=/sbin/scenario-init isocell_scenario=dmesg";
+    let argv = boot_argv(vmm, args, boot_args);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut step = measured_step(format!("guest-view-{vmm}"), &argv, 120, "");
+    step.report_file = None;
+    step
+}
+
+/// A shell step in the snapshot series.
+fn shell_step(name: String, script: &str) -> Step {
+    let mut step = measured_step(name, &["sh", "-c", script], 300, "");
+    step.report_file = None;
+    step
+}
+
+/// The steps: the peer boots alternating, the two guest views, the snapshot series.
+pub fn steps(args: &Args) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for i in 0..=args.runs {
+        for vmm in VMMS {
+            steps.push(peer_step(i, vmm, args));
+        }
+    }
+    for vmm in VMMS {
+        steps.push(guest_view_step(vmm, args));
+    }
+    let (cpus, memory) = (args.cpus, args.memory);
+    steps.push(shell_step(
+        "snapshot-create".into(),
+        &format!(
+            "{{isocell}} snapshot rm {SNAPSHOT} 2>/dev/null; \
+             {{isocell}} snapshot create {SNAPSHOT} --cpus {cpus} --memory {memory}"
+        ),
+    ));
+    let report = "--report {work}/run.json";
+    for i in 0..=args.runs {
+        let cold = format!("{{isocell}} run --cpus {cpus} --memory {memory} {report} -- true");
+        let warm = format!("{{isocell}} run --snapshot {SNAPSHOT} {report} -- true");
+        for (kind, script) in [("cold", cold), ("snapshot", warm)] {
+            let mut step = shell_step(format!("start-{kind}-{i}"), &script);
+            step.report_file = Some("{work}/run.json".into());
+            steps.push(step);
+        }
+    }
+    steps.push(shell_step("snapshot-rm".into(), &format!("{{isocell}} snapshot rm {SNAPSHOT}")));
+    steps
+}
+
+fn report_ms(r: &StepResult, key: &str) -> Option<f64> {
+    Some(r.report.as_ref()?.get(key)?.as_f64()? / 1000.0)
+}
+
+fn report_kib(r: &StepResult, key: &str) -> Option<f64> {
+    r.report.as_ref()?.get(key)?.as_f64()
+}
+
+/// One figure for both VMMs, with the ratio of medians (ours / QEMU's).
+fn pair(ours: Option<Summary>, qemu: Option<Summary>) -> Value {
+    json!({ "isocell_vmm": ours, "qemu_microvm": qemu, "ratio_isocell_to_qemu": ratio(ours, qemu) })
+}
+
+/// Reads the results, writes `peers.json` and the two guest views, prints a summary.
+pub fn report(results: &[StepResult], dir: &Path, host: &TestHost, args: &Args) -> Result<()> {
+    let of_kind = |prefix: &str| -> Vec<StepResult> {
+        results.iter().filter(|r| r.name.starts_with(prefix)).skip(1).cloned().collect()
+    };
+    let wall = |r: &StepResult| Some(r.wall_us as f64 / 1000.0);
+    let ours = of_kind("peer-isocell-");
+    let qemu = of_kind("peer-qemu-");
+    let cycle = (
+        series(&ours, |r| report_ms(r, "full_cycle_us")),
+        series(&qemu, |r| report_ms(r, "full_cycle_us")),
+    );
+    let init =
+        (series(&ours, |r| report_ms(r, "init_us")), series(&qemu, |r| report_ms(r, "init_us")));
+    let overhead = (
+        series(&ours, |r| report_kib(r, "vmm_overhead_kib")),
+        series(&qemu, |r| report_kib(r, "vmm_overhead_kib")),
+    );
+    let cold = series(&of_kind("start-cold-"), wall);
+    let warm = series(&of_kind("start-snapshot-"), wall);
+    let created =
+        results.iter().find(|r| r.name == "snapshot-create").map(|r| r.wall_us as f64 / 1000.0);
+    let speedup = ratio(cold, warm);
+    let phases: Vec<(Option<Summary>, Option<Summary>)> = RUN_PHASES
+        .iter()
+        .map(|p| {
+            let phase = |r: &StepResult| run_phase(r, p);
+            (series(&of_kind("start-cold-"), phase), series(&of_kind("start-snapshot-"), phase))
+        })
+        .collect();
+    let phase_json: serde_json::Map<String, Value> = RUN_PHASES
+        .iter()
+        .zip(&phases)
+        .map(|(p, (c, w))| (p.to_string(), json!({ "cold": c, "snapshot": w })))
+        .collect();
+    for vmm in VMMS {
+        let name = format!("guest-view-{vmm}");
+        let view = results.iter().find(|r| r.name == name).context("no guest view")?;
+        let path = dir.join(format!("{name}.txt"));
+        std::fs::write(&path, &view.stdout)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let out = json!({
+        "benchmark": "peers",
+        "host": host.kind().name(),
+        "host_cpu": cpu_model(),
+        "nested_qemu": isocell_testhost::host::qemu_version().map(|(a, b)| format!("{a}.{b}")),
+        "runs": ours.len(),
+        "vcpus": args.cpus,
+        "memory_mib": args.memory,
+        "what": "the cell kernel (vmlinux) from the base image under isocell-vmm and under QEMU's microvm machine (KVM, -cpu host, no option ROMs, no RTC, no ACPI, virtio-mmio block), console on stdout, kernel quiet, init prints a marker and reboots; alternating in the same test host; timed from outside by isocell-hostile time-boot (spawn to the marker, spawn to exit; memory from smaps at the marker, anonymous mappings of at least the guest's size counted as guest memory). Then isocell run -- true cold against --snapshot, alternating.",
+        "full_cycle_ms": pair(cycle.0, cycle.1),
+        "time_to_init_ms": pair(init.0, init.1),
+        "vmm_overhead_kib": pair(overhead.0, overhead.1),
+        "snapshot": {
+            "create_wall_ms": created,
+            "cold_run_true_wall_ms": cold,
+            "snapshot_run_true_wall_ms": warm,
+            "speedup_cold_to_snapshot": speedup,
+            "phases": phase_json,
+        },
+        "targets": {
+            "full_cycle_ratio_max": PEER_CYCLE_TARGET,
+            "vmm_overhead_ratio_max": PEER_OVERHEAD_TARGET,
+            "snapshot_speedup_min": SNAPSHOT_SPEEDUP_TARGET,
+        },
+        "guest_views": VMMS.map(|v| format!("guest-view-{v}.txt")),
+    });
+    let path = dir.join("peers.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&out)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("\nisocell-vmm against QEMU microvm, same kernel and image, same host, alternating");
+    let names = ("isocell", "qemu");
+    print_vs("full cycle (spawn -> exit)", cycle.0, cycle.1, "ms", names);
+    print_vs("time to init", init.0, init.1, "ms", names);
+    print_vs("VMM overhead (RSS - guest)", overhead.0, overhead.1, "KiB", names);
+    println!(
+        "  targets: full cycle <= {PEER_CYCLE_TARGET}x, overhead <= {PEER_OVERHEAD_TARGET}x QEMU's"
+    );
+    println!("snapshot starts, same host, alternating");
+    if let Some(ms) = created {
+        println!("  snapshot create: {ms:.0} ms");
+    }
+    print_vs("  isocell run -- true", cold, warm, "ms", ("cold", "snapshot"));
+    for (p, (c, w)) in RUN_PHASES.iter().zip(&phases) {
+        print_vs(&format!("    {}", p.trim_end_matches("_ms")), *c, *w, "ms", ("cold", "snapshot"));
+    }
+    if let Some(s) = speedup {
+        println!("  cold / snapshot: {s:.2}x (medians; target >= {SNAPSHOT_SPEEDUP_TARGET}x)");
+    }
+    println!("results: {} (guest views next to it)", path.display());
+    Ok(())
+}
