@@ -133,6 +133,10 @@ pub struct CreateArgs {
     /// Forward a port of the daemon's host into the cell (repeatable): [HOST_IP:]HOST_PORT:GUEST_PORT.
     #[arg(long = "publish", value_name = "[IP:]PORT:PORT")]
     publish: Vec<String>,
+    /// Start the cell from this snapshot (`isocell snapshot create`) instead of booting it; its
+    /// image, vCPUs and memory are the snapshot's.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["image", "cpus", "memory", "egress", "publish"])]
+    snapshot: Option<String>,
     /// Makes a retried create return the cell the first one made.
     #[arg(long, value_name = "KEY")]
     idempotency_key: Option<String>,
@@ -667,6 +671,9 @@ fn create_body(a: &CreateArgs) -> Value {
     }
     if !a.publish.is_empty() {
         m.insert("publish".into(), json!(a.publish));
+    }
+    if let Some(s) = &a.snapshot {
+        m.insert("snapshot".into(), json!(s));
     }
     Value::Object(m)
 }
@@ -1873,6 +1880,19 @@ mod tests {
         let c = parse(&["create", "--cpus", "2", "--max-lifetime", "60"]);
         let CellCmd::Create(a) = c.command else { panic!("not create") };
         assert_eq!(create_body(&a), json!({ "cpus": 2, "max_lifetime_secs": 60 }));
+        let c = parse(&["create", "--snapshot", "base"]);
+        let CellCmd::Create(a) = c.command else { panic!("not create") };
+        assert_eq!(create_body(&a), json!({ "snapshot": "base" }));
+        assert!(Cli::try_parse_from([
+            "isocell",
+            "cell",
+            "create",
+            "--snapshot",
+            "b",
+            "--cpus",
+            "2"
+        ])
+        .is_err());
     }
 
     #[test]

@@ -672,6 +672,14 @@ mod tests {
             ),
             ("{\"publish\": [\"80\"]}", StatusCode::BAD_REQUEST, "bad_request", "such as 8080:80"),
             ("{\"egress\": \"x:1\"}", StatusCode::UNPROCESSABLE_ENTITY, "bad_request", "egress"),
+            (
+                "{\"snapshot\": \"base\", \"cpus\": 2}",
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the snapshot's",
+            ),
+            ("{\"snapshot\": \"../x\"}", StatusCode::BAD_REQUEST, "bad_request", "../x"),
+            ("{\"snapshot\": \"none\"}", StatusCode::BAD_REQUEST, "bad_request", "none"),
         ];
         for (body, status, want, says) in cases {
             let (got, v) = call(&app, Method::POST, "/v1/cells", 1000, Some(body)).await;

@@ -51,6 +51,10 @@ pub struct CreateCell {
     /// Host ports forwarded into the cell: `[host_ip:]host_port:guest_port`.
     #[serde(default)]
     pub publish: Vec<String>,
+    /// Start the cell from this snapshot (`isocell snapshot create`) instead of booting it: its
+    /// image, vCPUs and memory are the snapshot's, it has no network, and its RNG is reseeded
+    /// before it runs anything. Leave out image, cpus, memory, egress and publish.
+    pub snapshot: Option<String>,
 }
 
 /// A lifecycle change, for the event stream.
@@ -130,6 +134,9 @@ impl App {
 
     /// Checks a create request and finds its image (pulling it if the store lacks it).
     async fn request(&self, client: &str, c: &CreateCell) -> Result<CellRequest, ApiError> {
+        if let Some(name) = &c.snapshot {
+            return self.snapshot_request(name, c).await;
+        }
         let cpus = c.cpus.unwrap_or(1);
         if !(isocell_spec::vm::MIN_VCPUS..=isocell_spec::vm::MAX_VCPUS).contains(&cpus) {
             return Err(ApiError::bad_request(format!("cpus {cpus}: a cell has 1 to 32 vCPUs")));
@@ -219,6 +226,36 @@ impl App {
         })
     }
 
+    /// The request for a cell started from snapshot `name` (its files checked against their
+    /// digests), under the create's lifetime and constraints.
+    async fn snapshot_request(&self, name: &str, c: &CreateCell) -> Result<CellRequest, ApiError> {
+        let fixed = c.image.is_some()
+            || c.cpus.is_some()
+            || c.memory.is_some()
+            || !c.egress.is_empty()
+            || !c.publish.is_empty();
+        if fixed {
+            return Err(ApiError::bad_request(format!(
+                "snapshot {name}: the cell's image, vCPUs, memory and network are the snapshot's; \
+                 leave image, cpus, memory, egress and publish out"
+            )));
+        }
+        if c.max_lifetime_secs.is_some_and(|s| s == 0 || s > MAX_SECS) {
+            return Err(ApiError::bad_request(format!(
+                "max_lifetime_secs: give 1 to {MAX_SECS} seconds"
+            )));
+        }
+        let (host, owned) = (self.host.clone(), name.to_owned());
+        let snap = blocking(move || isocell_host::snapshot::restore_request(&host, &owned))
+            .await?
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let mut constraints = c.constraints.clone().unwrap_or_default();
+        if c.max_lifetime_secs.is_some() {
+            constraints.max_lifetime_secs = c.max_lifetime_secs;
+        }
+        Ok(CellRequest { max_lifetime_secs: constraints.max_lifetime_secs, constraints, ..snap })
+    }
+
     /// Creates a cell for `client` and waits until it runs (or failed).
     pub async fn create(
         self: &Arc<Self>,
@@ -238,7 +275,11 @@ impl App {
             id: id.clone(),
             owner: client.to_owned(),
             state: "creating".into(),
-            image: create.image.clone().unwrap_or_else(|| "base".into()),
+            image: match (&create.snapshot, &create.image) {
+                (Some(s), _) => format!("snapshot:{s}"),
+                (None, Some(i)) => i.clone(),
+                (None, None) => "base".into(),
+            },
             cpus: request.cpus.into(),
             memory_mib: request.memory.mib(),
             idle_timeout_secs: create.idle_timeout_secs.unwrap_or(self.config.idle_timeout_secs),

@@ -21,12 +21,14 @@ pub struct RssSplit {
     pub guest_kib: u64,
     /// Resident KiB of the rest: the VMM's overhead.
     pub other_kib: u64,
+    /// Of the guest's resident KiB, those in transparent huge pages.
+    pub guest_huge_kib: u64,
 }
 
 /// Splits the `Rss:` lines of an smaps text: anonymous mappings at least `guest_bytes` long
 /// hold guest memory (both VMMs map it so, in one piece below 3 GiB), the rest is the VMM's.
 pub fn split_rss(smaps: &str, guest_bytes: u64) -> RssSplit {
-    let mut split = RssSplit { guest_kib: 0, other_kib: 0 };
+    let mut split = RssSplit { guest_kib: 0, other_kib: 0, guest_huge_kib: 0 };
     let mut in_guest = false;
     for line in smaps.lines() {
         let mut fields = line.split_whitespace();
@@ -40,8 +42,16 @@ pub fn split_rss(smaps: &str, guest_bytes: u64) -> RssSplit {
                 continue;
             }
         }
+        let kib = |rest: &str| -> u64 {
+            rest.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0)
+        };
+        if let Some(rest) = line.strip_prefix("AnonHugePages:") {
+            if in_guest {
+                split.guest_huge_kib += kib(rest);
+            }
+        }
         if let Some(rest) = line.strip_prefix("Rss:") {
-            let kib: u64 = rest.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let kib = kib(rest);
             if in_guest {
                 split.guest_kib += kib;
             } else {
@@ -188,6 +198,7 @@ mod tests {
 Rss:                1500 kB
 7f0000000000-7f0008000000 rw-p 00000000 00:00 0
 Rss:               20000 kB
+AnonHugePages:      4096 kB
 7f0008000000-7f0008100000 rw-p 00000000 00:00 0
 Rss:                 300 kB
 7f1000000000-7f1008000000 r--p 00000000 08:01 77 /big/file
@@ -196,7 +207,7 @@ Rss:                 100 kB
 Rss:                  50 kB
 ";
         let s = split_rss(smaps, 128 << 20);
-        assert_eq!(s, RssSplit { guest_kib: 20050, other_kib: 1900 });
+        assert_eq!(s, RssSplit { guest_kib: 20050, other_kib: 1900, guest_huge_kib: 4096 });
     }
 
     #[test]

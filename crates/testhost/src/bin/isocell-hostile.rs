@@ -652,6 +652,7 @@ fn time_boot(guest_mib: u64, report: &str, vmm: &[&str]) -> Result<(), String> {
         "init_us": at_init.map(|a| a.0),
         "guest_rss_kib": at_init.map(|a| a.1.guest_kib),
         "vmm_overhead_kib": at_init.map(|a| a.1.other_kib),
+        "guest_huge_kib": at_init.map(|a| a.1.guest_huge_kib),
         "exit_code": status.code(),
     });
     fs::write(report, out.to_string()).map_err(|e| format!("{report}: {e}"))?;

@@ -451,6 +451,7 @@ impl Vcpu {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
+            .stack_size(crate::vstate::vm::THREAD_STACK)
             .spawn(move || {
                 // The filter is in place before the first KVM_RUN: before any guest code runs.
                 if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {

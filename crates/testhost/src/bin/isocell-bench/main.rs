@@ -637,7 +637,10 @@ fn main() -> Result<()> {
     let qemu_dir = tempfile::tempdir()?;
     let qemu = peers::stage(qemu_dir.path())?;
     if args.peers_only {
-        let files = std::collections::BTreeMap::from([("qemu".to_owned(), qemu)]);
+        let mut files = std::collections::BTreeMap::from([("qemu".to_owned(), qemu)]);
+        if let Some(p) = &baseline {
+            files.insert("baseline_vmm".to_owned(), p.display().to_string());
+        }
         let results = host.run(&Scenario { steps: peers::steps(&args), files })?;
         if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
             bail!("a benchmark step failed:\n{}", bad.explain());

@@ -21,8 +21,17 @@ const PEER_OVERHEAD_TARGET: f64 = 0.5;
 /// Target: a start from a snapshot at least this many times faster than a cold one.
 const SNAPSHOT_SPEEDUP_TARGET: f64 = 10.0;
 
-/// The VMMs compared: ours and the peer.
-const VMMS: [&str; 2] = ["isocell", "qemu"];
+/// The VMMs compared: ours and the peer, and `--baseline-vmm` (another build of ours) when
+/// given.
+const VMMS: [&str; 3] = ["isocell", "qemu", "baseline"];
+
+fn vmms(args: &Args) -> &'static [&'static str] {
+    if args.baseline_vmm.is_some() {
+        &VMMS
+    } else {
+        &VMMS[..2]
+    }
+}
 
 /// The snapshot the benchmark makes and removes again.
 const SNAPSHOT: &str = "bench-snap";
@@ -47,7 +56,7 @@ fn boot_argv(vmm: &str, args: &Args, boot_args: &str) -> Vec<String> {
             boot_args,
         }),
         _ => [
-            "{vmm}",
+            if vmm == "baseline" { "{baseline_vmm}" } else { "{vmm}" },
             "--kernel",
             "{vmlinux}",
             "--drive",
@@ -98,11 +107,11 @@ fn shell_step(name: String, script: &str) -> Step {
 pub fn steps(args: &Args) -> Vec<Step> {
     let mut steps = Vec::new();
     for i in 0..=args.runs {
-        for vmm in VMMS {
+        for vmm in vmms(args) {
             steps.push(peer_step(i, vmm, args));
         }
     }
-    for vmm in VMMS {
+    for vmm in vmms(args) {
         steps.push(guest_view_step(vmm, args));
     }
     let (cpus, memory) = (args.cpus, args.memory);
@@ -148,16 +157,17 @@ pub fn report(results: &[StepResult], dir: &Path, host: &TestHost, args: &Args) 
     let wall = |r: &StepResult| Some(r.wall_us as f64 / 1000.0);
     let ours = of_kind("peer-isocell-");
     let qemu = of_kind("peer-qemu-");
+    let base = of_kind("peer-baseline-");
     let cycle = (
         series(&ours, |r| report_ms(r, "full_cycle_us")),
         series(&qemu, |r| report_ms(r, "full_cycle_us")),
     );
     let init =
         (series(&ours, |r| report_ms(r, "init_us")), series(&qemu, |r| report_ms(r, "init_us")));
-    let overhead = (
-        series(&ours, |r| report_kib(r, "vmm_overhead_kib")),
-        series(&qemu, |r| report_kib(r, "vmm_overhead_kib")),
-    );
+    let kib = |runs: &[StepResult], key: &'static str| series(runs, move |r| report_kib(r, key));
+    let overhead = (kib(&ours, "vmm_overhead_kib"), kib(&qemu, "vmm_overhead_kib"));
+    let guest_rss = (kib(&ours, "guest_rss_kib"), kib(&qemu, "guest_rss_kib"));
+    let guest_huge = (kib(&ours, "guest_huge_kib"), kib(&qemu, "guest_huge_kib"));
     let cold = series(&of_kind("start-cold-"), wall);
     let warm = series(&of_kind("start-snapshot-"), wall);
     let created =
@@ -175,7 +185,7 @@ pub fn report(results: &[StepResult], dir: &Path, host: &TestHost, args: &Args) 
         .zip(&phases)
         .map(|(p, (c, w))| (p.to_string(), json!({ "cold": c, "snapshot": w })))
         .collect();
-    for vmm in VMMS {
+    for vmm in vmms(args) {
         let name = format!("guest-view-{vmm}");
         let view = results.iter().find(|r| r.name == name).context("no guest view")?;
         let path = dir.join(format!("{name}.txt"));
@@ -194,6 +204,8 @@ pub fn report(results: &[StepResult], dir: &Path, host: &TestHost, args: &Args) 
         "full_cycle_ms": pair(cycle.0, cycle.1),
         "time_to_init_ms": pair(init.0, init.1),
         "vmm_overhead_kib": pair(overhead.0, overhead.1),
+        "guest_rss_kib": pair(guest_rss.0, guest_rss.1),
+        "guest_huge_page_kib": pair(guest_huge.0, guest_huge.1),
         "snapshot": {
             "create_wall_ms": created,
             "cold_run_true_wall_ms": cold,
@@ -206,8 +218,23 @@ pub fn report(results: &[StepResult], dir: &Path, host: &TestHost, args: &Args) 
             "vmm_overhead_ratio_max": PEER_OVERHEAD_TARGET,
             "snapshot_speedup_min": SNAPSHOT_SPEEDUP_TARGET,
         },
-        "guest_views": VMMS.map(|v| format!("guest-view-{v}.txt")),
+        "guest_views": vmms(args).iter().map(|v| format!("guest-view-{v}.txt")).collect::<Vec<_>>(),
     });
+    let mut out = out;
+    if let Some(path) = &args.baseline_vmm {
+        let base_cycle = series(&base, |r| report_ms(r, "full_cycle_us"));
+        let base_init = series(&base, |r| report_ms(r, "init_us"));
+        out["baseline"] = json!({
+            "vmm": path.display().to_string(),
+            "full_cycle_ms": base_cycle,
+            "time_to_init_ms": base_init,
+            "vmm_overhead_kib": kib(&base, "vmm_overhead_kib"),
+            "guest_rss_kib": kib(&base, "guest_rss_kib"),
+            "guest_huge_page_kib": kib(&base, "guest_huge_kib"),
+            "ratio_full_cycle_isocell_to_baseline": ratio(cycle.0, base_cycle),
+            "ratio_time_to_init_isocell_to_baseline": ratio(init.0, base_init),
+        });
+    }
     let path = dir.join("peers.json");
     std::fs::write(&path, serde_json::to_string_pretty(&out)?)
         .with_context(|| format!("writing {}", path.display()))?;
@@ -216,6 +243,16 @@ pub fn report(results: &[StepResult], dir: &Path, host: &TestHost, args: &Args) 
     print_vs("full cycle (spawn -> exit)", cycle.0, cycle.1, "ms", names);
     print_vs("time to init", init.0, init.1, "ms", names);
     print_vs("VMM overhead (RSS - guest)", overhead.0, overhead.1, "KiB", names);
+    print_vs("guest memory resident at init", guest_rss.0, guest_rss.1, "KiB", names);
+    print_vs("  of it in huge pages", guest_huge.0, guest_huge.1, "KiB", names);
+    if args.baseline_vmm.is_some() {
+        let names = ("isocell", "baseline");
+        let f = |key: &'static str| move |r: &StepResult| report_ms(r, key);
+        print_vs("full cycle, this build", cycle.0, series(&base, f("full_cycle_us")), "ms", names);
+        print_vs("time to init, this build", init.0, series(&base, f("init_us")), "ms", names);
+        let g = kib(&base, "guest_rss_kib");
+        print_vs("guest memory at init, this build", guest_rss.0, g, "KiB", names);
+    }
     println!(
         "  targets: full cycle <= {PEER_CYCLE_TARGET}x, overhead <= {PEER_OVERHEAD_TARGET}x QEMU's"
     );

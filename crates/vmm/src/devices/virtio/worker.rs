@@ -223,7 +223,8 @@ pub fn spawn(
     let thread_wake = wake.try_clone()?;
     let kind = worker.device().thread_kind();
     let (installed_tx, installed) = sync_channel(1);
-    std::thread::Builder::new().name(name.clone()).spawn(move || {
+    let builder = std::thread::Builder::new().name(name.clone());
+    builder.stack_size(crate::vstate::vm::THREAD_STACK).spawn(move || {
         let filter = crate::seccomp::install(kind);
         let failed = filter.is_err();
         let _ = installed_tx.send(filter);
