@@ -672,18 +672,25 @@ mod tests {
             ),
             ("{\"publish\": [\"80\"]}", StatusCode::BAD_REQUEST, "bad_request", "such as 8080:80"),
             ("{\"egress\": \"x:1\"}", StatusCode::UNPROCESSABLE_ENTITY, "bad_request", "egress"),
-            (
-                "{\"snapshot\": \"base\", \"cpus\": 2}",
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "the snapshot's",
-            ),
-            ("{\"snapshot\": \"../x\"}", StatusCode::BAD_REQUEST, "bad_request", "../x"),
-            ("{\"snapshot\": \"none\"}", StatusCode::BAD_REQUEST, "bad_request", "none"),
+            ("{\"snapshot\": \"base\"}", StatusCode::FORBIDDEN, "forbidden", "only root"),
         ];
         for (body, status, want, says) in cases {
             let (got, v) = call(&app, Method::POST, "/v1/cells", 1000, Some(body)).await;
             assert_eq!((got, code(&v)), (*status, *want), "{body}: {v}");
+            let message = v["error"]["message"].as_str().unwrap();
+            assert!(message.contains(says), "{body}: {message}");
+        }
+        // Root may start cells from snapshots, but not one that names what the snapshot fixes,
+        // nor one that is not there.
+        let root_cases: &[(&str, &str)] = &[
+            ("{\"snapshot\": \"base\", \"cpus\": 2}", "the snapshot's"),
+            ("{\"snapshot\": \"../x\"}", "../x"),
+            ("{\"snapshot\": \"none\"}", "none"),
+            ("{\"snapshot\": \"base\", \"idle_timeout_secs\": 99999999999}", "a year"),
+        ];
+        for (body, says) in root_cases {
+            let (got, v) = call(&app, Method::POST, "/v1/cells", 0, Some(body)).await;
+            assert_eq!((got, code(&v)), (StatusCode::BAD_REQUEST, "bad_request"), "{body}: {v}");
             let message = v["error"]["message"].as_str().unwrap();
             assert!(message.contains(says), "{body}: {message}");
         }

@@ -134,13 +134,6 @@ impl App {
 
     /// Checks a create request and finds its image (pulling it if the store lacks it).
     async fn request(&self, client: &str, c: &CreateCell) -> Result<CellRequest, ApiError> {
-        if let Some(name) = &c.snapshot {
-            return self.snapshot_request(name, c).await;
-        }
-        let cpus = c.cpus.unwrap_or(1);
-        if !(isocell_spec::vm::MIN_VCPUS..=isocell_spec::vm::MAX_VCPUS).contains(&cpus) {
-            return Err(ApiError::bad_request(format!("cpus {cpus}: a cell has 1 to 32 vCPUs")));
-        }
         for (name, v) in
             [("max_lifetime_secs", c.max_lifetime_secs), ("idle_timeout_secs", c.idle_timeout_secs)]
         {
@@ -164,6 +157,13 @@ impl App {
                     "image digest {d:?}: expected sha256: and 64 hex digits"
                 )));
             }
+        }
+        if let Some(name) = &c.snapshot {
+            return self.snapshot_request(client, name, c, constraints).await;
+        }
+        let cpus = c.cpus.unwrap_or(1);
+        if !(isocell_spec::vm::MIN_VCPUS..=isocell_spec::vm::MAX_VCPUS).contains(&cpus) {
+            return Err(ApiError::bad_request(format!("cpus {cpus}: a cell has 1 to 32 vCPUs")));
         }
         // Checked before the image is looked at: a bad rule costs no pull.
         let network = Network::parse(&c.egress, &c.publish)
@@ -227,8 +227,22 @@ impl App {
     }
 
     /// The request for a cell started from snapshot `name` (its files checked against their
-    /// digests), under the create's lifetime and constraints.
-    async fn snapshot_request(&self, name: &str, c: &CreateCell) -> Result<CellRequest, ApiError> {
+    /// digests), under the create's lifetime and `constraints` (already checked). Root's only,
+    /// as snapshots are: a snapshot is the host's, taken by root.
+    async fn snapshot_request(
+        &self,
+        client: &str,
+        name: &str,
+        c: &CreateCell,
+        constraints: Constraints,
+    ) -> Result<CellRequest, ApiError> {
+        if !is_root(client) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "snapshot: only root may start cells from the host's snapshots",
+            ));
+        }
         let fixed = c.image.is_some()
             || c.cpus.is_some()
             || c.memory.is_some()
@@ -240,19 +254,10 @@ impl App {
                  leave image, cpus, memory, egress and publish out"
             )));
         }
-        if c.max_lifetime_secs.is_some_and(|s| s == 0 || s > MAX_SECS) {
-            return Err(ApiError::bad_request(format!(
-                "max_lifetime_secs: give 1 to {MAX_SECS} seconds"
-            )));
-        }
         let (host, owned) = (self.host.clone(), name.to_owned());
         let snap = blocking(move || isocell_host::snapshot::restore_request(&host, &owned))
             .await?
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let mut constraints = c.constraints.clone().unwrap_or_default();
-        if c.max_lifetime_secs.is_some() {
-            constraints.max_lifetime_secs = c.max_lifetime_secs;
-        }
         Ok(CellRequest { max_lifetime_secs: constraints.max_lifetime_secs, constraints, ..snap })
     }
 

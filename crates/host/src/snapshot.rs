@@ -259,6 +259,9 @@ fn finish(
         std::os::unix::fs::fchown(&f, Some(0), readers).map_err(|e| io("take", &path, e))?;
         f.set_permissions(fs::Permissions::from_mode(0o640))
             .map_err(|e| io("restrict", &path, e))?;
+        // On disk before its digest is recorded: starts trust the digest cache while the
+        // file's identity is unchanged, so what they map must be what was hashed.
+        f.sync_all().map_err(|e| io("sync", &path, e))?;
         // Digest the very file just checked, through its descriptor. The digest goes into the
         // cache under the file's identity (device, inode, size, mtime, ctime), so starts find
         // it there until the file changes in any way (see `restore_request`).

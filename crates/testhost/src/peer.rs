@@ -26,8 +26,10 @@ pub struct RssSplit {
 }
 
 /// Splits the `Rss:` lines of an smaps text: anonymous mappings at least `guest_bytes` long
-/// hold guest memory (both VMMs map it so, in one piece below 3 GiB), the rest is the VMM's.
+/// (or 1 GiB, for a guest whose memory is split around the MMIO gap below 4 GiB) hold guest
+/// memory, the rest is the VMM's (its heap arenas are far smaller).
 pub fn split_rss(smaps: &str, guest_bytes: u64) -> RssSplit {
+    let guest_bytes = guest_bytes.min(1 << 30);
     let mut split = RssSplit { guest_kib: 0, other_kib: 0, guest_huge_kib: 0 };
     let mut in_guest = false;
     for line in smaps.lines() {

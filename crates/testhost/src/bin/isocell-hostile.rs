@@ -118,10 +118,12 @@ fn freeze_agent() -> Result<(), String> {
 /// connected to the host (the agent also holds the session listener, which is not).
 fn steal_agent_socket() -> Result<UnixStream, String> {
     // SAFETY: pidfd_open takes a pid and flags; it returns a new descriptor or -1.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, 1, 0) } as i32;
-    if pidfd < 0 {
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, 1, 0) } as i32;
+    if raw < 0 {
         return Err(os_err("pidfd_open 1"));
     }
+    // SAFETY: a fresh descriptor owned by nothing else here.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
     let mut fds: Vec<i32> = fs::read_dir("/proc/1/fd")
         .map_err(|e| format!("/proc/1/fd: {e}"))?
         .flatten()
@@ -133,9 +135,11 @@ fn steal_agent_socket() -> Result<UnixStream, String> {
     fds.sort();
     for target in fds {
         // SAFETY: pidfd_getfd duplicates the agent's descriptor into this process.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, target, 0) } as i32;
+        let fd =
+            unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) } as i32;
         if fd < 0 {
-            return Err(os_err("pidfd_getfd"));
+            // Closed since the listing: try the next.
+            continue;
         }
         // SAFETY: a fresh descriptor owned by nothing else here; OwnedFd closes it if unused.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -147,7 +151,8 @@ fn steal_agent_socket() -> Result<UnixStream, String> {
     Err("the agent holds no socket connected to the host".into())
 }
 
-/// Whether `fd` is a vsock stream whose peer is the host.
+/// Whether `fd` is a vsock stream to the host's agent port (session streams come from other
+/// host ports).
 fn peer_is_host(fd: &OwnedFd) -> bool {
     // SAFETY: sockaddr_vm is plain data; all zeroes is a valid value.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
@@ -155,7 +160,10 @@ fn peer_is_host(fd: &OwnedFd) -> bool {
     // SAFETY: getpeername writes at most `len` bytes into `addr`, which is that large.
     let rc =
         unsafe { libc::getpeername(fd.as_raw_fd(), std::ptr::addr_of_mut!(addr).cast(), &mut len) };
-    rc == 0 && addr.svm_family == libc::AF_VSOCK as libc::sa_family_t && addr.svm_cid == 2
+    rc == 0
+        && addr.svm_family == libc::AF_VSOCK as libc::sa_family_t
+        && addr.svm_cid == 2
+        && addr.svm_port == isocell_proto::AGENT_PORT
 }
 
 fn send(sock: &mut UnixStream, m: &Message) -> Result<(), String> {
@@ -623,11 +631,16 @@ fn time_boot(guest_mib: u64, report: &str, vmm: &[&str]) -> Result<(), String> {
     let started = Instant::now();
     let mut cmd = std::process::Command::new(vmm[0]);
     cmd.args(&vmm[1..]).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped());
-    // SAFETY: between fork and exec the child only asks for SIGKILL when this process dies,
-    // so a VMM never outlives its timer.
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: between fork and exec the child only makes async-signal-safe calls: it asks for
+    // SIGKILL when this process dies, and gives up if that already happened, so a VMM never
+    // outlives its timer.
     unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != parent
+            {
+                libc::_exit(1);
+            }
             Ok(())
         });
     }

@@ -154,7 +154,8 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, VmError> {
         let prot = libc::PROT_READ | libc::PROT_WRITE;
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         // SAFETY: `ptr` starts a live mapping of `size` bytes made by `map_aligned`, which
-        // nothing else uses; it stays mapped until the process exits.
+        // nothing else uses; it stays mapped until the process exits (the region does not own
+        // it, and a VMM that fails here exits).
         let mapping = unsafe {
             MmapRegionBuilder::new(size as usize)
                 .with_raw_mmap_pointer(ptr)
@@ -221,8 +222,8 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
             memory_size: region.len(),
             userspace_addr: host as u64,
         };
-        // SAFETY: the region describes a live mapping owned by `mem`, which the caller keeps
-        // alive for as long as the VM runs (both live until the process exits).
+        // SAFETY: the region describes a live mapping of `mem`'s, which stays mapped for as long
+        // as the VM runs (both live until the process exits).
         unsafe { vm.set_user_memory_region(region) }
             .map_err(|e| VmError::Kvm("map guest memory", e))?;
     }
