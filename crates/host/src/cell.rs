@@ -278,6 +278,11 @@ impl Cell {
         self.vmm_pid
     }
 
+    /// Sends `signal` to the cell's VMM through its pidfd.
+    pub fn signal_vmm(&self, signal: i32) -> std::io::Result<()> {
+        self.vmm.signal_vmm(signal)
+    }
+
     /// Where the cell takes session connections.
     pub fn sessions(&self, host: &HostConfig) -> crate::session::SessionSocket {
         crate::session::SessionSocket::of(&host.run_dir, &self.plan.id)

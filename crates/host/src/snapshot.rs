@@ -163,16 +163,9 @@ pub fn create(
         let saved = (|| {
             cell.wait_ready(boot_timeout, cancel)?;
             cell.prepare_snapshot(boot_timeout)?;
-            let pid =
-                cell.vmm_pid().ok_or_else(|| CellError::Host("the VMM's pid is unknown".into()))?;
-            // SAFETY: kill only sends SIGUSR1 to the cell's VMM, which asked for it
-            // (--snapshot-save) and is still running.
-            if unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR1) } != 0 {
-                return Err(CellError::Host(format!(
-                    "cannot signal the VMM: {}",
-                    std::io::Error::last_os_error()
-                )));
-            }
+            // The VMM asked for SIGUSR1 (--snapshot-save) and is still running.
+            cell.signal_vmm(libc::SIGUSR1)
+                .map_err(|e| CellError::Host(format!("cannot signal the VMM: {e}")))?;
             // Writing all of guest memory takes a while on a slow disk.
             let status = cell.wait_vmm_exit(Duration::from_secs(120));
             let reason =

@@ -141,6 +141,9 @@ pub struct Vmm {
     /// Readable when the VMM has exited (a pidfd), so waits block instead of polling: in the
     /// nested host every wake-up is paid for by the guest's vCPU.
     vmm_exited: Option<OwnedFd>,
+    /// A pidfd of the VMM itself (the jailer's child, when jailed), taken as soon as its pid
+    /// is known: signals go through it, never to a pid that may have been reused.
+    vmm_pidfd: Option<OwnedFd>,
     agent_listener: Option<UnixListener>,
     /// Host vsock ports the cell's services listen on (egress, DNS), bound before the VMM runs.
     host_listeners: Vec<(u32, UnixListener)>,
@@ -263,6 +266,14 @@ fn read_cell_file(path: &Path, max: u64) -> Option<Vec<u8>> {
     Some(buf)
 }
 
+/// The parent of process `pid` (field 4 of `/proc/PID/stat`, after the command's closing
+/// parenthesis, which a command name may itself contain).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// A pidfd for `pid`, readable once the process exits.
 fn pidfd(pid: u32) -> Option<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; it touches
@@ -348,6 +359,7 @@ impl Vmm {
             shared: shared.clone(),
             vmm: None,
             vmm_exited: None,
+            vmm_pidfd: None,
             agent_listener: None,
             host_listeners: Vec::new(),
             owner: None,
@@ -569,7 +581,9 @@ impl Vmm {
     /// `wait`).
     pub fn vmm_pid(&mut self, wait: Duration) -> Option<u32> {
         let Some(mut report) = self.jailer_report.take() else {
-            return self.vmm.as_ref().map(Child::id);
+            let pid = self.vmm.as_ref().map(Child::id)?;
+            self.vmm_pidfd = pidfd(pid);
+            return Some(pid);
         };
         let mut line = Vec::new();
         let start = Instant::now();
@@ -584,7 +598,38 @@ impl Vmm {
                 Ok(n) => line.extend_from_slice(&buf[..n]),
             }
         }
-        std::str::from_utf8(&line).ok()?.trim().parse().ok()
+        let pid: u32 = std::str::from_utf8(&line).ok()?.trim().parse().ok()?;
+        // The pid is the jailer's child's for as long as the jailer has not reaped it; a pidfd
+        // taken now, and checked to be of that child, stays that process's.
+        let jailer = self.vmm.as_ref().map(Child::id)?;
+        let fd = pidfd(pid)?;
+        if parent_of(pid) != Some(jailer) {
+            return None;
+        }
+        self.vmm_pidfd = Some(fd);
+        Some(pid)
+    }
+
+    /// Sends `signal` to the VMM through its pidfd (see [`Vmm::vmm_pid`], which takes it).
+    pub fn signal_vmm(&self, signal: i32) -> std::io::Result<()> {
+        let fd = self.vmm_pidfd.as_ref().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "the VMM's pid is not known")
+        })?;
+        // SAFETY: pidfd_send_signal takes a pidfd this struct owns, a signal number, no
+        // siginfo and no flags; it touches no memory of ours.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Ends the cell (killing a VMM still running), removes its cgroup and directory, and
@@ -666,4 +711,38 @@ fn tail(path: &Path, lines: usize) -> String {
     let text = String::from_utf8_lossy(&buf);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_parent_comes_from_proc_stat() {
+        // SAFETY: getppid has no preconditions.
+        let parent = unsafe { libc::getppid() } as u32;
+        assert_eq!(parent_of(std::process::id()), Some(parent));
+        assert_eq!(parent_of(u32::MAX), None);
+    }
+
+    #[test]
+    fn a_signal_needs_a_known_vmm() {
+        // Never created; dropping the Vmm removes it if it were.
+        let dir = std::env::temp_dir().join(format!("isocell-no-vmm-{}", std::process::id()));
+        let vmm = Vmm {
+            dir: dir.clone(),
+            shared: dir,
+            vmm: None,
+            vmm_exited: None,
+            vmm_pidfd: None,
+            agent_listener: None,
+            host_listeners: Vec::new(),
+            vmm_status: None,
+            cgroup: None,
+            owner: None,
+            jailer_report: None,
+        };
+        assert_eq!(vmm.signal_vmm(0).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    }
 }

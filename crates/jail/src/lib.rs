@@ -211,7 +211,7 @@ impl JailSpec {
             "uid": self.uid,
             "gid": self.gid,
             "uid_gid_range": "one per cell in 0x70000000-0x70ffffff, never 0",
-            "supplementary_groups": [],
+            "supplementary_groups": self.groups,
             "no_new_privs": true,
             "capabilities": [],
             "inherited_fds": ["stdin (/dev/null)", "stdout (VMM log)", "stderr (VMM log)"],
@@ -282,6 +282,14 @@ mod tests {
         let surface = s.surface(None);
         assert_eq!(surface["namespaces"].as_array().unwrap().len(), 6);
         assert_eq!(surface["files"][0]["access"], "read-only");
+        assert_eq!(surface["supplementary_groups"], serde_json::json!([]));
+        // A restoring VMM's extra group is part of what the surface says.
+        let mut s = spec();
+        s.groups.push(SNAPSHOT_READER_GID);
+        assert_eq!(
+            s.surface(None)["supplementary_groups"],
+            serde_json::json!([SNAPSHOT_READER_GID])
+        );
     }
 
     #[test]
