@@ -10,8 +10,9 @@
 //!    the spec's files (read-only unless declared writable, no-exec except the VMM binary),
 //!    create its device nodes owned by the jail's uid, mount a /proc that shows only the jail's
 //!    own processes, pivot_root into it and detach the old root, make the root read-only;
-//! 5. set rlimits, close every descriptor but 0-2, drop to the unprivileged uid/gid with no
-//!    supplementary groups, set no_new_privs, and exec the VMM with an empty environment.
+//! 5. set rlimits, close every descriptor but 0-2, drop to the unprivileged uid/gid with only
+//!    the spec's supplementary groups (none, or the snapshot readers' group for a VMM that
+//!    restores a snapshot), set no_new_privs, and exec the VMM with an empty environment.
 //!
 //! Any failure before the exec ends the child with [`EXIT_JAIL_FAILED`] and a message on
 //! stderr; nothing it made outlives its mount namespace.
