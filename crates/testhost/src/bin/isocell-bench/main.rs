@@ -277,27 +277,21 @@ fn print_row(label: &str, s: Option<Summary>, unit: &str) {
     }
 }
 
-/// A measured boot of the cell kernel (vmlinux) from the base image: `console` is the VMM's
-/// `--console` value, `boot_args` the scenario init's arguments.
-fn vmm_boot_step(name: String, args: &Args, console: &str, boot_args: &str) -> Step {
+/// The command line that boots the cell kernel (vmlinux) from the base image under `vmm` (a
+/// scenario placeholder): `console` is its `--console` value, `boot_args` the scenario init's
+/// arguments.
+fn vmm_boot_argv(vmm: &str, args: &Args, console: &str, boot_args: &str) -> Vec<String> {
     let (cpus, memory) = (args.cpus.to_string(), args.memory.to_string());
-    let argv = [
-        "{vmm}",
-        "--kernel",
-        "{vmlinux}",
-        "--drive",
-        "id=root,path={rootfs},ro,root",
-        "--console",
-        console,
-        "--cpus",
-        &cpus,
-        "--memory",
-        &memory,
-        "--boot-args",
-        boot_args,
-        "--report",
-        "{work}/report.json",
-    ];
+    let argv = [vmm, "--kernel", "{vmlinux}", "--drive", "id=root,path={rootfs},ro,root"];
+    let rest = ["--console", console, "--cpus", &cpus, "--memory", &memory];
+    argv.iter().chain(&rest).chain(&["--boot-args", boot_args]).map(|s| s.to_string()).collect()
+}
+
+/// A measured boot of the cell kernel (vmlinux) from the base image (see [`vmm_boot_argv`]).
+fn vmm_boot_step(name: String, args: &Args, console: &str, boot_args: &str) -> Step {
+    let mut argv = vmm_boot_argv("{vmm}", args, console, boot_args);
+    argv.extend(["--report".to_owned(), "{work}/report.json".to_owned()]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     measured_step(name, &argv, 120, "{work}/report.json")
 }
 

@@ -12,7 +12,9 @@ use isocell_testhost::stats::Summary;
 use isocell_testhost::{Step, StepResult, TestHost};
 use serde_json::{json, Value};
 
-use super::{cpu_model, measured_step, print_vs, ratio, run_phase, series, Args, RUN_PHASES};
+use super::{
+    cpu_model, measured_step, print_vs, ratio, run_phase, series, vmm_boot_argv, Args, RUN_PHASES,
+};
 
 /// Target: our full cycle at most this fraction of QEMU microvm's.
 const PEER_CYCLE_TARGET: f64 = 0.5;
@@ -45,7 +47,6 @@ pub fn stage(dir: &Path) -> Result<String> {
 /// The command line that boots the cell kernel from the base image under `vmm`, console on
 /// stdout.
 fn boot_argv(vmm: &str, args: &Args, boot_args: &str) -> Vec<String> {
-    let (cpus, memory) = (args.cpus.to_string(), args.memory.to_string());
     match vmm {
         "qemu" => qemu_argv(&PeerBoot {
             bundle: "{qemu}",
@@ -55,23 +56,8 @@ fn boot_argv(vmm: &str, args: &Args, boot_args: &str) -> Vec<String> {
             memory_mib: args.memory,
             boot_args,
         }),
-        _ => [
-            if vmm == "baseline" { "{baseline_vmm}" } else { "{vmm}" },
-            "--kernel",
-            "{vmlinux}",
-            "--drive",
-            "id=root,path={rootfs},ro,root",
-            "--console",
-            "stdout",
-            "--cpus",
-            &cpus,
-            "--memory",
-            &memory,
-            "--boot-args",
-            boot_args,
-        ]
-        .map(String::from)
-        .into(),
+        "baseline" => vmm_boot_argv("{baseline_vmm}", args, "stdout", boot_args),
+        _ => vmm_boot_argv("{vmm}", args, "stdout", boot_args),
     }
 }
 
@@ -91,16 +77,17 @@ fn guest_view_step(vmm: &str, args: &Args) -> Step {
                      init=/sbin/scenario-init isocell_scenario=dmesg";
     let argv = boot_argv(vmm, args, boot_args);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let mut step = measured_step(format!("guest-view-{vmm}"), &argv, 120, "");
-    step.report_file = None;
-    step
+    unreported_step(format!("guest-view-{vmm}"), &argv, 120)
 }
 
 /// A shell step in the snapshot series.
 fn shell_step(name: String, script: &str) -> Step {
-    let mut step = measured_step(name, &["sh", "-c", script], 300, "");
-    step.report_file = None;
-    step
+    unreported_step(name, &["sh", "-c", script], 300)
+}
+
+/// A step whose result is its exit status, output and wall time (no report file).
+fn unreported_step(name: String, argv: &[&str], timeout_secs: u64) -> Step {
+    Step { report_file: None, ..measured_step(name, argv, timeout_secs, "") }
 }
 
 /// The steps: the peer boots alternating, the two guest views, the snapshot series.
@@ -127,9 +114,8 @@ pub fn steps(args: &Args) -> Vec<Step> {
         let cold = format!("{{isocell}} run --cpus {cpus} --memory {memory} {report} -- true");
         let warm = format!("{{isocell}} run --snapshot {SNAPSHOT} {report} -- true");
         for (kind, script) in [("cold", cold), ("snapshot", warm)] {
-            let mut step = shell_step(format!("start-{kind}-{i}"), &script);
-            step.report_file = Some("{work}/run.json".into());
-            steps.push(step);
+            let argv = ["sh", "-c", &script];
+            steps.push(measured_step(format!("start-{kind}-{i}"), &argv, 300, "{work}/run.json"));
         }
     }
     steps.push(shell_step("snapshot-rm".into(), &format!("{{isocell}} snapshot rm {SNAPSHOT}")));
@@ -192,7 +178,7 @@ pub fn report(results: &[StepResult], dir: &Path, host: &TestHost, args: &Args) 
         std::fs::write(&path, &view.stdout)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    let out = json!({
+    let mut out = json!({
         "benchmark": "peers",
         "host": host.kind().name(),
         "host_cpu": cpu_model(),
@@ -220,7 +206,6 @@ pub fn report(results: &[StepResult], dir: &Path, host: &TestHost, args: &Args) 
         },
         "guest_views": vmms(args).iter().map(|v| format!("guest-view-{v}.txt")).collect::<Vec<_>>(),
     });
-    let mut out = out;
     if let Some(path) = &args.baseline_vmm {
         let base_cycle = series(&base, |r| report_ms(r, "full_cycle_us"));
         let base_init = series(&base, |r| report_ms(r, "init_us"));
