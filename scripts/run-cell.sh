@@ -13,6 +13,11 @@
 #   isocell run 127.0.0.1:PORT/demo/python:latest -- python3 -c ...
 # which pulls it (checking every digest), converts it into a verity-protected cell image, and
 # boots it. The registry is stopped and removed afterwards.
+#
+# Without hardware virtualization (kvm-pvm, no /dev/kvm) registry images and the busybox image
+# run in an `isocell machine` (created and started here if needed, and left running for the
+# next cells); image files on this host (oci:, oci-archive:, docker-archive:, a block image)
+# run in the nested test host.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -63,7 +68,27 @@ printf '\n==> isocell %s -- %s\n' "${run_args[*]}" "$*" >&2
 if [[ "$("$bin/isocell-testhost" info)" == direct ]]; then
   exec "$bin/isocell" "${run_args[@]}" -- "$@"
 fi
-# No hardware virtualization: pull and convert here, run the cell in the nested host.
+local_image=
+case "$image" in oci:* | oci-archive:* | docker-archive:*) local_image=1 ;; esac
+[[ -n "$image" && -e "$image" ]] && local_image=1
+if [[ -z "$local_image" ]]; then
+  # No hardware virtualization: the cell runs in an isocell machine, a managed VM with KVM of
+  # its own, created once and started if it is not running. It stays up for the next cells
+  # (`isocell machine stop` ends it); `isocell run` finds it by itself.
+  if ! "$bin/isocell" machine status >/dev/null 2>&1; then
+    printf '\n==> isocell machine init (once: a state disk, TLS certificates)\n' >&2
+    "$bin/isocell" machine init >&2
+  fi
+  state=$("$bin/isocell" machine status --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["state"])')
+  if [[ "$state" != running ]]; then
+    printf '\n==> isocell machine start\n' >&2
+    "$bin/isocell" machine start >&2
+  fi
+  # Not exec: the registry above is stopped on exit.
+  "$bin/isocell" "${run_args[@]}" -- "$@"
+  exit
+fi
+# An image file on this host: pull and convert it here, run the cell in the nested test host.
 images_args=()
 if [[ -n "$image" && ! -f "$image" ]]; then
   "$bin/isocell" image pull "$image"

@@ -363,8 +363,11 @@ fn an_image_that_cannot_be_mounted_stops_the_cell_with_one_clear_line() {
 
 fn local_isocell(args: &[&str]) -> std::process::Output {
     let paths = isocell_testhost::host::Paths::discover().unwrap_or_else(|e| panic!("{e}"));
+    // Never through an isocell machine this host may have running: these runs are local.
     Command::new(paths.isocell)
         .args(args)
+        .env("ISOCELL_MACHINE_DIR", "/nonexistent/isocell-machine")
+        .env_remove("ISOCELL_HOST")
         .output()
         .unwrap_or_else(|e| panic!("cannot run isocell: {e}"))
 }
@@ -407,7 +410,7 @@ fn no_hardware_virtualization_is_refused_with_what_to_do() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{err}");
     assert!(
-        err.contains("hardware virtualization") && err.contains("scripts/run-cell.sh"),
+        err.contains("hardware virtualization") && err.contains("isocell machine start"),
         "{err}"
     );
 }

@@ -150,25 +150,25 @@ pub struct CreateArgs {
 pub struct ExecArgs {
     /// Forward standard input to the command.
     #[arg(short, long)]
-    interactive: bool,
+    pub(crate) interactive: bool,
     /// Run the command on a terminal (this one's size; raw mode here while it runs).
     #[arg(short, long)]
-    tty: bool,
+    pub(crate) tty: bool,
     /// Environment variable for the command, K=V (K alone: its value here). Repeat for more.
     #[arg(short, long = "env", value_name = "K=V")]
-    env: Vec<String>,
+    pub(crate) env: Vec<String>,
     /// Working directory of the command in the cell (absolute).
     #[arg(short, long, value_name = "DIR")]
-    workdir: Option<String>,
+    pub(crate) workdir: Option<String>,
     /// User (and group) to run as: a name or UID, optionally :GROUP or :GID.
     #[arg(short, long)]
-    user: Option<String>,
+    pub(crate) user: Option<String>,
     /// Kill the command after this many seconds (exit status 124).
     #[arg(long, value_name = "SECS")]
-    timeout: Option<u64>,
+    pub(crate) timeout: Option<u64>,
     /// The cell.
     #[arg(value_name = "ID")]
-    id: String,
+    pub(crate) id: String,
     /// The command and its arguments (after `--` if they start with `-`).
     #[arg(
         value_name = "COMMAND",
@@ -176,7 +176,7 @@ pub struct ExecArgs {
         trailing_var_arg = true,
         allow_hyphen_values = true
     )]
-    command: Vec<String>,
+    pub(crate) command: Vec<String>,
 }
 
 /// `isocell cell cp`.
@@ -202,7 +202,7 @@ directories with 0755.";
 
 /// Why a command failed, and the exit status that says so.
 #[derive(Debug)]
-struct Failure {
+pub(crate) struct Failure {
     /// `isocell`'s exit status.
     status: u8,
     /// What went wrong.
@@ -213,12 +213,12 @@ struct Failure {
 
 impl Failure {
     /// A failure of `isocell` itself (125).
-    fn new(message: impl Into<String>) -> Failure {
+    pub(crate) fn new(message: impl Into<String>) -> Failure {
         Failure { status: exit::ISOCELL_FAILED, message: message.into(), details: None }
     }
 
     /// Prints it and returns the exit status.
-    fn report(self) -> u8 {
+    pub(crate) fn report(self) -> u8 {
         tell!("isocell: error: {}", self.message);
         if let Some(d) = self.details {
             tell!("{}", serde_json::to_string_pretty(&d).unwrap_or_default());
@@ -330,8 +330,6 @@ fn endpoint(host: Option<&str>) -> Result<Endpoint, Failure> {
 /// The client side of TLS: the daemon's CA and this client's certificate and key, from the
 /// flags or else `ISOCELL_TLS_CA`, `ISOCELL_TLS_CERT` and `ISOCELL_TLS_KEY`.
 fn tls_client(args: &CellArgs) -> Result<Arc<rustls::ClientConfig>, Failure> {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let file = |flag: &Option<PathBuf>, name: &str, env: &str| {
         flag.clone()
             .or_else(|| std::env::var_os(env).filter(|v| !v.is_empty()).map(PathBuf::from))
@@ -345,6 +343,13 @@ fn tls_client(args: &CellArgs) -> Result<Arc<rustls::ClientConfig>, Failure> {
     let ca = file(&args.tls_ca, "ca", "ISOCELL_TLS_CA")?;
     let cert = file(&args.tls_cert, "cert", "ISOCELL_TLS_CERT")?;
     let key = file(&args.tls_key, "key", "ISOCELL_TLS_KEY")?;
+    tls_config(&ca, &cert, &key)
+}
+
+/// A TLS client configuration from a CA file, a certificate chain and its key (PEM).
+fn tls_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<rustls::ClientConfig>, Failure> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs = |path: &Path, flag: &str| {
         CertificateDer::pem_file_iter(path)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -358,11 +363,11 @@ fn tls_client(args: &CellArgs) -> Result<Arc<rustls::ClientConfig>, Failure> {
             })
     };
     let mut roots = rustls::RootCertStore::empty();
-    for c in certs(&ca, "tls-ca")? {
+    for c in certs(ca, "tls-ca")? {
         roots.add(c).map_err(|e| Failure::new(format!("--tls-ca {}: {e}", ca.display())))?;
     }
-    let chain = certs(&cert, "tls-cert")?;
-    let key = PrivateKeyDer::from_pem_file(&key)
+    let chain = certs(cert, "tls-cert")?;
+    let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| Failure::new(format!("--tls-key {}: {e}", key.display())))?;
     let config = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
@@ -389,8 +394,10 @@ trait Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Conn for T {}
 
 /// The daemon.
-struct Daemon {
+pub(crate) struct Daemon {
     endpoint: Endpoint,
+    /// It is the `isocell machine`'s (image names on this host's loopback are renamed).
+    machine: bool,
     /// With a TLS endpoint: the client's TLS configuration.
     tls: Option<Arc<rustls::ClientConfig>>,
 }
@@ -541,7 +548,7 @@ impl Daemon {
     }
 
     /// Like [`Daemon::call`], the answer as JSON.
-    async fn json(
+    pub(crate) async fn json(
         &self,
         method: Method,
         path: &str,
@@ -554,24 +561,53 @@ impl Daemon {
     }
 }
 
+/// The daemon of the running `isocell machine`, over its forwarded loopback port.
+pub(crate) fn machine_daemon(api: &isocell_machine::Api) -> Result<Daemon, Failure> {
+    Ok(Daemon {
+        endpoint: Endpoint::Tls { host: "127.0.0.1".into(), port: api.port },
+        machine: true,
+        tls: Some(tls_config(&api.ca, &api.cert, &api.key)?),
+    })
+}
+
+/// The daemon `isocell cell` talks to: `--host` or `ISOCELL_HOST` if given; else the local
+/// socket, unless there is none and this host cannot run cells, where the running machine's
+/// daemon is used (said once on stderr).
+fn daemon_for(args: &CellArgs) -> Result<Daemon, Failure> {
+    let named = args.host.is_some() || std::env::var("ISOCELL_HOST").is_ok_and(|h| !h.is_empty());
+    let endpoint = endpoint(args.host.as_deref())?;
+    if let (false, Endpoint::Unix(socket)) = (named, &endpoint) {
+        if !socket.exists() {
+            if let Err(why) = isocell_machine::hardware_virtualization() {
+                let machine = isocell_machine::Machine::at(isocell_machine::default_dir());
+                let api = machine.api().map_err(|e| {
+                    Failure::new(format!(
+                        "no isocelld here ({} does not exist), and this host cannot run cells itself ({why}): {e}",
+                        socket.display()
+                    ))
+                })?;
+                tell!("isocell: no hardware virtualization here; using the isocell machine's daemon (https://127.0.0.1:{})", api.port);
+                return machine_daemon(&api);
+            }
+        }
+    }
+    let tls = match endpoint {
+        Endpoint::Tls { .. } => Some(tls_client(args)?),
+        Endpoint::Unix(_) => None,
+    };
+    Ok(Daemon { endpoint, machine: false, tls })
+}
+
 /// Runs `isocell cell ...`; returns the exit status.
 pub fn cell(args: CellArgs) -> u8 {
-    let endpoint = match endpoint(args.host.as_deref()) {
-        Ok(e) => e,
+    let daemon = match daemon_for(&args) {
+        Ok(d) => d,
         Err(f) => return f.report(),
-    };
-    let tls = match endpoint {
-        Endpoint::Tls { .. } => match tls_client(&args) {
-            Ok(c) => Some(c),
-            Err(f) => return f.report(),
-        },
-        Endpoint::Unix(_) => None,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => return exit::fail(&format!("async runtime: {e}")),
     };
-    let daemon = Daemon { endpoint, tls };
     match runtime.block_on(dispatch(&daemon, args.command)) {
         Ok(status) => status,
         Err(f) => f.report(),
@@ -580,7 +616,17 @@ pub fn cell(args: CellArgs) -> u8 {
 
 async fn dispatch(daemon: &Daemon, command: CellCmd) -> Result<u8, Failure> {
     match command {
-        CellCmd::Create(a) => {
+        CellCmd::Create(mut a) => {
+            if daemon.machine {
+                if let Some(there) = a.image.as_deref().and_then(crate::machine::image_for_machine)
+                {
+                    tell!(
+                        "isocell: image {} is {there} from inside the isocell machine",
+                        a.image.as_deref().unwrap_or_default()
+                    );
+                    a.image = Some(there);
+                }
+            }
             let body = create_body(&a);
             let key: Vec<(&str, &str)> =
                 a.idempotency_key.as_deref().map(|k| ("Idempotency-Key", k)).into_iter().collect();
@@ -644,7 +690,7 @@ async fn dispatch(daemon: &Daemon, command: CellCmd) -> Result<u8, Failure> {
 }
 
 /// `/v1/cells/{id}` and `rest`.
-fn cell_path(id: &str, rest: &str) -> String {
+pub(crate) fn cell_path(id: &str, rest: &str) -> String {
     format!("/v1/cells/{}{rest}", segment(id))
 }
 
@@ -1002,7 +1048,7 @@ fn notice(raw: bool, text: &str) {
 }
 
 /// `isocell cell exec`.
-async fn exec(daemon: &Daemon, a: ExecArgs) -> Result<u8, Failure> {
+pub(crate) async fn exec(daemon: &Daemon, a: ExecArgs) -> Result<u8, Failure> {
     let size = if a.tty { Some(terminal_size().unwrap_or((24, 80))) } else { None };
     let request = exec_request(&a, size)?;
     let mut interrupt = listen(SignalKind::interrupt())?;
@@ -1531,8 +1577,35 @@ where
 }
 
 /// `isocell cell cp HOSTPATH ID:/DIR`.
-async fn upload(daemon: &Daemon, host: &Path, id: &str, dir: &str) -> Result<u8, Failure> {
-    let items = upload_items(host)?;
+pub(crate) async fn upload(
+    daemon: &Daemon,
+    host: &Path,
+    id: &str,
+    dir: &str,
+) -> Result<u8, Failure> {
+    upload_as(daemon, host, None, id, dir).await
+}
+
+/// [`upload`], the top entry named `name` in the cell instead of its own name.
+pub(crate) async fn upload_as(
+    daemon: &Daemon,
+    host: &Path,
+    name: Option<&str>,
+    id: &str,
+    dir: &str,
+) -> Result<u8, Failure> {
+    let mut items = upload_items(host)?;
+    if let Some(name) = name {
+        let own = items.first().map(|i| i.name.clone()).unwrap_or_default();
+        for item in &mut items {
+            let rest = item.name.strip_prefix(&own).map(Path::to_path_buf).unwrap_or_default();
+            item.name = if rest.as_os_str().is_empty() {
+                PathBuf::from(name)
+            } else {
+                Path::new(name).join(rest)
+            };
+        }
+    }
     check_upload_size(host, &items)?;
     let (tx, rx) = mpsc::channel::<Chunk>(4);
     let builder = tokio::task::spawn_blocking(move || send_tar(&items, tx));
@@ -1727,7 +1800,12 @@ fn extract_into<R: std::io::Read>(
 }
 
 /// `isocell cell cp ID:/PATH HOSTDIR`.
-async fn download(daemon: &Daemon, id: &str, path: &str, host: &Path) -> Result<u8, Failure> {
+pub(crate) async fn download(
+    daemon: &Daemon,
+    id: &str,
+    path: &str,
+    host: &Path,
+) -> Result<u8, Failure> {
     match std::fs::metadata(host) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
@@ -2330,7 +2408,8 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-            let daemon = Daemon { endpoint: Endpoint::Unix(socket.clone()), tls: None };
+            let daemon =
+                Daemon { endpoint: Endpoint::Unix(socket.clone()), machine: false, tls: None };
             let cp = |src: &Path, dst: &str| {
                 CellCmd::Cp(CpArgs { src: src.display().to_string(), dst: dst.to_owned() })
             };

@@ -20,6 +20,7 @@ mod client;
 mod exit;
 mod images;
 mod inspect;
+mod machine;
 mod run;
 mod snapshots;
 
@@ -66,6 +67,9 @@ enum Command {
     /// Snapshots: cells saved before they ran anything, started with `run --snapshot`.
     #[command(subcommand)]
     Snapshot(snapshots::SnapshotCmd),
+    /// A managed VM for hosts without hardware virtualization: init, start, stop, status,
+    /// exec, evidence, rm. While it runs, `isocell run` and `isocell cell` use it.
+    Machine(machine::MachineArgs),
 }
 
 #[derive(Args, Debug)]
@@ -330,7 +334,15 @@ fn parse_outputs(items: &[String]) -> Result<Vec<(String, PathBuf)>, String> {
         .collect()
 }
 
-fn options(mut args: RunArgs) -> Result<run::Run, String> {
+/// Where a checked `isocell run` goes.
+enum Planned {
+    /// Here, on this host's KVM.
+    Local(Box<run::Run>),
+    /// To the running `isocell machine`'s daemon; with why this host cannot run it.
+    Machine(Box<machine::RemoteRun>, String),
+}
+
+fn options(mut args: RunArgs) -> Result<Planned, String> {
     let spec = match &args.spec {
         Some(path) => {
             let text = read_text_file("--spec", path)?;
@@ -403,6 +415,11 @@ fn options(mut args: RunArgs) -> Result<run::Run, String> {
     let copy_timeout = seconds("--copy-timeout", args.copy_timeout)?;
     let output_max_bytes = parse_size("--output-max-bytes", &args.output_max_bytes)?;
     let env = parse_env(&args.env)?;
+    if let Some(machine) = machine::needed() {
+        let why = machine?;
+        let remote = through_machine(&args, constraints, egress, publish, cpus, memory, timeout)?;
+        return Ok(Planned::Machine(Box::new(remote), why));
+    }
     let snapshot = match &args.snapshot {
         Some(name) => {
             let fixed = spec.image.is_some()
@@ -501,7 +518,100 @@ fn options(mut args: RunArgs) -> Result<run::Run, String> {
         output_max_entries: args.output_max_entries,
         policy_files: args.policies,
     };
-    Ok(run::Run { host, request, interactive: args.interactive, report: args.report })
+    Ok(Planned::Local(Box::new(run::Run {
+        host,
+        request,
+        interactive: args.interactive,
+        report: args.report,
+    })))
+}
+
+/// `isocell run` for the machine's daemon, which has its own kernel, policies and jail: the
+/// options that name this host's files or change those are refused, each saying so.
+fn through_machine(
+    args: &RunArgs,
+    constraints: isocell_spec::Constraints,
+    egress: &[String],
+    publish: &[String],
+    cpus: u8,
+    memory: MemorySize,
+    timeout: Option<Duration>,
+) -> Result<machine::RemoteRun, String> {
+    if let Some(k) = &args.kernel {
+        locate::kernel(Some(k)).map_err(|e| e.to_string())?;
+    }
+    let refuse = |flag: &str, why: &str| {
+        Err(format!("{flag}: not available through the isocell machine ({why})"))
+    };
+    if args.kernel.is_some() || args.kernel_args.is_some() {
+        return refuse("--kernel/--kernel-args", "cells there boot the machine's cell kernel");
+    }
+    if !args.policies.is_empty() {
+        return refuse("--policy", "the machine's daemon admits by its own policies");
+    }
+    if args.no_jail {
+        return refuse("--no-jail", "the machine's daemon always jails its cells");
+    }
+    if args.report.is_some() {
+        return refuse("--report", "the phase report is made where the cell runs");
+    }
+    if args.entrypoint.is_some() {
+        return refuse("--entrypoint", "give the whole command after `--`");
+    }
+    if !publish.is_empty() {
+        return refuse(
+            "--publish",
+            "a port would open inside the machine, out of this host's reach",
+        );
+    }
+    let image = args.image.as_deref().or(args.image_arg.as_deref());
+    if let Some(name) = image {
+        let local = ["oci:", "oci-archive:", "docker-archive:"].iter().any(|p| name.starts_with(p))
+            || matches!(isocell_image::ImageRef::parse(name), Ok(isocell_image::ImageRef::Raw(_)));
+        if local {
+            return Err(format!(
+                "image {name}: a file on this host cannot be run in the isocell machine; push it \
+                 to a registry it can reach (this host's 127.0.0.1 is 10.0.2.2 from inside it)"
+            ));
+        }
+    }
+    if args.command.is_empty() {
+        return Err("no command: give it after `--` (through the isocell machine the image's \
+                    entrypoint is not prepended)"
+            .into());
+    }
+    let image = image.map(|name| match machine::image_for_machine(name) {
+        Some(there) => {
+            tell!("isocell: image {name} is {there} from inside the isocell machine");
+            there
+        }
+        None => name.to_owned(),
+    });
+    let mut create = serde_json::json!({ "constraints": constraints });
+    match &args.snapshot {
+        Some(name) => create["snapshot"] = serde_json::json!(name),
+        None => {
+            create["cpus"] = serde_json::json!(cpus);
+            create["memory"] = serde_json::json!(memory.to_string());
+            if let Some(i) = &image {
+                create["image"] = serde_json::json!(i);
+            }
+            if !egress.is_empty() {
+                create["egress"] = serde_json::json!(egress);
+            }
+        }
+    }
+    Ok(machine::RemoteRun {
+        create,
+        argv: args.command.clone(),
+        env: args.env.clone(),
+        workdir: args.workdir.clone(),
+        user: args.user.clone(),
+        timeout: timeout.map(|t| t.as_secs()),
+        interactive: args.interactive,
+        inputs: parse_inputs(&args.inputs)?,
+        outputs: parse_outputs(&args.outputs)?,
+    })
 }
 
 /// The process a container image runs, from its configuration and the run's overrides.
@@ -551,7 +661,8 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(args) => match options(*args) {
             Err(e) => exit::fail(&e),
-            Ok(r) => run::run(r, started),
+            Ok(Planned::Local(r)) => run::run(*r, started),
+            Ok(Planned::Machine(r, why)) => machine::run(*r, &why),
         },
         Command::Host(cmd) => inspect::host(cmd),
         Command::Audit(cmd) => inspect::audit(cmd),
@@ -560,6 +671,7 @@ fn main() -> ExitCode {
         Command::Image(cmd) => images::image(cmd),
         Command::Cell(args) => client::cell(args),
         Command::Snapshot(cmd) => snapshots::snapshot(cmd),
+        Command::Machine(args) => machine::machine(args),
     };
     ExitCode::from(code)
 }

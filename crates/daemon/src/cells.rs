@@ -109,6 +109,21 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("task failed: {e}")))
 }
 
+/// The registries to speak plain HTTP to for `image`: the configured ones, and its registry if
+/// a `HOST:*` entry names its host (an isocell machine's `10.0.2.2:*`: registries on the loopback
+/// of the host the machine runs on, reached only over the machine's private network).
+fn insecure_for(configured: &[String], image: &ImageRef) -> Vec<String> {
+    let mut insecure = configured.to_vec();
+    if let ImageRef::Registry(r) = image {
+        let registry = r.registry();
+        let host = registry.rsplit_once(':').map_or(registry, |(h, _)| h);
+        if configured.iter().any(|i| i.strip_suffix(":*") == Some(host)) {
+            insecure.push(registry.to_owned());
+        }
+    }
+    insecure
+}
+
 fn is_root(client: &str) -> bool {
     client == "unix:uid=0"
 }
@@ -191,7 +206,7 @@ impl App {
                 }
                 let state = self.host.state_dir.clone();
                 let registry = RegistryOptions {
-                    insecure: self.config.insecure_registries.clone(),
+                    insecure: insecure_for(&self.config.insecure_registries, &r),
                     auth_file: None,
                     progress: false,
                 };
@@ -645,4 +660,24 @@ fn launch_digest(host: &HostConfig, id: &str) -> Option<String> {
     let path = host.state_dir.join("cells").join(id).join("launch.json");
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
     doc["receipt"]["launch_digest"].as_str().map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_host_wildcard_marks_every_port_of_that_host_insecure_and_no_other() {
+        let configured = vec!["10.0.2.2:*".to_owned(), "reg.local:5000".to_owned()];
+        let on = |name: &str| insecure_for(&configured, &ImageRef::parse(name).unwrap());
+        assert!(on("10.0.2.2:5123/demo/app:1").contains(&"10.0.2.2:5123".to_owned()));
+        assert!(!on("10.0.2.20:5123/demo/app:1").contains(&"10.0.2.20:5123".to_owned()));
+        assert!(!on("evil.example/10.0.2.2:1").iter().any(|r| r.starts_with("evil")));
+        assert_eq!(on("reg.local:5000/app:1"), configured);
+        assert_eq!(
+            insecure_for(&[], &ImageRef::parse("10.0.2.2:5123/app:1").unwrap()),
+            Vec::<String>::new()
+        );
+    }
 }

@@ -188,7 +188,8 @@ impl Admitted {
         }
         if let Err(e) = isocell_vmm_model::host_check::check() {
             return Err(CellError::Host(format!(
-                "{e}\nOn this machine use the nested test host: scripts/run-cell.sh -- COMMAND"
+                "{e}\nOn such a host run cells in an isocell machine: `isocell machine init` (once), \
+                 then `isocell machine start`; `isocell run` then uses it"
             )));
         }
         for stale in vmm_process::sweep_stale(&host.run_dir) {

@@ -219,7 +219,12 @@ impl CellEvidence {
 
     fn host_json(&self) -> Value {
         let p = &self.host.profile;
-        json!({ "id": p.host_id, "jurisdiction": p.jurisdiction, "zone": p.zone, "operator": p.operator })
+        let mut host = json!({ "id": p.host_id, "jurisdiction": p.jurisdiction, "zone": p.zone, "operator": p.operator });
+        // A cell in an `isocell machine` runs nested on another host: the receipt says which.
+        if let Some(m) = &p.machine {
+            host["machine"] = json!(m);
+        }
+        host
     }
 
     /// Signs and stores the launch receipt, and logs the cell's creation.

@@ -103,6 +103,33 @@ fn find(
     }
 }
 
+/// The nested host's kernel directory (`vmlinuz` and `modules/`, from
+/// scripts/prepare-nested-host.sh) that an `isocell machine` boots: `ISOCELL_NESTED_HOST`, else
+/// `build/nested-host` next to `build/guest`.
+pub fn nested_host() -> Result<PathBuf, LocateError> {
+    let dir = match std::env::var_os("ISOCELL_NESTED_HOST") {
+        Some(d) => PathBuf::from(d),
+        None => match guest_dir().and_then(|g| g.parent().map(|p| p.join("nested-host"))) {
+            Some(d) => d,
+            None => {
+                return Err(LocateError::NoGuestDir {
+                    what: "the machine's kernel",
+                    env: "ISOCELL_NESTED_HOST",
+                })
+            }
+        },
+    };
+    let kernel = dir.join("vmlinuz");
+    if kernel.is_file() {
+        Ok(dir)
+    } else {
+        Err(LocateError::Missing {
+            what: "the machine's kernel (scripts/prepare-nested-host.sh)",
+            path: kernel,
+        })
+    }
+}
+
 /// The cell kernel (`--kernel`, `ISOCELL_KERNEL`, or `build/guest/vmlinux`).
 pub fn kernel(flag: Option<&Path>) -> Result<PathBuf, LocateError> {
     find(flag, "ISOCELL_KERNEL", "vmlinux", "the cell kernel")

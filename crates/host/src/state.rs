@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
 use isocell_evidence::audit::{verifying_key_hex, AuditError, AuditLog};
-use isocell_spec::HostProfile;
+use isocell_spec::{HostProfile, MachineIdentity};
 use serde_json::json;
 
 use crate::error::io;
@@ -31,7 +31,15 @@ pub enum StateError {
         /// The profile's path.
         path: PathBuf,
     },
-    /// The host profile cannot be parsed.
+    /// The machine identity file (`ISOCELL_MACHINE`) cannot be parsed.
+    #[error("the machine identity {} is invalid: {message}", path.display())]
+    BadMachine {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// The profile does not parse.
     #[error(
         "{} is invalid: {source}; fix it or recreate it with `isocell host init`",
         path.display()
@@ -115,6 +123,20 @@ fn lock_state(dir: &Path) -> Result<fs::File, StateError> {
     Ok(lock)
 }
 
+/// The environment variable that names an `isocell machine`'s identity file (TOML, a
+/// [`MachineIdentity`]); the machine's init sets it for everything it starts.
+pub const MACHINE_ENV: &str = "ISOCELL_MACHINE";
+
+/// This host's identity as an `isocell machine`, if `ISOCELL_MACHINE` names one. A named file
+/// that cannot be read is an error: evidence must never silently drop that the host is nested.
+fn machine_identity() -> Result<Option<MachineIdentity>, StateError> {
+    let Some(path) = std::env::var_os(MACHINE_ENV).map(PathBuf::from) else { return Ok(None) };
+    let text = fs::read_to_string(&path).map_err(io("read the machine identity", &path))?;
+    toml::from_str(&text)
+        .map(Some)
+        .map_err(|e| StateError::BadMachine { path, message: e.to_string() })
+}
+
 impl Host {
     /// Loads `host.toml` and the key it names from `dir`, creating a profile with
     /// "unspecified" jurisdiction, zone and operator and a fresh key on first use.
@@ -138,8 +160,9 @@ impl Host {
     fn load_existing(dir: &Path) -> Result<Host, StateError> {
         let profile_path = dir.join(PROFILE_FILE);
         let text = fs::read_to_string(&profile_path).map_err(io("read", &profile_path))?;
-        let profile: HostProfile = toml::from_str(&text)
+        let mut profile: HostProfile = toml::from_str(&text)
             .map_err(|source| StateError::BadProfile { path: profile_path.clone(), source })?;
+        profile.machine = machine_identity()?;
         let key_path = dir.join(&profile.signing_key);
         let hex_seed =
             fs::read_to_string(&key_path).map_err(io("read the signing key", &key_path))?;
@@ -208,6 +231,7 @@ impl Host {
             zone: zone.to_owned(),
             operator: operator.to_owned(),
             signing_key: "host.key".to_owned(),
+            machine: machine_identity()?,
         };
         // The log's genesis entry, durable before the profile exists. So a profile implies a
         // log that starts with a genesis entry, and `isocell audit verify` can tell a log that
@@ -232,7 +256,8 @@ impl Host {
         if !wrote_genesis {
             audit.append("host_init", None, facts).map_err(StateError::AppendAudit)?;
         }
-        let text = toml::to_string(&profile)?;
+        // The machine identity is the boot's to say, never the file's.
+        let text = toml::to_string(&HostProfile { machine: None, ..profile.clone() })?;
         let tmp = dir.join("host.toml.tmp");
         fs::write(&tmp, text)
             .and_then(|()| fs::rename(&tmp, &profile_path))

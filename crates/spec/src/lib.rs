@@ -9,7 +9,7 @@ pub mod network;
 pub mod vm;
 
 pub use cell::{CellSpec, Classification, Constraints};
-pub use host::HostProfile;
+pub use host::{HostProfile, MachineIdentity};
 pub use memory::{MemorySize, MemorySizeError};
 pub use network::{EgressRule, Network, NetworkError, Publish, Target};
 pub use vm::{ConsoleConfig, DriveConfig, MmioPlacement, VmConfig, VmConfigError, VsockConfig};

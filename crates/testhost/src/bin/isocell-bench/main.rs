@@ -11,7 +11,12 @@
 //!
 //! The peer series (`peers`) boots the same kernel and image under QEMU's `microvm` machine
 //! too, and compares cold starts with starts from a snapshot (`peers.json`).
+//!
+//! The machine series (`machine`, only where this host has no hardware virtualization) runs
+//! `isocell run -- true` through a warm `isocell machine`, in a fresh nested host, and inside
+//! the machine itself (`machine.json`).
 
+mod machine;
 mod peers;
 
 use std::path::PathBuf;
@@ -64,6 +69,10 @@ struct Args {
     /// starts.
     #[arg(long)]
     peers_only: bool,
+    /// Only the machine series: `isocell run` through a warm `isocell machine`, in a fresh
+    /// nested host, and bare inside the machine.
+    #[arg(long)]
+    machine_only: bool,
     /// Measured boots of the device benchmark per VMM (each moves 512 MiB through virtio-blk,
     /// slow under the nested host; one extra warm-up boot is discarded).
     #[arg(long, default_value_t = 3)]
@@ -621,6 +630,19 @@ fn main() -> Result<()> {
         None => None,
     };
     let host = TestHost::detect()?;
+    if args.machine_only {
+        if host.kind() != HostKind::Nested {
+            bail!(
+                "this host has hardware virtualization: `isocell run` goes through no machine here"
+            );
+        }
+        return machine::bench(
+            args.runs,
+            &host::Paths::discover()?.isocell,
+            &host,
+            &out_dir(&args)?,
+        );
+    }
     if args.network_only {
         let results = host.run(&Scenario { steps: net_steps(args.runs), ..Default::default() })?;
         if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
@@ -990,7 +1012,11 @@ fn main() -> Result<()> {
     }
     println!("results: {}", dev_path.display());
     net_report(&results, &dir, &host)?;
-    peers::report(&results, &dir, &host, &args)
+    peers::report(&results, &dir, &host, &args)?;
+    if host.kind() == HostKind::Nested {
+        machine::bench(args.runs, &host::Paths::discover()?.isocell, &host, &dir)?;
+    }
+    Ok(())
 }
 
 /// Where the JSON results go (made if missing).
