@@ -190,11 +190,10 @@ pub const MACHINE_MARK: &str = "/isocell/etc/machine.toml";
 
 /// Serves exec, ping and shutdown requests until the machine powers off.
 pub fn serve(c: &ServeConfig) -> Result<(), String> {
-    // SAFETY: getppid has no preconditions.
-    if !Path::new(MACHINE_MARK).is_file() || unsafe { libc::getppid() } != 1 {
+    if !Path::new(MACHINE_MARK).is_file() {
         return Err(format!(
             "`isocell machine serve` runs only inside an isocell machine, started by its init \
-             ({MACHINE_MARK} is missing or the parent is not PID 1)"
+             ({MACHINE_MARK} is missing)"
         ));
     }
     serve_here(c)
