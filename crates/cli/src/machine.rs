@@ -59,7 +59,8 @@ pub enum MachineCmd {
     /// `isocell audit verify --state-dir DIR --public-key DIR/host.pub` on this host.
     Evidence {
         /// An empty or new directory.
-        dir: PathBuf,
+        #[arg(value_name = "DIR")]
+        into: PathBuf,
     },
     /// Remove the machine and its disk (its audit log and receipts with it).
     Rm {
@@ -191,7 +192,7 @@ fn command(m: &Machine, cmd: MachineCmd) -> Result<u8, String> {
             let code = m.exec(&command, interactive).map_err(err)?;
             Ok(u8::try_from(code.rem_euclid(256)).unwrap_or(exit::ISOCELL_FAILED))
         }
-        MachineCmd::Evidence { dir } => {
+        MachineCmd::Evidence { into: dir } => {
             m.export_evidence(&dir).map_err(err)?;
             say!(
                 "verify it here: isocell audit verify --state-dir {0} --public-key {0}/host.pub",
