@@ -268,7 +268,22 @@ impl CellEvidence {
     pub fn write_record(&self, name: &str, value: &Value) -> Result<PathBuf, EvidenceError> {
         let path = self.host.cell_record_dir(&self.cell_id)?.join(name);
         let text = serde_json::to_string_pretty(value)?;
-        if let Err(source) = std::fs::write(&path, text + "\n") {
+        // Durable before it is in place: a host that crashes (an `isocell machine` killed, a
+        // power cut) keeps either no record or the whole one, never an empty file.
+        let tmp = path.with_extension("json.tmp");
+        let written = (|| {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all((text + "\n").as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        })();
+        if let Err(source) = written {
+            let _ = std::fs::remove_file(&tmp);
             return Err(EvidenceError::Write { path, source });
         }
         Ok(path)
