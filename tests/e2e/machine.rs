@@ -50,6 +50,15 @@ impl Machine {
     }
 }
 
+/// A failed assertion still leaves no machine running.
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if self.dir.exists() {
+            let _ = self.run(&["machine", "rm", "--force"]);
+        }
+    }
+}
+
 fn explain(out: &Output) -> String {
     format!(
         "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
