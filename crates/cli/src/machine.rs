@@ -267,17 +267,14 @@ fn status(m: &Machine) -> Result<Value, isocell_machine::MachineError> {
 
 /// Whether `isocell run` goes through the machine: `None` where this host runs cells itself or
 /// has no machine (the run stays here, where admission still decides and a missing KVM is
-/// reported with what to do); else why this host cannot, or what is wrong with the machine.
-pub fn needed() -> Option<Result<String, String>> {
+/// reported with what to do); else how to reach the machine's daemon, or what is wrong with it.
+pub fn needed() -> Option<Result<isocell_machine::Api, String>> {
     let why = isocell_machine::hardware_virtualization().err()?;
     let m = Machine::at(isocell_machine::default_dir());
     if !m.exists() {
         return None;
     }
-    Some(match m.api() {
-        Ok(_) => Ok(why),
-        Err(e) => Err(format!("this host cannot run cells itself ({why}), and {e}")),
-    })
+    Some(m.api().map_err(|e| format!("this host cannot run cells itself ({why}), and {e}")))
 }
 
 /// `name` as the machine reaches it: a registry on this host's loopback (127.0.0.1:PORT or
@@ -312,20 +309,11 @@ pub struct RemoteRun {
     pub outputs: Vec<(String, PathBuf)>,
 }
 
-/// Runs `r` in a fresh cell of the machine's daemon: create, copy in, exec, copy out, delete.
-/// `why` is why this host cannot run it itself.
-pub fn run(r: RemoteRun, why: &str) -> u8 {
-    let m = Machine::at(isocell_machine::default_dir());
-    let api = match m.api() {
-        Ok(a) => a,
-        Err(e) => {
-            return exit::fail(&format!(
-                "this host cannot run cells itself ({why}), and {e}. Once: `isocell machine init`; then `isocell machine start`"
-            ))
-        }
-    };
+/// Runs `r` in a fresh cell of the machine's daemon at `api` (from [`needed`]): create, copy
+/// in, exec, copy out, delete.
+pub fn run(r: RemoteRun, api: &isocell_machine::Api) -> u8 {
     tell!("isocell: no hardware virtualization here; running the cell in the isocell machine (https://127.0.0.1:{})", api.port);
-    let daemon = match client::machine_daemon(&api) {
+    let daemon = match client::machine_daemon(api) {
         Ok(d) => d,
         Err(f) => return f.report(),
     };

@@ -338,8 +338,8 @@ fn parse_outputs(items: &[String]) -> Result<Vec<(String, PathBuf)>, String> {
 enum Planned {
     /// Here, on this host's KVM.
     Local(Box<run::Run>),
-    /// To the running `isocell machine`'s daemon; with why this host cannot run it.
-    Machine(Box<machine::RemoteRun>, String),
+    /// To the running `isocell machine`'s daemon, reached as this says.
+    Machine(Box<machine::RemoteRun>, isocell_machine::Api),
 }
 
 fn options(mut args: RunArgs) -> Result<Planned, String> {
@@ -416,9 +416,9 @@ fn options(mut args: RunArgs) -> Result<Planned, String> {
     let output_max_bytes = parse_size("--output-max-bytes", &args.output_max_bytes)?;
     let env = parse_env(&args.env)?;
     if let Some(machine) = machine::needed() {
-        let why = machine?;
+        let api = machine?;
         let remote = through_machine(&args, constraints, egress, publish, cpus, memory, timeout)?;
-        return Ok(Planned::Machine(Box::new(remote), why));
+        return Ok(Planned::Machine(Box::new(remote), api));
     }
     let snapshot = match &args.snapshot {
         Some(name) => {
@@ -662,7 +662,7 @@ fn main() -> ExitCode {
         Command::Run(args) => match options(*args) {
             Err(e) => exit::fail(&e),
             Ok(Planned::Local(r)) => run::run(*r, started),
-            Ok(Planned::Machine(r, why)) => machine::run(*r, &why),
+            Ok(Planned::Machine(r, api)) => machine::run(*r, &api),
         },
         Command::Host(cmd) => inspect::host(cmd),
         Command::Audit(cmd) => inspect::audit(cmd),
