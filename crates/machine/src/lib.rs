@@ -482,16 +482,15 @@ impl Machine {
             return Ok((State::Died, Some(run)));
         }
         let uptime = Duration::from_millis(now_ms().saturating_sub(run.started_ms));
-        let heartbeat = fs::metadata(self.file("heartbeat")).ok();
-        let silent = match &heartbeat {
+        let heartbeat = fs::metadata(self.file("heartbeat")).ok().filter(|m| m.len() > 0);
+        let (silent, limit) = match heartbeat {
             // Beating: the time since the last beat.
-            Some(m) if m.len() > 0 => m.modified().ok().and_then(|t| t.elapsed().ok()),
+            Some(m) => {
+                (m.modified().ok().and_then(|t| t.elapsed().ok()).unwrap_or_default(), hang_after())
+            }
             // Not beating yet: its kernel is still booting, until the start limit.
-            _ => Some(uptime.saturating_sub(start_limit())),
-        }
-        .unwrap_or_default();
-        let limit =
-            if heartbeat.is_some_and(|m| m.len() > 0) { hang_after() } else { Duration::ZERO };
+            None => (uptime.saturating_sub(start_limit()), Duration::ZERO),
+        };
         if silent > limit {
             return Ok((State::Hung(silent), Some(run)));
         }
