@@ -6,7 +6,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-step() { printf '\n==> %s\n' "$*" >&2; }
+step() { printf '\n==> [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*" >&2; }
 
 if ! command -v cargo >/dev/null 2>&1; then
   [[ -f "$HOME/.cargo/env" ]] && . "$HOME/.cargo/env"

@@ -7,14 +7,18 @@ cd "$root"
 scripts/build-all.sh
 [[ -f "$HOME/.cargo/env" ]] && . "$HOME/.cargo/env"
 
-step() { printf '\n==> %s\n' "$*" >&2; }
+# Each step says how long the run had taken when it began, so a slow CI run shows where it went.
+step() { printf '\n==> [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*" >&2; }
 step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --all-targets --workspace --quiet -- -D warnings
-step "tests (unit and end-to-end)"
-cargo test --release --workspace
+step "unit and integration tests"
+cargo test --profile tests --workspace --exclude isocell-e2e
+step "end-to-end tests, two files at a time (scripts/e2e.sh)"
+scripts/e2e.sh
 step "fuzzing what a guest controls, time-boxed (scripts/fuzz.sh SECONDS for longer runs)"
 scripts/fuzz.sh "${ISOCELL_FUZZ_SECS:-20}"
 step "benchmark (figures in build/bench/: vmm-boot, isocell-run, devices, network .json)"
 target/x86_64-unknown-linux-gnu/release/isocell-bench --runs 10
+step "done"

@@ -50,8 +50,9 @@ impl Budget {
     }
 }
 
+/// Makes `path` and any missing parents, mode 0755 (the umask may only narrow it).
 fn make_dir(path: &Path) -> Result<(), MachineError> {
-    match fs::DirBuilder::new().mode(0o755).create(path) {
+    match fs::DirBuilder::new().recursive(true).mode(0o755).create(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
         Err(e) => Err(io(format!("creating {}", path.display()))(e)),
@@ -65,7 +66,7 @@ fn write_file(
     budget: &mut Budget,
 ) -> Result<(), MachineError> {
     if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+        make_dir(parent)?;
     }
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -99,7 +100,7 @@ pub fn untar(archive: &[u8], dest: &Path) -> Result<(), MachineError> {
         let target = dest.join(&rel);
         if kind.is_dir() {
             budget.entry()?;
-            fs::create_dir_all(&target).map_err(io(format!("creating {}", target.display())))?;
+            make_dir(&target)?;
         } else if kind.is_file() {
             budget.entry()?;
             write_file(&target, &mut entry, &mut budget)?;
@@ -228,6 +229,66 @@ mod tests {
         assert_eq!(mode & 0o7777, 0o644);
         assert!(fs::symlink_metadata(tmp.path().join("escape")).is_err());
         assert!(fs::symlink_metadata(tmp.path().join("dev")).is_err());
+    }
+
+    /// Everything under `dir`: only directories and regular files, none set-id, sticky or
+    /// writable by others.
+    fn only_plain_entries(dir: &Path) {
+        for e in fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let meta = fs::symlink_metadata(e.path()).unwrap();
+            let mode = meta.permissions().mode();
+            assert_eq!(mode & 0o7022, 0, "{}: mode {mode:o}", e.path().display());
+            if meta.is_dir() {
+                only_plain_entries(&e.path());
+            } else {
+                assert!(meta.is_file(), "{}: {:?}", e.path().display(), meta.file_type());
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// A hostile archive (random bytes, or a valid one with random bytes overwritten)
+        /// extracts or fails; either way nothing lands outside the destination and nothing
+        /// but plain files and directories lands inside it.
+        #[test]
+        fn a_hostile_archive_makes_only_plain_entries_inside_the_destination(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+            patches in
+                proptest::collection::vec((0usize..8192, proptest::prelude::any::<u8>()), 0..24),
+            use_valid in proptest::prelude::any::<bool>(),
+        ) {
+            let tmp = tempfile::tempdir().unwrap();
+            let dest = tmp.path().join("dest");
+            fs::create_dir(&dest).unwrap();
+            let mut bytes = if use_valid {
+                archive(|b| {
+                    let mut dir = header(tar::EntryType::Directory, 0, 0o755);
+                    b.append_data(&mut dir, "audit", &[][..]).unwrap();
+                    let mut file = header(tar::EntryType::Regular, 5, 0o644);
+                    b.append_data(&mut file, "audit/log", &b"entry"[..]).unwrap();
+                    let mut link = header(tar::EntryType::Symlink, 0, 0o777);
+                    b.append_link(&mut link, "audit/up", "../..").unwrap();
+                    let mut setuid = header(tar::EntryType::Regular, 2, 0o4755);
+                    b.append_data(&mut setuid, "cells/c1/launch.json", &b"{}"[..]).unwrap();
+                })
+            } else {
+                raw
+            };
+            for (at, byte) in patches {
+                if !bytes.is_empty() {
+                    let i = at % bytes.len();
+                    bytes[i] = byte;
+                }
+            }
+            let _ = untar(&bytes, &dest);
+            let outside: Vec<_> =
+                fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            proptest::prop_assert_eq!(outside, vec![std::ffi::OsString::from("dest")]);
+            only_plain_entries(&dest);
+        }
     }
 
     #[test]

@@ -397,6 +397,76 @@ mod tests {
         assert!(e.contains("cannot run /nonexistent"), "{e}");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Whatever the other end sends, reading a frame ends in a frame or an error, and never
+        /// allocates past the bound.
+        #[test]
+        fn any_bytes_read_as_a_frame_or_an_error(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            if let Ok((_, data)) = read_frame(&mut bytes.as_slice()) {
+                proptest::prop_assert!(data.len() <= MAX_FRAME as usize);
+                proptest::prop_assert_eq!(&bytes[5..5 + data.len()], data.as_slice());
+            }
+        }
+
+        #[test]
+        fn frames_round_trip(
+            tag in proptest::prelude::any::<u8>(),
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+        ) {
+            let mut wire = Vec::new();
+            frame(&mut wire, tag, &data).unwrap();
+            proptest::prop_assert_eq!(read_frame(&mut wire.as_slice()).unwrap(), (tag, data));
+        }
+    }
+
+    /// Hostile request lines (not JSON, wrong types, unknown fields, huge, no newline, a wrong
+    /// token) get an error frame or a closed connection, and run nothing.
+    #[test]
+    fn hostile_requests_run_nothing() {
+        use proptest::strategy::{Strategy as _, ValueTree as _};
+        let tmp = tempfile::tempdir().unwrap();
+        let port = server(tmp.path());
+        let marker = tmp.path().join("ran");
+        let touch = format!("[\"touch\",\"{}\"]", marker.display());
+        let mut fixed: Vec<Vec<u8>> = vec![
+            b"\n".to_vec(),
+            b"{}\n".to_vec(),
+            b"[]\n".to_vec(),
+            b"{\"token\":1}\n".to_vec(),
+            format!("{{\"token\":\"{}\",\"op\":\"exec\",\"argv\":{touch}}}\n", "y".repeat(64))
+                .into_bytes(),
+            format!("{{\"token\":\"\",\"op\":\"exec\",\"argv\":{touch}}}\n").into_bytes(),
+            format!(
+                "{{\"token\":\"{}\",\"op\":\"exec\",\"argv\":{touch},\"x\":1}}\n",
+                "t".repeat(64)
+            )
+            .into_bytes(),
+            format!("{{\"token\":\"{}\",\"op\":\"exec\",\"argv\":{touch}}}\n", "t".repeat(63))
+                .into_bytes(),
+            vec![b'{'; MAX_REQUEST as usize + 10],
+        ];
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let bytes = proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256);
+        for _ in 0..64 {
+            fixed.push(bytes.new_tree(&mut runner).unwrap().current());
+        }
+        for req in fixed {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let _ = s.write_all(&req);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            match read_frame(&mut s) {
+                Ok((tag, _)) => assert_eq!(tag, ERROR, "{:?}", String::from_utf8_lossy(&req)),
+                Err(e) => assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "no answer"),
+            }
+        }
+        assert!(!marker.exists());
+    }
+
     #[test]
     fn serve_refuses_to_run_outside_a_machine() {
         let tmp = tempfile::tempdir().unwrap();

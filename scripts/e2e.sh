@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Runs the end-to-end test files (tests/e2e/*.rs) in two lanes at once.
+#
+#   scripts/e2e.sh [NAME...]        (default: every file)
+#
+# Each file boots its own nested test host (or, for machine.rs, an isocell machine): one vCPU
+# under QEMU, so one busy core. Run one after the other they left half of a 2-core machine idle;
+# two lanes use both. Within a file the tests run one at a time (--test-threads=1): a file whose
+# tests each boot a host would otherwise put three guests on two cores, and a guest starved that
+# long misses its boot timeout. Files go to the lane with less work so far, longest first, by
+# the seconds they took (COST below; a new file counts 120 s until it is measured). Each lane's
+# output is printed whole when the lane ends; the script fails if any file failed, and names
+# them.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+[[ -f "$HOME/.cargo/env" ]] && . "$HOME/.cargo/env"
+
+# Seconds per file, measured in the two lanes on 2 cores without hardware virtualization.
+declare -A COST=(
+    [hostile_guest]=570 [network]=420 [snapshot]=260 [vmm_boot]=230 [isocell_run]=210
+    [daemon]=190 [confinement]=180 [machine]=155 [console_storm]=150 [images]=130
+    [registry_fixture]=5
+)
+
+names=("$@")
+if (( ${#names[@]} == 0 )); then
+    for f in tests/e2e/*.rs; do
+        names+=("$(basename "$f" .rs)")
+    done
+fi
+for n in "${names[@]}"; do
+    [[ -f "tests/e2e/$n.rs" ]] || { echo "e2e.sh: no tests/e2e/$n.rs" >&2; exit 2; }
+done
+
+# Longest first, each to the lane with less work so far.
+mapfile -t sorted < <(for n in "${names[@]}"; do echo "${COST[$n]:-120} $n"; done | sort -rn)
+lanes=("" "")
+load=(0 0)
+for entry in "${sorted[@]}"; do
+    cost=${entry%% *} name=${entry#* }
+    i=0
+    (( load[1] < load[0] )) && i=1
+    lanes[i]+=" $name"
+    load[i]=$(( load[i] + cost ))
+done
+
+# The shared test images (a flock-guarded cache) and every test binary, built before the lanes
+# start so neither lane builds while the other one measures.
+tests/images/build-test-images.sh >/dev/null
+cargo test --profile tests --workspace --tests --no-run --quiet
+
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+lane() {
+    local i=$1 failed=""
+    for name in ${lanes[i]}; do
+        local start=$SECONDS
+        if cargo test --profile tests --workspace --test "$name" -- --test-threads=1 \
+            >>"$logs/lane$i.log" 2>&1; then
+            echo "e2e.sh: lane $i: $name passed in $((SECONDS - start)) s" >>"$logs/lane$i.log"
+        else
+            echo "e2e.sh: lane $i: $name FAILED after $((SECONDS - start)) s" >>"$logs/lane$i.log"
+            failed+=" $name"
+        fi
+    done
+    echo "$failed" >"$logs/failed$i"
+}
+echo "e2e.sh: lane 0 (~${load[0]} s):${lanes[0]}" >&2
+echo "e2e.sh: lane 1 (~${load[1]} s):${lanes[1]}" >&2
+lane 0 &
+pid0=$!
+lane 1 &
+pid1=$!
+wait "$pid0" || true
+cat "$logs/lane0.log" 2>/dev/null || true
+wait "$pid1" || true
+cat "$logs/lane1.log" 2>/dev/null || true
+
+failed="$(cat "$logs/failed0" "$logs/failed1" 2>/dev/null | tr '\n' ' ' | xargs)"
+if [[ -n "$failed" ]]; then
+    echo "e2e.sh: failed: $failed" >&2
+    exit 1
+fi
+echo "e2e.sh: every file passed" >&2
