@@ -18,8 +18,8 @@ cd "$root"
 
 # Seconds per file, measured in the two lanes on 2 cores without hardware virtualization.
 declare -A COST=(
-    [hostile_guest]=570 [network]=420 [snapshot]=260 [vmm_boot]=230 [isocell_run]=210
-    [daemon]=190 [confinement]=180 [machine]=155 [console_storm]=480 [images]=130
+    [hostile_guest]=500 [console_storm]=390 [network]=330 [vmm_boot]=260 [isocell_run]=225
+    [daemon]=195 [snapshot]=185 [confinement]=160 [machine]=145 [images]=110
     [registry_fixture]=5
 )
 
