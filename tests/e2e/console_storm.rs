@@ -28,8 +28,12 @@ use isocell_testhost::{Scenario, TestHost};
 /// all six).
 const BOOTS: usize = 25;
 
+/// `ISOCELL_STORM_BOOTS`, or [`BOOTS`]; a value that is not a count fails the test and says so.
 fn boots() -> usize {
-    std::env::var("ISOCELL_STORM_BOOTS").ok().and_then(|n| n.parse().ok()).unwrap_or(BOOTS)
+    match std::env::var("ISOCELL_STORM_BOOTS") {
+        Ok(n) => n.parse().unwrap_or_else(|_| panic!("ISOCELL_STORM_BOOTS={n:?} is not a count")),
+        Err(_) => BOOTS,
+    }
 }
 
 fn scenario() -> Scenario {

@@ -52,11 +52,12 @@ impl Budget {
 
 /// Makes `path` and any missing parents, mode 0755 (the umask may only narrow it).
 fn make_dir(path: &Path) -> Result<(), MachineError> {
-    match fs::DirBuilder::new().recursive(true).mode(0o755).create(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
-        Err(e) => Err(io(format!("creating {}", path.display()))(e)),
-    }
+    // Recursive creation already accepts a directory that exists.
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .map_err(io(format!("creating {}", path.display())))
 }
 
 /// Writes `from` as a new file at `path` (mode 0644), within the budget.
