@@ -15,6 +15,9 @@ packages=(
   skopeo libarchive13 cryptsetup-bin
   # test images and registry (tests/images/build-test-images.sh, tests/registry.rs)
   mmdebstrap docker-registry
+  # the containerd shim's tests: Debian's containerd (1.6, task API v2) and ctr; protoc builds
+  # the CRI client (k8s-cri) those tests drive containerd's CRI plugin with
+  containerd protobuf-compiler
 )
 
 # The nested test host needs QEMU 8 or later. Debian 12's QEMU 7.2 freezes the whole nested host

@@ -414,6 +414,7 @@ fn surface_of(args: &SurfaceArgs) -> Result<serde_json::Value, String> {
         network: isocell_spec::Network::parse(&args.egress, &args.publish)
             .map_err(|e| e.to_string())?,
         snapshot: Default::default(),
+        workload: None,
     };
     let plan = CellPlan::new(&host, "surface", request).map_err(|e| e.to_string())?;
     Ok(plan.surface(None))

@@ -504,6 +504,7 @@ fn options(mut args: RunArgs) -> Result<Planned, String> {
             constraints,
             network,
             snapshot: Default::default(),
+            workload: None,
         },
     };
     let request = RunRequest {

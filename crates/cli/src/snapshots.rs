@@ -109,6 +109,7 @@ pub fn snapshot(cmd: SnapshotCmd) -> u8 {
                     constraints: Default::default(),
                     network: Default::default(),
                     snapshot: Default::default(),
+                    workload: None,
                 };
                 Ok((host, request))
             })();

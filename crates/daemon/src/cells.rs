@@ -238,6 +238,7 @@ impl App {
             constraints,
             network,
             snapshot: Default::default(),
+            workload: None,
         })
     }
 

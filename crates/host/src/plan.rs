@@ -69,6 +69,11 @@ pub struct CellRequest {
     /// Whether it is saved as, or started from, a snapshot.
     #[serde(default)]
     pub snapshot: SnapshotUse,
+    /// Who the cell runs for, as an orchestrator names it (containerd's shim: the Kubernetes
+    /// pod's namespace, name and UID, and the container). Recorded in the launch receipt and
+    /// the audit log; not measured, since it says nothing about what runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Value>,
 }
 
 /// Whether a cell is saved as, or started from, a snapshot (see `crate::snapshot`).
@@ -273,6 +278,14 @@ impl CellPlan {
     /// How the cell starts, for its launch receipt: a fresh boot, a fresh boot saved as a
     /// snapshot, or a restore from a named snapshot with the digests of its files.
     pub fn start_identity(&self) -> Value {
+        let mut start = self.start_kind();
+        if let (Some(w), Some(o)) = (&self.request.workload, start.as_object_mut()) {
+            o.insert("workload".into(), w.clone());
+        }
+        start
+    }
+
+    fn start_kind(&self) -> Value {
         match &self.request.snapshot {
             SnapshotUse::None => json!({ "kind": "cold_boot" }),
             SnapshotUse::Create(_) => json!({ "kind": "cold_boot", "saved_as_snapshot": true }),

@@ -17,6 +17,7 @@ pub mod registry;
 pub mod runconfig;
 pub mod sources;
 pub mod store;
+pub mod tree;
 
 pub use digest::Digest;
 

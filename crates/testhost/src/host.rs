@@ -78,6 +78,8 @@ pub struct Paths {
     pub isocelld: PathBuf,
     /// The per-cell supervisor the daemon starts.
     pub supervisor: PathBuf,
+    /// containerd's shim, `containerd-shim-isocell-v2`.
+    pub shim: PathBuf,
     /// Cell kernel, bzImage.
     pub bzimage: PathBuf,
     /// Cell kernel, ELF vmlinux.
@@ -135,6 +137,11 @@ impl Paths {
             hostile: require(bin.join("isocell-hostile"), "isocell-hostile", BUILD_BINS)?,
             isocelld: require(bin.join("isocelld"), "isocelld", BUILD_BINS)?,
             supervisor: require(bin.join("isocell-supervisor"), "isocell-supervisor", BUILD_BINS)?,
+            shim: require(
+                bin.join("containerd-shim-isocell-v2"),
+                "containerd-shim-isocell-v2",
+                BUILD_BINS,
+            )?,
             bzimage: require(
                 build.join("guest/bzImage"),
                 "the cell kernel",

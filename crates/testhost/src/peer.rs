@@ -71,29 +71,8 @@ const FIRMWARE: [&str; 2] = ["/usr/share/seabios/bios-microvm.bin", "/usr/share/
 /// Stages QEMU under `dir`: `bin/qemu-system-x86_64`, `lib/` with its libraries and the
 /// loader, `share/` with the firmware. Returns `dir`.
 pub fn stage_qemu(dir: &Path) -> Result<PathBuf, String> {
-    let qemu = which("qemu-system-x86_64")
-        .ok_or("qemu-system-x86_64 is not installed (run scripts/install-deps.sh)")?;
-    for sub in ["bin", "lib", "share"] {
-        std::fs::create_dir_all(dir.join(sub)).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    copy(&qemu, &dir.join("bin/qemu-system-x86_64"))?;
-    let out = Command::new("ldd").arg(&qemu).output().map_err(|e| format!("ldd: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("ldd {} failed", qemu.display()));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    if let Some(missing) = text.lines().find(|l| l.contains("not found")) {
-        return Err(format!("a library of {} is missing: {}", qemu.display(), missing.trim()));
-    }
-    let mut loader = false;
-    for lib in libraries(&text) {
-        let name = lib.file_name().ok_or("ldd printed a path without a name")?;
-        loader |= name == LOADER;
-        copy(&lib, &dir.join("lib").join(name))?;
-    }
-    if !loader {
-        return Err(format!("ldd did not name the loader {LOADER}"));
-    }
+    stage_dynamic(&["qemu-system-x86_64"], dir)?;
+    std::fs::create_dir_all(dir.join("share")).map_err(|e| format!("{}: {e}", dir.display()))?;
     for fw in FIRMWARE {
         let fw = Path::new(fw);
         if fw.exists() {
@@ -102,6 +81,39 @@ pub fn stage_qemu(dir: &Path) -> Result<PathBuf, String> {
     }
     if !dir.join("share/bios-microvm.bin").exists() {
         return Err("the microvm firmware (seabios' bios-microvm.bin) is not installed".into());
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// Stages dynamically linked `programs` (found on PATH) under `dir` for the nested host, whose
+/// initramfs has no libraries: `bin/` with the programs, `lib/` with every library `ldd` names
+/// and the loader. Run one as `dir/lib/ld-linux-x86-64.so.2 --library-path dir/lib dir/bin/NAME`.
+/// QEMU for the benchmark's peer; containerd and ctr for the shim's tests.
+pub fn stage_dynamic(programs: &[&str], dir: &Path) -> Result<PathBuf, String> {
+    for sub in ["bin", "lib"] {
+        std::fs::create_dir_all(dir.join(sub)).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    for program in programs {
+        let path = which(program)
+            .ok_or(format!("{program} is not installed (run scripts/install-deps.sh)"))?;
+        copy(&path, &dir.join("bin").join(program))?;
+        let out = Command::new("ldd").arg(&path).output().map_err(|e| format!("ldd: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("ldd {} failed", path.display()));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(missing) = text.lines().find(|l| l.contains("not found")) {
+            return Err(format!("a library of {} is missing: {}", path.display(), missing.trim()));
+        }
+        let mut loader = false;
+        for lib in libraries(&text) {
+            let name = lib.file_name().ok_or("ldd printed a path without a name")?;
+            loader |= name == LOADER;
+            copy(&lib, &dir.join("lib").join(name))?;
+        }
+        if !loader {
+            return Err(format!("ldd did not name the loader {LOADER} for {program}"));
+        }
     }
     Ok(dir.to_path_buf())
 }

@@ -215,6 +215,7 @@ fn native_evidence_cell(
         constraints: Default::default(),
         network: Default::default(),
         snapshot: Default::default(),
+        workload: None,
     };
     let plan = CellPlan::new(host, &id, request)?;
     let mut ev = isocell_host::cell::open_evidence(host, &id)?;

@@ -1,0 +1,397 @@
+//! End-to-end tests of `containerd-shim-isocell-v2` under Debian's containerd (1.6, task API
+//! v2), driven by `ctr` in the test host: an image imported from an OCI archive this test
+//! builds, run in cells; output and exit statuses, execs, each signal, metrics, a denial by
+//! policy, containerd killed and restarted while a cell runs; nothing left behind. One nested
+//! host for the file.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use isocell_e2e::{result_of, run_scenario, shell_step, Results};
+use isocell_testhost::{Scenario, StepResult};
+use sha2::{Digest, Sha256};
+
+/// The image the tests run, as `ctr images import` names it.
+const IMAGE: &str = "docker.io/isocell/busybox:test";
+
+/// Commands the image links to busybox.
+const APPLETS: &[&str] = &["sh", "echo", "cat", "sleep", "id", "ls", "pwd", "env", "true", "kill"];
+
+/// What every step starts with: containerd (staged with its libraries) on a private root, the
+/// shim on its PATH, and helpers.
+const PRELUDE: &str = r#"
+set -u
+C={containerd}
+D=/tmp/ctd-$STEP; rm -rf $D; mkdir -p $D /run/containerd
+cp {shim} /isocell/bin/containerd-shim-isocell-v2
+export PATH=/isocell/bin:$PATH
+export ISOCELL_KERNEL={vmlinux} ISOCELL_AGENT_INITRD={agent_initrd}
+export ISOCELL_STATE_DIR=$D/isocell ISOCELL_RUN_DIR=$D/cells
+export CONTAINERD_SNAPSHOTTER=native
+cat > $D/config.toml <<CONF
+version = 2
+root = "$D/root"
+state = "/run/containerd"
+[grpc]
+  address = "/run/containerd/containerd.sock"
+CONF
+if [ -z "${CRI:-}" ]; then
+  sed -i '2i disabled_plugins = ["io.containerd.grpc.v1.cri"]' $D/config.toml
+else
+  # The CRI plugin as packaging/containerd/isocell.toml configures it, on the native
+  # snapshotter (no overlay module in the nested host), host-network pods (no CNI) and
+  # the test image as the (never run) sandbox image.
+  cat {cri_config} >> $D/config.toml
+  cat >> $D/config.toml <<CONF
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$IMG"
+  disable_apparmor = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "native"
+CONF
+  touch /etc/hosts
+fi
+ctr() { $C/lib/ld-linux-x86-64.so.2 --library-path $C/lib $C/bin/ctr "$@"; }
+start_containerd() {
+  $C/lib/ld-linux-x86-64.so.2 --library-path $C/lib $C/bin/containerd --config $D/config.toml >> $D/containerd.log 2>&1 &
+  CPID=$!
+  for i in $(seq 300); do ctr version > /dev/null 2>&1 && return 0; sleep 0.1; done
+  echo containerd_did_not_start; tail -20 $D/containerd.log; return 1
+}
+R="--runtime io.containerd.isocell.v2"
+leftovers() {
+  echo leftover_vmms=$(ps -o args | grep -c '^[^ ]*isocell-vm[m]')
+  echo leftover_shims=$(ps -o args | grep -c '^[^ ]*containerd-shim-isocell-v[2]')
+  echo leftover_cgroups=$(find /sys/fs/cgroup/isocell -mindepth 1 -type d 2>/dev/null | wc -l)
+  echo leftover_cell_dirs=$(ls -A $D/cells 2>/dev/null | wc -l)
+  echo leftover_mounts=$(grep -c 'io.containerd.runtime.v2.task' /proc/mounts)
+  echo leftover_bundles=$(ls -A /run/containerd/io.containerd.runtime.v2.task/default 2>/dev/null | wc -l)
+}
+start_containerd || exit 1
+ctr images import {image} > $D/import 2>&1 || { echo import_failed; cat $D/import; exit 1; }
+[ -n "${CRI:-}" ] && { ctr -n k8s.io images import {image} > $D/import 2>&1 || { echo import_failed; cat $D/import; exit 1; }; }
+"#;
+
+const CTR: &str = r#"
+ctr run --rm $R $IMG t1 sh -c 'echo hello-from-cell; echo to-stderr >&2; exit 3' > $D/o1 2> $D/e1
+echo run_status=$?
+echo run_out=$(cat $D/o1) run_err=$(cat $D/e1)
+echo args_env=$(ctr run --rm $R --env GREETING=hi --cwd /tmp $IMG t1b sh -c 'echo $GREETING-$(pwd)-$(id -u)')
+ctr run -d $R $IMG t2 sleep 600 > /dev/null 2> $D/e2; echo detached_status=$?
+echo t2_state=$(ctr task ls | awk '$1=="t2" {print $3}')
+echo exec_out=$(ctr task exec --exec-id e1 t2 sh -c 'echo exec-$((6*7))')
+ctr task exec --exec-id e2 t2 sh -c 'exit 5'; echo exec_status=$?
+echo stdin_out=$(echo piped | ctr task exec --exec-id e3 t2 sh -c 'read x; echo got-$x')
+echo pids=$(ctr task ps t2 | tail -n +2 | wc -l)
+ctr task metrics t2 > $D/metrics 2>&1; echo metrics_status=$?; echo metrics_memory=$(grep -c -i memory $D/metrics)
+# Each signal to an exec: its status is 128 + the signal, as runc reports it.
+for sig in TERM INT HUP USR1; do
+  ctr task exec --exec-id s-$sig t2 sleep 600 & EP=$!
+  sleep 3
+  ctr task kill -s SIG$sig --exec-id s-$sig t2; wait $EP; echo exec_sig_$sig=$?
+done
+ctr task kill -s SIGKILL --exec-id nosuch t2 2> $D/nosuch; echo kill_unknown_status=$?
+# The container's own process: SIGTERM through a foreground `ctr run`, SIGKILL to a detached one.
+ctr run --rm $R $IMG t3 sleep 600 & RP=$!
+for i in $(seq 300); do [ "$(ctr task ls | awk '$1=="t3" {print $3}')" = RUNNING ] && break; sleep 0.2; done
+ctr task kill -s SIGTERM t3; wait $RP; echo main_sigterm=$?
+ctr task kill -s SIGKILL t2
+for i in $(seq 300); do [ "$(ctr task ls | awk '$1=="t2" {print $3}')" = STOPPED ] && break; sleep 0.2; done
+echo t2_after_kill=$(ctr task ls | awk '$1=="t2" {print $3}')
+ctr task kill -s SIGKILL t2 2> /dev/null; echo kill_stopped_status=$?
+ctr task delete t2 2> $D/del; echo delete_status=$?
+echo delete_says=$(grep -o 'exit code [0-9]*' $D/del | tr ' ' _)
+ctr container rm t2; echo container_rm_status=$?
+# Denied by policy: a pod limited to a jurisdiction this host is not in.
+ctr run --rm $R --annotation isocell.io/jurisdiction=mars $IMG d1 true > /dev/null 2> $D/denied
+echo denied_status=$?; echo "denied: $(tr '\n' ' ' < $D/denied)"
+ctr container rm d1 > /dev/null 2>&1
+echo containers_left=$(ctr container ls -q | wc -l)
+echo receipts=$(ls $ISOCELL_STATE_DIR/cells | wc -l)
+echo converted_images=$(ls $ISOCELL_STATE_DIR/images/images | wc -l)
+echo workload_in_receipts=$(cat $ISOCELL_STATE_DIR/cells/*/launch.json | grep -c '"containerd"')
+{isocell} audit verify > $D/audit 2>&1; echo audit_status=$?; tail -3 $D/audit
+sleep 1
+leftovers
+kill $CPID; wait $CPID
+"#;
+
+const RESTART: &str = r#"
+ctr run -d $R $IMG r1 sh -c 'echo started; sleep 600' > /dev/null; echo run_status=$?
+kill -9 $CPID; wait $CPID 2>/dev/null
+echo shims_while_down=$(ps -o args | grep -c '^[^ ]*containerd-shim-isocell-v[2]')
+start_containerd || exit 1
+echo r1_state=$(ctr task ls | awk '$1=="r1" {print $3}')
+echo exec_after_restart=$(ctr task exec --exec-id a1 r1 echo still-here)
+ctr task kill -s SIGKILL r1
+for i in $(seq 300); do [ "$(ctr task ls | awk '$1=="r1" {print $3}')" = STOPPED ] && break; sleep 0.2; done
+ctr task delete r1 2> $D/del; echo delete_status=$?
+echo delete_says=$(grep -o 'exit code [0-9]*' $D/del | tr ' ' _)
+ctr container rm r1
+sleep 1
+leftovers
+kill $CPID; wait $CPID
+"#;
+
+const CRI_STEPS: &str = r#"
+mkdir -p $D/logs $D/config; echo from-configmap > $D/config/setting
+cri() { {cri} --log-dir $D/logs "$@"; }
+cri --handler isocell --image $IMG --name web --namespace prod --uid u-42 --config-dir $D/config \
+  -- sh -c 'echo log-line-$((40+2)); echo err-line >&2; sleep 600' > $D/pod 2>&1
+cat $D/pod
+echo log_lines=$(grep -c 'stdout F log-line-42' $D/logs/app.log 2>/dev/null)
+echo err_lines=$(grep -c 'stderr F err-line' $D/logs/app.log 2>/dev/null)
+echo pod_in_receipt=$(cat $ISOCELL_STATE_DIR/cells/*/launch.json 2>/dev/null | grep -c '"u-42"')
+cri --handler isocell --image $IMG --name shady --namespace prod --uid u-666 \
+  --annotation isocell.io/jurisdiction=mars -- sleep 600 > $D/denied 2>&1
+echo "denied_pod: $(grep '^failed=' $D/denied)"
+echo denied_removed=$(grep -c '^remove_pod=ok' $D/denied)
+sleep 1
+echo leftover_pods=$(ctr -n k8s.io task ls -q | wc -l)
+echo leftover_vmms=$(ps -o args | grep -c '^[^ ]*isocell-vm[m]')
+echo leftover_shims=$(ps -o args | grep -c '^[^ ]*containerd-shim-isocell-v[2]')
+echo leftover_cgroups=$(find /sys/fs/cgroup/isocell -mindepth 1 -type d 2>/dev/null | wc -l)
+echo leftover_cell_dirs=$(ls -A $D/cells 2>/dev/null | wc -l)
+echo leftover_mounts=$(grep -c 'io.containerd.runtime.v2.task' /proc/mounts)
+kill $CPID; wait $CPID
+"#;
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex(&Sha256::digest(bytes)))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A one-layer OCI archive of busybox (a shell and its applets) and a passwd, named [`IMAGE`].
+#[allow(clippy::unwrap_used)] // test set-up: a failure here is a broken test machine
+fn busybox_archive(out: &Path) {
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut dir = |b: &mut tar::Builder<Vec<u8>>, p: &str| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        b.append_data(&mut h, p, std::io::empty()).unwrap();
+    };
+    for d in ["bin", "etc", "tmp", "root"] {
+        dir(&mut layer, d);
+    }
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let mut file = |b: &mut tar::Builder<Vec<u8>>, p: &str, mode: u32, data: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(mode);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, p, data).unwrap();
+    };
+    file(&mut layer, "bin/busybox", 0o755, &busybox);
+    file(&mut layer, "etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
+    file(&mut layer, "etc/group", 0o644, b"root:x:0:\n");
+    for a in APPLETS {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_size(0);
+        layer.append_link(&mut h, format!("bin/{a}"), "busybox").unwrap();
+    }
+    let layer = layer.into_inner().unwrap();
+    let layer_digest = sha256(&layer);
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": { "Env": ["PATH=/bin"], "Cmd": ["sh"] },
+        "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
+    })
+    .to_string();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": sha256(config.as_bytes()), "size": config.len() },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                     "digest": layer_digest, "size": layer.len() }],
+    })
+    .to_string();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": sha256(manifest.as_bytes()), "size": manifest.len(),
+            "platform": { "architecture": "amd64", "os": "linux" },
+            "annotations": { "io.containerd.image.name": IMAGE,
+                             "org.opencontainers.image.ref.name": "test" },
+        }],
+    })
+    .to_string();
+    let mut archive = tar::Builder::new(std::fs::File::create(out).unwrap());
+    let mut add = |name: String, data: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        archive.append_data(&mut h, name, data).unwrap();
+    };
+    add("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#);
+    add("index.json".into(), index.as_bytes());
+    for blob in [&layer[..], config.as_bytes(), manifest.as_bytes()] {
+        add(format!("blobs/sha256/{}", &sha256(blob)[7..]), blob);
+    }
+    archive.into_inner().unwrap().flush().unwrap();
+}
+
+fn results() -> &'static Results {
+    static RESULTS: OnceLock<Results> = OnceLock::new();
+    RESULTS.get_or_init(|| {
+        let tmp = std::env::temp_dir().join(format!("isocell-ctd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+        let image = tmp.join("busybox.oci.tar");
+        busybox_archive(&image);
+        let containerd =
+            isocell_testhost::peer::stage_dynamic(&["containerd", "ctr"], &tmp.join("containerd"))?;
+        let paths = isocell_testhost::host::Paths::discover().map_err(|e| e.to_string())?;
+        let root = isocell_testhost::host::project_root();
+        let files = BTreeMap::from([
+            ("image".to_owned(), image.display().to_string()),
+            ("containerd".to_owned(), containerd.display().to_string()),
+            ("shim".to_owned(), paths.shim.display().to_string()),
+            ("cri".to_owned(), paths.runner.with_file_name("isocell-cri").display().to_string()),
+            (
+                "cri_config".to_owned(),
+                root.join("packaging/containerd/isocell.toml").display().to_string(),
+            ),
+        ]);
+        let step = |name: &str, env: &str, body: &str| {
+            let script = format!("STEP={name}\nIMG={IMAGE}\n{env}\n{PRELUDE}\n{body}");
+            shell_step(name, &script, 900)
+        };
+        let scenario = Scenario {
+            steps: vec![
+                step("ctr", "", CTR),
+                step("restart", "", RESTART),
+                step("cri", "CRI=1", CRI_STEPS),
+            ],
+            files,
+        };
+        let r = run_scenario("containerd", &scenario);
+        let _ = std::fs::remove_dir_all(&tmp);
+        r
+    })
+}
+
+/// The value of `key=` in a step's output (up to the next space).
+fn value(r: &StepResult, key: &str) -> String {
+    let pat = format!("{key}=");
+    r.stdout
+        .split(char::is_whitespace)
+        .find_map(|w| w.strip_prefix(&pat))
+        .unwrap_or_else(|| panic!("no {key}= in the output of {}:\n{}", r.name, r.explain()))
+        .to_owned()
+}
+
+fn assert_nothing_left(r: &StepResult) {
+    for k in [
+        "leftover_vmms",
+        "leftover_shims",
+        "leftover_cgroups",
+        "leftover_cell_dirs",
+        "leftover_mounts",
+        "leftover_bundles",
+    ] {
+        assert_eq!(value(r, k), "0", "{k}: {}", r.explain());
+    }
+}
+
+#[test]
+fn ctr_runs_containers_in_cells_with_runc_exit_statuses() {
+    let r = result_of(results(), "ctr");
+    assert_eq!(r.exit_code, Some(0), "{}", r.explain());
+    assert_eq!(value(r, "run_status"), "3", "{}", r.explain());
+    assert_eq!(value(r, "run_out"), "hello-from-cell", "{}", r.explain());
+    assert_eq!(value(r, "run_err"), "to-stderr", "{}", r.explain());
+    assert_eq!(value(r, "args_env"), "hi-/tmp-0", "{}", r.explain());
+    assert_eq!(value(r, "detached_status"), "0", "{}", r.explain());
+    assert_eq!(value(r, "t2_state"), "RUNNING", "{}", r.explain());
+    assert_eq!(value(r, "exec_out"), "exec-42", "{}", r.explain());
+    assert_eq!(value(r, "exec_status"), "5", "{}", r.explain());
+    assert_eq!(value(r, "stdin_out"), "got-piped", "{}", r.explain());
+    assert_eq!(value(r, "pids"), "1", "the host sees the cell's VMM: {}", r.explain());
+    assert_eq!(value(r, "metrics_status"), "0", "{}", r.explain());
+    for (sig, status) in [("TERM", "143"), ("INT", "130"), ("HUP", "129"), ("USR1", "138")] {
+        assert_eq!(value(r, &format!("exec_sig_{sig}")), status, "SIG{sig}: {}", r.explain());
+    }
+    assert_ne!(value(r, "kill_unknown_status"), "0", "{}", r.explain());
+    assert_eq!(value(r, "main_sigterm"), "143", "{}", r.explain());
+    assert_eq!(value(r, "t2_after_kill"), "STOPPED", "{}", r.explain());
+    assert_ne!(value(r, "kill_stopped_status"), "0", "a stopped task cannot be killed");
+    assert_eq!(value(r, "delete_status"), "0", "{}", r.explain());
+    assert_eq!(value(r, "delete_says"), "exit_code_137", "{}", r.explain());
+    assert_eq!(value(r, "container_rm_status"), "0", "{}", r.explain());
+    assert_eq!(value(r, "containers_left"), "0", "{}", r.explain());
+    assert_eq!(value(r, "audit_status"), "0", "{}", r.explain());
+    assert_nothing_left(r);
+}
+
+#[test]
+fn a_denied_container_names_the_policy_and_starts_nothing() {
+    let r = result_of(results(), "ctr");
+    assert_ne!(value(r, "denied_status"), "0", "{}", r.explain());
+    assert!(r.stdout.contains("denied") && r.stdout.contains("jurisdiction"), "{}", r.explain());
+    // Receipts: t1, t1b, t2, t3 launched; the denied one has a record of its denial only.
+    let receipts: u32 = value(r, "receipts").parse().unwrap_or(0);
+    assert!(receipts >= 4, "{}", r.explain());
+    assert_eq!(
+        value(r, "workload_in_receipts"),
+        "4",
+        "each launch names its container: {}",
+        r.explain()
+    );
+    assert_eq!(
+        value(r, "converted_images"),
+        "1",
+        "five containers of one image, one conversion: {}",
+        r.explain()
+    );
+}
+
+#[test]
+fn cells_outlive_a_restart_of_containerd() {
+    let r = result_of(results(), "restart");
+    assert_eq!(r.exit_code, Some(0), "{}", r.explain());
+    assert_eq!(value(r, "run_status"), "0", "{}", r.explain());
+    assert_eq!(value(r, "shims_while_down"), "1", "{}", r.explain());
+    assert_eq!(value(r, "r1_state"), "RUNNING", "{}", r.explain());
+    assert_eq!(value(r, "exec_after_restart"), "still-here", "{}", r.explain());
+    assert_eq!(value(r, "delete_status"), "0", "{}", r.explain());
+    assert_eq!(value(r, "delete_says"), "exit_code_137", "{}", r.explain());
+    assert_nothing_left(r);
+}
+
+#[test]
+fn kubelets_calls_run_a_pod_whose_container_is_a_cell() {
+    let r = result_of(results(), "cri");
+    assert_eq!(r.exit_code, Some(0), "{}", r.explain());
+    assert_eq!(value(r, "cri_runtime"), "containerd", "{}", r.explain());
+    assert_eq!(value(r, "state"), "CONTAINER_RUNNING", "{}", r.explain());
+    assert_eq!(value(r, "exec_stdout"), "exec-hi,from-configmap", "{}", r.explain());
+    assert_eq!(value(r, "exec_exit"), "0", "{}", r.explain());
+    assert_eq!(value(r, "exec_exit_4"), "4", "{}", r.explain());
+    assert_ne!(value(r, "stats_memory_bytes"), "0", "{}", r.explain());
+    assert_eq!(value(r, "stopped_state"), "CONTAINER_EXITED", "{}", r.explain());
+    assert_eq!(value(r, "exit_code"), "143", "StopContainer sends SIGTERM: {}", r.explain());
+    assert_eq!(value(r, "removed"), "ok", "{}", r.explain());
+    assert_eq!(value(r, "log_lines"), "1", "crictl logs reads this file: {}", r.explain());
+    assert_eq!(value(r, "err_lines"), "1", "{}", r.explain());
+    assert!(value(r, "pod_in_receipt").parse::<u32>().is_ok_and(|n| n >= 1), "{}", r.explain());
+    assert!(r.stdout.contains("denied_pod: failed=StartContainer"), "{}", r.explain());
+    assert!(r.stdout.contains("jurisdiction"), "the deciding policy is named: {}", r.explain());
+    assert_eq!(value(r, "denied_removed"), "1", "{}", r.explain());
+    for k in ["leftover_pods", "leftover_vmms", "leftover_shims", "leftover_cgroups"] {
+        assert_eq!(value(r, k), "0", "{k}: {}", r.explain());
+    }
+    assert_eq!(value(r, "leftover_cell_dirs"), "0", "{}", r.explain());
+    assert_eq!(value(r, "leftover_mounts"), "0", "{}", r.explain());
+}
