@@ -4,75 +4,11 @@
 //! policy, containerd killed and restarted while a cell runs; nothing left behind. One nested
 //! host for the file.
 
-use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::Path;
 use std::sync::OnceLock;
 
 use isocell_e2e::{result_of, run_scenario, shell_step, Results};
+use isocell_testhost::containerd;
 use isocell_testhost::{Scenario, StepResult};
-use sha2::{Digest, Sha256};
-
-/// The image the tests run, as `ctr images import` names it.
-const IMAGE: &str = "docker.io/isocell/busybox:test";
-
-/// Commands the image links to busybox.
-const APPLETS: &[&str] = &["sh", "echo", "cat", "sleep", "id", "ls", "pwd", "env", "true", "kill"];
-
-/// What every step starts with: containerd (staged with its libraries) on a private root, the
-/// shim on its PATH, and helpers.
-const PRELUDE: &str = r#"
-set -u
-C={containerd}
-D=/tmp/ctd-$STEP; rm -rf $D; mkdir -p $D /run/containerd
-cp {shim} /isocell/bin/containerd-shim-isocell-v2
-export PATH=/isocell/bin:$PATH
-export ISOCELL_KERNEL={vmlinux} ISOCELL_AGENT_INITRD={agent_initrd}
-export ISOCELL_STATE_DIR=$D/isocell ISOCELL_RUN_DIR=$D/cells
-export CONTAINERD_SNAPSHOTTER=native
-cat > $D/config.toml <<CONF
-version = 2
-root = "$D/root"
-state = "/run/containerd"
-[grpc]
-  address = "/run/containerd/containerd.sock"
-CONF
-if [ -z "${CRI:-}" ]; then
-  sed -i '2i disabled_plugins = ["io.containerd.grpc.v1.cri"]' $D/config.toml
-else
-  # The CRI plugin as packaging/containerd/isocell.toml configures it, on the native
-  # snapshotter (no overlay module in the nested host), host-network pods (no CNI) and
-  # the test image as the (never run) sandbox image.
-  cat {cri_config} >> $D/config.toml
-  cat >> $D/config.toml <<CONF
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "$IMG"
-  disable_apparmor = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "native"
-CONF
-  touch /etc/hosts
-fi
-ctr() { $C/lib/ld-linux-x86-64.so.2 --library-path $C/lib $C/bin/ctr "$@"; }
-start_containerd() {
-  $C/lib/ld-linux-x86-64.so.2 --library-path $C/lib $C/bin/containerd --config $D/config.toml >> $D/containerd.log 2>&1 &
-  CPID=$!
-  for i in $(seq 300); do ctr version > /dev/null 2>&1 && return 0; sleep 0.1; done
-  echo containerd_did_not_start; tail -20 $D/containerd.log; return 1
-}
-R="--runtime io.containerd.isocell.v2"
-leftovers() {
-  echo leftover_vmms=$(ps -o args | grep -c '^[^ ]*isocell-vm[m]')
-  echo leftover_shims=$(ps -o args | grep -c '^[^ ]*containerd-shim-isocell-v[2]')
-  echo leftover_cgroups=$(find /sys/fs/cgroup/isocell -mindepth 1 -type d 2>/dev/null | wc -l)
-  echo leftover_cell_dirs=$(ls -A $D/cells 2>/dev/null | wc -l)
-  echo leftover_mounts=$(grep -c 'io.containerd.runtime.v2.task' /proc/mounts)
-  echo leftover_bundles=$(ls -A /run/containerd/io.containerd.runtime.v2.task/default 2>/dev/null | wc -l)
-}
-start_containerd || exit 1
-ctr images import {image} > $D/import 2>&1 || { echo import_failed; cat $D/import; exit 1; }
-[ -n "${CRI:-}" ] && { ctr -n k8s.io images import {image} > $D/import 2>&1 || { echo import_failed; cat $D/import; exit 1; }; }
-"#;
 
 const CTR: &str = r#"
 ctr run --rm $R $IMG t1 sh -c 'echo hello-from-cell; echo to-stderr >&2; exit 3' > $D/o1 2> $D/e1
@@ -115,11 +51,14 @@ echo workload_in_receipts=$(cat $ISOCELL_STATE_DIR/cells/*/launch.json | grep -c
 {isocell} audit verify > $D/audit 2>&1; echo audit_status=$?; tail -3 $D/audit
 sleep 1
 leftovers
+grep -h "shut down\|teardown check\|level=warn\|level=error\|panicked" $D/containerd.log | grep -v "devmapper\|cni\|aufs\|btrfs\|zfs\|working directory" | tail -8 | sed "s/^/shim_log: /"
 kill $CPID; wait $CPID
 "#;
 
 const RESTART: &str = r#"
 ctr run -d $R $IMG r1 sh -c 'echo started; sleep 600' > /dev/null; echo run_status=$?
+for i in $(seq 300); do [ "$(ctr task ls | awk '$1=="r1" {print $3}')" = RUNNING ] && break; sleep 0.2; done
+sleep 2
 kill -9 $CPID; wait $CPID 2>/dev/null
 echo shims_while_down=$(ps -o args | grep -c '^[^ ]*containerd-shim-isocell-v[2]')
 start_containerd || exit 1
@@ -132,6 +71,7 @@ echo delete_says=$(grep -o 'exit code [0-9]*' $D/del | tr ' ' _)
 ctr container rm r1
 sleep 1
 leftovers
+grep -h "shut down\|teardown check\|level=warn\|level=error\|panicked" $D/containerd.log | grep -v "devmapper\|cni\|aufs\|btrfs\|zfs\|working directory" | tail -8 | sed "s/^/shim_log: /"
 kill $CPID; wait $CPID
 "#;
 
@@ -141,6 +81,7 @@ cri() { {cri} --log-dir $D/logs "$@"; }
 cri --handler isocell --image $IMG --name web --namespace prod --uid u-42 --config-dir $D/config \
   -- sh -c 'echo log-line-$((40+2)); echo err-line >&2; sleep 600' > $D/pod 2>&1
 cat $D/pod
+grep -q '^cri_runtime=' $D/pod || grep -i 'cri\|level=error' $D/containerd.log | tail -15
 echo log_lines=$(grep -c 'stdout F log-line-42' $D/logs/app.log 2>/dev/null)
 echo err_lines=$(grep -c 'stderr F err-line' $D/logs/app.log 2>/dev/null)
 echo pod_in_receipt=$(cat $ISOCELL_STATE_DIR/cells/*/launch.json 2>/dev/null | grep -c '"u-42"')
@@ -150,6 +91,7 @@ echo "denied_pod: $(grep '^failed=' $D/denied)"
 echo denied_removed=$(grep -c '^remove_pod=ok' $D/denied)
 sleep 1
 echo leftover_pods=$(ctr -n k8s.io task ls -q | wc -l)
+ps -o pid,ppid,stat,args | grep '[i]socell-vmm' | sed 's/^/vmm_process: /'
 echo leftover_vmms=$(ps -o args | grep -c '^[^ ]*isocell-vm[m]')
 echo leftover_shims=$(ps -o args | grep -c '^[^ ]*containerd-shim-isocell-v[2]')
 echo leftover_cgroups=$(find /sys/fs/cgroup/isocell -mindepth 1 -type d 2>/dev/null | wc -l)
@@ -158,121 +100,21 @@ echo leftover_mounts=$(grep -c 'io.containerd.runtime.v2.task' /proc/mounts)
 kill $CPID; wait $CPID
 "#;
 
-fn sha256(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex(&Sha256::digest(bytes)))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// A one-layer OCI archive of busybox (a shell and its applets) and a passwd, named [`IMAGE`].
-#[allow(clippy::unwrap_used)] // test set-up: a failure here is a broken test machine
-fn busybox_archive(out: &Path) {
-    let mut layer = tar::Builder::new(Vec::new());
-    let mut dir = |b: &mut tar::Builder<Vec<u8>>, p: &str| {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(0o755);
-        h.set_size(0);
-        b.append_data(&mut h, p, std::io::empty()).unwrap();
-    };
-    for d in ["bin", "etc", "tmp", "root"] {
-        dir(&mut layer, d);
-    }
-    let busybox = std::fs::read("/bin/busybox").unwrap();
-    let mut file = |b: &mut tar::Builder<Vec<u8>>, p: &str, mode: u32, data: &[u8]| {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_mode(mode);
-        h.set_size(data.len() as u64);
-        b.append_data(&mut h, p, data).unwrap();
-    };
-    file(&mut layer, "bin/busybox", 0o755, &busybox);
-    file(&mut layer, "etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
-    file(&mut layer, "etc/group", 0o644, b"root:x:0:\n");
-    for a in APPLETS {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_mode(0o777);
-        h.set_size(0);
-        layer.append_link(&mut h, format!("bin/{a}"), "busybox").unwrap();
-    }
-    let layer = layer.into_inner().unwrap();
-    let layer_digest = sha256(&layer);
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": { "Env": ["PATH=/bin"], "Cmd": ["sh"] },
-        "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
-    })
-    .to_string();
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": { "mediaType": "application/vnd.oci.image.config.v1+json",
-                    "digest": sha256(config.as_bytes()), "size": config.len() },
-        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                     "digest": layer_digest, "size": layer.len() }],
-    })
-    .to_string();
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": sha256(manifest.as_bytes()), "size": manifest.len(),
-            "platform": { "architecture": "amd64", "os": "linux" },
-            "annotations": { "io.containerd.image.name": IMAGE,
-                             "org.opencontainers.image.ref.name": "test" },
-        }],
-    })
-    .to_string();
-    let mut archive = tar::Builder::new(std::fs::File::create(out).unwrap());
-    let mut add = |name: String, data: &[u8]| {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_mode(0o644);
-        h.set_size(data.len() as u64);
-        archive.append_data(&mut h, name, data).unwrap();
-    };
-    add("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#);
-    add("index.json".into(), index.as_bytes());
-    for blob in [&layer[..], config.as_bytes(), manifest.as_bytes()] {
-        add(format!("blobs/sha256/{}", &sha256(blob)[7..]), blob);
-    }
-    archive.into_inner().unwrap().flush().unwrap();
-}
-
 fn results() -> &'static Results {
     static RESULTS: OnceLock<Results> = OnceLock::new();
     RESULTS.get_or_init(|| {
         let tmp = std::env::temp_dir().join(format!("isocell-ctd-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
-        let image = tmp.join("busybox.oci.tar");
-        busybox_archive(&image);
-        let containerd =
-            isocell_testhost::peer::stage_dynamic(&["containerd", "ctr"], &tmp.join("containerd"))?;
-        let paths = isocell_testhost::host::Paths::discover().map_err(|e| e.to_string())?;
-        let root = isocell_testhost::host::project_root();
-        let files = BTreeMap::from([
-            ("image".to_owned(), image.display().to_string()),
-            ("containerd".to_owned(), containerd.display().to_string()),
-            ("shim".to_owned(), paths.shim.display().to_string()),
-            ("cri".to_owned(), paths.runner.with_file_name("isocell-cri").display().to_string()),
-            (
-                "cri_config".to_owned(),
-                root.join("packaging/containerd/isocell.toml").display().to_string(),
-            ),
-        ]);
-        let step = |name: &str, env: &str, body: &str| {
-            let script = format!("STEP={name}\nIMG={IMAGE}\n{env}\n{PRELUDE}\n{body}");
-            shell_step(name, &script, 900)
+        let files = containerd::files(&tmp)?;
+        let step = |name: &str, cri: bool, body: &str| {
+            shell_step(name, &containerd::script(name, cri, body), 900)
         };
         let scenario = Scenario {
             steps: vec![
-                step("ctr", "", CTR),
-                step("restart", "", RESTART),
-                step("cri", "CRI=1", CRI_STEPS),
+                step("ctr", false, CTR),
+                step("restart", false, RESTART),
+                step("cri", true, CRI_STEPS),
             ],
             files,
         };

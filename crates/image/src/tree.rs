@@ -1,7 +1,7 @@
 //! A root file system tree on this host (what containerd's snapshotter prepares for a container)
 //! as an image in the [`Store`]: the tree becomes one uncompressed layer, written in a fixed
-//! order with owners, modes and times but no access times, so the same tree always gives the
-//! same layer digest and so the same manifest digest. The store's conversion (and its cache)
+//! order with owners, modes and file times but no access or directory times, so the same tree
+//! always gives the same layer digest and so the same manifest digest. The store's conversion (and its cache)
 //! then treat it like any pulled image: a second container of the same tree converts nothing.
 //!
 //! The tree is not trusted: symbolic links are recorded, never followed, and the layer goes
@@ -78,7 +78,10 @@ fn write_layer<W: Write>(root: &Path, out: W) -> Result<(u64, W), StoreError> {
             h.set_mode(meta.mode() & 0o7777);
             h.set_uid(meta.uid().into());
             h.set_gid(meta.gid().into());
-            h.set_mtime(meta.mtime().max(0) as u64);
+            // A directory's time is when a snapshotter copied it (containerd's native snapshotter
+            // copies the image's tree for every container), not the image's: left out, so the
+            // same image is the same layer. Files and links keep theirs.
+            h.set_mtime(if ft.is_dir() { 0 } else { meta.mtime().max(0) as u64 });
             h.set_size(0);
             entries += 1;
             if ft.is_dir() {

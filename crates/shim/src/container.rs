@@ -320,7 +320,10 @@ impl Container {
                     // The link broke: the cell was torn down or its VMM killed.
                     _ => KILLED,
                 };
+                // The session is over: its connection closes before the cell may be torn down.
                 drop(sink);
+                lock(&p.input).take();
+                drop(link);
                 this.exited(&p, status);
             })
             .map_err(|e| format!("cannot start a thread: {e}"))?;

@@ -3,6 +3,7 @@
 //! end-to-end tests, the benchmark, and the README's demo command; also the test images and a
 //! real registry on 127.0.0.1 ([`registry`]) for the image tests and benchmark.
 
+pub mod containerd;
 pub mod guest_tools;
 pub mod host;
 pub mod peer;

@@ -88,7 +88,7 @@ pub fn stage_qemu(dir: &Path) -> Result<PathBuf, String> {
 /// Stages dynamically linked `programs` (found on PATH) under `dir` for the nested host, whose
 /// initramfs has no libraries: `bin/` with the programs, `lib/` with every library `ldd` names
 /// and the loader. Run one as `dir/lib/ld-linux-x86-64.so.2 --library-path dir/lib dir/bin/NAME`.
-/// QEMU for the benchmark's peer; containerd and ctr for the shim's tests.
+/// QEMU for the benchmark's peer; containerd, ctr and e2fsprogs for the shim's tests.
 pub fn stage_dynamic(programs: &[&str], dir: &Path) -> Result<PathBuf, String> {
     for sub in ["bin", "lib"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -97,25 +97,47 @@ pub fn stage_dynamic(programs: &[&str], dir: &Path) -> Result<PathBuf, String> {
         let path = which(program)
             .ok_or(format!("{program} is not installed (run scripts/install-deps.sh)"))?;
         copy(&path, &dir.join("bin").join(program))?;
-        let out = Command::new("ldd").arg(&path).output().map_err(|e| format!("ldd: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("ldd {} failed", path.display()));
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        if let Some(missing) = text.lines().find(|l| l.contains("not found")) {
-            return Err(format!("a library of {} is missing: {}", path.display(), missing.trim()));
-        }
-        let mut loader = false;
-        for lib in libraries(&text) {
-            let name = lib.file_name().ok_or("ldd printed a path without a name")?;
-            loader |= name == LOADER;
-            copy(&lib, &dir.join("lib").join(name))?;
-        }
+        let loader = stage_libraries(&path, &dir.join("lib"))?;
         if !loader {
             return Err(format!("ldd did not name the loader {LOADER} for {program}"));
         }
     }
     Ok(dir.to_path_buf())
+}
+
+/// Stages the library `name` (as `ldconfig -p` finds it) and its own libraries into `dir/lib`:
+/// for what a program loads at run time rather than links (mke2fs's libarchive).
+pub fn stage_library(name: &str, dir: &Path) -> Result<(), String> {
+    let out = Command::new("ldconfig").arg("-p").output().map_err(|e| format!("ldconfig: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let path = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with(&format!("{name} ")) && l.contains("x86-64"))
+        .find_map(|l| l.split("=>").nth(1).map(|p| PathBuf::from(p.trim())))
+        .ok_or(format!("the library {name} is not installed (run scripts/install-deps.sh)"))?;
+    let lib = dir.join("lib");
+    std::fs::create_dir_all(&lib).map_err(|e| format!("{}: {e}", lib.display()))?;
+    copy(&path, &lib.join(name))?;
+    stage_libraries(&path, &lib).map(|_| ())
+}
+
+/// Copies every library `ldd` names for `path` into `lib`; whether the loader was among them.
+fn stage_libraries(path: &Path, lib: &Path) -> Result<bool, String> {
+    let out = Command::new("ldd").arg(path).output().map_err(|e| format!("ldd: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("ldd {} failed", path.display()));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    if let Some(missing) = text.lines().find(|l| l.contains("not found")) {
+        return Err(format!("a library of {} is missing: {}", path.display(), missing.trim()));
+    }
+    let mut loader = false;
+    for l in libraries(&text) {
+        let name = l.file_name().ok_or("ldd printed a path without a name")?;
+        loader |= name == LOADER;
+        copy(&l, &lib.join(name))?;
+    }
+    Ok(loader)
 }
 
 /// The dynamic loader's name in `ldd` output and in the bundle.

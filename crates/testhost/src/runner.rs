@@ -11,6 +11,36 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+/// The process id of the step running now (0 between steps, -1 while one is being spawned):
+/// what [`reap_orphans`] leaves to the step's own wait.
+static STEP_CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Reaps orphans, as an init does: the runner is PID 1 of the nested host, and a process whose
+/// parent died before waiting for it (a VMM whose jailer was killed) is this process's to reap.
+/// Every exited child but the current step is reaped; the step's own exit is left for its wait.
+/// Runs forever on a thread of its own.
+pub fn reap_orphans() {
+    let _ = std::thread::Builder::new().name("reaper".into()).spawn(|| loop {
+        loop {
+            // SAFETY: a zeroed siginfo_t is a valid out-parameter for waitid.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid with WNOWAIT only looks at an exited child; `info` is ours.
+            let r = unsafe {
+                libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT)
+            };
+            // SAFETY: si_pid is set by a successful waitid (0 when no child has exited).
+            let pid = unsafe { info.si_pid() };
+            let step = STEP_CHILD.load(std::sync::atomic::Ordering::SeqCst);
+            if r != 0 || pid == 0 || step == -1 || pid == step {
+                break;
+            }
+            // SAFETY: reaps exactly the exited child waitid named.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    });
+}
+
 use crate::scenario::{guest_results, Scenario, Step, StepResult};
 
 /// How much of a step's stdout and stderr is kept.
@@ -96,6 +126,7 @@ pub fn run_step(step: &Step, assets: &Assets, work_root: &Path, host: &str) -> S
         return result;
     };
     let (out_path, err_path) = (work.join("stdout"), work.join("stderr"));
+    STEP_CHILD.store(-1, std::sync::atomic::Ordering::SeqCst);
     let spawned = File::create(&out_path).and_then(|out| {
         let err = File::create(&err_path)?;
         let start = Instant::now();
@@ -108,8 +139,12 @@ pub fn run_step(step: &Step, assets: &Assets, work_root: &Path, host: &str) -> S
         Ok((start, child))
     });
     let (start, mut child) = match spawned {
-        Ok(v) => v,
+        Ok(v) => {
+            STEP_CHILD.store(i32::try_from(v.1.id()).unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+            v
+        }
         Err(e) => {
+            STEP_CHILD.store(0, std::sync::atomic::Ordering::SeqCst);
             result.error = Some(format!("cannot run {program}: {e}"));
             return result;
         }
@@ -130,6 +165,7 @@ pub fn run_step(step: &Step, assets: &Assets, work_root: &Path, host: &str) -> S
             }
         }
     };
+    STEP_CHILD.store(0, std::sync::atomic::Ordering::SeqCst);
     result.wall_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
     if let Some(s) = status {
         result.exit_code = s.code();

@@ -40,6 +40,9 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if std::process::id() == 1 {
+        isocell_testhost::runner::reap_orphans();
+    }
     if let Some(path) = &args.heartbeat {
         start_heartbeat(path);
     }

@@ -18,7 +18,7 @@ use crate::{print_row, ratio};
 const MACHINE_TARGET_RATIO: f64 = 1.3;
 
 /// Fresh nested hosts are slow (a whole host boot each): at most this many.
-const MAX_FRESH_RUNS: usize = 5;
+const MAX_FRESH_RUNS: usize = 3;
 
 /// One timed command; its wall time in ms, failing on a non-zero status.
 fn timed(cmd: &mut Command, what: &str) -> Result<f64> {

@@ -15,7 +15,11 @@
 //! The machine series (`machine`, only where this host has no hardware virtualization) runs
 //! `isocell run -- true` through a warm `isocell machine`, in a fresh nested host, and inside
 //! the machine itself (`machine.json`).
+//!
+//! The Kubernetes series (`cri`) starts pods through containerd's CRI plugin and the shim,
+//! against `isocell run` of the same image (`cri.json`).
 
+mod cri;
 mod machine;
 mod peers;
 
@@ -73,6 +77,10 @@ struct Args {
     /// nested host, and bare inside the machine.
     #[arg(long)]
     machine_only: bool,
+    /// Only the Kubernetes series: a pod's start to its container running through containerd's
+    /// CRI plugin and the shim, against `isocell run` of the same image.
+    #[arg(long)]
+    cri_only: bool,
     /// Measured boots of the device benchmark per VMM (each moves 512 MiB through virtio-blk,
     /// slow under the nested host; one extra warm-up boot is discarded).
     #[arg(long, default_value_t = 3)]
@@ -644,6 +652,9 @@ fn main() -> Result<()> {
             &out_dir(&args)?,
         );
     }
+    if args.cri_only {
+        return cri::bench(args.runs, &host, &out_dir(&args)?);
+    }
     if args.network_only {
         let results = host.run(&Scenario { steps: net_steps(args.runs), ..Default::default() })?;
         if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
@@ -1017,6 +1028,7 @@ fn main() -> Result<()> {
     if host.kind() == HostKind::Nested {
         machine::bench(args.runs, &host::Paths::discover()?.isocell, &host, &dir)?;
     }
+    cri::bench(args.runs, &host, &dir)?;
     Ok(())
 }
 
