@@ -20,7 +20,7 @@ cd "$root"
 declare -A COST=(
     [hostile_guest]=500 [console_storm]=390 [network]=330 [vmm_boot]=260 [isocell_run]=225
     [daemon]=195 [snapshot]=185 [confinement]=160 [machine]=145 [images]=110
-    [registry_fixture]=5
+    [containerd]=250 [registry_fixture]=5
 )
 
 names=("$@")

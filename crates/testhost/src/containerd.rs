@@ -128,6 +128,9 @@ pub fn busybox_archive(out: &Path) -> Result<(), String> {
         h.set_entry_type(kind);
         h.set_mode(mode);
         h.set_size(size as u64);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
         h
     };
     let mut layer = tar::Builder::new(Vec::new());

@@ -26,7 +26,12 @@ pub fn reap_orphans() {
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
             // SAFETY: waitid with WNOWAIT only looks at an exited child; `info` is ours.
             let r = unsafe {
-                libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT)
+                libc::waitid(
+                    libc::P_ALL,
+                    0,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                )
             };
             // SAFETY: si_pid is set by a successful waitid (0 when no child has exited).
             let pid = unsafe { info.si_pid() };
@@ -140,7 +145,8 @@ pub fn run_step(step: &Step, assets: &Assets, work_root: &Path, host: &str) -> S
     });
     let (start, mut child) = match spawned {
         Ok(v) => {
-            STEP_CHILD.store(i32::try_from(v.1.id()).unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+            STEP_CHILD
+                .store(i32::try_from(v.1.id()).unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
             v
         }
         Err(e) => {

@@ -53,13 +53,15 @@ pub fn bench(runs: usize, host: &TestHost, out: &Path) -> Result<()> {
     let pod =
         "mkdir -p $D/logs\n{cri} --log-dir $D/logs --handler isocell --image $IMG -- sleep 600\n\
                kill $CPID; wait $CPID";
+    // Each pod step's prelude puts the e2fsprogs wrappers in /isocell/bin, where the
+    // `isocell run` steps after it find them too.
     let mut steps = Vec::new();
     for i in 0..=runs {
         let name = format!("pod-{i}");
         let script = format!("STATE={STATE}\n{}", containerd::script(&name, true, pod));
         steps.push(step(name, script, None));
         let run = format!(
-            "ISOCELL_STATE_DIR={STATE} exec {{isocell}} run --report {{work}}/run.json oci-archive:{{image}} -- true"
+            "PATH=/isocell/bin:$PATH ISOCELL_STATE_DIR={STATE} exec {{isocell}} run --report {{work}}/run.json oci-archive:{{image}} -- true"
         );
         steps.push(step(format!("run-{i}"), run, Some("{work}/run.json")));
     }
