@@ -51,7 +51,7 @@ echo workload_in_receipts=$(cat $ISOCELL_STATE_DIR/cells/*/launch.json | grep -c
 {isocell} audit verify > $D/audit 2>&1; echo audit_status=$?; tail -3 $D/audit
 sleep 1
 leftovers
-grep -h "shut down\|teardown check\|level=warn\|level=error\|panicked" $D/containerd.log | grep -v "devmapper\|cni\|aufs\|btrfs\|zfs\|working directory" | tail -8 | sed "s/^/shim_log: /"
+grep -h "shut down\|teardown check\|level=warn\|level=error\|panicked\|connect from\|shutdown asked" $D/containerd.log | grep -v "devmapper\|cni\|aufs\|btrfs\|zfs\|working directory" | tail -12 | sed "s/^/shim_log: /"
 kill $CPID; wait $CPID
 "#;
 
@@ -71,7 +71,7 @@ echo delete_says=$(grep -o 'exit code [0-9]*' $D/del | tr ' ' _)
 ctr container rm r1
 sleep 1
 leftovers
-grep -h "shut down\|teardown check\|level=warn\|level=error\|panicked" $D/containerd.log | grep -v "devmapper\|cni\|aufs\|btrfs\|zfs\|working directory" | tail -8 | sed "s/^/shim_log: /"
+grep -h "shut down\|teardown check\|level=warn\|level=error\|panicked\|connect from\|shutdown asked" $D/containerd.log | grep -v "devmapper\|cni\|aufs\|btrfs\|zfs\|working directory" | tail -12 | sed "s/^/shim_log: /"
 kill $CPID; wait $CPID
 "#;
 
@@ -199,12 +199,7 @@ fn a_denied_container_names_the_policy_and_starts_nothing() {
     );
 }
 
-// Known failure, left open on issue 17: after containerd is killed and restarted it reconnects
-// to the shim (one run of three passed), then the connection closes within seconds, containerd
-// runs `shim delete` and reports the task exited (137), and the shim is gone with its cell. Not
-// yet explained; the step still runs and prints what it saw (`shim_log:` lines).
 #[test]
-#[ignore = "issue 17: the shim does not yet survive a containerd restart reliably"]
 fn cells_outlive_a_restart_of_containerd() {
     let r = result_of(results(), "restart");
     assert_eq!(r.exit_code, Some(0), "{}", r.explain());

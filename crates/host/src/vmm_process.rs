@@ -330,6 +330,9 @@ impl Vmm {
     /// with `config`, inside `jail` when given. `extra_args` go to the VMM as well (a snapshot
     /// to save or restore, the seccomp probe test aid of
     /// [`crate::HostConfig::seccomp_probe`]).
+    ///
+    /// The VMM (or its jailer) dies with the *thread* that calls this (the parent-death signal
+    /// follows the forking thread): call it from a thread that lives as long as the cell.
     pub fn start(
         run_dir: &Path,
         id: &str,
@@ -421,7 +424,8 @@ impl Vmm {
         let stdout = if jail.is_some() { Stdio::piped() } else { Stdio::null() };
         cmd.stdin(Stdio::null()).stdout(stdout).stderr(vmm_log);
         // Its own process group keeps a terminal's Ctrl-C for us (we tear the cell down in
-        // order); the parent-death signal takes the VMM down if we die without tearing down.
+        // order); the parent-death signal takes the VMM down if we die without tearing down
+        // (or if the thread that started it ends: see `start`).
         cmd.process_group(0);
         // SAFETY: the hook runs in the forked child before exec and only calls prctl, which is
         // async-signal-safe.

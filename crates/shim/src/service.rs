@@ -340,6 +340,7 @@ impl Task for Service {
         req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
         let task_pid = self.containers().get(&req.id).map(|c| c.pid).unwrap_or(0);
+        log::info!("connect from containerd for {:?} (task pid {task_pid})", req.id);
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid,
@@ -354,6 +355,7 @@ impl Task for Service {
         _req: api::ShutdownRequest,
     ) -> TtrpcResult<api::Empty> {
         // A shim serving a pod stays while any of its containers is left.
+        log::info!("shutdown asked; {} container(s) left", self.containers().len());
         if self.containers().is_empty() {
             self.inner.exit.signal();
         }
