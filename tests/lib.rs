@@ -357,3 +357,13 @@ pub fn local_bzimage() -> PathBuf {
         Err(e) => panic!("{e}"),
     }
 }
+
+/// The value of `key=` in a step's output (up to the next space).
+pub fn value(r: &StepResult, key: &str) -> String {
+    let pat = format!("{key}=");
+    r.stdout
+        .split(char::is_whitespace)
+        .find_map(|w| w.strip_prefix(&pat))
+        .unwrap_or_else(|| panic!("no {key}= in the output of {}:\n{}", r.name, r.explain()))
+        .to_owned()
+}

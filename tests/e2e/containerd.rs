@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-use isocell_e2e::{result_of, run_scenario, shell_step, Results};
+use isocell_e2e::{result_of, run_scenario, shell_step, value, Results};
 use isocell_testhost::containerd;
 use isocell_testhost::{Scenario, StepResult};
 
@@ -91,12 +91,7 @@ echo "denied_pod: $(grep '^failed=' $D/denied)"
 echo denied_removed=$(grep -c '^remove_pod=ok' $D/denied)
 sleep 1
 echo leftover_pods=$(ctr -n k8s.io task ls -q | wc -l)
-ps -o pid,ppid,stat,args | grep '[i]socell-vmm' | sed 's/^/vmm_process: /'
-echo leftover_vmms=$(ps -o args | grep -c '^[^ ]*isocell-vm[m]')
-echo leftover_shims=$(ps -o args | grep -c '^[^ ]*containerd-shim-isocell-v[2]')
-echo leftover_cgroups=$(find /sys/fs/cgroup/isocell -mindepth 1 -type d 2>/dev/null | wc -l)
-echo leftover_cell_dirs=$(ls -A $D/cells 2>/dev/null | wc -l)
-echo leftover_mounts=$(grep -c 'io.containerd.runtime.v2.task' /proc/mounts)
+leftovers
 kill $CPID; wait $CPID
 "#;
 
@@ -122,16 +117,6 @@ fn results() -> &'static Results {
         let _ = std::fs::remove_dir_all(&tmp);
         r
     })
-}
-
-/// The value of `key=` in a step's output (up to the next space).
-fn value(r: &StepResult, key: &str) -> String {
-    let pat = format!("{key}=");
-    r.stdout
-        .split(char::is_whitespace)
-        .find_map(|w| w.strip_prefix(&pat))
-        .unwrap_or_else(|| panic!("no {key}= in the output of {}:\n{}", r.name, r.explain()))
-        .to_owned()
 }
 
 fn assert_nothing_left(r: &StepResult) {

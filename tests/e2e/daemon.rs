@@ -5,7 +5,7 @@
 
 use std::sync::OnceLock;
 
-use isocell_e2e::{result_of, run_scenario, shell_step, Results};
+use isocell_e2e::{result_of, run_scenario, shell_step, value, Results};
 use isocell_testhost::{Scenario, Step, StepResult};
 
 /// What every step starts with: a daemon of its own in `$D`, and a check for leftovers.
@@ -199,16 +199,6 @@ fn scenario() -> Scenario {
 fn results() -> &'static Results {
     static RESULTS: OnceLock<Results> = OnceLock::new();
     RESULTS.get_or_init(|| run_scenario("isocelld", &scenario()))
-}
-
-/// The value of `key=` in a step's output (up to the next space).
-fn value(r: &StepResult, key: &str) -> String {
-    let pat = format!("{key}=");
-    r.stdout
-        .split(char::is_whitespace)
-        .find_map(|w| w.strip_prefix(&pat))
-        .unwrap_or_else(|| panic!("no {key}= in the output of {}:\n{}", r.name, r.explain()))
-        .to_owned()
 }
 
 fn assert_nothing_left(r: &StepResult) {
