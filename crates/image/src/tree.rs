@@ -4,6 +4,11 @@
 //! always gives the same layer digest and so the same manifest digest. The store's conversion (and its cache)
 //! then treat it like any pulled image: a second container of the same tree converts nothing.
 //!
+//! Extended attributes (file capabilities such as `security.capability`, `user.*`) go into the
+//! layer as PAX `SCHILY.xattr.*` records, as `docker save` writes them, so a binary that needs a
+//! capability keeps it in the cell. The host's own labels (`security.selinux`) and ACLs are
+//! not the image's and are left out.
+//!
 //! The tree is not trusted: symbolic links are recorded, never followed, and the layer goes
 //! through the same flattening and limits as a registry's.
 
@@ -84,6 +89,11 @@ fn write_layer<W: Write>(root: &Path, out: W) -> Result<(u64, W), StoreError> {
             h.set_mtime(if ft.is_dir() { 0 } else { meta.mtime().max(0) as u64 });
             h.set_size(0);
             entries += 1;
+            let xattrs = image_xattrs(&path)?;
+            if !xattrs.is_empty() {
+                let records = xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+                b.append_pax_extensions(records).map_err(io_err(&path))?;
+            }
             if ft.is_dir() {
                 h.set_entry_type(tar::EntryType::Directory);
                 b.append_data(&mut h, &name, io::empty()).map_err(io_err(&path))?;
@@ -129,6 +139,30 @@ fn write_layer<W: Write>(root: &Path, out: W) -> Result<(u64, W), StoreError> {
     }
     let out = b.into_inner().map_err(io_err(root))?;
     Ok((entries, out))
+}
+
+/// The extended attributes of `path` (not of a link's target) that belong to the image, as
+/// PAX record names, in name order.
+fn image_xattrs(path: &Path) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    let names = match xattr::list(path) {
+        Ok(names) => names,
+        // A file system without extended attributes has none to carry.
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let Some(name) = name.to_str() else { continue };
+        let image_owned = ["user.", "security.", "trusted."].iter().any(|p| name.starts_with(p));
+        if !image_owned || name == "security.selinux" {
+            continue;
+        }
+        if let Some(value) = xattr::get(path, name).map_err(io_err(path))? {
+            out.push((format!("SCHILY.xattr.{name}"), value));
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Imports the tree under `root` into `store` as a one-layer linux/amd64 image (see the module
@@ -250,6 +284,49 @@ mod tests {
         assert_eq!(find("etc/up").2.as_deref(), Some("../../../../etc/shadow"));
         assert_eq!(find("bin/tool").3, 0o4755);
         assert_eq!(find("bin/tool2").1, tar::EntryType::Link);
+    }
+
+    #[test]
+    fn extended_attributes_are_carried_and_host_labels_are_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        tree(&root);
+        // `trusted.*` needs root, as a snapshotter has; `user.*` works for anyone.
+        xattr::set(root.join("bin/tool"), "user.origin", b"image").unwrap();
+        xattr::set(root.join("etc"), "user.dir", b"d").unwrap();
+        // Root may label a file on a host without SELinux too, as a labelled host would.
+        xattr::set(root.join("etc/passwd"), "security.selinux", b"system_u:object_r:etc_t:s0")
+            .unwrap();
+        let (_, bytes) = write_layer(&root, Vec::new()).unwrap();
+        let mut archive = tar::Archive::new(&bytes[..]);
+        let mut found = Vec::new();
+        for e in archive.entries().unwrap() {
+            let mut e = e.unwrap();
+            let path = e.path().unwrap().display().to_string();
+            if let Some(pax) = e.pax_extensions().unwrap() {
+                for r in pax {
+                    let r = r.unwrap();
+                    found.push((
+                        path.clone(),
+                        r.key().unwrap().to_owned(),
+                        r.value_bytes().to_vec(),
+                    ));
+                }
+            }
+        }
+        let want = |p: &str, k: &str, v: &[u8]| {
+            found.iter().any(|f| f.0.trim_end_matches('/') == p && f.1 == k && f.2 == v)
+        };
+        assert!(want("bin/tool", "SCHILY.xattr.user.origin", b"image"), "{found:?}");
+        assert!(want("etc", "SCHILY.xattr.user.dir", b"d"), "{found:?}");
+        assert!(!found.iter().any(|f| f.1.contains("selinux")), "{found:?}");
+        // The flattener reads them back as the file's attributes.
+        let path = tmp.path().join("layer.tar");
+        fs::write(&path, &bytes).unwrap();
+        let layer = crate::flatten::Layer { path, label: "the tree's layer".into() };
+        let (t, _) = crate::flatten::index(&[layer], &crate::Limits::default()).unwrap();
+        let x = t.xattrs();
+        assert!(x.iter().any(|x| x.path.ends_with(b"bin/tool") && x.name == "user.origin"));
     }
 
     #[test]
