@@ -268,10 +268,47 @@ fn on_terminal(cmd: &mut Command, size: WindowSize) -> std::io::Result<OwnedFd> 
     Ok(pty.master)
 }
 
-/// Makes the child take the request's identity before it runs the command: supplementary
-/// groups, then the group, then the user (each needs the privilege the next one drops), then
-/// the working directory, entered as that user. Not `Command::uid/gid`: std clears the
-/// supplementary groups and runs `pre_exec` hooks only after it has changed the user.
+/// The highest capability number the running kernel knows.
+fn last_capability() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&n: &u32| n < 64)
+        .unwrap_or(40)
+}
+
+/// `capset(2)`'s header and data (`linux/capability.h`, version 3: two 32-bit halves).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// `prctl(2)` with every argument a full `unsigned long`, as the kernel reads them (a
+/// variadic `int` leaves the upper half of its register undefined).
+///
+/// # Safety
+/// As `libc::prctl`: the options used here take numbers, not pointers.
+unsafe fn prctl(option: libc::c_int, arg2: libc::c_ulong, arg3: libc::c_ulong) -> libc::c_int {
+    // SAFETY: forwarded as the caller's contract says; the last two arguments are zero.
+    unsafe { libc::prctl(option, arg2, arg3, 0 as libc::c_ulong, 0 as libc::c_ulong) }
+}
+
+/// Makes the child take the request's identity before it runs the command, in runc's order:
+/// the bounding set is narrowed while the agent's capabilities still allow it; supplementary
+/// groups, then the group, then the user (each needs the privilege the next one drops), with
+/// the permitted set kept across the change of user; then the requested effective, permitted,
+/// inheritable and ambient sets and `no_new_privs`; last the working directory, entered with
+/// the final identity. Not `Command::uid/gid`: std clears the supplementary groups and runs
+/// `pre_exec` hooks only after it has changed the user.
 fn drop_privileges(cmd: &mut Command, req: &ExecRequest, cwd: &str) -> std::io::Result<()> {
     let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
     if req.groups.len() > isocell_proto::MAX_GROUPS {
@@ -281,17 +318,66 @@ fn drop_privileges(cmd: &mut Command, req: &ExecRequest, cwd: &str) -> std::io::
     let cwd =
         std::ffi::CString::new(cwd).map_err(|_| invalid("working directory has a NUL byte"))?;
     let (uid, gid) = (req.uid, req.gid);
+    let last = last_capability();
+    let known = if last >= 63 { u64::MAX } else { (1u64 << (last + 1)) - 1 };
+    let caps = req.privileges.map(|p| {
+        let (e, pm, i) = (p.effective & known, p.permitted & known, p.inheritable & known);
+        let half = |shift: u32| CapData {
+            effective: (e >> shift) as u32,
+            permitted: (pm >> shift) as u32,
+            inheritable: (i >> shift) as u32,
+        };
+        (p, [half(0), half(32)])
+    });
     // SAFETY: the hook runs in the forked child before exec; it allocates nothing and only
-    // makes async-signal-safe system calls on data prepared (and kept alive by the closure)
-    // before the fork.
+    // makes async-signal-safe system calls (setgroups, setgid, setuid, prctl, capset, chdir)
+    // on data prepared (and kept alive by the closure) before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
+            if let Some((p, _)) = &caps {
+                for cap in 0..=last {
+                    if p.bounding & (1 << cap) == 0
+                        && prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0) != 0
+                    {
+                        return fail();
+                    }
+                }
+                if prctl(libc::PR_SET_KEEPCAPS, 1, 0) != 0 {
+                    return fail();
+                }
+            }
             if libc::setgroups(groups.len(), groups.as_ptr()) != 0
                 || libc::setgid(gid) != 0
                 || libc::setuid(uid) != 0
-                || libc::chdir(cwd.as_ptr()) != 0
             {
-                return Err(std::io::Error::last_os_error());
+                return fail();
+            }
+            if let Some((p, data)) = &caps {
+                let mut header = CapHeader { version: CAPABILITY_VERSION_3, pid: 0 };
+                if prctl(libc::PR_SET_KEEPCAPS, 0, 0) != 0
+                    || libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0
+                    || prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as _, 0) != 0
+                {
+                    return fail();
+                }
+                for cap in 0..=last {
+                    if p.ambient & (1 << cap) != 0
+                        && prctl(
+                            libc::PR_CAP_AMBIENT,
+                            libc::PR_CAP_AMBIENT_RAISE as _,
+                            libc::c_ulong::from(cap),
+                        ) != 0
+                    {
+                        return fail();
+                    }
+                }
+                if p.no_new_privs && prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0) != 0 {
+                    return fail();
+                }
+            }
+            if libc::chdir(cwd.as_ptr()) != 0 {
+                return fail();
             }
             Ok(())
         });
@@ -375,4 +461,99 @@ pub fn failure_message(err: &std::io::Error, program: &str) -> Message {
         _ => format!("{program}: {err}"),
     };
     Message::ExecFailed { errno, message }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use isocell_proto::Privileges;
+
+    /// Runs `cat /proc/self/status` with `req`'s identity; returns the named fields.
+    fn status_as(req: &ExecRequest) -> std::io::Result<Vec<(String, String)>> {
+        let mut cmd = Command::new("cat");
+        cmd.arg("/proc/self/status");
+        drop_privileges(&mut cmd, req, "/")?;
+        let out = cmd.output()?;
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+            .collect())
+    }
+
+    fn text<'a>(status: &'a [(String, String)], key: &str) -> &'a str {
+        &status.iter().find(|(k, _)| k == key).unwrap().1
+    }
+
+    /// A capability set (hexadecimal) or a flag.
+    fn field(status: &[(String, String)], key: &str) -> u64 {
+        u64::from_str_radix(text(status, key), 16).unwrap()
+    }
+
+    fn request(uid: u32, privileges: Option<Privileges>) -> ExecRequest {
+        ExecRequest {
+            argv: vec![],
+            env: vec![],
+            cwd: None,
+            uid,
+            gid: uid,
+            groups: vec![],
+            stdin: false,
+            privileges,
+        }
+    }
+
+    const CHOWN: u64 = 1 << 0;
+    const KILL: u64 = 1 << 5;
+    const NET_BIND_SERVICE: u64 = 1 << 10;
+    const SYS_ADMIN: u64 = 1 << 21;
+
+    // These run as root, as the agent does (and as the project's tests do).
+    #[test]
+    fn a_spec_s_capabilities_bound_what_the_command_holds() {
+        let set = CHOWN | KILL | NET_BIND_SERVICE;
+        let p = Privileges {
+            bounding: set,
+            effective: set,
+            permitted: set,
+            inheritable: 0,
+            ambient: 0,
+            no_new_privs: true,
+        };
+        let s = status_as(&request(0, Some(p))).unwrap();
+        assert_eq!(field(&s, "CapBnd"), set);
+        assert_eq!(field(&s, "CapEff"), set);
+        assert_eq!(field(&s, "CapEff") & SYS_ADMIN, 0, "no remounting a read-only volume");
+        assert_eq!(field(&s, "NoNewPrivs"), 1);
+    }
+
+    #[test]
+    fn ambient_capabilities_reach_a_user_other_than_root() {
+        let p = Privileges {
+            bounding: NET_BIND_SERVICE | KILL,
+            effective: NET_BIND_SERVICE,
+            permitted: NET_BIND_SERVICE,
+            inheritable: NET_BIND_SERVICE,
+            ambient: NET_BIND_SERVICE,
+            no_new_privs: false,
+        };
+        let s = status_as(&request(1000, Some(p))).unwrap();
+        assert_eq!(text(&s, "Uid").split_whitespace().collect::<Vec<_>>(), ["1000"; 4]);
+        assert_eq!(field(&s, "CapEff"), NET_BIND_SERVICE);
+        assert_eq!(field(&s, "CapAmb"), NET_BIND_SERVICE);
+        assert_eq!(field(&s, "CapBnd"), NET_BIND_SERVICE | KILL);
+        assert_eq!(field(&s, "NoNewPrivs"), 0);
+    }
+
+    #[test]
+    fn without_privileges_root_keeps_every_capability_and_a_bad_set_is_refused() {
+        let s = status_as(&request(0, None)).unwrap();
+        assert!(field(&s, "CapEff") & SYS_ADMIN != 0);
+        // An effective capability that is not permitted: capset refuses, the command never runs.
+        let bad = Privileges { bounding: KILL, effective: KILL, ..Default::default() };
+        assert!(status_as(&request(0, Some(bad))).is_err());
+    }
 }

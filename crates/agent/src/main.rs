@@ -205,6 +205,7 @@ pub fn file_operation(
         }
         Message::MakeDir { path, mode } => result_message(files::make_dir(&path, mode)),
         Message::GetPath { path } => result_message(files::get_path(&path, link)),
+        Message::MakeReadOnly { path } => result_message(mounts::make_read_only(&path)),
         other => Message::Error { message: format!("unexpected message {other:?}") },
     })
 }

@@ -74,6 +74,35 @@ fn ensure_dir(dir: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Makes `path` read-only for everything in the cell, as a container runtime mounts a
+/// read-only volume: a bind mount of it over itself, remounted read-only (and without set-id
+/// or device files). A command without `CAP_SYS_ADMIN` cannot undo it.
+pub fn make_read_only(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path}: paths in the cell must be absolute"));
+    }
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(format!("{path}: is a symbolic link; name what it points to"))
+        }
+        Ok(_) => {}
+        Err(e) => return Err(format!("{path}: {e}")),
+    }
+    let none: Option<&str> = None;
+    mount(Some(path), path, none, MsFlags::MS_BIND | MsFlags::MS_REC, none)
+        .map_err(|e| format!("bind {path} over itself: {}", describe(e)))?;
+    let flags = MsFlags::MS_BIND
+        | MsFlags::MS_REMOUNT
+        | MsFlags::MS_RDONLY
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV;
+    mount(none, path, none, flags, none).map_err(|e| {
+        // Not left half done: a writable bind mount would look like success.
+        let _ = umount2(path, MntFlags::MNT_DETACH);
+        format!("remount {path} read-only: {}", describe(e))
+    })
+}
+
 /// The first thing PID 1 does: /dev, then a console on fds 0-2 if the kernel could not open
 /// one, so that what the agent says reaches the serial console.
 pub fn early() {
@@ -249,7 +278,43 @@ fn pseudo_filesystems() -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Takes the test's bind mount off again, even when an assertion fails.
+    struct Unmount(String);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            while umount2(self.0.as_str(), MntFlags::MNT_DETACH).is_ok() {}
+        }
+    }
+
+    // Runs as root, as the agent does (and as the project's tests do).
+    #[test]
+    fn a_read_only_volume_refuses_writes_and_links_are_refused() {
+        let dir = std::env::temp_dir().join(format!("isocell-ro-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("sub")).unwrap();
+        fs::write(dir.join("sub/key"), "secret").unwrap();
+        let path = dir.to_str().unwrap().to_owned();
+        {
+            let _guard = Unmount(path.clone());
+            make_read_only(&path).unwrap();
+            let erofs = |r: std::io::Result<()>| r.unwrap_err().raw_os_error() == Some(libc::EROFS);
+            assert!(erofs(fs::write(dir.join("sub/key"), "changed")));
+            assert!(erofs(fs::write(dir.join("new"), "x")));
+            assert!(erofs(fs::remove_file(dir.join("sub/key"))));
+            assert_eq!(fs::read_to_string(dir.join("sub/key")).unwrap(), "secret");
+        }
+        fs::write(dir.join("sub/key"), "writable again once unmounted").unwrap();
+        std::os::unix::fs::symlink(&dir, dir.with_extension("link")).unwrap();
+        let link = dir.with_extension("link").to_str().unwrap().to_owned();
+        assert!(make_read_only(&link).unwrap_err().contains("symbolic link"));
+        assert!(make_read_only("relative/path").unwrap_err().contains("absolute"));
+        assert!(make_read_only(&format!("{path}/missing")).is_err());
+        fs::remove_file(&link).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_refused_block_reads_as_an_integrity_failure() {

@@ -483,6 +483,7 @@ fn options(mut args: RunArgs) -> Result<Planned, String> {
                 uid,
                 gid,
                 groups: Vec::new(),
+                privileges: None,
             }
         }
     };

@@ -123,6 +123,7 @@ async fn process_for(app: &App, row: &CellRow, req: &ExecRequest) -> Result<Proc
             uid,
             gid,
             groups: Vec::new(),
+            privileges: None,
         });
     };
     let state = app.host.state_dir.clone();

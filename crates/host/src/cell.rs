@@ -380,6 +380,24 @@ impl Cell {
         Ok(transfer::put(self.link()?, host, guest, deadline)?)
     }
 
+    /// Makes `guest` (something already copied in) read-only for everything in the cell: the
+    /// agent bind-mounts it read-only over itself, as a runtime mounts a read-only volume.
+    pub fn make_read_only(&mut self, guest: &str, deadline: Instant) -> Result<(), CellError> {
+        let link = self.link()?;
+        link.send(&Message::MakeReadOnly { path: guest.to_owned() })
+            .map_err(|e| CellError::Agent(e.to_string()))?;
+        match link.expect_by(deadline, "the read-only answer") {
+            Ok(Message::Done) => Ok(()),
+            Ok(Message::Error { message }) => {
+                Err(CellError::Agent(format!("{guest} could not be made read-only: {message}")))
+            }
+            Ok(other) => {
+                Err(CellError::Agent(format!("unexpected answer to make-read-only: {other:?}")))
+            }
+            Err(e) => Err(CellError::Agent(e.to_string())),
+        }
+    }
+
     /// Copies `guest` (a file or a tree) out of the cell to `host`, within `budget`. Nothing
     /// half-copied is left. After a refused copy the connection is out of step: the cell
     /// takes no more copies or commands.

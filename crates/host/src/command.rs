@@ -29,6 +29,7 @@ pub fn request(process: &Process, stdin: bool) -> ExecRequest {
         gid: process.gid,
         groups: process.groups.clone(),
         stdin,
+        privileges: process.privileges,
     }
 }
 

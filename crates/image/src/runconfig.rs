@@ -49,6 +49,9 @@ pub struct Process {
     pub gid: u32,
     /// Supplementary groups.
     pub groups: Vec<u32>,
+    /// Capabilities and `no_new_privs` (an OCI process's); none: every capability, the
+    /// cell being the boundary.
+    pub privileges: Option<isocell_proto::Privileges>,
 }
 
 struct PasswdEntry {
@@ -227,7 +230,7 @@ pub fn plan(
     if !cwd.starts_with('/') {
         return Err(format!("the working directory {cwd:?} must be an absolute path"));
     }
-    Ok(Process { argv, env, cwd, uid, gid, groups })
+    Ok(Process { argv, env, cwd, uid, gid, groups, privileges: None })
 }
 
 #[cfg(test)]

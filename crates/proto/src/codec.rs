@@ -13,7 +13,7 @@
 //!
 //! Every value has exactly one encoding, and nothing may follow the message.
 
-use crate::message::{EntryKind, ExecRequest, ExitStatus, Message, WindowSize};
+use crate::message::{EntryKind, ExecRequest, ExitStatus, Message, Privileges, WindowSize};
 use crate::{MAX_FRAME_LEN, MAX_GROUPS};
 
 /// Why a frame body is not a valid message.
@@ -75,6 +75,7 @@ mod tag {
     pub const SIGNAL_SESSION: u8 = 24;
     pub const PREPARE_SNAPSHOT: u8 = 25;
     pub const RESEED: u8 = 26;
+    pub const MAKE_READ_ONLY: u8 = 27;
 }
 
 /// Appends the body of `msg` to `out`.
@@ -196,6 +197,10 @@ pub(crate) fn encode_body(msg: &Message, out: &mut Vec<u8>) {
             w.i32(*signal);
         }
         Message::PrepareSnapshot => w.u8(tag::PREPARE_SNAPSHOT),
+        Message::MakeReadOnly { path } => {
+            w.u8(tag::MAKE_READ_ONLY);
+            w.bytes(path.as_bytes());
+        }
         Message::Reseed { entropy, unix_time_ns } => {
             w.u8(tag::RESEED);
             w.bytes(entropy);
@@ -258,6 +263,7 @@ pub fn decode(body: &[u8]) -> Result<Message, DecodeError> {
         tag::WAIT_SESSION => Message::WaitSession { id: r.u64()? },
         tag::SIGNAL_SESSION => Message::SignalSession { id: r.u64()?, signal: r.i32()? },
         tag::PREPARE_SNAPSHOT => Message::PrepareSnapshot,
+        tag::MAKE_READ_ONLY => Message::MakeReadOnly { path: r.string()? },
         tag::RESEED => Message::Reseed { entropy: r.bytes()?.to_vec(), unix_time_ns: r.u64()? },
         unknown => return Err(DecodeError::UnknownTag(unknown)),
     };
@@ -330,6 +336,16 @@ impl Writer<'_> {
             self.u32(*group);
         }
         self.u8(u8::from(req.stdin));
+        match &req.privileges {
+            None => self.u8(0),
+            Some(p) => {
+                self.u8(1);
+                for set in [p.bounding, p.effective, p.permitted, p.inheritable, p.ambient] {
+                    self.u64(set);
+                }
+                self.u8(u8::from(p.no_new_privs));
+            }
+        }
     }
 }
 
@@ -368,7 +384,20 @@ impl<'a> Reader<'a> {
         for _ in 0..groupc {
             groups.push(self.u32()?);
         }
-        Ok(ExecRequest { argv, env, cwd, uid, gid, groups, stdin: self.bool()? })
+        let stdin = self.bool()?;
+        let privileges = match self.u8()? {
+            0 => None,
+            1 => Some(Privileges {
+                bounding: self.u64()?,
+                effective: self.u64()?,
+                permitted: self.u64()?,
+                inheritable: self.u64()?,
+                ambient: self.u64()?,
+                no_new_privs: self.bool()?,
+            }),
+            _ => return Err(DecodeError::BadValue("option")),
+        };
+        Ok(ExecRequest { argv, env, cwd, uid, gid, groups, stdin, privileges })
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
@@ -479,7 +508,7 @@ mod tests {
     #[test]
     fn unknown_tags_are_refused() {
         assert_eq!(decode(&[0]), Err(DecodeError::UnknownTag(0)));
-        assert_eq!(decode(&[27]), Err(DecodeError::UnknownTag(27)));
+        assert_eq!(decode(&[28]), Err(DecodeError::UnknownTag(28)));
         assert_eq!(decode(&[255, 1, 2]), Err(DecodeError::UnknownTag(255)));
     }
 
@@ -507,9 +536,11 @@ mod tests {
             gid: 0,
             groups: vec![],
             stdin: false,
+            privileges: None,
         });
         let mut bad_bool = body(&exec);
-        *bad_bool.last_mut().unwrap() = 2;
+        let stdin_flag = bad_bool.len() - 2; // the last byte says there are no privileges
+        bad_bool[stdin_flag] = 2;
         assert_eq!(decode(&bad_bool), Err(DecodeError::BadValue("bool")));
         let mut bad_option = body(&exec);
         bad_option[9] = 7; // after tag, argc and envc
@@ -547,6 +578,7 @@ mod tests {
                 gid: 2,
                 groups,
                 stdin: false,
+                privileges: None,
             })
         };
         let most = exec((0..MAX_GROUPS as u32).collect());
@@ -557,9 +589,10 @@ mod tests {
         let mut huge = vec![tag::EXEC, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0];
         huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0]);
         assert_eq!(decode(&huge), Err(DecodeError::Truncated));
-        // Layout: after uid and gid, a u32 count and the ids, then the stdin flag.
+        // Layout: after uid and gid, a u32 count and the ids, the stdin flag, then the
+        // privileges' option byte.
         let one = body(&exec(vec![7]));
-        assert_eq!(&one[one.len() - 9..], [1, 0, 0, 0, 7, 0, 0, 0, 0]);
+        assert_eq!(&one[one.len() - 10..], [1, 0, 0, 0, 7, 0, 0, 0, 0, 0]);
     }
 
     #[test]

@@ -12,11 +12,12 @@ pub mod net;
 
 pub use codec::{decode, DecodeError};
 pub use frame::{encode, read_frame, write_frame, FrameBuffer, ReadError};
-pub use message::{EntryKind, ExecRequest, ExitStatus, Message, WindowSize};
+pub use message::{EntryKind, ExecRequest, ExitStatus, Message, Privileges, WindowSize};
 
 /// Version of this protocol, exchanged in `Hello` and `Welcome`. 2: `ExecRequest::groups`.
 /// 3: sessions (`ExecSession`, `Resize`, `WaitSession`, `SignalSession`) on [`SESSION_PORT`].
-pub const PROTOCOL_VERSION: u16 = 4;
+/// 4: snapshots (`PrepareSnapshot`, `Reseed`). 5: `ExecRequest::privileges`, `MakeReadOnly`.
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Largest frame body accepted (bytes after the 4-byte length prefix).
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// Largest data chunk senders put in one Stdout/Stderr/Stdin/Data message.
@@ -68,7 +69,9 @@ fn drain<'a>(mut buf: FrameBuffer, pieces: impl IntoIterator<Item = &'a [u8]>) -
 
 #[cfg(test)]
 pub(crate) mod samples {
-    use crate::{EntryKind, ExecRequest, ExitStatus, Message, WindowSize, PROTOCOL_VERSION};
+    use crate::{
+        EntryKind, ExecRequest, ExitStatus, Message, Privileges, WindowSize, PROTOCOL_VERSION,
+    };
 
     /// One or more values of every message, with empty, non-ASCII and extreme fields.
     pub fn all() -> Vec<Message> {
@@ -83,6 +86,14 @@ pub(crate) mod samples {
                 gid: u32::MAX,
                 groups: vec![1000, 0, u32::MAX],
                 stdin: true,
+                privileges: Some(Privileges {
+                    bounding: u64::MAX,
+                    effective: 1 << 21,
+                    permitted: 0,
+                    inheritable: 5,
+                    ambient: 1 << 63,
+                    no_new_privs: true,
+                }),
             }),
             Message::Exec(ExecRequest {
                 argv: vec![],
@@ -92,6 +103,7 @@ pub(crate) mod samples {
                 gid: 0,
                 groups: vec![],
                 stdin: false,
+                privileges: None,
             }),
             Message::Stdin(b"input\n".to_vec()),
             Message::StdinEof,
@@ -105,6 +117,7 @@ pub(crate) mod samples {
             Message::PutFile { path: "/tmp/a".into(), mode: 0o644, size: u64::MAX },
             Message::MakeDir { path: "/tmp/d".into(), mode: 0o755 },
             Message::GetPath { path: "/etc".into() },
+            Message::MakeReadOnly { path: "/config".into() },
             Message::Entry {
                 path: "/etc/hosts".into(),
                 kind: EntryKind::File,
@@ -128,6 +141,7 @@ pub(crate) mod samples {
                     gid: 0,
                     groups: vec![],
                     stdin: true,
+                    privileges: None,
                 },
             },
             Message::ExecSession {
@@ -141,6 +155,7 @@ pub(crate) mod samples {
                     gid: 2,
                     groups: vec![3],
                     stdin: false,
+                    privileges: None,
                 },
             },
             Message::Resize(WindowSize { rows: 0, cols: u16::MAX }),

@@ -57,6 +57,13 @@ pub enum Message {
         /// Permission bits.
         mode: u32,
     },
+    /// Host → agent: make `path` (a file or directory tree the host put in the cell) read-only
+    /// for everything in the cell: a read-only bind mount of it over itself, as a container
+    /// runtime mounts a read-only volume. Reply: `Done` or `Error`.
+    MakeReadOnly {
+        /// Absolute path inside the cell.
+        path: String,
+    },
     /// Host → agent: send a file or directory tree back. Reply: `Entry` (files followed by
     /// `Data`* `DataEnd`) for each entry, then `Done`; or `Error`.
     GetPath {
@@ -158,6 +165,27 @@ pub struct ExecRequest {
     pub groups: Vec<u32>,
     /// Whether the host will send `Stdin`; if not, stdin is `/dev/null`.
     pub stdin: bool,
+    /// The capabilities and `no_new_privs` to run with (an OCI process's, as runc applies
+    /// them); none: the agent's own, every capability, as `isocell run` gives its command.
+    pub privileges: Option<Privileges>,
+}
+
+/// Linux capability sets (bit N is capability N, as in `linux/capability.h`) and
+/// `no_new_privs` for a command. Bits above the guest kernel's last capability are ignored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Privileges {
+    /// The bounding set: what the command and its children can ever gain.
+    pub bounding: u64,
+    /// The effective set.
+    pub effective: u64,
+    /// The permitted set.
+    pub permitted: u64,
+    /// The inheritable set.
+    pub inheritable: u64,
+    /// The ambient set (kept across `execve` by a user other than root).
+    pub ambient: u64,
+    /// Set `no_new_privs`: no set-id bit or file capability adds privilege.
+    pub no_new_privs: bool,
 }
 
 /// How a command ended.

@@ -3,7 +3,7 @@
 
 use isocell_proto::{
     decode, encode, fuzz_decode, read_frame, DecodeError, EntryKind, ExecRequest, ExitStatus,
-    FrameBuffer, Message, WindowSize,
+    FrameBuffer, Message, Privileges, WindowSize,
 };
 use proptest::collection::vec;
 use proptest::option;
@@ -26,8 +26,9 @@ fn exec_request() -> impl Strategy<Value = ExecRequest> {
         any::<u32>(),
         vec(any::<u32>(), 0..16),
         any::<bool>(),
+        option::of(privileges()),
     )
-        .prop_map(|(argv, env, cwd, uid, gid, groups, stdin)| ExecRequest {
+        .prop_map(|(argv, env, cwd, uid, gid, groups, stdin, privileges)| ExecRequest {
             argv,
             env,
             cwd,
@@ -35,7 +36,19 @@ fn exec_request() -> impl Strategy<Value = ExecRequest> {
             gid,
             groups,
             stdin,
+            privileges,
         })
+}
+
+fn privileges() -> impl Strategy<Value = Privileges> {
+    (any::<[u64; 5]>(), any::<bool>()).prop_map(|(s, no_new_privs)| Privileges {
+        bounding: s[0],
+        effective: s[1],
+        permitted: s[2],
+        inheritable: s[3],
+        ambient: s[4],
+        no_new_privs,
+    })
 }
 
 fn message() -> impl Strategy<Value = Message> {
@@ -82,6 +95,7 @@ fn message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|id| Message::WaitSession { id }),
         (any::<u64>(), any::<i32>()).prop_map(|(id, signal)| Message::SignalSession { id, signal }),
         Just(Message::PrepareSnapshot),
+        text().prop_map(|path| Message::MakeReadOnly { path }),
         (bytes(), any::<u64>())
             .prop_map(|(entropy, unix_time_ns)| Message::Reseed { entropy, unix_time_ns }),
     ]

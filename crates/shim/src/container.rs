@@ -214,6 +214,9 @@ impl Container {
         let booted = cell.wait_ready(BOOT_LIMIT, &Cancel::new()).map(|_| ()).and_then(|()| {
             for c in &copy_ins {
                 cell.put(&c.source, &c.destination, cell::deadline(COPY_LIMIT))?;
+                if c.readonly {
+                    cell.make_read_only(&c.destination, cell::deadline(COPY_LIMIT))?;
+                }
                 cell.log(
                     "volume",
                     json!({ "source": c.source, "destination": c.destination, "readonly": c.readonly }),

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use isocell_image::runconfig::Process;
+use isocell_proto::Privileges;
 use isocell_spec::{Classification, Constraints, MemorySize, Network};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -68,6 +69,114 @@ pub struct SpecProcess {
     /// Working directory.
     #[serde(default)]
     pub cwd: String,
+    /// Capability sets by name (`CAP_CHOWN`, ...; an unknown name is refused); none: every
+    /// capability.
+    #[serde(default)]
+    pub capabilities: Option<Capabilities>,
+    /// Whether set-id bits and file capabilities may add privilege.
+    #[serde(default)]
+    pub no_new_privileges: bool,
+}
+
+/// `process.capabilities`.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct Capabilities {
+    /// The bounding set.
+    #[serde(default)]
+    pub bounding: Vec<String>,
+    /// The effective set.
+    #[serde(default)]
+    pub effective: Vec<String>,
+    /// The permitted set.
+    #[serde(default)]
+    pub permitted: Vec<String>,
+    /// The inheritable set.
+    #[serde(default)]
+    pub inheritable: Vec<String>,
+    /// The ambient set.
+    #[serde(default)]
+    pub ambient: Vec<String>,
+}
+
+/// Linux's capabilities in number order (`linux/capability.h`), without the `CAP_` prefix.
+const CAPABILITY_NAMES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// A capability list as a bit mask; `set` names the list in errors.
+fn capability_mask(names: &[String], set: &str) -> Result<u64, String> {
+    let mut mask = 0u64;
+    for name in names {
+        let bit = CAPABILITY_NAMES
+            .iter()
+            .position(|c| name.strip_prefix("CAP_") == Some(c))
+            .ok_or_else(|| format!("process.capabilities.{set}: unknown capability {name:?}"))?;
+        mask |= 1 << bit;
+    }
+    Ok(mask)
+}
+
+/// The process's capabilities and `no_new_privs`, as runc applies them: none when the spec
+/// limits neither (every capability, the cell being the boundary).
+pub fn privileges(p: &SpecProcess) -> Result<Option<Privileges>, String> {
+    let Some(c) = &p.capabilities else {
+        return Ok(p.no_new_privileges.then_some(Privileges {
+            bounding: u64::MAX,
+            effective: u64::MAX,
+            permitted: u64::MAX,
+            inheritable: 0,
+            ambient: 0,
+            no_new_privs: true,
+        }));
+    };
+    Ok(Some(Privileges {
+        bounding: capability_mask(&c.bounding, "bounding")?,
+        effective: capability_mask(&c.effective, "effective")?,
+        permitted: capability_mask(&c.permitted, "permitted")?,
+        inheritable: capability_mask(&c.inheritable, "inheritable")?,
+        ambient: capability_mask(&c.ambient, "ambient")?,
+        no_new_privs: p.no_new_privileges,
+    }))
 }
 
 /// `process.user`.
@@ -186,6 +295,7 @@ pub fn process(p: &SpecProcess) -> Result<Process, String> {
         uid: p.user.uid,
         gid: p.user.gid,
         groups: p.user.additional_gids.clone(),
+        privileges: privileges(p)?,
     })
 }
 
@@ -377,5 +487,168 @@ mod tests {
         assert_eq!(w["pod"]["uid"], "u-1");
         assert_eq!(w["container"], "app");
         assert_eq!(w["containerd"]["id"], "abc");
+    }
+
+    #[test]
+    fn capabilities_become_masks_as_runc_reads_them() {
+        let s = spec(
+            r#"{"process":{"args":["x"],"noNewPrivileges":true,"capabilities":{
+               "bounding":["CAP_CHOWN","CAP_KILL","CAP_NET_BIND_SERVICE"],
+               "effective":["CAP_KILL"],"permitted":["CAP_KILL","CAP_CHOWN"],
+               "inheritable":[],"ambient":["CAP_NET_BIND_SERVICE"]}}}"#,
+        );
+        let p = privileges(s.process.as_ref().unwrap()).unwrap().unwrap();
+        assert_eq!(p.bounding, 1 | 1 << 5 | 1 << 10);
+        assert_eq!((p.effective, p.permitted, p.inheritable), (1 << 5, 1 << 5 | 1, 0));
+        assert_eq!(p.ambient, 1 << 10);
+        assert!(p.no_new_privs);
+        // Neither limit given: every capability, as `isocell run`.
+        let open = spec(r#"{"process":{"args":["x"]}}"#);
+        assert_eq!(privileges(open.process.as_ref().unwrap()).unwrap(), None);
+        let nnp = spec(r#"{"process":{"args":["x"],"noNewPrivileges":true}}"#);
+        let p = privileges(nnp.process.as_ref().unwrap()).unwrap().unwrap();
+        assert!(p.no_new_privs && p.bounding == u64::MAX && p.ambient == 0);
+        // Names as the spec spells them: `CAP_` and upper case.
+        for name in ["CAP_FLY", "cap_chown", "CHOWN"] {
+            let text = format!(
+                r#"{{"process":{{"args":["x"],"capabilities":{{"effective":["{name}"]}}}}}}"#
+            );
+            let e = process(spec(&text).process.as_ref().unwrap()).unwrap_err();
+            assert!(e.contains("capabilities.effective") && e.contains(name), "{e}");
+        }
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::collection::{btree_map, vec};
+        use proptest::prelude::*;
+
+        /// Any JSON at all, a few levels deep.
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                ".{0,12}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 48, 6, |inner| {
+                let key = prop_oneof![
+                    Just("process".to_owned()),
+                    Just("args".to_owned()),
+                    Just("mounts".to_owned()),
+                    Just("linux".to_owned()),
+                    Just("resources".to_owned()),
+                    Just("capabilities".to_owned()),
+                    "[a-z]{1,8}",
+                ];
+                prop_oneof![
+                    vec(inner.clone(), 0..5).prop_map(Value::from),
+                    btree_map(key, inner, 0..5)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![".{0,16}", "/[a-z./]{0,16}", Just("..".to_owned()), Just(String::new())]
+        }
+
+        fn capability() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (0..CAPABILITY_NAMES.len()).prop_map(|i| format!("CAP_{}", CAPABILITY_NAMES[i])),
+                ".{0,12}",
+            ]
+        }
+
+        /// Well-formed in shape, hostile in value: what containerd or a pod author could
+        /// write into `config.json`.
+        fn shaped() -> impl Strategy<Value = Value> {
+            let mount = (
+                text(),
+                prop_oneof![Just("bind"), Just("tmpfs"), Just("")],
+                text(),
+                vec(prop_oneof![Just("ro".to_owned()), Just("rbind".to_owned()), text()], 0..4),
+            )
+                .prop_map(
+                    |(d, k, s, o)| json!({"destination": d, "type": k, "source": s, "options": o}),
+                );
+            (
+                vec(text(), 0..4),
+                vec(text(), 0..4),
+                text(),
+                vec(vec(capability(), 0..4), 5),
+                any::<bool>(),
+                (any::<Option<i64>>(), any::<Option<u64>>(), any::<Option<i64>>()),
+                vec(mount, 0..5),
+                btree_map(text(), text(), 0..4),
+            )
+                .prop_map(|(args, env, cwd, caps, nnp, (quota, period, limit), mounts, ann)| {
+                    json!({
+                        "process": {
+                            "args": args, "env": env, "cwd": cwd, "noNewPrivileges": nnp,
+                            "capabilities": {
+                                "bounding": caps[0], "effective": caps[1],
+                                "permitted": caps[2], "inheritable": caps[3], "ambient": caps[4],
+                            },
+                        },
+                        "mounts": mounts,
+                        "annotations": ann,
+                        "linux": {"resources": {
+                            "cpu": {"quota": quota, "period": period},
+                            "memory": {"limit": limit},
+                        }},
+                    })
+                })
+        }
+
+        /// Whatever the spec says, each reading gives a bounded answer or an error, never a
+        /// panic, and what is accepted keeps the invariants the cell relies on.
+        fn check(value: Value) {
+            let Ok(s) = serde_json::from_value::<Spec>(value) else { return };
+            if let Ok((cpus, memory)) = resources(&s) {
+                assert!((1..=isocell_spec::vm::MAX_VCPUS).contains(&cpus));
+                assert!(memory.mib() >= MemorySize::DEFAULT.mib());
+            }
+            if let Some(p) = &s.process {
+                if let Ok(proc) = process(p) {
+                    assert!(!proc.argv.is_empty() && !proc.argv[0].is_empty());
+                    assert!(proc.cwd.starts_with('/'));
+                    assert!(proc.env.iter().all(|(k, _)| !k.is_empty() && !k.contains('=')));
+                    if let Some(priv_) = proc.privileges {
+                        let known = (1u64 << CAPABILITY_NAMES.len()) - 1;
+                        if p.capabilities.is_some() {
+                            assert_eq!(priv_.bounding & !known, 0);
+                            assert_eq!(priv_.ambient & !known, 0);
+                        }
+                    }
+                }
+            }
+            if let Ok(copies) = copy_ins(&s) {
+                for c in copies {
+                    assert!(c.destination.starts_with('/'));
+                    assert!(!c.destination.split('/').any(|p| p == ".."));
+                    for k in ["/proc", "/sys", "/dev"] {
+                        assert!(c.destination != k && !c.destination.starts_with(&format!("{k}/")));
+                    }
+                }
+            }
+            let _ = constraints(&s.annotations);
+            let _ = workload(&s, "ns", "id");
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            #[test]
+            fn any_json_is_read_or_refused(v in json()) {
+                check(v);
+            }
+
+            #[test]
+            fn hostile_specs_keep_the_invariants(v in shaped()) {
+                check(v);
+            }
+        }
     }
 }
