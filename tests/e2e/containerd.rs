@@ -40,6 +40,16 @@ ctr task kill -s SIGKILL t2 2> /dev/null; echo kill_stopped_status=$?
 ctr task delete t2 2> $D/del; echo delete_status=$?
 echo delete_says=$(grep -o 'exit code [0-9]*' $D/del | tr ' ' _)
 ctr container rm t2; echo container_rm_status=$?
+# A read-only volume stays read-only, even to root in the cell; a writable one takes writes.
+# The spec's capabilities (ctr's default: runc's set, without CAP_SYS_ADMIN) bound the command.
+mkdir -p $D/vol; echo volume-data > $D/vol/f
+RO="type=bind,src=$D/vol,dst=/data,options=rbind:ro"
+ctr run --rm $R --mount $RO $IMG t4 sh -c 'cat /data/f; echo x 2>&1 > /data/f; mount -o remount,rw /data 2>&1; echo y 2>&1 > /data/f; cat /data/f; grep -E "^(CapBnd|NoNewPrivs)" /proc/self/status' > $D/ro 2>&1
+echo "ro_volume: $(tr '\n' ' ' < $D/ro)"
+echo ro_refusals=$(grep -c 'Read-only file system' $D/ro)
+echo ro_kept=$(grep -c '^volume-data$' $D/ro)
+echo cap_bounding=$(awk '$1=="CapBnd:" {print $2}' $D/ro)
+echo rw_volume=$(ctr run --rm $R --mount type=bind,src=$D/vol,dst=/scratch,options=rbind:rw $IMG t5 sh -c 'echo z > /scratch/f && cat /scratch/f')
 # Denied by policy: a pod limited to a jurisdiction this host is not in.
 ctr run --rm $R --annotation isocell.io/jurisdiction=mars $IMG d1 true > /dev/null 2> $D/denied
 echo denied_status=$?; echo "denied: $(tr '\n' ' ' < $D/denied)"
@@ -163,23 +173,34 @@ fn ctr_runs_containers_in_cells_with_runc_exit_statuses() {
 }
 
 #[test]
+fn read_only_volumes_and_the_specs_capabilities_hold_in_the_cell() {
+    let r = result_of(results(), "ctr");
+    // Both writes are refused (before and after a remount attempt) and the content is kept.
+    assert_eq!(value(r, "ro_refusals"), "2", "{}", r.explain());
+    assert_eq!(value(r, "ro_kept"), "2", "{}", r.explain());
+    // runc's default set, as ctr asks: no CAP_SYS_ADMIN, so no remounting.
+    assert_eq!(value(r, "cap_bounding"), "00000000a80425fb", "{}", r.explain());
+    assert_eq!(value(r, "rw_volume"), "z", "a writable volume takes writes: {}", r.explain());
+}
+
+#[test]
 fn a_denied_container_names_the_policy_and_starts_nothing() {
     let r = result_of(results(), "ctr");
     assert_ne!(value(r, "denied_status"), "0", "{}", r.explain());
     assert!(r.stdout.contains("denied") && r.stdout.contains("jurisdiction"), "{}", r.explain());
-    // Receipts: t1, t1b, t2, t3 launched; the denied one has a record of its denial only.
+    // Receipts: t1, t1b, t2, t3, t4, t5 launched; the denied one has a record of its denial only.
     let receipts: u32 = value(r, "receipts").parse().unwrap_or(0);
-    assert!(receipts >= 4, "{}", r.explain());
+    assert!(receipts >= 6, "{}", r.explain());
     assert_eq!(
         value(r, "workload_in_receipts"),
-        "4",
+        "6",
         "each launch names its container: {}",
         r.explain()
     );
     assert_eq!(
         value(r, "converted_images"),
         "1",
-        "five containers of one image, one conversion: {}",
+        "seven containers of one image, one conversion: {}",
         r.explain()
     );
 }
@@ -206,6 +227,8 @@ fn kubelets_calls_run_a_pod_whose_container_is_a_cell() {
     assert_eq!(value(r, "exec_stdout"), "exec-hi,from-configmap", "{}", r.explain());
     assert_eq!(value(r, "exec_exit"), "0", "{}", r.explain());
     assert_eq!(value(r, "exec_exit_4"), "4", "{}", r.explain());
+    assert_eq!(value(r, "config_write"), "refused_read_only", "{}", r.explain());
+    assert_eq!(value(r, "config_after_write"), "from-configmap", "{}", r.explain());
     assert_ne!(value(r, "stats_memory_bytes"), "0", "{}", r.explain());
     assert_eq!(value(r, "stopped_state"), "CONTAINER_EXITED", "{}", r.explain());
     assert_eq!(value(r, "exit_code"), "143", "StopContainer sends SIGTERM: {}", r.explain());

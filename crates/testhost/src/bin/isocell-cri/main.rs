@@ -207,6 +207,13 @@ async fn run_container(
         String::from_utf8_lossy(&e.stdout).split_whitespace().collect::<Vec<_>>().join(","),
     );
     say("exec_exit", e.exit_code);
+    // The ConfigMap-like volume is read-only, as kubelet asks.
+    let write = "{ echo changed > /config/setting; } 2>&1; cat /config/setting";
+    let e = exec(rt, &["sh", "-c", write]).await.context("ExecSync")?;
+    let out = String::from_utf8_lossy(&e.stdout);
+    let refused = out.contains("Read-only file system");
+    say("config_write", if refused { "refused_read_only" } else { "not_refused" });
+    say("config_after_write", out.lines().last().unwrap_or_default());
     let e = exec(rt, &["sh", "-c", "exit 4"]).await.context("ExecSync")?;
     say("exec_exit_4", e.exit_code);
     let stats = rt
