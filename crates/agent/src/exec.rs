@@ -305,9 +305,9 @@ unsafe fn prctl(option: libc::c_int, arg2: libc::c_ulong, arg3: libc::c_ulong) -
 /// Makes the child take the request's identity before it runs the command, in runc's order:
 /// the bounding set is narrowed while the agent's capabilities still allow it; supplementary
 /// groups, then the group, then the user (each needs the privilege the next one drops), with
-/// the permitted set kept across the change of user; then the requested effective, permitted,
-/// inheritable and ambient sets and `no_new_privs`; last the working directory, entered with
-/// the final identity. Not `Command::uid/gid`: std clears the supplementary groups and runs
+/// the permitted set kept across the change of user; the working directory, entered as that
+/// user; then the requested effective, permitted, inheritable and ambient sets and
+/// `no_new_privs`. Not `Command::uid/gid`: std clears the supplementary groups and runs
 /// `pre_exec` hooks only after it has changed the user.
 fn drop_privileges(cmd: &mut Command, req: &ExecRequest, cwd: &str) -> std::io::Result<()> {
     let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
@@ -320,8 +320,18 @@ fn drop_privileges(cmd: &mut Command, req: &ExecRequest, cwd: &str) -> std::io::
     let (uid, gid) = (req.uid, req.gid);
     let last = last_capability();
     let known = if last >= 63 { u64::MAX } else { (1u64 << (last + 1)) - 1 };
-    let caps = req.privileges.map(|p| {
+    let caps = req.privileges.map(|mut p| {
         let (e, pm, i) = (p.effective & known, p.permitted & known, p.inheritable & known);
+        // As runc: an ambient capability that is not both permitted and inheritable cannot be
+        // raised; it is reported and left out rather than failing the command.
+        let raisable = p.ambient & pm & i;
+        if raisable != p.ambient & known {
+            crate::log(&format!(
+                "ambient capabilities {:#x} are not both permitted and inheritable; left out",
+                p.ambient & known & !raisable
+            ));
+        }
+        p.ambient = raisable;
         let half = |shift: u32| CapData {
             effective: (e >> shift) as u32,
             permitted: (pm >> shift) as u32,
@@ -347,9 +357,12 @@ fn drop_privileges(cmd: &mut Command, req: &ExecRequest, cwd: &str) -> std::io::
                     return fail();
                 }
             }
+            // The working directory is entered as the user (root still has its capabilities
+            // here, as runc's first try has them).
             if libc::setgroups(groups.len(), groups.as_ptr()) != 0
                 || libc::setgid(gid) != 0
                 || libc::setuid(uid) != 0
+                || libc::chdir(cwd.as_ptr()) != 0
             {
                 return fail();
             }
@@ -375,9 +388,6 @@ fn drop_privileges(cmd: &mut Command, req: &ExecRequest, cwd: &str) -> std::io::
                 if p.no_new_privs && prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0) != 0 {
                     return fail();
                 }
-            }
-            if libc::chdir(cwd.as_ptr()) != 0 {
-                return fail();
             }
             Ok(())
         });
@@ -513,7 +523,7 @@ mod tests {
 
     // These run as root, as the agent does (and as the project's tests do).
     #[test]
-    fn a_spec_s_capabilities_bound_what_the_command_holds() {
+    fn for_root_the_bounding_set_and_no_new_privs_hold_across_exec() {
         let set = CHOWN | KILL | NET_BIND_SERVICE;
         let p = Privileges {
             bounding: set,
@@ -555,5 +565,16 @@ mod tests {
         // An effective capability that is not permitted: capset refuses, the command never runs.
         let bad = Privileges { bounding: KILL, effective: KILL, ..Default::default() };
         assert!(status_as(&request(0, Some(bad))).is_err());
+        // An ambient capability that is not inheritable is left out, as runc leaves it.
+        let p = Privileges {
+            bounding: KILL,
+            effective: KILL,
+            permitted: KILL,
+            ambient: KILL,
+            ..Default::default()
+        };
+        let s = status_as(&request(1000, Some(p))).unwrap();
+        assert_eq!(field(&s, "CapAmb"), 0);
+        assert_eq!(field(&s, "CapEff"), 0);
     }
 }

@@ -76,18 +76,16 @@ fn ensure_dir(dir: &str) -> Result<(), String> {
 
 /// Makes `path` read-only for everything in the cell, as a container runtime mounts a
 /// read-only volume: a bind mount of it over itself, remounted read-only (and without set-id
-/// or device files). A command without `CAP_SYS_ADMIN` cannot undo it.
+/// or device files). A command without `CAP_SYS_ADMIN` cannot undo it. A symbolic link is
+/// followed inside the cell.
 pub fn make_read_only(path: &str) -> Result<(), String> {
     if !path.starts_with('/') {
         return Err(format!("{path}: paths in the cell must be absolute"));
     }
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => {
-            return Err(format!("{path}: is a symbolic link; name what it points to"))
-        }
-        Ok(_) => {}
-        Err(e) => return Err(format!("{path}: {e}")),
-    }
+    // A link in the image (`/etc/resolv.conf` often is one) is followed, inside the cell, as
+    // runc resolves a mount destination inside the container's root.
+    let resolved = fs::canonicalize(path).map_err(|e| format!("{path}: {e}"))?;
+    let path = resolved.to_str().ok_or_else(|| format!("{path}: not UTF-8 once resolved"))?;
     let none: Option<&str> = None;
     mount(Some(path), path, none, MsFlags::MS_BIND | MsFlags::MS_REC, none)
         .map_err(|e| format!("bind {path} over itself: {}", describe(e)))?;
@@ -291,7 +289,7 @@ mod tests {
 
     // Runs as root, as the agent does (and as the project's tests do).
     #[test]
-    fn a_read_only_volume_refuses_writes_and_links_are_refused() {
+    fn a_read_only_volume_refuses_writes_even_through_a_link() {
         let dir = std::env::temp_dir().join(format!("isocell-ro-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("sub")).unwrap();
@@ -307,9 +305,15 @@ mod tests {
             assert_eq!(fs::read_to_string(dir.join("sub/key")).unwrap(), "secret");
         }
         fs::write(dir.join("sub/key"), "writable again once unmounted").unwrap();
-        std::os::unix::fs::symlink(&dir, dir.with_extension("link")).unwrap();
+        // Through a link: what it points to becomes read-only.
+        std::os::unix::fs::symlink(dir.join("sub"), dir.with_extension("link")).unwrap();
         let link = dir.with_extension("link").to_str().unwrap().to_owned();
-        assert!(make_read_only(&link).unwrap_err().contains("symbolic link"));
+        {
+            let _guard = Unmount(dir.join("sub").to_str().unwrap().to_owned());
+            make_read_only(&link).unwrap();
+            let refused = fs::write(dir.join("sub/key"), "x").unwrap_err();
+            assert_eq!(refused.raw_os_error(), Some(libc::EROFS));
+        }
         assert!(make_read_only("relative/path").unwrap_err().contains("absolute"));
         assert!(make_read_only(&format!("{path}/missing")).is_err());
         fs::remove_file(&link).unwrap();

@@ -4,10 +4,11 @@
 //! always gives the same layer digest and so the same manifest digest. The store's conversion (and its cache)
 //! then treat it like any pulled image: a second container of the same tree converts nothing.
 //!
-//! Extended attributes (file capabilities such as `security.capability`, `user.*`) go into the
-//! layer as PAX `SCHILY.xattr.*` records, as `docker save` writes them, so a binary that needs a
-//! capability keeps it in the cell. The host's own labels (`security.selinux`) and ACLs are
-//! not the image's and are left out.
+//! Extended attributes (file capabilities in `security.capability`, `user.*`, `trusted.*`) go
+//! into the layer as PAX `SCHILY.xattr.*` records, as `docker save` writes them, so a binary
+//! that needs a capability keeps it in the cell. The host's own labels (`security.selinux` and
+//! the other security modules'), an overlay's `trusted.overlay.*` and ACLs are not the image's
+//! and are left out.
 //!
 //! The tree is not trusted: symbolic links are recorded, never followed, and the layer goes
 //! through the same flattening and limits as a registry's.
@@ -79,6 +80,10 @@ fn write_layer<W: Write>(root: &Path, out: W) -> Result<(u64, W), StoreError> {
             let name = rel.join(&name);
             let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
             let ft = meta.file_type();
+            if ft.is_socket() {
+                // A socket has no tar form and no meaning in a fresh root.
+                continue;
+            }
             let mut h = tar::Header::new_ustar();
             h.set_mode(meta.mode() & 0o7777);
             h.set_uid(meta.uid().into());
@@ -121,12 +126,8 @@ fn write_layer<W: Write>(root: &Path, out: W) -> Result<(u64, W), StoreError> {
                     tar::EntryType::Fifo
                 } else if ft.is_char_device() {
                     tar::EntryType::Char
-                } else if ft.is_block_device() {
-                    tar::EntryType::Block
                 } else {
-                    // A socket has no tar form and no meaning in a fresh root.
-                    entries -= 1;
-                    continue;
+                    tar::EntryType::Block
                 };
                 h.set_entry_type(kind);
                 let rdev = meta.rdev();
@@ -141,6 +142,15 @@ fn write_layer<W: Write>(root: &Path, out: W) -> Result<(u64, W), StoreError> {
     Ok((entries, out))
 }
 
+/// Whether an extended attribute is the image's rather than this host's: user attributes, file
+/// capabilities and trusted attributes, but not the host's security labels (SELinux, SMACK,
+/// AppArmor, IMA/EVM) or the metadata an overlay keeps in its upper directory.
+fn image_owned(name: &str) -> bool {
+    name.starts_with("user.")
+        || name == "security.capability"
+        || (name.starts_with("trusted.") && !name.starts_with("trusted.overlay."))
+}
+
 /// The extended attributes of `path` (not of a link's target) that belong to the image, as
 /// PAX record names, in name order.
 fn image_xattrs(path: &Path) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
@@ -153,8 +163,7 @@ fn image_xattrs(path: &Path) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
     let mut out = Vec::new();
     for name in names {
         let Some(name) = name.to_str() else { continue };
-        let image_owned = ["user.", "security.", "trusted."].iter().any(|p| name.starts_with(p));
-        if !image_owned || name == "security.selinux" {
+        if !image_owned(name) {
             continue;
         }
         if let Some(value) = xattr::get(path, name).map_err(io_err(path))? {
@@ -297,6 +306,16 @@ mod tests {
         // Root may label a file on a host without SELinux too, as a labelled host would.
         xattr::set(root.join("etc/passwd"), "security.selinux", b"system_u:object_r:etc_t:s0")
             .unwrap();
+        xattr::set(root.join("etc"), "trusted.overlay.opaque", b"y").unwrap();
+        // cap_net_raw+ep, as `setcap` writes it (VFS_CAP_REVISION_2 with the effective flag).
+        let mut cap = Vec::new();
+        for word in [0x0200_0001u32, 1 << 13, 0, 0, 0] {
+            cap.extend_from_slice(&word.to_le_bytes());
+        }
+        xattr::set(root.join("bin/tool"), "security.capability", &cap).unwrap();
+        // A socket is left out, and its attributes must not land on the entry after it.
+        let sock = std::os::unix::net::UnixListener::bind(root.join("bin/sock")).unwrap();
+        xattr::set(root.join("bin/sock"), "trusted.stray", b"s").unwrap();
         let (_, bytes) = write_layer(&root, Vec::new()).unwrap();
         let mut archive = tar::Archive::new(&bytes[..]);
         let mut found = Vec::new();
@@ -319,7 +338,15 @@ mod tests {
         };
         assert!(want("bin/tool", "SCHILY.xattr.user.origin", b"image"), "{found:?}");
         assert!(want("etc", "SCHILY.xattr.user.dir", b"d"), "{found:?}");
+        assert!(want("bin/tool", "SCHILY.xattr.security.capability", &cap), "{found:?}");
         assert!(!found.iter().any(|f| f.1.contains("selinux")), "{found:?}");
+        assert!(!found.iter().any(|f| f.1.contains("overlay")), "{found:?}");
+        assert!(!found.iter().any(|f| f.1.contains("stray")), "{found:?}");
+        assert!(!found.iter().any(|f| f.0.contains("sock")), "{found:?}");
+        drop(sock);
+        // In name order within an entry, so the same tree is the same layer.
+        let tool: Vec<_> = found.iter().filter(|f| f.0 == "bin/tool").map(|f| &f.1).collect();
+        assert_eq!(tool, ["SCHILY.xattr.security.capability", "SCHILY.xattr.user.origin"]);
         // The flattener reads them back as the file's attributes.
         let path = tmp.path().join("layer.tar");
         fs::write(&path, &bytes).unwrap();

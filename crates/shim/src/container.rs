@@ -214,13 +214,14 @@ impl Container {
         let booted = cell.wait_ready(BOOT_LIMIT, &Cancel::new()).map(|_| ()).and_then(|()| {
             for c in &copy_ins {
                 cell.put(&c.source, &c.destination, cell::deadline(COPY_LIMIT))?;
-                if c.readonly {
-                    cell.make_read_only(&c.destination, cell::deadline(COPY_LIMIT))?;
-                }
                 cell.log(
                     "volume",
                     json!({ "source": c.source, "destination": c.destination, "readonly": c.readonly }),
                 )?;
+            }
+            // Only once all are in: a writable volume may lie inside a read-only one.
+            for c in copy_ins.iter().filter(|c| c.readonly) {
+                cell.make_read_only(&c.destination, cell::deadline(COPY_LIMIT))?;
             }
             Ok(())
         });

@@ -69,8 +69,8 @@ pub struct SpecProcess {
     /// Working directory.
     #[serde(default)]
     pub cwd: String,
-    /// Capability sets by name (`CAP_CHOWN`, ...; an unknown name is refused); none: every
-    /// capability.
+    /// Capability sets by name (`CAP_CHOWN`, ...; an unknown name grants nothing); none:
+    /// every capability.
     #[serde(default)]
     pub capabilities: Option<Capabilities>,
     /// Whether set-id bits and file capabilities may add privilege.
@@ -143,40 +143,41 @@ const CAPABILITY_NAMES: [&str; 41] = [
     "CHECKPOINT_RESTORE",
 ];
 
-/// A capability list as a bit mask; `set` names the list in errors.
-fn capability_mask(names: &[String], set: &str) -> Result<u64, String> {
+/// A capability list as a bit mask; `set` names the list in warnings. As runc does, a name
+/// the cell's kernel does not know grants nothing and is reported, not refused: a newer
+/// containerd's default set must not stop every container.
+fn capability_mask(names: &[String], set: &str) -> u64 {
     let mut mask = 0u64;
     for name in names {
-        let bit = CAPABILITY_NAMES
-            .iter()
-            .position(|c| name.strip_prefix("CAP_") == Some(c))
-            .ok_or_else(|| format!("process.capabilities.{set}: unknown capability {name:?}"))?;
-        mask |= 1 << bit;
+        match CAPABILITY_NAMES.iter().position(|c| name.strip_prefix("CAP_") == Some(c)) {
+            Some(bit) => mask |= 1 << bit,
+            None => log::warn!("process.capabilities.{set}: unknown capability {name:?} ignored"),
+        }
     }
-    Ok(mask)
+    mask
 }
 
 /// The process's capabilities and `no_new_privs`, as runc applies them: none when the spec
 /// limits neither (every capability, the cell being the boundary).
-pub fn privileges(p: &SpecProcess) -> Result<Option<Privileges>, String> {
+pub fn privileges(p: &SpecProcess) -> Option<Privileges> {
     let Some(c) = &p.capabilities else {
-        return Ok(p.no_new_privileges.then_some(Privileges {
+        return p.no_new_privileges.then_some(Privileges {
             bounding: u64::MAX,
             effective: u64::MAX,
             permitted: u64::MAX,
             inheritable: 0,
             ambient: 0,
             no_new_privs: true,
-        }));
+        });
     };
-    Ok(Some(Privileges {
-        bounding: capability_mask(&c.bounding, "bounding")?,
-        effective: capability_mask(&c.effective, "effective")?,
-        permitted: capability_mask(&c.permitted, "permitted")?,
-        inheritable: capability_mask(&c.inheritable, "inheritable")?,
-        ambient: capability_mask(&c.ambient, "ambient")?,
+    Some(Privileges {
+        bounding: capability_mask(&c.bounding, "bounding"),
+        effective: capability_mask(&c.effective, "effective"),
+        permitted: capability_mask(&c.permitted, "permitted"),
+        inheritable: capability_mask(&c.inheritable, "inheritable"),
+        ambient: capability_mask(&c.ambient, "ambient"),
         no_new_privs: p.no_new_privileges,
-    }))
+    })
 }
 
 /// `process.user`.
@@ -295,7 +296,7 @@ pub fn process(p: &SpecProcess) -> Result<Process, String> {
         uid: p.user.uid,
         gid: p.user.gid,
         groups: p.user.additional_gids.clone(),
-        privileges: privileges(p)?,
+        privileges: privileges(p),
     })
 }
 
@@ -497,24 +498,25 @@ mod tests {
                "effective":["CAP_KILL"],"permitted":["CAP_KILL","CAP_CHOWN"],
                "inheritable":[],"ambient":["CAP_NET_BIND_SERVICE"]}}}"#,
         );
-        let p = privileges(s.process.as_ref().unwrap()).unwrap().unwrap();
+        let p = privileges(s.process.as_ref().unwrap()).unwrap();
         assert_eq!(p.bounding, 1 | 1 << 5 | 1 << 10);
         assert_eq!((p.effective, p.permitted, p.inheritable), (1 << 5, 1 << 5 | 1, 0));
         assert_eq!(p.ambient, 1 << 10);
         assert!(p.no_new_privs);
         // Neither limit given: every capability, as `isocell run`.
         let open = spec(r#"{"process":{"args":["x"]}}"#);
-        assert_eq!(privileges(open.process.as_ref().unwrap()).unwrap(), None);
+        assert_eq!(privileges(open.process.as_ref().unwrap()), None);
         let nnp = spec(r#"{"process":{"args":["x"],"noNewPrivileges":true}}"#);
-        let p = privileges(nnp.process.as_ref().unwrap()).unwrap().unwrap();
+        let p = privileges(nnp.process.as_ref().unwrap()).unwrap();
         assert!(p.no_new_privs && p.bounding == u64::MAX && p.ambient == 0);
-        // Names as the spec spells them: `CAP_` and upper case.
+        // Names as the spec spells them (`CAP_`, upper case); any other grants nothing, as
+        // under runc, and the rest of the list still counts.
         for name in ["CAP_FLY", "cap_chown", "CHOWN"] {
             let text = format!(
-                r#"{{"process":{{"args":["x"],"capabilities":{{"effective":["{name}"]}}}}}}"#
+                r#"{{"process":{{"args":["x"],"capabilities":{{"bounding":["{name}","CAP_KILL"]}}}}}}"#
             );
-            let e = process(spec(&text).process.as_ref().unwrap()).unwrap_err();
-            assert!(e.contains("capabilities.effective") && e.contains(name), "{e}");
+            let p = process(spec(&text).process.as_ref().unwrap()).unwrap();
+            assert_eq!(p.privileges.unwrap().bounding, 1 << 5, "{name}");
         }
     }
 
