@@ -19,8 +19,10 @@ pub const MAX_RELAYS: usize = 1024;
 const BUFFER: usize = 64 * 1024;
 /// How long the host may take to answer a `CONNECT` (it dials out in the meantime).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long an ingress connection may take to name its port.
-const INGRESS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an ingress connection may take to name its port. Only the host can connect, and it
+/// names the port at once, but under load (a hundred connections at once in an emulated cell)
+/// the line can take seconds to arrive: 5 s once refused one of them.
+const INGRESS_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the cell's program may take to accept it: a server whose listen backlog is full
 /// drops the SYN and TCP retries it (after 1, then 3 s more, ...), as for any client.
 const INGRESS_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);

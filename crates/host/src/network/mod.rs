@@ -49,9 +49,9 @@ pub const MAX_DNS_STREAMS: usize = 4;
 /// How long the guest has to send a request line, and an upstream to accept a connection.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the agent may take to connect a published port to the cell's server (it allows
-/// 30 s).
-const INGRESS_ANSWER: Duration = Duration::from_secs(40);
+/// How long the agent may take to answer for a published port: it allows 30 s for the port
+/// line to arrive and 30 s for the cell's server to accept.
+const INGRESS_ANSWER: Duration = Duration::from_secs(70);
 /// At most this many rate-limited audit events per second (denials, DNS), after a burst.
 const EVENTS_PER_SEC: f64 = 50.0;
 const EVENT_BURST: f64 = 200.0;
