@@ -18,9 +18,9 @@ cd "$root"
 
 # Seconds per file, measured in the two lanes on 2 cores without hardware virtualization.
 declare -A COST=(
-    [hostile_guest]=500 [console_storm]=390 [network]=330 [vmm_boot]=260 [isocell_run]=225
-    [daemon]=195 [snapshot]=185 [confinement]=160 [machine]=145 [images]=110
-    [containerd]=250 [registry_fixture]=5
+    [hostile_guest]=445 [network]=375 [console_storm]=315 [vmm_boot]=310 [isocell_run]=215
+    [containerd]=195 [daemon]=170 [snapshot]=140 [machine]=135 [confinement]=115 [images]=75
+    [registry_fixture]=5
 )
 
 names=("$@")
