@@ -318,7 +318,8 @@ fn drop_privileges(cmd: &mut Command, req: &ExecRequest, cwd: &str) -> std::io::
     let cwd =
         std::ffi::CString::new(cwd).map_err(|_| invalid("working directory has a NUL byte"))?;
     let (uid, gid) = (req.uid, req.gid);
-    let last = last_capability();
+    // Read only when there are sets to apply (`isocell run`'s commands have none).
+    let last = if req.privileges.is_some() { last_capability() } else { 0 };
     let known = if last >= 63 { u64::MAX } else { (1u64 << (last + 1)) - 1 };
     let caps = req.privileges.map(|mut p| {
         let (e, pm, i) = (p.effective & known, p.permitted & known, p.inheritable & known);
