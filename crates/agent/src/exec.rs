@@ -284,7 +284,6 @@ struct CapHeader {
     pid: libc::c_int,
 }
 #[repr(C)]
-#[derive(Clone, Copy)]
 struct CapData {
     effective: u32,
     permitted: u32,

@@ -331,28 +331,29 @@ impl Cell {
         let unix_time_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        let link = self.link()?;
-        link.send(&Message::Reseed { entropy, unix_time_ns })
-            .map_err(|e| CellError::Agent(e.to_string()))?;
-        match link.expect(timeout, "the reseed answer") {
-            Ok(Message::Done) => Ok(()),
-            Ok(Message::Error { message }) => {
+        match self.ask(&Message::Reseed { entropy, unix_time_ns }, timeout, "the reseed answer")? {
+            Message::Done => Ok(()),
+            Message::Error { message } => {
                 Err(CellError::Agent(format!("the restored cell could not reseed: {message}")))
             }
-            Ok(other) => Err(CellError::Agent(format!("unexpected answer to reseed: {other:?}"))),
-            Err(e) => Err(CellError::Agent(e.to_string())),
+            other => Err(CellError::Agent(format!("unexpected answer to reseed: {other:?}"))),
         }
+    }
+
+    /// Sends `msg` to the agent and waits at most `limit` for its answer (`what`, in the error
+    /// when none comes).
+    fn ask(&mut self, msg: &Message, limit: Duration, what: &str) -> Result<Message, CellError> {
+        let link = self.link()?;
+        link.send(msg).map_err(|e| CellError::Agent(e.to_string()))?;
+        link.expect(limit, what).map_err(|e| CellError::Agent(e.to_string()))
     }
 
     /// Asks the agent of a cell that has run nothing to get ready to be saved: it answers,
     /// then only waits for its connection to break (see `Message::PrepareSnapshot`).
     pub fn prepare_snapshot(&mut self, timeout: Duration) -> Result<(), CellError> {
-        let link = self.link()?;
-        link.send(&Message::PrepareSnapshot).map_err(|e| CellError::Agent(e.to_string()))?;
-        match link.expect(timeout, "the snapshot answer") {
-            Ok(Message::Done) => Ok(()),
-            Ok(other) => Err(CellError::Agent(format!("the agent will not be saved: {other:?}"))),
-            Err(e) => Err(CellError::Agent(e.to_string())),
+        match self.ask(&Message::PrepareSnapshot, timeout, "the snapshot answer")? {
+            Message::Done => Ok(()),
+            other => Err(CellError::Agent(format!("the agent will not be saved: {other:?}"))),
         }
     }
 
@@ -381,20 +382,18 @@ impl Cell {
     }
 
     /// Makes `guest` (something already copied in) read-only for everything in the cell: the
-    /// agent bind-mounts it read-only over itself, as a runtime mounts a read-only volume.
-    pub fn make_read_only(&mut self, guest: &str, deadline: Instant) -> Result<(), CellError> {
-        let link = self.link()?;
-        link.send(&Message::MakeReadOnly { path: guest.to_owned() })
-            .map_err(|e| CellError::Agent(e.to_string()))?;
-        match link.expect_by(deadline, "the read-only answer") {
-            Ok(Message::Done) => Ok(()),
-            Ok(Message::Error { message }) => {
+    /// agent bind-mounts it read-only over itself, as a runtime mounts a read-only volume. The
+    /// agent has `limit` to answer.
+    pub fn make_read_only(&mut self, guest: &str, limit: Duration) -> Result<(), CellError> {
+        let msg = Message::MakeReadOnly { path: guest.to_owned() };
+        match self.ask(&msg, limit, "the read-only answer")? {
+            Message::Done => Ok(()),
+            Message::Error { message } => {
                 Err(CellError::Agent(format!("{guest} could not be made read-only: {message}")))
             }
-            Ok(other) => {
+            other => {
                 Err(CellError::Agent(format!("unexpected answer to make-read-only: {other:?}")))
             }
-            Err(e) => Err(CellError::Agent(e.to_string())),
         }
     }
 

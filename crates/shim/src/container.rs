@@ -221,7 +221,7 @@ impl Container {
             }
             // Only once all are in: a writable volume may lie inside a read-only one.
             for c in copy_ins.iter().filter(|c| c.readonly) {
-                cell.make_read_only(&c.destination, cell::deadline(COPY_LIMIT))?;
+                cell.make_read_only(&c.destination, COPY_LIMIT)?;
             }
             Ok(())
         });
