@@ -24,7 +24,7 @@ use crate::transfer::{self, OutputBudget};
 use crate::vmm_process::{self, TeardownChecks, Vmm};
 use crate::{Cancel, CancelReason, CellError, CellPlan, HostConfig, OutputSink};
 
-/// How long a cell is given to power off by itself once asked, before its VMM is killed.
+/// How long a cell's VMM is given to stop once asked, before it is killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How a command ended.
@@ -448,16 +448,20 @@ impl Cell {
         command::stream(link, sink, timeout, cancel)
     }
 
-    /// Ends the cell: asks the agent to power off, kills the VMM if it has not within a grace
-    /// period, removes the cgroup and directory, checks each is gone, and signs the exit
+    /// Ends the cell: asks the VMM to stop (SIGTERM: it stops the vCPUs and writes its report;
+    /// the guest is not asked to shut itself down, since nothing in it outlives the cell and
+    /// its outputs are already out), kills it if it has not within a grace period, removes the cgroup and directory, checks each is gone, and signs the exit
     /// receipt with `verdict`. Warnings (an unclean shutdown, a failed check) go to `sink`.
     pub fn delete(
         mut self,
         verdict: &Verdict,
         sink: &mut dyn OutputSink,
     ) -> Result<Ended, CellError> {
-        if let Some(link) = self.link.take() {
-            let _ = link.send(&Message::Shutdown);
+        if self.vmm.signal_vmm(libc::SIGTERM).is_err() {
+            // No pidfd for the VMM (its pid never came): the agent powers the guest off.
+            if let Some(link) = &self.link {
+                let _ = link.send(&Message::Shutdown);
+            }
         }
         let status = self.vmm.stop(SHUTDOWN_GRACE);
         // With the VMM gone every relayed connection has ended; their events are written

@@ -251,11 +251,19 @@ pub fn allowed_syscalls(kind: ThreadKind) -> Vec<AllowedSyscall> {
         ThreadKind::MainSnapshot => {
             list = allowed_syscalls(ThreadKind::Main);
             list.extend(SNAPSHOT_IOCTLS.iter().map(|&(request, name)| ioctl(request, name)));
+            // write_memory: the pages that hold data at their offsets, holes left between
+            // them, and the file's full length set at the end.
+            list.extend([
+                any("pwrite64", libc::SYS_pwrite64),
+                any("ftruncate", libc::SYS_ftruncate),
+            ]);
         }
         ThreadKind::Main => list.extend([
             // stop_vcpus: pthread_kill with the kick signal, sleeping between rounds.
             when("tgkill", libc::SYS_tgkill, vec![eq(2, int(libc::SIGRTMIN()), "SIGRTMIN")]),
             any("clock_nanosleep", libc::SYS_clock_nanosleep),
+            // wait_for_exit sleeps on its wake-up eventfd with a deadline (and reads it, below).
+            any("poll", libc::SYS_poll),
             // remove_host_sockets.
             any("unlink", libc::SYS_unlink),
             // flush_disks.

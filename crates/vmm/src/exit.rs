@@ -1,6 +1,11 @@
 //! Why a VM stopped, and the VMM process exit status that says so.
 
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Exit status: the guest powered off or rebooted.
 pub const EXIT_OK: i32 = 0;
@@ -47,13 +52,16 @@ pub enum VmExit {
     VmmError(String),
     /// The VM was paused and saved as a snapshot (`--snapshot-save`); it never resumes.
     Saved,
+    /// The host asked the VMM to stop (SIGTERM): the cell is over and nothing in the guest
+    /// outlives it, so the guest is not asked to shut itself down.
+    Stopped,
 }
 
 impl VmExit {
     /// The process exit status for this reason.
     pub fn code(&self) -> i32 {
         match self {
-            VmExit::Reboot | VmExit::PowerOff | VmExit::Saved => EXIT_OK,
+            VmExit::Reboot | VmExit::PowerOff | VmExit::Saved | VmExit::Stopped => EXIT_OK,
             VmExit::GuestPanic => EXIT_GUEST_PANIC,
             VmExit::TripleFault { .. } | VmExit::KvmFailure { .. } => EXIT_GUEST_CRASH,
             VmExit::LifetimeExceeded { .. } => EXIT_LIFETIME_EXCEEDED,
@@ -72,6 +80,7 @@ impl VmExit {
             VmExit::LifetimeExceeded { .. } => "lifetime_exceeded",
             VmExit::VmmError(_) => "vmm_error",
             VmExit::Saved => "saved",
+            VmExit::Stopped => "stopped",
         }
     }
 }
@@ -89,6 +98,7 @@ impl std::fmt::Display for VmExit {
             }
             VmExit::VmmError(e) => write!(f, "VMM failure: {e}"),
             VmExit::Saved => write!(f, "the VM was paused and saved as a snapshot"),
+            VmExit::Stopped => write!(f, "the host stopped the VM (SIGTERM)"),
         }
     }
 }
@@ -106,5 +116,71 @@ impl ExitRequester {
     /// Asks for the VM to stop. Never fails: if the VMM is already stopping, it is ignored.
     pub fn request(&self, exit: VmExit) {
         let _ = self.0.send(exit);
+        wake();
+    }
+}
+
+/// The eventfd the main thread sleeps on ([`Wakeup`]), or -1 before there is one. A plain
+/// descriptor number, so a signal handler can write it.
+static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// Set by the SIGTERM handler: the host asked for the VM to stop.
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// Wakes the main thread from [`Wakeup::wait`]. Async-signal-safe: one `write` of a counter.
+pub fn wake() {
+    let fd = WAKE_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes of a live stack buffer to an eventfd that lives as long as
+        // the process's `Wakeup` (a stale number only makes the write fail).
+        unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+    }
+}
+
+extern "C" fn stop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP_REQUESTED.store(true, Ordering::SeqCst);
+    wake();
+}
+
+/// Whether the host has asked for the VM to stop (SIGTERM since [`Wakeup::new`]).
+pub fn stop_requested() -> bool {
+    STOP_REQUESTED.load(Ordering::SeqCst)
+}
+
+/// What the main thread sleeps on while the VM runs: an eventfd written by every exit request,
+/// by SIGTERM (the host stopping the cell) and by SIGUSR1 (a snapshot request), so it wakes
+/// at once for each and never polls. One per process: the VMM runs one VM.
+pub struct Wakeup(EventFd);
+
+impl Wakeup {
+    /// Creates the eventfd and handles SIGTERM as a stop request from here on. A VMM is PID 1
+    /// of its jail's PID namespace, where a signal without a handler is ignored: without this
+    /// the host could only kill it, losing its report.
+    pub fn new() -> std::io::Result<Wakeup> {
+        let fd = EventFd::new(EFD_NONBLOCK)?;
+        STOP_REQUESTED.store(false, Ordering::SeqCst);
+        WAKE_FD.store(fd.as_raw_fd(), Ordering::SeqCst);
+        vmm_sys_util::signal::register_signal_handler(libc::SIGTERM, stop_handler)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        Ok(Wakeup(fd))
+    }
+
+    /// Sleeps until woken or `timeout` passes (`None`: no limit), then clears the wake-ups.
+    pub fn wait(&self, timeout: Option<Duration>) {
+        let ms = timeout.map_or(-1, |t| {
+            // Rounded up, so a wait never ends just before its deadline and spins.
+            libc::c_int::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(libc::c_int::MAX)
+        });
+        let mut fds = [libc::pollfd { fd: self.0.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        // SAFETY: one valid pollfd that outlives the call; EINTR only ends the wait early.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
+        let _ = self.0.read();
+    }
+}
+
+impl Drop for Wakeup {
+    fn drop(&mut self) {
+        WAKE_FD.store(-1, Ordering::SeqCst);
     }
 }

@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{channel, Receiver, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -39,7 +39,7 @@ use vm_memory::GuestMemoryMmap;
 
 use arch::x86_64::{acpi, boot, cpuid, mptable, regs};
 use device_manager::{DeviceManager, DevicePlan};
-use exit::{ExitRequester, VmExit};
+use exit::{ExitRequester, VmExit, Wakeup};
 use report::MemoryUse;
 use snapshot::{MachineShape, SnapshotError, SnapshotState};
 use timeline::{Phase, Timeline};
@@ -115,10 +115,8 @@ static SAVE_REQUESTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn save_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     SAVE_REQUESTED.store(true, Ordering::SeqCst);
+    exit::wake();
 }
-
-/// How often the main thread of a VMM that may be saved looks for the request.
-const SAVE_POLL: Duration = Duration::from_millis(5);
 
 /// What `isocell-vmm --describe` prints: the machine a configuration gives the guest, built from
 /// the same plan and table builders as the VM itself.
@@ -214,6 +212,7 @@ pub fn boot(
     };
 
     let (tx, rx) = channel();
+    let wakeup = Wakeup::new().map_err(|e| BuildError::Signal(format!("SIGTERM: {e}")))?;
     let exit = ExitRequester::new(tx);
     let devices = DeviceManager::create(plan, config, &vm, &mem, &exit, &timeline)?;
 
@@ -268,7 +267,8 @@ pub fn boot(
         return Err(BuildError::Seccomp(e));
     }
 
-    let mut reason = wait_for_exit(&rx, config.max_lifetime_secs, options.save_to.is_some());
+    let mut reason =
+        wait_for_exit(&rx, &wakeup, config.max_lifetime_secs, options.save_to.is_some());
     timeline.mark(Phase::Exited);
     let stuck = match (&reason, options.save_to) {
         (VmExit::Saved, Some(dir)) => {
@@ -333,31 +333,37 @@ fn load_guest(
     Ok(kernel.entry)
 }
 
-/// Waits for the first stop request, the lifetime limit or, when the VM may be saved, SIGUSR1.
-fn wait_for_exit(rx: &Receiver<VmExit>, lifetime: Option<u64>, may_save: bool) -> VmExit {
+/// Waits for the first stop request (the guest's, a device's, a vCPU's, or the host's
+/// SIGTERM), the lifetime limit or, when the VM may be saved, SIGUSR1.
+fn wait_for_exit(
+    rx: &Receiver<VmExit>,
+    wakeup: &Wakeup,
+    lifetime: Option<u64>,
+    may_save: bool,
+) -> VmExit {
     let deadline = lifetime.map(|secs| (Instant::now() + Duration::from_secs(secs), secs));
-    let gone = || VmExit::VmmError("all vCPU threads ended".into());
     loop {
-        let left = deadline.map(|(at, _)| at.saturating_duration_since(Instant::now()));
-        let wait = match (left, may_save) {
-            (Some(l), true) => l.min(SAVE_POLL),
-            (Some(l), false) => l,
-            (None, true) => SAVE_POLL,
-            (None, false) => return rx.recv().unwrap_or_else(|_| gone()),
-        };
-        match rx.recv_timeout(wait) {
+        match rx.try_recv() {
             Ok(e) => return e,
-            Err(RecvTimeoutError::Disconnected) => return gone(),
-            Err(RecvTimeoutError::Timeout) => {}
+            Err(TryRecvError::Disconnected) => {
+                return VmExit::VmmError("all vCPU threads ended".into())
+            }
+            Err(TryRecvError::Empty) => {}
+        }
+        if exit::stop_requested() {
+            return VmExit::Stopped;
         }
         if may_save && SAVE_REQUESTED.load(Ordering::SeqCst) {
             return VmExit::Saved;
         }
-        if let Some((at, secs)) = deadline {
-            if Instant::now() >= at {
-                return VmExit::LifetimeExceeded { secs };
-            }
-        }
+        let left = match deadline {
+            Some((at, secs)) => match at.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => return VmExit::LifetimeExceeded { secs },
+            },
+            None => None,
+        };
+        wakeup.wait(left);
     }
 }
 
@@ -404,4 +410,45 @@ fn save_snapshot(
         devices,
     };
     state.write(dir).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_main_thread_wakes_for_a_request_a_sigterm_and_its_lifetime() {
+        let wakeup = Wakeup::new().unwrap();
+        let (tx, rx) = channel();
+        let exit = ExitRequester::new(tx);
+
+        // A device's or vCPU's request from another thread ends a wait that has no deadline.
+        let requester = exit.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            requester.request(VmExit::PowerOff);
+        });
+        assert_eq!(wait_for_exit(&rx, &wakeup, None, false), VmExit::PowerOff);
+        t.join().unwrap();
+
+        // The lifetime limit ends it with a request pending nowhere.
+        assert_eq!(
+            wait_for_exit(&rx, &wakeup, Some(0), false),
+            VmExit::LifetimeExceeded { secs: 0 }
+        );
+
+        // The host's SIGTERM, sent to the process while the main thread waits.
+        let t = std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_millis(50));
+            // SAFETY: sends SIGTERM to this process, which handles it (Wakeup::new).
+            unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+        });
+        // (Were it missed, the 60 s lifetime would end the wait instead.)
+        assert_eq!(wait_for_exit(&rx, &wakeup, Some(60), false), VmExit::Stopped);
+        t.join().unwrap();
+        // A guest's request that came first still wins over a later stop.
+        exit.request(VmExit::Reboot);
+        assert_eq!(wait_for_exit(&rx, &wakeup, None, false), VmExit::Reboot);
+    }
 }

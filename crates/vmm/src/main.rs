@@ -15,7 +15,7 @@ use isocell_vmm::{config, host_check, seccomp, BuildError};
 
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
-  0  the guest rebooted or powered off (ACPI S5)
+  0  the guest rebooted or powered off (ACPI S5), or SIGTERM stopped the VM
   1  the VMM failed
   2  invalid configuration or flags, or a snapshot that does not fit; no VM was created
   3  the guest kernel panicked

@@ -1,7 +1,7 @@
 //! The KVM VM: guest memory, in-kernel interrupt controllers and PIT.
 
 use std::fs::File;
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
@@ -11,8 +11,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
 };
 
 use crate::arch::x86_64::layout::{ram_ranges, KVM_TSS_ADDR};
@@ -96,7 +95,11 @@ pub fn restore_state(vm: &VmFd, state: &VmState) -> Result<(), VmError> {
 
 /// Maps a snapshot's guest memory from `file` (its regions back to back, as [`write_memory`]
 /// wrote them): private and copy-on-write, so the guest's writes never reach the file, and
-/// pages are read from it only when first touched.
+/// pages are read from it only when first touched. Each 2 MiB stretch the file has no data in
+/// (a hole: memory the saved guest had never touched) is fresh anonymous memory instead, laid
+/// out as [`create_guest_memory`] lays it out, so the restored guest's new allocations get
+/// huge pages as a booted guest's do: a private file mapping is mapped and copied 4 KiB at a
+/// time, and under nested emulation each of those faults cost more than the page.
 pub fn guest_memory_from_file(mem_size: u64, file: File) -> Result<GuestMemoryMmap, VmError> {
     let err = |e: String| VmError::SnapshotMemory(e);
     let needed: u64 = ram_ranges(mem_size).iter().map(|(_, l)| *l).sum();
@@ -104,16 +107,43 @@ pub fn guest_memory_from_file(mem_size: u64, file: File) -> Result<GuestMemoryMm
     if len != needed {
         return Err(err(format!("the file holds {len} bytes, the VM has {needed}")));
     }
-    let file = Arc::new(file);
     let mut offset = 0u64;
     let mut regions = Vec::new();
     for (start, size) in ram_ranges(mem_size) {
-        let mapping = MmapRegionBuilder::new(size as usize)
-            .with_file_offset(FileOffset::from_arc(file.clone(), offset))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| err(e.to_string()))?;
+        let ptr = map_aligned(size as usize).map_err(|e| err(e.to_string()))?;
+        for (at, len) in data_stretches(&file, offset, size) {
+            // SAFETY: [ptr + at, ptr + at + len) lies inside the live anonymous mapping of
+            // `size` bytes just made, which nothing references yet; MAP_FIXED replaces those
+            // pages with a private mapping of the file at a page-aligned offset (2 MiB
+            // multiples from a region start that is one too). The result is checked.
+            let mapped = unsafe {
+                libc::mmap(
+                    ptr.add(at as usize).cast(),
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    file.as_raw_fd(),
+                    libc::off_t::try_from(offset + at).map_err(|e| err(e.to_string()))?,
+                )
+            };
+            if mapped == libc::MAP_FAILED {
+                return Err(err(format!(
+                    "cannot map the file: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
+        // SAFETY: `ptr` starts a live mapping of `size` bytes made above (anonymous, with the
+        // file mapped over parts of it), which nothing else uses; it stays mapped until the
+        // process exits.
+        let mapping = unsafe {
+            MmapRegionBuilder::new(size as usize)
+                .with_raw_mmap_pointer(ptr)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+        }
+        .map_err(|e| err(e.to_string()))?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(start))
             .ok_or_else(|| err(format!("region at {start:#x} does not fit")))?;
         regions.push(region);
@@ -122,14 +152,99 @@ pub fn guest_memory_from_file(mem_size: u64, file: File) -> Result<GuestMemoryMm
     GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))
 }
 
-/// Writes every region of guest memory to `out`, back to back.
-pub fn write_memory(mem: &GuestMemoryMmap, out: &mut File) -> std::io::Result<()> {
-    use vm_memory::Bytes;
-    for region in mem.iter() {
-        mem.write_all_volatile_to(region.start_addr(), out, region.len() as usize)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+/// The stretches `(start, len)`, relative to `base`, of the `size` bytes of `file` at `base`
+/// that hold data, in whole 2 MiB steps (the last one may be shorter), adjacent ones merged.
+/// A file system that cannot say where its holes are reports data everywhere: all of it is
+/// then mapped from the file, which is only slower.
+fn data_stretches(file: &File, base: u64, size: u64) -> Vec<(u64, u64)> {
+    let step = HUGE_PAGE as u64;
+    let mut stretches: Vec<(u64, u64)> = Vec::new();
+    let mut at = 0u64;
+    while at < size {
+        let len = step.min(size - at);
+        // The first data at or after this stretch's start; none left (ENXIO) ends the search.
+        let next = match next_data(file, base + at) {
+            Some(pos) => pos,
+            None => break,
+        };
+        if next >= base + at + len {
+            // A hole through to `next`: skip to the 2 MiB step that holds it.
+            at = (next - base) / step * step;
+            continue;
+        }
+        match stretches.last_mut() {
+            Some((s, l)) if *s + *l == at => *l += len,
+            _ => stretches.push((at, len)),
+        }
+        at += len;
     }
-    Ok(())
+    stretches
+}
+
+/// `lseek(SEEK_DATA)`: where the first data at or after `from` is; `None` if there is none.
+/// Any other failure counts as data at `from`.
+fn next_data(file: &File, from: u64) -> Option<u64> {
+    let Ok(from_off) = libc::off_t::try_from(from) else {
+        return None;
+    };
+    // SAFETY: lseek on an open descriptor; it reads and writes no memory of ours.
+    let pos = unsafe { libc::lseek(file.as_raw_fd(), from_off, libc::SEEK_DATA) };
+    if pos < 0 {
+        return match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENXIO) => None,
+            _ => Some(from),
+        };
+    }
+    Some(pos as u64)
+}
+
+/// Writes every region of guest memory to `out`, back to back, leaving a hole wherever a
+/// 4 KiB page is all zeros (memory the guest never touched: most of it in a snapshot taken at
+/// the agent's hello). The file reads the same as a full copy and takes a fraction of the
+/// disk; [`guest_memory_from_file`] maps its holes as fresh memory.
+pub fn write_memory(mem: &GuestMemoryMmap, out: &mut File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    const BATCH: usize = 1 << 20;
+    let mut offset = 0u64;
+    let mut batch: Vec<u8> = Vec::with_capacity(BATCH);
+    // File offset of the batch's first byte.
+    let mut batch_at = 0u64;
+    let mut page = [0u8; PAGE];
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        let slice = region
+            .get_slice(vm_memory::MemoryRegionAddress(0), len)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut at = 0usize;
+        while at < len {
+            let n = PAGE.min(len - at);
+            let part = slice.subslice(at, n).map_err(|e| std::io::Error::other(e.to_string()))?;
+            part.copy_to(&mut page[..n]);
+            let page_at = offset + at as u64;
+            let zero = page[..n].iter().all(|b| *b == 0);
+            // A zero page, a gap or a full batch ends the batch.
+            if !batch.is_empty()
+                && (zero || batch_at + batch.len() as u64 != page_at || batch.len() >= BATCH)
+            {
+                out.write_all_at(&batch, batch_at)?;
+                batch.clear();
+            }
+            if !zero {
+                if batch.is_empty() {
+                    batch_at = page_at;
+                }
+                batch.extend_from_slice(&page[..n]);
+            }
+            at += n;
+        }
+        offset += len as u64;
+    }
+    if !batch.is_empty() {
+        out.write_all_at(&batch, batch_at)?;
+    }
+    // The length of all of memory, however much of its end is a hole.
+    out.set_len(offset)
 }
 
 /// Huge page size on x86-64.
@@ -242,4 +357,93 @@ pub fn host_ranges(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
             Some((host as u64, r.len()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::io::{Seek, SeekFrom};
+
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn scratch_file(name: &str) -> (std::path::PathBuf, File) {
+        let dir = std::env::temp_dir().join(format!("isocell-vm-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        (path, file)
+    }
+
+    /// Data at 1 MiB, a page at the very end of the third 2 MiB step, nothing in the rest.
+    fn guest_with_data(size: u64) -> GuestMemoryMmap {
+        let mem = create_guest_memory(size).unwrap();
+        mem.write_slice(&[0xab; 5000], GuestAddress(MIB)).unwrap();
+        mem.write_slice(&[0x5a; 4096], GuestAddress(6 * MIB - 4096)).unwrap();
+        mem
+    }
+
+    #[test]
+    fn a_saved_memory_file_has_holes_where_memory_was_zero_and_restores_the_same() {
+        let size = 12 * MIB;
+        let mem = guest_with_data(size);
+        let (path, mut file) = scratch_file("memory");
+        write_memory(&mem, &mut file).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), size);
+        // Only the pages that hold data take disk blocks (two pages at 1 MiB, one near 6 MiB),
+        // where the file system keeps holes at all.
+        use std::os::unix::fs::MetadataExt;
+        let on_disk = file.metadata().unwrap().blocks() * 512;
+        assert!(on_disk <= 64 * 1024, "{on_disk} bytes on disk for three pages of data");
+
+        let restored = guest_memory_from_file(size, File::open(&path).unwrap()).unwrap();
+        let mut read = vec![0u8; size as usize];
+        restored.read_slice(&mut read, GuestAddress(0)).unwrap();
+        let mut want = vec![0u8; size as usize];
+        mem.read_slice(&mut want, GuestAddress(0)).unwrap();
+        assert!(read == want, "restored memory differs from what was saved");
+
+        // The guest's writes, to file-backed and to fresh stretches alike, never reach the file.
+        restored.write_slice(&[0xff; 64], GuestAddress(MIB)).unwrap();
+        restored.write_slice(&[0xff; 64], GuestAddress(10 * MIB)).unwrap();
+        let mut again = Vec::new();
+        let mut f = File::open(&path).unwrap();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        std::io::Read::read_to_end(&mut f, &mut again).unwrap();
+        assert!(again == want, "a write to restored memory changed the snapshot file");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn only_the_2_mib_steps_with_data_are_mapped_from_the_file() {
+        let size = 12 * MIB;
+        let mem = guest_with_data(size);
+        let (path, mut file) = scratch_file("stretches");
+        write_memory(&mem, &mut file).unwrap();
+        // Data in the first step (at 1 MiB) and in the third (ending at 6 MiB): the second,
+        // and everything from 6 MiB on, are holes.
+        assert_eq!(data_stretches(&file, 0, size), vec![(0, 2 * MIB), (4 * MIB, 2 * MIB)]);
+        // Relative to a base, and with a last step shorter than 2 MiB.
+        assert_eq!(data_stretches(&file, 4 * MIB, 3 * MIB), vec![(0, 2 * MIB)]);
+        assert_eq!(data_stretches(&file, 6 * MIB, 5 * MIB), vec![]);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_file_of_the_wrong_length_is_refused() {
+        let (path, file) = scratch_file("short");
+        file.set_len(4 * MIB).unwrap();
+        let e = guest_memory_from_file(8 * MIB, file).unwrap_err();
+        assert!(e.to_string().contains("4194304 bytes"), "{e}");
+        std::fs::remove_file(path).unwrap();
+    }
 }
