@@ -1,8 +1,9 @@
 //! Why a VM stopped, and the VMM process exit status that says so.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -120,21 +121,21 @@ impl ExitRequester {
     }
 }
 
-/// The eventfd the main thread sleeps on ([`Wakeup`]), or -1 before there is one. A plain
-/// descriptor number, so a signal handler can write it.
-static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
+/// The process's [`Wakeup`], made on first use and never closed: a signal handler or a
+/// vCPU thread that outlives the VM may still write it while the VMM writes its report.
+static WAKEUP: OnceLock<Wakeup> = OnceLock::new();
 
 /// Set by the SIGTERM handler: the host asked for the VM to stop.
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 
-/// Wakes the main thread from [`Wakeup::wait`]. Async-signal-safe: one `write` of a counter.
+/// Wakes the main thread from [`Wakeup::wait`]. Async-signal-safe: an atomic load and one
+/// `write` of a counter to an eventfd that stays open.
 pub fn wake() {
-    let fd = WAKE_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
+    if let Some(w) = WAKEUP.get() {
         let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes of a live stack buffer to an eventfd that lives as long as
-        // the process's `Wakeup` (a stale number only makes the write fail).
-        unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+        // SAFETY: writes 8 bytes of a live stack buffer to the process's eventfd, which is
+        // never closed.
+        unsafe { libc::write(w.0.as_raw_fd(), one.as_ptr().cast(), one.len()) };
     }
 }
 
@@ -143,7 +144,7 @@ extern "C" fn stop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     wake();
 }
 
-/// Whether the host has asked for the VM to stop (SIGTERM since [`Wakeup::new`]).
+/// Whether the host has asked for the VM to stop (SIGTERM since [`Wakeup::get`]).
 pub fn stop_requested() -> bool {
     STOP_REQUESTED.load(Ordering::SeqCst)
 }
@@ -154,16 +155,19 @@ pub fn stop_requested() -> bool {
 pub struct Wakeup(EventFd);
 
 impl Wakeup {
-    /// Creates the eventfd and handles SIGTERM as a stop request from here on. A VMM is PID 1
-    /// of its jail's PID namespace, where a signal without a handler is ignored: without this
-    /// the host could only kill it, losing its report.
-    pub fn new() -> std::io::Result<Wakeup> {
+    /// The process's wake-up; the first call makes it and handles SIGTERM as a stop request
+    /// from then on (`main` calls it first thing, so no SIGTERM is lost while the VM is being
+    /// built). A VMM is PID 1 of its jail's PID namespace, where a signal without a handler
+    /// is ignored: without this the host could only kill it, losing its report.
+    pub fn get() -> std::io::Result<&'static Wakeup> {
+        if let Some(w) = WAKEUP.get() {
+            return Ok(w);
+        }
         let fd = EventFd::new(EFD_NONBLOCK)?;
-        STOP_REQUESTED.store(false, Ordering::SeqCst);
-        WAKE_FD.store(fd.as_raw_fd(), Ordering::SeqCst);
+        let w = WAKEUP.get_or_init(|| Wakeup(fd));
         vmm_sys_util::signal::register_signal_handler(libc::SIGTERM, stop_handler)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-        Ok(Wakeup(fd))
+        Ok(w)
     }
 
     /// Sleeps until woken or `timeout` passes (`None`: no limit), then clears the wake-ups.
@@ -176,11 +180,5 @@ impl Wakeup {
         // SAFETY: one valid pollfd that outlives the call; EINTR only ends the wait early.
         unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
         let _ = self.0.read();
-    }
-}
-
-impl Drop for Wakeup {
-    fn drop(&mut self) {
-        WAKE_FD.store(-1, Ordering::SeqCst);
     }
 }

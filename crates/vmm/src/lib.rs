@@ -95,8 +95,8 @@ pub enum BuildError {
     /// KVM's list of MSRs, which a snapshot saves, could not be read.
     #[error("cannot read the list of MSRs KVM saves")]
     MsrList(#[source] kvm_ioctls::Error),
-    /// The signal that asks for a snapshot could not be set up.
-    #[error("cannot handle SIGUSR1: {0}")]
+    /// A signal the host sends (SIGTERM to stop, SIGUSR1 for a snapshot) could not be handled.
+    #[error("cannot handle a signal: {0}")]
     Signal(String),
 }
 
@@ -212,7 +212,7 @@ pub fn boot(
     };
 
     let (tx, rx) = channel();
-    let wakeup = Wakeup::new().map_err(|e| BuildError::Signal(format!("SIGTERM: {e}")))?;
+    let wakeup = Wakeup::get().map_err(|e| BuildError::Signal(format!("SIGTERM: {e}")))?;
     let exit = ExitRequester::new(tx);
     let devices = DeviceManager::create(plan, config, &vm, &mem, &exit, &timeline)?;
 
@@ -239,7 +239,7 @@ pub fn boot(
         Some(_) => {
             SAVE_REQUESTED.store(false, Ordering::SeqCst);
             vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, save_handler)
-                .map_err(|e| BuildError::Signal(e.to_string()))?;
+                .map_err(|e| BuildError::Signal(format!("SIGUSR1: {e}")))?;
             kvm.get_msr_index_list().map_err(BuildError::MsrList)?.as_slice().to_vec()
         }
         None => Vec::new(),
@@ -268,7 +268,7 @@ pub fn boot(
     }
 
     let mut reason =
-        wait_for_exit(&rx, &wakeup, config.max_lifetime_secs, options.save_to.is_some());
+        wait_for_exit(&rx, wakeup, config.max_lifetime_secs, options.save_to.is_some());
     timeline.mark(Phase::Exited);
     let stuck = match (&reason, options.save_to) {
         (VmExit::Saved, Some(dir)) => {
@@ -419,7 +419,7 @@ mod tests {
 
     #[test]
     fn the_main_thread_wakes_for_a_request_a_sigterm_and_its_lifetime() {
-        let wakeup = Wakeup::new().unwrap();
+        let wakeup = Wakeup::get().unwrap();
         let (tx, rx) = channel();
         let exit = ExitRequester::new(tx);
 
@@ -429,26 +429,26 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             requester.request(VmExit::PowerOff);
         });
-        assert_eq!(wait_for_exit(&rx, &wakeup, None, false), VmExit::PowerOff);
+        assert_eq!(wait_for_exit(&rx, wakeup, None, false), VmExit::PowerOff);
         t.join().unwrap();
 
         // The lifetime limit ends it with a request pending nowhere.
         assert_eq!(
-            wait_for_exit(&rx, &wakeup, Some(0), false),
+            wait_for_exit(&rx, wakeup, Some(0), false),
             VmExit::LifetimeExceeded { secs: 0 }
         );
 
         // The host's SIGTERM, sent to the process while the main thread waits.
         let t = std::thread::spawn(|| {
             std::thread::sleep(Duration::from_millis(50));
-            // SAFETY: sends SIGTERM to this process, which handles it (Wakeup::new).
+            // SAFETY: sends SIGTERM to this process, which handles it (Wakeup::get).
             unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
         });
         // (Were it missed, the 60 s lifetime would end the wait instead.)
-        assert_eq!(wait_for_exit(&rx, &wakeup, Some(60), false), VmExit::Stopped);
+        assert_eq!(wait_for_exit(&rx, wakeup, Some(60), false), VmExit::Stopped);
         t.join().unwrap();
         // A guest's request that came first still wins over a later stop.
         exit.request(VmExit::Reboot);
-        assert_eq!(wait_for_exit(&rx, &wakeup, None, false), VmExit::Reboot);
+        assert_eq!(wait_for_exit(&rx, wakeup, None, false), VmExit::Reboot);
     }
 }

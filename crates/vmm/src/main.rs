@@ -262,6 +262,11 @@ fn main() -> ExitCode {
         print_error(&e);
         return ExitCode::from(EXIT_VMM_ERROR as u8);
     }
+    // SIGTERM stops the VM from here on, even one still being built (see `exit::Wakeup`).
+    if let Err(e) = isocell_vmm::exit::Wakeup::get() {
+        eprintln!("isocell-vmm: cannot handle SIGTERM: {e}");
+        return ExitCode::from(EXIT_VMM_ERROR as u8);
+    }
     // Guest memory must never end up in a core file.
     // SAFETY: setrlimit reads the struct we pass and changes only this process's limit.
     unsafe {

