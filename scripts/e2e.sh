@@ -18,8 +18,8 @@ cd "$root"
 
 # Seconds per file, measured in the two lanes on 2 cores without hardware virtualization.
 declare -A COST=(
-    [hostile_guest]=445 [network]=375 [console_storm]=315 [vmm_boot]=310 [isocell_run]=215
-    [containerd]=195 [daemon]=170 [snapshot]=140 [machine]=135 [confinement]=115 [images]=75
+    [console_storm]=505 [hostile_guest]=460 [vmm_boot]=300 [network]=255 [isocell_run]=185
+    [containerd]=175 [machine]=90 [daemon]=85 [snapshot]=80 [confinement]=70 [images]=50
     [registry_fixture]=5
 )
 
