@@ -149,6 +149,34 @@ pub fn stop_requested() -> bool {
     STOP_REQUESTED.load(Ordering::SeqCst)
 }
 
+/// Set by the SIGUSR1 handler of a VMM that may be saved: the host asked for a snapshot.
+static SAVE_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn save_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    SAVE_REQUESTED.store(true, Ordering::SeqCst);
+    wake();
+}
+
+/// Handles SIGUSR1 as a snapshot request from here on (`--snapshot-save` only: any other VMM
+/// leaves it alone), with no request yet.
+pub fn handle_save_signal() -> std::io::Result<()> {
+    SAVE_REQUESTED.store(false, Ordering::SeqCst);
+    handle(libc::SIGUSR1, save_handler)
+}
+
+/// Whether the host has asked for a snapshot (SIGUSR1 since [`handle_save_signal`]).
+pub fn save_requested() -> bool {
+    SAVE_REQUESTED.load(Ordering::SeqCst)
+}
+
+fn handle(
+    signal: libc::c_int,
+    handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void),
+) -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(signal, handler)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
 /// What the main thread sleeps on while the VM runs: an eventfd written by every exit request,
 /// by SIGTERM (the host stopping the cell) and by SIGUSR1 (a snapshot request), so it wakes
 /// at once for each and never polls. One per process: the VMM runs one VM.
@@ -164,10 +192,10 @@ impl Wakeup {
             return Ok(w);
         }
         let fd = EventFd::new(EFD_NONBLOCK)?;
-        let w = WAKEUP.get_or_init(|| Wakeup(fd));
-        vmm_sys_util::signal::register_signal_handler(libc::SIGTERM, stop_handler)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-        Ok(w)
+        // Handled before the eventfd is published: a SIGTERM in between only sets the flag,
+        // which the first wait sees; a failure leaves nothing half made for a retry.
+        handle(libc::SIGTERM, stop_handler)?;
+        Ok(WAKEUP.get_or_init(|| Wakeup(fd)))
     }
 
     /// Sleeps until woken or `timeout` passes (`None`: no limit), then clears the wake-ups.

@@ -25,7 +25,7 @@ pub mod vstate;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{channel, Receiver, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -108,14 +108,6 @@ pub struct BootOptions<'a> {
     /// On SIGUSR1, pause the VM, save it as a snapshot into this (existing) directory and
     /// stop ([`VmExit::Saved`]). The VM never resumes.
     pub save_to: Option<&'a Path>,
-}
-
-/// Set by the SIGUSR1 handler of a VMM started with a snapshot directory.
-static SAVE_REQUESTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn save_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    SAVE_REQUESTED.store(true, Ordering::SeqCst);
-    exit::wake();
 }
 
 /// What `isocell-vmm --describe` prints: the machine a configuration gives the guest, built from
@@ -237,9 +229,7 @@ pub fn boot(
     // The MSRs a snapshot saves: KVM's list, read now, before the filter forbids asking.
     let msr_index = match options.save_to {
         Some(_) => {
-            SAVE_REQUESTED.store(false, Ordering::SeqCst);
-            vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, save_handler)
-                .map_err(|e| BuildError::Signal(format!("SIGUSR1: {e}")))?;
+            exit::handle_save_signal().map_err(|e| BuildError::Signal(format!("SIGUSR1: {e}")))?;
             kvm.get_msr_index_list().map_err(BuildError::MsrList)?.as_slice().to_vec()
         }
         None => Vec::new(),
@@ -353,7 +343,7 @@ fn wait_for_exit(
         if exit::stop_requested() {
             return VmExit::Stopped;
         }
-        if may_save && SAVE_REQUESTED.load(Ordering::SeqCst) {
+        if may_save && exit::save_requested() {
             return VmExit::Saved;
         }
         let left = match deadline {
