@@ -66,6 +66,10 @@ struct Args {
     /// with it, interleaved with this build's, and the figures are compared (new / baseline).
     #[arg(long, value_name = "PATH")]
     baseline_vmm: Option<PathBuf>,
+    /// Only the device series (with `--baseline-vmm`, against that build): a quick same-run
+    /// check of a change to the VMM's device paths or its build.
+    #[arg(long)]
+    devices_only: bool,
     /// Only the network series (the egress proxy against the host, and the boot time it adds).
     #[arg(long)]
     network_only: bool,
@@ -662,6 +666,25 @@ fn main() -> Result<()> {
         }
         return net_report(&results, &out_dir(&args)?, &host);
     }
+    if args.devices_only {
+        let mut files = std::collections::BTreeMap::new();
+        if let Some(p) = &baseline {
+            files.insert("baseline_vmm".to_owned(), p.display().to_string());
+        }
+        let vmms = if baseline.is_some() { DEVBENCH_VMMS.len() } else { 1 };
+        let steps = (0..=args.device_runs)
+            .flat_map(|i| (0..vmms).map(move |v| (i, v)))
+            .map(|(i, v)| devbench_step(i, v, &args))
+            .collect();
+        let results = host.run(&Scenario { steps, files })?;
+        if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
+            bail!("a benchmark step failed:\n{}", bad.explain());
+        }
+        if let Some(why) = results.iter().find_map(devbench_failure) {
+            bail!("{why}");
+        }
+        return devices_report(&results, baseline.as_deref(), &args, &host, &out_dir(&args)?);
+    }
     let qemu_dir = tempfile::tempdir()?;
     let qemu = peers::stage(qemu_dir.path())?;
     if args.peers_only {
@@ -878,43 +901,6 @@ fn main() -> Result<()> {
     let run_path = dir.join("isocell-run.json");
     std::fs::write(&run_path, serde_json::to_string_pretty(&run_out)?)
         .with_context(|| format!("writing {}", run_path.display()))?;
-    let dev_new = of_kind("devbench-new-");
-    let dev_base = baseline.as_ref().map(|_| of_kind("devbench-baseline-"));
-    let exit_names: std::collections::BTreeSet<String> = dev_new
-        .iter()
-        .chain(dev_base.iter().flatten())
-        .flat_map(|r| exit_counts(r).into_keys())
-        .collect();
-    let dev_new = dev_series(&dev_new, &exit_names);
-    let dev_base = dev_base.map(|runs| dev_series(&runs, &exit_names));
-    let mut dev_out = json!({
-        "benchmark": "vmm-devices",
-        "host": host.kind().name(),
-        "host_cpu": cpu_model(),
-        "runs": args.device_runs,
-        "vcpus": args.cpus,
-        "memory_mib": args.memory,
-        "what": "the devbench guest (initramfs, vmlinux): dd of the 256 MiB data disk through virtio-blk with O_DIRECT in 1 MiB blocks (write with fsync, then read), 16 MiB guest->host over vsock until the host's count came back, timed in the guest (MB/s = 10^6 bytes/s); boot phases and VM exits by kind and device per boot from the VMM report (its 20 most frequent; unlisted count 0); this build and the baseline alternate in the same host",
-        "block_bytes": DEVBENCH_DISK_BYTES,
-        "vsock_bytes": DEVBENCH_VSOCK_BYTES,
-        "new": dev_new.json(),
-    });
-    if let (Some(base), Some(path)) = (&dev_base, &baseline) {
-        let mut b = base.json();
-        b["vmm"] = json!(path.display().to_string());
-        dev_out["baseline"] = b;
-        let mut ratios = json!({});
-        for (((name, unit, _), n), b) in
-            DEVBENCH_FIGURES.iter().zip(&dev_new.figures).zip(&base.figures)
-        {
-            ratios[format!("{name} ({unit})").trim_end_matches(" ()")] = json!(ratio(*n, *b));
-        }
-        dev_out["ratio_new_to_baseline"] = ratios;
-    }
-    let dev_path = dir.join("devices.json");
-    std::fs::write(&dev_path, serde_json::to_string_pretty(&dev_out)?)
-        .with_context(|| format!("writing {}", dev_path.display()))?;
-
     let row = print_row;
     println!("IsoCell VMM boot benchmark, {} host ({})", host.kind().name(), cpu_model());
     row("full cycle (spawn -> exit)", full_cycle, "ms");
@@ -1003,7 +989,67 @@ fn main() -> Result<()> {
         println!("  container image / base image: {r:.3}x (medians, same host, alternating)");
     }
     println!("results: {} and {}", path.display(), run_path.display());
-    match &baseline {
+    devices_report(&results, baseline.as_deref(), &args, &host, &dir)?;
+    net_report(&results, &dir, &host)?;
+    peers::report(&results, &dir, &host, &args)?;
+    if host.kind() == HostKind::Nested {
+        machine::bench(args.runs, &host::Paths::discover()?.isocell, &host, &dir)?;
+    }
+    cri::bench(args.runs, &host, &dir)?;
+    Ok(())
+}
+
+/// The device series' figures from `results` (this build, and the baseline where there is one,
+/// as ratios of medians): written to `devices.json` in `dir` and printed.
+fn devices_report(
+    results: &[StepResult],
+    baseline: Option<&std::path::Path>,
+    args: &Args,
+    host: &TestHost,
+    dir: &std::path::Path,
+) -> Result<()> {
+    // The first of each kind warms caches and is not counted.
+    let of_kind = |prefix: &str| -> Vec<StepResult> {
+        results.iter().filter(|r| r.name.starts_with(prefix)).skip(1).cloned().collect()
+    };
+    let dev_new = of_kind("devbench-new-");
+    let dev_base = baseline.map(|_| of_kind("devbench-baseline-"));
+    let exit_names: std::collections::BTreeSet<String> = dev_new
+        .iter()
+        .chain(dev_base.iter().flatten())
+        .flat_map(|r| exit_counts(r).into_keys())
+        .collect();
+    let dev_new = dev_series(&dev_new, &exit_names);
+    let dev_base = dev_base.map(|runs| dev_series(&runs, &exit_names));
+    let mut dev_out = json!({
+        "benchmark": "vmm-devices",
+        "host": host.kind().name(),
+        "host_cpu": cpu_model(),
+        "runs": args.device_runs,
+        "vcpus": args.cpus,
+        "memory_mib": args.memory,
+        "what": "the devbench guest (initramfs, vmlinux): dd of the 256 MiB data disk through virtio-blk with O_DIRECT in 1 MiB blocks (write with fsync, then read), 16 MiB guest->host over vsock until the host's count came back, timed in the guest (MB/s = 10^6 bytes/s); boot phases and VM exits by kind and device per boot from the VMM report (its 20 most frequent; unlisted count 0); this build and the baseline alternate in the same host",
+        "block_bytes": DEVBENCH_DISK_BYTES,
+        "vsock_bytes": DEVBENCH_VSOCK_BYTES,
+        "new": dev_new.json(),
+    });
+    if let (Some(base), Some(path)) = (&dev_base, baseline) {
+        let mut b = base.json();
+        b["vmm"] = json!(path.display().to_string());
+        dev_out["baseline"] = b;
+        let mut ratios = json!({});
+        for (((name, unit, _), n), b) in
+            DEVBENCH_FIGURES.iter().zip(&dev_new.figures).zip(&base.figures)
+        {
+            ratios[format!("{name} ({unit})").trim_end_matches(" ()")] = json!(ratio(*n, *b));
+        }
+        dev_out["ratio_new_to_baseline"] = ratios;
+    }
+    let dev_path = dir.join("devices.json");
+    std::fs::write(&dev_path, serde_json::to_string_pretty(&dev_out)?)
+        .with_context(|| format!("writing {}", dev_path.display()))?;
+
+    match baseline {
         Some(p) => println!(
             "\ndevices (devbench guest), this build against {}, same host, alternating",
             p.display()
@@ -1023,12 +1069,6 @@ fn main() -> Result<()> {
         print_pair(&format!("  {name}"), dev_new.exits.get(name).copied().flatten(), base, "");
     }
     println!("results: {}", dev_path.display());
-    net_report(&results, &dir, &host)?;
-    peers::report(&results, &dir, &host, &args)?;
-    if host.kind() == HostKind::Nested {
-        machine::bench(args.runs, &host::Paths::discover()?.isocell, &host, &dir)?;
-    }
-    cri::bench(args.runs, &host, &dir)?;
     Ok(())
 }
 
