@@ -46,7 +46,7 @@ fn scenario() -> Scenario {
             shell_step(
                 "silence-after-exit",
                 &run(
-                    "--copy-timeout 20 --output /o:{work}/out -- /hostile protocol silence",
+                    "--copy-timeout 5 --output /o:{work}/out -- /hostile protocol silence",
                     "echo out_exists=$(test -e {work}/out && echo yes || echo no);",
                 ),
                 300,
@@ -139,7 +139,7 @@ fn attacked(name: &str, status: &str, outcome: &str) -> &'static StepResult {
 #[test]
 fn silence_after_exit_is_bounded_by_the_copy_timeout() {
     let r = attacked("silence-after-exit", "125", "exited");
-    assert!(r.stderr.contains("--copy-timeout 20"), "{}", r.explain());
+    assert!(r.stderr.contains("--copy-timeout 5"), "{}", r.explain());
     assert!(r.stdout.contains("out_exists=no"), "{}", r.explain());
 }
 

@@ -88,10 +88,7 @@ fn scenario() -> Scenario {
                      for i in $(seq 1 20); do {warm} -- true || echo \"cell $i failed\"; done; \
                      after=$(sha256sum $m | cut -c1-64); \
                      echo before=$before after=$after; grep -o '\"memory_digest\": *\"[^\"]*\"' /tmp/snap-state/snapshots/base/manifest.json; \
-                     for i in 1 2 3; do \
-                       t0=$(now); {cold} -- true; t1=$(now); {warm} -- true; t2=$(now); \
-                       echo timing cold_ms=$(( t1 - t0 )) snapshot_ms=$(( t2 - t1 )); \
-                     done; echo leftover_files=$(ls -A /tmp/snap-run | wc -l)"
+                     echo leftover_files=$(ls -A /tmp/snap-run | wc -l)"
                 ),
                 600,
             ),
