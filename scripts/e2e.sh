@@ -18,8 +18,8 @@ cd "$root"
 
 # Seconds per file, measured in the two lanes on 2 cores without hardware virtualization.
 declare -A COST=(
-    [console_storm]=505 [hostile_guest]=460 [vmm_boot]=300 [network]=255 [isocell_run]=185
-    [containerd]=175 [machine]=90 [daemon]=85 [snapshot]=80 [confinement]=70 [images]=50
+    [hostile_guest]=360 [console_storm]=340 [network]=230 [vmm_boot]=145 [containerd]=135
+    [isocell_run]=125 [machine]=110 [confinement]=95 [daemon]=95 [images]=85 [snapshot]=85
     [registry_fixture]=5
 )
 
