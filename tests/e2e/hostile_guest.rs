@@ -80,11 +80,17 @@ fn scenario() -> Scenario {
             shell_step("garbage-frame", &run("-- /hostile protocol garbage", ""), 300),
             shell_step(
                 "mmio-garbage-beside-a-peer",
+                // The peer reads its stdin until the attack has ended (the host then closes the
+                // FIFO), so it is running for the whole attack, not only the first seconds.
                 &format!(
-                    "(ISOCELL_RUN_DIR={{work}}/peer-run ISOCELL_STATE_DIR={{work}}/peer-state {{isocell}} run \
-                     -- sh -c 'sleep 5; echo peer-untouched' > {{work}}/peer.out 2>&1; echo $? > {{work}}/peer.rc) & \
-                     {}; wait; echo peer=$(cat {{work}}/peer.out) rc=$(cat {{work}}/peer.rc)",
-                    run("--timeout 60 -- /hostile mmio", "")
+                    "mkfifo {{work}}/peer.in; \
+                     (ISOCELL_RUN_DIR={{work}}/peer-run ISOCELL_STATE_DIR={{work}}/peer-state {{isocell}} run -i \
+                     -- sh -c 'cat > /dev/null; echo peer-untouched' < {{work}}/peer.in > {{work}}/peer.out 2>&1; \
+                     echo $? > {{work}}/peer.rc) & exec 3> {{work}}/peer.in; {}",
+                    run(
+                        "--timeout 60 -- /hostile mmio",
+                        "exec 3>&-; wait; echo peer=$(cat {work}/peer.out) rc=$(cat {work}/peer.rc);"
+                    )
                 ),
                 400,
             ),
