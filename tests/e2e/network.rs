@@ -93,12 +93,17 @@ echo bye | nc 127.0.0.1 8081
 wait $cell; echo status=$?
 cat {{work}}/cell.out"
     ), false);
+    // A second cell starts once the attacker's flood is over, while it holds 250 streams and
+    // a server it never reads (its phases 3 and 4, ~11 s), and must still fetch a file.
     let hostile = in_namespace(&format!(
-        "$run --memory 512M --egress {SERVER}:{PORT} --input {{hostile}}:/hostile -- /hostile net-abuse {SERVER}:{PORT} & cell=$!
-peak=0; (sleep 20; $run --egress {SERVER}:{PORT} -- wget -q -O- http://{SERVER}:{PORT}/small.txt > {{work}}/other.out 2>&1; echo $? > {{work}}/other.status) & other=$!
+        "$run --memory 512M --egress {SERVER}:{PORT} --input {{hostile}}:/hostile -- /hostile net-abuse {SERVER}:{PORT} > {{work}}/abuse.out & cell=$!
+peak=0; (i=0; until grep -q flood_failed= {{work}}/abuse.out 2>/dev/null || [ $i -gt 600 ]; do sleep 0.2; i=$((i+1)); done
+ kill -0 $cell 2>/dev/null && echo yes > {{work}}/other.during
+ $run --egress {SERVER}:{PORT} -- wget -q -O- http://{SERVER}:{PORT}/small.txt > {{work}}/other.out 2>&1; echo $? > {{work}}/other.status) & other=$!
 while kill -0 $cell 2>/dev/null; do r=$(grep VmRSS /proc/$cell/status 2>/dev/null | tr -s ' ' | cut -d' ' -f2); [ -n \"$r\" ] && [ $r -gt $peak ] && peak=$r; sleep 1; done
-wait $cell; echo status=$?
+wait $cell; echo status=$?; cat {{work}}/abuse.out
 wait $other; echo other_cell=$(cat {{work}}/other.status) $(cat {{work}}/other.out)
+echo other_during_abuse=$(cat {{work}}/other.during 2>/dev/null || echo no)
 echo host_rss_peak_kib=$peak"
     ), true);
     let isocell = "ISOCELL_STATE_DIR={work}/state {isocell}";
@@ -267,6 +272,8 @@ fn a_hostile_guest_gets_clear_denials_and_bounded_host_memory() {
     let after = v.get("after_abuse").map_or("", String::as_str);
     assert!(after.starts_with("HTTP/1.") && after.ends_with(" 200 OK"), "{context}");
     assert!(v.get("other_cell").is_some_and(|o| o == "0 small-file"), "{context}");
+    // ... and it was started while the attacker's cell was still running.
+    assert_eq!(v.get("other_during_abuse").map(String::as_str), Some("yes"), "{context}");
     let peak: u64 = v.get("host_rss_peak_kib").and_then(|p| p.parse().ok()).unwrap_or(u64::MAX);
     assert!(peak < 256 * 1024, "the proxy's process grew to {peak} KiB\n{context}");
     let totals = receipt_network(r);
