@@ -452,7 +452,8 @@ impl Cell {
     /// the guest is not asked to shut itself down, since nothing in it outlives the cell: a
     /// command still running ends with it, and output it has not yet sent is dropped), kills
     /// it if it has not within a grace period, removes the cgroup and directory, checks each
-    /// is gone, and signs the exit receipt with `verdict`. Warnings (an unclean shutdown, a failed check) go to `sink`.
+    /// is gone, and signs the exit receipt with `verdict`. Warnings (an unclean shutdown, a
+    /// failed check) go to `sink`.
     pub fn delete(
         mut self,
         verdict: &Verdict,

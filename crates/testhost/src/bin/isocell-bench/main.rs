@@ -660,42 +660,21 @@ fn main() -> Result<()> {
         return cri::bench(args.runs, &host, &out_dir(&args)?);
     }
     if args.network_only {
-        let results = host.run(&Scenario { steps: net_steps(args.runs), ..Default::default() })?;
-        if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
-            bail!("a benchmark step failed:\n{}", bad.explain());
-        }
+        let results =
+            run_checked(&host, &Scenario { steps: net_steps(args.runs), ..Default::default() })?;
         return net_report(&results, &out_dir(&args)?, &host);
     }
     if args.devices_only {
-        let mut files = std::collections::BTreeMap::new();
-        if let Some(p) = &baseline {
-            files.insert("baseline_vmm".to_owned(), p.display().to_string());
-        }
-        let vmms = if baseline.is_some() { DEVBENCH_VMMS.len() } else { 1 };
-        let steps = (0..=args.device_runs)
-            .flat_map(|i| (0..vmms).map(move |v| (i, v)))
-            .map(|(i, v)| devbench_step(i, v, &args))
-            .collect();
-        let results = host.run(&Scenario { steps, files })?;
-        if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
-            bail!("a benchmark step failed:\n{}", bad.explain());
-        }
-        if let Some(why) = results.iter().find_map(devbench_failure) {
-            bail!("{why}");
-        }
+        let steps = devbench_steps(&args, baseline.is_some());
+        let results = run_checked(&host, &Scenario { steps, files: baseline_file(&baseline) })?;
         return devices_report(&results, baseline.as_deref(), &args, &host, &out_dir(&args)?);
     }
     let qemu_dir = tempfile::tempdir()?;
     let qemu = peers::stage(qemu_dir.path())?;
     if args.peers_only {
-        let mut files = std::collections::BTreeMap::from([("qemu".to_owned(), qemu)]);
-        if let Some(p) = &baseline {
-            files.insert("baseline_vmm".to_owned(), p.display().to_string());
-        }
-        let results = host.run(&Scenario { steps: peers::steps(&args), files })?;
-        if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
-            bail!("a benchmark step failed:\n{}", bad.explain());
-        }
+        let mut files = baseline_file(&baseline);
+        files.insert("qemu".to_owned(), qemu);
+        let results = run_checked(&host, &Scenario { steps: peers::steps(&args), files })?;
         return peers::report(&results, &out_dir(&args)?, &host, &args);
     }
     eprintln!(
@@ -723,36 +702,14 @@ fn main() -> Result<()> {
             steps.push(cpu_step(i, v, &args));
         }
     }
-    let mut files = std::collections::BTreeMap::from([(
-        "images".to_owned(),
-        img.store_copy.path().join("images").display().to_string(),
-    )]);
-    // The device benchmark: this VMM and the baseline alternate, so both see the same host.
-    if let Some(p) = &baseline {
-        files.insert("baseline_vmm".to_owned(), p.display().to_string());
-    }
-    let vmms = if baseline.is_some() { DEVBENCH_VMMS.len() } else { 1 };
-    for i in 0..=args.device_runs {
-        for v in 0..vmms {
-            steps.push(devbench_step(i, v, &args));
-        }
-    }
+    let mut files = baseline_file(&baseline);
+    files.insert("images".to_owned(), img.store_copy.path().join("images").display().to_string());
+    steps.extend(devbench_steps(&args, baseline.is_some()));
     steps.extend(net_steps(args.runs));
     steps.extend(peers::steps(&args));
     files.insert("qemu".to_owned(), qemu);
-    let results = host.run(&Scenario { steps, files })?;
-    if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
-        bail!("a benchmark step failed:\n{}", bad.explain());
-    }
-    if let Some(why) =
-        results.iter().filter(|r| r.name.starts_with("devbench-")).find_map(devbench_failure)
-    {
-        bail!("{why}");
-    }
-    // The first of each kind warms caches and is not counted.
-    let of_kind = |prefix: &str| -> Vec<StepResult> {
-        results.iter().filter(|r| r.name.starts_with(prefix)).skip(1).cloned().collect()
-    };
+    let results = run_checked(&host, &Scenario { steps, files })?;
+    let of_kind = |prefix: &str| measured_of(&results, prefix);
     let measured = of_kind("boot-");
     let measured_runs = of_kind("run-");
     let unjailed_runs = of_kind("unjailed-");
@@ -999,6 +956,32 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// The steps of `prefix`'s series that count: the first of each kind warms caches.
+pub(crate) fn measured_of(results: &[StepResult], prefix: &str) -> Vec<StepResult> {
+    results.iter().filter(|r| r.name.starts_with(prefix)).skip(1).cloned().collect()
+}
+
+/// Runs `scenario` in `host`; any step that did not exit 0 fails the benchmark.
+fn run_checked(host: &TestHost, scenario: &Scenario) -> Result<Vec<StepResult>> {
+    let results = host.run(scenario)?;
+    if let Some(bad) = results.iter().find(|r| r.exit_code != Some(0)) {
+        bail!("a benchmark step failed:\n{}", bad.explain());
+    }
+    Ok(results)
+}
+
+/// The scenario's files: `--baseline-vmm` as `{baseline_vmm}`, where it was given.
+fn baseline_file(baseline: &Option<PathBuf>) -> std::collections::BTreeMap<String, String> {
+    baseline.iter().map(|p| ("baseline_vmm".to_owned(), p.display().to_string())).collect()
+}
+
+/// The device series: this VMM and the baseline (where there is one) alternate, so both see
+/// the same host; one warm-up boot each.
+fn devbench_steps(args: &Args, with_baseline: bool) -> Vec<Step> {
+    let vmms = if with_baseline { DEVBENCH_VMMS.len() } else { 1 };
+    (0..=args.device_runs).flat_map(|i| (0..vmms).map(move |v| devbench_step(i, v, args))).collect()
+}
+
 /// The device series' figures from `results` (this build, and the baseline where there is one,
 /// as ratios of medians): written to `devices.json` in `dir` and printed.
 fn devices_report(
@@ -1008,10 +991,12 @@ fn devices_report(
     host: &TestHost,
     dir: &std::path::Path,
 ) -> Result<()> {
-    // The first of each kind warms caches and is not counted.
-    let of_kind = |prefix: &str| -> Vec<StepResult> {
-        results.iter().filter(|r| r.name.starts_with(prefix)).skip(1).cloned().collect()
-    };
+    if let Some(why) =
+        results.iter().filter(|r| r.name.starts_with("devbench-")).find_map(devbench_failure)
+    {
+        bail!("{why}");
+    }
+    let of_kind = |prefix: &str| measured_of(results, prefix);
     let dev_new = of_kind("devbench-new-");
     let dev_base = baseline.map(|_| of_kind("devbench-baseline-"));
     let exit_names: std::collections::BTreeSet<String> = dev_new
@@ -1151,9 +1136,7 @@ fn figure(r: &StepResult, key: &str) -> Option<f64> {
 }
 
 fn net_report(results: &[StepResult], dir: &std::path::Path, host: &TestHost) -> Result<()> {
-    let of_kind = |prefix: &str| -> Vec<StepResult> {
-        results.iter().filter(|r| r.name.starts_with(prefix)).skip(1).cloned().collect()
-    };
+    let of_kind = |prefix: &str| measured_of(results, prefix);
     let bench = of_kind("netbench-");
     if let Some(bad) = bench.iter().find(|r| figure(r, "cell_download_us").is_none()) {
         bail!("the network benchmark step did not measure:\n{}", bad.explain());

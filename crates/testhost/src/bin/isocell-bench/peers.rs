@@ -137,9 +137,7 @@ fn pair(ours: Option<Summary>, qemu: Option<Summary>) -> Value {
 
 /// Reads the results, writes `peers.json` and the two guest views, prints a summary.
 pub fn report(results: &[StepResult], dir: &Path, host: &TestHost, args: &Args) -> Result<()> {
-    let of_kind = |prefix: &str| -> Vec<StepResult> {
-        results.iter().filter(|r| r.name.starts_with(prefix)).skip(1).cloned().collect()
-    };
+    let of_kind = |prefix: &str| super::measured_of(results, prefix);
     let wall = |r: &StepResult| Some(r.wall_us as f64 / 1000.0);
     let ours = of_kind("peer-isocell-");
     let qemu = of_kind("peer-qemu-");
