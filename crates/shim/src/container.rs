@@ -396,6 +396,11 @@ impl Container {
             }
         }
         if let Err(e) = result {
+            // The process may have ended (and its cell with it) while the signal was on its
+            // way: then there is nothing left to signal, which is what was asked.
+            if ended_soon(p) {
+                return Ok(());
+            }
             if signal != libc::SIGKILL || !p.exec_id.is_empty() {
                 return Err(KillError::Cell(e.to_string()));
             }
@@ -576,4 +581,17 @@ fn forward_stdin(path: &str, input: &SessionInput) {
         }
     }
     let _ = input.close_stdin();
+}
+
+/// Whether `p` has left the running state, or does within a moment: a signal that failed
+/// because the cell's connection closed races the end of the process being recorded.
+fn ended_soon(p: &Proc) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while p.now() == ProcState::Running {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
 }
