@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use isocell_host::cell::{self, Admitted};
 use isocell_host::command;
@@ -103,6 +103,18 @@ impl Proc {
     /// Its current state.
     pub fn now(&self) -> ProcState {
         *self.state.borrow()
+    }
+
+    /// Whether it has left the running state, or does within `patience`.
+    fn ended_within(&self, patience: Duration) -> bool {
+        let deadline = Instant::now() + patience;
+        while self.now() == ProcState::Running {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
     }
 }
 
@@ -397,8 +409,8 @@ impl Container {
         }
         if let Err(e) = result {
             // The process may have ended (and its cell with it) while the signal was on its
-            // way: then there is nothing left to signal, which is what was asked.
-            if ended_soon(p) {
+            // way, the end not yet recorded: then there is nothing left to signal, as asked.
+            if p.ended_within(Duration::from_secs(2)) {
                 return Ok(());
             }
             if signal != libc::SIGKILL || !p.exec_id.is_empty() {
@@ -483,7 +495,7 @@ fn root_image(host: &HostConfig, req: &CreateRequest, spec: &Spec) -> Result<Res
         _ => req.bundle.join("rootfs"),
     };
     rootfs::mount_all(&req.rootfs, &target)?;
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let converted = (|| {
         let store = Store::open(&host.state_dir).map_err(|e| e.to_string())?;
         let _using = store.using().map_err(|e| e.to_string())?;
@@ -581,17 +593,4 @@ fn forward_stdin(path: &str, input: &SessionInput) {
         }
     }
     let _ = input.close_stdin();
-}
-
-/// Whether `p` has left the running state, or does within a moment: a signal that failed
-/// because the cell's connection closed races the end of the process being recorded.
-fn ended_soon(p: &Proc) -> bool {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while p.now() == ProcState::Running {
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    true
 }
