@@ -269,7 +269,8 @@ fn a_hostile_guest_gets_clear_denials_and_bounded_host_memory() {
     let count = |k: &str| v.get(k).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0);
     // (A few of the 250 may find the VMM's table still holding the flood's closed streams.)
     let held = count("held");
-    assert!(held > 200, "{context}");
+    // More than the host's budget of 120; the VMM's table may still hold some of the flood.
+    assert!(held > 160, "{context}");
     assert_eq!(count("held_relayed"), 120, "{context}");
     assert_eq!(count("held_too_many"), held - 120, "{context}");
     let over = v.get("over_limit").map_or("", String::as_str);
