@@ -65,7 +65,9 @@ fn scenario() -> Scenario {
 fn results() -> &'static Results {
     static RESULTS: OnceLock<Results> = OnceLock::new();
     RESULTS.get_or_init(|| {
-        let host = TestHost::detect().map_err(|e| e.to_string())?.without_restarts();
+        // A fresh nested host, never a long-lived machine: the point is that a new host lives
+        // through every boot.
+        let host = TestHost::detect().map_err(|e| e.to_string())?.fresh_host().without_restarts();
         eprintln!("running {} console-on boots on the {} test host", boots(), host.kind().name());
         let results = host.run(&scenario()).map_err(|e| e.to_string())?;
         Ok(results.into_iter().map(|r| (r.name.clone(), r)).collect())

@@ -12,7 +12,10 @@ use isocell_testhost::{Scenario, Step, StepResult};
 const PRELUDE: &str = r#"
 set -u
 # Whatever an earlier step left (it failed half-way): its supervisors end their cells on SIGTERM.
-kill $(pidof isocelld) $(pidof isocell-supervisor) 2>/dev/null
+# Only this file's daemons: a long-lived test machine runs one of its own (and serves its
+# API and exec channel on 7443 and 7444, so the daemon here takes 17443).
+for p in $(pidof isocelld); do grep -q /tmp/icd- /proc/$p/cmdline && kill $p; done
+kill $(pidof isocell-supervisor) 2>/dev/null
 for i in $(seq 300); do [ -z "$(pidof isocell-supervisor)" ] && break; sleep 0.1; done
 D=/tmp/icd-$STEP; rm -rf $D; mkdir -p $D
 cat > $D/d.toml <<CONF
@@ -85,7 +88,7 @@ fn tls_material(dir: &str) -> (String, String) {
         files.push_str(&format!("cat > {dir}/{name} <<'PEM'\n{text}PEM\n"));
     }
     let config = format!(
-        "[tls]\nlisten = '127.0.0.1:7443'\ncert = '{dir}/server.pem'\nkey = '{dir}/server.key'\n\
+        "[tls]\nlisten = '127.0.0.1:17443'\ncert = '{dir}/server.pem'\nkey = '{dir}/server.key'\n\
          client_ca = '{dir}/client-ca.pem'"
     );
     (files, config)
@@ -123,7 +126,7 @@ mkdir -p $D/down; {isocell} cell cp $A:/data/tree $D/down; echo cp_out_status=$?
 echo hash_back=$(sha256sum $D/down/tree/big.bin | cut -d' ' -f1) nested=$(cat $D/down/tree/sub/f.txt)
 {isocell} cell rm $A > $D/rm; echo rm_status=$?
 # The same daemon over TLS: a client known by its certificate's subject, and one from another CA.
-tls() { who=$1; shift; {isocell} cell --host https://127.0.0.1:7443 --tls-ca $D/tls/server-ca.pem --tls-cert $D/tls/$who.pem --tls-key $D/tls/$who.key "$@"; }
+tls() { who=$1; shift; {isocell} cell --host https://127.0.0.1:17443 --tls-ca $D/tls/server-ca.pem --tls-cert $D/tls/$who.pem --tls-key $D/tls/$who.key "$@"; }
 T=$(tls alice create 2> $D/tls-create) || { echo tls_create_failed; cat $D/tls-create; }
 echo tls_exec=$(tls alice exec $T -- echo over-tls)
 echo tls_owner=$(tls alice inspect $T | grep '"owner"' | cut -d'"' -f4)
@@ -243,7 +246,7 @@ fn a_long_lived_cell_runs_many_commands_through_the_api() {
     assert_eq!(value(r, "tls_owner"), "x509:CN=alice,O=tenant-a", "{}", r.explain());
     assert_eq!(value(r, "tls_sees"), "2", "alice sees her cell only (and the header)");
     assert_ne!(value(r, "mallory_status"), "0", "{}", r.explain());
-    assert!(r.stdout.contains("mallory: isocell: error: the daemon at https://127.0.0.1:7443"));
+    assert!(r.stdout.contains("mallory: isocell: error: the daemon at https://127.0.0.1:17443"));
     assert_eq!(value(r, "tls_rm_status"), "0", "{}", r.explain());
     assert!(value(r, "audit_alice").parse::<u32>().is_ok_and(|n| n >= 2), "{}", r.explain());
     assert_ne!(value(r, "after_rm_status"), "0", "{}", r.explain());

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use isocell_e2e::{result_of, run_scenario, shell_step, Results};
-use isocell_testhost::{HostKind, Scenario, Step, StepResult, TestHost};
+use isocell_testhost::{Scenario, Step, StepResult, TestHost};
 
 fn scenario() -> Scenario {
     let run = "ISOCELL_RUN_DIR={work}/run ISOCELL_STATE_DIR={work}/state {isocell} run";
@@ -404,7 +404,7 @@ fn bad_options_are_refused_before_any_cell_exists() {
 #[test]
 fn no_hardware_virtualization_is_refused_with_what_to_do() {
     let host = TestHost::detect().unwrap_or_else(|e| panic!("{e}"));
-    if host.kind() != HostKind::Nested {
+    if host.kind().has_hardware_kvm() {
         eprintln!("this host has hardware virtualization; nothing to refuse");
         return;
     }

@@ -1,6 +1,8 @@
 //! The test host: where hardware KVM exists, scenarios run directly on this machine; elsewhere
 //! they run inside a nested host, Debian's kernel under QEMU TCG with emulated AMD SVM, which
-//! gives a real /dev/kvm. Either way the same runner executes the same steps and the results
+//! gives a real /dev/kvm, booted for the scenario; or, where `ISOCELL_TESTHOST_MACHINE` names a
+//! started `isocell machine` (the same nested host made durable), inside that machine, which
+//! saves a boot per scenario. Every way, the same runner executes the same steps and the results
 //! come back as [`StepResult`]s.
 
 use std::io::Write;
@@ -47,8 +49,10 @@ pub enum TestHostError {
 pub enum HostKind {
     /// On this machine, which has hardware KVM.
     Direct,
-    /// Inside the QEMU TCG nested host.
+    /// Inside a QEMU TCG nested host booted for the scenario.
     Nested,
+    /// Inside a long-lived `isocell machine` (a nested host that serves many scenarios).
+    Machine,
 }
 
 impl HostKind {
@@ -57,7 +61,13 @@ impl HostKind {
         match self {
             HostKind::Direct => "direct",
             HostKind::Nested => "nested",
+            HostKind::Machine => "machine",
         }
+    }
+
+    /// Whether this host has hardware KVM of its own (scenarios run on it directly).
+    pub fn has_hardware_kvm(self) -> bool {
+        self == HostKind::Direct
     }
 }
 
@@ -184,20 +194,35 @@ pub struct TestHost {
     paths: Paths,
     /// How many frozen nested hosts one scenario may replace.
     max_restarts: u32,
+    /// The directory of the started `isocell machine` that [`HostKind::Machine`] runs in.
+    machine: Option<PathBuf>,
 }
 
 impl TestHost {
-    /// Uses this machine if it has hardware KVM, the nested host otherwise.
-    /// `ISOCELL_TESTHOST=direct|nested` forces one.
+    /// Uses this machine if it has hardware KVM; otherwise the started `isocell machine` whose
+    /// directory `ISOCELL_TESTHOST_MACHINE` names, if it does, else a nested host per scenario.
+    /// `ISOCELL_TESTHOST=direct|nested|machine` forces one.
     pub fn detect() -> Result<Self, TestHostError> {
         let paths = Paths::discover()?;
+        let machine = std::env::var_os("ISOCELL_TESTHOST_MACHINE")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from);
         let kind = match std::env::var("ISOCELL_TESTHOST").as_deref() {
             Ok("nested") => HostKind::Nested,
             Ok("direct") => HostKind::Direct,
+            Ok("machine") => HostKind::Machine,
             _ if isocell_vmm::host_check::check().is_ok() => HostKind::Direct,
+            _ if machine.is_some() => HostKind::Machine,
             _ => HostKind::Nested,
         };
-        if kind == HostKind::Nested {
+        if kind == HostKind::Machine && machine.is_none() {
+            return Err(TestHostError::Io(
+                "ISOCELL_TESTHOST=machine needs ISOCELL_TESTHOST_MACHINE, the directory of a \
+                 started `isocell machine` (scripts/e2e.sh starts one per lane)"
+                    .into(),
+            ));
+        }
+        if kind != HostKind::Direct {
             require(
                 paths.nested_host.join("vmlinuz"),
                 "the nested host kernel",
@@ -211,7 +236,16 @@ impl TestHost {
                 );
             }
         }
-        Ok(TestHost { kind, paths, max_restarts: MAX_NESTED_RESTARTS })
+        Ok(TestHost { kind, paths, max_restarts: MAX_NESTED_RESTARTS, machine })
+    }
+
+    /// Boots a fresh nested host for each scenario even where a long-lived machine serves the
+    /// others: for a scenario about the host itself (how a new one behaves over many boots).
+    pub fn fresh_host(mut self) -> Self {
+        if self.kind == HostKind::Machine {
+            self.kind = HostKind::Nested;
+        }
+        self
     }
 
     /// Makes a frozen nested host fail the scenario instead of being replaced: for a scenario
@@ -231,7 +265,15 @@ impl TestHost {
         let tmp = TempDir::new()?;
         match self.kind {
             HostKind::Direct => self.run_direct(scenario, tmp.path()),
-            HostKind::Nested => self.run_nested(scenario, tmp.path()),
+            HostKind::Nested => {
+                self.run_with_restarts(scenario, tmp.path(), |s, dir| self.boot_nested(s, dir))
+            }
+            HostKind::Machine => {
+                let machine = self.machine.clone().unwrap_or_default();
+                self.run_with_restarts(scenario, tmp.path(), |s, dir| {
+                    self.run_in_machine(s, dir, &machine)
+                })
+            }
         }
     }
 
@@ -269,10 +311,13 @@ impl TestHost {
         collect(&results, scenario, &format!("runner exited with {status}"))
     }
 
-    fn run_nested(
+    /// Runs `scenario` through `attempt` (one nested host or one run in the machine), and
+    /// the steps that are left again after a host that froze.
+    fn run_with_restarts(
         &self,
         scenario: &Scenario,
         tmp: &Path,
+        attempt: impl Fn(&Scenario, &Path) -> Result<HostRun, TestHostError>,
     ) -> Result<Vec<StepResult>, TestHostError> {
         let mut results: Vec<StepResult> = Vec::new();
         let mut restarts = 0;
@@ -284,21 +329,22 @@ impl TestHost {
             };
             let dir = tmp.join(format!("boot{restarts}"));
             std::fs::create_dir_all(&dir).map_err(|e| TestHostError::Io(e.to_string()))?;
-            let boot = self.boot_nested(&remaining, &dir)?;
+            let boot = attempt(&remaining, &dir)?;
             let got = boot.results.len();
             results.extend(boot.results);
             if results.len() >= scenario.steps.len() {
                 return Ok(results);
             }
             // The nested host itself (not a step: those have their own timeouts) froze. QEMU's
-            // emulated SVM does this now and then; a fresh nested host runs the steps that are
-            // left. A step that freezes every host it runs on still fails the run.
+            // emulated SVM does this now and then; a fresh (or restarted) host runs the steps
+            // that are left. A step that freezes every host it runs on still fails the run.
             fruitless = if got == 0 { fruitless + 1 } else { 0 };
             if boot.hung && restarts < self.max_restarts && fruitless < MAX_FRUITLESS_RESTARTS {
                 restarts += 1;
                 eprintln!(
-                    "isocell-testhost: the nested host stopped responding after {got} step(s) ({}); \
+                    "isocell-testhost: the {} host stopped responding after {got} step(s) ({}); \
                      restarting it for the {} remaining step(s). Its console ended with:\n{}",
+                    self.kind.name(),
                     boot.why,
                     scenario.steps.len() - results.len(),
                     tail_lines(&boot.console, 8)
@@ -306,7 +352,7 @@ impl TestHost {
                 continue;
             }
             return Err(TestHostError::Incomplete {
-                host: "nested",
+                host: self.kind.name(),
                 got: results.len(),
                 want: scenario.steps.len(),
                 why: boot.why,
@@ -316,7 +362,7 @@ impl TestHost {
     }
 
     /// Boots one nested host for `scenario` and watches its progress.
-    fn boot_nested(&self, scenario: &Scenario, tmp: &Path) -> Result<NestedBoot, TestHostError> {
+    fn boot_nested(&self, scenario: &Scenario, tmp: &Path) -> Result<HostRun, TestHostError> {
         let initramfs = self.build_initramfs(scenario, tmp)?;
         let console = tmp.join("console.log");
         let results = tmp.join("results.jsonl");
@@ -390,7 +436,199 @@ impl TestHost {
         }
         let console_text = std::fs::read_to_string(&console).unwrap_or_default();
         let text = std::fs::read_to_string(&results).unwrap_or_default();
-        Ok(NestedBoot { results: parse_results(&text), why, hung, console: console_text })
+        Ok(HostRun { results: parse_results(&text), why, hung, console: console_text })
+    }
+
+    /// Runs `scenario` in the started machine at `machine`. Its files go in as they would go
+    /// into a nested host (the same archive, unpacked under `/e2e/`), the runner runs there
+    /// with the nested host's environment and streams its result lines back, and then the
+    /// machine is checked for anything the scenario left (cell processes, mounts, cgroups),
+    /// which fails the scenario, and the scenario's directory is removed. A machine that stops
+    /// responding is restarted (`isocell machine stop` and `start`) and reported as hung.
+    fn run_in_machine(
+        &self,
+        scenario: &Scenario,
+        tmp: &Path,
+        machine: &Path,
+    ) -> Result<HostRun, TestHostError> {
+        let archive = self.build_initramfs(scenario, tmp)?;
+        let io = |what: &str| {
+            let what = format!("{what} (machine {})", machine.display());
+            move |e: std::io::Error| TestHostError::Io(format!("{what}: {e}"))
+        };
+        // Short (cells' sockets live below it): this process, its scenario and its attempt.
+        let name = |p: Option<&Path>| {
+            let name = p.and_then(Path::file_name).unwrap_or_default().to_string_lossy();
+            name.trim_start_matches("isocell-testhost-").to_owned()
+        };
+        let id: String = format!("{}-{}", name(tmp.parent()), name(Some(tmp)))
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let root = format!("/e2e/{id}");
+        let top = format!("{root}/isocell");
+        let prepare = format!(
+            "rm -rf {root} && mkdir -p {root} && cd {root} && cpio -i -d -m 2>/dev/null && \
+             {CGROUP_DIRS} > {root}/cgroups.before"
+        );
+        let archive = std::fs::File::open(&archive).map_err(io("reading the scenario archive"))?;
+        match self.machine_exec(machine, &["sh", "-c", &prepare], Some(archive), tmp)? {
+            None => return self.restart_machine(machine, "copying the scenario in timed out"),
+            Some((true, _)) => {}
+            Some((false, why)) => {
+                return Err(TestHostError::Io(format!(
+                    "cannot copy the scenario into the machine at {}: {why}",
+                    machine.display()
+                )))
+            }
+        }
+
+        let results = tmp.join("results.jsonl");
+        let log = tmp.join("runner.log");
+        // The runner gets a fresh /tmp and /run of its own, as a new nested host has: nothing
+        // of the machine's (its daemon's socket) or of an earlier scenario shows, and what the
+        // steps leave there goes with the namespace.
+        let mut argv: Vec<String> = vec![
+            "unshare".into(),
+            "-m".into(),
+            "--".into(),
+            "sh".into(),
+            "-c".into(),
+            "mount --make-rprivate / && mount -t tmpfs -o size=80% tmpfs /tmp && \
+             mount -t tmpfs -o mode=0755 tmpfs /run && exec \"$@\""
+                .into(),
+            "sh".into(),
+            "env".into(),
+            "-i".into(),
+            "PATH=/bin".into(),
+            format!("ISOCELL_KERNEL={top}/guest/vmlinux"),
+            format!("ISOCELL_IMAGE={top}/guest/rootfs.ext4"),
+            format!("ISOCELL_AGENT_INITRD={top}/guest/agent-initrd.cpio"),
+            format!("ISOCELL_STATE_DIR={root}/isocell-state"),
+            format!("{top}/bin/isocell-testhost-runner"),
+            "--scenario".into(),
+            format!("{top}/scenario.json"),
+            "--results".into(),
+            // Not /dev/stdout: the machine's /dev is a bare devtmpfs, without that link.
+            "/proc/self/fd/1".into(),
+            "--work".into(),
+            format!("{root}/steps"),
+            "--host".into(),
+            "machine".into(),
+        ];
+        argv.extend(runner_assets(&top, scenario));
+        let mut child = self
+            .machine_command(machine, "exec")
+            .arg("--")
+            .args(&argv)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&results).map_err(io("creating the results file"))?)
+            .stderr(std::fs::File::create(&log).map_err(io("creating the runner's log"))?)
+            .spawn()
+            .map_err(io("running isocell machine exec"))?;
+        let heartbeat = machine.join("heartbeat");
+        let mut watch = HostWatch::new(&results, &heartbeat);
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) => {}
+                Err(e) => return Err(TestHostError::Io(format!("waiting for the runner: {e}"))),
+            }
+            if let Some(what) = watch.stalled(scenario) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return self.restart_machine(machine, &what);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let got = parse_results(&std::fs::read_to_string(&results).unwrap_or_default());
+        let why = format!(
+            "the runner in the machine exited with {status}: {}",
+            tail_lines(&std::fs::read_to_string(&log).unwrap_or_default(), 8)
+        );
+
+        let check = format!("r={root}\n{LEFTOVER_CHECK}");
+        match self.machine_exec(machine, &["sh", "-c", &check], None, tmp)? {
+            None => return self.restart_machine(machine, "the check for leftovers timed out"),
+            Some((true, left)) if left.trim().is_empty() => {}
+            Some((_, left)) => {
+                return Err(TestHostError::Io(format!(
+                    "the scenario left this behind in the machine (now removed): {}",
+                    left.trim()
+                )))
+            }
+        }
+        let console = std::fs::read_to_string(machine.join("console.log")).unwrap_or_default();
+        Ok(HostRun { results: got, why, hung: false, console })
+    }
+
+    /// `isocell machine SUB --dir MACHINE`.
+    fn machine_command(&self, machine: &Path, sub: &str) -> Command {
+        let mut cmd = Command::new(&self.paths.isocell);
+        cmd.args(["machine", sub, "--dir"]).arg(machine);
+        cmd
+    }
+
+    /// Runs a short command in the machine (stdin from `input`); whether it succeeded and its
+    /// output (stdout, then stderr), or `None` if it did not end within two minutes.
+    fn machine_exec(
+        &self,
+        machine: &Path,
+        argv: &[&str],
+        input: Option<std::fs::File>,
+        tmp: &Path,
+    ) -> Result<Option<(bool, String)>, TestHostError> {
+        let out = tmp.join("exec.out");
+        let file = std::fs::File::create(&out)
+            .map_err(|e| TestHostError::Io(format!("{}: {e}", out.display())))?;
+        let err = file.try_clone().map_err(|e| TestHostError::Io(e.to_string()))?;
+        let mut cmd = self.machine_command(machine, "exec");
+        if input.is_some() {
+            cmd.arg("-i");
+        }
+        let mut child = cmd
+            .arg("--")
+            .args(argv)
+            .stdin(input.map_or_else(Stdio::null, Stdio::from))
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| TestHostError::Io(format!("cannot run isocell machine exec: {e}")))?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Ok(None);
+                }
+            }
+        };
+        Ok(Some((status.success(), std::fs::read_to_string(&out).unwrap_or_default())))
+    }
+
+    /// Replaces a machine that stopped responding; the scenario's steps that are left run
+    /// again in it.
+    fn restart_machine(&self, machine: &Path, why: &str) -> Result<HostRun, TestHostError> {
+        let console = std::fs::read_to_string(machine.join("console.log")).unwrap_or_default();
+        let _ = self.machine_command(machine, "stop").stdin(Stdio::null()).output();
+        let started = self
+            .machine_command(machine, "start")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| TestHostError::Io(format!("cannot run isocell machine start: {e}")))?;
+        if !started.status.success() {
+            return Err(TestHostError::Io(format!(
+                "the machine at {} stopped responding ({why}) and did not start again: {}",
+                machine.display(),
+                String::from_utf8_lossy(&started.stderr).trim()
+            )));
+        }
+        Ok(HostRun { results: Vec::new(), why: why.to_owned(), hung: true, console })
     }
 
     fn build_initramfs(&self, scenario: &Scenario, tmp: &Path) -> Result<PathBuf, TestHostError> {
@@ -459,7 +697,6 @@ impl TestHost {
                 .map_err(|e| TestHostError::Io(format!("copying {}: {e}", from.display())))?;
         }
         // The scenario's own files, copied whole (a directory with its tree, links kept).
-        let mut extra_assets = String::new();
         for (name, path) in &scenario.files {
             let valid = !name.is_empty()
                 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
@@ -481,7 +718,6 @@ impl TestHost {
                     "copying {path} into the nested host failed"
                 )));
             }
-            extra_assets.push_str(&format!(" --asset {name}=/isocell/files/{name}"));
         }
         std::fs::write(stage.join("isocell/scenario.json"), text).map_err(io)?;
         let init = stage.join("init");
@@ -489,7 +725,7 @@ impl TestHost {
             std::env::var("ISOCELL_NESTED_KVM_AMD").unwrap_or_else(|_| KVM_AMD_PARAMS.to_owned());
         let init_text = NESTED_INIT
             .replace("@KVM_AMD_PARAMS@", &kvm_amd)
-            .replace("@EXTRA_ASSETS@", &extra_assets);
+            .replace("@ASSETS@", &runner_assets("/isocell", scenario).join(" "));
         std::fs::write(&init, init_text).map_err(io)?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
@@ -630,8 +866,8 @@ const HEARTBEAT_SILENCE: Duration = Duration::from_secs(45);
 /// How long the nested host may take to boot and start its runner (it takes seconds).
 const FIRST_HEARTBEAT_WITHIN: Duration = Duration::from_secs(120);
 
-/// What one nested host run produced.
-struct NestedBoot {
+/// What one nested host, or one run in the machine, produced.
+struct HostRun {
     results: Vec<StepResult>,
     why: String,
     hung: bool,
@@ -667,6 +903,42 @@ const KVM_AMD_PARAMS: &str = "";
 /// Modules that give the nested host KVM, in load order.
 const MODULES: [&str; 4] = ["irqbypass", "kvm", "ccp", "kvm-amd"];
 
+/// Lists a host's cgroups but the cells' parent (which the first cell creates and every cell
+/// shares): those a scenario leaves are the difference.
+const CGROUP_DIRS: &str =
+    "find /sys/fs/cgroup -mindepth 1 -type d ! -path /sys/fs/cgroup/isocell | sort";
+
+/// After a scenario in the machine (`$r`, its directory): names and removes what it left (the
+/// processes of cells, daemons, shims and test tools; mounts under `$r`; new cgroups), then
+/// removes `$r`. Prints nothing when nothing was left. The machine's own daemon (started with
+/// its config in /isocell/etc) is not the scenario's.
+const LEFTOVER_CHECK: &str = r#"left=
+for p in /proc/[0-9]*; do
+  pid=${p#/proc/}
+  c=$(cat $p/comm 2>/dev/null) || continue
+  grep -q '^State:.*Z' $p/status 2>/dev/null && continue
+  case $c in
+    isocell-vmm|isocell-jailer|isocell-supervi*|isocell-hostile|isocell-testhos*|containerd*|ctr) ;;
+    isocelld) grep -q /isocell/etc/isocelld.toml $p/cmdline 2>/dev/null && continue ;;
+    *) continue ;;
+  esac
+  left="$left process:$c"
+  kill -9 $pid 2>/dev/null
+done
+[ -n "$left" ] && sleep 1
+for m in $(awk -v r="$r" 'index($2, r) == 1 { print $2 }' /proc/mounts | sort -r); do
+  left="$left mount:$m"
+  umount -l $m 2>/dev/null
+done
+find /sys/fs/cgroup -mindepth 1 -type d ! -path /sys/fs/cgroup/isocell | sort > $r/cgroups.after
+for g in $(grep -vxF -f $r/cgroups.before $r/cgroups.after | sort -r); do
+  left="$left cgroup:$g"
+  rmdir $g 2>/dev/null
+done
+rm -rf $r
+[ -z "$left" ] || echo "$left"
+"#;
+
 /// PID 1 of the nested host: mounts, loads KVM, hands over to the runner (which powers off).
 const NESTED_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -689,12 +961,28 @@ export ISOCELL_KERNEL=/isocell/guest/vmlinux ISOCELL_IMAGE=/isocell/guest/rootfs
 export ISOCELL_AGENT_INITRD=/isocell/guest/agent-initrd.cpio
 exec /isocell/bin/isocell-testhost-runner --scenario /isocell/scenario.json \
   --results ioport:0x4f0 --heartbeat /dev/ttyS1 --work /tmp/steps --host nested --poweroff \
-  --asset vmm=/isocell/bin/isocell-vmm --asset isocell=/isocell/bin/isocell --asset bzimage=/isocell/guest/bzImage \
-  --asset vmlinux=/isocell/guest/vmlinux --asset rootfs=/isocell/guest/rootfs.ext4 \
-  --asset initrd=/isocell/guest/initrd.cpio --asset agent_initrd=/isocell/guest/agent-initrd.cpio \
-  --asset hostile=/isocell/bin/isocell-hostile --asset isocelld=/isocell/bin/isocelld \
-  --asset acpi_bzimage=/isocell/guest/acpi-bzImage@EXTRA_ASSETS@
+  @ASSETS@
 "#;
+
+/// The runner's `--asset` arguments for the files staged under `top` (the layout
+/// `build_initramfs` makes): the test host's own, then the scenario's.
+fn runner_assets(top: &str, scenario: &Scenario) -> Vec<String> {
+    let own = [
+        ("vmm", "bin/isocell-vmm"),
+        ("isocell", "bin/isocell"),
+        ("hostile", "bin/isocell-hostile"),
+        ("isocelld", "bin/isocelld"),
+        ("bzimage", "guest/bzImage"),
+        ("vmlinux", "guest/vmlinux"),
+        ("acpi_bzimage", "guest/acpi-bzImage"),
+        ("rootfs", "guest/rootfs.ext4"),
+        ("initrd", "guest/initrd.cpio"),
+        ("agent_initrd", "guest/agent-initrd.cpio"),
+    ];
+    let own = own.iter().map(|(name, path)| format!("{name}={top}/{path}"));
+    let files = scenario.files.keys().map(|name| format!("{name}={top}/files/{name}"));
+    own.chain(files).flat_map(|a| ["--asset".to_owned(), a]).collect()
+}
 
 fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), TestHostError> {
     let text = serde_json::to_string(value).map_err(|e| TestHostError::Io(e.to_string()))?;

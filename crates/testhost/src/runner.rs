@@ -15,8 +15,9 @@ use sha2::{Digest, Sha256};
 /// what [`reap_orphans`] leaves to the step's own wait.
 static STEP_CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
-/// Reaps orphans, as an init does: the runner is PID 1 of the nested host, and a process whose
-/// parent died before waiting for it (a VMM whose jailer was killed) is this process's to reap.
+/// Reaps orphans, as an init does: the runner is PID 1 of the nested host (or the subreaper of
+/// its steps in a machine), and a process whose parent died before waiting for it (a VMM whose
+/// jailer was killed) is this process's to reap.
 /// Every exited child but the current step is reaped; the step's own exit is left for its wait.
 /// Runs forever on a thread of its own.
 pub fn reap_orphans() {

@@ -1,6 +1,6 @@
 //! Runs a scenario's steps on the host it is started on and writes one JSON result line per
 //! step. Inside the nested host it is started by the init script and powers the host off at the
-//! end.
+//! end; in a long-lived machine it is started through `isocell machine exec`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -23,7 +23,7 @@ struct Args {
     /// Scratch directory for the steps.
     #[arg(long)]
     work: PathBuf,
-    /// "direct" or "nested", recorded in each result.
+    /// "direct", "nested" or "machine", recorded in each result.
     #[arg(long)]
     host: String,
     /// NAME=PATH replacing {NAME} in the steps.
@@ -40,9 +40,13 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if std::process::id() == 1 {
-        isocell_testhost::runner::reap_orphans();
+    // Orphans of the steps (a VMM whose jailer was killed) are ours to reap: as PID 1 of the
+    // nested host, and as their subreaper in a long-lived machine, where init would leave them.
+    if std::process::id() != 1 {
+        // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag and changes only this process.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     }
+    isocell_testhost::runner::reap_orphans();
     if let Some(path) = &args.heartbeat {
         start_heartbeat(path);
     }

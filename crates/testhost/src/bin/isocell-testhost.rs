@@ -90,7 +90,7 @@ fn run_one(
     args: Vec<String>,
     images: Option<PathBuf>,
 ) -> Result<ExitCode> {
-    let nested = th.kind() == isocell_testhost::HostKind::Nested;
+    let nested = !th.kind().has_hardware_kvm();
     if nested {
         eprintln!("isocell-testhost: no hardware virtualization here; running inside the nested host (QEMU TCG, 10-15x slower)");
     }
