@@ -3,9 +3,14 @@
 #
 #   scripts/e2e.sh [NAME...]        (default: every file)
 #
-# Each file boots its own nested test host (or, for machine.rs, an isocell machine): one vCPU
-# under QEMU, so one busy core. Run one after the other they left half of a 2-core machine idle;
-# two lanes use both. Within a file the tests run one at a time (--test-threads=1): a file whose
+# Without hardware virtualization each lane starts one long-lived `isocell machine` (the nested
+# test host made durable: one vCPU under QEMU, so one busy core) and the lane's files run their
+# scenarios in it, one after another, each in a fresh mount namespace and checked afterwards for
+# anything it left; that saves a nested host boot per file. A file about the host itself
+# (console_storm) still boots a fresh nested host, machine.rs makes machines of its own, and
+# ISOCELL_E2E_MACHINES=0 (or a forced ISOCELL_TESTHOST) gives every file a nested host of its
+# own again. Run one after the other the files left half of a 2-core machine idle; two lanes
+# use both. Within a file the tests run one at a time (--test-threads=1): a file whose
 # tests each boot a host would otherwise put three guests on two cores, and a guest starved that
 # long misses its boot timeout. Files go to the lane with less work so far, longest first, by
 # the seconds they took (COST below; a new file counts 120 s until it is measured). Each lane's
@@ -51,12 +56,48 @@ tests/images/build-test-images.sh >/dev/null
 cargo test --profile tests --workspace --tests --no-run --quiet
 
 logs=$(mktemp -d)
-trap 'rm -rf "$logs"' EXIT
+bin=target/x86_64-unknown-linux-gnu/release
+machines=("" "")
+cleanup() {
+    for m in "$logs"/machine?; do
+        [[ -d "$m" ]] || continue
+        "$bin/isocell" machine stop --dir "$m" >/dev/null 2>&1 || true
+        "$bin/isocell" machine rm --dir "$m" >/dev/null 2>&1 || true
+    done
+    rm -rf "$logs"
+}
+trap cleanup EXIT
+if [[ "${ISOCELL_E2E_MACHINES:-1}" != 0 && -z "${ISOCELL_TESTHOST:-}" ]] \
+    && [[ "$("$bin/isocell-testhost" info)" == nested ]]; then
+    start_machine() {
+        local m=$1
+        "$bin/isocell" machine init --dir "$m" --cpus 1 --memory 3G --disk 256M --isolated \
+            >"$m.log" 2>&1 && "$bin/isocell" machine start --dir "$m" >>"$m.log" 2>&1
+    }
+    for i in 0 1; do
+        [[ -n "${lanes[i]}" ]] || continue
+        machines[i]="$logs/machine$i"
+        start_machine "${machines[i]}" &
+    done
+    wait
+    for i in 0 1; do
+        [[ -n "${machines[i]}" ]] || continue
+        if "$bin/isocell" machine status --dir "${machines[i]}" 2>/dev/null \
+            | grep -q '^state  *running'; then
+            echo "e2e.sh: lane $i runs its scenarios in the isocell machine at ${machines[i]}" >&2
+        else
+            echo "e2e.sh: lane $i: its isocell machine did not start; a nested host per file:" >&2
+            cat "${machines[i]}.log" >&2
+            machines[i]=""
+        fi
+    done
+fi
 lane() {
     local i=$1 failed=""
     for name in ${lanes[i]}; do
         local start=$SECONDS
-        if cargo test --profile tests --workspace --test "$name" -- --test-threads=1 \
+        if ISOCELL_TESTHOST_MACHINE="${machines[i]}" \
+            cargo test --profile tests --workspace --test "$name" -- --test-threads=1 \
             >>"$logs/lane$i.log" 2>&1; then
             echo "e2e.sh: lane $i: $name passed in $((SECONDS - start)) s" >>"$logs/lane$i.log"
         else

@@ -472,14 +472,14 @@ impl TestHost {
              {CGROUP_DIRS} > {root}/cgroups.before"
         );
         let archive = std::fs::File::open(&archive).map_err(io("reading the scenario archive"))?;
+        // A machine that cannot take the scenario (it died, or its exec channel is gone) is
+        // restarted like a frozen one; the restart limits still end a hopeless run.
         match self.machine_exec(machine, &["sh", "-c", &prepare], Some(archive), tmp)? {
             None => return self.restart_machine(machine, "copying the scenario in timed out"),
             Some((true, _)) => {}
             Some((false, why)) => {
-                return Err(TestHostError::Io(format!(
-                    "cannot copy the scenario into the machine at {}: {why}",
-                    machine.display()
-                )))
+                let why = format!("copying the scenario in failed: {}", why.trim());
+                return self.restart_machine(machine, &why);
             }
         }
 
@@ -551,10 +551,17 @@ impl TestHost {
         match self.machine_exec(machine, &["sh", "-c", &check], None, tmp)? {
             None => return self.restart_machine(machine, "the check for leftovers timed out"),
             Some((true, left)) if left.trim().is_empty() => {}
-            Some((_, left)) => {
+            Some((true, left)) => {
                 return Err(TestHostError::Io(format!(
                     "the scenario left this behind in the machine (now removed): {}",
                     left.trim()
+                )))
+            }
+            Some((false, why)) => {
+                return Err(TestHostError::Io(format!(
+                    "cannot check the machine at {} for leftovers: {}",
+                    machine.display(),
+                    why.trim()
                 )))
             }
         }
