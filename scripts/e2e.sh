@@ -25,7 +25,7 @@ cd "$root"
 declare -A COST=(
     [hostile_guest]=360 [console_storm]=340 [network]=230 [vmm_boot]=145 [containerd]=135
     [isocell_run]=125 [machine]=110 [confinement]=95 [daemon]=95 [images]=85 [snapshot]=85
-    [registry_fixture]=5
+    [registry_fixture]=5 [test_machine]=10
 )
 
 names=("$@")

@@ -547,7 +547,7 @@ impl TestHost {
             tail_lines(&std::fs::read_to_string(&log).unwrap_or_default(), 8)
         );
 
-        let check = format!("r={root}\n{LEFTOVER_CHECK}");
+        let check = format!("r={root}\n{}", LEFTOVER_CHECK.replace("@CGROUP_DIRS@", CGROUP_DIRS));
         match self.machine_exec(machine, &["sh", "-c", &check], None, tmp)? {
             None => return self.restart_machine(machine, "the check for leftovers timed out"),
             Some((true, left)) if left.trim().is_empty() => {}
@@ -911,9 +911,9 @@ const KVM_AMD_PARAMS: &str = "";
 const MODULES: [&str; 4] = ["irqbypass", "kvm", "ccp", "kvm-amd"];
 
 /// Lists a host's cgroups but the cells' parent (which the first cell creates and every cell
-/// shares): those a scenario leaves are the difference.
-const CGROUP_DIRS: &str =
-    "find /sys/fs/cgroup -mindepth 1 -type d ! -path /sys/fs/cgroup/isocell | sort";
+/// shares): those a scenario leaves are the difference. The root is listed too, so the list is
+/// never empty (busybox grep takes an empty pattern file as matching everything).
+const CGROUP_DIRS: &str = "find /sys/fs/cgroup -type d ! -path /sys/fs/cgroup/isocell | sort";
 
 /// After a scenario in the machine (`$r`, its directory): names and removes what it left (the
 /// processes of cells, daemons, shims and test tools; mounts under `$r`; new cgroups), then
@@ -937,7 +937,7 @@ for m in $(awk -v r="$r" 'index($2, r) == 1 { print $2 }' /proc/mounts | sort -r
   left="$left mount:$m"
   umount -l $m 2>/dev/null
 done
-find /sys/fs/cgroup -mindepth 1 -type d ! -path /sys/fs/cgroup/isocell | sort > $r/cgroups.after
+@CGROUP_DIRS@ > $r/cgroups.after
 for g in $(grep -vxF -f $r/cgroups.before $r/cgroups.after | sort -r); do
   left="$left cgroup:$g"
   rmdir $g 2>/dev/null
