@@ -451,7 +451,6 @@ impl TestHost {
         tmp: &Path,
         machine: &Path,
     ) -> Result<HostRun, TestHostError> {
-        let archive = self.build_initramfs(scenario, tmp)?;
         let io = |what: &str| {
             let what = format!("{what} (machine {})", machine.display());
             move |e: std::io::Error| TestHostError::Io(format!("{what}: {e}"))
@@ -467,8 +466,16 @@ impl TestHost {
             .collect();
         let root = format!("/e2e/{id}");
         let top = format!("{root}/isocell");
+        let archive = self.machine_archive(scenario, tmp, machine, &id)?;
+        let Some(archive) = archive else {
+            return self.restart_machine(machine, "asking what it holds timed out");
+        };
+        // Large files arrive in `incoming/` and join `cache/` only once the archive is whole;
+        // the scenario gets its own copies, which its steps may change.
         let prepare = format!(
-            "rm -rf {root} && mkdir -p {root} && cd {root} && cpio -i -d -m 2>/dev/null && \
+            "mkdir -p /e2e && cd /e2e && rm -rf incoming {root} && cpio -i -d -m 2>/dev/null && mkdir -p cache && \
+             for f in incoming/*; do [ ! -e \"$f\" ] || mv \"$f\" cache/; done && cd {root} && \
+             while read -r sum path; do cp -p /e2e/cache/$sum $path || exit 1; done < cached && \
              {CGROUP_DIRS} > {root}/cgroups.before"
         );
         let archive = std::fs::File::open(&archive).map_err(io("reading the scenario archive"))?;
@@ -548,25 +555,74 @@ impl TestHost {
         );
 
         let check = format!("r={root}\n{}", LEFTOVER_CHECK.replace("@CGROUP_DIRS@", CGROUP_DIRS));
-        match self.machine_exec(machine, &["sh", "-c", &check], None, tmp)? {
+        let output = match self.machine_exec(machine, &["sh", "-c", &check], None, tmp)? {
             None => return self.restart_machine(machine, "the check for leftovers timed out"),
-            Some((true, left)) if left.trim().is_empty() => {}
-            Some((true, left)) => {
+            Some((_, output)) => output,
+        };
+        match output.lines().find_map(|l| l.strip_prefix("left:")).map(str::trim) {
+            Some("") => {}
+            Some(left) => {
                 return Err(TestHostError::Io(format!(
-                    "the scenario left this behind in the machine (now removed): {}",
-                    left.trim()
+                    "the scenario left this behind in the machine (now removed): {left}"
                 )))
             }
-            Some((false, why)) => {
+            None => {
                 return Err(TestHostError::Io(format!(
                     "cannot check the machine at {} for leftovers: {}",
                     machine.display(),
-                    why.trim()
+                    output.trim()
                 )))
             }
         }
         let console = std::fs::read_to_string(machine.join("console.log")).unwrap_or_default();
         Ok(HostRun { results: got, why, hung: false, console })
+    }
+
+    /// The archive for `scenario` in the machine: the nested host's files under `ID/`, where
+    /// each large file is replaced by a line "SHA256 PATH" in `ID/cached`, and the large files
+    /// the machine does not hold yet under `incoming/SHA256`. `None` if the machine did not say
+    /// what it holds.
+    fn machine_archive(
+        &self,
+        scenario: &Scenario,
+        tmp: &Path,
+        machine: &Path,
+        id: &str,
+    ) -> Result<Option<PathBuf>, TestHostError> {
+        let io = |e: std::io::Error| TestHostError::Io(format!("staging for the machine: {e}"));
+        let stage = self.stage(scenario, tmp)?;
+        let upload = tmp.join("upload");
+        let own = upload.join(id);
+        std::fs::create_dir_all(upload.join("incoming")).map_err(io)?;
+        std::fs::rename(&stage, &own).map_err(io)?;
+        let held = match self.machine_exec(
+            machine,
+            &["sh", "-c", "ls /e2e/cache 2>/dev/null"],
+            None,
+            tmp,
+        )? {
+            Some((_, list)) => list,
+            None => return Ok(None),
+        };
+        let held: std::collections::BTreeSet<&str> = held.split_whitespace().collect();
+        let mut large = Vec::new();
+        large_files(&own, &own, &mut large).map_err(io)?;
+        let mut cached = String::new();
+        for path in large {
+            let file = own.join(&path);
+            let sum = crate::runner::sha256_file(&file).map_err(io)?;
+            let incoming = upload.join("incoming").join(&sum);
+            if held.contains(sum.as_str()) || incoming.exists() {
+                std::fs::remove_file(&file).map_err(io)?;
+            } else {
+                std::fs::rename(&file, &incoming).map_err(io)?;
+            }
+            cached.push_str(&format!("{sum} {}\n", path.display()));
+        }
+        std::fs::write(own.join("cached"), cached).map_err(io)?;
+        let out = tmp.join("upload.cpio");
+        pack(&upload, &out)?;
+        Ok(Some(out))
     }
 
     /// `isocell machine SUB --dir MACHINE`.
@@ -639,6 +695,16 @@ impl TestHost {
     }
 
     fn build_initramfs(&self, scenario: &Scenario, tmp: &Path) -> Result<PathBuf, TestHostError> {
+        let stage = self.stage(scenario, tmp)?;
+        let out = tmp.join("initramfs.cpio");
+        pack(&stage, &out)?;
+        Ok(out)
+    }
+
+    /// Lays out, in `tmp/stage`, what a nested host for `scenario` holds: busybox, KVM's
+    /// modules, the runner and the programs, kernels and images the steps name, the
+    /// scenario's own files, the scenario and the init script.
+    fn stage(&self, scenario: &Scenario, tmp: &Path) -> Result<PathBuf, TestHostError> {
         let stage = tmp.join("stage");
         let io = |e: std::io::Error| {
             TestHostError::Io(format!("building the nested host initramfs: {e}"))
@@ -736,18 +802,42 @@ impl TestHost {
         std::fs::write(&init, init_text).map_err(io)?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
-        let out = tmp.join("initramfs.cpio");
-        let status = Command::new("sh")
-            .arg("-c")
-            .arg("cd \"$1\" && find . | cpio --quiet -o -H newc > \"$2\"")
-            .args(["sh", &stage.to_string_lossy(), &out.to_string_lossy()])
-            .status()
-            .map_err(io)?;
-        if !status.success() {
-            return Err(TestHostError::Io("cpio failed (run scripts/install-deps.sh)".into()));
-        }
-        Ok(out)
+        Ok(stage)
     }
+}
+
+/// Packs the tree at `dir` into the newc cpio archive `out`.
+fn pack(dir: &Path, out: &Path) -> Result<(), TestHostError> {
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("cd \"$1\" && find . | cpio --quiet -o -H newc > \"$2\"")
+        .args(["sh", &dir.to_string_lossy(), &out.to_string_lossy()])
+        .status()
+        .map_err(|e| {
+            TestHostError::Io(format!("cannot run cpio (scripts/install-deps.sh): {e}"))
+        })?;
+    if !status.success() {
+        return Err(TestHostError::Io("cpio failed (run scripts/install-deps.sh)".into()));
+    }
+    Ok(())
+}
+
+/// Files this large (programs, kernels, images) go to a machine once and are kept there by
+/// content; smaller ones travel with each scenario.
+const CACHED_FROM: u64 = 1 << 20;
+
+/// The regular files under `dir` of at least [`CACHED_FROM`] bytes, as paths relative to it.
+fn large_files(dir: &Path, under: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = std::fs::symlink_metadata(entry.path())?;
+        if meta.is_dir() {
+            large_files(&entry.path(), under, out)?;
+        } else if meta.is_file() && meta.len() >= CACHED_FROM {
+            out.push(entry.path().strip_prefix(under).unwrap_or(&entry.path()).to_owned());
+        }
+    }
+    Ok(())
 }
 
 /// The (major, minor) version of `qemu-system-x86_64`, if it runs and says.
@@ -917,18 +1007,19 @@ const CGROUP_DIRS: &str = "find /sys/fs/cgroup -type d ! -path /sys/fs/cgroup/is
 
 /// After a scenario in the machine (`$r`, its directory): names and removes what it left (the
 /// processes of cells, daemons, shims and test tools; mounts under `$r`; new cgroups), then
-/// removes `$r`. Prints nothing when nothing was left. The machine's own daemon (started with
-/// its config in /isocell/etc) is not the scenario's.
+/// removes `$r`. Prints a line `left:` followed by what it found (nothing when nothing was
+/// left). The machine's own daemon (started with its config in /isocell/etc) is not the
+/// scenario's.
 const LEFTOVER_CHECK: &str = r#"left=
 for p in /proc/[0-9]*; do
   pid=${p#/proc/}
-  c=$(cat $p/comm 2>/dev/null) || continue
-  grep -q '^State:.*Z' $p/status 2>/dev/null && continue
+  read -r c < $p/comm 2>/dev/null || continue
   case $c in
     isocell-vmm|isocell-jailer|isocell-supervi*|isocell-hostile|isocell-testhos*|containerd*|ctr) ;;
     isocelld) grep -q /isocell/etc/isocelld.toml $p/cmdline 2>/dev/null && continue ;;
     *) continue ;;
   esac
+  grep -q '^State:.*Z' $p/status 2>/dev/null && continue
   left="$left process:$c"
   kill -9 $pid 2>/dev/null
 done
@@ -943,7 +1034,7 @@ for g in $(grep -vxF -f $r/cgroups.before $r/cgroups.after | sort -r); do
   rmdir $g 2>/dev/null
 done
 rm -rf $r
-[ -z "$left" ] || echo "$left"
+echo "left:$left"
 "#;
 
 /// PID 1 of the nested host: mounts, loads KVM, hands over to the runner (which powers off).
