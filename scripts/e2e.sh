@@ -23,9 +23,9 @@ cd "$root"
 
 # Seconds per file, measured in the two lanes on 2 cores without hardware virtualization.
 declare -A COST=(
-    [hostile_guest]=360 [console_storm]=340 [network]=230 [vmm_boot]=145 [containerd]=135
-    [isocell_run]=125 [machine]=110 [confinement]=95 [daemon]=95 [images]=85 [snapshot]=85
-    [registry_fixture]=5 [test_machine]=10
+    [hostile_guest]=220 [console_storm]=200 [network]=145 [isocell_run]=105 [machine]=100
+    [vmm_boot]=90 [containerd]=90 [daemon]=80 [confinement]=75 [snapshot]=70 [images]=60
+    [test_machine]=5 [registry_fixture]=5
 )
 
 names=("$@")

@@ -475,7 +475,7 @@ impl TestHost {
         let prepare = format!(
             "mkdir -p /e2e && cd /e2e && rm -rf incoming {root} && cpio -i -d -m 2>/dev/null && mkdir -p cache && \
              for f in incoming/*; do [ ! -e \"$f\" ] || mv \"$f\" cache/; done && cd {root} && \
-             while read -r sum path; do cp -p /e2e/cache/$sum $path || exit 1; done < cached && \
+             while read -r sum path; do cp -p /e2e/cache/$sum \"$path\" || exit 1; done < cached && \
              {CGROUP_DIRS} > {root}/cgroups.before"
         );
         let archive = std::fs::File::open(&archive).map_err(io("reading the scenario archive"))?;
