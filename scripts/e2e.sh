@@ -62,7 +62,7 @@ cleanup() {
     for m in "$logs"/machine?; do
         [[ -d "$m" ]] || continue
         "$bin/isocell" machine stop --dir "$m" >/dev/null 2>&1 || true
-        "$bin/isocell" machine rm --dir "$m" >/dev/null 2>&1 || true
+        "$bin/isocell" machine rm --force --dir "$m" >/dev/null 2>&1 || true
     done
     rm -rf "$logs"
 }

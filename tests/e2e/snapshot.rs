@@ -105,7 +105,8 @@ fn scenario() -> Scenario {
                      {isocell} cell exec $id -- sh -c 'echo second-exec-ok'; \
                      {isocell} cell create --snapshot base --cpus 2; echo \"conflict rc=$?\"; \
                      {isocell} cell create --snapshot nope; echo \"missing rc=$?\"; \
-                     {isocell} cell rm $id > /dev/null; echo \"rm rc=$?\"; kill $(pidof isocelld); \
+                     {isocell} cell rm $id > /dev/null; echo \"rm rc=$?\"; \
+                     for p in $(pidof isocelld); do grep -q $D/d.toml /proc/$p/cmdline && kill $p; done; \
                      l=$(ls -t /tmp/snap-state/cells/*/launch.json | head -n 1); echo restored_in_receipt=$(grep -c 'restored' $l)"
                 ),
                 300,

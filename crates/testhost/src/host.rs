@@ -7,7 +7,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::scenario::{Scenario, StepResult};
@@ -455,6 +455,15 @@ impl TestHost {
             let what = format!("{what} (machine {})", machine.display());
             move |e: std::io::Error| TestHostError::Io(format!("{what}: {e}"))
         };
+        // One scenario at a time in a machine (the check after one would take another's
+        // processes for leftovers): a lock on the machine's directory itself, which the machine's
+        // own commands do not take (they lock a file in it).
+        let lock = std::fs::File::open(machine).map_err(io("opening the machine's directory"))?;
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: flock on a descriptor this function owns; released when `lock` is dropped.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io("locking the machine's directory")(std::io::Error::last_os_error()));
+        }
         // Short (cells' sockets live below it): this process, its scenario and its attempt.
         let name = |p: Option<&Path>| {
             let name = p.and_then(Path::file_name).unwrap_or_default().to_string_lossy();
@@ -468,12 +477,12 @@ impl TestHost {
         let top = format!("{root}/isocell");
         let archive = self.machine_archive(scenario, tmp, machine, &id)?;
         let Some(archive) = archive else {
-            return self.restart_machine(machine, "asking what it holds timed out");
+            return self.restart_machine(machine, "asking what it holds timed out", vec![], tmp);
         };
         // Large files arrive in `incoming/` and join `cache/` only once the archive is whole;
         // the scenario gets its own copies, which its steps may change.
         let prepare = format!(
-            "mkdir -p /e2e && cd /e2e && rm -rf incoming {root} && cpio -i -d -m 2>/dev/null && mkdir -p cache && \
+            "mkdir -p /e2e && cd /e2e && rm -rf incoming {root} && cpio -i -d -m && mkdir -p cache && \
              for f in incoming/*; do [ ! -e \"$f\" ] || mv \"$f\" cache/; done && cd {root} && \
              while read -r sum path; do cp -p /e2e/cache/$sum \"$path\" || exit 1; done < cached && \
              {CGROUP_DIRS} > {root}/cgroups.before"
@@ -482,11 +491,18 @@ impl TestHost {
         // A machine that cannot take the scenario (it died, or its exec channel is gone) is
         // restarted like a frozen one; the restart limits still end a hopeless run.
         match self.machine_exec(machine, &["sh", "-c", &prepare], Some(archive), tmp)? {
-            None => return self.restart_machine(machine, "copying the scenario in timed out"),
+            None => {
+                return self.restart_machine(
+                    machine,
+                    "copying the scenario in timed out",
+                    vec![],
+                    tmp,
+                )
+            }
             Some((true, _)) => {}
             Some((false, why)) => {
                 let why = format!("copying the scenario in failed: {}", why.trim());
-                return self.restart_machine(machine, &why);
+                return self.restart_machine(machine, &why, vec![], tmp);
             }
         }
 
@@ -511,7 +527,7 @@ impl TestHost {
             format!("ISOCELL_KERNEL={top}/guest/vmlinux"),
             format!("ISOCELL_IMAGE={top}/guest/rootfs.ext4"),
             format!("ISOCELL_AGENT_INITRD={top}/guest/agent-initrd.cpio"),
-            format!("ISOCELL_STATE_DIR={root}/isocell-state"),
+            "ISOCELL_STATE_DIR=/tmp/isocell-state".into(),
             format!("{top}/bin/isocell-testhost-runner"),
             "--scenario".into(),
             format!("{top}/scenario.json"),
@@ -519,7 +535,7 @@ impl TestHost {
             // Not /dev/stdout: the machine's /dev is a bare devtmpfs, without that link.
             "/proc/self/fd/1".into(),
             "--work".into(),
-            format!("{root}/steps"),
+            "/tmp/steps".into(),
             "--host".into(),
             "machine".into(),
         ];
@@ -544,7 +560,8 @@ impl TestHost {
             if let Some(what) = watch.stalled(scenario) {
                 let _ = child.kill();
                 let _ = child.wait();
-                return self.restart_machine(machine, &what);
+                let got = parse_results(&std::fs::read_to_string(&results).unwrap_or_default());
+                return self.restart_machine(machine, &what, got, tmp);
             }
             std::thread::sleep(Duration::from_millis(100));
         };
@@ -554,17 +571,33 @@ impl TestHost {
             tail_lines(&std::fs::read_to_string(&log).unwrap_or_default(), 8)
         );
 
+        // A machine that died under the scenario cannot be checked: it is replaced, and the
+        // steps that did not report run again in the new one.
         let check = format!("r={root}\n{}", LEFTOVER_CHECK.replace("@CGROUP_DIRS@", CGROUP_DIRS));
         let output = match self.machine_exec(machine, &["sh", "-c", &check], None, tmp)? {
-            None => return self.restart_machine(machine, "the check for leftovers timed out"),
-            Some((_, output)) => output,
+            Some((true, output)) => output,
+            _ => {
+                let why = format!("the check for leftovers failed after this: {why}");
+                return self.restart_machine(machine, &why, got, tmp);
+            }
         };
         match output.lines().find_map(|l| l.strip_prefix("left:")).map(str::trim) {
             Some("") => {}
             Some(left) => {
+                // The steps that failed are the likely cause: said with the leftovers, since
+                // this error stands for every result.
+                let failed: Vec<String> = got
+                    .iter()
+                    .filter(|r| r.exit_code != Some(0) || r.timed_out)
+                    .map(|r| {
+                        format!("{} (exit {:?}, timed out {})", r.name, r.exit_code, r.timed_out)
+                    })
+                    .collect();
                 return Err(TestHostError::Io(format!(
-                    "the scenario left this behind in the machine (now removed): {left}"
-                )))
+                    "the scenario left this behind in the machine (now removed): {left}; \
+                     steps that failed: {}",
+                    if failed.is_empty() { "none".to_owned() } else { failed.join(", ") }
+                )));
             }
             None => {
                 return Err(TestHostError::Io(format!(
@@ -649,7 +682,7 @@ impl TestHost {
         if input.is_some() {
             cmd.arg("-i");
         }
-        let mut child = cmd
+        let child = cmd
             .arg("--")
             .args(argv)
             .stdin(input.map_or_else(Stdio::null, Stdio::from))
@@ -657,41 +690,50 @@ impl TestHost {
             .stderr(err)
             .spawn()
             .map_err(|e| TestHostError::Io(format!("cannot run isocell machine exec: {e}")))?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Ok(None);
-                }
-            }
+        let Some(status) = wait_within(child, Duration::from_secs(120)) else {
+            return Ok(None);
         };
         Ok(Some((status.success(), std::fs::read_to_string(&out).unwrap_or_default())))
     }
 
     /// Replaces a machine that stopped responding; the scenario's steps that are left run
     /// again in it.
-    fn restart_machine(&self, machine: &Path, why: &str) -> Result<HostRun, TestHostError> {
+    fn restart_machine(
+        &self,
+        machine: &Path,
+        why: &str,
+        results: Vec<StepResult>,
+        tmp: &Path,
+    ) -> Result<HostRun, TestHostError> {
         let console = std::fs::read_to_string(machine.join("console.log")).unwrap_or_default();
-        let _ = self.machine_command(machine, "stop").stdin(Stdio::null()).output();
-        let started = self
-            .machine_command(machine, "start")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| TestHostError::Io(format!("cannot run isocell machine start: {e}")))?;
-        if !started.status.success() {
-            return Err(TestHostError::Io(format!(
-                "the machine at {} stopped responding ({why}) and did not start again: {}",
-                machine.display(),
-                String::from_utf8_lossy(&started.stderr).trim()
-            )));
+        let run = |sub: &str| -> Result<Option<(bool, String)>, TestHostError> {
+            let out = tmp.join(format!("machine-{sub}.log"));
+            let file = std::fs::File::create(&out)
+                .map_err(|e| TestHostError::Io(format!("{}: {e}", out.display())))?;
+            let err = file.try_clone().map_err(|e| TestHostError::Io(e.to_string()))?;
+            let child = self
+                .machine_command(machine, sub)
+                .stdin(Stdio::null())
+                .stdout(file)
+                .stderr(err)
+                .spawn()
+                .map_err(|e| TestHostError::Io(format!("cannot run isocell machine {sub}: {e}")))?;
+            let status = wait_within(child, MACHINE_START_WITHIN);
+            Ok(status.map(|s| (s.success(), std::fs::read_to_string(&out).unwrap_or_default())))
+        };
+        let _ = run("stop")?;
+        match run("start")? {
+            Some((true, _)) => {}
+            started => {
+                let said = started.map_or("it did not answer in time".into(), |s| s.1);
+                return Err(TestHostError::Io(format!(
+                    "the machine at {} stopped responding ({why}) and did not start again: {}",
+                    machine.display(),
+                    said.trim()
+                )));
+            }
         }
-        Ok(HostRun { results: Vec::new(), why: why.to_owned(), hung: true, console })
+        Ok(HostRun { results, why: why.to_owned(), hung: true, console })
     }
 
     fn build_initramfs(&self, scenario: &Scenario, tmp: &Path) -> Result<PathBuf, TestHostError> {
@@ -805,6 +847,25 @@ impl TestHost {
         Ok(stage)
     }
 }
+
+/// Waits for `child` at most `limit`; kills it and says `None` past that.
+fn wait_within(mut child: std::process::Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+/// How long `isocell machine stop` or `start` may take when the harness replaces a machine.
+const MACHINE_START_WITHIN: Duration = Duration::from_secs(240);
 
 /// Packs the tree at `dir` into the newc cpio archive `out`.
 fn pack(dir: &Path, out: &Path) -> Result<(), TestHostError> {
@@ -1013,12 +1074,18 @@ const CGROUP_DIRS: &str = "find /sys/fs/cgroup -type d ! -path /sys/fs/cgroup/is
 const LEFTOVER_CHECK: &str = r#"left=
 for p in /proc/[0-9]*; do
   pid=${p#/proc/}
+  [ $pid = $$ ] && continue
   read -r c < $p/comm 2>/dev/null || continue
-  case $c in
-    isocell-vmm|isocell-jailer|isocell-supervi*|isocell-hostile|isocell-testhos*|containerd*|ctr) ;;
-    isocelld) grep -q /isocell/etc/isocelld.toml $p/cmdline 2>/dev/null && continue ;;
-    *) continue ;;
-  esac
+  # The machine's own processes all live in its first mount namespace (but the kernel's devtmpfs
+  # thread); anything else in another one is the scenario's (its runner's, or a cell's jail).
+  [ "$c" = kdevtmpfs ] && continue
+  if [ $p/ns/mnt -ef /proc/$$/ns/mnt ]; then
+    case $c in
+      isocell-vmm|isocell-jailer|isocell-supervi*|isocell-hostile|isocell-testhos*|containerd*|ctr) ;;
+      isocelld) grep -q /isocell/etc/isocelld.toml $p/cmdline 2>/dev/null && continue ;;
+      *) continue ;;
+    esac
+  fi
   grep -q '^State:.*Z' $p/status 2>/dev/null && continue
   left="$left process:$c"
   kill -9 $pid 2>/dev/null
@@ -1031,6 +1098,7 @@ done
 @CGROUP_DIRS@ > $r/cgroups.after
 for g in $(grep -vxF -f $r/cgroups.before $r/cgroups.after | sort -r); do
   left="$left cgroup:$g"
+  [ -e $g/cgroup.kill ] && echo 1 > $g/cgroup.kill
   rmdir $g 2>/dev/null
 done
 rm -rf $r
