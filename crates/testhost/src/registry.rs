@@ -141,10 +141,16 @@ impl Registry {
             let log =
                 fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
             let log2 = log.try_clone().map_err(|e| format!("{}: {e}", log_path.display()))?;
-            let child = Command::new(REGISTRY_BIN)
-                .arg("serve")
+            // Under a shell that ends the registry when its stdin closes: when this process
+            // exits, even with the registry held in a static that is never dropped (as the
+            // image tests do), nothing is left running. (fd 3: a background job's own stdin
+            // is /dev/null.)
+            let child = Command::new("sh")
+                .arg("-c")
+                .arg(r#"exec 3<&0; "$0" serve "$1" & r=$!; (cat <&3 >/dev/null; kill $r 2>/dev/null) & wait $r"#)
+                .arg(REGISTRY_BIN)
                 .arg(&config)
-                .stdin(Stdio::null())
+                .stdin(Stdio::piped())
                 .stdout(log)
                 .stderr(log2)
                 .spawn()
@@ -265,6 +271,12 @@ impl Registry {
 
     /// Stops the registry: SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]; reaps it.
     fn stop(&mut self) {
+        // Closing its stdin ends the registry and then its shell.
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         if let Ok(None) = self.child.try_wait() {
             if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
                 // SAFETY: kill(2) on our own child, which has not been reaped (try_wait said it
