@@ -674,26 +674,12 @@ impl TestHost {
         input: Option<std::fs::File>,
         tmp: &Path,
     ) -> Result<Option<(bool, String)>, TestHostError> {
-        let out = tmp.join("exec.out");
-        let file = std::fs::File::create(&out)
-            .map_err(|e| TestHostError::Io(format!("{}: {e}", out.display())))?;
-        let err = file.try_clone().map_err(|e| TestHostError::Io(e.to_string()))?;
         let mut cmd = self.machine_command(machine, "exec");
         if input.is_some() {
             cmd.arg("-i");
         }
-        let child = cmd
-            .arg("--")
-            .args(argv)
-            .stdin(input.map_or_else(Stdio::null, Stdio::from))
-            .stdout(file)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| TestHostError::Io(format!("cannot run isocell machine exec: {e}")))?;
-        let Some(status) = wait_within(child, Duration::from_secs(120)) else {
-            return Ok(None);
-        };
-        Ok(Some((status.success(), std::fs::read_to_string(&out).unwrap_or_default())))
+        cmd.arg("--").args(argv);
+        call(cmd, input, Duration::from_secs(120), &tmp.join("exec.out"))
     }
 
     /// Replaces a machine that stopped responding; the scenario's steps that are left run
@@ -706,20 +692,9 @@ impl TestHost {
         tmp: &Path,
     ) -> Result<HostRun, TestHostError> {
         let console = std::fs::read_to_string(machine.join("console.log")).unwrap_or_default();
-        let run = |sub: &str| -> Result<Option<(bool, String)>, TestHostError> {
-            let out = tmp.join(format!("machine-{sub}.log"));
-            let file = std::fs::File::create(&out)
-                .map_err(|e| TestHostError::Io(format!("{}: {e}", out.display())))?;
-            let err = file.try_clone().map_err(|e| TestHostError::Io(e.to_string()))?;
-            let child = self
-                .machine_command(machine, sub)
-                .stdin(Stdio::null())
-                .stdout(file)
-                .stderr(err)
-                .spawn()
-                .map_err(|e| TestHostError::Io(format!("cannot run isocell machine {sub}: {e}")))?;
-            let status = wait_within(child, MACHINE_START_WITHIN);
-            Ok(status.map(|s| (s.success(), std::fs::read_to_string(&out).unwrap_or_default())))
+        let run = |sub: &str| {
+            let log = tmp.join(format!("machine-{sub}.log"));
+            call(self.machine_command(machine, sub), None, MACHINE_START_WITHIN, &log)
         };
         let _ = run("stop")?;
         match run("start")? {
@@ -846,6 +821,29 @@ impl TestHost {
         std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
         Ok(stage)
     }
+}
+
+/// Runs `cmd` (stdin from `input`) for at most `limit`, its stdout and stderr into `log`;
+/// whether it succeeded and what it wrote, or `None` if it did not end in time (it is killed).
+fn call(
+    mut cmd: Command,
+    input: Option<std::fs::File>,
+    limit: Duration,
+    log: &Path,
+) -> Result<Option<(bool, String)>, TestHostError> {
+    let file = std::fs::File::create(log)
+        .map_err(|e| TestHostError::Io(format!("{}: {e}", log.display())))?;
+    let err = file.try_clone().map_err(|e| TestHostError::Io(e.to_string()))?;
+    let child = cmd
+        .stdin(input.map_or_else(Stdio::null, Stdio::from))
+        .stdout(file)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| TestHostError::Io(format!("cannot run {:?}: {e}", cmd.get_program())))?;
+    let Some(status) = wait_within(child, limit) else {
+        return Ok(None);
+    };
+    Ok(Some((status.success(), std::fs::read_to_string(log).unwrap_or_default())))
 }
 
 /// Waits for `child` at most `limit`; kills it and says `None` past that.

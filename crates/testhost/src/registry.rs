@@ -269,7 +269,8 @@ impl Registry {
             .ok_or_else(|| format!("skopeo inspect printed no Digest: {out}"))
     }
 
-    /// Stops the registry: SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]; reaps it.
+    /// Stops the registry: closes its shell's stdin (which ends both), then SIGTERM and SIGKILL,
+    /// each after [`STOP_TIMEOUT`]; reaps it.
     fn stop(&mut self) {
         // Closing its stdin ends the registry and then its shell.
         drop(self.child.stdin.take());
