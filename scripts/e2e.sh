@@ -7,7 +7,7 @@
 # test host made durable: one vCPU under QEMU, so one busy core) and the lane's files run their
 # scenarios in it, one after another, each in a fresh mount namespace and checked afterwards for
 # anything it left; that saves a nested host boot per file. A file about the host itself
-# (console_storm) still boots a fresh nested host, as network does for now (see network.rs);
+# (console_storm) still boots a fresh nested host;
 # machine.rs makes machines of its own; ISOCELL_E2E_MACHINES=0 (or a forced ISOCELL_TESTHOST)
 # gives every file a nested host of its own again. Run one after the other the files left half of a 2-core machine idle; two lanes
 # use both. Within a file the tests run one at a time (--test-threads=1): a file whose

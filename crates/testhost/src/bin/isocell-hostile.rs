@@ -40,6 +40,9 @@
 //! - `http-serve PORT FILE` (guest): a small HTTP/1.0 server on PORT that answers every request
 //!   with FILE, a thread per connection and a listen backlog of 128 (busybox httpd's is 9, too
 //!   few for the network test's 100 clients at once under emulation); runs until killed.
+//! - `http-get-half-closed ADDR PATH` (host): an HTTP/1.0 client that shuts its socket for
+//!   writing once its request is sent, as many clients do, then writes the response body to
+//!   stdout; fails if the body is shorter than its `Content-Length`.
 //!
 //! The benchmark uses it to time a VMM from outside, the same way for ours and its peer:
 //!
@@ -75,6 +78,7 @@ fn main() {
         ["clock"] => clock(),
         ["net-abuse", allowed] => net_abuse(allowed),
         ["http-serve", port, file] => number(port).and_then(|p| http_serve(p, file)),
+        ["http-get-half-closed", addr, path] => http_get_half_closed(addr, path),
         ["unix-echo", path, connections] => number(connections).and_then(|n| unix_echo(path, n)),
         ["unix-sink", path] => unix_sink(path),
         ["time-boot", mib, report, "--", vmm @ ..] if !vmm.is_empty() => {
@@ -82,6 +86,7 @@ fn main() {
         }
         _ => Err("usage: isocell-hostile protocol MODE | mmio | unmapped COUNT | \
                   vsock-echo PORT BYTES | vsock-send PORT BYTES | vsock-hold PORT | clock | net-abuse ADDR | http-serve PORT FILE | \
+                  http-get-half-closed ADDR PATH | \
                   unix-echo PATH CONNECTIONS | unix-sink PATH | \
                   time-boot GUEST_MIB REPORT -- VMM ARGS..."
             .into()),
@@ -793,6 +798,29 @@ fn net_abuse(allowed: &str) -> Result<(), String> {
     let mut reply = String::new();
     let _ = c.read_to_string(&mut reply);
     println!("after_abuse={}", reply.lines().next().unwrap_or("nothing"));
+    Ok(())
+}
+
+fn http_get_half_closed(addr: &str, path: &str) -> Result<(), String> {
+    let mut c = std::net::TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(300))).map_err(|e| e.to_string())?;
+    c.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .and_then(|()| c.shutdown(Shutdown::Write))
+        .map_err(|e| format!("request: {e}"))?;
+    let mut reply = Vec::new();
+    c.read_to_end(&mut reply).map_err(|e| format!("after {} bytes: {e}", reply.len()))?;
+    let split = reply.windows(4).position(|w| w == b"\r\n\r\n").ok_or("no response head")?;
+    let head = String::from_utf8_lossy(&reply[..split]).into_owned();
+    let body = &reply[split + 4..];
+    let length = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(str::to_owned))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .ok_or_else(|| format!("no Content-Length in {head:?}"))?;
+    std::io::stdout().write_all(body).map_err(|e| e.to_string())?;
+    if body.len() != length {
+        return Err(format!("the body has {} of its {length} bytes", body.len()));
+    }
     Ok(())
 }
 

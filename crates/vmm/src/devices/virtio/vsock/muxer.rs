@@ -12,6 +12,11 @@
 //! control packets waiting for guest receive buffers are capped, and connections are capped: a
 //! flooding or malformed guest only loses its own connections.
 //!
+//! Each direction ends on its own, as TCP's do: a host socket shut for writing is a
+//! `SHUTDOWN` of the host's sending side only, and the guest may go on sending; a guest that
+//! closes while bytes for the host are still buffered has them delivered before the host
+//! socket ends (a guest reset, before it finished sending, drops them).
+//!
 //! Connections are served in turn (round robin), so one busy connection cannot starve the
 //! others. A connection cannot hold its slot for ever: the guest has [`CONNECT_TIMEOUT`] to
 //! answer a host's request, and once the host side has
@@ -131,6 +136,9 @@ struct Conn {
     host_done: bool,
     /// The host socket hung up; it is out of the epoll set, but may still hold bytes to read.
     hung_up: bool,
+    /// The host shut its socket for writing (end of file, no hang-up): the guest was told the
+    /// host sends no more, and may still send.
+    host_send_shut: bool,
     guest_send_shut: bool,
     guest_rcv_shut: bool,
     credit_update_due: bool,
@@ -157,6 +165,7 @@ impl Conn {
             host_readable: false,
             host_done: false,
             hung_up: false,
+            host_send_shut: false,
             guest_send_shut: false,
             guest_rcv_shut: false,
             credit_update_due: false,
@@ -177,6 +186,16 @@ impl Conn {
         (self.guest_send_shut || self.guest_rcv_shut).then(|| self.last_progress + HALF_CLOSED_IDLE)
     }
 
+    /// Both sides have finished sending and everything is delivered.
+    fn both_sent(&self) -> bool {
+        self.host_send_shut && self.guest_send_shut && self.to_host.is_empty()
+    }
+
+    /// The guest closed its end and only bytes for the host are left to deliver.
+    fn draining(&self) -> bool {
+        self.guest_send_shut && self.guest_rcv_shut
+    }
+
     /// How many more bytes the guest can take on this connection.
     fn peer_credit(&self) -> u32 {
         let in_flight = self.rx_cnt.wrapping_sub(self.peer_fwd_cnt);
@@ -184,7 +203,10 @@ impl Conn {
     }
 
     fn wants_to_read(&self) -> bool {
-        self.state == State::Established && !self.host_done && !self.guest_rcv_shut
+        self.state == State::Established
+            && !self.host_done
+            && !self.host_send_shut
+            && !self.guest_rcv_shut
     }
 
     fn wanted_interest(&self) -> EventSet {
@@ -402,14 +424,25 @@ impl Muxer {
             (op::SHUTDOWN, _) => {
                 conn.guest_send_shut |= h.flags & SHUTDOWN_SEND != 0;
                 conn.guest_rcv_shut |= h.flags & SHUTDOWN_RCV != 0;
-                if conn.guest_send_shut && conn.guest_rcv_shut {
-                    // Fully shut: deliver what we can and end the connection.
-                    let _ = conn.flush();
-                    reset = true;
-                } else {
-                    reset = conn.flush().is_err();
+                reset = conn.flush().is_err();
+                if !reset && !conn.draining() && conn.both_sent() {
+                    self.host_finished(key);
+                    return;
+                }
+                if !reset && conn.draining() {
+                    // The guest closed: it is told the connection is over at once, and what
+                    // it sent before is still delivered (see `host_event`) if the host can
+                    // still take it.
+                    if conn.to_host.is_empty() || conn.host_done || conn.hung_up {
+                        reset = true;
+                    } else {
+                        self.queue_control(key, op::RST, 0);
+                    }
                 }
             }
+            // A reset after the guest closed its end is its own clean-up; what it sent first
+            // is still delivered. Before that, a reset aborts: the host socket just closes.
+            (op::RST, _) if conn.draining() => return,
             (op::RST, _) => {
                 self.remove(key);
                 return;
@@ -445,7 +478,8 @@ impl Muxer {
             if conn.host_readable && conn.wants_to_read() && credit > 0 && !buf.is_empty() {
                 let want = buf.len().min(credit);
                 match conn.stream.read(&mut buf[..want]) {
-                    Ok(0) => self.host_finished(key),
+                    Ok(0) if conn.hung_up => self.host_finished(key),
+                    Ok(0) => self.host_shut_send(key),
                     Ok(n) => {
                         conn.rx_cnt = conn.rx_cnt.wrapping_add(n as u32);
                         conn.last_progress = Instant::now();
@@ -594,8 +628,17 @@ impl Muxer {
             self.reset(key);
             return;
         }
+        if conn.draining() && conn.to_host.is_empty() {
+            // Everything the closed guest sent is delivered (and the socket shut for writing).
+            self.remove(key);
+            return;
+        }
+        if conn.both_sent() && !conn.host_done {
+            self.host_finished(key);
+            return;
+        }
         if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
-            if conn.state == State::Connecting {
+            if conn.state == State::Connecting || conn.draining() {
                 self.reset(key);
                 return;
             }
@@ -614,7 +657,23 @@ impl Muxer {
         self.sync_interest(key);
     }
 
-    /// The host side will send nothing more: tell the guest, which answers with a reset.
+    /// The host shut its socket for writing: the guest hears that the host sends nothing more,
+    /// and its own bytes still go to the host. Once both have finished sending, the connection
+    /// ends.
+    fn host_shut_send(&mut self, key: Key) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        conn.host_send_shut = true;
+        conn.host_readable = false;
+        conn.last_progress = Instant::now();
+        if conn.both_sent() {
+            return self.host_finished(key);
+        }
+        self.queue_control(key, op::SHUTDOWN, SHUTDOWN_SEND);
+        self.sync_interest(key);
+    }
+
+    /// The host side is over (its socket hung up, or both sides finished sending): tell the
+    /// guest, which answers with a reset.
     fn host_finished(&mut self, key: Key) {
         let Some(conn) = self.conns.get_mut(&key) else { return };
         let fd = conn.stream.as_raw_fd();
@@ -885,6 +944,94 @@ mod tests {
         assert_eq!(m.connection_count(), 0);
         let resets = m.control.iter().filter(|c| c.1 == op::RST).count();
         assert_eq!(resets, 2);
+    }
+
+    fn shutdown_from_guest(local: u32, peer: u32, flags: u32) -> Header {
+        Header { flags, ..from_guest(op::SHUTDOWN, local, peer, 0) }
+    }
+
+    /// A host that shuts its socket for writing (a client that sent its request) still gets
+    /// everything the guest sends after that; the guest hears only that the host sends no more.
+    #[test]
+    fn a_host_half_close_leaves_the_guest_sending() {
+        let path = temp_path("half");
+        let mut m = Muxer::new(CID, &path).unwrap();
+        let listener = UnixListener::bind(format!("{}_9", path.display())).unwrap();
+        m.guest_packet(&from_guest(op::REQUEST, 9, 3, 0), &[]);
+        let (mut host, _) = listener.accept().unwrap();
+        let _ = drain(&mut m);
+        host.write_all(b"request").unwrap();
+        host.shutdown(Shutdown::Write).unwrap();
+        let pkts = drain(&mut m);
+        assert_eq!(pkts[0].1, b"request");
+        let shut = pkts.iter().find(|p| p.0.op == op::SHUTDOWN).expect("a shutdown");
+        assert_eq!(shut.0.flags, SHUTDOWN_SEND, "only the host's sending side ends");
+        assert_eq!(m.connection_count(), 1);
+
+        m.guest_packet(&from_guest(op::RW, 9, 3, 8), b"response");
+        m.guest_packet(&shutdown_from_guest(9, 3, SHUTDOWN_SEND), &[]);
+        let mut got = Vec::new();
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        host.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"response");
+        // Both sides are done: the guest is told, and its reset ends the connection.
+        let pkts = drain(&mut m);
+        assert_eq!(pkts.last().map(|p| (p.0.op, p.0.flags)), Some((op::SHUTDOWN, 3)));
+        m.guest_packet(&from_guest(op::RST, 9, 3, 0), &[]);
+        assert_eq!(m.connection_count(), 0);
+    }
+
+    /// A guest that closes while its bytes wait for a slow host loses none of them; one that
+    /// resets before it finished sending aborts, and the host socket just closes.
+    #[test]
+    fn a_guest_close_delivers_what_it_sent_and_a_reset_does_not() {
+        let path = temp_path("close");
+        let mut m = Muxer::new(CID, &path).unwrap();
+        let listener = UnixListener::bind(format!("{}_6", path.display())).unwrap();
+        let mut hosts = Vec::new();
+        for peer in [1, 2] {
+            m.guest_packet(&from_guest(op::REQUEST, 6, peer, 0), &[]);
+            hosts.push(listener.accept().unwrap().0);
+        }
+        let _ = drain(&mut m);
+        // More than the host socket's buffer holds, so some waits in the muxer.
+        let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        let mut sent = 0;
+        while m.conns.values().any(|c| c.to_host.is_empty()) && sent < 16 {
+            for peer in [1, 2] {
+                m.guest_packet(&from_guest(op::RW, 6, peer, chunk.len() as u32), &chunk);
+            }
+            sent += 1;
+        }
+        assert!(m.conns.values().all(|c| !c.to_host.is_empty()), "bytes wait for the host");
+        m.guest_packet(&shutdown_from_guest(6, 1, SHUTDOWN_SEND | SHUTDOWN_RCV), &[]);
+        m.guest_packet(&from_guest(op::RST, 6, 2, 0), &[]);
+        assert_eq!(m.control.back().map(|c| c.1), Some(op::RST), "the closed guest is answered");
+        assert_eq!(m.connection_count(), 1);
+
+        let mut closed = hosts.pop().unwrap();
+        let mut kept = hosts.pop().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            kept.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            kept.read_to_end(&mut got).map(|_| got)
+        });
+        for _ in 0..400 {
+            m.poll();
+            if m.connection_count() == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let got = reader.join().unwrap().unwrap();
+        assert_eq!(got.len(), sent * chunk.len());
+        assert!(got.chunks(chunk.len()).all(|c| c == chunk.as_slice()));
+        assert_eq!(m.connection_count(), 0);
+        // The reset one: whatever reached the socket's buffer, then the end, not all of it.
+        let mut got = Vec::new();
+        closed.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = closed.read_to_end(&mut got);
+        assert!(got.len() < sent * chunk.len());
     }
 
     #[test]
