@@ -111,3 +111,42 @@ fn dropping_the_registry_stops_it_and_removes_its_directory() {
     assert!(!Path::new(&dir).exists(), "{} left behind", dir.display());
     assert!(std::net::TcpStream::connect(&addr).is_err(), "{addr} still answers");
 }
+
+/// Not a test of its own: run by the one below in a process of its own, it starts a registry,
+/// says where its directory is and exits without dropping it (as a registry held in a static).
+#[test]
+#[ignore = "run by a_registry_never_dropped_goes_with_its_process"]
+fn start_a_registry_and_exit_without_dropping_it() {
+    let registry = Registry::start().expect("registry");
+    println!("registry_dir={}", registry.dir().display());
+    std::mem::forget(registry);
+    std::process::exit(0);
+}
+
+#[test]
+fn a_registry_never_dropped_goes_with_its_process() {
+    let exe = std::env::current_exe().expect("this test binary");
+    let out = std::process::Command::new(exe)
+        .args(["--ignored", "--exact", "start_a_registry_and_exit_without_dropping_it"])
+        .args(["--nocapture", "--test-threads=1"])
+        .output()
+        .expect("run the helper test");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let dir = text
+        .lines()
+        .find_map(|l| l.split("registry_dir=").nth(1))
+        .unwrap_or_else(|| panic!("no directory in {text}"));
+    // Its process is gone: the registry ends and its directory goes, within a few seconds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while Path::new(dir).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!Path::new(dir).exists(), "{dir} left behind");
+    let running = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .any(|c| String::from_utf8_lossy(&c).contains(dir));
+    assert!(!running, "a registry for {dir} still runs");
+}

@@ -100,20 +100,36 @@ impl Registry {
         if !Path::new(REGISTRY_BIN).is_file() {
             return Err(format!("{REGISTRY_BIN} is missing; run scripts/install-deps.sh"));
         }
-        let dir = fresh_dir()?;
-        let started = Self::start_in(&dir, creds);
-        if started.is_err() {
-            let _ = fs::remove_dir_all(&dir);
+        let mut last_error = String::new();
+        // Each attempt has a directory of its own, which goes with its registry.
+        for attempt in 1..=PORT_ATTEMPTS {
+            let dir = fresh_dir()?;
+            match Self::start_in(&dir, attempt, creds.clone()) {
+                Ok(registry) => return Ok(registry),
+                Err((e, retry)) => {
+                    let _ = fs::remove_dir_all(&dir);
+                    last_error = e;
+                    if !retry {
+                        break;
+                    }
+                }
+            }
         }
-        started
+        Err(format!("the registry did not start: {last_error}"))
     }
 
-    fn start_in(dir: &Path, creds: Option<(String, String)>) -> Result<Registry, String> {
+    /// One attempt in `dir`; on failure, why, and whether another port may do.
+    fn start_in(
+        dir: &Path,
+        attempt: u32,
+        creds: Option<(String, String)>,
+    ) -> Result<Registry, (String, bool)> {
+        let fail = |e: String| (e, false);
         let auth = match &creds {
             Some((user, pass)) => {
                 let htpasswd = dir.join("htpasswd");
-                fs::write(&htpasswd, format!("{user}:{}\n", bcrypt(pass)?))
-                    .map_err(|e| format!("{}: {e}", htpasswd.display()))?;
+                fs::write(&htpasswd, format!("{user}:{}\n", bcrypt(pass).map_err(fail)?))
+                    .map_err(|e| fail(format!("{}: {e}", htpasswd.display())))?;
                 format!(
                     "auth:\n  htpasswd:\n    realm: isocell-test\n    path: {}\n",
                     htpasswd.display()
@@ -121,60 +137,54 @@ impl Registry {
             }
             None => String::new(),
         };
-        let mut last_error = String::new();
-        for attempt in 1..=PORT_ATTEMPTS {
-            let port = free_port()?;
-            let config = dir.join("config.yml");
-            fs::write(
-                &config,
-                format!(
-                    "version: 0.1\n\
-                     log:\n  level: info\n  accesslog:\n    disabled: false\n\
-                     storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                     http:\n  addr: 127.0.0.1:{port}\n\
-                     {auth}",
-                    dir.join("storage").display()
-                ),
+        let port = free_port().map_err(fail)?;
+        let config = dir.join("config.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\n\
+                 log:\n  level: info\n  accesslog:\n    disabled: false\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+                 http:\n  addr: 127.0.0.1:{port}\n\
+                 {auth}",
+                dir.join("storage").display()
+            ),
+        )
+        .map_err(|e| fail(format!("{}: {e}", config.display())))?;
+        let log_path = dir.join(format!("registry-{attempt}.log"));
+        let log = fs::File::create(&log_path)
+            .map_err(|e| fail(format!("{}: {e}", log_path.display())))?;
+        let log2 = log.try_clone().map_err(|e| fail(format!("{}: {e}", log_path.display())))?;
+        // Under a shell that ends the registry, and removes its directory, when its stdin
+        // closes: when this process exits, even with the registry held in a static that is
+        // never dropped (as the image tests do), nothing is left running or on disk. (fd 3: a
+        // background job's own stdin is /dev/null.)
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(
+                r#"exec 3<&0; "$0" serve "$1" & r=$!; (cat <&3 >/dev/null; kill $r 2>/dev/null; while kill -0 $r 2>/dev/null; do sleep 0.05; done; rm -rf "$2") & wait $r"#,
             )
-            .map_err(|e| format!("{}: {e}", config.display()))?;
-            let log_path = dir.join(format!("registry-{attempt}.log"));
-            let log =
-                fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
-            let log2 = log.try_clone().map_err(|e| format!("{}: {e}", log_path.display()))?;
-            // Under a shell that ends the registry when its stdin closes: when this process
-            // exits, even with the registry held in a static that is never dropped (as the
-            // image tests do), nothing is left running. (fd 3: a background job's own stdin
-            // is /dev/null.)
-            let child = Command::new("sh")
-                .arg("-c")
-                .arg(r#"exec 3<&0; "$0" serve "$1" & r=$!; (cat <&3 >/dev/null; kill $r 2>/dev/null) & wait $r"#)
-                .arg(REGISTRY_BIN)
-                .arg(&config)
-                .stdin(Stdio::piped())
-                .stdout(log)
-                .stderr(log2)
-                .spawn()
-                .map_err(|e| format!("cannot start {REGISTRY_BIN}: {e}"))?;
-            // From here on, dropping `registry` stops the child.
-            let mut registry = Registry { child, port, dir: dir.to_owned(), creds: None };
-            match registry.wait_ready(creds.as_ref()) {
-                Ok(()) => {
-                    registry.creds = creds;
-                    return Ok(registry);
-                }
-                Err(e) => {
-                    registry.stop();
-                    // Keep the directory for the next attempt: forget it before the drop.
-                    registry.dir = PathBuf::new();
-                    let text = fs::read_to_string(&log_path).unwrap_or_default();
-                    last_error = format!("{e}; log {}:\n{text}", log_path.display());
-                    if !text.contains("address already in use") {
-                        break;
-                    }
-                }
+            .arg(REGISTRY_BIN)
+            .arg(&config)
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| fail(format!("cannot start {REGISTRY_BIN}: {e}")))?;
+        // From here on, dropping `registry` stops the child.
+        let mut registry = Registry { child, port, dir: dir.to_owned(), creds: None };
+        match registry.wait_ready(creds.as_ref()) {
+            Ok(()) => {
+                registry.creds = creds;
+                Ok(registry)
+            }
+            Err(e) => {
+                let text = fs::read_to_string(&log_path).unwrap_or_default();
+                let retry = text.contains("address already in use");
+                Err((format!("{e}; log {}:\n{text}", log_path.display()), retry))
             }
         }
-        Err(format!("the registry did not start: {last_error}"))
     }
 
     /// Waits until `GET /v2/` answers 200 (with the credentials, if any).
