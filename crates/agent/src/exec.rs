@@ -153,6 +153,8 @@ pub fn spawn(
     let Some(program) = req.argv.first() else {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"));
     };
+    crate::reseed::require_reseeded()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
     let cwd = req.cwd.as_deref().unwrap_or("/");
     let dir = std::path::Path::new(cwd);
     if !dir.is_dir() {

@@ -132,6 +132,7 @@ fn serve(stream: VsockStream) -> Result<Served, String> {
             // Only a cell that has run nothing may be saved; it then waits for the break.
             Message::PrepareSnapshot if running.is_none() => {
                 prepared = true;
+                reseed::mark_for_snapshot();
                 Some(Message::Done)
             }
             Message::PrepareSnapshot => {
@@ -198,6 +199,13 @@ pub fn file_operation(
     reader: &mut impl std::io::Read,
     link: &Link,
 ) -> Option<Message> {
+    if let Err(message) = reseed::require_reseeded() {
+        if matches!(msg, Message::PutFile { .. }) {
+            // Its data follows: read past it, so the connection stays in step.
+            while let Ok(Some(Message::Data(_))) = read_frame(&mut *reader) {}
+        }
+        return Some(Message::Error { message });
+    }
     Some(match msg {
         Message::PutFile { path, mode, size } => {
             let next = || read_frame(&mut *reader).ok().flatten();

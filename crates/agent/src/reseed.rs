@@ -10,6 +10,38 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set when the cell is prepared for a snapshot, so every copy restored from it starts with it
+/// set; cleared by a successful [`reseed`]. While it is set the agent runs nothing and touches
+/// no file for the host: the host's order of requests is not all that stands between a clone
+/// and work done on another clone's RNG state.
+static PENDING: Gate = Gate(AtomicBool::new(false));
+
+/// Whether a reseed is owed.
+struct Gate(AtomicBool);
+
+impl Gate {
+    fn check(&self) -> Result<(), String> {
+        if self.0.load(Ordering::SeqCst) {
+            Err("this cell was restored from a snapshot and has not been reseeded yet: it runs \
+                 nothing until the host has given it fresh entropy"
+                .into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Marks this cell as one a snapshot is taken of (see [`PENDING`]).
+pub fn mark_for_snapshot() {
+    PENDING.0.store(true, Ordering::SeqCst);
+}
+
+/// `Err` (why) while a restored cell has not been reseeded.
+pub fn require_reseeded() -> Result<(), String> {
+    PENDING.check()
+}
 
 /// The least entropy the host must send: one CRNG key.
 pub const MIN_ENTROPY: usize = 32;
@@ -62,5 +94,25 @@ pub fn reseed(entropy: &[u8], unix_time_ns: u64) -> Result<(), String> {
     if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
         return Err(format!("cannot set the clock: {}", std::io::Error::last_os_error()));
     }
+    PENDING.0.store(false, Ordering::SeqCst);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_cell_prepared_for_a_snapshot_runs_nothing_until_reseeded() {
+        let gate = Gate(AtomicBool::new(false));
+        assert!(gate.check().is_ok(), "a booted cell runs");
+        gate.0.store(true, Ordering::SeqCst);
+        assert!(gate.check().unwrap_err().contains("not been reseeded"));
+    }
+
+    #[test]
+    fn too_little_entropy_is_refused_before_anything_changes() {
+        assert!(reseed(&[0u8; MIN_ENTROPY - 1], 0).unwrap_err().contains("entropy"));
+    }
 }
