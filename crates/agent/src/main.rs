@@ -130,11 +130,13 @@ fn serve(stream: VsockStream) -> Result<Served, String> {
         };
         let reply = match msg {
             // Only a cell that has run nothing may be saved; it then waits for the break.
-            Message::PrepareSnapshot if running.is_none() => {
-                prepared = true;
-                reseed::mark_for_snapshot();
-                Some(Message::Done)
-            }
+            Message::PrepareSnapshot if running.is_none() => match session::prepare_snapshot() {
+                Ok(()) => {
+                    prepared = true;
+                    Some(Message::Done)
+                }
+                Err(message) => Some(Message::Error { message }),
+            },
             Message::PrepareSnapshot => {
                 Some(Message::Error { message: "this cell has run a command".into() })
             }

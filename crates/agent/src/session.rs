@@ -40,9 +40,22 @@ fn lock() -> std::sync::MutexGuard<'static, Table> {
     table().0.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Marks the cell for a snapshot (see [`crate::reseed::mark_for_snapshot`]) if no session has
+/// ever run in it. Under the table's lock, so a session cannot start in between: either it
+/// was reserved first and the snapshot is refused, or the mark came first and the session is.
+pub fn prepare_snapshot() -> Result<(), String> {
+    let t = lock();
+    if !t.sessions.is_empty() {
+        return Err("a session has run in this cell".into());
+    }
+    crate::reseed::mark_for_snapshot();
+    Ok(())
+}
+
 /// Claims `id` for a new session; an error message if it cannot be.
 fn reserve(id: u64) -> Result<(), String> {
     let mut t = lock();
+    crate::reseed::require_reseeded()?;
     if t.sessions.contains_key(&id) {
         return Err(format!("session {id} already exists in this cell"));
     }
