@@ -22,6 +22,10 @@ static PENDING: Gate = Gate(AtomicBool::new(false));
 struct Gate(AtomicBool);
 
 impl Gate {
+    fn set(&self, owed: bool) {
+        self.0.store(owed, Ordering::SeqCst);
+    }
+
     fn check(&self) -> Result<(), String> {
         if self.0.load(Ordering::SeqCst) {
             Err("this cell was restored from a snapshot and has not been reseeded yet: it runs \
@@ -35,7 +39,7 @@ impl Gate {
 
 /// Marks this cell as one a snapshot is taken of (see [`PENDING`]).
 pub fn mark_for_snapshot() {
-    PENDING.0.store(true, Ordering::SeqCst);
+    PENDING.set(true);
 }
 
 /// `Err` (why) while a restored cell has not been reseeded.
@@ -94,7 +98,7 @@ pub fn reseed(entropy: &[u8], unix_time_ns: u64) -> Result<(), String> {
     if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
         return Err(format!("cannot set the clock: {}", std::io::Error::last_os_error()));
     }
-    PENDING.0.store(false, Ordering::SeqCst);
+    PENDING.set(false);
     Ok(())
 }
 
@@ -107,7 +111,7 @@ mod tests {
     fn a_cell_prepared_for_a_snapshot_runs_nothing_until_reseeded() {
         let gate = Gate(AtomicBool::new(false));
         assert!(gate.check().is_ok(), "a booted cell runs");
-        gate.0.store(true, Ordering::SeqCst);
+        gate.set(true);
         assert!(gate.check().unwrap_err().contains("not been reseeded"));
     }
 

@@ -102,9 +102,9 @@ impl Registry {
         }
         let mut last_error = String::new();
         // Each attempt has a directory of its own, which goes with its registry.
-        for attempt in 1..=PORT_ATTEMPTS {
+        for _ in 0..PORT_ATTEMPTS {
             let dir = fresh_dir()?;
-            match Self::start_in(&dir, attempt, creds.clone()) {
+            match Self::start_in(&dir, creds.clone()) {
                 Ok(registry) => return Ok(registry),
                 Err((e, retry)) => {
                     let _ = fs::remove_dir_all(&dir);
@@ -119,11 +119,7 @@ impl Registry {
     }
 
     /// One attempt in `dir`; on failure, why, and whether another port may do.
-    fn start_in(
-        dir: &Path,
-        attempt: u32,
-        creds: Option<(String, String)>,
-    ) -> Result<Registry, (String, bool)> {
+    fn start_in(dir: &Path, creds: Option<(String, String)>) -> Result<Registry, (String, bool)> {
         let fail = |e: String| (e, false);
         let auth = match &creds {
             Some((user, pass)) => {
@@ -151,7 +147,7 @@ impl Registry {
             ),
         )
         .map_err(|e| fail(format!("{}: {e}", config.display())))?;
-        let log_path = dir.join(format!("registry-{attempt}.log"));
+        let log_path = dir.join("registry.log");
         let log = fs::File::create(&log_path)
             .map_err(|e| fail(format!("{}: {e}", log_path.display())))?;
         let log2 = log.try_clone().map_err(|e| fail(format!("{}: {e}", log_path.display())))?;

@@ -187,9 +187,14 @@ impl Conn {
         (self.guest_send_shut || self.guest_rcv_shut).then(|| self.last_progress + HALF_CLOSED_IDLE)
     }
 
-    /// Both sides have finished sending and everything is delivered.
+    /// Both sides have finished sending, everything is delivered, and the guest, whose end is
+    /// still open, has not been told yet (see [`Muxer::host_finished`]).
     fn both_sent(&self) -> bool {
-        self.host_send_shut && self.guest_send_shut && self.to_host.is_empty()
+        self.host_send_shut
+            && self.guest_send_shut
+            && self.to_host.is_empty()
+            && !self.host_done
+            && !self.draining()
     }
 
     /// The guest closed its end and only bytes for the host are left to deliver.
@@ -432,7 +437,7 @@ impl Muxer {
                 conn.guest_send_shut |= h.flags & SHUTDOWN_SEND != 0;
                 conn.guest_rcv_shut |= h.flags & SHUTDOWN_RCV != 0;
                 reset = conn.flush().is_err();
-                if !reset && !conn.draining() && !conn.host_done && conn.both_sent() {
+                if !reset && conn.both_sent() {
                     self.host_finished(key);
                     return;
                 }
@@ -655,7 +660,7 @@ impl Muxer {
             self.remove(key);
             return;
         }
-        if conn.both_sent() && !conn.host_done {
+        if conn.both_sent() {
             self.host_finished(key);
             return;
         }
