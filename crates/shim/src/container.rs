@@ -86,6 +86,10 @@ pub struct Proc {
     pub state: watch::Sender<ProcState>,
     /// Its input, once started.
     input: Mutex<Option<SessionInput>>,
+    /// The shim's own writer on the stdin FIFO, held (as runc's shim holds one) so that the
+    /// client closing its end is not the end of input: CloseIO drops it, and the forwarder then
+    /// drains what is buffered before it closes the process's stdin.
+    stdin_keep: Mutex<Option<File>>,
 }
 
 impl Proc {
@@ -97,6 +101,7 @@ impl Proc {
             stdio,
             state: watch::channel(ProcState::Created).0,
             input: Mutex::new(None),
+            stdin_keep: Mutex::new(None),
         })
     }
 
@@ -304,6 +309,14 @@ impl Container {
         };
         let tty = p.stdio.terminal.then_some(WindowSize { rows: 24, cols: 80 });
         let stdin = !p.stdio.stdin.is_empty();
+        // Opened before the session starts, so a FIFO that cannot be opened fails the start.
+        let fifo = match stdin {
+            true => Some(
+                StdinFifo::open(Path::new(&p.stdio.stdin))
+                    .map_err(|e| format!("opening stdin FIFO {}: {e}", p.stdio.stdin))?,
+            ),
+            false => None,
+        };
         let (mut link, input, _guest_pid) = match side.sessions.exec(p.session, process, tty, stdin)
         {
             Ok(started) => started,
@@ -320,11 +333,17 @@ impl Container {
         };
         *lock(&p.input) = Some(input.clone());
         p.state.send_replace(ProcState::Running);
-        if stdin {
-            let path = p.stdio.stdin.clone();
-            let _ = std::thread::Builder::new()
-                .name("stdin".into())
-                .spawn(move || forward_stdin(&path, &input));
+        if let Some(StdinFifo { reader, keep }) = fifo {
+            *lock(&p.stdin_keep) = Some(keep);
+            let _ = std::thread::Builder::new().name("stdin".into()).spawn(move || {
+                forward_stdin(
+                    reader,
+                    |b| input.stdin(b).is_ok(),
+                    || {
+                        let _ = input.close_stdin();
+                    },
+                )
+            });
         }
         let (this, p) = (self.clone(), p.clone());
         std::thread::Builder::new()
@@ -339,6 +358,7 @@ impl Container {
                 // The session is over: its connection closes before the cell may be torn down.
                 drop(sink);
                 lock(&p.input).take();
+                lock(&p.stdin_keep).take();
                 drop(link);
                 this.exited(&p, status);
             })
@@ -432,8 +452,15 @@ impl Container {
         }
     }
 
-    /// Closes process `p`'s standard input.
+    /// Closes process `p`'s standard input: once what its FIFO holds has reached it.
     pub fn close_stdin(&self, p: &Proc) -> Result<(), String> {
+        // Dropping the shim's writer lets the forwarder see the FIFO's end after the client's
+        // last bytes; closing the session here could overtake them (ctr calls CloseIO right
+        // after its last write).
+        if !p.stdio.stdin.is_empty() {
+            lock(&p.stdin_keep).take();
+            return Ok(());
+        }
         match lock(&p.input).as_ref() {
             Some(i) => i.close_stdin().map_err(|e| e.to_string()),
             None => Ok(()),
@@ -575,22 +602,127 @@ impl OutputSink for Discard {
     }
 }
 
-/// Copies the stdin FIFO into the process until its writer closes it.
-fn forward_stdin(path: &str, input: &SessionInput) {
-    let Ok(mut f) = File::open(path) else {
-        let _ = input.close_stdin();
-        return;
-    };
+/// A process's stdin FIFO, opened by the shim: a reader for the forwarder and a writer the shim
+/// holds until CloseIO.
+struct StdinFifo {
+    reader: File,
+    keep: File,
+}
+
+impl StdinFifo {
+    /// Opens both ends without blocking, whether or not the client has opened its end yet.
+    fn open(path: &Path) -> std::io::Result<StdinFifo> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // A non-blocking reader first, so the writer's open finds a reader and does not block;
+        // then a blocking reader (there is a writer now), and the first reader goes.
+        let probe = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+        let keep = OpenOptions::new().write(true).open(path)?;
+        let reader = File::open(path)?;
+        drop(probe);
+        Ok(StdinFifo { reader, keep })
+    }
+}
+
+/// Copies the stdin FIFO into the process until every writer has closed it (the client's, and
+/// the shim's at CloseIO), then closes the process's stdin. Stops early if `send` fails.
+fn forward_stdin(mut fifo: File, mut send: impl FnMut(&[u8]) -> bool, close: impl FnOnce()) {
     let mut buf = vec![0u8; isocell_proto::MAX_CHUNK];
     loop {
-        match f.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+        match fifo.read(&mut buf) {
+            Ok(0) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
             Ok(n) => {
-                if input.stdin(&buf[..n]).is_err() {
+                if !send(&buf[..n]) {
                     return;
                 }
             }
         }
     }
-    let _ = input.close_stdin();
+    close();
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::sync::mpsc;
+
+    fn fifo(dir: &Path) -> PathBuf {
+        let path = dir.join("stdin");
+        let made = std::process::Command::new("mkfifo").arg(&path).status().unwrap();
+        assert!(made.success());
+        path
+    }
+
+    /// Starts a forwarder; its channel gets each chunk, then `None` when it closes stdin.
+    fn forwarder(reader: File) -> (std::thread::JoinHandle<()>, mpsc::Receiver<Option<Vec<u8>>>) {
+        let (tx, rx) = mpsc::channel();
+        let close = tx.clone();
+        let handle = std::thread::spawn(move || {
+            forward_stdin(
+                reader,
+                |b| tx.send(Some(b.to_vec())).is_ok(),
+                move || {
+                    close.send(None).unwrap();
+                },
+            )
+        });
+        (handle, rx)
+    }
+
+    fn written(rx: &mpsc::Receiver<Option<Vec<u8>>>) -> (Vec<u8>, bool) {
+        let (mut data, mut closed) = (Vec::new(), false);
+        while let Ok(m) = rx.try_recv() {
+            match m {
+                Some(b) => data.extend(b),
+                None => closed = true,
+            }
+        }
+        (data, closed)
+    }
+
+    #[test]
+    fn close_io_right_after_the_last_write_loses_nothing() {
+        for _ in 0..50 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = fifo(dir.path());
+            let StdinFifo { reader, keep } = StdinFifo::open(&path).unwrap();
+            let (handle, rx) = forwarder(reader);
+            // As ctr: write, then CloseIO at once, its own end closed after.
+            let mut client = OpenOptions::new().write(true).open(&path).unwrap();
+            client.write_all(b"piped\n").unwrap();
+            drop(keep);
+            drop(client);
+            handle.join().unwrap();
+            assert_eq!(written(&rx), (b"piped\n".to_vec(), true));
+        }
+    }
+
+    #[test]
+    fn a_client_closing_its_end_is_not_the_end_of_input_until_close_io() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = fifo(dir.path());
+        let StdinFifo { reader, keep } = StdinFifo::open(&path).unwrap();
+        let (handle, rx) = forwarder(reader);
+        let mut first = OpenOptions::new().write(true).open(&path).unwrap();
+        first.write_all(b"one ").unwrap();
+        drop(first);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!handle.is_finished(), "input ended when the client closed its end");
+        // A client that attaches again is still heard.
+        let mut second = OpenOptions::new().write(true).open(&path).unwrap();
+        second.write_all(b"two").unwrap();
+        drop(second);
+        drop(keep);
+        handle.join().unwrap();
+        assert_eq!(written(&rx), (b"one two".to_vec(), true));
+    }
+
+    #[test]
+    fn opening_a_missing_fifo_is_an_error_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(StdinFifo::open(&dir.path().join("absent")).is_err());
+    }
 }
