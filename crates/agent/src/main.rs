@@ -95,17 +95,8 @@ fn connect() -> Option<VsockStream> {
     }
 }
 
-/// How a connection to the host ended without an error.
-enum Served {
-    /// The host asked the cell to power off.
-    Shutdown,
-    /// The connection broke after `PrepareSnapshot`: this is a copy restored from the
-    /// snapshot, and must dial its new host.
-    Restored,
-}
-
 /// Serves the host until it asks for shutdown or goes away.
-fn serve(stream: VsockStream) -> Result<Served, String> {
+fn serve(stream: VsockStream) -> Result<(), String> {
     let reader = stream.try_clone().map_err(|e| format!("vsock: {e}"))?;
     let mut reader = BufReader::with_capacity(128 * 1024, reader);
     let link = Arc::new(Link { writer: Mutex::new(stream) });
@@ -120,23 +111,18 @@ fn serve(stream: VsockStream) -> Result<Served, String> {
     }
 
     let mut running: Option<exec::Running> = None;
-    let mut prepared = false;
     loop {
         let msg = match read_frame(&mut reader) {
             Ok(Some(m)) => m,
-            Ok(None) | Err(_) if prepared => return Ok(Served::Restored),
             Ok(None) => return Err("the host closed the connection".into()),
             Err(e) => return Err(format!("reading from the host: {e}")),
         };
         let reply = match msg {
-            // Only a cell that has run nothing may be saved; it then waits for the break.
-            Message::PrepareSnapshot if running.is_none() => match session::prepare_snapshot() {
-                Ok(()) => {
-                    prepared = true;
-                    Some(Message::Done)
-                }
-                Err(message) => Some(Message::Error { message }),
-            },
+            // Only a cell that has run nothing may be saved. The saved cell never resumes; each
+            // copy goes on from here on this same connection, its new host's `Reseed` first.
+            Message::PrepareSnapshot if running.is_none() => {
+                Some(result_message(session::prepare_snapshot()))
+            }
             Message::PrepareSnapshot => {
                 Some(Message::Error { message: "this cell has run a command".into() })
             }
@@ -182,7 +168,7 @@ fn serve(stream: VsockStream) -> Result<Served, String> {
                     r.signal(libc::SIGKILL);
                     r.wait_sent();
                 }
-                return Ok(Served::Shutdown);
+                return Ok(());
             }
             other => file_operation(other, &mut reader, &link),
         };
@@ -261,16 +247,11 @@ fn main() {
     net::set_up(args.net);
     exec::start_reaper();
     session::listen();
-    // A copy restored from a snapshot goes round again: its old connection broke with the
-    // vsock transport reset, and its new host is waiting.
-    while let Some(stream) = connect() {
-        match serve(stream) {
-            Ok(Served::Restored) => continue,
-            Ok(Served::Shutdown) => break,
-            Err(e) => {
-                log(&e);
-                break;
-            }
+    // One connection for the cell's life: a copy restored from a snapshot goes on with it, as
+    // the VMM hands the guest's saved connection to its new host.
+    if let Some(stream) = connect() {
+        if let Err(e) = serve(stream) {
+            log(&e);
         }
     }
     power_off();

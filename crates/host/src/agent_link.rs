@@ -105,7 +105,17 @@ impl AgentLink {
     /// Wraps a session connection (see [`crate::session`]): no handshake, the host speaks
     /// first.
     pub fn session(stream: UnixStream) -> Result<AgentLink, AgentLinkError> {
-        let writer = stream.try_clone().map_err(AgentLinkError::SessionSocket)?;
+        Self::without_handshake(stream).map_err(AgentLinkError::SessionSocket)
+    }
+
+    /// Wraps the connection a restored cell's agent goes on with (it said hello to the host
+    /// that took the snapshot): no handshake, the host speaks first.
+    pub fn resumed(stream: UnixStream) -> Result<AgentLink, AgentLinkError> {
+        Self::without_handshake(stream).map_err(AgentLinkError::Socket)
+    }
+
+    fn without_handshake(stream: UnixStream) -> std::io::Result<AgentLink> {
+        let writer = stream.try_clone()?;
         Ok(AgentLink {
             reader: stream,
             writer: Arc::new(Mutex::new(writer)),

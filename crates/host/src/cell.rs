@@ -308,14 +308,25 @@ impl Cell {
             }
         };
         let boot_ms = ms_since(started);
-        let (link, agent) = AgentLink::handshake(stream, timeout)
-            .map_err(|e| CellError::Agent(format!("{e}{}", self.vmm.diagnostics())))?;
-        self.link = Some(link);
-        if let SnapshotUse::Restore { name, .. } = &self.plan.request.snapshot {
-            let name = name.clone();
-            self.reseed(timeout)?;
-            self.log("restored", json!({ "snapshot": name, "reseeded": true }))?;
-        }
+        let agent = match &self.plan.request.snapshot {
+            // The restored VMM handed us the connection the agent made to the host that took
+            // the snapshot (it said hello there): the first request is the reseed.
+            SnapshotUse::Restore { name, agent, .. } => {
+                let (name, agent) = (name.clone(), agent.clone());
+                self.link =
+                    Some(AgentLink::resumed(stream).map_err(|e| CellError::Agent(e.to_string()))?);
+                self.reseed(timeout)
+                    .map_err(|e| CellError::Agent(format!("{e}{}", self.vmm.diagnostics())))?;
+                self.log("restored", json!({ "snapshot": name, "reseeded": true }))?;
+                agent
+            }
+            _ => {
+                let (link, agent) = AgentLink::handshake(stream, timeout)
+                    .map_err(|e| CellError::Agent(format!("{e}{}", self.vmm.diagnostics())))?;
+                self.link = Some(link);
+                agent
+            }
+        };
         self.log("start", json!({ "agent": agent, "boot_ms": boot_ms.round() as u64 }))?;
         Ok(agent)
     }

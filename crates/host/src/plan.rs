@@ -98,6 +98,9 @@ pub enum SnapshotUse {
         /// What it was booted from (kernel, initrd, root image, VMM), as the launch
         /// measurement names them: the cell must measure the same.
         components: std::collections::BTreeMap<String, String>,
+        /// The saved agent's name (the restored copy says no hello of its own).
+        #[serde(default)]
+        agent: String,
     },
 }
 

@@ -33,8 +33,8 @@ pub const MANIFEST: &str = "manifest.json";
 /// The VMM's files in a snapshot.
 const MEMORY_FILE: &str = "memory";
 const STATE_FILE: &str = "vm.json";
-/// The manifest format.
-const FORMAT: u32 = 1;
+/// The manifest format (2: the agent's name).
+const FORMAT: u32 = 2;
 /// The components a restored cell must measure as its snapshot did.
 const BOUND_COMPONENTS: [&str; 4] = ["kernel", "initrd", "root_image", "vmm"];
 
@@ -59,6 +59,16 @@ pub struct Manifest {
     pub state_digest: String,
     /// The host CPU's model name it was taken on (the VMM checks the CPUID itself).
     pub cpu_model: String,
+    /// The saved agent's name, from its `Hello`: a restored copy goes on with the saved
+    /// connection and says no hello of its own.
+    pub agent: String,
+}
+
+/// What the saved cell was: its launch measurement and its agent.
+struct Origin {
+    components: BTreeMap<String, String>,
+    launch_digest: String,
+    agent: String,
 }
 
 /// Where this host keeps its snapshots.
@@ -161,7 +171,7 @@ pub fn create(
         let components = admitted.components().clone();
         let mut cell = admitted.start(host, &[format!("<snapshot {name}>")])?;
         let saved = (|| {
-            cell.wait_ready(boot_timeout, cancel)?;
+            let agent = cell.wait_ready(boot_timeout, cancel)?;
             cell.prepare_snapshot(boot_timeout)?;
             // The VMM asked for SIGUSR1 (--snapshot-save) and is still running.
             cell.signal_vmm(libc::SIGUSR1)
@@ -171,7 +181,7 @@ pub fn create(
             let reason =
                 cell.vmm_report().and_then(|r| r["exit_reason"].as_str().map(str::to_owned));
             match (status, reason.as_deref()) {
-                (Some(s), Some("saved")) if s.success() => Ok(()),
+                (Some(s), Some("saved")) if s.success() => Ok(agent),
                 (s, r) => Err(CellError::Host(format!(
                     "the VMM did not save the cell (status {s:?}, reason {r:?})"
                 ))),
@@ -182,10 +192,11 @@ pub fn create(
             outcome: if saved.is_ok() { "snapshot_saved" } else { "failed" },
         };
         let ended = cell.delete(&verdict, sink);
-        saved?;
+        let agent = saved?;
         ended?;
         let cache = digest_cache(host);
-        finish(&staging, &target, name, request, components, launch_digest, &cache)
+        let origin = Origin { components, launch_digest, agent };
+        finish(&staging, &target, name, request, origin, &cache)
     })();
     if result.is_err() {
         let _ = fs::remove_dir_all(&staging);
@@ -214,8 +225,7 @@ fn finish(
     target: &Path,
     name: &str,
     mut request: CellRequest,
-    components: BTreeMap<String, String>,
-    launch_digest: String,
+    origin: Origin,
     cache: &DigestCache,
 ) -> Result<Manifest, CellError> {
     let readers = Some(isocell_jail::SNAPSHOT_READER_GID);
@@ -267,11 +277,12 @@ fn finish(
         name: name.to_owned(),
         created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         request,
-        components,
-        launch_digest,
+        components: origin.components,
+        launch_digest: origin.launch_digest,
         memory_digest: digests[0].clone(),
         state_digest: digests[1].clone(),
         cpu_model: cpu_model(),
+        agent: origin.agent,
     };
     let path = staging.join(MANIFEST);
     let text =
@@ -337,6 +348,7 @@ pub fn restore_request(host: &HostConfig, name: &str) -> Result<CellRequest, Cel
         memory_digest: m.memory_digest,
         state_digest: m.state_digest,
         components: m.components,
+        agent: m.agent,
     };
     Ok(request)
 }

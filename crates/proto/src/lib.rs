@@ -17,7 +17,8 @@ pub use message::{EntryKind, ExecRequest, ExitStatus, Message, Privileges, Windo
 /// Version of this protocol, exchanged in `Hello` and `Welcome`. 2: `ExecRequest::groups`.
 /// 3: sessions (`ExecSession`, `Resize`, `WaitSession`, `SignalSession`) on [`SESSION_PORT`].
 /// 4: snapshots (`PrepareSnapshot`, `Reseed`). 5: `ExecRequest::privileges`, `MakeReadOnly`.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// 6: a restored copy keeps the saved cell's connection (no new `Hello`; `Reseed` first).
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Largest frame body accepted (bytes after the 4-byte length prefix).
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// Largest data chunk senders put in one Stdout/Stderr/Stdin/Data message.

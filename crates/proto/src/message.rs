@@ -123,9 +123,9 @@ pub enum Message {
         signal: i32,
     },
     /// Host → agent, to a cell that has run nothing: it is about to be saved as a snapshot.
-    /// The agent replies `Done` and then only waits for its connection to break, which
-    /// happens in a copy restored from the snapshot (the vsock transport is reset); it then
-    /// dials the host again and says `Hello` anew.
+    /// The agent replies `Done`; the VM is then saved and never resumes. Each copy restored
+    /// from the snapshot goes on with this same connection (the VMM hands it to the copy's
+    /// host, without a new `Hello`), and its host's first request is `Reseed`.
     PrepareSnapshot,
     /// Host → agent, the first request to a cell restored from a snapshot, before anything
     /// runs: mix `entropy` into the kernel's pool and reseed its RNG, so no two copies share

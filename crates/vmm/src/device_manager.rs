@@ -25,7 +25,7 @@ use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioState, MmioTransport};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
-use crate::devices::virtio::{feature_names, VirtioDevice};
+use crate::devices::virtio::{feature_names, DeviceState, VirtioDevice};
 use crate::devices::{Bus, BusOverlap, SharedDevice};
 use crate::exit::ExitRequester;
 use crate::timeline::Timeline;
@@ -150,6 +150,16 @@ pub struct DeviceStates {
     pub virtio: BTreeMap<String, MmioState>,
     /// Other devices that keep state (the UART, the i8042).
     pub plain: BTreeMap<String, serde_json::Value>,
+}
+
+impl DeviceStates {
+    /// Why these states cannot make a faithful snapshot (a device that was busy), if so.
+    pub fn busy(&self) -> Option<String> {
+        self.virtio.iter().find_map(|(id, m)| match &m.device {
+            DeviceState::Vsock(v) => v.busy.as_ref().map(|why| format!("{id}: {why}")),
+            _ => None,
+        })
+    }
 }
 
 /// The live devices of a running VM.

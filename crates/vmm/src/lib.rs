@@ -222,7 +222,8 @@ pub fn boot(
             .collect::<Result<Vec<_>, _>>()?,
     };
     // Devices take their state last: a restored device may raise its interrupt at once (vsock
-    // owes the guest a transport reset), and setting a vCPU's LAPIC afterwards would drop it.
+    // may have host bytes for the guest already), and setting a vCPU's LAPIC afterwards would
+    // drop it.
     if let Some(state) = &restored {
         devices.restore(&state.devices).map_err(BuildError::DeviceState)?;
     }
@@ -380,6 +381,9 @@ fn save_snapshot(
         .devices
         .save_for_snapshot()
         .map_err(|id| format!("device {id} did not give its state"))?;
+    if let Some(why) = devices.busy() {
+        return Err(format!("the VM cannot be saved at this point: {why}"));
+    }
     let vm = vstate::vm::save_state(parts.vm).map_err(|e| e.to_string())?;
     let vcpus = vcpus
         .iter()

@@ -28,8 +28,9 @@ use crate::vstate::vm::VmState;
 pub const MEMORY_FILE: &str = "memory";
 /// The VM's state, JSON.
 pub const STATE_FILE: &str = "vm.json";
-/// The version of the layout above and of [`SnapshotState`].
-pub const FORMAT: u32 = 1;
+/// The version of the layout above and of [`SnapshotState`] (2: vsock keeps the guest's
+/// connections).
+pub const FORMAT: u32 = 2;
 /// A state file larger than this is not one (32 vCPUs take well under 2 MiB).
 const MAX_STATE_BYTES: u64 = 16 << 20;
 

@@ -74,7 +74,7 @@ pub enum DeviceState {
     Block(block::BlockState),
     /// virtio-rng: nothing of its own.
     Rng,
-    /// virtio-vsock: the guest's context id and the next host port.
+    /// virtio-vsock: the guest's context id, the next host port, the guest's connections.
     Vsock(vsock::VsockState),
 }
 

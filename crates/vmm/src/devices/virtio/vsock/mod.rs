@@ -10,38 +10,40 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use super::{DeviceInfo, DeviceState, RestoreError, VirtioDevice};
 use crate::seccomp::ThreadKind;
-use muxer::{Header, Muxer};
+use muxer::{Header, Muxer, SavedConnection};
 
 pub use isocell_vmm_model::devices::virtio::vsock::{offered_features, DEVICE_TYPE, QUEUE_SIZE};
 /// Largest payload of one packet, either way (the Linux driver sends at most 64 KiB).
 const MAX_PKT_DATA: u32 = 64 * 1024;
 const RX: usize = 0;
 const TX: usize = 1;
-const EVENT: usize = 2;
-/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: the guest's connections are gone (after a restore).
-const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// A virtio socket device.
 pub struct Vsock {
     guest_cid: u64,
     muxer: Muxer,
     buf: Vec<u8>,
-    /// A transport-reset event is owed to the guest (its connections did not survive a restore).
-    reset_event_due: bool,
 }
 
-/// A vsock device's saved state. Connections are host sockets, which a snapshot cannot hold:
-/// a restored device has none and tells the guest so with a transport-reset event.
+/// A vsock device's saved state. The host sockets cannot be saved, but a snapshot is taken at
+/// a quiet point, when the only connections are idle ones the guest opened (its agent's): each
+/// is saved with its counters and, on restore, connected to the new host's listener on the
+/// same port, so the guest's socket goes on as it was (no transport reset, no new dial).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockState {
     /// The guest's context id.
     pub guest_cid: u64,
     /// The next host-side port for host-initiated connections.
     pub next_local_port: u32,
+    /// The guest's connections.
+    pub connections: Vec<SavedConnection>,
+    /// Why the device could not be saved faithfully (a busy connection, a packet owed to the
+    /// guest): such a state is never restored, and the VMM refuses to write the snapshot.
+    pub busy: Option<String>,
 }
 
 impl Vsock {
@@ -52,26 +54,7 @@ impl Vsock {
             guest_cid,
             muxer: Muxer::new(guest_cid, uds_path)?,
             buf: vec![0; MAX_PKT_DATA as usize],
-            reset_event_due: false,
         })
-    }
-
-    /// Sends the owed transport-reset event, if the guest gave a buffer for it.
-    fn send_reset_event(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
-        let Some(q) = queues.get_mut(EVENT).filter(|q| self.reset_event_due && q.ready()) else {
-            return false;
-        };
-        let Some(chain) = q.pop_descriptor_chain(mem) else { return false };
-        let head = chain.head_index();
-        let event = EVENT_TRANSPORT_RESET.to_le_bytes();
-        let written = chain
-            .filter(|d| d.is_write_only() && d.len() >= 4)
-            .take(1)
-            .map(|d| mem.write_slice(&event, d.addr()).is_ok())
-            .next()
-            .unwrap_or(false);
-        self.reset_event_due = false;
-        q.add_used(mem, head, if written { 4 } else { 0 }).is_ok()
     }
 
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
@@ -168,7 +151,6 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         // The driver's sockets are gone with its reset; so are ours.
         self.muxer.clear();
-        self.reset_event_due = false;
     }
 
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
@@ -178,7 +160,6 @@ impl VirtioDevice for Vsock {
                 used |= self.process_tx(q, mem);
             }
         }
-        used |= self.send_reset_event(queues, mem);
         // Whatever the guest did may have produced replies, or given us receive buffers.
         if let Some(q) = queues.get_mut(RX).filter(|q| q.ready()) {
             used |= self.fill_rx(q, mem);
@@ -197,17 +178,22 @@ impl VirtioDevice for Vsock {
     fn process_backend(&mut self, queues: Option<&mut [Queue]>, mem: &GuestMemoryMmap) -> bool {
         self.muxer.poll();
         let Some(queues) = queues else { return false };
-        let mut used = self.send_reset_event(queues, mem);
-        if let Some(q) = queues.get_mut(RX).filter(|q| q.ready()) {
-            used |= self.fill_rx(q, mem);
+        match queues.get_mut(RX).filter(|q| q.ready()) {
+            Some(q) => self.fill_rx(q, mem),
+            None => false,
         }
-        used
     }
 
     fn save(&self) -> DeviceState {
+        let (connections, busy) = match self.muxer.save_connections() {
+            Ok(c) => (c, None),
+            Err(why) => (Vec::new(), Some(why)),
+        };
         DeviceState::Vsock(VsockState {
             guest_cid: self.guest_cid,
             next_local_port: self.muxer.next_local_port(),
+            connections,
+            busy,
         })
     }
 
@@ -221,9 +207,11 @@ impl VirtioDevice for Vsock {
                 saved.guest_cid, self.guest_cid
             )));
         }
+        if let Some(why) = &saved.busy {
+            return Err(RestoreError::Mismatch(format!("saved while busy: {why}")));
+        }
         self.muxer.clear();
         self.muxer.set_next_local_port(saved.next_local_port);
-        self.reset_event_due = true;
-        Ok(())
+        self.muxer.restore_connections(&saved.connections).map_err(RestoreError::Mismatch)
     }
 }

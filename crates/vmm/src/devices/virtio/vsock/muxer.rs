@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 /// The host's context id.
@@ -99,6 +100,26 @@ pub struct Header {
     pub flags: u32,
     pub buf_alloc: u32,
     pub fwd_cnt: u32,
+}
+
+/// A guest-initiated connection as a snapshot saves it: its ports and the protocol's counters,
+/// so the guest's socket, restored with guest memory, goes on with a new host peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedConnection {
+    /// The host port the guest connected to (the listener at `uds_path` + `_PORT`).
+    pub host_port: u32,
+    /// The guest's port.
+    pub guest_port: u32,
+    /// Guest bytes delivered to the host.
+    pub fwd_cnt: u32,
+    /// Bytes sent to the guest.
+    pub rx_cnt: u32,
+    /// The guest's receive buffer, and how much of what it was sent it has consumed.
+    pub peer_buf_alloc: u32,
+    /// (See `peer_buf_alloc`.)
+    pub peer_fwd_cnt: u32,
+    /// A credit update was owed to the guest.
+    pub credit_update_due: bool,
 }
 
 /// A connection is named by its host-side and guest-side ports.
@@ -195,6 +216,20 @@ impl Conn {
             && self.to_host.is_empty()
             && !self.host_done
             && !self.draining()
+    }
+
+    /// Nothing in flight towards the host and neither side has begun to end it: the
+    /// connection can be saved with a snapshot and go on with another host peer.
+    fn idle(&self) -> bool {
+        self.state == State::Established
+            && self.to_host.is_empty()
+            && self.uncounted == 0
+            && !self.host_done
+            && !self.hung_up
+            && !self.host_send_shut
+            && !self.guest_send_shut
+            && !self.guest_rcv_shut
+            && self.shutdown_sent.is_none()
     }
 
     /// The guest closed its end and only bytes for the host are left to deliver.
@@ -344,6 +379,86 @@ impl Muxer {
     /// Continues numbering host ports from `port` (a restored device).
     pub fn set_next_local_port(&mut self, port: u32) {
         self.next_local_port = port.max(FIRST_LOCAL_PORT);
+    }
+
+    /// The connections, for a snapshot of a paused guest; `Err` says why the device cannot be
+    /// saved now: a snapshot holds only idle connections the guest opened (its agent's), and no
+    /// packet owed to the guest but a credit update. Bytes the host had written and the guest
+    /// not yet taken are not kept: they were for a host that the restored cell does not have.
+    pub fn save_connections(&self) -> Result<Vec<SavedConnection>, String> {
+        if let Some((key, op, _)) = self.control.front() {
+            return Err(format!(
+                "a packet (operation {op}) for the guest's vsock port {} is still queued",
+                key.peer_port
+            ));
+        }
+        if !self.pending.is_empty() {
+            return Err("a host connection to the guest is being set up".into());
+        }
+        let mut saved: Vec<SavedConnection> = Vec::with_capacity(self.conns.len());
+        for (key, c) in &self.conns {
+            if key.local_port >= FIRST_LOCAL_PORT || !c.idle() {
+                return Err(format!(
+                    "the vsock connection between host port {} and guest port {} is busy",
+                    key.local_port, key.peer_port
+                ));
+            }
+            saved.push(SavedConnection {
+                host_port: key.local_port,
+                guest_port: key.peer_port,
+                fwd_cnt: c.fwd_cnt,
+                rx_cnt: c.rx_cnt,
+                peer_buf_alloc: c.peer_buf_alloc,
+                peer_fwd_cnt: c.peer_fwd_cnt,
+                credit_update_due: c.credit_update_due,
+            });
+        }
+        saved.sort_by_key(|c| (c.host_port, c.guest_port));
+        Ok(saved)
+    }
+
+    /// Takes back connections a snapshot saved: each is connected to this host's listener on
+    /// its port, as the guest's connection request was when it was made. A listener that is
+    /// not there is an error (the restored guest's socket would hang on a peer that is gone).
+    pub fn restore_connections(&mut self, saved: &[SavedConnection]) -> Result<(), String> {
+        if saved.len() > MAX_CONNECTIONS {
+            return Err(format!(
+                "{} vsock connections saved, at most {MAX_CONNECTIONS}",
+                saved.len()
+            ));
+        }
+        for s in saved {
+            let key = Key { local_port: s.host_port, peer_port: s.guest_port };
+            if key.local_port >= FIRST_LOCAL_PORT || self.conns.contains_key(&key) {
+                return Err(format!(
+                    "saved vsock connection {}:{} is not one a guest opens",
+                    s.host_port, s.guest_port
+                ));
+            }
+            let mut path = OsString::from(self.uds_path.as_os_str());
+            path.push(format!("_{}", key.local_port));
+            let stream = connect_nonblocking(Path::new(&path)).map_err(|e| {
+                format!(
+                    "cannot reconnect the guest's vsock connection to host port {}: {e}",
+                    s.host_port
+                )
+            })?;
+            let token = self.token();
+            self.register(stream.as_raw_fd(), token, EventSet::IN)
+                .map_err(|e| format!("vsock epoll: {e}"))?;
+            let peer = Header {
+                buf_alloc: s.peer_buf_alloc,
+                fwd_cnt: s.peer_fwd_cnt,
+                ..Header::default()
+            };
+            let mut conn = Conn::new(stream, token, State::Established, &peer);
+            conn.interest = EventSet::IN;
+            conn.fwd_cnt = s.fwd_cnt;
+            conn.rx_cnt = s.rx_cnt;
+            conn.credit_update_due = s.credit_update_due;
+            self.insert(key, token, conn);
+        }
+        Ok(())
     }
 
     /// How long until a connection's deadline passes ([`Muxer::poll`] then resets it).
@@ -855,6 +970,72 @@ mod tests {
         assert_eq!(pkts.last().unwrap().0.op, op::SHUTDOWN);
         m.guest_packet(&from_guest(op::RST, 1024, 5000, 0), &[]);
         assert_eq!(m.connection_count(), 0);
+    }
+
+    /// A snapshot keeps an idle guest connection with its counters; the restored muxer
+    /// connects it to the new host's listener, and bytes flow on as if nothing happened.
+    #[test]
+    fn an_idle_guest_connection_goes_on_with_a_new_host_after_restore() {
+        let path = temp_path("saved");
+        let mut m = Muxer::new(CID, &path).unwrap();
+        let listener = UnixListener::bind(format!("{}_52", path.display())).unwrap();
+        m.guest_packet(&from_guest(op::REQUEST, 52, 7000, 0), &[]);
+        let (mut old_host, _) = listener.accept().unwrap();
+        assert_eq!(drain(&mut m)[0].0.op, op::RESPONSE);
+        m.guest_packet(&from_guest(op::RW, 52, 7000, 5), b"hello");
+        let mut got = [0u8; 5];
+        old_host.read_exact(&mut got).unwrap();
+        old_host.write_all(b"abc").unwrap();
+        assert_eq!(drain(&mut m)[0].1, b"abc");
+
+        let saved = m.save_connections().unwrap();
+        assert_eq!(saved.len(), 1);
+        let c = &saved[0];
+        assert_eq!((c.host_port, c.guest_port, c.fwd_cnt, c.rx_cnt), (52, 7000, 5, 3));
+
+        // The new host has no listener yet: refused, with the port in the error.
+        let path2 = temp_path("restored");
+        let mut r = Muxer::new(CID, &path2).unwrap();
+        let err = r.restore_connections(&saved).unwrap_err();
+        assert!(err.contains("host port 52"), "{err}");
+        let listener2 = UnixListener::bind(format!("{}_52", path2.display())).unwrap();
+        r.restore_connections(&saved).unwrap();
+        let (mut new_host, _) = listener2.accept().unwrap();
+        // The host speaks first; the guest's packet carries the counters on.
+        new_host.write_all(b"reseed").unwrap();
+        let pkts = drain(&mut r);
+        assert_eq!((pkts[0].0.op, pkts[0].0.src_port, pkts[0].0.dst_port), (op::RW, 52, 7000));
+        assert_eq!((pkts[0].1.as_slice(), pkts[0].0.fwd_cnt), (&b"reseed"[..], 5));
+        r.guest_packet(&from_guest(op::RW, 52, 7000, 4), b"done");
+        let mut got = [0u8; 4];
+        new_host.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"done");
+        // A connection that exists already is not restored over.
+        assert!(r.restore_connections(&saved).is_err());
+    }
+
+    /// A connection in the middle of ending, or a packet still owed to the guest, is no state
+    /// to save: the device says why instead.
+    #[test]
+    fn a_busy_vsock_is_not_saved() {
+        let path = temp_path("busy");
+        let mut m = Muxer::new(CID, &path).unwrap();
+        let _listener = UnixListener::bind(format!("{}_52", path.display())).unwrap();
+        m.guest_packet(&from_guest(op::REQUEST, 52, 7001, 0), &[]);
+        // The RESPONSE is not delivered yet.
+        assert!(m.save_connections().unwrap_err().contains("still queued"));
+        drain(&mut m);
+        assert!(m.save_connections().is_ok());
+        m.guest_packet(&shutdown_from_guest(52, 7001, SHUTDOWN_SEND), &[]);
+        assert!(m.save_connections().unwrap_err().contains("busy"));
+        // A host-initiated connection cannot be handed to a new host.
+        let path = temp_path("busy-host");
+        let mut m = Muxer::new(CID, &path).unwrap();
+        let mut host = UnixStream::connect(&path).unwrap();
+        host.write_all(b"CONNECT 52\n").unwrap();
+        let req = drain(&mut m)[0].0;
+        m.guest_packet(&from_guest(op::RESPONSE, req.src_port, 52, 0), &[]);
+        assert!(m.save_connections().unwrap_err().contains("busy"));
     }
 
     #[test]
