@@ -83,13 +83,7 @@ impl AgentLink {
         stream: UnixStream,
         timeout: Duration,
     ) -> Result<(AgentLink, String), AgentLinkError> {
-        let writer = stream.try_clone().map_err(AgentLinkError::Socket)?;
-        let mut link = AgentLink {
-            reader: stream,
-            writer: Arc::new(Mutex::new(writer)),
-            frames: FrameBuffer::new(),
-            buf: vec![0; 256 * 1024],
-        };
+        let mut link = Self::without_handshake(stream).map_err(AgentLinkError::Socket)?;
         let agent = match link.recv(timeout)? {
             Some(Message::Hello { version, agent }) if version == PROTOCOL_VERSION => agent,
             Some(Message::Hello { version, agent }) => {

@@ -429,15 +429,19 @@ impl Muxer {
         }
         for s in saved {
             let key = Key { local_port: s.host_port, peer_port: s.guest_port };
-            if key.local_port >= FIRST_LOCAL_PORT || self.conns.contains_key(&key) {
+            if key.local_port >= FIRST_LOCAL_PORT {
                 return Err(format!(
                     "saved vsock connection {}:{} is not one a guest opens",
                     s.host_port, s.guest_port
                 ));
             }
-            let mut path = OsString::from(self.uds_path.as_os_str());
-            path.push(format!("_{}", key.local_port));
-            let stream = connect_nonblocking(Path::new(&path)).map_err(|e| {
+            if self.conns.contains_key(&key) {
+                return Err(format!(
+                    "vsock connection {}:{} is saved twice",
+                    s.host_port, s.guest_port
+                ));
+            }
+            let stream = connect_nonblocking(&self.listener_path(key.local_port)).map_err(|e| {
                 format!(
                     "cannot reconnect the guest's vsock connection to host port {}: {e}",
                     s.host_port
@@ -675,9 +679,7 @@ impl Muxer {
             self.queue_control(key, op::RST, 0);
             return;
         }
-        let mut path = OsString::from(self.uds_path.as_os_str());
-        path.push(format!("_{}", key.local_port));
-        let Ok(stream) = connect_nonblocking(Path::new(&path)) else {
+        let Ok(stream) = connect_nonblocking(&self.listener_path(key.local_port)) else {
             self.queue_control(key, op::RST, 0);
             return;
         };
@@ -690,6 +692,13 @@ impl Muxer {
         conn.interest = EventSet::IN;
         self.insert(key, token, conn);
         self.queue_control(key, op::RESPONSE, 0);
+    }
+
+    /// Where the host listens for guest connections to its port `port`.
+    fn listener_path(&self, port: u32) -> PathBuf {
+        let mut path = OsString::from(self.uds_path.as_os_str());
+        path.push(format!("_{port}"));
+        PathBuf::from(path)
     }
 
     fn accept_host(&mut self) {
