@@ -308,6 +308,7 @@ impl Cell {
             }
         };
         let boot_ms = ms_since(started);
+        let mut start = json!({ "boot_ms": boot_ms.round() as u64 });
         let agent = match &self.plan.request.snapshot {
             // The restored VMM handed us the connection the agent made to the host that took
             // the snapshot (it said hello there): the first request is the reseed.
@@ -317,7 +318,9 @@ impl Cell {
                     Some(AgentLink::resumed(stream).map_err(|e| CellError::Agent(e.to_string()))?);
                 self.reseed(timeout)
                     .map_err(|e| CellError::Agent(format!("{e}{}", self.vmm.diagnostics())))?;
-                self.log("restored", json!({ "snapshot": name, "reseeded": true }))?;
+                // One audit entry for the start says both (each entry is four syncs).
+                start["snapshot"] = json!(name);
+                start["reseeded"] = json!(true);
                 agent
             }
             _ => {
@@ -327,7 +330,8 @@ impl Cell {
                 agent
             }
         };
-        self.log("start", json!({ "agent": agent, "boot_ms": boot_ms.round() as u64 }))?;
+        start["agent"] = json!(agent);
+        self.log("start", start)?;
         Ok(agent)
     }
 

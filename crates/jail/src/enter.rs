@@ -1,11 +1,16 @@
 //! Entering the jail (the work of `isocell-jailer`, which runs as root):
 //!
-//! 1. join the cell's cgroup leaf, so everything below is counted and limited;
-//! 2. unshare new mount, PID, IPC, UTS and network namespaces;
-//! 3. fork: the child is PID 1 of the new PID namespace; the parent stays outside, waits for it
-//!    and exits with its status (re-raising a fatal signal such as SIGSYS), so `isocell` sees
-//!    the VMM's own exit. The parent writes the child's pid (as the host sees it) on its
-//!    stdout, for the cell's receipt; the child's stdout goes to its stderr (the VMM log);
+//! 1. unshare new mount, PID, IPC, UTS and network namespaces;
+//! 2. fork straight into the cell's cgroup leaf (`clone3` with `CLONE_INTO_CGROUP`), so
+//!    everything the child does is counted and limited from its first instruction. The child
+//!    is PID 1 of the new PID namespace and unshares a cgroup namespace rooted at its leaf.
+//!    Moving a running process into a cgroup instead (a write to `cgroup.procs`) waits for an
+//!    RCU grace period, milliseconds on every cell start; a kernel without `clone3` (before
+//!    5.7) still gets that: the jailer joins the leaf itself, then forks. The parent stays
+//!    outside, waits for the child and exits with its status (re-raising a fatal signal such
+//!    as SIGSYS), so `isocell` sees the VMM's own exit. The parent writes the child's pid (as
+//!    the host sees it) on its stdout, for the cell's receipt; the child's stdout goes to its
+//!    stderr (the VMM log);
 //! 4. in the child: make every mount private, mount a small tmpfs as the new root, bind-mount
 //!    the spec's files (read-only unless declared writable, no-exec except the VMM binary),
 //!    create its device nodes owned by the jail's uid, mount a /proc that shows only the jail's
@@ -68,10 +73,12 @@ pub fn run(spec: &JailSpec) -> i32 {
 }
 
 fn enter(spec: &JailSpec) -> Result<i32, EnterError> {
-    if let Some(cg) = &spec.cgroup {
-        let procs = cg.join("cgroup.procs");
-        fs::write(&procs, "0").map_err(step(format!("joining {}", procs.display())))?;
-    }
+    let leaf = match &spec.cgroup {
+        Some(cg) => {
+            Some(fs::File::open(cg).map_err(step(format!("opening the cgroup {}", cg.display())))?)
+        }
+        None => None,
+    };
     // Pinned files are cloned as detached mounts here, in the namespace whose mounts the
     // descriptors belong to; a bind from /proc/PID/fd/N after unshare would be refused.
     let trees = spec
@@ -86,23 +93,24 @@ fn enter(spec: &JailSpec) -> Result<i32, EnterError> {
             | CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWIPC
             | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWNET
-            // After joining the leaf: the VMM sees its own cgroup as the root.
-            | CloneFlags::CLONE_NEWCGROUP,
+            | CloneFlags::CLONE_NEWNET,
     )
     .map_err(step("unshare"))?;
     // The child learns that this process died from the pipe's write end closing (its parent
     // is not visible to getppid from inside the new PID namespace).
     let (alive_r, alive_w) = unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(step("pipe"))?;
-    // SAFETY: the jailer is single-threaded here, so the child may run any code.
-    match unsafe { unistd::fork() }.map_err(step("fork"))? {
+    match fork_into(leaf.as_ref().zip(spec.cgroup.as_deref()))? {
         ForkResult::Child => {
             // Standard output is the parent's report channel (below); the VMM writes its own
             // standard output to the log with its standard error.
             // SAFETY: dup2 on the process's own standard descriptors.
             unsafe { libc::dup2(2, 1) };
             drop(alive_w);
-            let e = confine_and_exec(spec, trees, alive_r);
+            // In the leaf now: the VMM sees its own cgroup as the root.
+            let e = match unshare(CloneFlags::CLONE_NEWCGROUP) {
+                Ok(()) => confine_and_exec(spec, trees, alive_r),
+                Err(e) => step("unshare the cgroup namespace")(e),
+            };
             eprintln!("isocell-jailer: cannot set up the jail: {e}");
             // SAFETY: _exit ends the child without running the parent's destructors twice.
             unsafe { libc::_exit(EXIT_JAIL_FAILED) }
@@ -159,6 +167,54 @@ fn wait_for(child: Pid) -> i32 {
             }
         }
     }
+}
+
+/// `CLONE_INTO_CGROUP` (include/uapi/linux/sched.h).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Forks a child that starts life in the cgroup `leaf` (open, and its path), when there is one:
+/// `clone3` with `CLONE_INTO_CGROUP`, or, where the kernel has no `clone3` (ENOSYS), by joining
+/// the leaf first and forking after.
+fn fork_into(leaf: Option<(&fs::File, &Path)>) -> Result<ForkResult, EnterError> {
+    if let Some((leaf, path)) = leaf {
+        let mut args = libc::clone_args {
+            flags: CLONE_INTO_CGROUP,
+            pidfd: 0,
+            child_tid: 0,
+            parent_tid: 0,
+            exit_signal: libc::SIGCHLD as u64,
+            stack: 0,
+            stack_size: 0,
+            tls: 0,
+            set_tid: 0,
+            set_tid_size: 0,
+            cgroup: leaf.as_raw_fd() as u64,
+        };
+        // SAFETY: clone3 reads the `clone_args` we pass (its size with it). Without CLONE_VM
+        // or a stack it forks, as fork() does; the jailer is single-threaded here, so the
+        // child may run any code.
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                std::ptr::addr_of_mut!(args),
+                std::mem::size_of::<libc::clone_args>(),
+            )
+        };
+        match pid {
+            0 => return Ok(ForkResult::Child),
+            p if p > 0 => return Ok(ForkResult::Parent { child: Pid::from_raw(p as libc::pid_t) }),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ENOSYS) {
+                    return Err(step("forking into the cell's cgroup (clone3)")(e));
+                }
+            }
+        }
+        let procs = path.join("cgroup.procs");
+        fs::write(&procs, "0").map_err(step(format!("joining {}", procs.display())))?;
+    }
+    // SAFETY: the jailer is single-threaded here, so the child may run any code.
+    unsafe { unistd::fork() }.map_err(step("fork"))
 }
 
 /// In the child: builds the jail and execs; returns only on failure.

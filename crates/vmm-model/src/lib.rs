@@ -20,9 +20,15 @@ use device_plan::{DeviceKind, DevicePlan};
 
 /// Kernel arguments every cell gets: reboot through the i8042 (which stops the VM), no panic
 /// reboot (so the panic loop's LED blink reports it), no PCI or modules, and no PS/2 devices to
-/// probe.
-pub const BASE_KERNEL_ARGS: &str =
-    "reboot=k panic=0 pci=off nomodule i8042.noaux i8042.nomux i8042.nokbd";
+/// probe. Nothing is checked that the VMM already guarantees: the in-kernel IOAPIC and PIT
+/// deliver the timer (`no_timer_check` skips waiting ticks to prove it) and the TSC is KVM's
+/// (`tsc=reliable`: no clocksource watchdog compares it with kvm-clock twice a second, which
+/// after a snapshot restore found a skew, marked the TSC unstable and patched the guest's
+/// sched_clock code: a fifth of the page faults before the agent answered).
+pub const BASE_KERNEL_ARGS: &str = concat!(
+    "reboot=k panic=0 pci=off nomodule i8042.noaux i8042.nomux i8042.nokbd ",
+    "tsc=reliable no_timer_check"
+);
 
 /// The full kernel command line for a configuration and its device plan.
 pub fn kernel_cmdline(config: &VmConfig, plan: &DevicePlan) -> String {
