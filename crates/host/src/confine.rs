@@ -168,6 +168,7 @@ pub fn plan(
         cell_id: id.to_owned(),
         root,
         cgroup: None,
+        parent: None,
         uid,
         gid: uid,
         groups: Vec::new(),

@@ -73,6 +73,15 @@ pub fn run(spec: &JailSpec) -> i32 {
 }
 
 fn enter(spec: &JailSpec) -> Result<i32, EnterError> {
+    if let Some(parent) = spec.parent {
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(step("PR_SET_PDEATHSIG"))?;
+        // Set after our start: a parent that died before it left us to init (or a subreaper).
+        if u32::try_from(unistd::getppid().as_raw()).ok() != Some(parent) {
+            return Err(step("the process that started the jailer")(std::io::Error::other(
+                format!("{parent} is gone"),
+            )));
+        }
+    }
     let leaf = match &spec.cgroup {
         Some(cg) => {
             Some(fs::File::open(cg).map_err(step(format!("opening the cgroup {}", cg.display())))?)

@@ -90,6 +90,12 @@ pub struct JailSpec {
     pub root: PathBuf,
     /// The cgroup v2 leaf to join (created, limited and later removed by `isocell`).
     pub cgroup: Option<PathBuf>,
+    /// The process that started the jailer (`isocell`): the jailer and the VMM die with it
+    /// (the parent-death signal, which the jailer sets itself so that `isocell` can start it
+    /// with `posix_spawn` rather than copy its own address space with `fork`), and the jailer
+    /// refuses to start once it is gone.
+    #[serde(default)]
+    pub parent: Option<u32>,
     /// Unprivileged uid the VMM runs as.
     pub uid: u32,
     /// Its gid.
@@ -246,6 +252,7 @@ mod tests {
             cell_id: "abc".into(),
             root: "/run/isocell/abc/root".into(),
             cgroup: None,
+            parent: None,
             uid: cell_uid("abc"),
             gid: cell_uid("abc"),
             groups: Vec::new(),

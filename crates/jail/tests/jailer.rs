@@ -37,6 +37,8 @@ fn spec(dir: &Path, kernel: BindMount, script: &str) -> JailSpec {
         cell_id: "jailer-test".into(),
         root: dir.join("root"),
         cgroup: None,
+        // The jailer dies with this test process, as with `isocell`.
+        parent: Some(std::process::id()),
         uid,
         gid: uid,
         groups: Vec::new(),
@@ -152,4 +154,17 @@ fn a_file_the_cell_uid_cannot_read_is_named_by_its_host_path() {
     let Some((code, _, err)) = jail(&dir.0, &s) else { return };
     assert_eq!(code, isocell_jail::EXIT_JAIL_FAILED, "{err}");
     assert!(err.contains(&path.display().to_string()) && err.contains("chmod o+r"), "{err}");
+}
+
+#[test]
+fn a_jailer_whose_starter_is_gone_starts_nothing() {
+    let dir = setup("orphan");
+    fs::write(dir.0.join("vmlinux"), "kernel").unwrap();
+    let mut s = spec(&dir.0, kernel(&dir.0.join("vmlinux"), None), "echo ran");
+    // Not the pid that started it: as if `isocell` had died before the jailer armed its
+    // parent-death signal.
+    s.parent = Some(u32::MAX);
+    let Some((code, out, err)) = jail(&dir.0, &s) else { return };
+    assert_eq!(code, isocell_jail::EXIT_JAIL_FAILED, "{out}\n{err}");
+    assert!(err.contains("is gone") && !out.contains("ran"), "{err}");
 }
