@@ -5,8 +5,8 @@
 //!    everything the child does is counted and limited from its first instruction. The child
 //!    is PID 1 of the new PID namespace and unshares a cgroup namespace rooted at its leaf.
 //!    Moving a running process into a cgroup instead (a write to `cgroup.procs`) waits for an
-//!    RCU grace period, milliseconds on every cell start; a kernel without `clone3` (before
-//!    5.7) still gets that: the jailer joins the leaf itself, then forks. The parent stays
+//!    RCU grace period, milliseconds on every cell start; a kernel without it (before 5.7)
+//!    still gets that: the jailer joins the leaf itself, then forks. The parent stays
 //!    outside, waits for the child and exits with its status (re-raising a fatal signal such
 //!    as SIGSYS), so `isocell` sees the VMM's own exit. The parent writes the child's pid (as
 //!    the host sees it) on its stdout, for the cell's receipt; the child's stdout goes to its
@@ -182,8 +182,8 @@ fn wait_for(child: Pid) -> i32 {
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Forks a child that starts life in the cgroup `leaf` (open, and its path), when there is one:
-/// `clone3` with `CLONE_INTO_CGROUP`, or, where the kernel has no `clone3` (ENOSYS), by joining
-/// the leaf first and forking after.
+/// `clone3` with `CLONE_INTO_CGROUP`, or, where the kernel has no `clone3` (ENOSYS, before 5.3)
+/// or no `CLONE_INTO_CGROUP` (EINVAL, before 5.7), by joining the leaf first and forking after.
 fn fork_into(leaf: Option<(&fs::File, &Path)>) -> Result<ForkResult, EnterError> {
     if let Some((leaf, path)) = leaf {
         let mut args = libc::clone_args {
@@ -214,7 +214,7 @@ fn fork_into(leaf: Option<(&fs::File, &Path)>) -> Result<ForkResult, EnterError>
             p if p > 0 => return Ok(ForkResult::Parent { child: Pid::from_raw(p as libc::pid_t) }),
             _ => {
                 let e = std::io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::ENOSYS) {
+                if !matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
                     return Err(step("forking into the cell's cgroup (clone3)")(e));
                 }
             }
