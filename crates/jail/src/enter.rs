@@ -11,11 +11,11 @@
 //!    as SIGSYS), so `isocell` sees the VMM's own exit. The parent writes the child's pid (as
 //!    the host sees it) on its stdout, for the cell's receipt; the child's stdout goes to its
 //!    stderr (the VMM log);
-//! 4. in the child: make every mount private, mount a small tmpfs as the new root, bind-mount
+//! 3. in the child: make every mount private, mount a small tmpfs as the new root, bind-mount
 //!    the spec's files (read-only unless declared writable, no-exec except the VMM binary),
 //!    create its device nodes owned by the jail's uid, mount a /proc that shows only the jail's
 //!    own processes, pivot_root into it and detach the old root, make the root read-only;
-//! 5. set rlimits, close every descriptor but 0-2, drop to the unprivileged uid/gid with only
+//! 4. set rlimits, close every descriptor but 0-2, drop to the unprivileged uid/gid with only
 //!    the spec's supplementary groups (none, or the snapshot readers' group for a VMM that
 //!    restores a snapshot), set no_new_privs, and exec the VMM with an empty environment.
 //!
@@ -82,12 +82,6 @@ fn enter(spec: &JailSpec) -> Result<i32, EnterError> {
             )));
         }
     }
-    let leaf = match &spec.cgroup {
-        Some(cg) => {
-            Some(fs::File::open(cg).map_err(step(format!("opening the cgroup {}", cg.display())))?)
-        }
-        None => None,
-    };
     // Pinned files are cloned as detached mounts here, in the namespace whose mounts the
     // descriptors belong to; a bind from /proc/PID/fd/N after unshare would be refused.
     let trees = spec
@@ -108,7 +102,7 @@ fn enter(spec: &JailSpec) -> Result<i32, EnterError> {
     // The child learns that this process died from the pipe's write end closing (its parent
     // is not visible to getppid from inside the new PID namespace).
     let (alive_r, alive_w) = unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(step("pipe"))?;
-    match fork_into(leaf.as_ref().zip(spec.cgroup.as_deref()))? {
+    match fork_into(spec.cgroup.as_deref())? {
         ForkResult::Child => {
             // Standard output is the parent's report channel (below); the VMM writes its own
             // standard output to the log with its standard error.
@@ -181,11 +175,13 @@ fn wait_for(child: Pid) -> i32 {
 /// `CLONE_INTO_CGROUP` (include/uapi/linux/sched.h).
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
-/// Forks a child that starts life in the cgroup `leaf` (open, and its path), when there is one:
-/// `clone3` with `CLONE_INTO_CGROUP`, or, where the kernel has no `clone3` (ENOSYS, before 5.3)
-/// or no `CLONE_INTO_CGROUP` (EINVAL, before 5.7), by joining the leaf first and forking after.
-fn fork_into(leaf: Option<(&fs::File, &Path)>) -> Result<ForkResult, EnterError> {
-    if let Some((leaf, path)) = leaf {
+/// Forks a child that starts life in the cgroup leaf `cgroup`, when there is one: `clone3` with
+/// `CLONE_INTO_CGROUP`, or, where the kernel has no `clone3` (ENOSYS, before 5.3) or no
+/// `CLONE_INTO_CGROUP` (EINVAL, before 5.7), by joining the leaf first and forking after.
+fn fork_into(cgroup: Option<&Path>) -> Result<ForkResult, EnterError> {
+    if let Some(path) = cgroup {
+        let leaf =
+            fs::File::open(path).map_err(step(format!("opening the cgroup {}", path.display())))?;
         let mut args = libc::clone_args {
             flags: CLONE_INTO_CGROUP,
             pidfd: 0,
