@@ -10,7 +10,7 @@ use isocell_image::runconfig::Process;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::cell::{open_evidence, Admitted, Cell, Ended, Termination, Verdict};
+use crate::cell::{open_evidence, Admitted, Cell, Ended, PolicyLoad, Termination, Verdict};
 use crate::transfer::OutputBudget;
 use crate::{vmm_process, Cancel, CellError, CellRequest, ExecFailure, HostConfig, OutputSink};
 
@@ -96,9 +96,10 @@ pub fn run(
             req.cell.constraints.max_lifetime_secs.or_else(|| last_resort_lifetime(&req));
     }
     let mut phases = Phases::default();
+    let policies = PolicyLoad::start(&host.state_dir, &req.policy_files);
     let cell = open_evidence(host, &id).and_then(|mut ev| {
         let plan = crate::cell::plan(host, &id, req.cell.clone(), &mut ev)?;
-        Admitted::new(plan, ev, &req.policy_files, None)?.start(host, &req.process.argv)
+        Admitted::new(plan, ev, policies, None)?.start(host, &req.process.argv)
     });
     let mut cell = match cell {
         Ok(c) => c,

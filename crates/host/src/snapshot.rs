@@ -23,7 +23,7 @@ use isocell_evidence::measure::DigestCache;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::cell::{open_evidence, Admitted, Verdict};
+use crate::cell::{open_evidence, Admitted, PolicyLoad, Verdict};
 use crate::error::PlanError;
 use crate::plan::SnapshotUse;
 use crate::{vmm_process, Cancel, CellError, CellRequest, HostConfig, OutputSink};
@@ -159,6 +159,7 @@ pub fn create(
     fs::DirBuilder::new().mode(0o700).create(&staging).map_err(|e| io("create", &staging, e))?;
     let result = (|| {
         request.snapshot = SnapshotUse::Create(staging.clone());
+        let policies = PolicyLoad::start(&host.state_dir, &[]);
         let mut ev = open_evidence(host, &id)?;
         let plan = crate::cell::plan(host, &id, request.clone(), &mut ev)?;
         if let Some(j) = &plan.jail {
@@ -166,7 +167,7 @@ pub fn create(
             std::os::unix::fs::chown(&staging, Some(j.spec.uid), Some(j.spec.gid))
                 .map_err(|e| io("hand over", &staging, e))?;
         }
-        let admitted = Admitted::new(plan, ev, &[], None)?;
+        let admitted = Admitted::new(plan, ev, policies, None)?;
         let launch_digest = admitted.launch_digest().to_owned();
         let components = admitted.components().clone();
         let mut cell = admitted.start(host, &[format!("<snapshot {name}>")])?;

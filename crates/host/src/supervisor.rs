@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::cell::{open_evidence, Admitted, Cell, Verdict};
+use crate::cell::{open_evidence, Admitted, Cell, PolicyLoad, Verdict};
 use crate::evidence::{CellEvidence, EvidenceError};
 use crate::state::Host;
 use crate::vmm_process::{self, VmmError};
@@ -296,12 +296,13 @@ pub fn supervise(spec: &SupervisorSpec, out: &mut dyn Write, cancel: &Cancel) ->
 }
 
 fn start(spec: &SupervisorSpec, cancel: &Cancel) -> Result<Cell, CellError> {
+    let policies = PolicyLoad::start(&spec.host.state_dir, &spec.policy_files);
     let mut ev = open_evidence(&spec.host, &spec.id)?;
     if let Some(c) = &spec.client {
         ev.set_client(c);
     }
     let plan = crate::cell::plan(&spec.host, &spec.id, spec.request.clone(), &mut ev)?;
-    let admitted = Admitted::new(plan, ev, &spec.policy_files, spec.client.as_deref())?;
+    let admitted = Admitted::new(plan, ev, policies, spec.client.as_deref())?;
     let mut cell = admitted.start(&spec.host, &[])?;
     if let Err(e) = cell.wait_ready(Duration::from_secs(spec.boot_timeout_secs), cancel) {
         let _ = cell.log("error", json!({ "message": e.to_string() }));

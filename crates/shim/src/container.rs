@@ -221,9 +221,10 @@ impl Container {
             snapshot: Default::default(),
             workload: Some(oci::workload(&spec, &req.namespace, &req.id)),
         };
+        let policies = cell::PolicyLoad::start(&host.state_dir, &[]);
         let mut ev = cell::open_evidence(host, &cell_id).map_err(|e| e.to_string())?;
         let plan = cell::plan(host, &cell_id, request, &mut ev).map_err(|e| e.to_string())?;
-        let admitted = Admitted::new(plan, ev, &[], None).map_err(|e| match e {
+        let admitted = Admitted::new(plan, ev, policies, None).map_err(|e| match e {
             CellError::Denied(why) => format!("isocell admission denied the container: {why}"),
             e => e.to_string(),
         })?;

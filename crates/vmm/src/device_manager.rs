@@ -237,6 +237,16 @@ impl DeviceManager {
         Ok(manager)
     }
 
+    /// Waits until every virtio worker thread has installed its seccomp filter; call before
+    /// any vCPU runs.
+    pub fn confirm_workers(&self) -> Result<(), DeviceError> {
+        for (id, t) in &self.virtio {
+            let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+            t.confirm_worker().map_err(|e| DeviceError::Worker(id.clone(), e))?;
+        }
+        Ok(())
+    }
+
     /// Every device's state for a snapshot of a paused VM, after which no device touches guest
     /// memory again (the VM never resumes). Errs with the id of a device that did not answer.
     pub fn save_for_snapshot(&self) -> Result<DeviceStates, String> {

@@ -122,6 +122,14 @@ impl MmioTransport {
         Ok((self, events))
     }
 
+    /// Waits until the worker thread has its seccomp filter (see [`worker::spawn`]).
+    pub fn confirm_worker(&mut self) -> std::io::Result<()> {
+        match &mut self.worker {
+            Worker::Inline(_) => Ok(()),
+            Worker::Thread { handle, .. } => handle.confirm(),
+        }
+    }
+
     /// The device type and the feature bits the driver last had accepted (FEATURES_OK): what
     /// the guest used of this device. Kept across resets (a rebooting guest resets devices).
     pub fn negotiated_features(&self) -> (u32, Option<u64>) {

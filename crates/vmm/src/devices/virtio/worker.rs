@@ -174,6 +174,8 @@ impl DeviceWorker {
 pub struct WorkerHandle {
     commands: Sender<Command>,
     wake: EventFd,
+    /// The thread's word on its seccomp filter, until [`WorkerHandle::confirm`] takes it.
+    installed: Option<(String, Receiver<Result<(), crate::seccomp::SeccompError>>)>,
 }
 
 /// How long a reset may take before the vCPU stops waiting for it (one request in flight on a
@@ -181,6 +183,19 @@ pub struct WorkerHandle {
 const RESET_PATIENCE: Duration = Duration::from_secs(10);
 
 impl WorkerHandle {
+    /// Waits until the thread has installed its seccomp filter (or says why it could not).
+    /// Only the first call waits.
+    pub fn confirm(&mut self) -> std::io::Result<()> {
+        let Some((name, installed)) = self.installed.take() else { return Ok(()) };
+        match installed.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(std::io::Error::other(format!("{name} thread: {e}"))),
+            Err(_) => {
+                Err(std::io::Error::other(format!("the {name} thread ended before its filter")))
+            }
+        }
+    }
+
     /// Queues `command` and wakes the worker.
     pub fn send(&self, command: Command) {
         if self.commands.send(command).is_ok() {
@@ -202,8 +217,9 @@ const BACKEND: u64 = 1;
 const FIRST_QUEUE: u64 = 2;
 
 /// Starts the worker thread of `worker`, named `name`, waiting on `queue_events` (one per
-/// queue, in queue order). The thread installs its seccomp filter before it touches a queue;
-/// this returns once it has (or with why it could not).
+/// queue, in queue order). The thread installs its seccomp filter before it touches a queue or
+/// a command; this returns at once, so the workers compile and install their filters together
+/// while the VM is built, and [`WorkerHandle::confirm`] waits for the outcome.
 pub fn spawn(
     worker: DeviceWorker,
     queue_events: Vec<EventFd>,
@@ -232,11 +248,7 @@ pub fn spawn(
             run(worker, &epoll, &thread_wake, &queue_events, &received);
         }
     })?;
-    match installed.recv() {
-        Ok(Ok(())) => Ok(WorkerHandle { commands, wake }),
-        Ok(Err(e)) => Err(std::io::Error::other(format!("{name} thread: {e}"))),
-        Err(_) => Err(std::io::Error::other(format!("the {name} thread ended before its filter"))),
-    }
+    Ok(WorkerHandle { commands, wake, installed: Some((name, installed)) })
 }
 
 /// The worker loop: commands first on every wake-up (an activation always precedes the
