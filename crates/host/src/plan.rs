@@ -222,9 +222,7 @@ impl CellPlan {
         config.validate().map_err(|e| PlanError::Invalid(e.to_string()))?;
         let devices = DevicePlan::new(&config).map_err(|e| PlanError::Devices(e.to_string()))?;
         let cmdline = isocell_vmm_model::kernel_cmdline(&config, &devices);
-        let seccomp = isocell_evidence::canonical::to_canonical_string(
-            &isocell_vmm_model::seccomp::describe(),
-        );
+        let seccomp = isocell_vmm_model::seccomp::describe_canonical();
         Ok(CellPlan {
             id: id.to_owned(),
             initrd: host.agent_initrd.clone(),
@@ -539,6 +537,15 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn the_measured_seccomp_text_is_the_canonical_form_of_the_filters() {
+        use isocell_vmm_model::seccomp;
+        let text = seccomp::describe_canonical();
+        assert_eq!(text, isocell_evidence::canonical::to_canonical_string(&seccomp::describe()));
+        assert!(text.contains(r#"{"index":1,"name":"KVM_RUN","op":"eq","value":44672}"#), "{text}");
+        assert!(text.contains(r#""mask":"#), "a masked check shows its mask: {text}");
+    }
 
     fn view() -> VmmView {
         VmmView {
