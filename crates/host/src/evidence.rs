@@ -65,7 +65,9 @@ pub enum EvidenceError {
 pub struct Costs {
     /// Launch measurement (file digests, mostly from the cache).
     pub measure_ms: f64,
-    /// Loading the policies and evaluating them.
+    /// Evaluating the policies, and loading them where that was on the way: a cell's start
+    /// counts only the wait for their parse, which runs beside planning and measuring
+    /// ([`crate::cell::PolicyLoad`]).
     pub policy_ms: f64,
     /// Signing and writing both receipts.
     pub receipts_ms: f64,

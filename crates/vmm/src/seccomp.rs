@@ -565,8 +565,9 @@ mod tests {
         let rng =
             MmioTransport::new(Box::new(Rng::new().map_err(s)?), mem, irq.try_clone().map_err(s)?)
                 .map_err(s)?;
-        // The worker installs its VirtioRng filter before this returns.
-        let (rng, queue_events) = rng.start_worker("virtio-rng".into()).map_err(s)?;
+        // The worker installs its VirtioRng filter before it runs; wait until it has.
+        let (mut rng, queue_events) = rng.start_worker("virtio-rng".into()).map_err(s)?;
+        rng.confirm_worker().map_err(s)?;
         mmio.insert("rng0", 0xd000_1000, 0x1000, Arc::new(Mutex::new(rng))).map_err(s)?;
         let disk = OpenOptions::new()
             .read(true)
