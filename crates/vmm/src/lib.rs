@@ -182,37 +182,19 @@ pub fn boot(
     host_check::check_capabilities(&kvm)?;
     let mem_size = config.memory_mib << 20;
     let machine = MachineShape::of(config, plan);
-    // A snapshot's state file is read and checked on a thread of its own while KVM creates the
-    // VM (each some milliseconds under emulation).
-    let (restored, mem, vm) = std::thread::scope(|s| {
-        let machine = &machine;
-        let state = options.restore.map(|dir| {
-            let thread = std::thread::Builder::new().name("snapshot-state".into());
-            (dir, thread.spawn_scoped(s, move || SnapshotState::load(dir, machine)))
-        });
-        let built = match options.restore {
-            Some(dir) => {
-                let path = dir.join(snapshot::MEMORY_FILE);
-                File::open(&path)
-                    .map_err(|e| BuildError::Open(path.clone(), e))
-                    .and_then(|file| Ok(vstate::vm::guest_memory_from_file(mem_size, file)?))
-            }
-            None => Ok(vstate::vm::create_guest_memory(mem_size)?),
+    let restored = match options.restore {
+        Some(dir) => Some(SnapshotState::load(dir, &machine)?),
+        None => None,
+    };
+    let mem = match options.restore {
+        Some(dir) => {
+            let path = dir.join(snapshot::MEMORY_FILE);
+            let file = File::open(&path).map_err(|e| BuildError::Open(path.clone(), e))?;
+            vstate::vm::guest_memory_from_file(mem_size, file)?
         }
-        .and_then(|mem| Ok((vstate::vm::create_vm(&kvm, &mem)?, mem)));
-        let restored = match state {
-            None => None,
-            Some((_, Ok(thread))) => match thread.join() {
-                Ok(state) => Some(state?),
-                // As if it had run on this thread.
-                Err(panic) => std::panic::resume_unwind(panic),
-            },
-            // No thread to be had: read it here.
-            Some((dir, Err(_))) => Some(SnapshotState::load(dir, machine)?),
-        };
-        let (vm, mem) = built?;
-        Ok::<_, BuildError>((restored, mem, vm))
-    })?;
+        None => vstate::vm::create_guest_memory(mem_size)?,
+    };
+    let vm = vstate::vm::create_vm(&kvm, &mem)?;
     let entry = match &restored {
         Some(state) => {
             vstate::vm::restore_state(&vm, &state.vm)?;
