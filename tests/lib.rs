@@ -12,6 +12,33 @@ use isocell_testhost::{Scenario, Step, StepResult, TestHost};
 
 pub use isocell_testhost::registry::{self, layout_digest, test_images, Registry};
 
+/// The directory of this process's [`static_scratch`] directories.
+static SCRATCH: OnceLock<PathBuf> = OnceLock::new();
+
+/// A fresh directory for a test file's shared set-up, which a `static` holds and so never
+/// drops: every such directory lives under one per process, removed when the process exits.
+pub fn static_scratch(name: &str) -> PathBuf {
+    let root = SCRATCH.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("isocell-e2e-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("a temporary directory: {e}"))
+            .keep();
+        // SAFETY: registers a function that takes nothing and returns nothing, for exit().
+        unsafe { libc::atexit(remove_static_scratch) };
+        dir
+    });
+    let dir = root.join(name);
+    std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
+}
+
+extern "C" fn remove_static_scratch() {
+    if let Some(dir) = SCRATCH.get() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// Size of the data disk the guest fills in the `disk` step.
 pub const DATA_DISK_BYTES: u64 = 1 << 20;
 

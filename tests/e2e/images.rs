@@ -75,10 +75,10 @@ struct Setup {
     registry: Registry,
     images: PathBuf,
     /// This machine's state directory, with every test image pulled.
-    state: tempfile::TempDir,
+    state: PathBuf,
     /// Copies of the stores the cells use (no blobs): the good one and one with a flipped byte.
-    run_store: tempfile::TempDir,
-    tampered_store: tempfile::TempDir,
+    run_store: PathBuf,
+    tampered_store: PathBuf,
     python_ref: String,
     scratch_ref: String,
     scratch_user_ref: String,
@@ -101,38 +101,37 @@ fn setup() -> &'static Setup {
         ] {
             registry.push(&src, dest).unwrap_or_else(|e| panic!("push {dest}: {e}"));
         }
-        let state = tempfile::tempdir().expect("tempdir");
+        let state = isocell_e2e::static_scratch("state");
         let python_ref = format!("{addr}/isocell-test/python:latest");
         let scratch_ref = format!("{addr}/isocell-test/scratch:latest");
         let scratch_user_ref = format!("{addr}/isocell-test/scratch:user");
         for r in [&python_ref, &scratch_ref, &scratch_user_ref] {
-            pull(state.path(), &["--insecure-registry", &addr, r]);
+            pull(state.as_path(), &["--insecure-registry", &addr, r]);
         }
         let oci_archive =
             format!("oci-archive:{}", images.join("python.oci-archive.tar").display());
         let docker_archive =
             format!("docker-archive:{}", images.join("python.docker-archive.tar").display());
-        pull(state.path(), &[&oci_archive]);
-        pull(state.path(), &[&docker_archive]);
-        let oci_archive_digest = manifest_of(state.path(), &oci_archive);
-        let docker_archive_digest = manifest_of(state.path(), &docker_archive);
-        let scratch_digest = manifest_of(state.path(), &scratch_ref);
+        pull(state.as_path(), &[&oci_archive]);
+        pull(state.as_path(), &[&docker_archive]);
+        let oci_archive_digest = manifest_of(state.as_path(), &oci_archive);
+        let docker_archive_digest = manifest_of(state.as_path(), &docker_archive);
+        let scratch_digest = manifest_of(state.as_path(), &scratch_ref);
 
         // What the cells need of the store: converted images and names, no blobs.
         let copy_store = |to: &Path| {
             isocell_testhost::registry::copy_converted(
-                &state.path().join("images"),
+                &state.as_path().join("images"),
                 &to.join("images"),
             )
             .unwrap_or_else(|e| panic!("{e}"));
         };
-        let run_store = tempfile::tempdir().expect("tempdir");
-        copy_store(run_store.path());
-        let tampered_store = tempfile::tempdir().expect("tempdir");
-        copy_store(tampered_store.path());
+        let run_store = isocell_e2e::static_scratch("run-store");
+        copy_store(&run_store);
+        let tampered_store = isocell_e2e::static_scratch("tampered-store");
+        copy_store(&tampered_store);
         // One byte of the file system's first block (its superblock), changed after conversion.
         let root = tampered_store
-            .path()
             .join("images/images")
             .join(scratch_digest.trim_start_matches("sha256:"))
             .join("root.img");
@@ -193,8 +192,8 @@ fn scenario(s: &Setup) -> Scenario {
         shell_step("tampered", &format!("{tampered} {} -- x", s.scratch_digest), 300),
     ];
     let files = BTreeMap::from([
-        ("store".to_owned(), s.run_store.path().display().to_string()),
-        ("tampered".to_owned(), s.tampered_store.path().display().to_string()),
+        ("store".to_owned(), s.run_store.display().to_string()),
+        ("tampered".to_owned(), s.tampered_store.display().to_string()),
     ]);
     Scenario { steps, files }
 }
@@ -329,7 +328,7 @@ fn conversion_is_reproducible_and_archives_match_the_registry() {
     let other = tempfile::tempdir().expect("tempdir");
     let layout = format!("oci:{}:latest", s.images.join("python").display());
     pull(other.path(), &[&layout]);
-    let a = inspect(s.state.path(), &s.python_ref);
+    let a = inspect(&s.state, &s.python_ref);
     let b = inspect(other.path(), &layout);
     assert_eq!(a["image"]["manifest_digest"], b["image"]["manifest_digest"]);
     assert_eq!(a["image"]["converted"], b["image"]["converted"], "same image, same block image");
@@ -572,7 +571,7 @@ fn concurrent_pulls_convert_once_and_a_killed_pull_leaves_nothing_complete() {
 #[test]
 fn admission_by_digest_starts_nothing_when_denied() {
     let s = setup();
-    let state = s.state.path();
+    let state = s.state.as_path();
     let other = format!("sha256:{}", "0".repeat(64));
     let o = isocell(state, &["run", "--allow-image-digest", &other, &s.scratch_ref, "--", "x"]);
     assert_eq!(o.status.code(), Some(77), "{}", text(&o));

@@ -238,7 +238,8 @@ mod tests {
 
     #[test]
     fn captures_status_output_and_files() {
-        let root = std::env::temp_dir().join(format!("isocell-runner-{}", std::process::id()));
+        let scratch = tempfile::Builder::new().prefix("isocell-runner-").tempdir().unwrap();
+        let root = scratch.path();
         let mut s = step(
             "write",
             &[
@@ -249,7 +250,7 @@ mod tests {
             30,
         );
         s.hash_files = vec!["{work}/f".into()];
-        let r = run_step(&s, &Assets::new(), &root, "direct");
+        let r = run_step(&s, &Assets::new(), root, "direct");
         assert_eq!(r.exit_code, Some(3), "{}", r.explain());
         assert_eq!(r.guest_result()["x"], 1);
         assert_eq!(r.stderr.trim(), "err");
@@ -262,8 +263,13 @@ mod tests {
 
     #[test]
     fn kills_at_the_timeout() {
-        let root = std::env::temp_dir().join(format!("isocell-runner-t-{}", std::process::id()));
-        let r = run_step(&step("hang", &["/bin/sleep", "100"], 1), &Assets::new(), &root, "direct");
+        let scratch = tempfile::Builder::new().prefix("isocell-runner-").tempdir().unwrap();
+        let r = run_step(
+            &step("hang", &["/bin/sleep", "100"], 1),
+            &Assets::new(),
+            scratch.path(),
+            "direct",
+        );
         assert!(r.timed_out);
         assert_eq!(r.signal, Some(9));
         assert!(r.wall_us < 50_000_000);

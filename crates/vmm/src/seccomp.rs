@@ -390,12 +390,17 @@ mod tests {
     // case, and `child_entry` runs that case instead of passing trivially.
 
     const CHILD_ENV: &str = "ISOCELL_SECCOMP_TEST_CHILD";
+    const SCRATCH_ENV: &str = "ISOCELL_SECCOMP_TEST_SCRATCH";
     const CID: u64 = 3;
 
+    /// Runs `case` in a child test process. The child works in a scratch directory that this
+    /// process owns and removes, since a case may end its process without returning.
     fn run_child(case: &str) -> std::process::Output {
+        let scratch = tempfile::Builder::new().prefix("isocell-seccomp-").tempdir().unwrap();
         Command::new(std::env::current_exe().unwrap())
             .args(["seccomp::tests::child_entry", "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, case)
+            .env(SCRATCH_ENV, scratch.path())
             .env("RUST_BACKTRACE", "0")
             .output()
             .unwrap()
@@ -492,12 +497,11 @@ mod tests {
         assert!(out.status.success(), "{}", explain(&out));
     }
 
-    fn temp_dir(name: &str) -> Result<PathBuf, String> {
-        let dir =
-            std::env::temp_dir().join(format!("isocell-seccomp-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        Ok(dir)
+    /// The scratch directory the parent test made for this child (`run_child`).
+    fn scratch_dir() -> Result<PathBuf, String> {
+        std::env::var_os(SCRATCH_ENV)
+            .map(PathBuf::from)
+            .ok_or_else(|| format!("{SCRATCH_ENV} unset"))
     }
 
     fn s<E: std::fmt::Display>(e: E) -> String {
@@ -544,7 +548,7 @@ mod tests {
     /// connections both ways through the real muxer; the vCPU thread is kicked and all end.
     fn devices() -> Result<(), String> {
         prepare_process().map_err(s)?;
-        let dir = temp_dir("devices")?;
+        let dir = scratch_dir()?;
         let uds = dir.join("v.sock");
         let guest_target = UnixListener::bind(format!("{}_1024", uds.display())).map_err(s)?;
         let mut muxer = Muxer::new(CID, &uds).map_err(s)?;
@@ -686,7 +690,6 @@ mod tests {
         if console != "console line\n" {
             return Err(format!("console holds {console:?}"));
         }
-        let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
 
@@ -701,7 +704,7 @@ mod tests {
     /// write the report, print to stderr, and exit the process.
     fn main_epilogue() -> Result<(), String> {
         prepare_process().map_err(s)?;
-        let dir = temp_dir("main")?;
+        let dir = scratch_dir()?;
         let socket_path = dir.join("v.sock");
         let _listener = UnixListener::bind(&socket_path).map_err(s)?;
         let mut disk = File::create(dir.join("disk.img")).map_err(s)?;

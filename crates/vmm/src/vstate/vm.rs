@@ -370,10 +370,10 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    fn scratch_file(name: &str) -> (std::path::PathBuf, File) {
-        let dir = std::env::temp_dir().join(format!("isocell-vm-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
+    /// A scratch file in a directory that is removed when the returned guard drops.
+    fn scratch_file(name: &str) -> (tempfile::TempDir, std::path::PathBuf, File) {
+        let dir = tempfile::Builder::new().prefix("isocell-vm-test-").tempdir().unwrap();
+        let path = dir.path().join(name);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -381,7 +381,7 @@ mod tests {
             .truncate(true)
             .open(&path)
             .unwrap();
-        (path, file)
+        (dir, path, file)
     }
 
     /// Data at 1 MiB, a page at the very end of the third 2 MiB step, nothing in the rest.
@@ -396,7 +396,7 @@ mod tests {
     fn a_saved_memory_file_has_holes_where_memory_was_zero_and_restores_the_same() {
         let size = 12 * MIB;
         let mem = guest_with_data(size);
-        let (path, mut file) = scratch_file("memory");
+        let (_dir, path, mut file) = scratch_file("memory");
         write_memory(&mem, &mut file).unwrap();
         assert_eq!(file.metadata().unwrap().len(), size);
         // Only the pages that hold data take disk blocks (three pages; a file system may
@@ -420,14 +420,13 @@ mod tests {
         f.seek(SeekFrom::Start(0)).unwrap();
         std::io::Read::read_to_end(&mut f, &mut again).unwrap();
         assert!(again == want, "a write to restored memory changed the snapshot file");
-        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
     fn only_the_2_mib_steps_with_data_are_mapped_from_the_file() {
         let size = 12 * MIB;
         let mem = guest_with_data(size);
-        let (path, mut file) = scratch_file("stretches");
+        let (_dir, _, mut file) = scratch_file("stretches");
         write_memory(&mem, &mut file).unwrap();
         // Data in the first step (at 1 MiB) and in the third (ending at 6 MiB): the second,
         // and everything from 6 MiB on, are holes.
@@ -435,15 +434,13 @@ mod tests {
         // Relative to a base, and with a last step shorter than 2 MiB.
         assert_eq!(data_stretches(&file, 4 * MIB, 3 * MIB), vec![(0, 2 * MIB)]);
         assert_eq!(data_stretches(&file, 6 * MIB, 5 * MIB), vec![]);
-        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
     fn a_file_of_the_wrong_length_is_refused() {
-        let (path, file) = scratch_file("short");
+        let (_dir, _, file) = scratch_file("short");
         file.set_len(4 * MIB).unwrap();
         let e = guest_memory_from_file(8 * MIB, file).unwrap_err();
         assert!(e.to_string().contains("4194304 bytes"), "{e}");
-        std::fs::remove_file(path).unwrap();
     }
 }

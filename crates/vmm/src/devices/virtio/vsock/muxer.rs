@@ -914,11 +914,12 @@ mod tests {
 
     const CID: u64 = 3;
 
-    fn temp_path(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("isocell-vsock-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join("v.sock")
+    /// A socket path in a scratch directory that is removed when the returned guard drops.
+    fn temp_path(name: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir =
+            tempfile::Builder::new().prefix(&format!("isocell-vsock-{name}-")).tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        (dir, path)
     }
 
     fn from_guest(op: u16, local: u32, peer: u32, len: u32) -> Header {
@@ -954,7 +955,7 @@ mod tests {
 
     #[test]
     fn guest_connects_to_a_host_listener_and_data_flows_both_ways() {
-        let path = temp_path("guest");
+        let (_dir, path) = temp_path("guest");
         let mut m = Muxer::new(CID, &path).unwrap();
         let listener = UnixListener::bind(format!("{}_1024", path.display())).unwrap();
         m.guest_packet(&from_guest(op::REQUEST, 1024, 5000, 0), &[]);
@@ -985,7 +986,7 @@ mod tests {
     /// connects it to the new host's listener, and bytes flow on as if nothing happened.
     #[test]
     fn an_idle_guest_connection_goes_on_with_a_new_host_after_restore() {
-        let path = temp_path("saved");
+        let (_dir, path) = temp_path("saved");
         let mut m = Muxer::new(CID, &path).unwrap();
         let listener = UnixListener::bind(format!("{}_52", path.display())).unwrap();
         m.guest_packet(&from_guest(op::REQUEST, 52, 7000, 0), &[]);
@@ -1003,7 +1004,7 @@ mod tests {
         assert_eq!((c.host_port, c.guest_port, c.fwd_cnt, c.rx_cnt), (52, 7000, 5, 3));
 
         // The new host has no listener yet: refused, with the port in the error.
-        let path2 = temp_path("restored");
+        let (_dir2, path2) = temp_path("restored");
         let mut r = Muxer::new(CID, &path2).unwrap();
         let err = r.restore_connections(&saved).unwrap_err();
         assert!(err.contains("host port 52"), "{err}");
@@ -1027,7 +1028,7 @@ mod tests {
     /// to save: the device says why instead.
     #[test]
     fn a_busy_vsock_is_not_saved() {
-        let path = temp_path("busy");
+        let (_dir, path) = temp_path("busy");
         let mut m = Muxer::new(CID, &path).unwrap();
         let _listener = UnixListener::bind(format!("{}_52", path.display())).unwrap();
         m.guest_packet(&from_guest(op::REQUEST, 52, 7001, 0), &[]);
@@ -1038,7 +1039,7 @@ mod tests {
         m.guest_packet(&shutdown_from_guest(52, 7001, SHUTDOWN_SEND), &[]);
         assert!(m.save_connections().unwrap_err().contains("busy"));
         // A host-initiated connection cannot be handed to a new host.
-        let path = temp_path("busy-host");
+        let (_dir, path) = temp_path("busy-host");
         let mut m = Muxer::new(CID, &path).unwrap();
         let mut host = UnixStream::connect(&path).unwrap();
         host.write_all(b"CONNECT 52\n").unwrap();
@@ -1049,7 +1050,7 @@ mod tests {
 
     #[test]
     fn host_connects_to_a_guest_port() {
-        let path = temp_path("host");
+        let (_dir, path) = temp_path("host");
         let mut m = Muxer::new(CID, &path).unwrap();
         let mut host = UnixStream::connect(&path).unwrap();
         host.write_all(b"CONNECT 52\n").unwrap();
@@ -1070,7 +1071,7 @@ mod tests {
 
     #[test]
     fn refusals_and_hostile_packets() {
-        let path = temp_path("hostile");
+        let (_dir, path) = temp_path("hostile");
         let mut m = Muxer::new(CID, &path).unwrap();
         // Nobody listens on port 7: reset.
         m.guest_packet(&from_guest(op::REQUEST, 7, 1, 0), &[]);
@@ -1107,7 +1108,7 @@ mod tests {
     /// Two connections with host data waiting are served in turn, not one until it runs dry.
     #[test]
     fn busy_connections_take_turns() {
-        let path = temp_path("turns");
+        let (_dir, path) = temp_path("turns");
         let mut m = Muxer::new(CID, &path).unwrap();
         let listener = UnixListener::bind(format!("{}_7", path.display())).unwrap();
         let mut hosts = Vec::new();
@@ -1140,7 +1141,7 @@ mod tests {
     /// the timeout; so does a half-closed connection that moves nothing.
     #[test]
     fn half_closed_connections_expire() {
-        let path = temp_path("expire");
+        let (_dir, path) = temp_path("expire");
         let mut m = Muxer::new(CID, &path).unwrap();
         let listener = UnixListener::bind(format!("{}_8", path.display())).unwrap();
         m.guest_packet(&from_guest(op::REQUEST, 8, 1, 0), &[]);
@@ -1176,7 +1177,7 @@ mod tests {
     /// everything the guest sends after that; the guest hears only that the host sends no more.
     #[test]
     fn a_host_half_close_leaves_the_guest_sending() {
-        let path = temp_path("half");
+        let (_dir, path) = temp_path("half");
         let mut m = Muxer::new(CID, &path).unwrap();
         let listener = UnixListener::bind(format!("{}_9", path.display())).unwrap();
         m.guest_packet(&from_guest(op::REQUEST, 9, 3, 0), &[]);
@@ -1207,7 +1208,7 @@ mod tests {
     /// resets before it finished sending aborts, and the host socket just closes.
     #[test]
     fn a_guest_close_delivers_what_it_sent_and_a_reset_does_not() {
-        let path = temp_path("close");
+        let (_dir, path) = temp_path("close");
         let mut m = Muxer::new(CID, &path).unwrap();
         let listener = UnixListener::bind(format!("{}_6", path.display())).unwrap();
         let mut hosts = Vec::new();
@@ -1267,7 +1268,7 @@ mod tests {
 
     #[test]
     fn a_guest_exceeding_its_credit_is_reset() {
-        let path = temp_path("credit");
+        let (_dir, path) = temp_path("credit");
         let mut m = Muxer::new(CID, &path).unwrap();
         let _listener = UnixListener::bind(format!("{}_5", path.display())).unwrap();
         m.guest_packet(&from_guest(op::REQUEST, 5, 1, 0), &[]);
