@@ -1,36 +1,44 @@
 #!/usr/bin/env bash
-# Builds an IsoCell guest kernel (vmlinux and bzImage) from Debian's linux-source-6.1 package:
-#   guest/build-kernel.sh [cell|acpi]
+# Builds IsoCell guest kernels (vmlinux and bzImage) from Debian's linux-source-6.1 package:
+#   guest/build-kernel.sh [cell|acpi]...
 #   cell (the default): guest/kernel/cell.config merged onto tinyconfig; CPUs from the MP table,
 #        virtio-mmio devices from virtio_mmio.device= on the command line.
 #   acpi: cell.config, then guest/kernel/acpi.config (its lines win), merged onto tinyconfig;
 #        CPUs from the ACPI MADT, virtio-mmio devices from the DSDT, poweroff through ACPI S5.
 #
-# The result is cached under a key made from the source package version, the config fragments
-# and this script, so a second run is instant:
+# Each result is cached under a key made from the source package version, the flavour's config
+# fragments and the build procedure, so a second run is instant:
 #   ${ISOCELL_CACHE:-~/.cache/isocell}/kernel/<key>/{bzImage,vmlinux,config}
 # and linked as build/guest/{bzImage,vmlinux} (cell) or build/guest/acpi/{bzImage,vmlinux}
-# (acpi). Prints the cache directory on stdout.
+# (acpi). Prints each flavour's cache directory on stdout, in the order given.
+#
+# Flavours built in one call share one source tree, extracted once, and build one after
+# another: kbuild then recompiles only what reads an option that changed. ACPI and PCI reach
+# most headers, so the acpi kernel after the cell one still rebuilds most of the tree: 8.4 min
+# against 10.7 min from a fresh tree (2 cores, one run each).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 cache=${ISOCELL_CACHE:-$HOME/.cache/isocell}
 
-flavour=${1:-cell}
-case "$flavour" in
-  cell)
-    fragments=("$here/kernel/cell.config")
-    links="$root/build/guest"
-    ;;
-  acpi)
-    fragments=("$here/kernel/cell.config" "$here/kernel/acpi.config")
-    links="$root/build/guest/acpi"
-    ;;
-  *)
-    echo "usage: guest/build-kernel.sh [cell|acpi]" >&2
-    exit 2
-    ;;
-esac
+(( $# )) || set -- cell
+for flavour in "$@"; do
+  [[ "$flavour" == cell || "$flavour" == acpi ]] || { echo "usage: guest/build-kernel.sh [cell|acpi]..." >&2; exit 2; }
+done
+
+# A flavour's config fragments, in merge order (later lines win).
+fragments_of() {
+  case "$1" in
+    cell) echo "$here/kernel/cell.config" ;;
+    acpi) echo "$here/kernel/cell.config $here/kernel/acpi.config" ;;
+  esac
+}
+links_of() {
+  case "$1" in
+    cell) echo "$root/build/guest" ;;
+    acpi) echo "$root/build/guest/acpi" ;;
+  esac
+}
 
 tarball=$(ls /usr/src/linux-source-6.1.tar.xz 2>/dev/null || true)
 if [[ -z "$tarball" ]]; then
@@ -38,16 +46,12 @@ if [[ -z "$tarball" ]]; then
   exit 1
 fi
 src_version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
-# The fragments in merge order: the flavours differ in them, so they need no name of their own.
-key=$( { echo "$src_version"; cat "${fragments[@]}" "$0"; } | sha256sum | cut -c1-16)
-out="$cache/kernel/$key"
 
-if [[ ! -f "$out/bzImage" || ! -f "$out/vmlinux" ]]; then
-  echo "isocell: building the $flavour kernel (linux-source $src_version, key $key; about 4 min on 2 cores)" >&2
-  work=$(mktemp -d "${TMPDIR:-/tmp}/isocell-kernel.XXXXXX")
-  trap 'rm -rf "$work"' EXIT
-  tar -C "$work" -xf "$tarball"
-  cd "$work"/linux-source-6.1
+# Configures the tree in the current directory for a flavour and builds it into $2.
+build_flavour() {
+  local flavour=$1 out=$2
+  local -a fragments
+  read -r -a fragments <<<"$(fragments_of "$flavour")"
   make -s tinyconfig >/dev/null
   # Later fragments override earlier ones option by option.
   scripts/kconfig/merge_config.sh -m .config "${fragments[@]}" >/dev/null
@@ -56,8 +60,9 @@ if [[ ! -f "$out/bzImage" || ! -f "$out/vmlinux" ]]; then
   # The intended value of an option is its last line across the fragments. "is not set" holds
   # when the option is not built, whether olddefconfig wrote it unset or left it out as
   # unreachable.
-  declare -A want=()
-  order=()
+  local -A want=()
+  local -a order=()
+  local fragment line option lost=0
   for fragment in "${fragments[@]}"; do
     while IFS= read -r line; do
       if [[ "$line" =~ ^(CONFIG_[A-Za-z0-9_]+)= || "$line" =~ ^#\ (CONFIG_[A-Za-z0-9_]+)\ is\ not\ set$ ]]; then
@@ -67,7 +72,6 @@ if [[ ! -f "$out/bzImage" || ! -f "$out/vmlinux" ]]; then
       fi
     done <"$fragment"
   done
-  lost=0
   for option in "${order[@]}"; do
     line=${want[$option]}
     if [[ "$line" == "#"* ]]; then
@@ -77,15 +81,39 @@ if [[ ! -f "$out/bzImage" || ! -f "$out/vmlinux" ]]; then
     fi
   done
   [[ $lost == 0 ]] || exit 1
+  rm -f arch/x86/boot/bzImage
   make -s -j"$(nproc)" bzImage 2>&1 | grep -v '^$' >&2 || true
-  [[ -f arch/x86/boot/bzImage ]] || { echo "isocell: kernel build failed" >&2; exit 1; }
+  [[ -f arch/x86/boot/bzImage ]] || { echo "isocell: $flavour kernel build failed" >&2; exit 1; }
   mkdir -p "$out.tmp"
   cp arch/x86/boot/bzImage vmlinux "$out.tmp/"
   cp .config "$out.tmp/config"
   rm -rf "$out" && mv "$out.tmp" "$out"
-fi
+}
 
-mkdir -p "$links"
-ln -sfn "$out/bzImage" "$links/bzImage"
-ln -sfn "$out/vmlinux" "$links/vmlinux"
-echo "$out"
+# The key: the source version, the flavour's fragments (they differ between flavours, so a
+# flavour needs no name of its own) and the build procedure as bash prints it back (without
+# comments, so a comment edit keeps the cache).
+key_of() {
+  # shellcheck disable=SC2046
+  { echo "$src_version"; cat $(fragments_of "$1"); declare -f build_flavour; } | sha256sum | cut -c1-16
+}
+
+work=
+for flavour in "$@"; do
+  key=$(key_of "$flavour")
+  out="$cache/kernel/$key"
+  if [[ ! -f "$out/bzImage" || ! -f "$out/vmlinux" ]]; then
+    if [[ -z "$work" ]]; then
+      work=$(mktemp -d "${TMPDIR:-/tmp}/isocell-kernel.XXXXXX")
+      trap 'rm -rf "$work"' EXIT
+      tar -C "$work" -xf "$tarball"
+    fi
+    echo "isocell: building the $flavour kernel (linux-source $src_version, key $key; about 9 min on 2 cores)" >&2
+    (cd "$work"/linux-source-6.1 && build_flavour "$flavour" "$out")
+  fi
+  links=$(links_of "$flavour")
+  mkdir -p "$links"
+  ln -sfn "$out/bzImage" "$links/bzImage"
+  ln -sfn "$out/vmlinux" "$links/vmlinux"
+  echo "$out"
+done

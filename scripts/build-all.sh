@@ -20,10 +20,8 @@ fi
 
 step "Debian packages"
 scripts/install-deps.sh
-step "cell kernel (cached after the first build)"
-guest/build-kernel.sh >/dev/null
-step "ACPI guest kernel (cached after the first build)"
-guest/build-kernel.sh acpi >/dev/null
+step "cell and ACPI guest kernels (cached after the first build)"
+guest/build-kernel.sh cell acpi >/dev/null
 step "release binaries (the agent goes into the base image)"
 cargo build --release --workspace --bins --quiet
 step "base image"
