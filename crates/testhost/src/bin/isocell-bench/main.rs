@@ -684,7 +684,9 @@ fn main() -> Result<()> {
         host.kind().name()
     );
     eprintln!("isocell-bench: pulling and converting the python test image from a local registry");
+    let t = Instant::now();
     let img = image_bench(args.runs)?;
+    eprintln!("isocell-bench: the image pulls took {:.0} s", t.elapsed().as_secs_f64());
     let mut steps: Vec<Step> = (0..=args.runs).map(|i| boot_step(i, &args)).collect();
     // Jailed and unjailed runs alternate, so both see the same machine conditions.
     for i in 0..=args.runs {
@@ -709,7 +711,13 @@ fn main() -> Result<()> {
     steps.extend(net_steps(args.runs));
     steps.extend(peers::steps(&args));
     files.insert("qemu".to_owned(), qemu);
+    let t = Instant::now();
     let results = run_checked(&host, &Scenario { steps, files })?;
+    eprintln!(
+        "isocell-bench: the test host's series took {:.0} s; seconds per series: {}",
+        t.elapsed().as_secs_f64(),
+        series_seconds(&results)
+    );
     let of_kind = |prefix: &str| measured_of(&results, prefix);
     let measured = of_kind("boot-");
     let measured_runs = of_kind("run-");
@@ -951,10 +959,33 @@ fn main() -> Result<()> {
     net_report(&results, &dir, &host)?;
     peers::report(&results, &dir, &host, &args)?;
     if host.kind() == HostKind::Nested {
+        let t = Instant::now();
         machine::bench(args.runs, &host::Paths::discover()?.isocell, &host, &dir)?;
+        eprintln!("isocell-bench: the machine series took {:.0} s", t.elapsed().as_secs_f64());
     }
+    let t = Instant::now();
     cri::bench(args.runs, &host, &dir)?;
+    eprintln!("isocell-bench: the Kubernetes series took {:.0} s", t.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The steps' wall time summed by series (a step's name without its run number), longest
+/// first: where the benchmark's time goes.
+fn series_seconds(results: &[StepResult]) -> String {
+    let mut by_series: Vec<(String, u64)> = Vec::new();
+    for r in results {
+        let series = r.name.trim_end_matches(|c: char| c.is_ascii_digit()).trim_end_matches('-');
+        match by_series.iter_mut().find(|(name, _)| name == series) {
+            Some((_, us)) => *us += r.wall_us,
+            None => by_series.push((series.to_owned(), r.wall_us)),
+        }
+    }
+    by_series.sort_by(|a, b| b.1.cmp(&a.1));
+    by_series
+        .iter()
+        .map(|(name, us)| format!("{name} {:.0}", *us as f64 / 1e6))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The steps of `prefix`'s series that count: the first of each kind warms caches.
