@@ -7,7 +7,7 @@
 #        CPUs from the ACPI MADT, virtio-mmio devices from the DSDT, poweroff through ACPI S5.
 #
 # Each result is cached under a key made from the source package version, the flavour's config
-# fragments and the build procedure, so a second run is instant:
+# fragments and the steps that build it (key_of), so a second run is instant:
 #   ${ISOCELL_CACHE:-~/.cache/isocell}/kernel/<key>/{bzImage,vmlinux,config}
 # and linked as build/guest/{bzImage,vmlinux} (cell) or build/guest/acpi/{bzImage,vmlinux}
 # (acpi). Prints each flavour's cache directory on stdout, in the order given.
@@ -26,11 +26,11 @@ for flavour in "$@"; do
   [[ "$flavour" == cell || "$flavour" == acpi ]] || { echo "usage: guest/build-kernel.sh [cell|acpi]..." >&2; exit 2; }
 done
 
-# A flavour's config fragments, in merge order (later lines win).
+# A flavour's config fragments, one per line, in merge order (later lines win).
 fragments_of() {
   case "$1" in
-    cell) echo "$here/kernel/cell.config" ;;
-    acpi) echo "$here/kernel/cell.config $here/kernel/acpi.config" ;;
+    cell) printf '%s\n' "$here/kernel/cell.config" ;;
+    acpi) printf '%s\n' "$here/kernel/cell.config" "$here/kernel/acpi.config" ;;
   esac
 }
 links_of() {
@@ -51,7 +51,7 @@ src_version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
 build_flavour() {
   local flavour=$1 out=$2
   local -a fragments
-  read -r -a fragments <<<"$(fragments_of "$flavour")"
+  mapfile -t fragments < <(fragments_of "$flavour")
   make -s tinyconfig >/dev/null
   # Later fragments override earlier ones option by option.
   scripts/kconfig/merge_config.sh -m .config "${fragments[@]}" >/dev/null
@@ -91,11 +91,14 @@ build_flavour() {
 }
 
 # The key: the source version, the flavour's fragments (they differ between flavours, so a
-# flavour needs no name of its own) and the build procedure as bash prints it back (without
-# comments, so a comment edit keeps the cache).
+# flavour needs no name of its own) and build_flavour, the steps that configure and build a
+# tree, as bash prints the function back: without comments, so editing a comment or a message
+# keeps the cache (another bash may print it differently, which only costs a rebuild). The
+# extraction around it is a plain `tar -x` of the versioned source.
 key_of() {
-  # shellcheck disable=SC2046
-  { echo "$src_version"; cat $(fragments_of "$1"); declare -f build_flavour; } | sha256sum | cut -c1-16
+  local -a fragments
+  mapfile -t fragments < <(fragments_of "$1")
+  { echo "$src_version"; cat "${fragments[@]}"; declare -f build_flavour; } | sha256sum | cut -c1-16
 }
 
 work=
@@ -108,7 +111,7 @@ for flavour in "$@"; do
       trap 'rm -rf "$work"' EXIT
       tar -C "$work" -xf "$tarball"
     fi
-    echo "isocell: building the $flavour kernel (linux-source $src_version, key $key; about 9 min on 2 cores)" >&2
+    echo "isocell: building the $flavour kernel (linux-source $src_version, key $key; 8-11 min on 2 cores)" >&2
     (cd "$work"/linux-source-6.1 && build_flavour "$flavour" "$out")
   fi
   links=$(links_of "$flavour")

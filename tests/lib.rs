@@ -15,8 +15,9 @@ pub use isocell_testhost::registry::{self, layout_digest, test_images, Registry}
 /// The directory of this process's [`static_scratch`] directories.
 static SCRATCH: OnceLock<PathBuf> = OnceLock::new();
 
-/// A fresh directory for a test file's shared set-up, which a `static` holds and so never
-/// drops: every such directory lives under one per process, removed when the process exits.
+/// A fresh directory (`NAME-` and a random suffix) for a test file's shared set-up, which a
+/// `static` holds and so never drops: every such directory lives under one per process,
+/// removed when the process exits.
 pub fn static_scratch(name: &str) -> PathBuf {
     let root = SCRATCH.get_or_init(|| {
         let dir = tempfile::Builder::new()
@@ -28,9 +29,12 @@ pub fn static_scratch(name: &str) -> PathBuf {
         unsafe { libc::atexit(remove_static_scratch) };
         dir
     });
-    let dir = root.join(name);
-    std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    dir
+    // Unique even when a set-up that panicked part-way is run again by the next test.
+    tempfile::Builder::new()
+        .prefix(&format!("{name}-"))
+        .tempdir_in(root)
+        .unwrap_or_else(|e| panic!("a directory in {}: {e}", root.display()))
+        .keep()
 }
 
 extern "C" fn remove_static_scratch() {
