@@ -980,7 +980,7 @@ fn series_seconds(results: &[StepResult]) -> String {
             None => by_series.push((series.to_owned(), r.wall_us)),
         }
     }
-    by_series.sort_by(|a, b| b.1.cmp(&a.1));
+    by_series.sort_by_key(|s| std::cmp::Reverse(s.1));
     by_series
         .iter()
         .map(|(name, us)| format!("{name} {:.0}", *us as f64 / 1e6))
