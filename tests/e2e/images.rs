@@ -106,25 +106,22 @@ fn setup() -> &'static Setup {
         let scratch_ref = format!("{addr}/isocell-test/scratch:latest");
         let scratch_user_ref = format!("{addr}/isocell-test/scratch:user");
         for r in [&python_ref, &scratch_ref, &scratch_user_ref] {
-            pull(state.as_path(), &["--insecure-registry", &addr, r]);
+            pull(&state, &["--insecure-registry", &addr, r]);
         }
         let oci_archive =
             format!("oci-archive:{}", images.join("python.oci-archive.tar").display());
         let docker_archive =
             format!("docker-archive:{}", images.join("python.docker-archive.tar").display());
-        pull(state.as_path(), &[&oci_archive]);
-        pull(state.as_path(), &[&docker_archive]);
-        let oci_archive_digest = manifest_of(state.as_path(), &oci_archive);
-        let docker_archive_digest = manifest_of(state.as_path(), &docker_archive);
-        let scratch_digest = manifest_of(state.as_path(), &scratch_ref);
+        pull(&state, &[&oci_archive]);
+        pull(&state, &[&docker_archive]);
+        let oci_archive_digest = manifest_of(&state, &oci_archive);
+        let docker_archive_digest = manifest_of(&state, &docker_archive);
+        let scratch_digest = manifest_of(&state, &scratch_ref);
 
         // What the cells need of the store: converted images and names, no blobs.
         let copy_store = |to: &Path| {
-            isocell_testhost::registry::copy_converted(
-                &state.as_path().join("images"),
-                &to.join("images"),
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
+            isocell_testhost::registry::copy_converted(&state.join("images"), &to.join("images"))
+                .unwrap_or_else(|e| panic!("{e}"));
         };
         let run_store = isocell_e2e::static_scratch("run-store");
         copy_store(&run_store);

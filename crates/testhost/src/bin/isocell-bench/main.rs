@@ -686,7 +686,7 @@ fn main() -> Result<()> {
     eprintln!("isocell-bench: pulling and converting the python test image from a local registry");
     let t = Instant::now();
     let img = image_bench(args.runs)?;
-    eprintln!("isocell-bench: the image pulls took {:.0} s", t.elapsed().as_secs_f64());
+    say_took("the image pulls", t);
     let mut steps: Vec<Step> = (0..=args.runs).map(|i| boot_step(i, &args)).collect();
     // Jailed and unjailed runs alternate, so both see the same machine conditions.
     for i in 0..=args.runs {
@@ -713,11 +713,8 @@ fn main() -> Result<()> {
     files.insert("qemu".to_owned(), qemu);
     let t = Instant::now();
     let results = run_checked(&host, &Scenario { steps, files })?;
-    eprintln!(
-        "isocell-bench: the test host's series took {:.0} s; seconds per series: {}",
-        t.elapsed().as_secs_f64(),
-        series_seconds(&results)
-    );
+    say_took("the test host's series", t);
+    eprintln!("isocell-bench: seconds per series: {}", series_seconds(&results));
     let of_kind = |prefix: &str| measured_of(&results, prefix);
     let measured = of_kind("boot-");
     let measured_runs = of_kind("run-");
@@ -961,25 +958,28 @@ fn main() -> Result<()> {
     if host.kind() == HostKind::Nested {
         let t = Instant::now();
         machine::bench(args.runs, &host::Paths::discover()?.isocell, &host, &dir)?;
-        eprintln!("isocell-bench: the machine series took {:.0} s", t.elapsed().as_secs_f64());
+        say_took("the machine series", t);
     }
     let t = Instant::now();
     cri::bench(args.runs, &host, &dir)?;
-    eprintln!("isocell-bench: the Kubernetes series took {:.0} s", t.elapsed().as_secs_f64());
+    say_took("the Kubernetes series", t);
     Ok(())
+}
+
+/// Says on stderr how long `what` took since `start`: where a slow CI run's benchmark went.
+fn say_took(what: &str, start: Instant) {
+    eprintln!("isocell-bench: {what} took {:.0} s", start.elapsed().as_secs_f64());
 }
 
 /// The steps' wall time summed by series (a step's name without its run number), longest
 /// first: where the benchmark's time goes.
 fn series_seconds(results: &[StepResult]) -> String {
-    let mut by_series: Vec<(String, u64)> = Vec::new();
+    let mut sums = std::collections::BTreeMap::<&str, u64>::new();
     for r in results {
         let series = r.name.trim_end_matches(|c: char| c.is_ascii_digit()).trim_end_matches('-');
-        match by_series.iter_mut().find(|(name, _)| name == series) {
-            Some((_, us)) => *us += r.wall_us,
-            None => by_series.push((series.to_owned(), r.wall_us)),
-        }
+        *sums.entry(series).or_default() += r.wall_us;
     }
+    let mut by_series: Vec<_> = sums.into_iter().collect();
     by_series.sort_by_key(|s| std::cmp::Reverse(s.1));
     by_series
         .iter()
