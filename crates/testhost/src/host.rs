@@ -260,6 +260,11 @@ impl TestHost {
         self.kind
     }
 
+    /// The cell kernel (ELF vmlinux) the scenarios boot.
+    pub fn vmlinux(&self) -> &Path {
+        &self.paths.vmlinux
+    }
+
     /// Runs `scenario`; returns one result per step, in order.
     pub fn run(&self, scenario: &Scenario) -> Result<Vec<StepResult>, TestHostError> {
         let tmp = TempDir::new()?;

@@ -4,6 +4,7 @@
 //! real registry on 127.0.0.1 ([`registry`]) for the image tests and benchmark.
 
 pub mod containerd;
+pub mod guest_profile;
 pub mod guest_tools;
 pub mod host;
 pub mod peer;

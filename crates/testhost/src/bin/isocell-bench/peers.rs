@@ -2,11 +2,13 @@
 //! booting the same kernel and image in the same test host, alternating and timed the same way
 //! from outside (`isocell-hostile time-boot`); one boot of each that prints the guest's own
 //! boot timeline and what it was told; and a cold `isocell run -- true` against one started
-//! from a snapshot, alternating.
+//! from a snapshot, alternating. Cold boots and snapshot starts are also profiled from the test
+//! host (see `isocell_testhost::guest_profile`).
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use isocell_testhost::guest_profile::{self, Symbols};
 use isocell_testhost::peer::{qemu_argv, stage_qemu, PeerBoot};
 use isocell_testhost::stats::Summary;
 use isocell_testhost::{Step, StepResult, TestHost};
@@ -107,6 +109,17 @@ pub fn steps(args: &Args) -> Vec<Step> {
     for vmm in vmms(args) {
         steps.push(guest_view_step(vmm, args));
     }
+    // Where the guest runs and what it costs the host: three cold boots of the cell kernel under
+    // our VMM (console off), traced from the test host.
+    let boot = vmm_boot_argv(
+        "{vmm}",
+        args,
+        "off",
+        "quiet init=/sbin/scenario-init isocell_scenario=quiet",
+    );
+    let boot: Vec<String> = boot.iter().map(|a| format!("'{a}'")).collect();
+    let boots = format!("for i in 1 2 3; do {} || exit 1; done", boot.join(" "));
+    steps.push(guest_profile::step("boot", &boots));
     let (cpus, memory) = (args.cpus, args.memory);
     steps.push(shell_step(
         "snapshot-create".into(),
@@ -124,6 +137,10 @@ pub fn steps(args: &Args) -> Vec<Step> {
             steps.push(measured_step(format!("start-{kind}-{i}"), &argv, 300, "{work}/run.json"));
         }
     }
+    // The same for three starts from the snapshot, each running `true`.
+    let starts =
+        format!("for i in 1 2 3; do {{isocell}} run --snapshot {SNAPSHOT} -- true || exit 1; done");
+    steps.push(guest_profile::step("snapshot", &starts));
     steps.push(shell_step("snapshot-rm".into(), &format!("{{isocell}} snapshot rm {SNAPSHOT}")));
     steps
 }
@@ -232,9 +249,6 @@ pub fn report(results: &[StepResult], dir: &Path, host: &TestHost, args: &Args) 
             "ratio_time_to_init_isocell_to_baseline": ratio(init.0, base_init),
         });
     }
-    let path = dir.join("peers.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&out)?)
-        .with_context(|| format!("writing {}", path.display()))?;
     println!("\nisocell-vmm against QEMU microvm, same kernel and image, same host, alternating");
     let names = ("isocell", "qemu");
     print_vs("full cycle (spawn -> exit)", cycle.0, cycle.1, "ms", names);
@@ -268,6 +282,28 @@ pub fn report(results: &[StepResult], dir: &Path, host: &TestHost, args: &Args) 
              {SNAPSHOT_SPEEDUP_TARGET}x)"
         );
     }
-    println!("results: {} (guest views next to it)", path.display());
+    println!(
+        "guest profiles, from the test host's kvm_exit trace (guest RIPs, cell kernel symbols)"
+    );
+    out["guest_profiles"] = match Symbols::of_elf(host.vmlinux()) {
+        Ok(symbols) => json!({
+            "boot": guest_profile::report(results, "boot", "3 cold boots", &symbols, dir),
+            "snapshot": guest_profile::report(
+                results,
+                "snapshot",
+                "3 snapshot starts running `true`",
+                &symbols,
+                dir
+            ),
+        }),
+        Err(why) => {
+            println!("  none: {why}");
+            json!({ "unavailable": why })
+        }
+    };
+    let path = dir.join("peers.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&out)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("results: {} (guest views and profiles next to it)", path.display());
     Ok(())
 }

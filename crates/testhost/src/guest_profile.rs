@@ -1,0 +1,263 @@
+//! Where a guest spends its time, seen from the test host (issue 15). KVM's `kvm_exit`
+//! tracepoint records the guest's RIP at every VM exit. The host's timer interrupts a running
+//! guest at points unrelated to what it does, so the RIPs of the `interrupt` exits are a
+//! statistical profile of the guest's running time (one sample per host tick; a halted guest is
+//! not running and gives none). The other exits say what the guest costs the host, by reason
+//! (nested-paging faults, MSR writes, ...) and by the guest code that caused them. RIPs are
+//! named from the cell kernel's symbol table; those below the kernel's half are user space.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use object::{Object, ObjectSection, ObjectSymbol, SectionKind, SymbolKind};
+use serde_json::{json, Value};
+
+use crate::{Step, StepResult};
+
+/// Traces the command given as its arguments and prints, per exit reason and guest RIP, how many
+/// exits there were (`X REASON RIP COUNT`), then `RC STATUS`. Prints `UNAVAILABLE WHY` instead
+/// where the host has no `kvm_exit` tracepoint to write to. The trace buffer's size is put back.
+const TRACE_SCRIPT: &str = r#"T=/sys/kernel/tracing
+[ -e "$T/events/kvm/kvm_exit/enable" ] || mount -t tracefs nodev "$T" 2>/dev/null
+if [ ! -w "$T/events/kvm/kvm_exit/enable" ]; then
+  echo "UNAVAILABLE this host has no writable kvm_exit tracepoint under $T"; exit 0
+fi
+size=$(cat "$T/buffer_size_kb")
+echo 16384 > "$T/buffer_size_kb" && echo > "$T/trace" && echo 1 > "$T/events/kvm/kvm_exit/enable"
+"$@" > /dev/null 2>&1
+rc=$?
+echo 0 > "$T/events/kvm/kvm_exit/enable"
+awk '/kvm_exit:/ { r = ""; rip = ""
+  for (i = 1; i < NF; i++) { if ($i == "reason") r = $(i + 1); if ($i == "rip") rip = $(i + 1) }
+  if (r != "" && rip != "") n[r " " rip]++ }
+  END { for (k in n) print "X", k, n[k] }' "$T/trace"
+echo > "$T/trace"
+echo "$size" > "$T/buffer_size_kb"
+echo "RC $rc"
+"#;
+
+/// The step `profile-NAME`: runs `script` (a shell command line, placeholders allowed) under the
+/// trace. Its result is read by [`report`].
+pub fn step(name: &str, script: &str) -> Step {
+    let argv = ["sh", "-c", TRACE_SCRIPT, "profile", "sh", "-c", script];
+    Step {
+        name: format!("profile-{name}"),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        timeout_secs: 300,
+        create_files: Default::default(),
+        write_files: Default::default(),
+        hash_files: vec![],
+        report_file: None,
+    }
+}
+
+/// The text symbols of an ELF file, by start address.
+pub struct Symbols(Vec<(u64, String)>);
+
+impl Symbols {
+    /// Reads the symbol table of `path` (the cell kernel's vmlinux).
+    pub fn of_elf(path: &Path) -> Result<Symbols, String> {
+        let data =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let file = object::File::parse(&*data)
+            .map_err(|e| format!("{} is not an ELF file: {e}", path.display()))?;
+        // Functions, and the untyped symbols of the assembly in text sections (the entry code
+        // has no function symbols: its RIPs would count against the last C function before it).
+        let in_text = |s: &object::Symbol<'_, '_>| {
+            s.section_index()
+                .and_then(|i| file.section_by_index(i).ok())
+                .is_some_and(|section| section.kind() == SectionKind::Text)
+        };
+        let mut symbols: Vec<(u64, String)> = file
+            .symbols()
+            .filter(|s| s.address() != 0)
+            .filter(|s| {
+                s.kind() == SymbolKind::Text
+                    || (matches!(s.kind(), SymbolKind::Label | SymbolKind::Unknown) && in_text(s))
+            })
+            .filter_map(|s| Some((s.address(), s.name().ok()?.to_owned())))
+            .collect();
+        symbols.sort();
+        Ok(Symbols(symbols))
+    }
+
+    /// The function `rip` is in: the nearest symbol at or below it.
+    fn name(&self, rip: u64) -> &str {
+        if rip < 0xffff_8000_0000_0000 {
+            return "(user space)";
+        }
+        match self.0.partition_point(|(a, _)| *a <= rip) {
+            0 => "(unknown)",
+            i => &self.0[i - 1].1,
+        }
+    }
+}
+
+/// The exits of one traced command: totals by reason, and by reason and guest function.
+#[derive(Default)]
+struct Profile {
+    by_reason: BTreeMap<String, u64>,
+    by_function: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+impl Profile {
+    fn parse(stdout: &str, symbols: &Symbols) -> Result<Profile, String> {
+        let mut p = Profile::default();
+        for line in stdout.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields.as_slice() {
+                ["UNAVAILABLE", ..] => return Err(line["UNAVAILABLE ".len()..].to_owned()),
+                ["RC", rc] if *rc != "0" => {
+                    return Err(format!("the traced command failed ({rc})"))
+                }
+                ["X", reason, rip, count] => {
+                    let rip = u64::from_str_radix(rip.trim_start_matches("0x"), 16);
+                    let (Ok(rip), Ok(count)) = (rip, count.parse::<u64>()) else {
+                        return Err(format!("unreadable trace line {line:?}"));
+                    };
+                    *p.by_reason.entry(reason.to_string()).or_default() += count;
+                    let functions = p.by_function.entry(reason.to_string()).or_default();
+                    *functions.entry(symbols.name(rip).to_owned()).or_default() += count;
+                }
+                _ => {}
+            }
+        }
+        if p.by_reason.is_empty() {
+            return Err("the trace held no exits".into());
+        }
+        Ok(p)
+    }
+
+    /// The `n` functions with the most exits for `reason`, most first.
+    fn top(&self, reason: &str, n: usize) -> Vec<(&str, u64)> {
+        let mut v: Vec<(&str, u64)> = self
+            .by_function
+            .get(reason)
+            .map(|m| m.iter().map(|(f, c)| (f.as_str(), *c)).collect())
+            .unwrap_or_default();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        v.truncate(n);
+        v
+    }
+
+    fn samples(&self) -> u64 {
+        self.by_reason.get("interrupt").copied().unwrap_or(0)
+    }
+
+    fn text(&self, what: &str) -> String {
+        let mut out = format!("guest profile: {what}\n\nexits by reason:\n");
+        let mut reasons: Vec<_> = self.by_reason.iter().collect();
+        reasons.sort_by(|a, b| b.1.cmp(a.1));
+        for (reason, count) in reasons {
+            let _ = writeln!(out, "  {count:>7}  {reason}");
+        }
+        let samples = self.samples().max(1) as f64;
+        let _ = writeln!(
+            out,
+            "\nwhere the guest runs ({} host-timer samples, `interrupt` exits):",
+            self.samples()
+        );
+        for (f, c) in self.top("interrupt", 30) {
+            let _ = writeln!(out, "  {c:>6} {:>5.1}%  {f}", 100.0 * c as f64 / samples);
+        }
+        for reason in self.by_reason.keys().filter(|r| *r != "interrupt") {
+            let _ = writeln!(out, "\n{reason} exits, by the guest code that caused them:");
+            for (f, c) in self.top(reason, 15) {
+                let _ = writeln!(out, "  {c:>6}  {f}");
+            }
+        }
+        out
+    }
+
+    fn json(&self) -> Value {
+        let top = |reason: &str, n| -> Vec<Value> {
+            self.top(reason, n).iter().map(|(f, c)| json!({ "function": f, "exits": c })).collect()
+        };
+        json!({
+            "exits_by_reason": self.by_reason,
+            "samples": self.samples(),
+            "top_sampled": top("interrupt", 30),
+            "top_npf": top("npf", 15),
+        })
+    }
+}
+
+/// Reads the profile step `name` from `results`, writes `guest-profile-NAME.txt` into `dir`,
+/// prints its head and returns its JSON (or why there is none).
+pub fn report(
+    results: &[StepResult],
+    name: &str,
+    what: &str,
+    symbols: &Symbols,
+    dir: &Path,
+) -> Value {
+    let step = format!("profile-{name}");
+    let Some(r) = results.iter().find(|r| r.name == step) else {
+        return json!({ "unavailable": "not run" });
+    };
+    let profile = match Profile::parse(&r.stdout, symbols) {
+        Ok(p) => p,
+        Err(why) => {
+            println!("  guest profile ({what}): none: {why}");
+            return json!({ "unavailable": why });
+        }
+    };
+    let path = dir.join(format!("guest-profile-{name}.txt"));
+    let text = profile.text(what);
+    if let Err(e) = std::fs::write(&path, &text) {
+        println!("  guest profile ({what}): cannot write {}: {e}", path.display());
+    }
+    let samples = profile.samples().max(1) as f64;
+    let head: Vec<String> = profile
+        .top("interrupt", 5)
+        .iter()
+        .map(|(f, c)| format!("{f} {:.0}%", 100.0 * *c as f64 / samples))
+        .collect();
+    println!("  guest profile ({what}): {} samples; most: {}", profile.samples(), head.join(", "));
+    let npf = profile.by_reason.get("npf").copied().unwrap_or(0);
+    println!("    {npf} nested-paging exits; all of it in {}", path.display());
+    profile.json()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn symbols() -> Symbols {
+        Symbols(vec![(0xffff_ffff_8100_0000, "a".into()), (0xffff_ffff_8100_0100, "b".into())])
+    }
+
+    #[test]
+    fn rips_are_named_by_the_nearest_symbol_below_and_user_space_apart() {
+        let s = symbols();
+        assert_eq!(s.name(0xffff_ffff_8100_0000), "a");
+        assert_eq!(s.name(0xffff_ffff_8100_00ff), "a");
+        assert_eq!(s.name(0xffff_ffff_8100_0100), "b");
+        assert_eq!(s.name(0xffff_ffff_80ff_ffff), "(unknown)");
+        assert_eq!(s.name(0x40_1000), "(user space)");
+    }
+
+    #[test]
+    fn the_trace_summary_is_counted_by_reason_and_function() {
+        let out = "X interrupt 0xffffffff81000010 3\nX interrupt 0xffffffff81000100 1\n\
+                   X npf 0x401000 5\nX npf 0xffffffff81000001 2\nRC 0\n";
+        let p = Profile::parse(out, &symbols()).unwrap();
+        assert_eq!(p.samples(), 4);
+        assert_eq!(p.by_reason["npf"], 7);
+        assert_eq!(p.top("interrupt", 1), vec![("a", 3)]);
+        assert_eq!(p.top("npf", 5), vec![("(user space)", 5), ("a", 2)]);
+        assert!(p.text("t").contains("75.0%  a"));
+    }
+
+    #[test]
+    fn a_host_without_the_tracepoint_or_a_failed_command_gives_no_profile() {
+        let s = symbols();
+        let err = Profile::parse("UNAVAILABLE no tracefs\n", &s).err().unwrap();
+        assert_eq!(err, "no tracefs");
+        assert!(Profile::parse("X npf 0x1 1\nRC 1\n", &s).err().unwrap().contains("failed"));
+        assert!(Profile::parse("RC 0\n", &s).is_err());
+        assert!(Profile::parse("X npf zz 1\n", &s).err().unwrap().contains("unreadable"));
+    }
+}
