@@ -112,7 +112,7 @@ for flavour in "$@"; do
       trap 'rm -rf "$work"' EXIT
       tar -C "$work" -xf "$tarball"
     fi
-    echo "isocell: building the $flavour kernel (linux-source $src_version, key $key; about 6 min on 2 cores)" >&2
+    echo "isocell: building the $flavour kernel (linux-source $src_version, key $key; 6-11 min on 2 cores)" >&2
     (cd "$work"/linux-source-6.1 && build_flavour "$flavour" "$out")
   fi
   links=$(links_of "$flavour")

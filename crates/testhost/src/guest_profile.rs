@@ -15,27 +15,38 @@ use serde_json::{json, Value};
 
 use crate::{Step, StepResult};
 
-/// Traces the command given as its arguments and prints, per exit reason and guest RIP, how many
-/// exits there were (`X REASON RIP COUNT`), then `RC STATUS`. Prints `UNAVAILABLE WHY` instead
-/// where the host has no `kvm_exit` tracepoint to write to. The trace buffer's size is put back.
+/// Traces the command given as its arguments (killed after 240 s, before the step's own
+/// limit, so the trace is always taken down) in a trace instance of its own, which touches no
+/// global trace setting and goes when done. Prints the exits by reason (`R REASON COUNT`), the
+/// 1,500 most frequent (reason, guest RIP) pairs (`X REASON RIP COUNT`; user-space RIPs folded
+/// into `0x0`), the events the ring buffer lost (`LOST N`), then `RC STATUS`. Prints
+/// `UNAVAILABLE WHY` instead where the host has no tracefs with the `kvm_exit` event.
 const TRACE_SCRIPT: &str = r#"T=/sys/kernel/tracing
-[ -e "$T/events/kvm/kvm_exit/enable" ] || mount -t tracefs nodev "$T" 2>/dev/null
-if [ ! -w "$T/events/kvm/kvm_exit/enable" ]; then
-  echo "UNAVAILABLE this host has no writable kvm_exit tracepoint under $T"; exit 0
+[ -d "$T/instances" ] || mount -t tracefs nodev "$T" 2>/dev/null
+for old in "$T"/instances/isocell-profile-*; do [ -d "$old" ] && rmdir "$old" 2>/dev/null; done
+I="$T/instances/isocell-profile-$$"
+if ! mkdir "$I" 2>/dev/null || [ ! -w "$I/events/kvm/kvm_exit/enable" ]; then
+  [ -d "$I" ] && rmdir "$I"
+  echo "UNAVAILABLE no tracefs instance with the kvm_exit event under $T"; exit 0
 fi
-size=$(cat "$T/buffer_size_kb")
-echo 16384 > "$T/buffer_size_kb" && echo > "$T/trace" && echo 1 > "$T/events/kvm/kvm_exit/enable"
-"$@" > /dev/null 2>&1
+echo 16384 > "$I/buffer_size_kb"
+echo 1 > "$I/events/kvm/kvm_exit/enable"
+timeout -s KILL 240 "$@" > /dev/null 2>&1
 rc=$?
-echo 0 > "$T/events/kvm/kvm_exit/enable"
+echo 0 > "$I/events/kvm/kvm_exit/enable"
 awk '/kvm_exit:/ { r = ""; rip = ""
   for (i = 1; i < NF; i++) { if ($i == "reason") r = $(i + 1); if ($i == "rip") rip = $(i + 1) }
-  if (r != "" && rip != "") n[r " " rip]++ }
-  END { for (k in n) print "X", k, n[k] }' "$T/trace"
-echo > "$T/trace"
-echo "$size" > "$T/buffer_size_kb"
+  if (r == "" || rip == "") next
+  if (substr(rip, 1, 6) != "0xffff") rip = "0x0"
+  n[r " " rip]++; by[r]++ }
+  END { for (k in by) print "R", k, by[k]; for (k in n) print "X", k, n[k] }' "$I/trace"   | sort -k1,1 -k4,4nr | awk '$1 == "R" || ++x <= 1500'
+cat "$I"/per_cpu/cpu*/stats 2>/dev/null | awk '$1 == "overrun:" { n += $2 } END { print "LOST", n + 0 }'
+rmdir "$I"
 echo "RC $rc"
 "#;
+
+/// The profile step's limit; the script kills the traced command at 240 s, before it.
+const STEP_TIMEOUT_SECS: u64 = 300;
 
 /// The step `profile-NAME`: runs `script` (a shell command line, placeholders allowed) under the
 /// trace. Its result is read by [`report`].
@@ -44,7 +55,7 @@ pub fn step(name: &str, script: &str) -> Step {
     Step {
         name: format!("profile-{name}"),
         argv: argv.iter().map(|s| s.to_string()).collect(),
-        timeout_secs: 300,
+        timeout_secs: STEP_TIMEOUT_SECS,
         create_files: Default::default(),
         write_files: Default::default(),
         hash_files: vec![],
@@ -69,17 +80,21 @@ impl Symbols {
                 .and_then(|i| file.section_by_index(i).ok())
                 .is_some_and(|section| section.kind() == SectionKind::Text)
         };
-        let mut symbols: Vec<(u64, String)> = file
+        // At one address a function sorts after a marker (`__foo_text_start`): it is the one
+        // `name` finds.
+        let mut symbols: Vec<(u64, bool, String)> = file
             .symbols()
             .filter(|s| s.address() != 0)
             .filter(|s| {
                 s.kind() == SymbolKind::Text
                     || (matches!(s.kind(), SymbolKind::Label | SymbolKind::Unknown) && in_text(s))
             })
-            .filter_map(|s| Some((s.address(), s.name().ok()?.to_owned())))
+            .filter_map(|s| {
+                Some((s.address(), s.kind() == SymbolKind::Text, s.name().ok()?.to_owned()))
+            })
             .collect();
         symbols.sort();
-        Ok(Symbols(symbols))
+        Ok(Symbols(symbols.into_iter().map(|(a, _, n)| (a, n)).collect()))
     }
 
     /// The function `rip` is in: the nearest symbol at or below it.
@@ -98,30 +113,56 @@ impl Symbols {
 #[derive(Default)]
 struct Profile {
     by_reason: BTreeMap<String, u64>,
+    /// The most frequent (reason, RIP) pairs, by reason and function.
     by_function: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Events the trace's ring buffer dropped.
+    lost: u64,
+}
+
+/// One name for an exit reason on AMD (SVM) and Intel (VMX) hosts: a host-timer interrupt, and a
+/// nested-paging fault (or MMIO access).
+fn reason_name(reason: &str) -> &str {
+    match reason {
+        "EXTERNAL_INTERRUPT" => "interrupt",
+        "EPT_VIOLATION" | "EPT_MISCONFIG" => "npf",
+        other => other,
+    }
 }
 
 impl Profile {
     fn parse(stdout: &str, symbols: &Symbols) -> Result<Profile, String> {
         let mut p = Profile::default();
+        let mut rc = None;
+        let unreadable = |line: &str| format!("unreadable trace summary line {line:?}");
         for line in stdout.lines() {
+            if let Some(why) = line.trim_start().strip_prefix("UNAVAILABLE") {
+                return Err(why.trim().to_owned());
+            }
             let fields: Vec<&str> = line.split_whitespace().collect();
             match fields.as_slice() {
-                ["UNAVAILABLE", ..] => return Err(line["UNAVAILABLE ".len()..].to_owned()),
-                ["RC", rc] if *rc != "0" => {
-                    return Err(format!("the traced command failed ({rc})"))
+                ["RC", status] => rc = Some(*status),
+                ["LOST", n] => p.lost = n.parse().map_err(|_| unreadable(line))?,
+                ["R", reason, count] => {
+                    let count: u64 = count.parse().map_err(|_| unreadable(line))?;
+                    let total = p.by_reason.entry(reason_name(reason).to_owned()).or_default();
+                    *total = total.saturating_add(count);
                 }
                 ["X", reason, rip, count] => {
                     let rip = u64::from_str_radix(rip.trim_start_matches("0x"), 16);
                     let (Ok(rip), Ok(count)) = (rip, count.parse::<u64>()) else {
-                        return Err(format!("unreadable trace line {line:?}"));
+                        return Err(unreadable(line));
                     };
-                    *p.by_reason.entry(reason.to_string()).or_default() += count;
-                    let functions = p.by_function.entry(reason.to_string()).or_default();
-                    *functions.entry(symbols.name(rip).to_owned()).or_default() += count;
+                    let functions = p.by_function.entry(reason_name(reason).to_owned()).or_default();
+                    let n = functions.entry(symbols.name(rip).to_owned()).or_default();
+                    *n = n.saturating_add(count);
                 }
                 _ => {}
             }
+        }
+        match rc {
+            None => return Err("the trace summary is incomplete (no exit status)".into()),
+            Some("0") => {}
+            Some(status) => return Err(format!("the traced command failed (exit status {status})")),
         }
         if p.by_reason.is_empty() {
             return Err("the trace held no exits".into());
@@ -152,19 +193,27 @@ impl Profile {
         for (reason, count) in reasons {
             let _ = writeln!(out, "  {count:>7}  {reason}");
         }
+        if self.lost > 0 {
+            let _ = writeln!(out, "  (the trace lost {} events: the counts are short)", self.lost);
+        }
         let samples = self.samples().max(1) as f64;
         let _ = writeln!(
             out,
-            "\nwhere the guest runs ({} host-timer samples, `interrupt` exits):",
+            "\nwhere the guest runs ({} host-timer samples, `interrupt` exits; shares of the \
+             guest's running time, not of wall time):",
             self.samples()
         );
         for (f, c) in self.top("interrupt", 30) {
             let _ = writeln!(out, "  {c:>6} {:>5.1}%  {f}", 100.0 * c as f64 / samples);
         }
-        for reason in self.by_reason.keys().filter(|r| *r != "interrupt") {
+        for (reason, total) in self.by_reason.iter().filter(|(r, _)| *r != "interrupt") {
             let _ = writeln!(out, "\n{reason} exits, by the guest code that caused them:");
             for (f, c) in self.top(reason, 15) {
                 let _ = writeln!(out, "  {c:>6}  {f}");
+            }
+            let listed: u64 = self.by_function.get(reason).map_or(0, |m| m.values().sum());
+            if listed < *total {
+                let _ = writeln!(out, "  {:>6}  (rarer guest RIPs, not listed)", total - listed);
             }
         }
         out
@@ -179,6 +228,7 @@ impl Profile {
             "samples": self.samples(),
             "top_sampled": top("interrupt", 30),
             "top_npf": top("npf", 15),
+            "lost_events": self.lost,
         })
     }
 }
@@ -196,7 +246,13 @@ pub fn report(
     let Some(r) = results.iter().find(|r| r.name == step) else {
         return json!({ "unavailable": "not run" });
     };
-    let profile = match Profile::parse(&r.stdout, symbols) {
+    let ended = match (r.timed_out, &r.error, r.exit_code) {
+        (true, _, _) => Err(format!("the step ran past its {STEP_TIMEOUT_SECS} s")),
+        (_, Some(e), _) => Err(e.clone()),
+        (_, None, Some(0)) => Profile::parse(&r.stdout, symbols),
+        (_, None, code) => Err(format!("the trace script failed ({code:?}): {}", r.stderr.trim())),
+    };
+    let profile = match ended {
         Ok(p) => p,
         Err(why) => {
             println!("  guest profile ({what}): none: {why}");
@@ -241,14 +297,29 @@ mod tests {
 
     #[test]
     fn the_trace_summary_is_counted_by_reason_and_function() {
-        let out = "X interrupt 0xffffffff81000010 3\nX interrupt 0xffffffff81000100 1\n\
-                   X npf 0x401000 5\nX npf 0xffffffff81000001 2\nRC 0\n";
+        let out = "R interrupt 4\nR npf 9\nX interrupt 0xffffffff81000010 3\n\
+                   X interrupt 0xffffffff81000100 1\nX npf 0x0 5\nX npf 0xffffffff81000001 2\n\
+                   LOST 0\nRC 0\n";
         let p = Profile::parse(out, &symbols()).unwrap();
         assert_eq!(p.samples(), 4);
-        assert_eq!(p.by_reason["npf"], 7);
+        assert_eq!(p.by_reason["npf"], 9);
         assert_eq!(p.top("interrupt", 1), vec![("a", 3)]);
         assert_eq!(p.top("npf", 5), vec![("(user space)", 5), ("a", 2)]);
-        assert!(p.text("t").contains("75.0%  a"));
+        let text = p.text("t");
+        assert!(text.contains("75.0%  a"), "{text}");
+        assert!(text.contains("2  (rarer guest RIPs"), "{text}");
+        assert!(!text.contains("lost"), "{text}");
+    }
+
+    #[test]
+    fn intel_exit_reasons_count_as_the_amd_ones() {
+        let out = "R EXTERNAL_INTERRUPT 2\nR EPT_VIOLATION 1\nR EPT_MISCONFIG 1\n\
+                   X EXTERNAL_INTERRUPT 0xffffffff81000100 2\nLOST 3\nRC 0\n";
+        let p = Profile::parse(out, &symbols()).unwrap();
+        assert_eq!(p.samples(), 2);
+        assert_eq!(p.by_reason["npf"], 2);
+        assert_eq!(p.top("interrupt", 1), vec![("b", 2)]);
+        assert!(p.text("t").contains("lost 3 events"));
     }
 
     #[test]
@@ -256,8 +327,13 @@ mod tests {
         let s = symbols();
         let err = Profile::parse("UNAVAILABLE no tracefs\n", &s).err().unwrap();
         assert_eq!(err, "no tracefs");
-        assert!(Profile::parse("X npf 0x1 1\nRC 1\n", &s).err().unwrap().contains("failed"));
-        assert!(Profile::parse("RC 0\n", &s).is_err());
-        assert!(Profile::parse("X npf zz 1\n", &s).err().unwrap().contains("unreadable"));
+        assert_eq!(Profile::parse("UNAVAILABLE\n", &s).err().unwrap(), "");
+        assert!(Profile::parse("UNAVAILABLE\u{a0}x\n", &s).is_err());
+        let failed = Profile::parse("R npf 1\nRC 137\n", &s).err().unwrap();
+        assert!(failed.contains("failed (exit status 137)"), "{failed}");
+        assert!(Profile::parse("RC 0\n", &s).err().unwrap().contains("no exits"));
+        assert!(Profile::parse("R npf 1\n", &s).err().unwrap().contains("incomplete"));
+        assert!(Profile::parse("X npf zz 1\nRC 0\n", &s).err().unwrap().contains("unreadable"));
+        assert!(Profile::parse("R npf -1\nRC 0\n", &s).err().unwrap().contains("unreadable"));
     }
 }

@@ -27,7 +27,8 @@ use device_plan::{DeviceKind, DevicePlan};
 /// sched_clock code: a fifth of the page faults before the agent answered). A one-vCPU kernel
 /// keeps its `lock` prefixes (`noreplace-smp`): rewriting each of its ~6,000 into a no-op is a
 /// `text_poke` apiece, each switching page tables twice, for a short life of atomics a few
-/// cycles cheaper; it was a sixth of a boot in the nested host (sampled guest RIPs).
+/// cycles cheaper. In the nested host, where each switch also flushes the emulator's TLB, it was
+/// a sixth of the guest's running time during boot (sampled guest RIPs).
 pub const BASE_KERNEL_ARGS: &str = concat!(
     "reboot=k panic=0 pci=off nomodule i8042.noaux i8042.nomux i8042.nokbd ",
     "tsc=reliable no_timer_check noreplace-smp"

@@ -109,17 +109,6 @@ pub fn steps(args: &Args) -> Vec<Step> {
     for vmm in vmms(args) {
         steps.push(guest_view_step(vmm, args));
     }
-    // Where the guest runs and what it costs the host: three cold boots of the cell kernel under
-    // our VMM (console off), traced from the test host.
-    let boot = vmm_boot_argv(
-        "{vmm}",
-        args,
-        "off",
-        "quiet init=/sbin/scenario-init isocell_scenario=quiet",
-    );
-    let boot: Vec<String> = boot.iter().map(|a| format!("'{a}'")).collect();
-    let boots = format!("for i in 1 2 3; do {} || exit 1; done", boot.join(" "));
-    steps.push(guest_profile::step("boot", &boots));
     let (cpus, memory) = (args.cpus, args.memory);
     steps.push(shell_step(
         "snapshot-create".into(),
@@ -137,7 +126,18 @@ pub fn steps(args: &Args) -> Vec<Step> {
             steps.push(measured_step(format!("start-{kind}-{i}"), &argv, 300, "{work}/run.json"));
         }
     }
-    // The same for three starts from the snapshot, each running `true`.
+    // Where the guest runs and what it costs the host, traced from the test host after every
+    // timed step: three cold boots of the cell kernel under our VMM (console off), and three
+    // starts from the snapshot, each running `true`.
+    let boot = vmm_boot_argv(
+        "{vmm}",
+        args,
+        "off",
+        "quiet init=/sbin/scenario-init isocell_scenario=quiet",
+    );
+    let boot: Vec<String> = boot.iter().map(|a| format!("'{a}'")).collect();
+    let boots = format!("for i in 1 2 3; do {} || exit 1; done", boot.join(" "));
+    steps.push(guest_profile::step("boot", &boots));
     let starts =
         format!("for i in 1 2 3; do {{isocell}} run --snapshot {SNAPSHOT} -- true || exit 1; done");
     steps.push(guest_profile::step("snapshot", &starts));
