@@ -152,7 +152,8 @@ impl Profile {
                     let (Ok(rip), Ok(count)) = (rip, count.parse::<u64>()) else {
                         return Err(unreadable(line));
                     };
-                    let functions = p.by_function.entry(reason_name(reason).to_owned()).or_default();
+                    let functions =
+                        p.by_function.entry(reason_name(reason).to_owned()).or_default();
                     let n = functions.entry(symbols.name(rip).to_owned()).or_default();
                     *n = n.saturating_add(count);
                 }
@@ -162,7 +163,9 @@ impl Profile {
         match rc {
             None => return Err("the trace summary is incomplete (no exit status)".into()),
             Some("0") => {}
-            Some(status) => return Err(format!("the traced command failed (exit status {status})")),
+            Some(status) => {
+                return Err(format!("the traced command failed (exit status {status})"))
+            }
         }
         if p.by_reason.is_empty() {
             return Err("the trace held no exits".into());
