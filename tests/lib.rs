@@ -2,7 +2,7 @@
 //! through the test host), the path of the locally built VMM, and the image tests' fixtures
 //! (test images, a real registry: [`registry`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -59,13 +59,8 @@ pub fn vmm_step(name: &str, args: &[&str], timeout_secs: u64) -> Step {
     argv.extend(args.iter().map(|a| a.to_string()));
     argv.extend(["--report".to_owned(), "{work}/report.json".to_owned()]);
     Step {
-        name: name.to_owned(),
-        argv,
-        timeout_secs,
-        create_files: BTreeMap::new(),
-        write_files: BTreeMap::new(),
-        hash_files: Vec::new(),
         report_file: Some("{work}/report.json".to_owned()),
+        ..Step::new(name, &argv, timeout_secs)
     }
 }
 
@@ -336,15 +331,7 @@ fn device_reset_step() -> Step {
 /// A step running a shell command line on the test host (placeholders such as `{isocell}` and
 /// `{work}` are replaced).
 pub fn shell_step(name: &str, script: &str, timeout_secs: u64) -> Step {
-    Step {
-        name: name.to_owned(),
-        argv: vec!["sh".into(), "-c".into(), script.to_owned()],
-        timeout_secs,
-        create_files: BTreeMap::new(),
-        write_files: BTreeMap::new(),
-        hash_files: Vec::new(),
-        report_file: None,
-    }
+    Step::new(name, &["sh", "-c", script], timeout_secs)
 }
 
 /// Results of a scenario by step name, or why the test host could not run it.

@@ -52,15 +52,7 @@ const STEP_TIMEOUT_SECS: u64 = 300;
 /// trace. Its result is read by [`report`].
 pub fn step(name: &str, script: &str) -> Step {
     let argv = ["sh", "-c", TRACE_SCRIPT, "profile", "sh", "-c", script];
-    Step {
-        name: format!("profile-{name}"),
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        timeout_secs: STEP_TIMEOUT_SECS,
-        create_files: Default::default(),
-        write_files: Default::default(),
-        hash_files: vec![],
-        report_file: None,
-    }
+    Step::new(format!("profile-{name}"), &argv, STEP_TIMEOUT_SECS)
 }
 
 /// The text symbols of an ELF file, by start address.
@@ -189,6 +181,11 @@ impl Profile {
         self.by_reason.get("interrupt").copied().unwrap_or(0)
     }
 
+    /// `count` samples as a percentage of all of them.
+    fn share(&self, count: u64) -> f64 {
+        100.0 * count as f64 / self.samples().max(1) as f64
+    }
+
     fn text(&self, what: &str) -> String {
         let mut out = format!("guest profile: {what}\n\nexits by reason:\n");
         let mut reasons: Vec<_> = self.by_reason.iter().collect();
@@ -199,7 +196,6 @@ impl Profile {
         if self.lost > 0 {
             let _ = writeln!(out, "  (the trace lost {} events: the counts are short)", self.lost);
         }
-        let samples = self.samples().max(1) as f64;
         let _ = writeln!(
             out,
             "\nwhere the guest runs ({} host-timer samples, `interrupt` exits; shares of the \
@@ -207,7 +203,7 @@ impl Profile {
             self.samples()
         );
         for (f, c) in self.top("interrupt", 30) {
-            let _ = writeln!(out, "  {c:>6} {:>5.1}%  {f}", 100.0 * c as f64 / samples);
+            let _ = writeln!(out, "  {c:>6} {:>5.1}%  {f}", self.share(c));
         }
         for (reason, total) in self.by_reason.iter().filter(|(r, _)| *r != "interrupt") {
             let _ = writeln!(out, "\n{reason} exits, by the guest code that caused them:");
@@ -267,11 +263,10 @@ pub fn report(
     if let Err(e) = std::fs::write(&path, &text) {
         println!("  guest profile ({what}): cannot write {}: {e}", path.display());
     }
-    let samples = profile.samples().max(1) as f64;
     let head: Vec<String> = profile
         .top("interrupt", 5)
         .iter()
-        .map(|(f, c)| format!("{f} {:.0}%", 100.0 * *c as f64 / samples))
+        .map(|(f, c)| format!("{f} {:.0}%", profile.share(*c)))
         .collect();
     println!("  guest profile ({what}): {} samples; most: {}", profile.samples(), head.join(", "));
     let npf = profile.by_reason.get("npf").copied().unwrap_or(0);

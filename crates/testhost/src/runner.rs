@@ -225,15 +225,7 @@ mod tests {
     use super::*;
 
     fn step(name: &str, argv: &[&str], timeout_secs: u64) -> Step {
-        Step {
-            name: name.into(),
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            timeout_secs,
-            create_files: BTreeMap::new(),
-            write_files: BTreeMap::new(),
-            hash_files: vec![],
-            report_file: None,
-        }
+        Step::new(name, argv, timeout_secs)
     }
 
     #[test]

@@ -48,6 +48,22 @@ pub struct Step {
     pub report_file: Option<String>,
 }
 
+impl Step {
+    /// A step that runs `argv` for at most `timeout_secs`, with no files to prepare, hash or
+    /// read back (set those fields on the result where a step needs them).
+    pub fn new<S: ToString>(name: impl Into<String>, argv: &[S], timeout_secs: u64) -> Step {
+        Step {
+            name: name.into(),
+            argv: argv.iter().map(ToString::to_string).collect(),
+            timeout_secs,
+            create_files: BTreeMap::new(),
+            write_files: BTreeMap::new(),
+            hash_files: Vec::new(),
+            report_file: None,
+        }
+    }
+}
+
 /// What happened to one step.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StepResult {

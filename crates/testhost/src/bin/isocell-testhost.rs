@@ -111,15 +111,7 @@ fn run_one(
         ];
     }
     argv.extend(args);
-    let step = Step {
-        name: program.into(),
-        argv,
-        timeout_secs: timeout,
-        create_files: Default::default(),
-        write_files: Default::default(),
-        hash_files: vec![],
-        report_file: None,
-    };
+    let step = Step::new(program, &argv, timeout);
     let results = th.run(&Scenario { steps: vec![step], files })?;
     let r = results.into_iter().next().context("no result")?;
     print!("{}", r.stdout);

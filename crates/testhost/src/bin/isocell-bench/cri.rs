@@ -21,15 +21,7 @@ const MAX_RUNS: usize = 4;
 const STATE: &str = "/tmp/isocell-bench-cri-state";
 
 fn step(name: String, script: String, report: Option<&str>) -> Step {
-    Step {
-        name,
-        argv: vec!["sh".into(), "-c".into(), script],
-        timeout_secs: 600,
-        create_files: Default::default(),
-        write_files: Default::default(),
-        hash_files: vec![],
-        report_file: report.map(str::to_owned),
-    }
+    Step { report_file: report.map(str::to_owned), ..Step::new(name, &["sh", "-c", &script], 600) }
 }
 
 fn pod_ms(r: &StepResult) -> Option<f64> {

@@ -80,15 +80,7 @@ fn series(runs: usize, m: &Isocell, host: &TestHost, start_ms: f64, out: &Path) 
             exec.push(e);
         }
         if i <= fresh_runs {
-            let step = Step {
-                name: format!("fresh-{i}"),
-                argv: ["{isocell}", "run", "--", "true"].iter().map(|s| s.to_string()).collect(),
-                timeout_secs: 300,
-                create_files: Default::default(),
-                write_files: Default::default(),
-                hash_files: vec![],
-                report_file: None,
-            };
+            let step = Step::new(format!("fresh-{i}"), &["{isocell}", "run", "--", "true"], 300);
             let t = Instant::now();
             let results = host.run(&Scenario { steps: vec![step], ..Default::default() })?;
             let ms = t.elapsed().as_secs_f64() * 1000.0;

@@ -110,15 +110,7 @@ fn run_step(i: usize, args: &Args, jailed: bool) -> Step {
 
 /// A step that writes a JSON report the benchmark reads.
 fn measured_step(name: String, argv: &[&str], timeout_secs: u64, report: &str) -> Step {
-    Step {
-        name,
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        timeout_secs,
-        create_files: Default::default(),
-        write_files: Default::default(),
-        hash_files: vec![],
-        report_file: Some(report.into()),
-    }
+    Step { report_file: Some(report.into()), ..Step::new(name, argv, timeout_secs) }
 }
 
 /// Where the benchmark's daemon keeps its socket, state and run directories (in the test host).
@@ -128,15 +120,7 @@ const DAEMON_DIR: &str = "/tmp/isocell-bench-daemon";
 fn daemon_step(name: String, script: &str) -> Step {
     let script =
         format!("export ISOCELL_HOST=unix://{DAEMON_DIR}/d.sock; D={DAEMON_DIR}; {script}");
-    Step {
-        name,
-        argv: vec!["sh".into(), "-c".into(), script],
-        timeout_secs: 600,
-        create_files: Default::default(),
-        write_files: Default::default(),
-        hash_files: vec![],
-        report_file: None,
-    }
+    Step::new(name, &["sh", "-c", &script], 600)
 }
 
 /// The daemon series: `isocell run -- true` against create, exec `true` and delete through the
