@@ -162,8 +162,11 @@ impl Policies {
             let parsed = PolicySet::from_str(text)
                 .map_err(|e| format!("policy {source} does not parse: {e}"))?;
             for (i, policy) in parsed.policies().enumerate() {
-                let name =
-                    policy.annotation("id").map_or_else(|| format!("policy{i}"), str::to_owned);
+                // By iteration: `annotation("id")` runs Cedar's parser on the key each time.
+                let name = policy
+                    .annotations()
+                    .find_map(|(key, value)| (key == "id").then(|| value.to_owned()))
+                    .unwrap_or_else(|| format!("policy{i}"));
                 let id = PolicyId::new(format!("{source}:{name}"));
                 set.add(policy.new_id(id.clone())).map_err(|e| {
                     format!("policy {source}: {e} (is the @id \"{name}\" used twice?)")
