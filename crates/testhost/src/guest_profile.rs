@@ -274,6 +274,54 @@ pub fn report(
     profile.json()
 }
 
+/// What an idle cell costs its host: exits per second while the command in it only sleeps,
+/// from two profile steps that differ only in how long it sleeps (`short` and `long`: step name,
+/// seconds). Boot, start and teardown cost the same in both, so the difference is the idle
+/// time's; by reason and in total. Prints one line and returns its JSON (or why there is none).
+pub fn idle_rate(results: &[StepResult], short: (&str, u64), long: (&str, u64)) -> Value {
+    let totals = |name: &str| -> Result<BTreeMap<String, u64>, String> {
+        let step = format!("profile-{name}");
+        let r = results.iter().find(|r| r.name == step).ok_or("not run")?;
+        match (r.timed_out, &r.error, r.exit_code) {
+            (true, _, _) => Err(format!("the step ran past its {STEP_TIMEOUT_SECS} s")),
+            (_, Some(e), _) => Err(e.clone()),
+            (_, None, Some(0)) => Ok(Profile::parse(&r.stdout, &Symbols(Vec::new()))?.by_reason),
+            (_, None, code) => Err(format!("the trace script failed ({code:?})")),
+        }
+    };
+    match (totals(short.0), totals(long.0)) {
+        (Ok(a), Ok(b)) => {
+            let rates = idle_rates(&a, &b, long.1.saturating_sub(short.1));
+            let total: f64 = rates.values().sum();
+            let mut by: Vec<(&String, &f64)> = rates.iter().filter(|(_, r)| **r >= 0.5).collect();
+            by.sort_by(|x, y| y.1.total_cmp(x.1));
+            let by: Vec<String> = by.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
+            println!("  idle cell: {total:.0} exits/s ({})", by.join(", "));
+            json!({ "exits_per_second": total, "by_reason": rates })
+        }
+        (Err(why), _) | (_, Err(why)) => {
+            println!("  idle cell: none: {why}");
+            json!({ "unavailable": why })
+        }
+    }
+}
+
+/// Exits per second, by reason, of the `secs` more seconds idle that `long` had over `short`
+/// (never below zero: a reason rarer in the longer run had nothing to do with idling).
+fn idle_rates(
+    short: &BTreeMap<String, u64>,
+    long: &BTreeMap<String, u64>,
+    secs: u64,
+) -> BTreeMap<String, f64> {
+    let secs = secs.max(1) as f64;
+    long.iter()
+        .map(|(reason, n)| {
+            let extra = n.saturating_sub(short.get(reason).copied().unwrap_or(0));
+            (reason.clone(), extra as f64 / secs)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -281,6 +329,21 @@ mod tests {
 
     fn symbols() -> Symbols {
         Symbols(vec![(0xffff_ffff_8100_0000, "a".into()), (0xffff_ffff_8100_0100, "b".into())])
+    }
+
+    #[test]
+    fn the_idle_rate_is_the_difference_per_extra_second() {
+        let counts = |v: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            v.iter().map(|(k, n)| ((*k).to_owned(), *n)).collect()
+        };
+        let short = counts(&[("npf", 1500), ("msr", 40), ("hlt", 3)]);
+        let long = counts(&[("npf", 1490), ("msr", 790), ("hlt", 753), ("interrupt", 30)]);
+        let r = idle_rates(&short, &long, 3);
+        assert_eq!(r["msr"], 250.0);
+        assert_eq!(r["hlt"], 250.0);
+        assert_eq!(r["interrupt"], 10.0);
+        assert_eq!(r["npf"], 0.0, "fewer in the longer run counts as none");
+        assert_eq!(idle_rates(&short, &long, 0)["msr"], 750.0, "no division by zero");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! from outside (`isocell-hostile time-boot`); one boot of each that prints the guest's own
 //! boot timeline and what it was told; and a cold `isocell run -- true` against one started
 //! from a snapshot, alternating. Cold boots and snapshot starts are also profiled from the test
-//! host (see `isocell_testhost::guest_profile`).
+//! host (see `isocell_testhost::guest_profile`), and so is what an idle cell costs it.
 
 use std::path::Path;
 
@@ -44,6 +44,10 @@ const MIN_RUNS: usize = 10;
 
 /// The snapshot the benchmark makes and removes again.
 const SNAPSHOT: &str = "bench-snap";
+
+/// The two sleeps of the idle measurement, in seconds.
+const IDLE_SHORT_SECS: u64 = 1;
+const IDLE_LONG_SECS: u64 = 4;
 
 /// Stages QEMU for the test host under `dir` (a scenario file named `qemu`).
 pub fn stage(dir: &Path) -> Result<String> {
@@ -141,6 +145,11 @@ pub fn steps(args: &Args) -> Vec<Step> {
     let starts =
         format!("for i in 1 2 3; do {{isocell}} run --snapshot {SNAPSHOT} -- true || exit 1; done");
     steps.push(guest_profile::step("snapshot", &starts));
+    // What an idle cell costs the host: the same start sleeping 1 s and 4 s (see `idle_rate`).
+    for secs in [IDLE_SHORT_SECS, IDLE_LONG_SECS] {
+        let idle = format!("{{isocell}} run --snapshot {SNAPSHOT} -- sleep {secs}");
+        steps.push(guest_profile::step(&format!("idle-{secs}"), &idle));
+    }
     steps.push(shell_step("snapshot-rm".into(), &format!("{{isocell}} snapshot rm {SNAPSHOT}")));
     steps
 }
@@ -301,6 +310,9 @@ pub fn report(results: &[StepResult], dir: &Path, host: &TestHost, args: &Args) 
             json!({ "unavailable": why })
         }
     };
+    let (short, long) = (format!("idle-{IDLE_SHORT_SECS}"), format!("idle-{IDLE_LONG_SECS}"));
+    out["idle_cell"] =
+        guest_profile::idle_rate(results, (&short, IDLE_SHORT_SECS), (&long, IDLE_LONG_SECS));
     let path = dir.join("peers.json");
     std::fs::write(&path, serde_json::to_string_pretty(&out)?)
         .with_context(|| format!("writing {}", path.display()))?;
