@@ -66,7 +66,9 @@ pub fn vmm_step(name: &str, args: &[&str], timeout_secs: u64) -> Step {
 
 const ROOT_RO: &str = "id=root,path={rootfs},ro,root";
 /// The scenario init's timing report, with the kernel's own messages kept off the console.
-const IDLE_ARGS: &str = "init=/sbin/scenario-init isocell_scenario=idle quiet";
+/// `nohz=off`: the tick then counts idle time from the first one; with dynamic ticks
+/// `/proc/uptime` counts it only from when they start, after the calibrations this measures.
+const IDLE_ARGS: &str = "init=/sbin/scenario-init isocell_scenario=idle quiet nohz=off";
 /// What the ACPI-only kernel runs: list what it found, then power off.
 const ACPI_ARGS: &str =
     "init=/sbin/scenario-init isocell_scenario=devices isocell_end=poweroff quiet";
