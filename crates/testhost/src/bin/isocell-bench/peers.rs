@@ -45,9 +45,10 @@ const MIN_RUNS: usize = 10;
 /// The snapshot the benchmark makes and removes again.
 const SNAPSHOT: &str = "bench-snap";
 
-/// The two sleeps of the idle measurement, in seconds.
+/// The two sleeps of the idle measurement, in seconds: eight idle seconds apart, so that the
+/// start-to-start spread of the first command's faults (tens of exits) is a few per second.
 const IDLE_SHORT_SECS: u64 = 1;
-const IDLE_LONG_SECS: u64 = 4;
+const IDLE_LONG_SECS: u64 = 9;
 
 /// Stages QEMU for the test host under `dir` (a scenario file named `qemu`).
 pub fn stage(dir: &Path) -> Result<String> {
