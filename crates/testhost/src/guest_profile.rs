@@ -232,6 +232,18 @@ impl Profile {
     }
 }
 
+/// The profile of step `profile-NAME` in `results`, or why there is none.
+fn profile_of(results: &[StepResult], name: &str, symbols: &Symbols) -> Result<Profile, String> {
+    let step = format!("profile-{name}");
+    let r = results.iter().find(|r| r.name == step).ok_or("not run")?;
+    match (r.timed_out, &r.error, r.exit_code) {
+        (true, _, _) => Err(format!("the step ran past its {STEP_TIMEOUT_SECS} s")),
+        (_, Some(e), _) => Err(e.clone()),
+        (_, None, Some(0)) => Profile::parse(&r.stdout, symbols),
+        (_, None, code) => Err(format!("the trace script failed ({code:?}): {}", r.stderr.trim())),
+    }
+}
+
 /// Reads the profile step `name` from `results`, writes `guest-profile-NAME.txt` into `dir`,
 /// prints its head and returns its JSON (or why there is none).
 pub fn report(
@@ -241,17 +253,7 @@ pub fn report(
     symbols: &Symbols,
     dir: &Path,
 ) -> Value {
-    let step = format!("profile-{name}");
-    let Some(r) = results.iter().find(|r| r.name == step) else {
-        return json!({ "unavailable": "not run" });
-    };
-    let ended = match (r.timed_out, &r.error, r.exit_code) {
-        (true, _, _) => Err(format!("the step ran past its {STEP_TIMEOUT_SECS} s")),
-        (_, Some(e), _) => Err(e.clone()),
-        (_, None, Some(0)) => Profile::parse(&r.stdout, symbols),
-        (_, None, code) => Err(format!("the trace script failed ({code:?}): {}", r.stderr.trim())),
-    };
-    let profile = match ended {
+    let profile = match profile_of(results, name, symbols) {
         Ok(p) => p,
         Err(why) => {
             println!("  guest profile ({what}): none: {why}");
@@ -279,16 +281,8 @@ pub fn report(
 /// seconds). Boot, start and teardown cost the same in both, so the difference is the idle
 /// time's; by reason and in total. Prints one line and returns its JSON (or why there is none).
 pub fn idle_rate(results: &[StepResult], short: (&str, u64), long: (&str, u64)) -> Value {
-    let totals = |name: &str| -> Result<BTreeMap<String, u64>, String> {
-        let step = format!("profile-{name}");
-        let r = results.iter().find(|r| r.name == step).ok_or("not run")?;
-        match (r.timed_out, &r.error, r.exit_code) {
-            (true, _, _) => Err(format!("the step ran past its {STEP_TIMEOUT_SECS} s")),
-            (_, Some(e), _) => Err(e.clone()),
-            (_, None, Some(0)) => Ok(Profile::parse(&r.stdout, &Symbols(Vec::new()))?.by_reason),
-            (_, None, code) => Err(format!("the trace script failed ({code:?})")),
-        }
-    };
+    // Totals by reason need no symbols.
+    let totals = |name| profile_of(results, name, &Symbols(Vec::new())).map(|p| p.by_reason);
     match (totals(short.0), totals(long.0)) {
         (Ok(a), Ok(b)) => {
             let rates = idle_rates(&a, &b, long.1.saturating_sub(short.1));

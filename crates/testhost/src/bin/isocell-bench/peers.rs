@@ -146,7 +146,7 @@ pub fn steps(args: &Args) -> Vec<Step> {
     let starts =
         format!("for i in 1 2 3; do {{isocell}} run --snapshot {SNAPSHOT} -- true || exit 1; done");
     steps.push(guest_profile::step("snapshot", &starts));
-    // What an idle cell costs the host: the same start sleeping 1 s and 4 s (see `idle_rate`).
+    // What an idle cell costs the host: the same start sleeping two lengths (see `idle_rate`).
     for secs in [IDLE_SHORT_SECS, IDLE_LONG_SECS] {
         let idle = format!("{{isocell}} run --snapshot {SNAPSHOT} -- sleep {secs}");
         steps.push(guest_profile::step(&format!("idle-{secs}"), &idle));
